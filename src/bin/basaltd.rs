@@ -1,0 +1,155 @@
+//! `basaltd`: the Basalt node daemon.
+
+use anyhow::Context;
+use basalt::config::NodeConfig;
+use basalt::layout::Layout;
+use basalt::node::{Node, VolumeOptions};
+use basalt::storage::{EngineKind, StoreConfig};
+use basalt::units::ByteSize;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug, Parser)]
+#[command(name = "basaltd", version, about = "Basalt block storage node daemon")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a node with one volume and serve it over NBD and iSCSI: no setup needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Data directory; repeat for one per disk. Data persists across restarts.
+    #[arg(long = "data", default_value = "./basalt-demo")]
+    data: Vec<PathBuf>,
+    /// NBD listen address.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd: SocketAddr,
+    /// iSCSI listen address ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:3260")]
+    iscsi: String,
+    /// Name of the volume to create (if missing) and export.
+    #[arg(long, default_value = "demo")]
+    volume: String,
+    /// Volume size: 512M, 1G, 1GiB or plain bytes.
+    #[arg(long, default_value = "1GiB")]
+    size: ByteSize,
+    /// Number of nodes in the demo cluster (only 1 for now).
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Copies of every extent (only 1 for now).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Disk I/O engine.
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
+    engine: EngineKind,
+    /// Extent size (power of two, at least 1MiB).
+    #[arg(long, default_value = "64MiB")]
+    extent_size: ByteSize,
+    /// Export the volume read-only (when creating it).
+    #[arg(long)]
+    read_only: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.cmd {
+        Cmd::Demo(args) => rt.block_on(demo(args)),
+    }
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    if args.nodes != 1 || args.replicas != 1 {
+        anyhow::bail!(
+            "--nodes {} --replicas {}: this build runs single-node volumes only (1 and 1)",
+            args.nodes,
+            args.replicas
+        );
+    }
+    let iscsi = match args.iscsi.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse::<SocketAddr>().with_context(|| format!("--iscsi {a}"))?),
+    };
+    let cfg = NodeConfig {
+        data_dirs: args.data.clone(),
+        engine: args.engine,
+        nbd_listen: Some(args.nbd),
+        iscsi_listen: iscsi,
+    };
+    cfg.validate()?;
+    let node = Node::open(StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine })
+        .await
+        .context("opening the store")?;
+    let vol = match node.volume(&args.volume) {
+        Some(v) => {
+            if v.size() != args.size.0 {
+                tracing::warn!(volume = %args.volume, existing = v.size(), requested = args.size.0,
+                    "volume exists with another size; serving it as it is");
+            }
+            v
+        }
+        None => {
+            let layout = Layout::contiguous(args.extent_size.0).context("--extent-size")?;
+            node.create_volume(
+                &args.volume,
+                VolumeOptions {
+                    size: args.size.0,
+                    layout,
+                    replicas: 1,
+                    min_replicas: 1,
+                    read_only: args.read_only,
+                },
+            )
+            .context("creating the demo volume")?
+        }
+    };
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let nbd_listener =
+        tokio::net::TcpListener::bind(args.nbd).await.with_context(|| format!("bind NBD {}", args.nbd))?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(basalt::export::nbd::serve(nbd_listener, node.clone(), cancel.clone(), tracker.clone()));
+
+    let uri = format!("nbd://{}/{}", nbd_addr, vol.name());
+    println!("basaltd demo: volume {:?} ({}) at {uri}", vol.name(), ByteSize(vol.size()));
+    println!("  nbdinfo {uri}");
+    println!("  qemu-img info {uri}");
+    println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+    println!("  nbd-client -N {} {} {} /dev/nbd0 -C 4", vol.name(), nbd_addr.ip(), nbd_addr.port());
+    tracing::info!(%uri, data = ?args.data, "ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        Some(r) = servers.join_next() => {
+            r?.context("a server stopped")?;
+        }
+    }
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
+        tracing::warn!("connections did not drain in 30 s; flushing anyway");
+    }
+    node.flush_all().await.context("final flush")?;
+    tracing::info!("flushed; bye");
+    Ok(())
+}

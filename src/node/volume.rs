@@ -1,0 +1,224 @@
+//! A volume as the frontends see it: byte-addressed reads, writes, zeroing,
+//! trims and flushes, checked against the volume's size and alignment, split
+//! by the layout into extent operations.
+//!
+//! Owns: the checks every frontend would otherwise repeat (bounds,
+//! alignment, read-only), and the fan-out of one request over extents.
+//! Today every extent has one local replica; the replication layer (later)
+//! sits between this module and `storage::Extent` and keeps the same calls.
+//!
+//! Ordering: the NBD and SCSI contracts let concurrent requests complete in
+//! any order, and the store serializes overlapping block writes, so no
+//! request queue is needed here yet. FLUSH covers every write *completed*
+//! before it on any connection because all connections share this one
+//! `Volume` and the extents' flush is a device-wide barrier.
+
+use super::VolumeSpec;
+use crate::storage::{Extent, Store, StoreError};
+use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// Logical block size: the smallest alignment a request may have.
+pub const MIN_BLOCK: u64 = 512;
+/// The block size clients should use for best performance.
+pub const PREFERRED_BLOCK: u64 = 4096;
+/// The largest READ or WRITE payload a frontend accepts (NBD and iSCSI).
+pub const MAX_PAYLOAD: u64 = 32 << 20;
+
+/// Why a volume request failed. Frontends map each to their protocol's
+/// error (NBD errno, SCSI sense).
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("range {offset}+{len} is past the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("range {offset}+{len} is not aligned to {MIN_BLOCK} bytes")]
+    Misaligned { offset: u64, len: u64 },
+    #[error("length {0} is over the maximum payload")]
+    TooLarge(u64),
+    #[error("volume is read-only")]
+    ReadOnly,
+    #[error("no space left on the node's disks")]
+    NoSpace(#[source] StoreError),
+    #[error("checksum mismatch (extent {key}, block {block})")]
+    Checksum { key: ExtentKey, block: u64 },
+    #[error("I/O error")]
+    Io(#[source] StoreError),
+}
+
+impl From<StoreError> for VolumeError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Checksum { key, block } => VolumeError::Checksum { key, block },
+            e if e.is_no_space() => VolumeError::NoSpace(e),
+            e => VolumeError::Io(e),
+        }
+    }
+}
+
+pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
+
+#[derive(Debug)]
+pub struct Volume {
+    spec: VolumeSpec,
+    store: Arc<Store>,
+    extents: Vec<OnceCell<Arc<Extent>>>,
+}
+
+impl Volume {
+    pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>) -> Arc<Volume> {
+        let n = spec.layout.extent_count(spec.size) as usize;
+        Arc::new(Volume { extents: (0..n).map(|_| OnceCell::new()).collect(), spec, store })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn spec(&self) -> &VolumeSpec {
+        &self.spec
+    }
+
+    pub fn size(&self) -> u64 {
+        self.spec.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.spec.read_only
+    }
+
+    async fn extent(&self, index: ExtentIndex) -> Result<&Arc<Extent>> {
+        let cell = &self.extents[index.0 as usize];
+        cell.get_or_try_init(|| async {
+            let key = ExtentKey { volume: self.spec.id, index };
+            self.store.extent(key, self.spec.layout.extent_size, Epoch(1)).await
+        })
+        .await
+        .map_err(VolumeError::from)
+    }
+
+    /// The extent for a read or a map: `None` if it was never written (so a
+    /// read does not create files).
+    async fn existing_extent(&self, index: ExtentIndex) -> Result<Option<&Arc<Extent>>> {
+        if let Some(e) = self.extents[index.0 as usize].get() {
+            return Ok(Some(e));
+        }
+        let key = ExtentKey { volume: self.spec.id, index };
+        if self.store.contains(key) { self.extent(index).await.map(Some) } else { Ok(None) }
+    }
+
+    /// Bounds and alignment check shared by every operation.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % MIN_BLOCK != 0 || len % MIN_BLOCK != 0 {
+            return Err(VolumeError::Misaligned { offset, len });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.spec.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: self.spec.size }),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.spec.read_only {
+            return Err(VolumeError::ReadOnly);
+        }
+        self.check_range(offset, len)
+    }
+
+    /// Reads `len` bytes at `offset`, as data and holes in address order.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<ReadChunk>> {
+        if len > MAX_PAYLOAD {
+            return Err(VolumeError::TooLarge(len));
+        }
+        self.check_range(offset, len)?;
+        let pieces = self.spec.layout.split(offset, len);
+        let reads = pieces.iter().map(|p| async move {
+            match self.existing_extent(p.extent).await? {
+                Some(ext) => Ok::<_, VolumeError>(ext.read(p.offset, p.len as u32).await?),
+                None => Ok(vec![ReadChunk::Hole(p.len as u32)]),
+            }
+        });
+        let parts = futures::future::try_join_all(reads).await?;
+        let mut out: Vec<ReadChunk> = Vec::new();
+        for chunk in parts.into_iter().flatten() {
+            match (out.last_mut(), &chunk) {
+                (Some(ReadChunk::Hole(a)), ReadChunk::Hole(b)) => *a += *b,
+                _ => out.push(chunk),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`. With `fua` the data is durable on return.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        if len > MAX_PAYLOAD {
+            return Err(VolumeError::TooLarge(len));
+        }
+        self.check_write(offset, len)?;
+        let pieces = self.spec.layout.split(offset, len);
+        let writes = pieces.iter().map(|p| {
+            let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+            async move {
+                let ext = self.extent(p.extent).await?;
+                Ok::<_, VolumeError>(ext.write(p.offset, part, fua).await?)
+            }
+        });
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Makes the range read as zeros. `deallocate` lets the store turn it
+    /// into holes (NBD WRITE_ZEROES without NO_HOLE; SCSI WRITE SAME with UNMAP).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        let pieces = self.spec.layout.split(offset, len);
+        let ops = pieces.iter().map(|p| async move {
+            let ext = self.extent(p.extent).await?;
+            Ok::<_, VolumeError>(ext.write_zeroes(p.offset, p.len, deallocate, fua).await?)
+        });
+        futures::future::try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Discards the range; it reads back as zeros afterwards.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_write(offset, len)?;
+        let pieces = self.spec.layout.split(offset, len);
+        let ops = pieces.iter().map(|p| async move {
+            let ext = self.extent(p.extent).await?;
+            Ok::<_, VolumeError>(ext.trim(p.offset, p.len, fua).await?)
+        });
+        futures::future::try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Every write completed before this call, on any connection, is on
+    /// stable storage when it returns.
+    pub async fn flush(&self) -> Result<()> {
+        let ops = self.extents.iter().filter_map(|c| c.get()).map(|e| e.flush());
+        futures::future::try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Allocation map of the range, covering it in order. Extents never
+    /// opened are holes without touching the store.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.check_range(offset, len)?;
+        let mut out: Vec<MapExtent> = Vec::new();
+        for p in self.spec.layout.split(offset, len) {
+            let parts = match self.existing_extent(p.extent).await? {
+                Some(ext) => ext.map(p.offset, p.len)?,
+                None => vec![MapExtent { len: p.len, state: crate::types::BlockState::HOLE }],
+            };
+            for m in parts {
+                match out.last_mut() {
+                    Some(last) if last.state == m.state => last.len += m.len,
+                    _ => out.push(m),
+                }
+            }
+        }
+        Ok(out)
+    }
+}

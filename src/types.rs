@@ -1,0 +1,113 @@
+//! Identifier newtypes shared by every layer. A bare `u64` that could be an
+//! id, an index or an offset is how bugs get in; these keep them apart.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+macro_rules! id_newtype {
+    ($(#[$m:meta])* $name:ident, $prefix:literal) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($prefix, "{}"), self.0)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// A volume's cluster-wide id (names can be reused after deletion; ids are not).
+    VolumeId,
+    "v"
+);
+id_newtype!(
+    /// Index of an extent within its volume.
+    ExtentIndex,
+    "e"
+);
+id_newtype!(
+    /// Version of an extent's replica set; bumped by every membership change.
+    Epoch,
+    "epoch"
+);
+id_newtype!(
+    /// A node of the cluster.
+    NodeId,
+    "n"
+);
+
+/// One extent of one volume: the key of an extent replica in a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ExtentKey {
+    pub volume: VolumeId,
+    pub index: ExtentIndex,
+}
+
+impl fmt::Display for ExtentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.volume, self.index)
+    }
+}
+
+/// What a range of a volume or extent holds, as NBD `base:allocation`
+/// and SCSI GET LBA STATUS report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockState {
+    /// Storage is allocated for the range (false: a hole, thin).
+    pub allocated: bool,
+    /// The range is known to read as zeros.
+    pub zero: bool,
+}
+
+impl BlockState {
+    pub const HOLE: BlockState = BlockState { allocated: false, zero: true };
+    pub const DATA: BlockState = BlockState { allocated: true, zero: false };
+}
+
+/// A run of bytes sharing one [`BlockState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    pub len: u64,
+    pub state: BlockState,
+}
+
+/// One piece of a read, in order: data, or a hole that reads as zeros and
+/// was never stored (NBD can send it as `OFFSET_HOLE` without the bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadChunk {
+    Data(bytes::Bytes),
+    Hole(u32),
+}
+
+impl ReadChunk {
+    pub fn len(&self) -> usize {
+        match self {
+            ReadChunk::Data(b) => b.len(),
+            ReadChunk::Hole(n) => *n as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Flattens read chunks into one buffer (holes become zeros).
+pub fn flatten_chunks(chunks: &[ReadChunk]) -> bytes::Bytes {
+    if let [ReadChunk::Data(b)] = chunks {
+        return b.clone();
+    }
+    let total: usize = chunks.iter().map(ReadChunk::len).sum();
+    let mut out = bytes::BytesMut::with_capacity(total);
+    for c in chunks {
+        match c {
+            ReadChunk::Data(b) => out.extend_from_slice(b),
+            ReadChunk::Hole(n) => out.resize(out.len() + *n as usize, 0),
+        }
+    }
+    out.freeze()
+}
