@@ -128,12 +128,29 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(basalt::export::nbd::serve(nbd_listener, node.clone(), cancel.clone(), tracker.clone()));
 
+    let iscsi_addr = match iscsi {
+        Some(addr) => {
+            let l =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind iSCSI {addr}"))?;
+            let a = l.local_addr()?;
+            servers.spawn(basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone()));
+            Some(a)
+        }
+        None => None,
+    };
+
     let uri = format!("nbd://{}/{}", nbd_addr, vol.name());
     println!("basaltd demo: volume {:?} ({}) at {uri}", vol.name(), ByteSize(vol.size()));
     println!("  nbdinfo {uri}");
     println!("  qemu-img info {uri}");
     println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
     println!("  nbd-client -N {} {} {} /dev/nbd0 -C 4", vol.name(), nbd_addr.ip(), nbd_addr.port());
+    if let Some(a) = iscsi_addr {
+        let iqn = format!("iqn.2026-11.io.basalt:{}", vol.name());
+        println!("iSCSI: iscsi://{a}/{iqn}/0");
+        println!("  iscsi-inq iscsi://{a}/{iqn}/0");
+        println!("  iscsiadm -m discovery -t st -p {a}");
+    }
     tracing::info!(%uri, data = ?args.data, "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

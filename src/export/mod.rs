@@ -9,4 +9,5 @@
 //! connection stops reading new requests, answers those in flight, and
 //! closes; the daemon then waits for the tracker and flushes.
 
+pub mod iscsi;
 pub mod nbd;

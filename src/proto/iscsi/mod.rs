@@ -1,0 +1,1 @@
+//! iSCSI PDU codec (RFC 7143) and SCSI command parsing.

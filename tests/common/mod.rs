@@ -1,0 +1,213 @@
+//! Shared helpers for the integration tests: start a real `basaltd`, find
+//! external clients, run them and check their output.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// True if `tool` is on PATH. Under `CI=true` a missing tool fails the test
+/// loudly; elsewhere the test prints why it did nothing and returns.
+pub fn require(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("required client {tool:?} is not installed (CI=true): run ./scripts/test, which installs it");
+        }
+        eprintln!("SKIPPING: {tool} is not installed (install it or run ./scripts/test)");
+    }
+    found
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `basaltd demo` on free loopback ports, with its own data dir.
+pub struct Daemon {
+    child: Option<Child>,
+    pub nbd_port: u16,
+    pub iscsi_port: u16,
+    pub data: PathBuf,
+    pub volume: String,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `basaltd demo --size <size>` plus `extra` arguments.
+    pub fn start(size: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new().prefix("basalt-test-").tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut d = Daemon {
+            child: None,
+            nbd_port: free_port(),
+            iscsi_port: free_port(),
+            data,
+            volume: "demo".into(),
+            args: std::iter::once(format!("--size={size}")).chain(extra.iter().map(|s| s.to_string())).collect(),
+            log: tmp.path().join("basaltd.log"),
+            _tmp: Some(tmp),
+        };
+        if let Some(v) = d.args.iter().find_map(|a| a.strip_prefix("--volume=")) {
+            d.volume = v.to_string();
+        }
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_basaltd"))
+            .arg("demo")
+            .arg(format!("--data={}", self.data.display()))
+            .arg(format!("--nbd=127.0.0.1:{}", self.nbd_port))
+            .arg(format!("--iscsi=127.0.0.1:{}", self.iscsi_port))
+            .args(&self.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn basaltd");
+        // The daemon prints its URI on stdout once it listens.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut sent = false;
+            while let Some(Ok(line)) = lines.next() {
+                if !sent && line.contains("nbd://") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("basaltd did not become ready; log:\n{}", self.log_text());
+        }
+        self.child = Some(child);
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, self.volume)
+    }
+
+    pub fn iqn(&self) -> String {
+        format!("iqn.2026-11.io.basalt:{}", self.volume)
+    }
+
+    pub fn iscsi_url(&self) -> String {
+        format!("iscsi://127.0.0.1:{}/{}/0", self.iscsi_port, self.iqn())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("basaltd ignored SIGTERM for 60 s; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, no chance to flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same data dir and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon before restarting it");
+        self.spawn();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- basaltd log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a child pid we own; no memory is involved.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Runs a command; panics with its output unless it exits 0.
+pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and returns its output whatever the exit status.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
