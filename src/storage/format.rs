@@ -444,13 +444,17 @@ mod tests {
         let mut b = encoded();
         b[50] ^= 1;
         assert!(matches!(Header::decode(&b), Err(FormatError::BadCrc { .. })));
-        // A torn write: the last sector from another header generation.
-        let mut other = header();
-        other.generation += 1;
-        let mut o = vec![0u8; HEADER_SIZE];
-        other.encode(&mut o);
-        let mut torn = encoded();
-        torn[..512].copy_from_slice(&o[..512]);
+        // A torn write: sector 0 from one header, the rest from another
+        // that differs in the bitmap past the first sector.
+        let geometry = Geometry::new(4 << 30, DEFAULT_REGION_SIZE).unwrap();
+        let mut h = Header { geometry, dirty: vec![false; 4096], ..header() };
+        let mut a = vec![0u8; HEADER_SIZE];
+        h.encode(&mut a);
+        h.generation += 1;
+        h.dirty[4000] = true;
+        let mut torn = vec![0u8; HEADER_SIZE];
+        h.encode(&mut torn);
+        torn[..512].copy_from_slice(&a[..512]);
         assert!(matches!(Header::decode(&torn), Err(FormatError::BadCrc { .. })));
     }
 
@@ -485,8 +489,9 @@ mod tests {
     fn header_too_many_regions() {
         let mut b = encoded();
         b[60..64].copy_from_slice(&4096u32.to_le_bytes());
+        b[64..72].copy_from_slice(&(256u64 << 20).to_le_bytes());
         recrc(&mut b);
-        assert_eq!(Header::decode(&b), Err(FormatError::TooManyRegions(16384)));
+        assert_eq!(Header::decode(&b), Err(FormatError::TooManyRegions(65536)));
     }
 
     #[test]
@@ -571,7 +576,7 @@ mod tests {
 
     #[test]
     fn table_round_trip_and_bad_entry() {
-        let g = Geometry::new(2 << 20, 1 << 20).unwrap();
+        let g = Geometry::new(4 << 20, 1 << 20).unwrap();
         let mut t = vec![Entry::HOLE; g.nblocks as usize];
         t[0] = Entry::data(1);
         t[511] = Entry::ZEROED;
