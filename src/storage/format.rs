@@ -47,14 +47,17 @@
 //! ```
 //!
 //! # Why two header slots
-//! The recommended design writes one header in place. A 4 KiB write is not
-//! atomic on every device (the crash model tears at 512 bytes), and a torn
-//! header would make the whole replica unreadable. Header writes therefore
-//! alternate: each goes to the slot that does *not* hold the last header known
-//! durable, so a crash mid-write always leaves the previous durable header
-//! intact, and its dirty bitmap covers every region that could have
-//! unflushed writes (a region's bit is made durable before the first write
-//! into it; bits are cleared only after an fdatasync).
+//! The recommended design writes one header in place. Devices promise at
+//! most 512-byte write atomicity, and once the dirty bitmap reaches past the
+//! first sector (more than 3072 regions: extents over 3 GiB at 1 MiB regions)
+//! a crash can tear a header write, which would make the whole replica
+//! unreadable. Header writes therefore alternate: each goes to the slot that
+//! does *not* hold the last header known durable, so a crash mid-write
+//! always leaves the previous durable header intact, and its dirty bitmap
+//! covers every region that could have unflushed writes (a region's bit is
+//! made durable before the first write into it; bits are cleared only after
+//! an fdatasync). `tests/storage_crash.rs` (`crash_recovery_large_bitmap`)
+//! fails if headers are written in place.
 
 use crate::types::{Epoch, ExtentIndex, ExtentKey, VolumeId};
 
