@@ -451,12 +451,17 @@ impl Extent {
             }
         }
         let rel = |r: &Range<u64>| (r.start - blocks.start) as usize..(r.end - blocks.start) as usize;
-        let bufs = futures::future::try_join_all(
-            runs.iter()
-                .filter(|r| r.data)
-                .map(|r| self.read_verified(r.blocks.clone(), &entries[rel(&r.blocks)])),
-        )
-        .await?;
+        let bufs = if let [r] = &runs[..] {
+            // The common small read: no join machinery.
+            if r.data { vec![self.read_verified(r.blocks.clone(), &entries).await?] } else { Vec::new() }
+        } else {
+            futures::future::try_join_all(
+                runs.iter()
+                    .filter(|r| r.data)
+                    .map(|r| self.read_verified(r.blocks.clone(), &entries[rel(&r.blocks)])),
+            )
+            .await?
+        };
         let mut bufs = bufs.into_iter();
         let mut out = Vec::with_capacity(runs.len());
         for r in &runs {

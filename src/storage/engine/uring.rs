@@ -55,19 +55,6 @@ pub struct UringEngine {
 
 impl UringEngine {
     pub fn new(entries: u32) -> io::Result<UringEngine> {
-        let ring: IoUring = IoUring::builder().build(entries)?;
-        // Probe once: a kernel with io_uring but without the ops we need
-        // (or a seccomp filter) should fall back now, not fail later.
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring op {code} unsupported"),
-                ));
-            }
-        }
         // SAFETY: eventfd has no memory arguments; we check the result below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -82,10 +69,55 @@ impl UringEngine {
             wake,
         });
         let s = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // The ring is built on its own thread: with SINGLE_ISSUER only the
+        // creating thread may submit.
         let thread =
-            std::thread::Builder::new().name("basalt-uring".into()).spawn(move || ring_thread(ring, &s))?;
-        Ok(UringEngine { shared, thread: Some(thread) })
+            std::thread::Builder::new().name("basalt-uring".into()).spawn(move || {
+                match build_ring(entries) {
+                    Ok(ring) => {
+                        let _ = ready_tx.send(Ok(()));
+                        ring_thread(ring, &s)
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(UringEngine { shared, thread: Some(thread) }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(io::Error::other("io_uring thread died during setup"))
+            }
+        }
     }
+}
+
+/// Builds a ring, preferring DEFER_TASKRUN (completion work runs only when
+/// the ring thread asks for events: fewer interrupts of the thread), and
+/// probes once for the ops we need, so a kernel or seccomp policy without
+/// them makes `Auto` fall back now rather than fail later.
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    let ring = match IoUring::builder().setup_single_issuer().setup_defer_taskrun().build(entries) {
+        Ok(r) => r,
+        Err(_) => IoUring::builder().build(entries)?,
+    };
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring op {code} unsupported"),
+            ));
+        }
+    }
+    Ok(ring)
 }
 
 impl Drop for UringEngine {
