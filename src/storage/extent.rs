@@ -518,7 +518,10 @@ impl Extent {
         buf.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
         let crcs: Vec<u32> = buf.as_slice().chunks(BLOCK as usize).map(format::block_crc).collect();
         let op = Op::Write { file: self.file.clone(), offset: self.geo.data_pos(blocks.start), buf };
-        self.io("write", op).await?;
+        if let Err(e) = self.io("write", op).await {
+            self.resync_crcs(blocks).await;
+            return Err(e);
+        }
         let mut t = self.table.lock().unwrap();
         for (i, crc) in crcs.into_iter().enumerate() {
             let b = blocks.start + i as u64;
@@ -526,6 +529,32 @@ impl Extent {
             t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
         }
         Ok(())
+    }
+
+    /// After a failed (possibly partial, e.g. ENOSPC) write, blocks that held
+    /// data may hold old or new bytes: take their crc from what is there, as
+    /// recovery would, so they read back instead of failing their checksum.
+    /// The caller holds the range lock and the regions are marked dirty.
+    async fn resync_crcs(&self, blocks: Range<u64>) {
+        for b in blocks {
+            let e = self.table.lock().unwrap().entries[b as usize];
+            if !e.has_data() {
+                continue;
+            }
+            match self.read_data(b..b + 1).await {
+                Ok(buf) => {
+                    let crc = format::block_crc(&buf);
+                    if crc != e.crc {
+                        let mut t = self.table.lock().unwrap();
+                        t.entries[b as usize] = Entry::data(crc);
+                        t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(extent = %self.key, block = b, error = %err, "cannot re-read block after a failed write")
+                }
+            }
+        }
     }
 
     /// Makes `[offset, offset+len)` read as zeros. With `deallocate` whole

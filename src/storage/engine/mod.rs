@@ -48,6 +48,14 @@ impl AlignedBuf {
     }
 
     pub fn zeroed(len: usize) -> AlignedBuf {
+        if len == BUF_ALIGN {
+            let reused = POOL.lock().unwrap().pop();
+            if let Some(PoolPtr(ptr)) = reused {
+                let mut b = AlignedBuf { ptr, len };
+                b.as_mut_slice().fill(0);
+                return b;
+            }
+        }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -86,8 +94,28 @@ impl AlignedBuf {
     }
 }
 
+/// A freed single-block buffer waiting for reuse.
+struct PoolPtr(NonNull<u8>);
+
+// SAFETY: a pooled pointer is an allocation nobody references; whoever pops
+// it owns it, like a Box moved between threads.
+unsafe impl Send for PoolPtr {}
+
+/// Single-block buffers (the 4 KiB reads and writes of random I/O) are
+/// recycled: without this, malloc hands the pages back to the kernel and
+/// every op pays page faults to get them again.
+static POOL: std::sync::Mutex<Vec<PoolPtr>> = std::sync::Mutex::new(Vec::new());
+const POOL_MAX: usize = 1024;
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.len == BUF_ALIGN {
+            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.len() < POOL_MAX {
+                pool.push(PoolPtr(self.ptr));
+                return;
+            }
+        }
         // SAFETY: allocated in `zeroed` with this same layout, freed once.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
@@ -206,10 +234,14 @@ impl Request {
     /// Completes the request; a caller that went away just drops the buffer.
     pub(crate) fn complete(self, result: io::Result<usize>) {
         let expected = self.op.expected_len();
+        let is_write = matches!(self.op, Op::Write { .. });
         let result = match (result, expected) {
-            // A regular file only transfers short when the disk is full
-            // (or the file ended, which the store never asks for).
-            (Ok(n), Some(want)) if n < want => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            // A write to a regular file only stops short when the disk is full.
+            (Ok(n), Some(want)) if n < want && is_write => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            (Ok(n), Some(want)) if n < want => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("short read: {n} of {want} bytes (file shorter than its header says?)"),
+            )),
             (r, _) => r,
         };
         let c = Completion { user_data: self.user_data, result, buf: self.op.into_buf() };

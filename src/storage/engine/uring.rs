@@ -182,8 +182,11 @@ fn ring_thread(mut ring: IoUring, s: &Shared) {
     // whole thread; the SQ is empty so the push cannot fail.
     let _ = unsafe { ring.submission().push(&wake_read) };
     let mut inflight = 0usize;
+    // While the thread is awake `notified` stays true, so submitters skip
+    // the eventfd write; it is cleared just before the last look at the
+    // queue ahead of sleeping.
+    s.notified.store(true, Ordering::SeqCst);
     loop {
-        s.notified.store(false, Ordering::SeqCst);
         // Move queued work into the SQ while there are slots.
         {
             let mut q = s.queue.lock().unwrap();
@@ -207,6 +210,11 @@ fn ring_thread(mut ring: IoUring, s: &Shared) {
                 }
             }
         }
+        s.notified.store(false, Ordering::SeqCst);
+        if !free.is_empty() && !s.queue.lock().unwrap().is_empty() {
+            s.notified.store(true, Ordering::SeqCst);
+            continue;
+        }
         if s.stop.load(Ordering::SeqCst) && inflight == 0 && s.queue.lock().unwrap().is_empty() {
             return;
         }
@@ -221,6 +229,7 @@ fn ring_thread(mut ring: IoUring, s: &Shared) {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         }
+        s.notified.store(true, Ordering::SeqCst);
         let mut repost = false;
         for cqe in ring.completion() {
             if cqe.user_data() == WAKE_TAG {
