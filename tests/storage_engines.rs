@@ -547,14 +547,8 @@ impl Drop for LoopFs {
     }
 }
 
-trait NoSpaceOk {
-    fn is_ok_or_else_no_space(self) -> bool;
-}
-
-impl NoSpaceOk for Result<&(), &StoreError> {
-    fn is_ok_or_else_no_space(self) -> bool {
-        self.map_or_else(|e| e.is_no_space(), |_| true)
-    }
+fn ok_or_no_space(r: &Result<(), StoreError>) -> bool {
+    r.as_ref().map_or_else(|e| e.is_no_space(), |_| true)
 }
 
 async fn no_space(kind: EngineKind) {
@@ -589,7 +583,7 @@ async fn no_space(kind: EngineKind) {
     // or new data afterwards, but never fails its checksums.
     if let Some((e, j)) = at.filter(|(_, j)| *j > 0) {
         let r = e.write(j * MIB - 65536, pattern(99, MIB as usize), false).await;
-        assert!(r.as_ref().is_ok_or_else_no_space(), "{r:?}");
+        assert!(ok_or_no_space(&r), "{r:?}");
         let got = read_flat(&e, (j - 1) * MIB, (2 * MIB) as u32).await;
         let (old, new) = (pattern(j - 1, MIB as usize), pattern(99, MIB as usize));
         for (k, sector) in got[(MIB - 65536) as usize..MIB as usize].chunks(512).enumerate() {
