@@ -457,6 +457,42 @@ async fn bit_rot_is_detected(kind: EngineKind) {
     assert_eq!(read_flat(&e, MIB + 4096, 4096).await, pattern(2, 4096).to_vec());
 }
 
+async fn corrupt_metadata_refuses_open(kind: EngineKind) {
+    for (what, offsets) in [("header", vec![20u64, 4096 + 20]), ("table", vec![8192 + 4])] {
+        let d = Dirs::new(kind, 1);
+        {
+            let s = d.open().await;
+            let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+            e.write(0, pattern(1, 4096), false).await.unwrap();
+            s.close().await.unwrap();
+            for &o in &offsets {
+                d.corrupt(&e, o);
+            }
+        }
+        let cfg = StoreConfig { data_dirs: d.paths.clone(), engine: kind };
+        match Store::open_with(cfg, d.opts.clone()).await {
+            Err(StoreError::Corrupt { path, why }) => {
+                assert!(path.ends_with("v1-e5.ext"), "{}", path.display());
+                let expect = if what == "header" { "no valid header" } else { "block table entry 0" };
+                assert!(why.contains(expect), "{what}: {why}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+    }
+    // One bad header slot is survivable: the other one is used.
+    let d = Dirs::new(kind, 1);
+    {
+        let s = d.open().await;
+        let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+        e.write(0, pattern(1, 4096), false).await.unwrap();
+        s.close().await.unwrap();
+        d.corrupt(&e, 4096 + 20);
+    }
+    let s = d.open().await;
+    let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+    assert_eq!(read_flat(&e, 0, 4096).await, pattern(1, 4096).to_vec());
+}
+
 macro_rules! engine_tests {
     ($modname:ident, $kind:expr) => {
         mod $modname {
@@ -504,6 +540,10 @@ macro_rules! engine_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn bit_rot_is_detected() {
                 super::bit_rot_is_detected($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn corrupt_metadata_refuses_open() {
+                super::corrupt_metadata_refuses_open($kind).await
             }
         }
     };
