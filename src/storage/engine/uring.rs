@@ -321,6 +321,28 @@ impl Engine for UringEngine {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn misaligned_direct_write_is_a_clear_error() {
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+        let e = UringEngine::new(8).unwrap();
+        let f = e.open(&dir.path().join("f"), true).unwrap();
+        e.set_len(&f, 1 << 20).unwrap();
+        let buf = crate::storage::engine::AlignedBuf::zeroed(4096);
+        let c = crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 100, buf }, 7).await;
+        assert_eq!(c.user_data, 7);
+        assert!(c.buf.is_some(), "the buffer comes back on error too");
+        let err = c.result.unwrap_err();
+        // EINVAL where the kernel says so, our own message for internal codes.
+        assert!(
+            err.raw_os_error() == Some(libc::EINVAL) || err.to_string().contains("unexpected result"),
+            "{err}"
+        );
+        // The ring still works afterwards.
+        let buf = crate::storage::engine::AlignedBuf::from_slice(&[9u8; 4096]);
+        let c = crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 4096, buf }, 8).await;
+        assert_eq!(c.result.unwrap(), 4096);
+    }
+
     #[test]
     fn kernel_internal_codes_are_named() {
         assert_eq!(cqe_error(-libc::ENOSPC).raw_os_error(), Some(libc::ENOSPC));
