@@ -158,9 +158,11 @@ async fn run_seed(seed: u64, shape: Shape) {
                     oracle.flushed();
                 }
                 _ => {
-                    // Concurrent writes to disjoint ranges (they share dirty marking).
+                    // Concurrent writes to disjoint ranges, some FUA (they
+                    // share dirty marking and flushes: group commit).
                     let mut taken = vec![false; SECTORS];
                     let mut ops = Vec::new();
+                    let mut fua_done = Vec::new();
                     for _ in 0..rng.gen_range(2..6) {
                         let (first, n) = range(&mut rng);
                         if taken[first..first + n].iter().any(|&t| t) {
@@ -168,11 +170,18 @@ async fn run_seed(seed: u64, shape: Shape) {
                         }
                         taken[first..first + n].fill(true);
                         version += 1;
+                        let fua = rng.gen_bool(0.3);
                         oracle.wrote(first, n, version);
-                        ops.push(ext.write(base + first as u64 * 512, versioned(version, n), false));
+                        if fua {
+                            fua_done.push((first, n, version));
+                        }
+                        ops.push(ext.write(base + first as u64 * 512, versioned(version, n), fua));
                     }
                     for r in futures::future::join_all(ops).await {
                         r.unwrap();
+                    }
+                    for (first, n, v) in fua_done {
+                        oracle.durable(first, n, v);
                     }
                 }
             }

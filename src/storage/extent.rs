@@ -26,6 +26,10 @@
 //! alone would not do, since recovery cannot tell a FUA write into a hole
 //! from the stale content of a block trimmed and flushed earlier.
 //!
+//! Flushes are group-committed: a flush that queues behind a running one
+//! is satisfied by the next execution to start, which any of the waiters
+//! runs (so concurrent FUA writes share fdatasyncs).
+//!
 //! Header writes alternate between two slots (see `format`): each goes to
 //! the slot not holding the last header known durable.
 //!
@@ -62,6 +66,9 @@ pub struct Extent {
     /// Set by the store when it crashed or shut down: every op fails.
     closed: Arc<AtomicBool>,
     next_tag: AtomicU64,
+    /// Flush executions started so far (bumped under `meta` before the
+    /// snapshot). A flush called when this is `n` is covered by execution `n + 1`.
+    flushes_started: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -94,6 +101,8 @@ struct Meta {
     durable_slot: u64,
     /// Slot written since the last fdatasync, if any.
     pending_slot: Option<u64>,
+    /// Index of the last flush execution that succeeded.
+    flushed_ok: u64,
 }
 
 /// Holds regions as "write in flight"; releases them as touched now.
@@ -160,10 +169,12 @@ impl Extent {
                 flush_counter: header.flush_counter,
                 durable_slot,
                 pending_slot: None,
+                flushed_ok: 0,
             }),
             locks: RangeLock::default(),
             closed,
             next_tag: AtomicU64::new(0),
+            flushes_started: AtomicU64::new(0),
         }
     }
 
@@ -651,7 +662,14 @@ impl Extent {
         if self.closed.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
         }
+        // Group commit: callers that queue up behind a running flush share
+        // the next one instead of each running their own.
+        let need = self.flushes_started.load(Ordering::SeqCst) + 1;
         let mut meta = self.meta.lock().await;
+        if !clear_all && meta.flushed_ok >= need {
+            return Ok(());
+        }
+        let this = self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
         let ended = {
             let mut r = self.regions.lock().unwrap();
             r.interval += 1;
@@ -680,6 +698,7 @@ impl Extent {
             meta.durable_slot = s;
         }
         meta.flush_counter += 1;
+        meta.flushed_ok = this;
         let bits = {
             let mut r = self.regions.lock().unwrap();
             for i in 0..r.want.len() {
