@@ -214,16 +214,17 @@ impl Extent {
             engine.set_len(&ext.file, geo.file_len()).map_err(|e| ioe("size", e))?;
             // Header and table are preallocated so a full disk fails here or
             // on data writes, never while writing metadata at a flush.
-            ext.io(
-                "reserve metadata of",
-                Op::Fallocate {
-                    file: ext.file.clone(),
-                    mode: FallocMode::Reserve,
-                    offset: 0,
-                    len: geo.data_offset,
-                },
-            )
-            .await?;
+            // (Filesystems without fallocate just don't get the guarantee.)
+            let reserve = Op::Fallocate {
+                file: ext.file.clone(),
+                mode: FallocMode::Reserve,
+                offset: 0,
+                len: geo.data_offset,
+            };
+            match ext.io("reserve metadata of", reserve).await {
+                Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                r => r.map(drop)?,
+            }
             let mut buf = AlignedBuf::zeroed(HEADER_SIZE);
             header.encode(buf.as_mut_slice());
             ext.io("write header of", Op::Write { file: ext.file.clone(), offset: 0, buf }).await?;
