@@ -1,0 +1,752 @@
+//! One extent replica: the I/O shell around [`super::format`].
+//!
+//! # How data and checksums stay crash-atomic together
+//!
+//! Data blocks are written in place; their crc32c lives in the block table,
+//! which is held in memory (authoritative at run time) and written back at
+//! flush. A crash can therefore leave a block whose on-disk crc belongs to
+//! another version of its data. The header's dirty-region bitmap (DRBD's
+//! activity log) bounds where that can happen:
+//!
+//! - Before the first write into a region whose bit is not durably set, the
+//!   bit is set and the header written and fdatasync'ed. Concurrent writers
+//!   waiting for marks share one header write (group commit under `meta`).
+//! - Flush writes the dirty table pages, fdatasyncs, then clears the bits of
+//!   regions with no write in flight and none during the last two flush
+//!   intervals (hysteresis: hot regions are not re-marked at every flush),
+//!   and writes the header; it becomes durable at the next fdatasync.
+//! - Open after a crash re-reads every dirty region and, for each block
+//!   whose crc does not match its data, recomputes the crc (logged at info):
+//!   that block had an unflushed write, which may read back per sector as
+//!   old or new. Blocks in clean regions keep their stored crc and are
+//!   verified on every read, so rot there surfaces as a checksum error.
+//!
+//! FUA completes the write and then runs a flush, so the block's table entry
+//! (allocation flag and crc) is durable with its data; relying on recovery
+//! alone would not do, since recovery cannot tell a FUA write into a hole
+//! from the stale content of a block trimmed and flushed earlier.
+//!
+//! Flushes are group-committed: a flush that queues behind a running one
+//! is satisfied by the next execution to start, which any of the waiters
+//! runs (so concurrent FUA writes share fdatasyncs).
+//!
+//! Header writes alternate between two slots (see `format`): each goes to
+//! the slot not holding the last header known durable.
+//!
+//! Lock order: region marking (`meta`, briefly `regions`) before the block
+//! range lock; flush takes `meta` and never a range lock, so it cannot
+//! deadlock with writers.
+
+use super::engine::{self, AlignedBuf, Engine, FallocMode, FileRef, Op};
+use super::format::{self, BLOCK, ENTRIES_PER_PAGE, Entry, Geometry, HEADER_SIZE, Header};
+use super::rangelock::RangeLock;
+use super::{Result, StoreError};
+use crate::types::{BlockState, Epoch, ExtentKey, MapExtent, ReadChunk};
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One extent replica. All offsets are relative to the extent and must be
+/// 512-byte aligned; the range must lie inside the extent.
+#[derive(Debug)]
+pub struct Extent {
+    key: ExtentKey,
+    geo: Geometry,
+    path: PathBuf,
+    engine: Arc<dyn Engine>,
+    file: FileRef,
+    table: Mutex<Table>,
+    regions: Mutex<Regions>,
+    meta: tokio::sync::Mutex<Meta>,
+    locks: RangeLock,
+    /// Set by the store when it crashed or shut down: every op fails.
+    closed: Arc<AtomicBool>,
+    next_tag: AtomicU64,
+    /// Flush executions started so far (bumped under `meta` before the
+    /// snapshot). A flush called when this is `n` is covered by execution `n + 1`.
+    flushes_started: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Table {
+    entries: Vec<Entry>,
+    /// Table pages changed since they were last written.
+    dirty_pages: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct Regions {
+    /// Bit set in every header that could be picked after a crash: writes
+    /// into these regions may start without a header write.
+    durable: Vec<bool>,
+    /// Bits for the next header write (a superset of `durable`).
+    want: Vec<bool>,
+    inflight: Vec<u32>,
+    /// Flush interval of the last write into each region.
+    last_touch: Vec<u64>,
+    /// Current flush interval, bumped at the start of every flush.
+    interval: u64,
+}
+
+#[derive(Debug)]
+struct Meta {
+    generation: u64,
+    epoch: Epoch,
+    flush_counter: u64,
+    /// Slot of the last header known to be on stable storage.
+    durable_slot: u64,
+    /// Slot written since the last fdatasync, if any.
+    pending_slot: Option<u64>,
+    /// Index of the last flush execution that succeeded.
+    flushed_ok: u64,
+}
+
+/// Holds regions as "write in flight"; releases them as touched now.
+struct RegionGuard<'a> {
+    ext: &'a Extent,
+    regions: Range<u64>,
+}
+
+impl Drop for RegionGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self.ext.regions.lock().unwrap();
+        let now = r.interval;
+        for i in self.regions.clone() {
+            r.inflight[i as usize] -= 1;
+            r.last_touch[i as usize] = now;
+        }
+    }
+}
+
+pub(crate) fn file_name(key: ExtentKey) -> String {
+    format!("{}-{}.ext", key.volume, key.index)
+}
+
+/// A block run within one read: data to fetch or a hole.
+struct Run {
+    blocks: Range<u64>,
+    data: bool,
+}
+
+impl Extent {
+    #[allow(clippy::too_many_arguments)] // a private constructor fed from two places
+    fn new(
+        key: ExtentKey,
+        geo: Geometry,
+        path: PathBuf,
+        engine: Arc<dyn Engine>,
+        file: FileRef,
+        header: &Header,
+        durable_slot: u64,
+        entries: Vec<Entry>,
+        closed: Arc<AtomicBool>,
+    ) -> Extent {
+        let n = geo.nregions as usize;
+        // Regions dirty on disk stay dirty until their (possibly repaired)
+        // table pages have been flushed; touching them now starts the hysteresis.
+        let interval = 1;
+        Extent {
+            key,
+            geo,
+            path,
+            engine,
+            file,
+            table: Mutex::new(Table { entries, dirty_pages: BTreeSet::new() }),
+            regions: Mutex::new(Regions {
+                durable: header.dirty.clone(),
+                want: header.dirty.clone(),
+                inflight: vec![0; n],
+                last_touch: vec![interval; n],
+                interval,
+            }),
+            meta: tokio::sync::Mutex::new(Meta {
+                generation: header.generation,
+                epoch: header.epoch,
+                flush_counter: header.flush_counter,
+                durable_slot,
+                pending_slot: None,
+                flushed_ok: 0,
+            }),
+            locks: RangeLock::default(),
+            closed,
+            next_tag: AtomicU64::new(0),
+            flushes_started: AtomicU64::new(0),
+        }
+    }
+
+    /// Creates a new, empty replica file at `path` (via a temporary name, so a
+    /// crash never leaves a `.ext` file without a durable header).
+    pub(crate) async fn create(
+        engine: Arc<dyn Engine>,
+        dir: &Path,
+        key: ExtentKey,
+        size: u64,
+        epoch: Epoch,
+        region_size: u32,
+        closed: Arc<AtomicBool>,
+    ) -> Result<Extent> {
+        let geo = Geometry::new(size, region_size).map_err(|e| StoreError::BadSize {
+            key,
+            size,
+            why: e.to_string(),
+        })?;
+        let path = dir.join(file_name(key));
+        let tmp = dir.join(format!("{}.tmp", file_name(key)));
+        let ioe = |what: &str, e: io::Error| StoreError::io(format!("{what} {}", tmp.display()), e);
+        if engine.exists(&tmp) {
+            engine.remove(&tmp).map_err(|e| ioe("remove stale", e))?;
+        }
+        let file = engine.open(&tmp, true).map_err(|e| ioe("create", e))?;
+        let header = Header {
+            generation: 1,
+            key,
+            epoch,
+            flush_counter: 0,
+            geometry: geo,
+            dirty: vec![false; geo.nregions as usize],
+        };
+        let ext = Extent::new(key, geo, path.clone(), engine.clone(), file, &header, 0, Vec::new(), closed);
+        let made = async {
+            engine.set_len(&ext.file, geo.file_len()).map_err(|e| ioe("size", e))?;
+            // Header and table are preallocated so a full disk fails here or
+            // on data writes, never while writing metadata at a flush.
+            // (Filesystems without fallocate just don't get the guarantee.)
+            let reserve = Op::Fallocate {
+                file: ext.file.clone(),
+                mode: FallocMode::Reserve,
+                offset: 0,
+                len: geo.data_offset,
+            };
+            match ext.io("reserve metadata of", reserve).await {
+                Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                r => r.map(drop)?,
+            }
+            let mut buf = AlignedBuf::zeroed(HEADER_SIZE);
+            header.encode(buf.as_mut_slice());
+            ext.io("write header of", Op::Write { file: ext.file.clone(), offset: 0, buf }).await?;
+            ext.sync().await?;
+            engine.rename(&tmp, &path).map_err(|e| ioe("rename", e))?;
+            engine.sync_dir(dir).map_err(|e| StoreError::io(format!("fsync dir {}", dir.display()), e))?;
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        if let Err(e) = made {
+            let _ = engine.remove(&tmp);
+            return Err(e);
+        }
+        ext.table.lock().unwrap().entries = vec![Entry::HOLE; geo.nblocks as usize];
+        Ok(ext)
+    }
+
+    /// Opens an existing replica file and recovers it (see the module docs).
+    pub(crate) async fn open(
+        engine: Arc<dyn Engine>,
+        path: &Path,
+        closed: Arc<AtomicBool>,
+    ) -> Result<Extent> {
+        let corrupt = |why: String| StoreError::Corrupt { path: path.to_path_buf(), why };
+        let file =
+            engine.open(path, false).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?;
+        let len =
+            engine.file_len(&file).map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+        let hdr = read_raw(&*engine, &file, 0, 2 * HEADER_SIZE)
+            .await
+            .map_err(|e| StoreError::io(format!("read headers of {}", path.display()), e))?;
+        let (slot, header) = format::pick_header(&hdr[..HEADER_SIZE], &hdr[HEADER_SIZE..])
+            .map_err(|[a, b]| corrupt(format!("no valid header (slot A: {a}; slot B: {b})")))?;
+        let geo = header.geometry;
+        if len < geo.file_len() {
+            return Err(corrupt(format!("file is {len} bytes, the header needs {}", geo.file_len())));
+        }
+        let raw = read_raw(&*engine, &file, format::TABLE_OFFSET, geo.table_len as usize)
+            .await
+            .map_err(|e| StoreError::io(format!("read table of {}", path.display()), e))?;
+        let entries = format::decode_table(&raw, geo.nblocks)
+            .map_err(|(block, e)| corrupt(format!("block table entry {block}: {e}")))?;
+        let key = header.key;
+        let ext = Extent::new(key, geo, path.to_path_buf(), engine, file, &header, slot, entries, closed);
+        ext.recover(&header.dirty).await?;
+        // The picked header may so far live only in the page cache; the next
+        // header write overwrites the other slot, so make this one durable.
+        ext.sync().await?;
+        Ok(ext)
+    }
+
+    /// Recomputes the crc of every block in a dirty region whose data does
+    /// not match it: those are unflushed (possibly torn) writes.
+    async fn recover(&self, dirty: &[bool]) -> Result<()> {
+        for region in (0..self.geo.nregions).filter(|&r| dirty[r as usize]) {
+            let blocks = self.geo.region_blocks(region);
+            let entries: Vec<Entry> =
+                self.table.lock().unwrap().entries[blocks.start as usize..blocks.end as usize].to_vec();
+            if !entries.iter().any(Entry::has_data) {
+                continue;
+            }
+            let buf = self.read_data(blocks.clone()).await?;
+            let mut t = self.table.lock().unwrap();
+            for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.has_data()) {
+                let b = blocks.start + i as u64;
+                let data = &buf[i * BLOCK as usize..(i + 1) * BLOCK as usize];
+                let crc = format::block_crc(data);
+                if crc != e.crc {
+                    tracing::info!(extent = %self.key, block = b, "recovery: block had an unflushed write; crc recomputed");
+                    t.entries[b as usize] = Entry::data(crc);
+                    t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn key(&self) -> ExtentKey {
+        self.key
+    }
+
+    pub fn size(&self) -> u64 {
+        self.geo.extent_size
+    }
+
+    /// The replica's file (for tools and tests).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where extent byte `offset` lives in the file (for tools and tests).
+    pub fn file_offset(&self, offset: u64) -> u64 {
+        self.geo.data_offset + offset
+    }
+
+    /// Number of completed flushes (persisted in the header; reconciliation compares it).
+    pub async fn flush_counter(&self) -> u64 {
+        self.meta.lock().await.flush_counter
+    }
+
+    pub async fn epoch(&self) -> Epoch {
+        self.meta.lock().await.epoch
+    }
+
+    /// Records a newer replica-set epoch; persisted with the next header write.
+    pub(crate) async fn observe_epoch(&self, epoch: Epoch) {
+        let mut m = self.meta.lock().await;
+        m.epoch = m.epoch.max(epoch);
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if offset % format::SECTOR != 0 || len % format::SECTOR != 0 {
+            return Err(StoreError::Misaligned { offset, len });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.geo.extent_size) {
+            return Err(StoreError::OutOfRange { key: self.key, offset, len, size: self.geo.extent_size });
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn io(&self, what: &str, op: Op) -> Result<Option<AlignedBuf>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let c = engine::run(&*self.engine, op, tag).await;
+        match c.result {
+            Ok(_) => Ok(c.buf),
+            Err(e) => Err(StoreError::io(format!("{what} extent {}", self.key), e)),
+        }
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.io("fdatasync", Op::Sync { file: self.file.clone() }).await.map(drop)
+    }
+
+    /// Reads whole blocks without verifying them.
+    async fn read_data(&self, blocks: Range<u64>) -> Result<AlignedBuf> {
+        let buf = AlignedBuf::zeroed(((blocks.end - blocks.start) * BLOCK) as usize);
+        let op = Op::Read { file: self.file.clone(), offset: self.geo.data_pos(blocks.start), buf };
+        Ok(self.io("read", op).await?.expect("reads hand back their buffer"))
+    }
+
+    /// Reads whole blocks and verifies each against its table entry.
+    async fn read_verified(&self, blocks: Range<u64>, entries: &[Entry]) -> Result<AlignedBuf> {
+        let buf = self.read_data(blocks.clone()).await?;
+        for (i, chunk) in buf.as_slice().chunks(BLOCK as usize).enumerate() {
+            let e = &entries[i];
+            let crc = format::block_crc(chunk);
+            if crc != e.crc {
+                let block = blocks.start + i as u64;
+                tracing::error!(extent = %self.key, block, stored = e.crc, computed = crc, path = %self.path.display(),
+                    "checksum mismatch");
+                return Err(StoreError::Checksum { key: self.key, block });
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Marks the regions of `blocks` dirty on disk (if not already) and
+    /// holds them as written-to until the guard drops.
+    async fn mark_dirty(&self, blocks: Range<u64>) -> Result<RegionGuard<'_>> {
+        let regions = self.geo.region_of_block(blocks.start)..self.geo.region_of_block(blocks.end - 1) + 1;
+        let range = || regions.start as usize..regions.end as usize;
+        loop {
+            {
+                let mut r = self.regions.lock().unwrap();
+                if r.durable[range()].iter().all(|&d| d) {
+                    let now = r.interval;
+                    for i in range() {
+                        r.inflight[i] += 1;
+                        r.last_touch[i] = now;
+                    }
+                    return Ok(RegionGuard { ext: self, regions: regions.clone() });
+                }
+                r.want[range()].fill(true);
+            }
+            let mut meta = self.meta.lock().await;
+            let bits = {
+                let r = self.regions.lock().unwrap();
+                if r.durable[range()].iter().all(|&d| d) {
+                    continue; // another writer's header write covered us
+                }
+                r.want.clone()
+            };
+            self.write_header(&mut meta, bits.clone()).await?;
+            self.sync().await?;
+            meta.durable_slot = meta.pending_slot.take().expect("just written");
+            let mut r = self.regions.lock().unwrap();
+            for (d, b) in r.durable.iter_mut().zip(&bits) {
+                *d |= *b;
+            }
+        }
+    }
+
+    /// Writes a header with `dirty` into the slot not known durable.
+    async fn write_header(&self, meta: &mut Meta, dirty: Vec<bool>) -> Result<()> {
+        let slot = 1 - meta.durable_slot;
+        meta.generation += 1;
+        let h = Header {
+            generation: meta.generation,
+            key: self.key,
+            epoch: meta.epoch,
+            flush_counter: meta.flush_counter,
+            geometry: self.geo,
+            dirty,
+        };
+        let mut buf = AlignedBuf::zeroed(HEADER_SIZE);
+        h.encode(buf.as_mut_slice());
+        // Until this write is synced the slot may hold anything; the other slot is durable.
+        meta.pending_slot = Some(slot);
+        let op = Op::Write { file: self.file.clone(), offset: Geometry::header_pos(slot), buf };
+        self.io("write header of", op).await.map(drop)
+    }
+
+    /// Reads `len` bytes at `offset`. Never-written ranges come back as holes.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>> {
+        self.check(offset, len as u64)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset + len as u64;
+        let blocks = offset / BLOCK..end.div_ceil(BLOCK);
+        let _lock = self.locks.lock(blocks.clone(), false).await;
+        let entries: Vec<Entry> =
+            self.table.lock().unwrap().entries[blocks.start as usize..blocks.end as usize].to_vec();
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let b = blocks.start + i as u64;
+            match runs.last_mut() {
+                Some(r) if r.data == e.has_data() => r.blocks.end = b + 1,
+                _ => runs.push(Run { blocks: b..b + 1, data: e.has_data() }),
+            }
+        }
+        let rel = |r: &Range<u64>| (r.start - blocks.start) as usize..(r.end - blocks.start) as usize;
+        let bufs = if let [r] = &runs[..] {
+            // The common small read: no join machinery.
+            if r.data { vec![self.read_verified(r.blocks.clone(), &entries).await?] } else { Vec::new() }
+        } else {
+            futures::future::try_join_all(
+                runs.iter()
+                    .filter(|r| r.data)
+                    .map(|r| self.read_verified(r.blocks.clone(), &entries[rel(&r.blocks)])),
+            )
+            .await?
+        };
+        let mut bufs = bufs.into_iter();
+        let mut out = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let start = (r.blocks.start * BLOCK).max(offset);
+            let stop = (r.blocks.end * BLOCK).min(end);
+            if r.data {
+                let buf = bufs.next().expect("one buffer per data run");
+                let base = r.blocks.start * BLOCK;
+                let bytes = Bytes::from_owner(buf);
+                out.push(ReadChunk::Data(bytes.slice((start - base) as usize..(stop - base) as usize)));
+            } else {
+                out.push(ReadChunk::Hole((stop - start) as u32));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable before this returns.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        if !data.is_empty() {
+            self.write_range(offset, &data).await?;
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes whole or partial blocks; partial ones are read-modify-write.
+    async fn write_range(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let blocks = offset / BLOCK..end.div_ceil(BLOCK);
+        let _regions = self.mark_dirty(blocks.clone()).await?;
+        let _lock = self.locks.lock(blocks.clone(), true).await;
+        let nblocks = (blocks.end - blocks.start) as usize;
+        let mut buf = AlignedBuf::zeroed(nblocks * BLOCK as usize);
+        let mut partial = Vec::with_capacity(2);
+        if offset % BLOCK != 0 {
+            partial.push(blocks.start);
+        }
+        if end % BLOCK != 0 && partial.last() != Some(&(blocks.end - 1)) {
+            partial.push(blocks.end - 1);
+        }
+        for b in partial {
+            let e = self.table.lock().unwrap().entries[b as usize];
+            if e.has_data() {
+                let old = self.read_verified(b..b + 1, &[e]).await?;
+                let at = ((b - blocks.start) * BLOCK) as usize;
+                buf.as_mut_slice()[at..at + BLOCK as usize].copy_from_slice(old.as_slice());
+            }
+        }
+        let at = (offset - blocks.start * BLOCK) as usize;
+        buf.as_mut_slice()[at..at + data.len()].copy_from_slice(data);
+        let crcs: Vec<u32> = buf.as_slice().chunks(BLOCK as usize).map(format::block_crc).collect();
+        let op = Op::Write { file: self.file.clone(), offset: self.geo.data_pos(blocks.start), buf };
+        if let Err(e) = self.io("write", op).await {
+            self.resync_crcs(blocks).await;
+            return Err(e);
+        }
+        let mut t = self.table.lock().unwrap();
+        for (i, crc) in crcs.into_iter().enumerate() {
+            let b = blocks.start + i as u64;
+            t.entries[b as usize] = Entry::data(crc);
+            t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+        }
+        Ok(())
+    }
+
+    /// After a failed (possibly partial, e.g. ENOSPC) write, blocks that held
+    /// data may hold old or new bytes: take their crc from what is there, as
+    /// recovery would, so they read back instead of failing their checksum.
+    /// The caller holds the range lock and the regions are marked dirty.
+    async fn resync_crcs(&self, blocks: Range<u64>) {
+        for b in blocks {
+            let e = self.table.lock().unwrap().entries[b as usize];
+            if !e.has_data() {
+                continue;
+            }
+            match self.read_data(b..b + 1).await {
+                Ok(buf) => {
+                    let crc = format::block_crc(&buf);
+                    if crc != e.crc {
+                        let mut t = self.table.lock().unwrap();
+                        t.entries[b as usize] = Entry::data(crc);
+                        t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(extent = %self.key, block = b, error = %err, "cannot re-read block after a failed write")
+                }
+            }
+        }
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros. With `deallocate` whole
+    /// blocks become holes (punched); without, they stay allocated and are
+    /// reported as allocated zeros. Partial blocks are written with zeros.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let whole = offset.div_ceil(BLOCK)..end / BLOCK;
+        if whole.start >= whole.end {
+            if len > 0 {
+                self.write_range(offset, &vec![0u8; len as usize]).await?;
+            }
+        } else {
+            let head = whole.start * BLOCK - offset;
+            if head > 0 {
+                self.write_range(offset, &vec![0u8; head as usize]).await?;
+            }
+            let tail = end - whole.end * BLOCK;
+            if tail > 0 {
+                self.write_range(whole.end * BLOCK, &vec![0u8; tail as usize]).await?;
+            }
+            self.zero_blocks(whole, deallocate).await?;
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// TRIM: the range reads as zeros afterwards (this store deallocates it).
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.write_zeroes(offset, len, true, fua).await
+    }
+
+    async fn zero_blocks(&self, blocks: Range<u64>, deallocate: bool) -> Result<()> {
+        let target = if deallocate { Entry::HOLE } else { Entry::ZEROED };
+        let span = blocks.start as usize..blocks.end as usize;
+        if self.table.lock().unwrap().entries[span.clone()].iter().all(|e| *e == target) {
+            return Ok(()); // nothing to change, nothing to mark dirty
+        }
+        let _regions = self.mark_dirty(blocks.clone()).await?;
+        let _lock = self.locks.lock(blocks.clone(), true).await;
+        let mode = if deallocate { FallocMode::PunchHole } else { FallocMode::ZeroRange };
+        let (pos, len) = (self.geo.data_pos(blocks.start), (blocks.end - blocks.start) * BLOCK);
+        let op = Op::Fallocate { file: self.file.clone(), mode, offset: pos, len };
+        match self.io("deallocate", op).await {
+            Ok(_) => {}
+            // Filesystems without punch/zero-range: write zeros instead.
+            Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let mut at = 0;
+                while at < len {
+                    let n = (len - at).min(1 << 20);
+                    let op = Op::Write {
+                        file: self.file.clone(),
+                        offset: pos + at,
+                        buf: AlignedBuf::zeroed(n as usize),
+                    };
+                    self.io("write zeros", op).await?;
+                    at += n;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        let mut t = self.table.lock().unwrap();
+        for b in blocks {
+            if t.entries[b as usize] != target {
+                t.entries[b as usize] = target;
+                t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Durability barrier: every write completed before the call is on
+    /// stable storage after it, table entries included.
+    pub async fn flush(&self) -> Result<()> {
+        self.flush_inner(false).await
+    }
+
+    /// A flush that also clears every idle region's dirty bit and makes the
+    /// header durable, so the next open verifies nothing. Used at shutdown.
+    pub async fn close(&self) -> Result<()> {
+        self.flush_inner(true).await?;
+        self.sync().await?;
+        let mut meta = self.meta.lock().await;
+        if let Some(s) = meta.pending_slot.take() {
+            meta.durable_slot = s;
+        }
+        Ok(())
+    }
+
+    async fn flush_inner(&self, clear_all: bool) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        // Group commit: callers that queue up behind a running flush share
+        // the next one instead of each running their own.
+        let need = self.flushes_started.load(Ordering::SeqCst) + 1;
+        let mut meta = self.meta.lock().await;
+        if !clear_all && meta.flushed_ok >= need {
+            return Ok(());
+        }
+        let this = self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let ended = {
+            let mut r = self.regions.lock().unwrap();
+            r.interval += 1;
+            r.interval - 1
+        };
+        let pages: Vec<u64> =
+            std::mem::take(&mut self.table.lock().unwrap().dirty_pages).into_iter().collect();
+        let written = async {
+            let ops = pages.iter().map(|&p| {
+                let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+                format::encode_table_page(&self.table.lock().unwrap().entries, p, buf.as_mut_slice());
+                self.io(
+                    "write table of",
+                    Op::Write { file: self.file.clone(), offset: self.geo.table_page_pos(p), buf },
+                )
+            });
+            futures::future::try_join_all(ops).await?;
+            self.sync().await
+        }
+        .await;
+        if let Err(e) = written {
+            self.table.lock().unwrap().dirty_pages.extend(pages);
+            return Err(e);
+        }
+        if let Some(s) = meta.pending_slot.take() {
+            meta.durable_slot = s;
+        }
+        meta.flush_counter += 1;
+        meta.flushed_ok = this;
+        let bits = {
+            let mut r = self.regions.lock().unwrap();
+            for i in 0..r.want.len() {
+                let idle = r.inflight[i] == 0 && (clear_all || r.last_touch[i] + 1 < ended);
+                if r.want[i] && idle {
+                    r.want[i] = false;
+                    r.durable[i] = false;
+                }
+            }
+            r.want.clone()
+        };
+        // Durable at the next fdatasync; until then the other slot stands.
+        self.write_header(&mut meta, bits).await
+    }
+
+    /// Allocation map of `[offset, offset+len)`, in order, covering the range.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let t = self.table.lock().unwrap();
+        let mut out: Vec<MapExtent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let stop = ((b + 1) * BLOCK).min(end);
+            let e = t.entries[b as usize];
+            let state = if e.has_data() {
+                BlockState::DATA
+            } else if e.is_zeroed() {
+                BlockState { allocated: true, zero: true }
+            } else {
+                BlockState::HOLE
+            };
+            match out.last_mut() {
+                Some(m) if m.state == state => m.len += stop - pos,
+                _ => out.push(MapExtent { len: stop - pos, state }),
+            }
+            pos = stop;
+        }
+        Ok(out)
+    }
+}
+
+/// Reads raw bytes at a 4 KiB-aligned position, before an `Extent` exists.
+async fn read_raw(engine: &dyn Engine, file: &FileRef, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+    let c =
+        engine::run(engine, Op::Read { file: file.clone(), offset, buf: AlignedBuf::zeroed(len) }, 0).await;
+    c.result?;
+    Ok(c.buf.expect("reads hand back their buffer"))
+}

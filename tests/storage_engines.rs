@@ -1,0 +1,661 @@
+//! The same test bodies against every engine (io_uring, psync, mem), plus
+//! the ENOSPC test on a small loop-mounted filesystem.
+
+use basalt::storage::{EngineKind, Extent, Store, StoreConfig, StoreError, StoreOptions};
+use basalt::types::{
+    BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId, flatten_chunks,
+};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+
+fn key(i: u64) -> ExtentKey {
+    ExtentKey { volume: VolumeId(1), index: ExtentIndex(i) }
+}
+
+/// Data directories for one test: real ones under the target dir (a real
+/// disk, so O_DIRECT works) or names for the mem engine.
+struct Dirs {
+    kind: EngineKind,
+    paths: Vec<PathBuf>,
+    _tmp: Option<tempfile::TempDir>,
+    opts: StoreOptions,
+}
+
+impl Dirs {
+    fn new(kind: EngineKind, n: usize) -> Dirs {
+        if kind == EngineKind::Mem {
+            let paths = (0..n).map(|i| PathBuf::from(format!("/mem/d{i}"))).collect();
+            let disk = basalt::storage::MemDisk::new();
+            return Dirs {
+                kind,
+                paths,
+                _tmp: None,
+                opts: StoreOptions { mem_disk: Some(disk), ..Default::default() },
+            };
+        }
+        let tmp =
+            tempfile::Builder::new().prefix("storage-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let paths = (0..n).map(|i| tmp.path().join(format!("d{i}"))).collect();
+        Dirs { kind, paths, _tmp: Some(tmp), opts: StoreOptions::default() }
+    }
+
+    async fn open(&self) -> Arc<Store> {
+        let cfg = StoreConfig { data_dirs: self.paths.clone(), engine: self.kind };
+        let s = Store::open_with(cfg, self.opts.clone()).await.unwrap();
+        assert_eq!(s.engine_kind(), self.kind);
+        s
+    }
+
+    /// Flips one byte of an extent file.
+    fn corrupt(&self, ext: &Extent, file_offset: u64) {
+        if self.kind == EngineKind::Mem {
+            self.opts.mem_disk.as_ref().unwrap().corrupt(ext.path(), file_offset, 0x5a).unwrap();
+        } else {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(ext.path()).unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, file_offset).unwrap();
+            b[0] ^= 0x5a;
+            f.write_all_at(&b, file_offset).unwrap();
+            f.sync_all().unwrap();
+        }
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn read_flat(e: &Extent, off: u64, len: u32) -> Vec<u8> {
+    flatten_chunks(&e.read(off, len).await.unwrap()).to_vec()
+}
+
+const ZERO: BlockState = BlockState { allocated: true, zero: true };
+
+async fn write_read_unaligned(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), 4 * MIB, Epoch(1)).await.unwrap();
+    let mut model = vec![0u8; 4 * MIB as usize];
+    let writes: [(u64, usize); 7] = [
+        (512, 512),
+        (4096 - 512, 1536),
+        (8192 + 1024, 64 << 10),
+        (0, 4096),
+        (3 * MIB - 512, 8192),
+        (1536, 512),
+        (4 * MIB - 512, 512),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let data = pattern(i as u64, len);
+        e.write(off, data.clone(), false).await.unwrap();
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    for &(off, len) in &[
+        (0u64, 16384u32),
+        (512, 512),
+        (1024, 7168),
+        (8192, 70 << 10),
+        (3 * MIB - 4096, 16384),
+        (4 * MIB - 4096, 4096),
+    ] {
+        assert_eq!(
+            read_flat(&e, off, len).await,
+            &model[off as usize..off as usize + len as usize],
+            "{off}+{len}"
+        );
+    }
+    assert_eq!(read_flat(&e, 0, (4 * MIB) as u32).await, model);
+}
+
+async fn rmw_keeps_neighbours(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), MIB, Epoch(1)).await.unwrap();
+    let base = pattern(1, 8192);
+    e.write(0, base.clone(), false).await.unwrap();
+    // Every sector of block 0 in turn, then one sector spanning nothing else.
+    let mut model = base.to_vec();
+    for sector in 0..8u64 {
+        let p = pattern(100 + sector, 512);
+        e.write(sector * 512, p.clone(), false).await.unwrap();
+        model[(sector * 512) as usize..((sector + 1) * 512) as usize].copy_from_slice(&p);
+        assert_eq!(read_flat(&e, 0, 8192).await, model);
+    }
+    // A partial write into a hole block: the rest of the block reads as zeros.
+    e.write(16384 + 1024, pattern(7, 512), false).await.unwrap();
+    let mut want = vec![0u8; 4096];
+    want[1024..1536].copy_from_slice(&pattern(7, 512));
+    assert_eq!(read_flat(&e, 16384, 4096).await, want);
+}
+
+async fn holes_are_reported(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), 2 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(e.read(0, MIB as u32).await.unwrap(), vec![ReadChunk::Hole(MIB as u32)]);
+    let data = pattern(3, 4096);
+    e.write(8192, data.clone(), false).await.unwrap();
+    let r = e.read(0, 16384).await.unwrap();
+    assert_eq!(r, vec![ReadChunk::Hole(8192), ReadChunk::Data(data.clone()), ReadChunk::Hole(4096)]);
+    // Sub-block reads of holes and data.
+    let r = e.read(8192 + 512, 4096).await.unwrap();
+    assert_eq!(r, vec![ReadChunk::Data(data.slice(512..)), ReadChunk::Hole(512)]);
+    assert_eq!(e.read(512, 1024).await.unwrap(), vec![ReadChunk::Hole(1024)]);
+}
+
+async fn trim_and_zeroes(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), 2 * MIB, Epoch(1)).await.unwrap();
+    let data = pattern(5, 32768);
+    e.write(0, data.clone(), false).await.unwrap();
+    e.trim(4096, 8192, false).await.unwrap();
+    let r = e.read(0, 16384).await.unwrap();
+    assert_eq!(
+        r,
+        vec![
+            ReadChunk::Data(data.slice(0..4096)),
+            ReadChunk::Hole(8192),
+            ReadChunk::Data(data.slice(12288..16384))
+        ]
+    );
+    // Partial-block trim: zero-written, the block stays data.
+    e.trim(16384 + 512, 1024, false).await.unwrap();
+    let mut want = data.slice(16384..20480).to_vec();
+    want[512..1536].fill(0);
+    assert_eq!(read_flat(&e, 16384, 4096).await, want);
+    // Zeroes without deallocation: allocated zeros, read as zeros without I/O.
+    e.write_zeroes(20480, 8192, false, false).await.unwrap();
+    assert_eq!(e.read(20480, 8192).await.unwrap(), vec![ReadChunk::Hole(8192)]);
+    // Zeroes with deallocation: holes.
+    e.write_zeroes(28672, 4096, true, false).await.unwrap();
+    assert_eq!(
+        e.map(0, 64 << 10).unwrap(),
+        vec![
+            MapExtent { len: 4096, state: BlockState::DATA },
+            MapExtent { len: 8192, state: BlockState::HOLE },
+            MapExtent { len: 4096, state: BlockState::DATA },
+            MapExtent { len: 4096, state: BlockState::DATA },
+            MapExtent { len: 8192, state: ZERO },
+            MapExtent { len: (64 << 10) - 28672, state: BlockState::HOLE },
+        ]
+        .into_iter()
+        .fold(Vec::<MapExtent>::new(), |mut v, m| {
+            match v.last_mut() {
+                Some(l) if l.state == m.state => l.len += m.len,
+                _ => v.push(m),
+            }
+            v
+        })
+    );
+    // A write over zeroed blocks makes them data again.
+    e.write(20480, pattern(9, 4096), false).await.unwrap();
+    assert_eq!(read_flat(&e, 20480, 4096).await, pattern(9, 4096).to_vec());
+    // Unaligned zeroing across blocks: head and tail partial, middle whole.
+    e.write(MIB, pattern(11, 16384), false).await.unwrap();
+    e.write_zeroes(MIB + 1024, 16384 - 2048, true, false).await.unwrap();
+    let mut want = pattern(11, 16384).to_vec();
+    want[1024..16384 - 1024].fill(0);
+    assert_eq!(read_flat(&e, MIB, 16384).await, want);
+    assert_eq!(
+        e.map(MIB, 16384).unwrap(),
+        vec![
+            MapExtent { len: 4096, state: BlockState::DATA },
+            MapExtent { len: 8192, state: BlockState::HOLE },
+            MapExtent { len: 4096, state: BlockState::DATA },
+        ]
+    );
+}
+
+async fn map_exact(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), MIB, Epoch(1)).await.unwrap();
+    assert_eq!(e.map(0, MIB).unwrap(), vec![MapExtent { len: MIB, state: BlockState::HOLE }]);
+    e.write(4096, pattern(1, 8192), false).await.unwrap();
+    e.write_zeroes(12288, 4096, false, false).await.unwrap();
+    assert_eq!(
+        e.map(512, 20480 - 512).unwrap(),
+        vec![
+            MapExtent { len: 4096 - 512, state: BlockState::HOLE },
+            MapExtent { len: 8192, state: BlockState::DATA },
+            MapExtent { len: 4096, state: ZERO },
+            MapExtent { len: 4096, state: BlockState::HOLE },
+        ]
+    );
+    assert_eq!(e.map(4096 + 512, 1024).unwrap(), vec![MapExtent { len: 1024, state: BlockState::DATA }]);
+    assert_eq!(e.map(0, 0).unwrap(), vec![]);
+}
+
+async fn reopen_keeps_data(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let data = pattern(21, 3 * 4096 + 512);
+    {
+        let s = d.open().await;
+        let e = s.extent(key(3), 2 * MIB, Epoch(4)).await.unwrap();
+        e.write(MIB - 4096, data.clone(), false).await.unwrap();
+        e.trim(MIB - 4096, 4096, false).await.unwrap();
+        e.write_zeroes(MIB, 4096, false, false).await.unwrap();
+        s.close().await.unwrap();
+        assert_eq!(e.flush_counter().await, 1);
+    }
+    let s = d.open().await;
+    assert!(s.contains(key(3)));
+    assert!(!s.contains(key(4)));
+    let e = s.extent(key(3), 2 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(e.epoch().await, Epoch(4));
+    assert_eq!(e.flush_counter().await, 1);
+    let r = e.read(MIB - 4096, data.len() as u32).await.unwrap();
+    assert_eq!(
+        r,
+        vec![ReadChunk::Hole(8192), ReadChunk::Data(data.slice(8192..))],
+        "trimmed block, zeroed block, then data"
+    );
+    assert!(matches!(
+        s.extent(key(3), MIB, Epoch(1)).await,
+        Err(StoreError::SizeMismatch { have, want, .. }) if have == 2 * MIB && want == MIB
+    ));
+    // Reopen without close (a clean process exit without shutdown) keeps data too.
+    e.write(0, data.clone(), false).await.unwrap();
+    e.flush().await.unwrap();
+    drop(e);
+    drop(s);
+    let s = d.open().await;
+    let e = s.extent(key(3), 2 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(read_flat(&e, 0, data.len() as u32).await, data.to_vec());
+    // An unflushed overwrite of flushed blocks, then exit without close: the
+    // region is dirty on disk, so reopening re-takes the crc and the new data
+    // reads back (no checksum error).
+    let newer = pattern(22, 8192);
+    e.write(0, newer.clone(), false).await.unwrap();
+    drop(e);
+    drop(s);
+    let s = d.open().await;
+    let e = s.extent(key(3), 2 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(read_flat(&e, 0, 8192).await, newer.to_vec());
+}
+
+async fn flush_and_fua(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), 2 * MIB, Epoch(1)).await.unwrap();
+    let a = pattern(31, 8192);
+    let b = pattern(32, 1024);
+    e.write(0, a.clone(), false).await.unwrap();
+    s.flush_all().await.unwrap();
+    assert_eq!(e.flush_counter().await, 1);
+    e.write(MIB + 512, b.clone(), true).await.unwrap();
+    assert_eq!(e.flush_counter().await, 2, "FUA flushes the extent");
+    e.flush().await.unwrap();
+    e.flush().await.unwrap();
+    assert_eq!(e.flush_counter().await, 4);
+    if kind == EngineKind::Mem {
+        // Power loss right after: both the flushed and the FUA write survive.
+        e.write(4096, pattern(33, 4096), false).await.unwrap();
+        s.crash(7).unwrap();
+        assert!(matches!(e.read(0, 4096).await, Err(StoreError::Closed)));
+        let s = d.open().await;
+        let e = s.extent(key(0), 2 * MIB, Epoch(1)).await.unwrap();
+        assert_eq!(read_flat(&e, 0, 4096).await, a[..4096].to_vec());
+        let blk1 = read_flat(&e, 4096, 4096).await;
+        for (i, sector) in blk1.chunks(512).enumerate() {
+            let r = 4096 + i * 512..4096 + (i + 1) * 512;
+            assert!(
+                sector == &a[r.clone()] || sector == &pattern(33, 4096)[i * 512..(i + 1) * 512],
+                "sector {i}"
+            );
+        }
+        assert_eq!(read_flat(&e, MIB + 512, 1024).await, b.to_vec());
+    }
+}
+
+async fn range_errors(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), MIB, Epoch(1)).await.unwrap();
+    let k = key(0);
+    assert!(
+        matches!(e.read(MIB, 512).await, Err(StoreError::OutOfRange { key, offset, len: 512, size }) if key == k && offset == MIB && size == MIB)
+    );
+    assert!(matches!(e.read(MIB - 512, 1024).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(e.write(MIB - 512, pattern(1, 1024), false).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(e.trim(u64::MAX - 511, 512, false).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(e.write_zeroes(0, MIB + 512, true, false).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(e.map(MIB, 512), Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(e.read(100, 512).await, Err(StoreError::Misaligned { offset: 100, len: 512 })));
+    assert!(matches!(e.read(0, 100).await, Err(StoreError::Misaligned { offset: 0, len: 100 })));
+    assert!(matches!(e.write(512, pattern(1, 700), false).await, Err(StoreError::Misaligned { .. })));
+    assert!(matches!(e.trim(1, 512, false).await, Err(StoreError::Misaligned { .. })));
+    assert!(matches!(e.write_zeroes(0, 1, false, false).await, Err(StoreError::Misaligned { .. })));
+    assert!(matches!(e.map(3, 512), Err(StoreError::Misaligned { .. })));
+    assert!(matches!(s.extent(key(9), 1000, Epoch(1)).await, Err(StoreError::BadSize { .. })));
+    assert!(!s.contains(key(9)));
+    // Nothing above changed the extent.
+    assert_eq!(e.map(0, MIB).unwrap(), vec![MapExtent { len: MIB, state: BlockState::HOLE }]);
+}
+
+/// Sector content that names the write that produced it.
+fn versioned(version: u64, sectors: usize) -> Bytes {
+    let mut v = Vec::with_capacity(sectors * 512);
+    for _ in 0..sectors * 64 {
+        v.extend_from_slice(&version.to_le_bytes());
+    }
+    v.into()
+}
+
+fn version_of(sector: &[u8]) -> Option<u64> {
+    let v = u64::from_le_bytes(sector[..8].try_into().unwrap());
+    sector.chunks(8).all(|c| c == v.to_le_bytes()).then_some(v)
+}
+
+async fn concurrent_overlapping(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let s = d.open().await;
+    let e = s.extent(key(0), MIB, Epoch(1)).await.unwrap();
+    let span = 64u64 << 10; // all tasks hammer the same 64 KiB
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let e = e.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut x = t + 1;
+            for i in 0..60u64 {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let sectors = 1 + (x >> 33) % 24;
+                let off = ((x >> 17) % (span / 512 - sectors)) * 512;
+                if t % 2 == 0 {
+                    let v = (t << 32) | (i + 1);
+                    match (x >> 7) % 10 {
+                        0 => e.trim(off, sectors * 512, false).await.unwrap(),
+                        1 => e.write(off, versioned(v, sectors as usize), true).await.unwrap(),
+                        _ => e.write(off, versioned(v, sectors as usize), false).await.unwrap(),
+                    }
+                } else {
+                    let data = flatten_chunks(&e.read(off, (sectors * 512) as u32).await.unwrap());
+                    for s in data.chunks(512) {
+                        assert!(version_of(s).is_some(), "a sector mixes two writes");
+                    }
+                    if i % 20 == 0 {
+                        e.flush().await.unwrap();
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let data = read_flat(&e, 0, span as u32).await;
+    for s in data.chunks(512) {
+        let v = version_of(s).expect("whole sectors");
+        assert!(v == 0 || (v >> 32) % 2 == 0, "version {v:#x} was never written");
+    }
+}
+
+async fn several_data_dirs(kind: EngineKind) {
+    let d = Dirs::new(kind, 3);
+    {
+        let s = d.open().await;
+        for i in 0..6 {
+            let e = s.extent(key(i), MIB, Epoch(1)).await.unwrap();
+            e.write(0, versioned(i + 1, 8), false).await.unwrap();
+            assert!(d.paths.iter().any(|p| e.path().parent() == Some(p.as_path())), "{}", e.path().display());
+        }
+        if kind == EngineKind::Mem {
+            // Equal disks: placement by free space spreads the extents.
+            for p in &d.paths {
+                let n = (0..6).filter(|&i| s.contains(key(i))).count();
+                assert_eq!(n, 6);
+                let here = futures::future::join_all((0..6).map(|i| s.extent(key(i), MIB, Epoch(1))))
+                    .await
+                    .into_iter()
+                    .filter(|e| e.as_ref().unwrap().path().parent() == Some(p.as_path()))
+                    .count();
+                assert_eq!(here, 2, "{}", p.display());
+            }
+        }
+        s.close().await.unwrap();
+    }
+    let s = d.open().await;
+    for i in 0..6 {
+        assert!(s.contains(key(i)));
+        let e = s.extent(key(i), MIB, Epoch(1)).await.unwrap();
+        assert_eq!(read_flat(&e, 0, 4096).await, versioned(i + 1, 8).to_vec());
+    }
+}
+
+async fn bit_rot_is_detected(kind: EngineKind) {
+    let d = Dirs::new(kind, 1);
+    let data = pattern(41, 3 * 4096);
+    let (path, off) = {
+        let s = d.open().await;
+        let e = s.extent(key(2), 2 * MIB, Epoch(1)).await.unwrap();
+        e.write(MIB, data.clone(), false).await.unwrap();
+        s.close().await.unwrap();
+        d.corrupt(&e, e.file_offset(MIB + 4096 + 100));
+        (e.path().to_path_buf(), e.file_offset(0))
+    };
+    assert!(off > 0);
+    let s = d.open().await;
+    let e = s.extent(key(2), 2 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(e.path(), path);
+    let block = MIB / 4096 + 1;
+    let k = key(2);
+    assert!(
+        matches!(e.read(MIB + 4096, 4096).await, Err(StoreError::Checksum { key, block: b }) if key == k && b == block)
+    );
+    assert!(matches!(e.read(MIB, 3 * 4096).await, Err(StoreError::Checksum { block: b, .. }) if b == block));
+    assert!(matches!(e.read(MIB + 4096 + 512, 512).await, Err(StoreError::Checksum { .. })));
+    // A partial write into the bad block cannot read-modify-write it.
+    assert!(matches!(e.write(MIB + 4096, pattern(1, 512), false).await, Err(StoreError::Checksum { .. })));
+    assert_eq!(read_flat(&e, MIB, 4096).await, data[..4096].to_vec());
+    assert_eq!(read_flat(&e, MIB + 8192, 4096).await, data[8192..].to_vec());
+    // Overwriting the whole block repairs it.
+    e.write(MIB + 4096, pattern(2, 4096), false).await.unwrap();
+    assert_eq!(read_flat(&e, MIB + 4096, 4096).await, pattern(2, 4096).to_vec());
+}
+
+async fn corrupt_metadata_refuses_open(kind: EngineKind) {
+    for (what, offsets) in [("header", vec![20u64, 4096 + 20]), ("table", vec![8192 + 4])] {
+        let d = Dirs::new(kind, 1);
+        {
+            let s = d.open().await;
+            let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+            e.write(0, pattern(1, 4096), false).await.unwrap();
+            s.close().await.unwrap();
+            for &o in &offsets {
+                d.corrupt(&e, o);
+            }
+        }
+        let cfg = StoreConfig { data_dirs: d.paths.clone(), engine: kind };
+        match Store::open_with(cfg, d.opts.clone()).await {
+            Err(StoreError::Corrupt { path, why }) => {
+                assert!(path.ends_with("v1-e5.ext"), "{}", path.display());
+                let expect = if what == "header" { "no valid header" } else { "block table entry 0" };
+                assert!(why.contains(expect), "{what}: {why}");
+            }
+            other => panic!("{what}: expected Corrupt, got {other:?}"),
+        }
+    }
+    // One bad header slot is survivable: the other one is used.
+    let d = Dirs::new(kind, 1);
+    {
+        let s = d.open().await;
+        let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+        e.write(0, pattern(1, 4096), false).await.unwrap();
+        s.close().await.unwrap();
+        d.corrupt(&e, 4096 + 20);
+    }
+    let s = d.open().await;
+    let e = s.extent(key(5), MIB, Epoch(1)).await.unwrap();
+    assert_eq!(read_flat(&e, 0, 4096).await, pattern(1, 4096).to_vec());
+}
+
+macro_rules! engine_tests {
+    ($modname:ident, $kind:expr) => {
+        mod $modname {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn write_read_unaligned() {
+                super::write_read_unaligned($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rmw_keeps_neighbours() {
+                super::rmw_keeps_neighbours($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn holes_are_reported() {
+                super::holes_are_reported($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn trim_and_zeroes() {
+                super::trim_and_zeroes($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn map_exact() {
+                super::map_exact($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reopen_keeps_data() {
+                super::reopen_keeps_data($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn flush_and_fua() {
+                super::flush_and_fua($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn range_errors() {
+                super::range_errors($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_overlapping() {
+                super::concurrent_overlapping($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn several_data_dirs() {
+                super::several_data_dirs($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn bit_rot_is_detected() {
+                super::bit_rot_is_detected($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn corrupt_metadata_refuses_open() {
+                super::corrupt_metadata_refuses_open($kind).await
+            }
+        }
+    };
+}
+
+engine_tests!(uring, EngineKind::Uring);
+engine_tests!(psync, EngineKind::Psync);
+engine_tests!(mem, EngineKind::Mem);
+
+/// A small ext4 image on a loop device, unmounted (and detached) on drop,
+/// also when the test fails.
+struct LoopFs {
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl LoopFs {
+    fn mount(size_mib: u64) -> Option<LoopFs> {
+        use std::process::Command;
+        let tmp = tempfile::Builder::new().prefix("enospc-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let img = tmp.path().join("fs.img");
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::File::create(&img).unwrap().set_len(size_mib * MIB).unwrap();
+        let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+        if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)) {
+            eprintln!("SKIPPING: mkfs.ext4 failed or is missing");
+            return None;
+        }
+        if !ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&dir)) {
+            eprintln!("SKIPPING: cannot loop-mount (needs root and loop devices)");
+            return None;
+        }
+        Some(LoopFs { dir, _tmp: tmp })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+    }
+}
+
+fn ok_or_no_space(r: &Result<(), StoreError>) -> bool {
+    r.as_ref().map_or_else(|e| e.is_no_space(), |_| true)
+}
+
+async fn no_space(kind: EngineKind) {
+    let Some(fs) = LoopFs::mount(16) else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must be able to loop-mount");
+        return;
+    };
+    let cfg = StoreConfig { data_dirs: vec![fs.dir.join("data")], engine: kind };
+    let s = Store::open(cfg.clone()).await.unwrap();
+    // Extents are thin: 64 MiB each on a 16 MiB filesystem.
+    let mut err = None;
+    let mut at = None;
+    'fill: for i in 0..4 {
+        let e = match s.extent(key(i), 64 * MIB, Epoch(1)).await {
+            Ok(e) => e,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        };
+        for j in 0..64 {
+            if let Err(x) = e.write(j * MIB, pattern(j, MIB as usize), false).await {
+                err = Some(x);
+                at = Some((e, j));
+                break 'fill;
+            }
+        }
+    }
+    let err = err.expect("16 MiB cannot hold 256 MiB of data");
+    assert!(err.is_no_space(), "{err:?}");
+    // A failed write over allocated blocks and holes: the range may hold old
+    // or new data afterwards, but never fails its checksums.
+    if let Some((e, j)) = at.filter(|(_, j)| *j > 0) {
+        let r = e.write(j * MIB - 65536, pattern(99, MIB as usize), false).await;
+        assert!(ok_or_no_space(&r), "{r:?}");
+        let got = read_flat(&e, (j - 1) * MIB, (2 * MIB) as u32).await;
+        let (old, new) = (pattern(j - 1, MIB as usize), pattern(99, MIB as usize));
+        for (k, sector) in got[(MIB - 65536) as usize..MIB as usize].chunks(512).enumerate() {
+            let r = (MIB - 65536) as usize + k * 512..(MIB - 65536) as usize + (k + 1) * 512;
+            assert!(sector == &old[r.clone()] || sector == &new[k * 512..(k + 1) * 512], "sector {k}");
+        }
+    }
+    // The store still works: reads of what was written, and flush.
+    let e = s.extent(key(0), 64 * MIB, Epoch(1)).await.unwrap();
+    assert_eq!(read_flat(&e, 0, 4096).await, pattern(0, MIB as usize)[..4096].to_vec());
+    s.flush_all().await.unwrap();
+    drop(e);
+    drop(s);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_psync() {
+    no_space(EngineKind::Psync).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_uring() {
+    no_space(EngineKind::Uring).await
+}
