@@ -228,6 +228,7 @@ struct PendingWrite {
     edtl: u32,
     lun_field: u64,
     data: BytesMut,
+    residual: Residual,
     want: u32,
     /// End offset of the burst the current R2T asked for.
     burst_end: u32,
@@ -540,33 +541,36 @@ impl Session {
             return Ok(Flow::Continue);
         }
         let spdtl = cmd.data_out_len();
-        if spdtl > 0 {
-            if !write_f || edtl as u64 != spdtl {
-                // RFC 7143 11.4.5.2: signal the residual; SBC: the CDB and the
-                // transfer disagree, so the command is refused.
-                let res = if (edtl as u64) < spdtl {
-                    Residual::Over((spdtl - edtl as u64).min(u32::MAX as u64) as u32)
+        let mut cmd = cmd;
+        let mut residual = Residual::None;
+        if cmd.has_data_out() && (write_f || spdtl > 0) {
+            let edtl_out = if write_f { edtl as u64 } else { 0 };
+            if edtl_out != spdtl {
+                // RFC 7143 11.4.5.2: the residual is signalled either way.
+                residual = if edtl_out < spdtl {
+                    Residual::Over((spdtl - edtl_out).min(u32::MAX as u64) as u32)
                 } else {
-                    Residual::Under(edtl - spdtl as u32)
+                    Residual::Under((edtl_out - spdtl) as u32)
                 };
-                self.send(
-                    respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, res)).pdus(Bytes::new(), &self.p),
-                )
-                .await?;
-                return Ok(Flow::Continue);
+                match cmd.truncated(edtl_out / BLOCK) {
+                    // WRITE and WRITE AND VERIFY move the whole blocks both
+                    // sides agree on, as SAM-5 5.4.2 lets a target do.
+                    Some(c) => cmd = c,
+                    // Anything else cannot be done in part: refuse it.
+                    None => {
+                        let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, residual));
+                        self.send(r.pdus(Bytes::new(), &self.p)).await?;
+                        return Ok(Flow::Continue);
+                    }
+                }
             }
+            let spdtl = cmd.data_out_len();
             let want = spdtl as u32;
             let mut data = BytesMut::new();
-            data.extend_from_slice(&imm);
+            // Immediate data past what the command uses is accepted and dropped.
+            data.extend_from_slice(&imm[..imm.len().min(want as usize)]);
             if data.len() as u32 == want {
-                self.spawn(
-                    itt,
-                    pdu.immediate(),
-                    lun,
-                    cmd,
-                    data.freeze(),
-                    respond(Status::Good(Residual::None)),
-                );
+                self.spawn(itt, pdu.immediate(), lun, cmd, data.freeze(), respond(Status::Good(residual)));
                 return Ok(Flow::Continue);
             }
             let mut pw = PendingWrite {
@@ -575,6 +579,7 @@ impl Session {
                 edtl,
                 lun_field,
                 data,
+                residual,
                 want,
                 burst_end: 0,
                 ttt: 0,
@@ -586,7 +591,7 @@ impl Session {
             return Ok(Flow::Continue);
         }
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
-        let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { Residual::None };
+        let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
         self.spawn(itt, pdu.immediate(), lun, cmd, Bytes::new(), respond(Status::Good(res)));
         Ok(Flow::Continue)
     }
@@ -620,37 +625,47 @@ impl Session {
         let offset = pdu.u32_at(40);
         let len = pdu.data.len() as u32;
         let fits = offset.checked_add(len).is_some_and(|end| end <= pw.burst_end);
+        let at = pw.data.len() as u32;
         let problem = if ttt != pw.ttt {
-            Some(format!("TTT {ttt:#x}, expected {:#x}", pw.ttt))
+            Some((Sense::INVALID_TTT, format!("TTT {ttt:#x}, expected {:#x}", pw.ttt)))
         } else if data_sn != pw.next_data_sn {
-            Some(format!("DataSN {data_sn}, expected {}", pw.next_data_sn))
-        } else if offset != pw.data.len() as u32 {
-            Some(format!("buffer offset {offset}, expected {}", pw.data.len()))
+            Some((Sense::DATA_PHASE_ERROR, format!("DataSN {data_sn}, expected {}", pw.next_data_sn)))
+        } else if offset != at {
+            Some((Sense::DATA_OFFSET_ERROR, format!("buffer offset {offset}, expected {at}")))
         } else if !fits {
-            Some(format!("{len} bytes at {offset} overrun the burst ending at {}", pw.burst_end))
+            Some((
+                Sense::TOO_MUCH_WRITE_DATA,
+                format!("{len} bytes at {offset} overrun the burst to {}", pw.burst_end),
+            ))
+        } else if pdu.final_bit() != (offset + len == pw.burst_end) {
+            Some((Sense::DATA_PHASE_ERROR, "F bit does not match the end of the burst".to_string()))
         } else {
             None
         };
-        if let Some(why) = problem {
-            // ERL 0: a sequence error ends the connection; the write is not acknowledged.
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
-            return Err(ConnError::Protocol(why));
+        if let Some((sense, why)) = problem {
+            // The task ends here, unacknowledged and unwritten; later
+            // Data-Out for it is discarded. The connection stays up.
+            tracing::warn!(itt, %why, "Data-Out sequence error: task terminated");
+            let r = Response {
+                itt,
+                lun_field: pw.lun_field,
+                edtl: pw.edtl,
+                read_f: false,
+                status: Status::Check(sense, Residual::None),
+            };
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
         }
         pw.next_data_sn = pw.next_data_sn.wrapping_add(1);
         pw.data.extend_from_slice(&pdu.data);
         let at = pw.data.len() as u32;
-        let final_bit = pdu.final_bit();
-        if at == pw.burst_end && !final_bit || final_bit && at != pw.burst_end {
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
-            return Err(ConnError::Protocol("F bit does not match the end of the burst".into()));
-        }
         if at == pw.want {
             let respond = Response {
                 itt,
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
-                status: Status::Good(Residual::None),
+                status: Status::Good(pw.residual),
             };
             self.spawn(itt, false, pw.lun, pw.cmd, pw.data.freeze(), respond);
             return Ok(Flow::Continue);

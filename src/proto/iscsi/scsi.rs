@@ -13,7 +13,7 @@ pub const MAX_XFER_BLOCKS: u32 = (32 << 20) / BLOCK as u32;
 /// Most blocks one COMPARE AND WRITE may cover.
 pub const MAX_CAW_BLOCKS: u8 = 128;
 /// UNMAP limits advertised in the Block Limits VPD page.
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 22;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 19;
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// WRITE SAME limit (blocks) advertised and enforced.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
@@ -64,6 +64,11 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00);
     pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
+    /// Data-Out sequence errors (SPC-4 ASC 0x4B family).
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
+    pub const INVALID_TTT: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x01);
+    pub const TOO_MUCH_WRITE_DATA: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x02);
+    pub const DATA_OFFSET_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x05);
 
     pub const fn with_info(mut self, info: u64) -> Sense {
         self.info = Some(info);
@@ -200,6 +205,25 @@ impl Command {
             Command::Verify { blocks, bytchk: 1, .. } => blocks as u64 * BLOCK,
             Command::Verify { blocks, bytchk: 3, .. } if blocks > 0 => BLOCK,
             _ => 0,
+        }
+    }
+
+    /// True for commands whose CDB implies a Data-Out phase (even of zero
+    /// bytes): a transfer length the CDB does not account for is refused.
+    pub fn has_data_out(&self) -> bool {
+        self.writes() || matches!(self, Command::Verify { bytchk: 1 | 3, .. })
+    }
+
+    /// The same command cut down to at most `blocks` blocks, for commands
+    /// that can be carried out in part (WRITE, WRITE AND VERIFY).
+    pub fn truncated(&self, blocks: u64) -> Option<Command> {
+        let cut = |b: u32| (b as u64).min(blocks) as u32;
+        match *self {
+            Command::Write { lba, blocks: b, fua } => Some(Command::Write { lba, blocks: cut(b), fua }),
+            Command::WriteAndVerify { lba, blocks: b } => {
+                Some(Command::WriteAndVerify { lba, blocks: cut(b) })
+            }
+            _ => None,
         }
     }
 
