@@ -1,0 +1,172 @@
+//! Hostile input over raw TCP against a real basaltd: each malformation
+//! gets the answer RFC 7143 asks for (Reject, login reject, silent drop,
+//! close), and the target keeps serving a fresh session afterwards.
+
+mod common;
+
+use basalt::proto::iscsi::pdu::{Opcode, Pdu};
+use bytes::Bytes;
+use common::Daemon;
+use common::iscsi::RawIscsi;
+
+/// A new session still works: log in, TEST UNIT READY is GOOD, write and
+/// read back a block, log out.
+fn still_serving(d: &Daemon) {
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    assert_eq!(c.test_unit_ready(), 0);
+    let block = common::pattern(7, 512);
+    assert_eq!(c.write10(3, &block), 0);
+    assert_eq!(c.read10(3, 1), block);
+    c.logout();
+}
+
+fn expect_login_reject(c: &mut RawIscsi, status: u16) {
+    let r = c.recv().expect("login response");
+    assert_eq!(r.raw_opcode(), Opcode::LoginResponse as u8);
+    assert_eq!(r.u16_at(36), status, "status class/detail");
+    assert!(c.closed());
+}
+
+fn expect_reject_and_close(c: &mut RawIscsi, reason: u8) {
+    let r = c.recv().expect("reject");
+    assert_eq!(r.raw_opcode(), Opcode::Reject as u8);
+    assert_eq!(r.bhs[2], reason, "reject reason");
+    assert_eq!(r.data.len(), 48, "reject carries the offending header");
+    assert!(c.closed());
+}
+
+#[test]
+fn hostile_input_is_answered_and_the_target_survives() {
+    if !common::require("iscsi-inq") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+
+    // 1. Garbage BHS: every byte 0xff. The data segment length (16 MiB - 1)
+    //    is over the 8 KiB login limit: Reject (protocol error), close.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.send_raw(&[0xff; 48]);
+    expect_reject_and_close(&mut c, 0x04);
+    still_serving(&d);
+
+    // 2. Garbage with a sane length: an unknown opcode during login is a
+    //    login reject "invalid during login" (0x020b).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    let mut g = [0x5au8; 48];
+    g[0] = 0x1e;
+    g[4] = 0;
+    g[5..8].copy_from_slice(&[0, 0, 0]);
+    c.send_raw(&g);
+    expect_login_reject(&mut c, 0x020b);
+    still_serving(&d);
+
+    // 3. A SCSI command before login: login reject 0x020b, close.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    let tur = c.command(&[0u8; 6], 0, false, false);
+    c.send(&tur);
+    expect_login_reject(&mut c, 0x020b);
+    still_serving(&d);
+
+    // 4. Login in the wrong stage: CSG = full feature phase on the first
+    //    request is an initiator error (0x0200).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    let iqn = d.iqn();
+    let req = c.login_request(0x80 | 3 << 2 | 3, &[("InitiatorName", "iqn.x:y"), ("TargetName", &iqn)]);
+    c.send(&req);
+    expect_login_reject(&mut c, 0x0200);
+    //    ... and a transition backwards (operational -> security).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    let req = c.login_request(0x80 | 1 << 2, &[("InitiatorName", "iqn.x:y"), ("TargetName", &iqn)]);
+    c.send(&req);
+    expect_login_reject(&mut c, 0x0200);
+    //    ... and an unknown target (0x0203).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    let req = c.login_request(0x80 | 1 << 2 | 3, &[("InitiatorName", "iqn.x:y"), ("TargetName", "iqn.nope:x")]);
+    c.send(&req);
+    expect_login_reject(&mut c, 0x0203);
+    still_serving(&d);
+
+    // 5. Oversized data segment in the full feature phase: over the
+    //    MaxRecvDataSegmentLength we declared. Reject, close; the header
+    //    alone decides, the segment is never buffered.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let mut w = c.command(&[0x2a, 0, 0, 0, 0, 0, 0, 0x08, 0, 0], 1 << 20, false, true);
+    let declared = (c.target_mrdsl + 512) as u32;
+    w.bhs[5..8].copy_from_slice(&declared.to_be_bytes()[1..]);
+    c.send_raw(&w.bhs);
+    expect_reject_and_close(&mut c, 0x04);
+    still_serving(&d);
+
+    // 6. Wrong CmdSN: a command far outside the window is dropped silently;
+    //    the next in-order command is answered, and the dropped one never is.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let mut bad = c.command(&[0u8; 6], 0, false, false);
+    bad.set_u32(24, bad.word24().wrapping_add(1000));
+    let bad_itt = bad.itt();
+    c.send(&bad);
+    c.cmd_sn = c.cmd_sn.wrapping_sub(1); // the dropped command did not use up a CmdSN
+    let good = c.command(&[0u8; 6], 0, false, false);
+    let good_itt = good.itt();
+    c.send(&good);
+    let r = c.recv().expect("response");
+    assert_ne!(r.itt(), bad_itt, "a command outside the CmdSN window was executed");
+    assert_eq!(r.itt(), good_itt);
+    assert_eq!(r.raw_opcode(), Opcode::ScsiResponse as u8);
+    assert_eq!(r.bhs[3], 0);
+    assert_eq!(r.word28(), c.cmd_sn, "ExpCmdSN counts only accepted commands");
+    c.logout();
+    still_serving(&d);
+
+    // 7. A target opcode from the initiator is rejected (protocol error),
+    //    an unknown one as "command not supported"; the session goes on.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let mut t = Pdu::new(Opcode::R2t);
+    t.set_itt(99);
+    c.send(&t);
+    let r = c.recv().expect("reject");
+    assert_eq!((r.raw_opcode(), r.bhs[2]), (Opcode::Reject as u8, 0x04));
+    let mut u = Pdu::new(Opcode::NopOut);
+    u.bhs[0] = 0x1c;
+    c.send(&u);
+    let r = c.recv().expect("reject");
+    assert_eq!((r.raw_opcode(), r.bhs[2]), (Opcode::Reject as u8, 0x05));
+    assert_eq!(c.test_unit_ready(), 0);
+    c.logout();
+
+    // 8. An unknown opcode in the CDB: CHECK CONDITION, ILLEGAL REQUEST,
+    //    INVALID COMMAND OPERATION CODE (fixed format sense).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let (st, _, sense) = c.run(&[0xc5, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(st, 0x02);
+    assert_eq!((sense[0] & 0x7f, sense[2], sense[12], sense[13]), (0x70, 0x05, 0x20, 0x00));
+    //    A read past the end: LBA OUT OF RANGE.
+    let (st, _, sense) = c.run(&[0x28, 0, 0, 0x02, 0, 0, 0, 0, 1, 0], &[], 512);
+    assert_eq!(st, 0x02);
+    assert_eq!((sense[2], sense[12], sense[13]), (0x05, 0x21, 0x00));
+    //    A NOP-Out ping is echoed with its data.
+    let mut nop = Pdu::new(Opcode::NopOut);
+    nop.bhs[0] |= 0x40;
+    nop.set_itt(4242);
+    nop.set_u32(20, 0xffff_ffff);
+    nop.set_u32(24, c.cmd_sn);
+    nop.data = Bytes::from_static(b"ping!");
+    c.send(&nop);
+    let r = c.recv().expect("nop-in");
+    assert_eq!((r.raw_opcode(), r.itt(), &r.data[..]), (Opcode::NopIn as u8, 4242, &b"ping!"[..]));
+    c.logout();
+
+    // 9. EOF in the middle of a PDU: the target just closes; still serving.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.send_raw(&[0x43, 0x87, 0, 0]);
+    drop(c);
+    still_serving(&d);
+
+    let log = d.log_text();
+    assert!(log.contains("closing connection"), "bad connections are logged:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
