@@ -59,8 +59,14 @@ fn inquiry_standard_and_vpd_pages() {
     let out = stdout(&run_ok("iscsi-inq", &["-i", INI, "-e", "1", "-c", "128", &url]));
     assert_eq!(out, "Unit Serial Number:[BASALT0000000001]\n");
     let out = stdout(&run_ok("iscsi-inq", &["-i", INI, "-e", "1", "-c", "131", &url]));
-    assert!(out.contains("Designator Type:(8) SCSI_NAME_STRING\nDesignator:[iqn.2026-11.io.basalt:demo]"), "{out}");
-    assert!(out.contains("Designator Type:(1) T10_VENDORT_ID\nDesignator:[BASALT  BASALT0000000001]"), "{out}");
+    assert!(
+        out.contains("Designator Type:(8) SCSI_NAME_STRING\nDesignator:[iqn.2026-11.io.basalt:demo]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Designator Type:(1) T10_VENDORT_ID\nDesignator:[BASALT  BASALT0000000001]"),
+        "{out}"
+    );
     assert!(out.contains("Designator Type:(3) NAA"), "{out}");
     let out = stdout(&run_ok("iscsi-inq", &["-i", INI, "-e", "1", "-c", "176", &url]));
     for line in [
@@ -121,9 +127,7 @@ fn chap_one_way_and_mutual() {
         return;
     }
     let d = chap_daemon();
-    let with = |cred: &str, q: &str| {
-        format!("iscsi://{cred}@127.0.0.1:{}/{}/0{q}", d.iscsi_port, d.iqn())
-    };
+    let with = |cred: &str, q: &str| format!("iscsi://{cred}@127.0.0.1:{}/{}/0{q}", d.iscsi_port, d.iqn());
     // One-way: the right secret logs in.
     let out = stdout(&run_ok("iscsi-inq", &["-i", INI, &with("alice%alice-secret-123", "")]));
     assert!(out.contains("Vendor:BASALT"), "{out}");

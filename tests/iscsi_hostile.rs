@@ -82,7 +82,8 @@ fn hostile_input_is_answered_and_the_target_survives() {
     expect_login_reject(&mut c, 0x0200);
     //    ... and an unknown target (0x0203).
     let mut c = RawIscsi::connect(d.iscsi_port);
-    let req = c.login_request(0x80 | 1 << 2 | 3, &[("InitiatorName", "iqn.x:y"), ("TargetName", "iqn.nope:x")]);
+    let req =
+        c.login_request(0x80 | 1 << 2 | 3, &[("InitiatorName", "iqn.x:y"), ("TargetName", "iqn.nope:x")]);
     c.send(&req);
     expect_login_reject(&mut c, 0x0203);
     still_serving(&d);
