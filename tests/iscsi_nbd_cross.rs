@@ -25,13 +25,18 @@ fn iscsi_writes_read_back_over_nbd_and_the_reverse() {
     for (lba, blocks) in [(0u32, 1u16), (1, 7), (2048, 2048), ((SIZE / 512 - 9) as u32, 9)] {
         let got = c.read10(lba, blocks);
         let at = lba as usize * 512;
-        assert!(got == image[at..at + blocks as usize * 512], "iSCSI read of LBA {lba}+{blocks} differs from NBD write");
+        assert!(
+            got == image[at..at + blocks as usize * 512],
+            "iSCSI read of LBA {lba}+{blocks} differs from NBD write"
+        );
     }
 
     // iSCSI -> NBD: overwrite ranges over iSCSI (immediate data, R2T
     // bursts, an unaligned-to-4K LBA), then read the volume over NBD.
     let mut expect = image.clone();
-    for (seed, lba, len) in [(21u64, 3u32, 512usize), (22, 100, 64 << 10), (23, 4096, 1 << 20), (24, 30001, 4608)] {
+    for (seed, lba, len) in
+        [(21u64, 3u32, 512usize), (22, 100, 64 << 10), (23, 4096, 1 << 20), (24, 30001, 4608)]
+    {
         let data = common::pattern(seed, len);
         assert_eq!(c.write10(lba, &data), 0);
         let at = lba as usize * 512;

@@ -59,13 +59,16 @@ impl RawIscsi {
     pub fn recv(&mut self) -> Option<Pdu> {
         loop {
             if let Some(p) = pdu::decode(&mut self.buf, &self.codec).unwrap() {
-                if p.raw_opcode() != Opcode::DataIn as u8 || p.flags() & 0x01 != 0 {
-                    // PDUs carrying status advance ExpStatSN.
-                    if p.raw_opcode() != Opcode::R2t as u8 && p.raw_opcode() != Opcode::DataIn as u8 {
-                        self.exp_stat_sn = p.word24().wrapping_add(1);
-                    } else if p.flags() & 0x01 != 0 {
-                        self.exp_stat_sn = p.word24().wrapping_add(1);
-                    }
+                // PDUs carrying status advance ExpStatSN: not R2T, not Data-In
+                // without S, not an unsolicited NOP-In.
+                let op = p.raw_opcode();
+                let status = if op == Opcode::DataIn as u8 {
+                    p.flags() & 0x01 != 0
+                } else {
+                    op != Opcode::R2t as u8 && !(op == Opcode::NopIn as u8 && p.itt() == 0xffff_ffff)
+                };
+                if status {
+                    self.exp_stat_sn = p.word24().wrapping_add(1);
                 }
                 return Some(p);
             }

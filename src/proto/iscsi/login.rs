@@ -293,9 +293,8 @@ impl Login {
 
         // Security keys.
         if csg == STAGE_SECURITY {
-            match self.security(&pairs, &mut reply) {
-                Ok(()) => {}
-                Err(step) => return step,
+            if let Err(step) = self.security(&pairs, &mut reply) {
+                return *step;
             }
         } else if pairs.iter().any(|(k, _)| k.starts_with("CHAP_") || k == "AuthMethod") {
             return self.fail(LoginStatus::InitiatorError, "security keys in the operational stage");
@@ -315,11 +314,9 @@ impl Login {
             // Authentication not finished: we may not leave the stage.
             next_transit = false;
         }
-        if next_transit && nsg == STAGE_FULL_FEATURE || csg == STAGE_OPERATIONAL {
-            if !self.declared_mrdsl {
-                reply.push(("MaxRecvDataSegmentLength".into(), self.limits.max_recv_data.to_string()));
-                self.declared_mrdsl = true;
-            }
+        if (next_transit && nsg == STAGE_FULL_FEATURE || csg == STAGE_OPERATIONAL) && !self.declared_mrdsl {
+            reply.push(("MaxRecvDataSegmentLength".into(), self.limits.max_recv_data.to_string()));
+            self.declared_mrdsl = true;
         }
         let data = text::encode(&reply);
         if data.len() > self.p.peer_max_recv_data.max(8192) as usize {
@@ -341,21 +338,26 @@ impl Login {
         Step::Continue(resp)
     }
 
+    fn bfail(&self, status: LoginStatus, why: impl Into<String>) -> Box<Step> {
+        Box::new(self.fail(status, why))
+    }
+
+    /// Security-stage keys. The error is the login reject to send.
     fn security(
         &mut self,
         pairs: &[(String, String)],
         reply: &mut Vec<(String, String)>,
-    ) -> Result<(), Step> {
+    ) -> Result<(), Box<Step>> {
         let get = |k: &str| pairs.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.as_str());
         if let Some(methods) = get("AuthMethod") {
             if self.auth != Auth::Start {
-                return Err(self.fail(LoginStatus::InitiatorError, "AuthMethod renegotiated"));
+                return Err(self.bfail(LoginStatus::InitiatorError, "AuthMethod renegotiated"));
             }
             let offered: Vec<&str> = methods.split(',').collect();
             if self.limits.chap.is_some() {
                 if !offered.contains(&"CHAP") {
                     return Err(
-                        self.fail(LoginStatus::AuthFailed, format!("CHAP required, offered {methods}"))
+                        self.bfail(LoginStatus::AuthFailed, format!("CHAP required, offered {methods}"))
                     );
                 }
                 reply.push(("AuthMethod".into(), "CHAP".into()));
@@ -365,7 +367,7 @@ impl Login {
                 self.auth = Auth::Done;
             } else {
                 reply.push(("AuthMethod".into(), "Reject".into()));
-                return Err(self.fail(LoginStatus::AuthFailed, format!("no usable AuthMethod in {methods}")));
+                return Err(self.bfail(LoginStatus::AuthFailed, format!("no usable AuthMethod in {methods}")));
             }
             return Ok(());
         }
@@ -373,16 +375,16 @@ impl Login {
             Auth::Start => {
                 if self.limits.chap.is_some() {
                     // Going on without AuthMethod means no authentication.
-                    return Err(self.fail(LoginStatus::AuthFailed, "CHAP required, no AuthMethod sent"));
+                    return Err(self.bfail(LoginStatus::AuthFailed, "CHAP required, no AuthMethod sent"));
                 }
                 self.auth = Auth::Done;
             }
             Auth::ChapAlgorithm => {
                 let Some(algs) = get("CHAP_A") else {
-                    return Err(self.fail(LoginStatus::AuthFailed, "expected CHAP_A"));
+                    return Err(self.bfail(LoginStatus::AuthFailed, "expected CHAP_A"));
                 };
                 if !algs.split(',').any(|a| a == "5") {
-                    return Err(self.fail(LoginStatus::AuthFailed, format!("CHAP_A={algs}: only MD5 (5)")));
+                    return Err(self.bfail(LoginStatus::AuthFailed, format!("CHAP_A={algs}: only MD5 (5)")));
                 }
                 reply.push(("CHAP_A".into(), "5".into()));
                 reply.push(("CHAP_I".into(), self.challenge_id.to_string()));
@@ -392,15 +394,15 @@ impl Login {
             Auth::ChapResponse { id, challenge } => {
                 let chap = self.limits.chap.clone().unwrap_or_default();
                 let (Some(name), Some(resp)) = (get("CHAP_N"), get("CHAP_R")) else {
-                    return Err(self.fail(LoginStatus::AuthFailed, "expected CHAP_N and CHAP_R"));
+                    return Err(self.bfail(LoginStatus::AuthFailed, "expected CHAP_N and CHAP_R"));
                 };
                 let Some(resp) = text::parse_binary(resp) else {
-                    return Err(self.fail(LoginStatus::AuthFailed, "CHAP_R is not binary"));
+                    return Err(self.bfail(LoginStatus::AuthFailed, "CHAP_R is not binary"));
                 };
                 let expected = chap_md5(id, chap.secret.as_bytes(), &challenge);
                 if name != chap.user || !ct_eq(&resp, &expected) {
                     return Err(
-                        self.fail(LoginStatus::AuthFailed, format!("CHAP response wrong for {name:?}"))
+                        self.bfail(LoginStatus::AuthFailed, format!("CHAP response wrong for {name:?}"))
                     );
                 }
                 match (get("CHAP_I"), get("CHAP_C")) {
@@ -408,21 +410,23 @@ impl Login {
                     (Some(i), Some(c)) => {
                         let Some((muser, msecret)) = chap.mutual.clone() else {
                             return Err(
-                                self.fail(LoginStatus::AuthFailed, "mutual CHAP asked, not configured")
+                                self.bfail(LoginStatus::AuthFailed, "mutual CHAP asked, not configured")
                             );
                         };
                         let (Some(i), Some(c)) = (text::parse_number(i), text::parse_binary(c)) else {
-                            return Err(self.fail(LoginStatus::AuthFailed, "bad CHAP_I/CHAP_C"));
+                            return Err(self.bfail(LoginStatus::AuthFailed, "bad CHAP_I/CHAP_C"));
                         };
                         // A reflected challenge would let an attacker use us as an oracle.
                         if i > 255 || c == challenge || c.len() < 8 {
-                            return Err(self.fail(LoginStatus::AuthFailed, "unacceptable mutual challenge"));
+                            return Err(self.bfail(LoginStatus::AuthFailed, "unacceptable mutual challenge"));
                         }
                         reply.push(("CHAP_N".into(), muser));
                         reply.push(("CHAP_R".into(), text::hex(&chap_md5(i as u8, msecret.as_bytes(), &c))));
                     }
                     _ => {
-                        return Err(self.fail(LoginStatus::AuthFailed, "CHAP_I without CHAP_C or vice versa"));
+                        return Err(
+                            self.bfail(LoginStatus::AuthFailed, "CHAP_I without CHAP_C or vice versa")
+                        );
                     }
                 }
                 self.auth = Auth::Done;

@@ -439,4 +439,68 @@ mod tests {
         // RFC 7143 appendix: 32 bytes of zeros have CRC32C 0x8a9136aa.
         assert_eq!(crc(&[&[0u8; 32]]), 0x8a91_36aa);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_pdu() -> impl Strategy<Value = Pdu> {
+            (
+                proptest::collection::vec(any::<u8>(), 48),
+                proptest::collection::vec(any::<u8>(), 0..16usize),
+                proptest::collection::vec(any::<u8>(), 0..3000usize),
+            )
+                .prop_map(|(b, ahs_words, data)| {
+                    let mut bhs = [0u8; BHS_LEN];
+                    bhs.copy_from_slice(&b);
+                    let ahs: Vec<u8> = ahs_words.iter().flat_map(|w| [*w; 4]).collect();
+                    bhs[4] = (ahs.len() / 4) as u8;
+                    bhs[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+                    Pdu { bhs, ahs: Bytes::from(ahs), data: Bytes::from(data) }
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn round_trip(p in arb_pdu(), hd in any::<bool>(), dd in any::<bool>()) {
+                let c = CodecConfig { max_recv_data: 4096, header_digest: hd, data_digest: dd };
+                let mut out = BytesMut::new();
+                encode(&p, &c, &mut out);
+                prop_assert_eq!(out.len() % 4, 0);
+                let mut two = out.clone();
+                two.extend_from_slice(&out);
+                prop_assert_eq!(decode(&mut two, &c).unwrap(), Some(p.clone()));
+                prop_assert_eq!(decode(&mut two, &c).unwrap(), Some(p));
+                prop_assert!(two.is_empty());
+            }
+
+            #[test]
+            fn byte_at_a_time_is_the_same(p in arb_pdu(), hd in any::<bool>()) {
+                let c = CodecConfig { max_recv_data: 4096, header_digest: hd, data_digest: true };
+                let mut out = BytesMut::new();
+                encode(&p, &c, &mut out);
+                let mut buf = BytesMut::new();
+                let mut got = None;
+                for (i, b) in out.iter().enumerate() {
+                    buf.extend_from_slice(&[*b]);
+                    let r = decode(&mut buf, &c).unwrap();
+                    if i + 1 < out.len() {
+                        prop_assert_eq!(r, None);
+                    } else {
+                        got = r;
+                    }
+                }
+                prop_assert_eq!(got, Some(p));
+            }
+
+            #[test]
+            fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096), hd in any::<bool>(), dd in any::<bool>()) {
+                let c = CodecConfig { max_recv_data: 1024, header_digest: hd, data_digest: dd };
+                let mut buf = BytesMut::from(&bytes[..]);
+                while let Ok(Some(p)) = decode(&mut buf, &c) {
+                    prop_assert!(p.data.len() <= 1024);
+                }
+            }
+        }
+    }
 }
