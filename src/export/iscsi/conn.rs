@@ -26,7 +26,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// CmdSN window we advertise: MaxCmdSN = ExpCmdSN + WINDOW - 1.
+/// Most non-immediate SCSI commands in flight per session: MaxCmdSN is
+/// ExpCmdSN + WINDOW - 1 - (commands in flight), so the window slides on
+/// completion, not on receipt, and bounds the work (and buffered Data-Out)
+/// an initiator can queue.
 const WINDOW: u32 = 32;
 /// Immediate commands running at once before we refuse more.
 const MAX_IMMEDIATE: usize = 64;
@@ -46,6 +49,45 @@ enum ConnError {
     Protocol(String),
     #[error("initiator did not answer a NOP-In ping")]
     PingTimeout,
+}
+
+/// The CmdSN window, shared by the reader (which admits commands) and the
+/// writer (which advertises it on every PDU).
+#[derive(Debug)]
+struct Window {
+    exp_cmd_sn: AtomicU32,
+    busy: AtomicU32,
+    immediate: AtomicU32,
+}
+
+impl Window {
+    fn max_cmd_sn(&self) -> u32 {
+        let busy = self.busy.load(Ordering::Acquire).min(WINDOW);
+        self.exp_cmd_sn.load(Ordering::Acquire).wrapping_add(WINDOW - 1 - busy)
+    }
+}
+
+/// One admitted SCSI command's share of the window; released on drop,
+/// before its response is queued so the response already opens the window.
+#[derive(Debug)]
+struct Slot {
+    win: Arc<Window>,
+    immediate: bool,
+}
+
+impl Slot {
+    fn take(win: &Arc<Window>, immediate: bool) -> Slot {
+        let c = if immediate { &win.immediate } else { &win.busy };
+        c.fetch_add(1, Ordering::AcqRel);
+        Slot { win: win.clone(), immediate }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let c = if self.immediate { &self.win.immediate } else { &self.win.busy };
+        c.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Outgoing PDUs with a flag each: true if the PDU carries status and so
@@ -189,7 +231,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Out>,
     codec: CodecConfig,
     mut stat_sn: u32,
-    exp_cmd_sn: Arc<AtomicU32>,
+    win: Arc<Window>,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(256 << 10);
     while let Some(first) = rx.recv().await {
@@ -197,10 +239,9 @@ async fn writer(
         let mut close = false;
         while let Some(m) = msg.take() {
             for (mut p, st) in m.pdus {
-                let exp = exp_cmd_sn.load(Ordering::Acquire);
                 p.set_u32(24, stat_sn);
-                p.set_u32(28, exp);
-                p.set_u32(32, exp.wrapping_add(WINDOW - 1));
+                p.set_u32(32, win.max_cmd_sn());
+                p.set_u32(28, win.exp_cmd_sn.load(Ordering::Acquire));
                 if st {
                     stat_sn = stat_sn.wrapping_add(1);
                 }
@@ -235,6 +276,7 @@ struct PendingWrite {
     ttt: u32,
     r2t_sn: u32,
     next_data_sn: u32,
+    slot: Slot,
 }
 
 /// Control block of a running command, for task management.
@@ -248,11 +290,10 @@ struct Session {
     p: SessionParams,
     lun: Option<Arc<Lun>>,
     tx: mpsc::Sender<Out>,
-    exp_cmd_sn: Arc<AtomicU32>,
+    win: Arc<Window>,
     pending: HashMap<u32, PendingWrite>,
     running: HashMap<u32, Arc<TaskCtl>>,
     tasks: JoinSet<u32>,
-    immediate_running: usize,
     next_ttt: u32,
     local: Option<std::net::SocketAddr>,
 }
@@ -279,9 +320,13 @@ async fn full_feature(
         header_digest: p.header_digest,
         data_digest: p.data_digest,
     };
-    let exp_cmd_sn = Arc::new(AtomicU32::new(p.exp_cmd_sn));
+    let win = Arc::new(Window {
+        exp_cmd_sn: AtomicU32::new(p.exp_cmd_sn),
+        busy: AtomicU32::new(0),
+        immediate: AtomicU32::new(0),
+    });
     let (tx, rx) = mpsc::channel::<Out>(64);
-    let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, exp_cmd_sn.clone()));
+    let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
     let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
         let vol = shared.node.volume(name)?;
         let spec = vol.spec();
@@ -304,11 +349,10 @@ async fn full_feature(
         p,
         lun,
         tx,
-        exp_cmd_sn,
+        win,
         pending: HashMap::new(),
         running: HashMap::new(),
         tasks: JoinSet::new(),
-        immediate_running: 0,
         next_ttt: 1,
         local,
     };
@@ -422,17 +466,19 @@ impl Session {
     /// outside the window are dropped silently, as the RFC says.
     fn accept_cmd_sn(&self, pdu: &Pdu) -> bool {
         let cmd_sn = pdu.word24();
-        let exp = self.exp_cmd_sn.load(Ordering::Acquire);
+        let exp = self.win.exp_cmd_sn.load(Ordering::Acquire);
         if pdu.immediate() {
             return true;
         }
-        if cmd_sn == exp {
-            self.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
+        let max = self.win.max_cmd_sn();
+        if cmd_sn == exp && !serial_lt(max, cmd_sn) {
+            self.win.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
             return true;
         }
         tracing::warn!(
             cmd_sn,
             exp_cmd_sn = exp,
+            max_cmd_sn = max,
             opcode = pdu.raw_opcode(),
             "CmdSN outside the window: dropped"
         );
@@ -503,7 +549,7 @@ impl Session {
             self.reject(RejectReason::TaskInProgress, &pdu).await?;
             return Ok(Flow::Continue);
         }
-        if pdu.immediate() && self.immediate_running >= MAX_IMMEDIATE {
+        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) as usize >= MAX_IMMEDIATE {
             self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
             return Ok(Flow::Continue);
         }
@@ -565,12 +611,13 @@ impl Session {
                 }
             }
             let spdtl = cmd.data_out_len();
+            let slot = Slot::take(&self.win, pdu.immediate());
             let want = spdtl as u32;
             let mut data = BytesMut::new();
             // Immediate data past what the command uses is accepted and dropped.
             data.extend_from_slice(&imm[..imm.len().min(want as usize)]);
             if data.len() as u32 == want {
-                self.spawn(itt, pdu.immediate(), lun, cmd, data.freeze(), respond(Status::Good(residual)));
+                self.spawn(itt, slot, lun, cmd, data.freeze(), respond(Status::Good(residual)));
                 return Ok(Flow::Continue);
             }
             let mut pw = PendingWrite {
@@ -585,6 +632,7 @@ impl Session {
                 ttt: 0,
                 r2t_sn: 0,
                 next_data_sn: 0,
+                slot,
             };
             self.send_r2t(itt, &mut pw).await?;
             self.pending.insert(itt, pw);
@@ -592,7 +640,8 @@ impl Session {
         }
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
-        self.spawn(itt, pdu.immediate(), lun, cmd, Bytes::new(), respond(Status::Good(res)));
+        let slot = Slot::take(&self.win, pdu.immediate());
+        self.spawn(itt, slot, lun, cmd, Bytes::new(), respond(Status::Good(res)));
         Ok(Flow::Continue)
     }
 
@@ -667,7 +716,7 @@ impl Session {
                 read_f: false,
                 status: Status::Good(pw.residual),
             };
-            self.spawn(itt, false, pw.lun, pw.cmd, pw.data.freeze(), respond);
+            self.spawn(itt, pw.slot, pw.lun, pw.cmd, pw.data.freeze(), respond);
             return Ok(Flow::Continue);
         }
         if at == pw.burst_end {
@@ -677,13 +726,10 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    fn spawn(&mut self, itt: u32, immediate: bool, lun: Arc<Lun>, cmd: Command, data: Bytes, resp: Response) {
+    fn spawn(&mut self, itt: u32, slot: Slot, lun: Arc<Lun>, cmd: Command, data: Bytes, resp: Response) {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
         self.running.insert(itt, ctl.clone());
-        if immediate {
-            self.immediate_running += 1;
-        }
         let tx = self.tx.clone();
         let p = self.p.clone();
         self.tasks.spawn(async move {
@@ -697,6 +743,7 @@ impl Session {
                     Response { status: Status::Check(sense, res), ..resp }.pdus(Bytes::new(), &p)
                 }
             };
+            drop(slot);
             {
                 let aborted = ctl.aborted.lock().await;
                 if !*aborted {
@@ -706,10 +753,6 @@ impl Session {
             let _ = done_tx.send(true);
             itt
         });
-        // Immediate counts only bound a flood; approximate by recounting.
-        if immediate {
-            self.immediate_running = self.running.len();
-        }
     }
 
     async fn task_mgmt(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
