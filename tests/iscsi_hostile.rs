@@ -149,6 +149,22 @@ fn hostile_input_is_answered_and_the_target_survives() {
     let (st, _, sense) = c.run(&[0x28, 0, 0, 0x02, 0, 0, 0, 0, 1, 0], &[], 512);
     assert_eq!(st, 0x02);
     assert_eq!((sense[2], sense[12], sense[13]), (0x05, 0x21, 0x00));
+    //    REPORT LUNS: exactly LUN 0.
+    let (st, data, _) = c.run(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256);
+    assert_eq!((st, data), (0, vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    //    LUN 1 does not exist: TEST UNIT READY gets LOGICAL UNIT NOT
+    //    SUPPORTED, INQUIRY answers with peripheral qualifier 011b.
+    let mut t = c.command(&[0u8; 6], 0, false, false);
+    t.set_lun(1 << 48);
+    c.send(&t);
+    let r = c.recv().expect("response");
+    assert_eq!((r.raw_opcode(), r.bhs[3]), (Opcode::ScsiResponse as u8, 0x02));
+    assert_eq!((r.data[2 + 2], r.data[2 + 12]), (0x05, 0x25));
+    let mut q = c.command(&[0x12, 0, 0, 0, 36, 0], 36, true, false);
+    q.set_lun(1 << 48);
+    c.send(&q);
+    let r = c.recv().expect("inquiry data");
+    assert_eq!((r.raw_opcode(), r.data.len(), r.data[0]), (Opcode::DataIn as u8, 36, 0x7f));
     //    A NOP-Out ping is echoed with its data.
     let mut nop = Pdu::new(Opcode::NopOut);
     nop.bhs[0] |= 0x40;

@@ -307,6 +307,10 @@ impl Login {
         }
         if !self.discovery && !self.declared_tpgt {
             reply.push(("TargetPortalGroupTag".into(), "1".into()));
+            // The alias is the volume name: the IQN's last component.
+            if let Some(alias) = self.target_name.as_deref().and_then(|t| t.rsplit(':').next()) {
+                reply.push(("TargetAlias".into(), alias.to_string()));
+            }
             self.declared_tpgt = true;
         }
         let mut next_transit = transit;
@@ -612,6 +616,7 @@ mod tests {
         assert_eq!(p.peer_max_recv_data, 65536);
         assert_eq!(get(&resp, "X-foo").as_deref(), Some("NotUnderstood"));
         assert_eq!(get(&resp, "TargetPortalGroupTag").as_deref(), Some("1"));
+        assert_eq!(get(&resp, "TargetAlias").as_deref(), Some("demo"));
         assert_eq!(get(&resp, "MaxRecvDataSegmentLength").as_deref(), Some("262144"));
     }
 
