@@ -10,7 +10,7 @@ use basalt::proto::iscsi::text;
 use bytes::{Bytes, BytesMut};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -104,12 +104,28 @@ fn main() {
         }
     }
     let mut cmd_sn = resp.u32_at(28);
-    let window = resp.u32_at(32).wrapping_sub(cmd_sn).wrapping_add(1);
-    assert!(window >= qd, "target window {window} < QD {qd}");
+    // Targets may open the window only after login (tgt does): follow
+    // MaxCmdSN from every PDU and never send past it.
+    let max_cmd_sn = Arc::new(AtomicU32::new(resp.u32_at(32)));
 
+    // TEST UNIT READY until GOOD: a fresh LUN reports UNIT ATTENTION first (tgt does).
+    let lun_field = lun << 48;
+    for _ in 0..4 {
+        let mut t = Pdu::new(Opcode::ScsiCommand);
+        t.bhs[1] = 0x81;
+        t.set_lun(lun_field);
+        t.set_itt(0x7000_0000);
+        t.set_u32(24, cmd_sn);
+        cmd_sn = cmd_sn.wrapping_add(1);
+        send(&w, &t);
+        let resp = r.next();
+        max_cmd_sn.store(resp.u32_at(32), Ordering::Release);
+        if resp.bhs[3] == 0 {
+            break;
+        }
+    }
     let payload = Bytes::from(vec![0x5au8; bs]);
     let blocks = (bs / 512) as u32;
-    let lun_field = lun << 48;
     let (tok_tx, tok_rx) = mpsc::channel::<()>();
     for _ in 0..qd {
         tok_tx.send(()).unwrap();
@@ -119,9 +135,15 @@ fn main() {
     let rw = w.clone();
     let rdone = done.clone();
     let rpayload = payload.clone();
+    let rmax = max_cmd_sn.clone();
     let reader = std::thread::spawn(move || {
         loop {
             let p = r.next();
+            let m = p.u32_at(32);
+            let cur = rmax.load(Ordering::Acquire);
+            if m.wrapping_sub(cur) < (1 << 31) {
+                rmax.store(m, Ordering::Release);
+            }
             match Opcode::from_u8(p.raw_opcode()) {
                 Some(Opcode::R2t) => {
                     let (ttt, mut off) = (p.word20(), p.u32_at(40) as usize);
@@ -173,6 +195,9 @@ fn main() {
     let mut issued = 0u64;
     while Instant::now() < deadline {
         tok_rx.recv().unwrap();
+        while max_cmd_sn.load(Ordering::Acquire).wrapping_sub(cmd_sn) >= (1 << 31) {
+            std::thread::yield_now();
+        }
         let lba = if random {
             x ^= x << 13;
             x ^= x >> 7;
