@@ -187,3 +187,45 @@ fn hostile_input_is_answered_and_the_target_survives() {
     assert!(log.contains("closing connection"), "bad connections are logged:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[test]
+fn crc32c_digests_are_negotiated_and_enforced() {
+    if !common::require("iscsi-inq") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    // Negotiated: both digests on, and real I/O works with them.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login_with(Some(&d.iqn()), true);
+    assert!(c.codec.header_digest && c.codec.data_digest, "target refused CRC32C");
+    let data = common::pattern(3, 200 << 10);
+    assert_eq!(c.write10(40, &data), 0);
+    assert_eq!(c.read10(40, 400), data);
+    c.logout();
+
+    // A bad data digest: Reject "data digest error", then close (ERL 0).
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login_with(Some(&d.iqn()), true);
+    let mut nop = Pdu::new(Opcode::NopOut);
+    nop.bhs[0] |= 0x40;
+    nop.set_itt(77);
+    nop.set_u32(20, 0xffff_ffff);
+    nop.data = Bytes::from_static(b"digest me");
+    let mut wire = bytes::BytesMut::new();
+    basalt::proto::iscsi::pdu::encode(&nop, &c.codec, &mut wire);
+    let n = wire.len();
+    wire[n - 1] ^= 0x01;
+    c.send_raw(&wire);
+    expect_reject_and_close(&mut c, 0x02);
+
+    // A bad header digest: the header cannot be trusted, so just close.
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login_with(Some(&d.iqn()), true);
+    let mut wire = bytes::BytesMut::new();
+    basalt::proto::iscsi::pdu::encode(&nop, &c.codec, &mut wire);
+    wire[48] ^= 0x01;
+    c.send_raw(&wire);
+    assert!(c.recv().is_none(), "no reply to a PDU with a bad header digest");
+    still_serving(&d);
+    assert!(d.log_text().contains("header digest mismatch"));
+}

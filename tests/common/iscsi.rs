@@ -107,10 +107,17 @@ impl RawIscsi {
     /// authentication, straight from the operational stage; returns the
     /// final login response.
     pub fn login(&mut self, target: Option<&str>) -> Pdu {
+        self.login_with(target, false)
+    }
+
+    /// Like [`login`], offering CRC32C header and data digests (only) when
+    /// `digests`; the codec switches to them for the full feature phase.
+    pub fn login_with(&mut self, target: Option<&str>, digests: bool) -> Pdu {
+        let d = if digests { "CRC32C" } else { "None" };
         let mut pairs = vec![
             ("InitiatorName", INITIATOR),
-            ("HeaderDigest", "None"),
-            ("DataDigest", "None"),
+            ("HeaderDigest", d),
+            ("DataDigest", d),
             ("MaxRecvDataSegmentLength", "262144"),
             ("ImmediateData", "Yes"),
             ("InitialR2T", "Yes"),
@@ -128,8 +135,11 @@ impl RawIscsi {
         assert_eq!(resp.u16_at(36), 0, "login status");
         assert_eq!(resp.flags() & 0x83, 0x83, "transit to full feature phase");
         for (k, v) in text::parse(&resp.data).unwrap() {
-            if k == "MaxRecvDataSegmentLength" {
-                self.target_mrdsl = v.parse().unwrap();
+            match k.as_str() {
+                "MaxRecvDataSegmentLength" => self.target_mrdsl = v.parse().unwrap(),
+                "HeaderDigest" => self.codec.header_digest = v == "CRC32C",
+                "DataDigest" => self.codec.data_digest = v == "CRC32C",
+                _ => {}
             }
         }
         resp

@@ -103,6 +103,18 @@ impl Out {
     }
 }
 
+/// An error and its causes on one line, for the one log line per bad connection.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Reads until one PDU (or a framing error) or EOF.
 async fn read_pdu(
     rd: &mut OwnedReadHalf,
@@ -160,7 +172,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, cancel: Cancella
         Ok(Some(p)) => p,
         Ok(None) => return,
         Err(e) => {
-            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "closing connection during login");
+            tracing::warn!(error = %chain(&e), "closing connection during login");
             let _ = wr.shutdown().await;
             return;
         }
@@ -202,6 +214,7 @@ async fn login(
             }
             Err(e) => return Err(e),
         };
+        tracing::debug!(flags = req.flags(), text = %String::from_utf8_lossy(&req.data).replace('\0', " "), "login request");
         let step = login.step(&req);
         let mut out = BytesMut::new();
         match step {
@@ -425,7 +438,7 @@ async fn full_feature(
         }
     };
     if let Err(e) = &result {
-        tracing::warn!(error = %e, source = ?std::error::Error::source(e), "closing connection");
+        tracing::warn!(error = %chain(e), "closing connection");
     }
     // Commands already running finish and send their responses; writes
     // still waiting for Data-Out are dropped (never acknowledged).
