@@ -229,3 +229,64 @@ fn crc32c_digests_are_negotiated_and_enforced() {
     still_serving(&d);
     assert!(d.log_text().contains("header digest mismatch"));
 }
+
+#[test]
+fn task_management_aborts_a_write_waiting_for_data() {
+    if !common::require("iscsi-inq") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let tmf = |c: &mut RawIscsi, function: u8, rtt: u32| {
+        let mut t = Pdu::new(Opcode::TaskMgmtRequest);
+        t.bhs[0] |= 0x40;
+        t.bhs[1] = 0x80 | function;
+        t.set_itt(c.itt());
+        t.set_u32(20, rtt);
+        t.set_u32(24, c.cmd_sn);
+        t.set_u32(32, c.cmd_sn.wrapping_sub(1));
+        c.send(&t);
+        let r = c.recv().expect("TMF response");
+        assert_eq!(r.raw_opcode(), Opcode::TaskMgmtResponse as u8);
+        r.bhs[2]
+    };
+    // A 128 KiB WRITE(10) with 64 KiB immediate data: the target asks for
+    // the rest with an R2T, which we never answer.
+    let mut w = c.command(&[0x2a, 0, 0, 0, 0, 64, 0, 1, 0, 0], 128 << 10, false, true);
+    w.data = Bytes::from(vec![0xeeu8; 65536]);
+    let witt = w.itt();
+    c.send(&w);
+    let r2t = c.recv().expect("R2T");
+    assert_eq!((r2t.raw_opcode(), r2t.itt()), (Opcode::R2t as u8, witt));
+    // ABORT TASK: function complete; the task never answers.
+    assert_eq!(tmf(&mut c, 1, witt), 0);
+    // Data-Out for the aborted task is discarded, not an error.
+    let mut late = Pdu::new(Opcode::DataOut);
+    late.bhs[1] = 0x80;
+    late.set_itt(witt);
+    late.set_u32(20, r2t.word20());
+    late.set_u32(40, 65536);
+    late.data = Bytes::from(vec![0xeeu8; 65536]);
+    c.send(&late);
+    // Nothing of the aborted write reached the medium.
+    assert!(c.read10(64, 256).iter().all(|&b| b == 0));
+    // ABORT TASK for a tag that never existed, with a RefCmdSN ahead of
+    // this request: "task does not exist".
+    let mut t = Pdu::new(Opcode::TaskMgmtRequest);
+    t.bhs[0] |= 0x40;
+    t.bhs[1] = 0x81;
+    t.set_itt(c.itt());
+    t.set_u32(20, 0x1234_5678);
+    t.set_u32(24, c.cmd_sn);
+    t.set_u32(32, c.cmd_sn.wrapping_add(5));
+    c.send(&t);
+    let r = c.recv().expect("TMF response");
+    assert_eq!(r.bhs[2], 1);
+    // LUN RESET and ABORT TASK SET: function complete; CLEAR ACA: not supported.
+    assert_eq!(tmf(&mut c, 5, 0xffff_ffff), 0);
+    assert_eq!(tmf(&mut c, 2, 0xffff_ffff), 0);
+    assert_eq!(tmf(&mut c, 3, 0xffff_ffff), 5);
+    assert_eq!(c.test_unit_ready(), 0);
+    c.logout();
+}

@@ -878,4 +878,41 @@ mod tests {
             Err(Sense::SAVING_PARAMETERS_NOT_SUPPORTED)
         );
     }
+
+    #[test]
+    fn mode_sense10_long_lba_descriptor() {
+        let d = mode_sense(&lun(), true, false, true, 0, 0x0a, 0, 255).unwrap();
+        assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, d.len() - 2);
+        assert_eq!((d[3], d[4], u16::from_be_bytes([d[6], d[7]])), (0x10, 1, 16));
+        assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 2048);
+        assert_eq!(&d[24..26], &[0x0a, 0x0a]);
+        let ro = LunInfo { read_only: true, ..lun() };
+        assert_eq!(mode_sense(&ro, false, true, false, 0, 0x3f, 0, 255).unwrap()[2], 0x90);
+    }
+
+    #[test]
+    fn lba_status_layout() {
+        let d = lba_status(&[(8, 16, 0), (24, 8, 1)], 255);
+        assert_eq!(d.len(), 8 + 32);
+        assert_eq!(u32::from_be_bytes(d[0..4].try_into().unwrap()), 36);
+        assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 8);
+        assert_eq!(u32::from_be_bytes(d[16..20].try_into().unwrap()), 16);
+        assert_eq!((d[20], d[36]), (0, 1));
+        assert_eq!(lba_status(&[(8, 16, 0)], 24).len(), 24);
+    }
+
+    #[test]
+    fn write_same_and_caw_fields() {
+        let mut c = cdb(&[0x93, 0x08]);
+        c[9] = 4;
+        c[13] = 8;
+        assert_eq!(parse(&c), Ok(Command::WriteSame { lba: 4, blocks: 8, unmap: true, ndob: false }));
+        c[13] = 0;
+        assert_eq!(parse(&c), Err(Sense::INVALID_FIELD_IN_CDB)); // WSNZ
+        let mut w = cdb(&[0x89]);
+        w[13] = 2;
+        assert_eq!(parse(&w).unwrap().data_out_len(), 2048);
+        w[13] = 129;
+        assert_eq!(parse(&w), Err(Sense::INVALID_FIELD_IN_CDB));
+    }
 }
