@@ -179,8 +179,6 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, cancel: Cancella
     };
     let kind = if params.discovery { "discovery" } else { "normal" };
     let span = tracing::info_span!("session", tsih = params.tsih, initiator = %params.initiator_name, kind);
-    let _e = span.clone().entered();
-    drop(_e);
     tracing::Instrument::instrument(full_feature(rd, wr, buf, params, shared, cancel, local), span).await;
 }
 
@@ -868,8 +866,10 @@ impl Session {
                 let mut names: Vec<String> =
                     self.shared.node.volumes().iter().map(|vol| target_iqn(vol.name())).collect();
                 match v.as_str() {
-                    "All" => {}
-                    "" => names.retain(|n| Some(n) == self.p.target_name.as_ref()),
+                    // RFC 7143 appendix C: All belongs to discovery sessions;
+                    // a normal session learns only about its own target.
+                    "All" if self.p.discovery => {}
+                    "All" | "" => names.retain(|n| Some(n) == self.p.target_name.as_ref()),
                     t => names.retain(|n| n == t),
                 }
                 for n in names {
