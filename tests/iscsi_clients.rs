@@ -101,7 +101,7 @@ fn read_capacity16_reports_exact_size_and_thin_provisioning() {
     let out = stdout(&run_ok("iscsi-readcapacity16", &["-i", INI, &d.iscsi_url()]));
     let expect = format!(
         "RETURNED LOGICAL BLOCK ADDRESS:{}\nLOGICAL BLOCK LENGTH IN BYTES:512\nP_TYPE:0 PROT_EN:0\n\
-         P_I_EXPONENT:0 LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:3\nLBPME:1 LBPRZ:1\n\
+         P_I_EXPONENT:0 LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:0\nLBPME:1 LBPRZ:1\n\
          LOWEST ALIGNED LOGICAL BLOCK ADDRESS:0\nTotal size:{}\n",
         96 * 2048 - 1,
         96u64 << 20

@@ -40,12 +40,8 @@ const SCSI_SUITES: &[&str] = &[
     "GetLBAStatus",
 ];
 
-/// Tests known to fail, with the reason. GetLBAStatus.UnmapSingle asks
-/// for the status at LBA i+1 and then requires the first descriptor to
-/// start at i+LBPPB; SBC-3 requires it to start at the requested LBA, so
-/// the test can only pass when LBPPB == 1. We report 4 KiB physical
-/// blocks (LBPPB 8), as the volume's preferred block size demands.
-const KNOWN_FAILURES: &[(&str, &str)] = &[("SCSI.GetLBAStatus", "UnmapSingle")];
+/// Tests known to fail, with the reason (none: every listed suite passes).
+const KNOWN_FAILURES: &[(&str, &str)] = &[];
 
 #[derive(Debug)]
 struct SuiteResult {

@@ -6,8 +6,15 @@
 
 /// Logical block size we expose.
 pub const BLOCK: u64 = 512;
-/// log2(physical / logical): 4096-byte physical blocks.
-pub const PHYS_EXP: u8 = 3;
+/// log2(physical / logical) reported by READ CAPACITY(16). 0: the store
+/// really is 512-byte addressable (sub-4 KiB writes are read-modify-write
+/// inside one crash-atomic block), and reporting 4 KiB physical blocks would
+/// promise unmap/status granularity we do not keep per 512-byte sector
+/// (libiscsi's GetLBAStatus.UnmapSingle checks exactly that). The 4 KiB
+/// preference is still advertised as the optimal granularity below.
+pub const PHYS_EXP: u8 = 0;
+/// Optimal transfer and unmap granularity (Block Limits VPD): 4 KiB.
+pub const OPT_GRANULARITY_BLOCKS: u32 = 8;
 /// Most blocks one READ/WRITE may move (32 MiB, `node::volume::MAX_PAYLOAD`).
 pub const MAX_XFER_BLOCKS: u32 = (32 << 20) / BLOCK as u32;
 /// Most blocks one COMPARE AND WRITE may cover.
@@ -520,12 +527,12 @@ pub fn inquiry(lun: &LunInfo, evpd: bool, page: u8, alloc: u32) -> Result<Vec<u8
             let mut b = vec![0u8; 60];
             b[0] = 0x01; // WSNZ: WRITE SAME with zero blocks is refused
             b[1] = MAX_CAW_BLOCKS;
-            b[2..4].copy_from_slice(&(1u16 << PHYS_EXP).to_be_bytes()); // optimal granularity
+            b[2..4].copy_from_slice(&(OPT_GRANULARITY_BLOCKS as u16).to_be_bytes()); // optimal granularity
             b[4..8].copy_from_slice(&MAX_XFER_BLOCKS.to_be_bytes());
             b[8..12].copy_from_slice(&2048u32.to_be_bytes()); // optimal transfer: 1 MiB
             b[16..20].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
             b[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
-            b[24..28].copy_from_slice(&(1u32 << PHYS_EXP).to_be_bytes()); // optimal unmap granularity
+            b[24..28].copy_from_slice(&OPT_GRANULARITY_BLOCKS.to_be_bytes()); // optimal unmap granularity
             b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
             b[32..40].copy_from_slice(&MAX_WRITE_SAME_BLOCKS.to_be_bytes());
             b
