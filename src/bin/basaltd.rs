@@ -58,6 +58,18 @@ struct DemoArgs {
     /// Export the volume read-only (when creating it).
     #[arg(long)]
     read_only: bool,
+    /// iSCSI: require one-way CHAP with this initiator user name.
+    #[arg(long, requires = "chap_secret")]
+    chap_user: Option<String>,
+    /// iSCSI: the initiator's CHAP secret (12 bytes or more).
+    #[arg(long, requires = "chap_user")]
+    chap_secret: Option<String>,
+    /// iSCSI: the name the target answers mutual CHAP with.
+    #[arg(long, requires_all = ["chap_mutual_secret", "chap_user"])]
+    chap_mutual_user: Option<String>,
+    /// iSCSI: the target's secret for mutual CHAP (12 bytes or more).
+    #[arg(long, requires = "chap_mutual_user")]
+    chap_mutual_secret: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,7 +145,23 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             let l =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind iSCSI {addr}"))?;
             let a = l.local_addr()?;
-            servers.spawn(basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone()));
+            let chap = match (&args.chap_user, &args.chap_secret) {
+                (Some(user), Some(secret)) => Some(basalt::proto::iscsi::login::ChapConfig {
+                    user: user.clone(),
+                    secret: secret.clone(),
+                    mutual: args.chap_mutual_user.clone().zip(args.chap_mutual_secret.clone()),
+                }),
+                _ => None,
+            };
+            let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
+            icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
+            servers.spawn(basalt::export::iscsi::serve(
+                l,
+                node.clone(),
+                cancel.clone(),
+                tracker.clone(),
+                icfg,
+            ));
             Some(a)
         }
         None => None,

@@ -20,7 +20,9 @@ pub fn require(tool: &str) -> bool {
         .unwrap_or(false);
     if !found {
         if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("required client {tool:?} is not installed (CI=true): run ./scripts/test, which installs it");
+            panic!(
+                "required client {tool:?} is not installed (CI=true): run ./scripts/test, which installs it"
+            );
         }
         eprintln!("SKIPPING: {tool} is not installed (install it or run ./scripts/test)");
     }
@@ -55,7 +57,9 @@ impl Daemon {
             iscsi_port: free_port(),
             data,
             volume: "demo".into(),
-            args: std::iter::once(format!("--size={size}")).chain(extra.iter().map(|s| s.to_string())).collect(),
+            args: std::iter::once(format!("--size={size}"))
+                .chain(extra.iter().map(|s| s.to_string()))
+                .collect(),
             log: tmp.path().join("basaltd.log"),
             _tmp: Some(tmp),
         };
@@ -211,3 +215,5 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&p, bytes).unwrap();
     p
 }
+
+pub mod iscsi;

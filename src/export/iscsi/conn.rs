@@ -1,0 +1,1023 @@
+//! One iSCSI connection: login, then the full feature phase.
+//!
+//! Tasks: this reader (decodes PDUs, keeps the CmdSN window, collects
+//! Data-Out, spawns one task per SCSI command) and a writer that owns the
+//! socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every PDU in
+//! the order it sends them, so StatSN is always sequential on the wire.
+
+use super::exec::{self, Lun};
+use super::{IQN_PREFIX, Shared, target_iqn};
+use crate::proto::iscsi::login::{Login, SessionParams, Step, TargetLimits};
+use crate::proto::iscsi::pdu::{
+    self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason,
+};
+use crate::proto::iscsi::scsi::{self, BLOCK, Command, LunInfo, Sense, status};
+use crate::proto::iscsi::text;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Most non-immediate SCSI commands in flight per session: MaxCmdSN is
+/// ExpCmdSN + WINDOW - 1 - (commands in flight), so the window slides on
+/// completion, not on receipt, and bounds the work (and buffered Data-Out)
+/// an initiator can queue.
+const WINDOW: u32 = 32;
+/// Immediate commands running at once before we refuse more.
+const MAX_IMMEDIATE: usize = 64;
+
+/// Why a connection ended early; logged once.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("socket")]
+    Io(#[from] std::io::Error),
+    #[error("framing")]
+    Pdu(#[from] PduError),
+    #[error("login failed: {0}")]
+    Login(String),
+    #[error("login timed out")]
+    LoginTimeout,
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("initiator did not answer a NOP-In ping")]
+    PingTimeout,
+}
+
+/// The CmdSN window, shared by the reader (which admits commands) and the
+/// writer (which advertises it on every PDU).
+#[derive(Debug)]
+struct Window {
+    exp_cmd_sn: AtomicU32,
+    busy: AtomicU32,
+    immediate: AtomicU32,
+}
+
+impl Window {
+    fn max_cmd_sn(&self) -> u32 {
+        let busy = self.busy.load(Ordering::Acquire).min(WINDOW);
+        self.exp_cmd_sn.load(Ordering::Acquire).wrapping_add(WINDOW - 1 - busy)
+    }
+}
+
+/// One admitted SCSI command's share of the window; released on drop,
+/// before its response is queued so the response already opens the window.
+#[derive(Debug)]
+struct Slot {
+    win: Arc<Window>,
+    immediate: bool,
+}
+
+impl Slot {
+    fn take(win: &Arc<Window>, immediate: bool) -> Slot {
+        let c = if immediate { &win.immediate } else { &win.busy };
+        c.fetch_add(1, Ordering::AcqRel);
+        Slot { win: win.clone(), immediate }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let c = if self.immediate { &self.win.immediate } else { &self.win.busy };
+        c.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Outgoing PDUs with a flag each: true if the PDU carries status and so
+/// takes the next StatSN.
+struct Out {
+    pdus: Vec<(Pdu, bool)>,
+    close: bool,
+}
+
+impl Out {
+    fn one(p: Pdu, status: bool) -> Out {
+        Out { pdus: vec![(p, status)], close: false }
+    }
+}
+
+/// An error and its causes on one line, for the one log line per bad connection.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Reads until one PDU (or a framing error) or EOF.
+async fn read_pdu(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    codec: &CodecConfig,
+) -> Result<Option<Pdu>, ConnError> {
+    loop {
+        if let Some(p) = pdu::decode(buf, codec)? {
+            return Ok(Some(p));
+        }
+        buf.reserve(64 << 10);
+        if rd.read_buf(buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(ConnError::Protocol(format!("EOF inside a PDU ({} bytes buffered)", buf.len())));
+        }
+    }
+}
+
+fn random_challenge() -> ([u8; 16], u8) {
+    use std::io::Read;
+    let mut b = [0u8; 17];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        // No entropy source means no safe CHAP: the all-zero challenge is
+        // still sent, but log loudly.
+        tracing::error!(error = %e, "cannot read /dev/urandom for the CHAP challenge");
+    }
+    let mut c = [0u8; 16];
+    c.copy_from_slice(&b[..16]);
+    (c, b[16])
+}
+
+fn reject(reason: RejectReason, header: &[u8]) -> Pdu {
+    let mut r = Pdu::new(Opcode::Reject);
+    r.bhs[2] = reason as u8;
+    r.set_itt(RESERVED_TAG);
+    r.data = Bytes::copy_from_slice(&header[..header.len().min(BHS_LEN)]);
+    r
+}
+
+pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken) {
+    let local = stream.local_addr().ok();
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let login = tokio::time::timeout(shared.cfg.login_timeout, login(&mut rd, &mut wr, &mut buf, &shared));
+    let params = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = login => match r {
+            Err(_) => Err(ConnError::LoginTimeout),
+            Ok(r) => r,
+        },
+    };
+    let params = match params {
+        Ok(Some(p)) => p,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "closing connection during login");
+            let _ = wr.shutdown().await;
+            return;
+        }
+    };
+    let kind = if params.discovery { "discovery" } else { "normal" };
+    let span = tracing::info_span!("session", tsih = params.tsih, initiator = %params.initiator_name, kind);
+    tracing::Instrument::instrument(full_feature(rd, wr, buf, params, shared, cancel, local), span).await;
+}
+
+/// Runs the login phase; `Ok(None)` if the initiator went away quietly.
+async fn login(
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<Option<SessionParams>, ConnError> {
+    let targets: Vec<String> = shared.node.volumes().iter().map(|v| target_iqn(v.name())).collect();
+    let (challenge, id) = random_challenge();
+    let limits = TargetLimits {
+        max_recv_data: shared.cfg.max_recv_data,
+        max_burst: shared.cfg.max_burst,
+        chap: shared.cfg.chap.clone(),
+    };
+    let mut login = Login::new(limits, targets, challenge, id, shared.new_tsih());
+    let codec = CodecConfig::default();
+    loop {
+        let req = match read_pdu(rd, buf, &codec).await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(ConnError::Pdu(e)) => {
+                if let Some(h) = e.header() {
+                    let mut out = BytesMut::new();
+                    pdu::encode(&reject(RejectReason::ProtocolError, h), &codec, &mut out);
+                    let _ = wr.write_all(&out).await;
+                }
+                return Err(e.into());
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::debug!(flags = req.flags(), text = %String::from_utf8_lossy(&req.data).replace('\0', " "), "login request");
+        let step = login.step(&req);
+        let mut out = BytesMut::new();
+        match step {
+            Step::Continue(resp) => {
+                pdu::encode(&resp, &codec, &mut out);
+                wr.write_all(&out).await?;
+            }
+            Step::Done(resp, params) => {
+                pdu::encode(&resp, &codec, &mut out);
+                wr.write_all(&out).await?;
+                tracing::debug!(?params, "login complete");
+                return Ok(Some(*params));
+            }
+            Step::Fail(resp, st, why) => {
+                pdu::encode(&resp, &codec, &mut out);
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                return Err(ConnError::Login(format!("{why} (status {:#06x})", st as u16)));
+            }
+        }
+    }
+}
+
+/// The writer task: stamps sequence numbers and writes, batching what is queued.
+async fn writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Out>,
+    codec: CodecConfig,
+    mut stat_sn: u32,
+    win: Arc<Window>,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(256 << 10);
+    while let Some(first) = rx.recv().await {
+        let mut msg = Some(first);
+        let mut close = false;
+        while let Some(m) = msg.take() {
+            for (mut p, st) in m.pdus {
+                p.set_u32(24, stat_sn);
+                p.set_u32(32, win.max_cmd_sn());
+                p.set_u32(28, win.exp_cmd_sn.load(Ordering::Acquire));
+                if st {
+                    stat_sn = stat_sn.wrapping_add(1);
+                }
+                pdu::encode(&p, &codec, &mut out);
+            }
+            close |= m.close;
+            if close || out.len() > (1 << 20) {
+                break;
+            }
+            msg = rx.try_recv().ok();
+        }
+        wr.write_all(&out).await?;
+        out.clear();
+        if close {
+            break;
+        }
+    }
+    wr.shutdown().await
+}
+
+/// A command waiting for solicited Data-Out.
+struct PendingWrite {
+    lun: Arc<Lun>,
+    cmd: Command,
+    edtl: u32,
+    lun_field: u64,
+    data: BytesMut,
+    residual: Residual,
+    want: u32,
+    /// End offset of the burst the current R2T asked for.
+    burst_end: u32,
+    ttt: u32,
+    r2t_sn: u32,
+    next_data_sn: u32,
+    slot: Slot,
+}
+
+/// Control block of a running command, for task management.
+struct TaskCtl {
+    aborted: tokio::sync::Mutex<bool>,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    p: SessionParams,
+    lun: Option<Arc<Lun>>,
+    tx: mpsc::Sender<Out>,
+    win: Arc<Window>,
+    pending: HashMap<u32, PendingWrite>,
+    running: HashMap<u32, Arc<TaskCtl>>,
+    tasks: JoinSet<u32>,
+    next_ttt: u32,
+    local: Option<std::net::SocketAddr>,
+}
+
+/// What to do after handling a PDU.
+enum Flow {
+    Continue,
+    /// Close after what is queued is written (logout, reset, fatal error).
+    Close,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn full_feature(
+    mut rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    mut buf: BytesMut,
+    p: SessionParams,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    local: Option<std::net::SocketAddr>,
+) {
+    let codec = CodecConfig {
+        max_recv_data: p.max_recv_data,
+        header_digest: p.header_digest,
+        data_digest: p.data_digest,
+    };
+    let win = Arc::new(Window {
+        exp_cmd_sn: AtomicU32::new(p.exp_cmd_sn),
+        busy: AtomicU32::new(0),
+        immediate: AtomicU32::new(0),
+    });
+    let (tx, rx) = mpsc::channel::<Out>(64);
+    let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
+    let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
+        let vol = shared.node.volume(name)?;
+        let spec = vol.spec();
+        let info = LunInfo {
+            blocks: vol.size() / BLOCK,
+            read_only: vol.read_only(),
+            serial: format!("BASALT{:010}", spec.id.0),
+            uid: 0x0ba5_a170_0000_0000 ^ spec.id.0,
+            target_name: target_iqn(name),
+        };
+        Some(Arc::new(Lun { caw_lock: shared.caw_lock(name), vol, info }))
+    });
+    if !p.discovery && lun.is_none() {
+        tracing::warn!("target volume vanished after login; closing");
+        return;
+    }
+    tracing::info!("session in full feature phase");
+    let mut s = Session {
+        shared: shared.clone(),
+        p,
+        lun,
+        tx,
+        win,
+        pending: HashMap::new(),
+        running: HashMap::new(),
+        tasks: JoinSet::new(),
+        next_ttt: 1,
+        local,
+    };
+    let nop_interval = shared.cfg.nop_interval;
+    let mut last_rx = Instant::now();
+    let mut ping: Option<(u32, Instant)> = None;
+    let mut tick =
+        tokio::time::interval(nop_interval.unwrap_or(Duration::from_secs(3600)).min(Duration::from_secs(5)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result: Result<(), ConnError> = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                tracing::info!("draining: no new commands");
+                break Ok(());
+            }
+            Some(done) = s.tasks.join_next(), if !s.tasks.is_empty() => {
+                if let Ok(itt) = done {
+                    s.running.remove(&itt);
+                }
+            }
+            r = read_pdu(&mut rd, &mut buf, &codec) => {
+                match r {
+                    Ok(Some(pdu)) => {
+                        last_rx = Instant::now();
+                        if pdu.opcode() == Some(Opcode::NopOut) && pdu.itt() == RESERVED_TAG
+                            && ping.is_some_and(|(t, _)| t == pdu.word20()) {
+                            ping = None;
+                        }
+                        match s.handle(pdu).await {
+                            Ok(Flow::Continue) => {}
+                            Ok(Flow::Close) => break Ok(()),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(ConnError::Pdu(e)) => {
+                        // The stream cannot be resynchronized: reject what we can name, then close.
+                        if let Some(h) = e.header() {
+                            let reason = if matches!(e, PduError::DataDigest { .. }) {
+                                RejectReason::DataDigest
+                            } else {
+                                RejectReason::ProtocolError
+                            };
+                            let _ = s.tx.send(Out::one(reject(reason, h), true)).await;
+                        }
+                        break Err(e.into());
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            _ = tick.tick() => {
+                let Some(iv) = nop_interval else { continue };
+                match ping {
+                    Some((_, sent)) if sent.elapsed() > s.shared.cfg.nop_timeout => break Err(ConnError::PingTimeout),
+                    Some(_) => {}
+                    None if last_rx.elapsed() >= iv => {
+                        let ttt = s.ttt();
+                        let mut n = Pdu::new(Opcode::NopIn);
+                        n.set_itt(RESERVED_TAG);
+                        n.set_u32(20, ttt);
+                        if s.tx.send(Out::one(n, false)).await.is_err() {
+                            break Ok(());
+                        }
+                        ping = Some((ttt, Instant::now()));
+                    }
+                    None => {}
+                }
+            }
+        }
+    };
+    if let Err(e) = &result {
+        tracing::warn!(error = %chain(e), "closing connection");
+    }
+    // Commands already running finish and send their responses; writes
+    // still waiting for Data-Out are dropped (never acknowledged).
+    s.pending.clear();
+    while s.tasks.join_next().await.is_some() {}
+    let _ = s.tx.send(Out { pdus: Vec::new(), close: true }).await;
+    drop(s);
+    if let Ok(Err(e)) = writer.await {
+        tracing::debug!(error = %e, "writer ended");
+    }
+    tracing::debug!("connection closed");
+}
+
+fn serial_lt(a: u32, b: u32) -> bool {
+    a != b && b.wrapping_sub(a) < (1 << 31)
+}
+
+impl Session {
+    fn ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    async fn send(&self, o: Out) -> Result<(), ConnError> {
+        self.tx.send(o).await.map_err(|_| ConnError::Protocol("writer gone".into()))
+    }
+
+    async fn reject(&self, reason: RejectReason, pdu: &Pdu) -> Result<(), ConnError> {
+        self.send(Out::one(reject(reason, &pdu.bhs), true)).await
+    }
+
+    /// CmdSN rules (RFC 7143 4.2.2.1): an immediate command is taken as it
+    /// comes; any other must carry ExpCmdSN, which then advances. Commands
+    /// outside the window are dropped silently, as the RFC says.
+    fn accept_cmd_sn(&self, pdu: &Pdu) -> bool {
+        let cmd_sn = pdu.word24();
+        let exp = self.win.exp_cmd_sn.load(Ordering::Acquire);
+        if pdu.immediate() {
+            return true;
+        }
+        let max = self.win.max_cmd_sn();
+        if cmd_sn == exp && !serial_lt(max, cmd_sn) {
+            self.win.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
+            return true;
+        }
+        tracing::warn!(
+            cmd_sn,
+            exp_cmd_sn = exp,
+            max_cmd_sn = max,
+            opcode = pdu.raw_opcode(),
+            "CmdSN outside the window: dropped"
+        );
+        false
+    }
+
+    async fn handle(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        let Some(op) = pdu.opcode() else {
+            self.reject(RejectReason::CommandNotSupported, &pdu).await?;
+            return Ok(Flow::Continue);
+        };
+        match op {
+            Opcode::NopOut => self.nop_out(pdu).await,
+            Opcode::ScsiCommand => self.scsi_command(pdu).await,
+            Opcode::DataOut => self.data_out(pdu).await,
+            Opcode::TaskMgmtRequest => self.task_mgmt(pdu).await,
+            Opcode::TextRequest => self.text(pdu).await,
+            Opcode::LogoutRequest => self.logout(pdu).await,
+            Opcode::LoginRequest => {
+                // A login on a connection already in full feature phase.
+                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                Err(ConnError::Protocol("login request in full feature phase".into()))
+            }
+            Opcode::Snack => {
+                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                Ok(Flow::Continue)
+            }
+            _ => {
+                // A target opcode from the initiator.
+                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    async fn nop_out(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        if pdu.itt() == RESERVED_TAG {
+            // A ping answer or a no-reply ping: must be immediate, no CmdSN use.
+            return Ok(Flow::Continue);
+        }
+        if !self.accept_cmd_sn(&pdu) {
+            return Ok(Flow::Continue);
+        }
+        if pdu.word20() != RESERVED_TAG {
+            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            return Ok(Flow::Continue);
+        }
+        let mut r = Pdu::new(Opcode::NopIn);
+        r.set_lun(pdu.lun());
+        r.set_itt(pdu.itt());
+        r.set_u32(20, RESERVED_TAG);
+        let n = pdu.data.len().min(self.p.peer_max_recv_data as usize);
+        r.data = pdu.data.slice(..n);
+        self.send(Out::one(r, true)).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn scsi_command(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        if self.p.discovery {
+            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            return Ok(Flow::Continue);
+        }
+        if !self.accept_cmd_sn(&pdu) {
+            return Ok(Flow::Continue);
+        }
+        let itt = pdu.itt();
+        if self.pending.contains_key(&itt) || self.running.contains_key(&itt) {
+            self.reject(RejectReason::TaskInProgress, &pdu).await?;
+            return Ok(Flow::Continue);
+        }
+        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) as usize >= MAX_IMMEDIATE {
+            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
+            return Ok(Flow::Continue);
+        }
+        let flags = pdu.flags();
+        let (read_f, write_f) = (flags & 0x40 != 0, flags & 0x20 != 0);
+        let edtl = pdu.word20();
+        let lun_field = pdu.lun();
+        let cdb: [u8; 16] = pdu.bhs[32..48].try_into().unwrap();
+        let imm = pdu.data.clone();
+        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, status: st };
+        if imm.len() as u64 > edtl as u64
+            || imm.len() as u32 > self.p.first_burst
+            || (!imm.is_empty() && !write_f)
+        {
+            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            return Err(ConnError::Protocol(format!("immediate data of {} bytes, EDTL {edtl}", imm.len())));
+        }
+        if !pdu.ahs.is_empty() || flags & 0x80 == 0 {
+            // Extended CDBs are not supported; F=0 means unsolicited Data-Out follows, which InitialR2T=Yes forbids.
+            let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, Residual::None));
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
+        let lun = self.lun.clone().expect("normal session has a LUN");
+        let cmd = match scsi::parse(&cdb) {
+            Ok(c) => c,
+            Err(sense) => {
+                self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
+                return Ok(Flow::Continue);
+            }
+        };
+        if lun_field != 0 {
+            if let Command::Inquiry { evpd: false, alloc, .. } = cmd {
+                // SPC-4 6.6.2: no logical unit here, peripheral qualifier 011b.
+                let mut d = scsi::inquiry(&lun.info, false, 0, alloc).unwrap_or_default();
+                if let Some(b) = d.first_mut() {
+                    *b = 0x7f;
+                }
+                self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
+                return Ok(Flow::Continue);
+            }
+        }
+        if lun_field != 0 && !matches!(cmd, Command::ReportLuns { .. }) {
+            let r = respond(Status::Check(Sense::LUN_NOT_SUPPORTED, Residual::None));
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
+        let spdtl = cmd.data_out_len();
+        let mut cmd = cmd;
+        let mut residual = Residual::None;
+        if cmd.has_data_out() && (write_f || spdtl > 0) {
+            let edtl_out = if write_f { edtl as u64 } else { 0 };
+            if edtl_out != spdtl {
+                // RFC 7143 11.4.5.2: the residual is signalled either way.
+                residual = if edtl_out < spdtl {
+                    Residual::Over((spdtl - edtl_out).min(u32::MAX as u64) as u32)
+                } else {
+                    Residual::Under((edtl_out - spdtl) as u32)
+                };
+                match cmd.truncated(edtl_out / BLOCK) {
+                    // WRITE and WRITE AND VERIFY move the whole blocks both
+                    // sides agree on, as SAM-5 5.4.2 lets a target do.
+                    Some(c) => cmd = c,
+                    // Anything else cannot be done in part: refuse it.
+                    None => {
+                        let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, residual));
+                        self.send(r.pdus(Bytes::new(), &self.p)).await?;
+                        return Ok(Flow::Continue);
+                    }
+                }
+            }
+            let spdtl = cmd.data_out_len();
+            let slot = Slot::take(&self.win, pdu.immediate());
+            let want = spdtl as u32;
+            let mut data = BytesMut::new();
+            // Immediate data past what the command uses is accepted and dropped.
+            data.extend_from_slice(&imm[..imm.len().min(want as usize)]);
+            if data.len() as u32 == want {
+                self.spawn(itt, slot, lun, cmd, data.freeze(), respond(Status::Good(residual)));
+                return Ok(Flow::Continue);
+            }
+            let mut pw = PendingWrite {
+                lun,
+                cmd,
+                edtl,
+                lun_field,
+                data,
+                residual,
+                want,
+                burst_end: 0,
+                ttt: 0,
+                r2t_sn: 0,
+                next_data_sn: 0,
+                slot,
+            };
+            self.send_r2t(itt, &mut pw).await?;
+            self.pending.insert(itt, pw);
+            return Ok(Flow::Continue);
+        }
+        // No Data-Out wanted: anything the initiator meant to send is an underflow.
+        let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
+        let slot = Slot::take(&self.win, pdu.immediate());
+        self.spawn(itt, slot, lun, cmd, Bytes::new(), respond(Status::Good(res)));
+        Ok(Flow::Continue)
+    }
+
+    async fn send_r2t(&mut self, itt: u32, pw: &mut PendingWrite) -> Result<(), ConnError> {
+        let offset = pw.data.len() as u32;
+        let len = (pw.want - offset).min(self.p.max_burst);
+        pw.ttt = self.ttt();
+        pw.burst_end = offset + len;
+        pw.next_data_sn = 0;
+        let mut r = Pdu::new(Opcode::R2t);
+        r.set_lun(pw.lun_field);
+        r.set_itt(itt);
+        r.set_u32(20, pw.ttt);
+        r.set_u32(36, pw.r2t_sn);
+        r.set_u32(40, offset);
+        r.set_u32(44, len);
+        pw.r2t_sn = pw.r2t_sn.wrapping_add(1);
+        self.send(Out::one(r, false)).await
+    }
+
+    async fn data_out(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        let itt = pdu.itt();
+        let Some(mut pw) = self.pending.remove(&itt) else {
+            // Data for a task we already ended (aborted or answered): discard.
+            tracing::debug!(itt, "Data-Out for no pending task: discarded");
+            return Ok(Flow::Continue);
+        };
+        let ttt = pdu.word20();
+        let data_sn = pdu.u32_at(36);
+        let offset = pdu.u32_at(40);
+        let len = pdu.data.len() as u32;
+        let fits = offset.checked_add(len).is_some_and(|end| end <= pw.burst_end);
+        let at = pw.data.len() as u32;
+        let problem = if ttt != pw.ttt {
+            Some((Sense::INVALID_TTT, format!("TTT {ttt:#x}, expected {:#x}", pw.ttt)))
+        } else if data_sn != pw.next_data_sn {
+            Some((Sense::DATA_PHASE_ERROR, format!("DataSN {data_sn}, expected {}", pw.next_data_sn)))
+        } else if offset != at {
+            Some((Sense::DATA_OFFSET_ERROR, format!("buffer offset {offset}, expected {at}")))
+        } else if !fits {
+            Some((
+                Sense::TOO_MUCH_WRITE_DATA,
+                format!("{len} bytes at {offset} overrun the burst to {}", pw.burst_end),
+            ))
+        } else if pdu.final_bit() != (offset + len == pw.burst_end) {
+            Some((Sense::DATA_PHASE_ERROR, "F bit does not match the end of the burst".to_string()))
+        } else {
+            None
+        };
+        if let Some((sense, why)) = problem {
+            // The task ends here, unacknowledged and unwritten; later
+            // Data-Out for it is discarded. The connection stays up.
+            tracing::warn!(itt, %why, "Data-Out sequence error: task terminated");
+            let r = Response {
+                itt,
+                lun_field: pw.lun_field,
+                edtl: pw.edtl,
+                read_f: false,
+                status: Status::Check(sense, Residual::None),
+            };
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
+        pw.next_data_sn = pw.next_data_sn.wrapping_add(1);
+        pw.data.extend_from_slice(&pdu.data);
+        let at = pw.data.len() as u32;
+        if at == pw.want {
+            let respond = Response {
+                itt,
+                lun_field: pw.lun_field,
+                edtl: pw.edtl,
+                read_f: false,
+                status: Status::Good(pw.residual),
+            };
+            self.spawn(itt, pw.slot, pw.lun, pw.cmd, pw.data.freeze(), respond);
+            return Ok(Flow::Continue);
+        }
+        if at == pw.burst_end {
+            self.send_r2t(itt, &mut pw).await?;
+        }
+        self.pending.insert(itt, pw);
+        Ok(Flow::Continue)
+    }
+
+    fn spawn(&mut self, itt: u32, slot: Slot, lun: Arc<Lun>, cmd: Command, data: Bytes, resp: Response) {
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
+        self.running.insert(itt, ctl.clone());
+        let tx = self.tx.clone();
+        let p = self.p.clone();
+        self.tasks.spawn(async move {
+            let result = exec::execute(&lun, cmd, data).await;
+            let out = match result {
+                Ok(d) => resp.pdus(d, &p),
+                Err(sense) => {
+                    let res = match resp.status {
+                        Status::Good(r) | Status::Check(_, r) => r,
+                    };
+                    Response { status: Status::Check(sense, res), ..resp }.pdus(Bytes::new(), &p)
+                }
+            };
+            drop(slot);
+            {
+                let aborted = ctl.aborted.lock().await;
+                if !*aborted {
+                    let _ = tx.send(out).await;
+                }
+            }
+            let _ = done_tx.send(true);
+            itt
+        });
+    }
+
+    async fn task_mgmt(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        if !self.accept_cmd_sn(&pdu) {
+            return Ok(Flow::Continue);
+        }
+        let function = pdu.flags() & 0x7f;
+        let rtt = pdu.word20();
+        let ref_cmd_sn = pdu.u32_at(32);
+        let mut victims: Vec<Arc<TaskCtl>> = Vec::new();
+        let mut close_after = false;
+        let response: u8 = match function {
+            1 => {
+                // ABORT TASK
+                if self.pending.remove(&rtt).is_some() {
+                    0
+                } else if let Some(t) = self.running.get(&rtt) {
+                    victims.push(t.clone());
+                    0
+                } else if serial_lt(ref_cmd_sn, pdu.word24().wrapping_add(1)) {
+                    // Not found but already received and finished: complete (RFC 7143 11.5.1).
+                    0
+                } else {
+                    1
+                }
+            }
+            2 | 4 | 5 | 6 | 7 => {
+                // ABORT TASK SET, CLEAR TASK SET, LUN RESET, TARGET WARM/COLD RESET
+                if matches!(function, 2 | 4 | 5) && pdu.lun() != 0 {
+                    2
+                } else {
+                    self.pending.clear();
+                    victims.extend(self.running.values().cloned());
+                    close_after = function == 7;
+                    0
+                }
+            }
+            3 => 5, // CLEAR ACA: no ACA support
+            8 => 4, // TASK REASSIGN: needs ERL 2
+            _ => 255,
+        };
+        tracing::info!(function, rtt, response, "task management");
+        let mut r = Pdu::new(Opcode::TaskMgmtResponse);
+        r.bhs[2] = response;
+        r.set_itt(pdu.itt());
+        let tx = self.tx.clone();
+        // The response follows the end of every aborted task; wait off the reader.
+        self.tasks.spawn(async move {
+            for v in victims {
+                *v.aborted.lock().await = true;
+                let mut done = v.done.clone();
+                let _ = done.wait_for(|d| *d).await;
+            }
+            let _ = tx.send(Out { pdus: vec![(r, true)], close: close_after }).await;
+            RESERVED_TAG
+        });
+        Ok(if close_after { Flow::Close } else { Flow::Continue })
+    }
+
+    async fn text(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        if !self.accept_cmd_sn(&pdu) {
+            return Ok(Flow::Continue);
+        }
+        let mut r = Pdu::new(Opcode::TextResponse);
+        r.set_lun(pdu.lun());
+        r.set_itt(pdu.itt());
+        r.set_u32(20, RESERVED_TAG);
+        if pdu.flags() & 0x40 != 0 {
+            // Continued text requests are not needed for SendTargets; refuse them.
+            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            return Ok(Flow::Continue);
+        }
+        let pairs = match text::parse(&pdu.data) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "bad text request");
+                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                return Ok(Flow::Continue);
+            }
+        };
+        let mut reply: Vec<(String, String)> = Vec::new();
+        for (k, v) in pairs {
+            if k == "SendTargets" {
+                let addr = match self.local {
+                    Some(std::net::SocketAddr::V6(a)) => format!("[{}]:{},1", a.ip(), a.port()),
+                    Some(a) => format!("{a},1"),
+                    None => String::new(),
+                };
+                let mut names: Vec<String> =
+                    self.shared.node.volumes().iter().map(|vol| target_iqn(vol.name())).collect();
+                match v.as_str() {
+                    // RFC 7143 appendix C: All belongs to discovery sessions;
+                    // a normal session learns only about its own target.
+                    "All" if self.p.discovery => {}
+                    "All" | "" => names.retain(|n| Some(n) == self.p.target_name.as_ref()),
+                    t => names.retain(|n| n == t),
+                }
+                for n in names {
+                    reply.push(("TargetName".into(), n));
+                    if !addr.is_empty() {
+                        reply.push(("TargetAddress".into(), addr.clone()));
+                    }
+                }
+            } else {
+                reply.push((k, "NotUnderstood".into()));
+            }
+        }
+        let mut data = text::encode(&reply);
+        // Without continuation support, cut at a pair boundary that fits.
+        let cap = self.p.peer_max_recv_data as usize;
+        if data.len() > cap {
+            let cut = data[..cap].iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+            data.truncate(cut);
+        }
+        r.data = Bytes::from(data);
+        self.send(Out::one(r, true)).await?;
+        Ok(Flow::Continue)
+    }
+
+    async fn logout(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        if !self.accept_cmd_sn(&pdu) {
+            return Ok(Flow::Continue);
+        }
+        let reason = pdu.flags() & 0x7f;
+        let mut r = Pdu::new(Opcode::LogoutResponse);
+        r.set_itt(pdu.itt());
+        if reason == 2 {
+            r.bhs[2] = 2; // connection recovery is not supported (ERL 0)
+            self.send(Out::one(r, true)).await?;
+            return Ok(Flow::Continue);
+        }
+        // Finish what is running, so its responses precede the logout response.
+        self.pending.clear();
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(itt) = done {
+                self.running.remove(&itt);
+            }
+        }
+        self.send(Out { pdus: vec![(r, true)], close: true }).await?;
+        tracing::debug!(reason, "logout");
+        Ok(Flow::Close)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Residual {
+    None,
+    Over(u32),
+    Under(u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Status {
+    Good(Residual),
+    Check(Sense, Residual),
+}
+
+/// How to answer one SCSI command.
+#[derive(Debug, Clone, Copy)]
+struct Response {
+    itt: u32,
+    lun_field: u64,
+    edtl: u32,
+    read_f: bool,
+    status: Status,
+}
+
+impl Response {
+    /// Builds the Data-In PDUs and/or SCSI Response for `data` (the Data-In
+    /// payload the command produced, before EDTL truncation).
+    fn pdus(&self, data: Bytes, p: &SessionParams) -> Out {
+        let mut out = Vec::new();
+        let spdtl = data.len() as u64;
+        let edtl = if self.read_f || !data.is_empty() { self.edtl as u64 } else { 0 };
+        let (sense, mut residual) = match self.status {
+            Status::Good(r) => (None, r),
+            Status::Check(s, r) => (Some(s), r),
+        };
+        if !data.is_empty() || (self.read_f && matches!(residual, Residual::None)) {
+            residual = if spdtl > edtl {
+                Residual::Over((spdtl - edtl).min(u32::MAX as u64) as u32)
+            } else if spdtl < edtl {
+                Residual::Under((edtl - spdtl) as u32)
+            } else {
+                Residual::None
+            };
+        }
+        let send = data.slice(..spdtl.min(edtl) as usize);
+        let res_flags = |r: Residual| match r {
+            Residual::None => (0u8, 0u32),
+            Residual::Over(n) => (0x04, n),
+            Residual::Under(n) => (0x02, n),
+        };
+        let (rflag, rcount) = res_flags(residual);
+        let seg = p.peer_max_recv_data.max(512) as usize;
+        let burst = p.max_burst.max(512) as usize;
+        let mut data_sn = 0u32;
+        let mut offset = 0usize;
+        let collapse = sense.is_none();
+        while offset < send.len() {
+            let burst_left = burst - offset % burst;
+            let n = (send.len() - offset).min(seg).min(burst_left);
+            let last = offset + n == send.len();
+            let mut d = Pdu::new(Opcode::DataIn);
+            d.bhs[1] = 0;
+            if last || n == burst_left {
+                d.bhs[1] |= 0x80;
+            }
+            let with_status = last && collapse;
+            if with_status {
+                d.bhs[1] |= 0x01 | rflag;
+                d.bhs[3] = status::GOOD;
+                d.set_u32(44, rcount);
+            }
+            d.set_lun(self.lun_field);
+            d.set_itt(self.itt);
+            d.set_u32(20, RESERVED_TAG);
+            d.set_u32(36, data_sn);
+            d.set_u32(40, offset as u32);
+            d.data = send.slice(offset..offset + n);
+            out.push((d, with_status));
+            data_sn += 1;
+            offset += n;
+        }
+        if send.is_empty() || !collapse {
+            let mut r = Pdu::new(Opcode::ScsiResponse);
+            r.bhs[1] = 0x80 | rflag;
+            r.bhs[2] = 0; // command completed at target
+            r.set_itt(self.itt);
+            r.set_u32(36, data_sn);
+            r.set_u32(44, rcount);
+            if let Some(s) = sense {
+                r.bhs[3] = status::CHECK_CONDITION;
+                let sd = s.fixed();
+                let mut seg = Vec::with_capacity(2 + sd.len());
+                seg.extend_from_slice(&(sd.len() as u16).to_be_bytes());
+                seg.extend_from_slice(&sd);
+                r.data = Bytes::from(seg);
+            } else {
+                r.bhs[3] = status::GOOD;
+            }
+            out.push((r, true));
+        }
+        Out { pdus: out, close: false }
+    }
+}

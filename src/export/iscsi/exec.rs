@@ -1,0 +1,195 @@
+//! Executes parsed SCSI commands against a `Volume`: the semantics shared
+//! with NBD (SYNCHRONIZE CACHE = flush, FUA = fua, UNMAP = trim, WRITE SAME
+//! with UNMAP of zeros = write_zeroes with deallocate).
+
+use crate::node::{Volume, VolumeError};
+use crate::proto::iscsi::scsi::{self, BLOCK, Command, LunInfo, Sense};
+use crate::types::flatten_chunks;
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+
+/// One LUN: the volume plus what the response builders need.
+#[derive(Debug)]
+pub(crate) struct Lun {
+    pub vol: Arc<Volume>,
+    pub info: LunInfo,
+    /// Serializes COMPARE AND WRITE on this volume across connections so
+    /// the compare and the write are atomic with respect to each other.
+    pub caw_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Maps a volume error to the sense data the initiator gets.
+pub(crate) fn sense_of(e: &VolumeError, writing: bool) -> Sense {
+    match e {
+        VolumeError::OutOfRange { .. } => Sense::LBA_OUT_OF_RANGE,
+        VolumeError::Misaligned { .. } | VolumeError::TooLarge(_) => Sense::INVALID_FIELD_IN_CDB,
+        VolumeError::ReadOnly => Sense::WRITE_PROTECTED,
+        VolumeError::NoSpace(_) => Sense::SPACE_ALLOCATION_FAILED,
+        VolumeError::Checksum { .. } => Sense::UNRECOVERED_READ_ERROR,
+        VolumeError::Io(_) if writing => Sense::WRITE_ERROR,
+        VolumeError::Io(_) => Sense::UNRECOVERED_READ_ERROR,
+    }
+}
+
+fn off(lba: u64) -> u64 {
+    lba * BLOCK
+}
+
+async fn read(lun: &Lun, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
+    let chunks = lun.vol.read(off(lba), blocks as u64 * BLOCK).await.map_err(|e| {
+        tracing::warn!(error = %e, lba, blocks, "read failed");
+        sense_of(&e, false)
+    })?;
+    Ok(flatten_chunks(&chunks))
+}
+
+fn wr_err(e: VolumeError) -> Sense {
+    tracing::warn!(error = %e, "write failed");
+    sense_of(&e, true)
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Runs `cmd` with its Data-Out payload; returns the Data-In payload.
+pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Bytes, Sense> {
+    let cap = lun.info.blocks;
+    if cmd.writes() && lun.info.read_only {
+        return Err(Sense::WRITE_PROTECTED);
+    }
+    match cmd {
+        Command::TestUnitReady | Command::NoOp => Ok(Bytes::new()),
+        Command::RequestSense { desc, alloc } => Ok(scsi::request_sense(desc, alloc).into()),
+        Command::Inquiry { evpd, page, alloc } => Ok(scsi::inquiry(&lun.info, evpd, page, alloc)?.into()),
+        Command::ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } => {
+            Ok(scsi::mode_sense(&lun.info, ten, dbd, llbaa, pc, page, subpage, alloc)?.into())
+        }
+        Command::ReadCapacity10 => Ok(scsi::read_capacity10(&lun.info).into()),
+        Command::ReadCapacity16 { alloc } => Ok(scsi::read_capacity16(&lun.info, alloc).into()),
+        Command::ReportLuns { alloc } => Ok(scsi::report_luns(alloc).into()),
+        Command::ReportSupportedOpcodes { rctd, options, opcode, sa, alloc } => {
+            Ok(scsi::report_opcodes(rctd, options, opcode, sa, alloc)?.into())
+        }
+        Command::Read { lba, blocks, .. } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            if blocks == 0 {
+                return Ok(Bytes::new());
+            }
+            read(lun, lba, blocks).await
+        }
+        Command::Write { lba, blocks, fua } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            if blocks == 0 {
+                return Ok(Bytes::new());
+            }
+            lun.vol.write(off(lba), data, fua).await.map_err(wr_err)?;
+            Ok(Bytes::new())
+        }
+        Command::WriteAndVerify { lba, blocks } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            if blocks == 0 {
+                return Ok(Bytes::new());
+            }
+            // Verify means on the medium: make the write durable first.
+            lun.vol.write(off(lba), data, true).await.map_err(wr_err)?;
+            Ok(Bytes::new())
+        }
+        Command::SyncCache { lba, blocks } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            lun.vol.flush().await.map_err(wr_err)?;
+            Ok(Bytes::new())
+        }
+        Command::WriteSame { lba, blocks, unmap, ndob } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            let len = blocks as u64 * BLOCK;
+            if ndob || data.iter().all(|&b| b == 0) {
+                lun.vol.write_zeroes(off(lba), len, unmap, false).await.map_err(wr_err)?;
+                return Ok(Bytes::new());
+            }
+            // Non-zero pattern: write it in bounded chunks.
+            let per = (len.min(4 << 20) / BLOCK) as usize;
+            let mut buf = BytesMut::with_capacity(per * BLOCK as usize);
+            for _ in 0..per {
+                buf.extend_from_slice(&data);
+            }
+            let buf = buf.freeze();
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                lun.vol.write(off(lba) + done, buf.slice(..n), false).await.map_err(wr_err)?;
+                done += n as u64;
+            }
+            Ok(Bytes::new())
+        }
+        Command::Unmap { .. } => {
+            for r in scsi::parse_unmap(&data, cap)? {
+                if r.blocks > 0 {
+                    lun.vol.trim(off(r.lba), r.blocks as u64 * BLOCK, false).await.map_err(wr_err)?;
+                }
+            }
+            Ok(Bytes::new())
+        }
+        Command::CompareAndWrite { lba, blocks, fua } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            if blocks == 0 {
+                return Ok(Bytes::new());
+            }
+            let half = blocks as usize * BLOCK as usize;
+            let _guard = lun.caw_lock.lock().await;
+            let current = read(lun, lba, blocks).await?;
+            if let Some(at) = first_difference(&current, &data[..half]) {
+                return Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u64));
+            }
+            lun.vol.write(off(lba), data.slice(half..), fua).await.map_err(wr_err)?;
+            Ok(Bytes::new())
+        }
+        Command::Verify { lba, blocks, bytchk } => {
+            scsi::check_range(lba, blocks as u64, cap)?;
+            if blocks == 0 {
+                return Ok(Bytes::new());
+            }
+            let current = read(lun, lba, blocks).await?;
+            let mismatch = match bytchk {
+                1 => first_difference(&current, &data),
+                3 => current
+                    .chunks(BLOCK as usize)
+                    .enumerate()
+                    .find_map(|(i, blk)| first_difference(blk, &data).map(|at| i * BLOCK as usize + at)),
+                _ => None,
+            };
+            match mismatch {
+                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u64)),
+                None => Ok(Bytes::new()),
+            }
+        }
+        Command::GetLbaStatus { lba, alloc } => {
+            if lba >= cap {
+                return Err(Sense::LBA_OUT_OF_RANGE);
+            }
+            // Bounded look-ahead; the initiator asks again from where we stop.
+            let blocks = (cap - lba).min((1u64 << 30) / BLOCK);
+            let map =
+                lun.vol.block_status(off(lba), blocks * BLOCK).await.map_err(|e| sense_of(&e, false))?;
+            let max_descs = ((alloc as usize).saturating_sub(8) / 16).max(1);
+            let mut descs = Vec::new();
+            let mut at = lba;
+            for m in map {
+                if descs.len() >= max_descs {
+                    break;
+                }
+                let n = (m.len / BLOCK).min(u32::MAX as u64) as u32;
+                if n == 0 {
+                    continue;
+                }
+                let st = if m.state.allocated { 0 } else { 1 };
+                match descs.last_mut() {
+                    Some((_, cnt, s)) if *s == st && (*cnt as u64 + n as u64) <= u32::MAX as u64 => *cnt += n,
+                    _ => descs.push((at, n, st)),
+                }
+                at += n as u64;
+            }
+            Ok(scsi::lba_status(&descs, alloc).into())
+        }
+    }
+}
