@@ -194,7 +194,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
         tracing::warn!("connections did not drain in 30 s; flushing anyway");
     }
-    node.flush_all().await.context("final flush")?;
+    node.close().await.context("final flush")?;
     tracing::info!("flushed; bye");
     Ok(())
 }
