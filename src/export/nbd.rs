@@ -306,9 +306,7 @@ async fn read_more(
     rd.read_buf(buf).await
 }
 
-type Inflight = FuturesUnordered<
-    std::pin::Pin<Box<dyn std::future::Future<Output = Outgoing> + Send>>,
->;
+type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = Outgoing> + Send>>>;
 
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
