@@ -3,8 +3,9 @@
 //! Requests are framed by [`RequestDecoder`] straight out of the connection's
 //! read buffer: a WRITE payload becomes a `Bytes` that shares the buffer (no
 //! copy). A WRITE longer than the maximum payload is never buffered: the
-//! decoder hands up its header (so it can be answered `EINVAL`) and then
-//! discards the payload as it streams past.
+//! decoder discards the payload as it streams past and then hands up the
+//! header, so it can be answered `EINVAL` (only after the payload: clients
+//! such as libnbd do not expect a reply to a command still being sent).
 //!
 //! Replies are encoded into a [`ReplyBuf`]: headers go into one growing
 //! buffer, payloads (`Bytes` from the volume) are referenced, not copied, so
@@ -42,11 +43,13 @@ pub struct RequestDecoder {
     max_payload: u32,
     /// Bytes of an oversized WRITE payload still to be thrown away.
     skip: u64,
+    /// That WRITE, handed up once its payload is gone.
+    skipped: Option<Request>,
 }
 
 impl RequestDecoder {
     pub fn new(max_payload: u32) -> Self {
-        RequestDecoder { max_payload, skip: 0 }
+        RequestDecoder { max_payload, skip: 0, skipped: None }
     }
 
     /// The next request, or `Ok(None)` until a whole one is in `buf`.
@@ -57,6 +60,9 @@ impl RequestDecoder {
             self.skip -= n;
             if self.skip > 0 {
                 return Ok(None);
+            }
+            if let Some(req) = self.skipped.take() {
+                return Ok(Some(req));
             }
         }
         if buf.len() < REQUEST_HEADER_LEN {
@@ -76,9 +82,8 @@ impl RequestDecoder {
             if len > self.max_payload {
                 buf.advance(REQUEST_HEADER_LEN);
                 self.skip = len as u64;
-                let n = self.skip.min(buf.len() as u64);
-                buf.advance(n as usize);
-                self.skip -= n;
+                self.skipped = Some(Request { flags, kind, handle, offset, len, data: None });
+                return self.decode(buf);
             } else {
                 if buf.len() < REQUEST_HEADER_LEN + len as usize {
                     return Ok(None);
@@ -520,14 +525,16 @@ mod tests {
     fn oversized_write_is_handed_up_and_its_payload_skipped() {
         let mut d = RequestDecoder::new(1024);
         let mut b = frame(CMD_WRITE, 0, 1, 0, &[1; 3000]);
-        // Only part of the payload has arrived.
+        // Only part of the payload has arrived: nothing to hand up yet.
         b.truncate(REQUEST_HEADER_LEN + 1000);
-        let r = d.decode(&mut b).unwrap().unwrap();
-        assert_eq!((r.len, r.data), (3000, None));
+        assert_eq!(d.decode(&mut b), Ok(None));
         assert!(d.skipping());
         assert!(b.is_empty());
         b.put_bytes(1, 2000);
         b.extend_from_slice(&frame(CMD_FLUSH, 0, 2, 0, &[]));
+        let r = d.decode(&mut b).unwrap().unwrap();
+        assert_eq!((r.handle, r.len, r.data), (1, 3000, None));
+        assert!(!d.skipping());
         let r = d.decode(&mut b).unwrap().unwrap();
         assert_eq!((r.kind, r.handle), (CMD_FLUSH, 2));
         assert!(!d.skipping());
