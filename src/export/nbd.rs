@@ -57,6 +57,8 @@ const MAX_BATCH: usize = 4 << 20;
 const MAX_IOV: usize = 128;
 /// Socket reads ask for at least this much room.
 const READ_CHUNK: usize = 256 << 10;
+/// A WRITE payload remainder at least this big is read on its own.
+const LARGE_REMAINDER: usize = 64 << 10;
 
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
@@ -302,8 +304,18 @@ async fn read_more(
     buf: &mut BytesMut,
     decoder: &RequestDecoder,
 ) -> std::io::Result<usize> {
-    buf.reserve(decoder.wanted(buf).max(READ_CHUNK));
-    rd.read_buf(buf).await
+    let wanted = decoder.wanted(buf);
+    if wanted >= LARGE_REMAINDER {
+        // Read exactly the rest of a large WRITE payload: the frame then ends
+        // at the end of the buffer, and no partial next frame has to be
+        // copied when the buffer is replaced (its payload is still in use).
+        buf.reserve(wanted);
+        let mut limited = bytes::BufMut::limit(&mut *buf, wanted);
+        rd.read_buf(&mut limited).await
+    } else {
+        buf.reserve(wanted.max(READ_CHUNK));
+        rd.read_buf(buf).await
+    }
 }
 
 type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = Outgoing> + Send>>>;
