@@ -474,3 +474,52 @@ print("ok")
 "#,
     );
 }
+
+#[test]
+fn sigterm_drain_answers_what_it_read_and_loses_nothing_acknowledged() {
+    let mut d = Daemon::start("64M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    let blocks: Vec<Vec<u8>> = (0..64).map(|i| pattern(1000 + i, 64 << 10)).collect();
+    let mut w = c.s.try_clone().unwrap();
+    let to_send = blocks.clone();
+    let sender = std::thread::spawn(move || {
+        for (i, b) in to_send.iter().enumerate() {
+            let mut f = Vec::with_capacity(28 + b.len());
+            f.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            f.extend_from_slice(&0u16.to_be_bytes());
+            f.extend_from_slice(&CMD_WRITE.to_be_bytes());
+            f.extend_from_slice(&(i as u64).to_be_bytes());
+            f.extend_from_slice(&(i as u64 * (64 << 10)).to_be_bytes());
+            f.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            f.extend_from_slice(b);
+            // The server may stop reading at any point; that is allowed.
+            if w.write_all(&f).is_err() {
+                return;
+            }
+        }
+    });
+    // Wait for the first reply so the drain has something in flight to finish.
+    let first = c.simple_reply();
+    assert_eq!(first.0, 0);
+    assert_eq!(d.terminate(), Some(0), "drain must exit 0; log:\n{}", d.log_text());
+    let mut acked = vec![first.1];
+    // Every reply sent before the close must be whole and successful.
+    loop {
+        let mut hdr = [0u8; 16];
+        match c.s.read_exact(&mut hdr) {
+            Ok(()) => {
+                assert_eq!(u32::from_be_bytes(hdr[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+                assert_eq!(u32::from_be_bytes(hdr[4..8].try_into().unwrap()), 0);
+                acked.push(u64::from_be_bytes(hdr[8..16].try_into().unwrap()));
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = sender.join();
+    d.restart();
+    let mut r = Raw::open(d.nbd_port);
+    for h in &acked {
+        let got = r.read(500 + h, h * (64 << 10), 64 << 10);
+        assert!(got == blocks[*h as usize], "acknowledged write {h} lost");
+    }
+}
