@@ -252,7 +252,7 @@ async fn transmission(
         if !reading && pending.is_none() && inflight.is_empty() {
             break;
         }
-        let want_bytes = pending.as_ref().map_or(1, |p| p.1);
+        let want_units = pending.as_ref().map_or(1, |p| p.1);
         tokio::select! {
             biased;
             Some((reply, permit)) = inflight.next(), if !inflight.is_empty() => {
@@ -262,7 +262,7 @@ async fn transmission(
                     reading = false;
                 }
             }
-            permit = budget.clone().acquire_many_owned(want_bytes), if pending.is_some() => {
+            permit = budget.clone().acquire_many_owned(want_units), if pending.is_some() => {
                 let (req, _) = pending.take().unwrap();
                 let permit = permit.expect("the budget semaphore is never closed");
                 dispatch(req, permit, &volume, &session, &tx, &mut inflight, &mut reading, &mut outcome);
