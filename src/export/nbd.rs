@@ -57,6 +57,9 @@ const MAX_BATCH: usize = 4 << 20;
 const MAX_IOV: usize = 128;
 /// Socket reads ask for at least this much room.
 const READ_CHUNK: usize = 256 << 10;
+/// A client must finish option haggling within this time (a half-open
+/// connection otherwise holds a task forever).
+const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A WRITE payload remainder at least this big is read on its own.
 const LARGE_REMAINDER: usize = 64 << 10;
 
@@ -102,6 +105,8 @@ enum ConnError {
     Truncated(usize),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
 }
 
 /// How a connection ended normally.
@@ -156,11 +161,34 @@ async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationTok
 }
 
 async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) -> Result<Closed, ConnError> {
+    let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
+    {
+        Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_LIMIT)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(closed))) => return Ok(closed),
+        Ok(Ok(Ok(agreed))) => agreed,
+    };
+    let Some(volume) = node.volume(&session.export) else {
+        return Err(ConnError::UnknownExport(session.export));
+    };
+    tracing::Span::current().record("export", session.export.as_str());
+    debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
+    transmission(sock, buf, volume, session, cancel).await
+}
+
+/// Option haggling: the agreed session plus any bytes already read past
+/// it, or how the connection ended.
+async fn negotiate(
+    sock: &mut TcpStream,
+    node: &Arc<Node>,
+    cancel: &CancellationToken,
+) -> Result<Result<(Session, BytesMut), Closed>, ConnError> {
     sock.write_all(&handshake::greeting()).await?;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // Small on purpose: an idle half-open connection should cost little.
+    let mut buf = BytesMut::with_capacity(4096);
     while buf.len() < 4 {
-        if !fill(&mut sock, &mut buf, cancel).await? {
-            return if cancel.is_cancelled() { Ok(Closed::Drained) } else { Ok(Closed::Eof) };
+        if !fill(sock, &mut buf, cancel).await? {
+            return Ok(Err(if cancel.is_cancelled() { Closed::Drained } else { Closed::Eof }));
         }
     }
     let flags = u32::from_be_bytes(buf[..4].try_into().unwrap());
@@ -168,13 +196,16 @@ async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) 
     let mut neg = Negotiator::new(BlockSizes::default());
     neg.client_flags(flags)?;
     let mut out = BytesMut::new();
-    let session = loop {
+    loop {
         let Some((option, data)) = handshake::decode_option(&mut buf)? else {
-            if !fill(&mut sock, &mut buf, cancel).await? {
+            if !fill(sock, &mut buf, cancel).await? {
                 if cancel.is_cancelled() {
-                    return Ok(Closed::Drained);
+                    return Ok(Err(Closed::Drained));
                 }
-                return if buf.is_empty() { Ok(Closed::Eof) } else { Err(ConnError::Truncated(buf.len())) };
+                if buf.is_empty() {
+                    return Ok(Err(Closed::Eof));
+                }
+                return Err(ConnError::Truncated(buf.len()));
             }
             continue;
         };
@@ -186,16 +217,10 @@ async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) 
             Next::Close if option == crate::proto::nbd::OPT_EXPORT_NAME => {
                 return Err(ConnError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
             }
-            Next::Close => return Ok(Closed::ByClient),
-            Next::Transmit(s) => break s,
+            Next::Close => return Ok(Err(Closed::ByClient)),
+            Next::Transmit(s) => return Ok(Ok((s, buf))),
         }
-    };
-    let Some(volume) = node.volume(&session.export) else {
-        return Err(ConnError::UnknownExport(session.export));
-    };
-    tracing::Span::current().record("export", session.export.as_str());
-    debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
-    transmission(sock, buf, volume, session, cancel).await
+    }
 }
 
 /// A reply on its way to the writer, holding its share of the budget.
