@@ -523,3 +523,41 @@ fn sigterm_drain_answers_what_it_read_and_loses_nothing_acknowledged() {
         assert!(got == blocks[*h as usize], "acknowledged write {h} lost");
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn client_that_never_reads_replies_cannot_grow_server_memory() {
+    let d = Daemon::start("128M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    let data = pattern(5, 32 << 20);
+    c.write(1, 0, &data);
+    c.write(2, 32 << 20, &data);
+    let before = rss_kib(d.pid());
+    // 20 reads of 32 MiB (640 MiB of replies) sent at once, none read back yet.
+    for i in 0..20u64 {
+        c.request(0, CMD_READ, 100 + i, (i % 2) * (32 << 20), 32 << 20, &[]);
+    }
+    // Let the server run into its budget (this only gives it the chance to
+    // misbehave; nothing below depends on how long it took).
+    std::thread::sleep(Duration::from_millis(500));
+    let during = rss_kib(d.pid());
+    // Budget 64 MiB + one frame + socket buffers, with room to spare; far
+    // below the 640 MiB that buffering every reply would take.
+    assert!(during < before + 256 * 1024, "RSS grew from {before} KiB to {during} KiB");
+    // Other clients are still served meanwhile.
+    let mut other = Raw::open(d.nbd_port);
+    assert!(other.read(3, 0, 4096) == data[..4096]);
+    // And every reply arrives, whole and right, once the client reads.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (err, h) = c.simple_reply();
+        assert_eq!(err, 0);
+        assert!(seen.insert(h));
+        assert!(c.bytes(32 << 20) == data, "wrong data for handle {h}");
+    }
+}
