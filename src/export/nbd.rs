@@ -1,10 +1,69 @@
-//! NBD server.
+//! NBD server: one tokio task per connection running the sans-IO codec in
+//! `proto::nbd` over a TCP socket, and turning requests into `Volume` calls.
+//!
+//! Per connection, after the handshake, one task reads and frames requests,
+//! validates them, and runs them as futures in a `FuturesUnordered`, so many
+//! requests are in flight at once and complete in any order. Finished
+//! replies (plus any others finished by then) are encoded into an outbox and
+//! written by the same task with one non-blocking vectored write; what the
+//! socket does not take waits for writability. Read payloads are the
+//! volume's `Bytes`, referenced by the write, never copied. (An earlier
+//! version fed a separate writer task through a channel; writing in place
+//! saves a task wake-up per batch and measured faster at QD32.)
+//!
+//! Memory is bounded per connection by a semaphore of "cost units" (one per
+//! request plus one per 4 KiB of payload): a request takes its units before
+//! it runs and gives them back only once its reply is written. When the
+//! budget is spent the connection stops reading the socket, which is the
+//! backpressure. Worst case per connection: the budget, plus one frame
+//! being assembled (at most the maximum payload), plus the read buffer.
+//!
+//! Every connection to a volume shares one `Arc<Volume>`, whose `flush` is
+//! a barrier over every write completed before it on any connection; that
+//! is why `NBD_FLAG_CAN_MULTI_CONN` is advertised.
+//!
+//! Drain: when `cancel` fires the server stops accepting; each connection
+//! stops reading new requests, answers the ones in flight, and closes.
+//!
+//! Export names: see `proto::nbd::handshake` (`""` is the only volume, or
+//! the one called `demo`).
 
-use crate::node::Node;
+use crate::node::{Node, Volume, VolumeError};
+use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
+use crate::proto::nbd::transmission::{
+    Command, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply, error_reply,
+    validate,
+};
+use crate::proto::nbd::{BlockSizes, CMD_READ, CMD_WRITE, Errno};
+use bytes::BytesMut;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use std::io::IoSlice;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+/// Per-connection in-flight budget, in cost units (see the module docs):
+/// 64 MiB of payload, or 16 Ki small requests.
+const BUDGET_UNITS: u32 = 16 << 10;
+/// Payload bytes per cost unit.
+const UNIT_BYTES: u64 = 4096;
+/// Stop batching replies into one write past this many bytes.
+const MAX_BATCH: usize = 4 << 20;
+/// At most this many buffers per `writev` (well under IOV_MAX).
+const MAX_IOV: usize = 128;
+/// Socket reads ask for at least this much room.
+const READ_CHUNK: usize = 256 << 10;
+/// A client must finish option haggling within this time (a half-open
+/// connection otherwise holds a task forever).
+const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A WRITE payload remainder at least this big is read on its own.
+const LARGE_REMAINDER: usize = 64 << 10;
 
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
@@ -13,7 +72,471 @@ pub async fn serve(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
-    let _ = (listener, node, tracker);
-    cancel.cancelled().await;
+    info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
+                tracker.spawn(connection(sock, node.clone(), cancel.clone()).instrument(span));
+            }
+            Err(e) => {
+                // Out of fds and the like: keep serving the connections we have.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    info!("NBD server stopped accepting");
     Ok(())
+}
+
+/// Why a connection ended other than by the client's choice.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("socket error")]
+    Io(#[from] std::io::Error),
+    #[error("handshake refused")]
+    Handshake(#[from] handshake::HandshakeError),
+    #[error("bad request framing")]
+    Proto(#[from] ProtoError),
+    #[error("client closed the connection in the middle of a frame ({0} bytes of it received)")]
+    Truncated(usize),
+    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+}
+
+/// How a connection ended normally.
+#[derive(Debug)]
+enum Closed {
+    /// NBD_OPT_ABORT or NBD_CMD_DISC.
+    ByClient,
+    /// The client closed the socket between frames.
+    Eof,
+    /// Server shutdown.
+    Drained,
+}
+
+async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken) {
+    if let Err(e) = sock.set_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY");
+    }
+    match run(sock, &node, &cancel).await {
+        Ok(how) => debug!(?how, "connection closed"),
+        Err(e) => {
+            // The one log line for a connection that went wrong.
+            let cause = std::error::Error::source(&e).map(|s| s.to_string());
+            warn!(error = %e, cause, "connection closed");
+        }
+    }
+}
+
+fn exports(node: &Node) -> Vec<Export> {
+    node.volumes()
+        .iter()
+        .map(|v| Export {
+            name: v.name().to_string(),
+            description: format!(
+                "Basalt volume {} ({} bytes{})",
+                v.name(),
+                v.size(),
+                if v.read_only() { ", read-only" } else { "" }
+            ),
+            size: v.size(),
+            read_only: v.read_only(),
+        })
+        .collect()
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` on EOF or cancellation.
+async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationToken) -> std::io::Result<bool> {
+    buf.reserve(4096);
+    tokio::select! {
+        _ = cancel.cancelled() => Ok(false),
+        r = sock.read_buf(buf) => Ok(r? > 0),
+    }
+}
+
+async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) -> Result<Closed, ConnError> {
+    let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
+    {
+        Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_LIMIT)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(closed))) => return Ok(closed),
+        Ok(Ok(Ok(agreed))) => agreed,
+    };
+    let Some(volume) = node.volume(&session.export) else {
+        return Err(ConnError::UnknownExport(session.export));
+    };
+    tracing::Span::current().record("export", session.export.as_str());
+    debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
+    transmission(sock, buf, volume, session, cancel).await
+}
+
+/// Option haggling: the agreed session plus any bytes already read past
+/// it, or how the connection ended.
+async fn negotiate(
+    sock: &mut TcpStream,
+    node: &Arc<Node>,
+    cancel: &CancellationToken,
+) -> Result<Result<(Session, BytesMut), Closed>, ConnError> {
+    sock.write_all(&handshake::greeting()).await?;
+    // Small on purpose: an idle half-open connection should cost little.
+    let mut buf = BytesMut::with_capacity(4096);
+    while buf.len() < 4 {
+        if !fill(sock, &mut buf, cancel).await? {
+            return Ok(Err(if cancel.is_cancelled() { Closed::Drained } else { Closed::Eof }));
+        }
+    }
+    let flags = u32::from_be_bytes(buf[..4].try_into().unwrap());
+    let _ = buf.split_to(4);
+    let mut neg = Negotiator::new(BlockSizes::default());
+    neg.client_flags(flags)?;
+    let mut out = BytesMut::new();
+    loop {
+        let Some((option, data)) = handshake::decode_option(&mut buf)? else {
+            if !fill(sock, &mut buf, cancel).await? {
+                if cancel.is_cancelled() {
+                    return Ok(Err(Closed::Drained));
+                }
+                if buf.is_empty() {
+                    return Ok(Err(Closed::Eof));
+                }
+                return Err(ConnError::Truncated(buf.len()));
+            }
+            continue;
+        };
+        out.clear();
+        let next = neg.option(option, &data, &exports(node), &mut out);
+        sock.write_all(&out).await?;
+        match next {
+            Next::Continue => {}
+            Next::Close if option == crate::proto::nbd::OPT_EXPORT_NAME => {
+                return Err(ConnError::UnknownExport(String::from_utf8_lossy(&data).into_owned()));
+            }
+            Next::Close => return Ok(Err(Closed::ByClient)),
+            Next::Transmit(s) => return Ok(Ok((s, buf))),
+        }
+    }
+}
+
+/// A finished reply, holding its share of the budget.
+type Outgoing = (Reply, OwnedSemaphorePermit);
+
+fn cost(req: &Request) -> u32 {
+    // Lengths over the cap are refused before running, so they cost 1.
+    let payload = (req.kind == CMD_READ || req.kind == CMD_WRITE)
+        && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
+    if payload { 1 + (req.len as u64 / UNIT_BYTES) as u32 } else { 1 }
+}
+
+async fn transmission(
+    sock: TcpStream,
+    mut buf: BytesMut,
+    volume: Arc<Volume>,
+    session: Session,
+    cancel: &CancellationToken,
+) -> Result<Closed, ConnError> {
+    let (mut rd, wr) = sock.into_split();
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let mut decoder = RequestDecoder::new(session.sizes.max_payload);
+    let mut inflight: Inflight = FuturesUnordered::new();
+    let mut pending: Option<(Request, u32)> = None;
+    let mut out = Outbox::default();
+    let mut reading = true;
+    let mut write_failed = false;
+    let mut outcome: Result<Closed, ConnError> = Ok(Closed::Eof);
+
+    loop {
+        if reading && pending.is_none() {
+            match decoder.decode(&mut buf) {
+                Ok(Some(req)) => {
+                    let c = cost(&req);
+                    pending = Some((req, c));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    reading = false;
+                    outcome = Err(e.into());
+                }
+            }
+        }
+        if let Some((req, c)) = pending.take() {
+            match budget.clone().try_acquire_many_owned(c) {
+                Ok(permit) => {
+                    dispatch(
+                        req,
+                        permit,
+                        &volume,
+                        &session,
+                        &mut out,
+                        &mut inflight,
+                        &mut reading,
+                        &mut outcome,
+                    );
+                    continue;
+                }
+                Err(_) => pending = Some((req, c)),
+            }
+        }
+        // Replies go out from this task, without a hop to another one, as
+        // far as the socket takes them; the rest waits for writability.
+        if !write_failed && !out.is_empty() {
+            if let Err(e) = out.try_flush(&wr) {
+                write_failed = true;
+                reading = false;
+                out.discard();
+                if outcome.is_ok() {
+                    outcome = Err(e.into());
+                }
+            }
+        }
+        if !reading && pending.is_none() && inflight.is_empty() && out.is_empty() {
+            break;
+        }
+        let want_units = pending.as_ref().map_or(1, |p| p.1);
+        tokio::select! {
+            biased;
+            Some((reply, permit)) = inflight.next(), if !inflight.is_empty() => {
+                if !write_failed {
+                    out.push(reply, permit);
+                    // Everything else already finished goes in the same write.
+                    while out.len() < MAX_BATCH {
+                        match inflight.next().now_or_never() {
+                            Some(Some((reply, permit))) => out.push(reply, permit),
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            r = wr.writable(), if !out.is_empty() => {
+                if let Err(e) = r {
+                    write_failed = true;
+                    reading = false;
+                    out.discard();
+                    if outcome.is_ok() {
+                        outcome = Err(e.into());
+                    }
+                }
+            }
+            permit = budget.clone().acquire_many_owned(want_units), if pending.is_some() => {
+                let (req, _) = pending.take().unwrap();
+                let permit = permit.expect("the budget semaphore is never closed");
+                dispatch(req, permit, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
+            }
+            r = read_more(&mut rd, &mut buf, &decoder), if reading && pending.is_none() => {
+                match r {
+                    Ok(0) => {
+                        reading = false;
+                        if !buf.is_empty() || decoder.skipping() {
+                            outcome = Err(ConnError::Truncated(buf.len()));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        reading = false;
+                        outcome = Err(e.into());
+                    }
+                }
+            }
+            _ = cancel.cancelled(), if reading => {
+                reading = false;
+                outcome = Ok(Closed::Drained);
+                debug!(in_flight = inflight.len(), "draining");
+            }
+        }
+    }
+    if !write_failed {
+        let mut wr = wr;
+        let _ = wr.shutdown().await;
+    }
+    outcome
+}
+
+async fn read_more(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    decoder: &RequestDecoder,
+) -> std::io::Result<usize> {
+    let wanted = decoder.wanted(buf);
+    if wanted >= LARGE_REMAINDER {
+        // Read exactly the rest of a large WRITE payload: the frame then ends
+        // at the end of the buffer, and no partial next frame has to be
+        // copied when the buffer is replaced (its payload is still in use).
+        buf.reserve(wanted);
+        let mut limited = bytes::BufMut::limit(&mut *buf, wanted);
+        rd.read_buf(&mut limited).await
+    } else {
+        buf.reserve(wanted.max(READ_CHUNK));
+        rd.read_buf(buf).await
+    }
+}
+
+type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = Outgoing> + Send>>>;
+
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    req: Request,
+    permit: OwnedSemaphorePermit,
+    volume: &Arc<Volume>,
+    session: &Session,
+    out: &mut Outbox,
+    inflight: &mut Inflight,
+    reading: &mut bool,
+    outcome: &mut Result<Closed, ConnError>,
+) {
+    let (handle, kind, offset, len) = (req.handle, req.kind, req.offset, req.len);
+    match validate(req, session) {
+        Ok(Command::Disc) => {
+            *reading = false;
+            *outcome = Ok(Closed::ByClient);
+        }
+        Ok(cmd) => {
+            let volume = volume.clone();
+            let structured = session.structured;
+            let context = session.meta_context.unwrap_or(0);
+            inflight.push(Box::pin(async move {
+                (execute(&volume, cmd, handle, structured, context).await, permit)
+            }));
+        }
+        Err(errno) => {
+            info!(handle, kind, offset, len, ?errno, "request refused");
+            let msg = format!("{errno:?}: command {kind} at {offset}+{len}");
+            out.push(error_reply(handle, errno, session.structured, msg), permit);
+        }
+    }
+}
+
+fn errno_of(e: &VolumeError, writes: bool) -> Errno {
+    match e {
+        VolumeError::OutOfRange { .. } if writes => Errno::NoSpc,
+        VolumeError::OutOfRange { .. } | VolumeError::Misaligned { .. } | VolumeError::TooLarge(_) => {
+            Errno::Inval
+        }
+        VolumeError::ReadOnly => Errno::Perm,
+        VolumeError::NoSpace(_) => Errno::NoSpc,
+        VolumeError::Checksum { .. } | VolumeError::Io(_) => Errno::Io,
+    }
+}
+
+async fn execute(volume: &Volume, cmd: Command, handle: u64, structured: bool, context: u32) -> Reply {
+    let ok = Reply::Simple { handle, error: 0 };
+    let writes = matches!(cmd, Command::Write { .. } | Command::WriteZeroes { .. });
+    let result = match cmd {
+        Command::Read { offset, len, df } => volume.read(offset, len as u64).await.map(|chunks| {
+            if structured {
+                Reply::StructuredRead { handle, offset, chunks, df }
+            } else {
+                Reply::SimpleRead { handle, chunks }
+            }
+        }),
+        Command::Write { offset, data, fua } => volume.write(offset, data, fua).await.map(|()| ok),
+        Command::Flush => volume.flush().await.map(|()| ok),
+        Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(ok),
+        Command::Trim { offset, len, fua } => volume.trim(offset, len as u64, fua).await.map(|()| ok),
+        Command::WriteZeroes { offset, len, deallocate, fua } => {
+            volume.write_zeroes(offset, len as u64, deallocate, fua).await.map(|()| ok)
+        }
+        // The store has no cache to warm; the range was checked.
+        Command::Cache { .. } => Ok(ok),
+        Command::BlockStatus { offset, len, req_one } => volume
+            .block_status(offset, len as u64)
+            .await
+            .map(|map| Reply::BlockStatus { handle, context, descriptors: descriptors(&map, len, req_one) }),
+        Command::Disc => Ok(ok),
+    };
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            let errno = errno_of(&e, writes);
+            if errno == Errno::Io {
+                warn!(handle, error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "I/O error");
+            } else {
+                info!(handle, error = %e, "request failed");
+            }
+            error_reply(handle, errno, structured, e.to_string())
+        }
+    }
+}
+
+/// Encoded replies not yet (fully) in the socket, with the budget they
+/// hold; the permits go back once all of it is written.
+#[derive(Debug, Default)]
+struct Outbox {
+    buf: ReplyBuf,
+    permits: Vec<OwnedSemaphorePermit>,
+    /// Write position: segment index and offset in it.
+    seg: usize,
+    off: usize,
+}
+
+impl Outbox {
+    fn push(&mut self, reply: Reply, permit: OwnedSemaphorePermit) {
+        encode_reply(reply, &mut self.buf);
+        self.permits.push(permit);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes encoded since the outbox was last empty.
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn discard(&mut self) {
+        self.buf.clear();
+        self.permits.clear();
+        (self.seg, self.off) = (0, 0);
+    }
+
+    /// Writes as much as the socket takes now (vectored, no waiting).
+    fn try_flush(&mut self, wr: &OwnedWriteHalf) -> std::io::Result<()> {
+        let (mut seg, mut off) = (self.seg, self.off);
+        let segs = self.buf.segments();
+        let result = loop {
+            while seg < segs.len() && segs[seg].len() == off {
+                seg += 1;
+                off = 0;
+            }
+            if seg >= segs.len() {
+                break Ok(true);
+            }
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            iov[0] = IoSlice::new(&segs[seg][off..]);
+            let mut k = 1;
+            for s in segs[seg + 1..].iter().take(MAX_IOV - 1) {
+                iov[k] = IoSlice::new(s);
+                k += 1;
+            }
+            let mut n = match wr.try_write_vectored(&iov[..k]) {
+                Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(false),
+                Err(e) => break Err(e),
+            };
+            while n > 0 {
+                let rem = segs[seg].len() - off;
+                if n >= rem {
+                    n -= rem;
+                    seg += 1;
+                    off = 0;
+                } else {
+                    off += n;
+                    n = 0;
+                }
+            }
+        };
+        (self.seg, self.off) = (seg, off);
+        if let Ok(true) = result {
+            self.discard();
+        }
+        result.map(|_| ())
+    }
 }

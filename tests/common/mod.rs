@@ -217,3 +217,31 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 pub mod iscsi;
+
+/// Runs a Python script under `nbdsh` connected to `uri` (the handle is
+/// `h`, with base:allocation requested); panics with its output unless it
+/// exits 0. Returns stdout.
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    let out = nbdsh_cmd().args(["--base-allocation", "-u", uri, "-c", script]).output().expect("nbdsh");
+    assert!(
+        out.status.success(),
+        "nbdsh failed ({}):\nscript:\n{script}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+/// `nbdsh` runs `python3 -m nbd`; the libnbd bindings live in the system
+/// Python, so put /usr/bin first (a pyenv python on PATH lacks them).
+pub fn nbdsh_cmd() -> Command {
+    let mut c = Command::new("nbdsh");
+    c.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
+    c
+}
+
+/// A scratch directory for client-side files (images, patterns).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("basalt-scratch-").tempdir().unwrap()
+}

@@ -1,1 +1,0 @@
-//! NBD wire protocol (NetworkBlockDevice/nbd doc/proto.md).

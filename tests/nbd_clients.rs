@@ -1,0 +1,362 @@
+//! Real NBD clients (nbdinfo, qemu-img, qemu-io, nbdcopy, nbdsh, fio)
+//! against a real `basaltd`. Every test starts its own small daemon.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+fn json(out: &std::process::Output) -> Value {
+    let text = stdout(out);
+    // fio's nbd engine prints a line before its JSON.
+    let start = text.find(['{', '[']).unwrap_or_else(|| panic!("no JSON in {text}"));
+    serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn nbdinfo_json_reports_size_capabilities_and_block_sizes() {
+    if !require("nbdinfo") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    let j = json(&run_ok("nbdinfo", &["--json", &d.uri()]));
+    assert_eq!(j["protocol"], "newstyle-fixed");
+    assert_eq!(j["structured"], true);
+    let e = &j["exports"][0];
+    assert_eq!(e["export-name"], "demo");
+    assert_eq!(e["export-size"], 64 * MIB);
+    for cap in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_multi_conn",
+        "can_df",
+        "can_cache",
+    ] {
+        assert_eq!(e[cap], true, "{cap} in {e}");
+    }
+    assert_eq!(e["is_read_only"], false);
+    assert_eq!(e["block_size_minimum"], 512);
+    assert_eq!(e["block_size_preferred"], 4096);
+    assert_eq!(e["block_size_maximum"], 32 * MIB);
+    assert_eq!(e["contexts"], serde_json::json!(["base:allocation"]));
+    assert_eq!(e["description"], "Basalt volume demo (67108864 bytes)");
+}
+
+#[test]
+fn read_only_export_is_advertised_and_refuses_writes() {
+    if !require("nbdinfo") || !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--read-only"]);
+    let j = json(&run_ok("nbdinfo", &["--json", &d.uri()]));
+    let e = &j["exports"][0];
+    assert_eq!(e["is_read_only"], true);
+    assert_eq!(e["can_trim"], false);
+    assert_eq!(e["can_zero"], false);
+    assert_eq!(e["can_flush"], true);
+    nbdsh(
+        &d.uri(),
+        r#"
+import errno
+h.set_strict_mode(0)
+assert h.pread(4096, 0) == bytes(4096)
+for op in (lambda: h.pwrite(b"x" * 512, 0), lambda: h.trim(512, 0), lambda: h.zero(512, 0)):
+    try:
+        op()
+        raise AssertionError("write to a read-only export succeeded")
+    except nbd.Error as e:
+        assert e.errnum == errno.EPERM, e
+h.flush()
+"#,
+    );
+}
+
+#[test]
+fn nbdinfo_list_shows_the_export() {
+    if !require("nbdinfo") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--volume=vol-a"]);
+    let j = json(&run_ok("nbdinfo", &["--list", "--json", &format!("nbd://127.0.0.1:{}", d.nbd_port)]));
+    let names: Vec<&str> =
+        j["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["vol-a"]);
+    assert_eq!(j["exports"][0]["export-size"], 64 * MIB);
+}
+
+#[test]
+fn empty_export_name_is_the_only_volume() {
+    if !require("nbdinfo") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--volume=only"]);
+    let uri = format!("nbd://127.0.0.1:{}/", d.nbd_port);
+    let j = json(&run_ok("nbdinfo", &["--json", &uri]));
+    assert_eq!(j["exports"][0]["export-size"], 64 * MIB);
+    let out = run("nbdinfo", &["--json", &format!("nbd://127.0.0.1:{}/nope", d.nbd_port)]);
+    assert!(!out.status.success(), "unknown export must fail");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Descriptors of `nbdinfo --map --json`: (offset, length, type).
+fn map(uri: &str) -> Vec<(u64, u64, u64)> {
+    let j = json(&run_ok("nbdinfo", &["--map", "--json", uri]));
+    j.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The base:allocation type (bit 0 hole, bit 1 zero) covering `at`.
+fn type_at(m: &[(u64, u64, u64)], at: u64) -> u64 {
+    m.iter().find(|(o, l, _)| *o <= at && at < o + l).unwrap_or_else(|| panic!("{at} not in map {m:?}")).2
+}
+
+#[test]
+fn nbdinfo_map_after_writes() {
+    if !require("nbdinfo") || !require("qemu-io") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--extent-size=16MiB"]);
+    let m = map(&d.uri());
+    assert_eq!(m, vec![(0, 64 * MIB, 3)], "a new volume is one hole that reads as zeros");
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 32M 4k", &d.uri()]);
+    let m = map(&d.uri());
+    assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 64 * MIB, "the map covers the export: {m:?}");
+    assert_eq!(type_at(&m, 0), 0, "written data is allocated, not known zero");
+    assert_eq!(type_at(&m, 32 * MIB), 0);
+    // Extents never written are holes on any store.
+    assert_eq!(type_at(&m, 16 * MIB), 3);
+    assert_eq!(type_at(&m, 48 * MIB), 3);
+}
+
+/// A thin store reports trimmed ranges as holes. NOTE: the stand-in store
+/// (plain files, map() says all data) fails this; the real store must pass.
+#[test]
+fn thin_store_reports_trimmed_range_as_hole_in_map_and_reads() {
+    if !require("nbdinfo") || !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--extent-size=16MiB"]);
+    nbdsh(
+        &d.uri(),
+        r#"
+h.pwrite(b"\xaa" * (4 << 20), 0)
+h.trim(1 << 20, 1 << 20)
+h.zero(1 << 20, 3 << 20)
+h.flush()
+"#,
+    );
+    let m = map(&d.uri());
+    assert_eq!(type_at(&m, 0), 0);
+    assert_eq!(type_at(&m, MIB) & 2, 2, "trimmed range reads as zero: {m:?}");
+    assert_eq!(type_at(&m, MIB) & 1, 1, "trimmed range is a hole on a thin store: {m:?}");
+    assert_eq!(type_at(&m, 3 * MIB), 3, "WRITE_ZEROES without NO_HOLE may deallocate: {m:?}");
+    // And a structured read of it comes back as OFFSET_HOLE.
+    nbdsh(
+        &d.uri(),
+        r#"
+kinds = []
+def cb(buf, offset, status, err):
+    kinds.append((offset, status))
+    return 0
+h.pread_structured(1 << 20, 1 << 20, cb)
+assert kinds == [(1 << 20, nbd.READ_HOLE)], kinds
+"#,
+    );
+}
+
+#[test]
+fn structured_reads_send_holes_and_df_sends_one_chunk() {
+    if !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--extent-size=16MiB"]);
+    nbdsh(
+        &d.uri(),
+        r#"
+h.pwrite(b"\x42" * 65536, (16 << 20) - 65536)
+chunks = []
+def cb(buf, offset, status, err):
+    chunks.append((offset, len(buf), status, bytes(buf[:1])))
+    return 0
+# 64 KiB of data at the end of extent 0, then 64 KiB of extent 1 (never written).
+buf = h.pread_structured(131072, (16 << 20) - 65536, cb)
+assert buf == b"\x42" * 65536 + bytes(65536)
+assert chunks[-1] == (16 << 20, 65536, nbd.READ_HOLE, b"\0"), chunks
+assert all(c[2] == nbd.READ_DATA for c in chunks[:-1]), chunks
+assert sum(c[1] for c in chunks) == 131072
+chunks.clear()
+buf = h.pread_structured(131072, (16 << 20) - 65536, cb, nbd.CMD_FLAG_DF)
+assert buf == b"\x42" * 65536 + bytes(65536)
+assert len(chunks) == 1 and chunks[0][:3] == ((16 << 20) - 65536, 131072, nbd.READ_DATA), chunks
+# BLOCK_STATUS with REQ_ONE: exactly one extent, no longer than asked.
+ext = []
+def bs(meta, offset, entries, err):
+    ext.append((meta, list(entries)))
+    return 0
+h.block_status(1 << 20, 32 << 20, bs, nbd.CMD_FLAG_REQ_ONE)
+assert len(ext) == 1 and ext[0][0] == "base:allocation" and len(ext[0][1]) == 2, ext
+assert ext[0][1][0] == 1 << 20 and ext[0][1][1] == 3, ext
+h.cache(4096, 0)
+"#,
+    );
+}
+
+#[test]
+fn qemu_img_info_convert_compare_and_map() {
+    if !require("qemu-img") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--extent-size=16MiB"]);
+    let dir = scratch();
+    let info = json(&run_ok("qemu-img", &["info", "--output=json", &d.uri()]));
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert_eq!(info["format"], "raw");
+
+    // Map first, while extent 1 (16-32 MiB) has never been written.
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x01 0 1M", "-c", "write -P 0x02 40M 1M", &d.uri()]);
+    let m = json(&run_ok("qemu-img", &["map", "--output=json", &d.uri()]));
+    let m = m.as_array().unwrap();
+    let total: u64 = m.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 64 * MIB);
+    let at = |off: u64| {
+        m.iter()
+            .find(|e| {
+                let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                s <= off && off < s + l
+            })
+            .unwrap()
+    };
+    assert_eq!(at(0)["data"], true);
+    assert_eq!(at(40 * MIB)["data"], true);
+    // Extent 1 (16-32 MiB) was never written: a hole that reads as zeros.
+    assert_eq!(at(20 * MIB)["data"], false);
+    assert_eq!(at(20 * MIB)["zero"], true);
+
+    // An image with data in the first 8 MiB and at 40 MiB, zeros elsewhere.
+    let mut img = vec![0u8; 64 * MIB as usize];
+    img[..8 * MIB as usize].copy_from_slice(&pattern(1, 8 * MIB as usize));
+    img[40 * MIB as usize..41 * MIB as usize].copy_from_slice(&pattern(2, MIB as usize));
+    let src = write_file(dir.path(), "src.img", &img);
+    let src = src.to_str().unwrap();
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src, &d.uri()]);
+    run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src, &d.uri()]);
+    let back = dir.path().join("back.img");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &d.uri(), back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == img, "image read back differs");
+
+    // A different byte is caught by compare.
+    run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x01 40M 512", &d.uri()]);
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src, &d.uri()]);
+    assert_eq!(out.status.code(), Some(1), "compare must report a difference");
+}
+
+#[test]
+fn qemu_io_patterns_at_unaligned_offsets() {
+    if !require("qemu-io") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa5 1000 5000",
+            "-c",
+            "read -P 0xa5 1000 5000",
+            "-c",
+            "read -P 0 0 1000",
+            "-c",
+            "read -P 0 6000 2192",
+            "-c",
+            "write -P 0x3c 1048577 131071",
+            "-c",
+            "read -P 0x3c 1048577 131071",
+            "-c",
+            "write -P 0x77 2M 1M",
+            "-c",
+            "write -z 2M 64k",
+            "-c",
+            "read -P 0 2M 64k",
+            "-c",
+            "read -P 0x77 2112k 960k",
+            "-c",
+            "discard 4M 1M",
+            "-c",
+            "read -P 0 4M 1M",
+            "-c",
+            "flush",
+            &d.uri(),
+        ],
+    );
+    let text = stdout(&out);
+    assert!(!text.contains("failed"), "{text}");
+    assert_eq!(text.matches("read ").count(), 7, "{text}");
+
+    let out = run("qemu-io", &["-f", "raw", "-c", "read -P 0x11 1000 5000", &d.uri()]);
+    let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Pattern verification failed"), "wrong pattern not detected: {text}");
+}
+
+#[test]
+fn nbdcopy_round_trip_256m_with_4_connections() {
+    if !require("nbdcopy") {
+        return;
+    }
+    let d = Daemon::start("256M", &[]);
+    let dir = scratch();
+    let data = pattern(0xC0FFEE, 256 * MIB as usize);
+    let src = write_file(dir.path(), "src.img", &data);
+    run_ok("nbdcopy", &["--connections=4", "--flush", src.to_str().unwrap(), &d.uri()]);
+    let back = dir.path().join("back.img");
+    run_ok("nbdcopy", &["--connections=4", &d.uri(), back.to_str().unwrap()]);
+    run_ok("cmp", &[src.to_str().unwrap(), back.to_str().unwrap()]);
+}
+
+#[test]
+fn fio_randrw_verify_over_4_connections() {
+    if !require("fio") {
+        return;
+    }
+    let d = Daemon::start("128M", &[]);
+    let uri = format!("--uri={}", d.uri());
+    let out = run(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randrw",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--size=16M",
+            "--offset_increment=32M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ],
+    );
+    assert!(out.status.success(), "fio failed: {}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    let j = json(&out);
+    let jobs = j["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 4);
+    for job in jobs {
+        assert_eq!(job["error"], 0, "{job}");
+        assert!(job["write"]["io_bytes"].as_u64().unwrap() > 0);
+        assert!(job["read"]["io_bytes"].as_u64().unwrap() > 0);
+    }
+}

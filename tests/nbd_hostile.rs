@@ -1,0 +1,563 @@
+//! Hostile and malformed input: nbdsh with strict mode off, and raw
+//! sockets speaking broken NBD. After each, the server must keep serving
+//! other connections and previously acknowledged data must be intact.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_SET_META_CONTEXT: u32 = 10;
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+
+const EINVAL: u32 = 22;
+
+/// A deliberately minimal NBD client that can be made to misbehave.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    /// Connects and reads the greeting; sends client flags (FIXED_NEWSTYLE | NO_ZEROES).
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = Raw { s };
+        let mut g = [0u8; 18];
+        r.s.read_exact(&mut g).unwrap();
+        assert_eq!(u64::from_be_bytes(g[..8].try_into().unwrap()), NBDMAGIC);
+        assert_eq!(u64::from_be_bytes(g[8..16].try_into().unwrap()), IHAVEOPT);
+        assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3, "FIXED_NEWSTYLE | NO_ZEROES");
+        r
+    }
+
+    fn flags(&mut self, f: u32) {
+        self.s.write_all(&f.to_be_bytes()).unwrap();
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).unwrap();
+    }
+
+    fn u16(&mut self) -> u16 {
+        let mut b = [0u8; 2];
+        self.s.read_exact(&mut b).unwrap();
+        u16::from_be_bytes(b)
+    }
+
+    fn u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        self.s.read_exact(&mut b).unwrap();
+        u32::from_be_bytes(b)
+    }
+
+    fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.s.read_exact(&mut b).unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).unwrap();
+        b
+    }
+
+    /// One option reply: (option, type, data).
+    fn opt_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        assert_eq!(self.u64(), OPT_REPLY_MAGIC);
+        let opt = self.u32();
+        let kind = self.u32();
+        let n = self.u32() as usize;
+        (opt, kind, self.bytes(n))
+    }
+
+    fn go(&mut self, name: &str) -> (u64, u16) {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.option(OPT_GO, &d);
+        let mut export = None;
+        loop {
+            let (opt, kind, data) = self.opt_reply();
+            assert_eq!(opt, OPT_GO);
+            match kind {
+                REP_INFO if data[..2] == [0, 0] => {
+                    export = Some((
+                        u64::from_be_bytes(data[2..10].try_into().unwrap()),
+                        u16::from_be_bytes([data[10], data[11]]),
+                    ))
+                }
+                REP_INFO => {}
+                REP_ACK => return export.expect("NBD_INFO_EXPORT before ACK"),
+                k => panic!("GO failed with {k:#x}: {}", String::from_utf8_lossy(&data)),
+            }
+        }
+    }
+
+    /// Handshake with simple replies only and enter transmission.
+    fn open(port: u16) -> Raw {
+        let mut r = Raw::connect(port);
+        r.flags(3);
+        r.go("demo");
+        r
+    }
+
+    fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = Vec::with_capacity(28 + payload.len());
+        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// A simple reply header: (error, handle).
+    fn simple_reply(&mut self) -> (u32, u64) {
+        assert_eq!(self.u32(), SIMPLE_REPLY_MAGIC);
+        let err = self.u32();
+        (err, self.u64())
+    }
+
+    fn write(&mut self, handle: u64, offset: u64, data: &[u8]) {
+        self.request(0, CMD_WRITE, handle, offset, data.len() as u32, data);
+        assert_eq!(self.simple_reply(), (0, handle));
+    }
+
+    fn read(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        self.request(0, CMD_READ, handle, offset, len, &[]);
+        assert_eq!(self.simple_reply(), (0, handle));
+        self.bytes(len as usize)
+    }
+
+    fn flush(&mut self) {
+        self.request(0, CMD_FLUSH, 77, 0, 0, &[]);
+        assert_eq!(self.simple_reply(), (0, 77));
+    }
+
+    /// True once the server has closed the connection.
+    fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// Writes a known pattern (acknowledged and flushed) and returns it.
+fn seed(port: u16) -> Vec<u8> {
+    let data = pattern(42, 1 << 20);
+    let mut c = Raw::open(port);
+    c.write(1, 0, &data);
+    c.flush();
+    c.request(0, CMD_DISC, 2, 0, 0, &[]);
+    assert!(c.closed_by_server());
+    data
+}
+
+/// The seeded data is intact and a fresh connection works.
+fn check_intact(port: u16, want: &[u8]) {
+    let mut c = Raw::open(port);
+    assert!(c.read(9, 0, want.len() as u32) == want, "acknowledged data changed");
+}
+
+fn warn_lines(d: &Daemon, needle: &str) -> usize {
+    d.log_text().lines().filter(|l| l.contains("WARN") && l.contains(needle)).count()
+}
+
+#[test]
+fn garbage_handshake_closes_only_that_connection() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut other = Raw::open(d.nbd_port);
+    let mut bad = Raw::connect(d.nbd_port);
+    bad.s.write_all(b"\0\0\0\x03GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(bad.closed_by_server());
+    // Unknown client flags are also refused.
+    let mut bad = Raw::connect(d.nbd_port);
+    bad.flags(1 << 7);
+    assert!(bad.closed_by_server());
+    assert_eq!(other.read(5, 0, 4096), want[..4096]);
+    check_intact(d.nbd_port, &want);
+    assert_eq!(warn_lines(&d, "handshake refused"), 2, "{}", d.log_text());
+}
+
+#[test]
+fn wrong_request_magic_closes_only_that_connection() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut bad = Raw::open(d.nbd_port);
+    bad.s.write_all(&[0x25, 0x60, 0x95, 0x14]).unwrap();
+    bad.s.write_all(&[0u8; 24]).unwrap();
+    assert!(bad.closed_by_server());
+    check_intact(d.nbd_port, &want);
+    assert_eq!(warn_lines(&d, "bad request framing"), 1, "{}", d.log_text());
+}
+
+#[test]
+fn truncated_frame_closes_only_that_connection() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut bad = Raw::open(d.nbd_port);
+    bad.s.write_all(&REQUEST_MAGIC.to_be_bytes()).unwrap();
+    bad.s.write_all(&[0u8; 10]).unwrap();
+    drop(bad);
+    check_intact(d.nbd_port, &want);
+    // The log line is written when the server notices the EOF; poll for it.
+    for _ in 0..100 {
+        if warn_lines(&d, "middle of a frame") == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(warn_lines(&d, "middle of a frame"), 1, "{}", d.log_text());
+}
+
+#[test]
+fn client_vanishing_mid_write_loses_nothing_acknowledged() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut bad = Raw::open(d.nbd_port);
+    // A 1 MiB WRITE over the seeded data, of which only 100 KiB arrive.
+    bad.request(0, CMD_WRITE, 1, 0, 1 << 20, &vec![0xEE; 100 << 10]);
+    drop(bad);
+    check_intact(d.nbd_port, &want);
+    // And a half-sent handshake option.
+    let mut bad = Raw::connect(d.nbd_port);
+    bad.flags(3);
+    bad.s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+    drop(bad);
+    check_intact(d.nbd_port, &want);
+}
+
+#[test]
+fn oversized_write_is_refused_and_its_payload_skipped() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut c = Raw::open(d.nbd_port);
+    let len = (32 << 20) + 4096;
+    let payload = vec![0xABu8; len];
+    // Sent from another thread so a server that answered early could not deadlock us.
+    let mut w = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        b.extend_from_slice(&3u64.to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(len as u32).to_be_bytes());
+        w.write_all(&b).unwrap();
+        w.write_all(&payload).unwrap();
+    });
+    assert_eq!(c.simple_reply(), (EINVAL, 3));
+    sender.join().unwrap();
+    // Same connection, still in sync, and nothing was written.
+    assert!(c.read(4, 0, 1 << 20) == want);
+}
+
+#[test]
+fn unknown_command_and_flags_get_einval_and_connection_goes_on() {
+    let d = Daemon::start("64M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    c.request(0, 42, 1, 0, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 1));
+    c.request(1 << 12, CMD_FLUSH, 2, 0, 0, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 2));
+    // DF without structured replies is a flag the client may not use.
+    c.request(1 << 2, CMD_READ, 3, 0, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 3), "a failed simple READ carries no payload");
+    // Past the end: no payload either, and the stream stays in sync.
+    c.request(0, CMD_READ, 4, 64 << 20, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 4));
+    assert_eq!(c.read(5, 0, 512), vec![0u8; 512]);
+}
+
+#[test]
+fn pipelined_requests_all_answered_with_right_data() {
+    let d = Daemon::start("64M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    // 64 writes of distinct 64 KiB blocks without waiting, then 64 reads.
+    let blocks: Vec<Vec<u8>> = (0..64).map(|i| pattern(i, 64 << 10)).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        c.request(0, CMD_WRITE, i as u64, i as u64 * (64 << 10), b.len() as u32, b);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..64 {
+        let (err, h) = c.simple_reply();
+        assert_eq!(err, 0);
+        assert!(seen.insert(h), "handle {h} answered twice");
+    }
+    for i in 0..64u64 {
+        c.request(0, CMD_READ, 1000 + i, i * (64 << 10), 64 << 10, &[]);
+    }
+    for _ in 0..64 {
+        let (err, h) = c.simple_reply();
+        assert_eq!(err, 0);
+        let data = c.bytes(64 << 10);
+        assert!(data == blocks[(h - 1000) as usize], "wrong data for handle {h}");
+    }
+}
+
+#[test]
+fn handshake_options_in_every_state() {
+    let d = Daemon::start("64M", &[]);
+    let mut c = Raw::connect(d.nbd_port);
+    c.flags(3);
+    // Unknown option: ERR_UNSUP, and negotiation goes on.
+    c.option(99, b"whatever");
+    assert_eq!(c.opt_reply().1, REP_ERR_UNSUP);
+    // Meta context before structured replies: the wrong state.
+    let mut meta = Vec::new();
+    meta.extend_from_slice(&4u32.to_be_bytes());
+    meta.extend_from_slice(b"demo");
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    c.option(OPT_SET_META_CONTEXT, &meta);
+    assert_eq!(c.opt_reply().1, REP_ERR_INVALID);
+    // LIST with data is invalid; without, it lists the export.
+    c.option(OPT_LIST, b"x");
+    assert_eq!(c.opt_reply().1, REP_ERR_INVALID);
+    c.option(OPT_LIST, b"");
+    let (_, kind, data) = c.opt_reply();
+    assert_eq!((kind, &data[..]), (REP_SERVER, &b"\0\0\0\x04demo"[..]));
+    assert_eq!(c.opt_reply().1, REP_ACK);
+    // GO on an unknown export: ERR_UNKNOWN, and we can still go on.
+    let mut go = Vec::new();
+    go.extend_from_slice(&4u32.to_be_bytes());
+    go.extend_from_slice(b"nope");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    c.option(OPT_GO, &go);
+    assert_eq!(c.opt_reply().1, REP_ERR_UNKNOWN);
+    c.option(OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(c.opt_reply().1, REP_ACK);
+    c.option(OPT_SET_META_CONTEXT, &meta);
+    let (_, kind, data) = c.opt_reply();
+    assert_eq!((kind, &data[4..]), (4, &b"base:allocation"[..]));
+    assert_eq!(c.opt_reply().1, REP_ACK);
+    let (size, flags) = c.go("demo");
+    assert_eq!(size, 64 << 20);
+    assert_ne!(flags & (1 << 7), 0, "DF once structured replies are on");
+    // A structured READ of a never-written range: one OFFSET_HOLE chunk.
+    c.request(0, CMD_READ, 8, 4096, 8192, &[]);
+    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
+    assert_eq!(c.u16(), 1, "DONE");
+    assert_eq!(c.u16(), 2, "OFFSET_HOLE");
+    assert_eq!(c.u64(), 8);
+    assert_eq!(c.u32(), 12);
+    assert_eq!((c.u64(), c.u32()), (4096, 8192));
+    // A structured error: ERROR chunk with errno and message.
+    c.request(0, CMD_READ, 9, 1, 512, &[]);
+    assert_eq!(c.u32(), STRUCTURED_REPLY_MAGIC);
+    assert_eq!((c.u16(), c.u16(), c.u64()), (1, (1 << 15) + 1, 9));
+    let n = c.u32() as usize;
+    let body = c.bytes(n);
+    assert_eq!(u32::from_be_bytes(body[..4].try_into().unwrap()), EINVAL);
+
+    // EXPORT_NAME with "" is the default export; with NO_ZEROES, 10 bytes.
+    let mut c = Raw::connect(d.nbd_port);
+    c.flags(3);
+    c.option(OPT_EXPORT_NAME, b"");
+    assert_eq!(c.u64(), 64 << 20);
+    let flags = c.u16();
+    assert_eq!(flags & 1, 1);
+    assert_eq!(c.read(1, 0, 512), vec![0u8; 512], "no zero padding before transmission");
+    // Without NO_ZEROES: 124 zero bytes follow.
+    let mut c = Raw::connect(d.nbd_port);
+    c.flags(1);
+    c.option(OPT_EXPORT_NAME, b"demo");
+    c.u64();
+    c.u16();
+    assert_eq!(c.bytes(124), vec![0u8; 124]);
+    // EXPORT_NAME of an unknown export: the server hangs up.
+    let mut c = Raw::connect(d.nbd_port);
+    c.flags(3);
+    c.option(OPT_EXPORT_NAME, b"nope");
+    assert!(c.closed_by_server());
+    // ABORT: ACK, then close.
+    let mut c = Raw::connect(d.nbd_port);
+    c.flags(3);
+    c.option(OPT_ABORT, b"");
+    assert_eq!(c.opt_reply().1, REP_ACK);
+    assert!(c.closed_by_server());
+}
+
+#[test]
+fn nbdsh_malformed_requests_get_the_spec_errno() {
+    if !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    nbdsh(
+        &d.uri(),
+        r#"
+import errno
+h.set_strict_mode(0)
+size = h.get_size()
+assert size == 64 << 20
+def expect(code, f, *args):
+    try:
+        f(*args)
+    except nbd.Error as e:
+        assert e.errnum == code, "%s%r: got %s, want %s" % (f.__name__, args, e, errno.errorcode[code])
+        return
+    raise AssertionError("%s%r succeeded, want %s" % (f.__name__, args, errno.errorcode[code]))
+
+h.pwrite(b"\x5a" * 4096, 0)
+# past the end
+expect(errno.EINVAL, h.pread, 512, size)
+expect(errno.EINVAL, h.pread, 1024, size - 512)
+expect(errno.ENOSPC, h.pwrite, b"x" * 512, size)
+expect(errno.ENOSPC, h.zero, 1024, size - 512)
+expect(errno.EINVAL, h.trim, 512, size)
+expect(errno.EINVAL, h.cache, 512, size)
+expect(errno.EINVAL, h.block_status, 512, size, lambda *a: 0)
+# misaligned to the 512-byte minimum
+expect(errno.EINVAL, h.pread, 512, 1)
+expect(errno.EINVAL, h.pread, 100, 0)
+expect(errno.EINVAL, h.pwrite, b"x" * 100, 0)
+expect(errno.EINVAL, h.trim, 512, 3)
+expect(errno.EINVAL, h.zero, 700, 0)
+# flags not valid for the command
+expect(errno.EINVAL, h.pread, 512, 0, nbd.CMD_FLAG_FAST_ZERO)
+expect(errno.EINVAL, h.pwrite, b"x" * 512, 0, nbd.CMD_FLAG_NO_HOLE)
+expect(errno.EINVAL, h.trim, 512, 0, nbd.CMD_FLAG_REQ_ONE)
+expect(errno.EINVAL, h.flush, nbd.CMD_FLAG_DF)
+# FAST_ZERO that would have to write: ENOTSUP, and the data is untouched
+expect(errno.ENOTSUP, h.zero, 4096, 0, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+assert h.pread(4096, 0) == b"\x5a" * 4096
+# huge lengths
+expect(errno.EINVAL, h.pread, 64 << 20, 0)
+expect(errno.EINVAL, h.pwrite, b"\x01" * ((32 << 20) + 512), 0)
+expect(errno.EINVAL, h.zero, (32 << 20) + 512, 0, nbd.CMD_FLAG_NO_HOLE)
+# the connection is still in sync and nothing was written
+assert h.pread(4096, 0) == b"\x5a" * 4096
+assert h.pread(512, 32 << 20) == bytes(512)
+# FUA is accepted everywhere
+h.pwrite(b"\x33" * 4096, 8192, nbd.CMD_FLAG_FUA)
+h.zero(4096, 8192, nbd.CMD_FLAG_FUA)
+h.trim(4096, 12288, nbd.CMD_FLAG_FUA)
+h.flush(nbd.CMD_FLAG_FUA)
+assert h.pread(4096, 8192, nbd.CMD_FLAG_FUA) == bytes(4096)
+print("ok")
+"#,
+    );
+}
+
+#[test]
+fn sigterm_drain_answers_what_it_read_and_loses_nothing_acknowledged() {
+    let mut d = Daemon::start("64M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    let blocks: Vec<Vec<u8>> = (0..64).map(|i| pattern(1000 + i, 64 << 10)).collect();
+    let mut w = c.s.try_clone().unwrap();
+    let to_send = blocks.clone();
+    let sender = std::thread::spawn(move || {
+        for (i, b) in to_send.iter().enumerate() {
+            let mut f = Vec::with_capacity(28 + b.len());
+            f.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            f.extend_from_slice(&0u16.to_be_bytes());
+            f.extend_from_slice(&CMD_WRITE.to_be_bytes());
+            f.extend_from_slice(&(i as u64).to_be_bytes());
+            f.extend_from_slice(&(i as u64 * (64 << 10)).to_be_bytes());
+            f.extend_from_slice(&(b.len() as u32).to_be_bytes());
+            f.extend_from_slice(b);
+            // The server may stop reading at any point; that is allowed.
+            if w.write_all(&f).is_err() {
+                return;
+            }
+        }
+    });
+    // Wait for the first reply so the drain has something in flight to finish.
+    let first = c.simple_reply();
+    assert_eq!(first.0, 0);
+    assert_eq!(d.terminate(), Some(0), "drain must exit 0; log:\n{}", d.log_text());
+    let mut acked = vec![first.1];
+    // Every reply sent before the close must be whole and successful.
+    loop {
+        let mut hdr = [0u8; 16];
+        match c.s.read_exact(&mut hdr) {
+            Ok(()) => {
+                assert_eq!(u32::from_be_bytes(hdr[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+                assert_eq!(u32::from_be_bytes(hdr[4..8].try_into().unwrap()), 0);
+                acked.push(u64::from_be_bytes(hdr[8..16].try_into().unwrap()));
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = sender.join();
+    d.restart();
+    let mut r = Raw::open(d.nbd_port);
+    for h in &acked {
+        let got = r.read(500 + h, h * (64 << 10), 64 << 10);
+        assert!(got == blocks[*h as usize], "acknowledged write {h} lost");
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn client_that_never_reads_replies_cannot_grow_server_memory() {
+    let d = Daemon::start("128M", &[]);
+    let mut c = Raw::open(d.nbd_port);
+    let data = pattern(5, 32 << 20);
+    c.write(1, 0, &data);
+    c.write(2, 32 << 20, &data);
+    let before = rss_kib(d.pid());
+    // 20 reads of 32 MiB (640 MiB of replies) sent at once, none read back yet.
+    for i in 0..20u64 {
+        c.request(0, CMD_READ, 100 + i, (i % 2) * (32 << 20), 32 << 20, &[]);
+    }
+    // Let the server run into its budget (this only gives it the chance to
+    // misbehave; nothing below depends on how long it took).
+    std::thread::sleep(Duration::from_millis(500));
+    let during = rss_kib(d.pid());
+    // Budget 64 MiB + one frame + socket buffers, with room to spare; far
+    // below the 640 MiB that buffering every reply would take.
+    assert!(during < before + 256 * 1024, "RSS grew from {before} KiB to {during} KiB");
+    // Other clients are still served meanwhile.
+    let mut other = Raw::open(d.nbd_port);
+    assert!(other.read(3, 0, 4096) == data[..4096]);
+    // And every reply arrives, whole and right, once the client reads.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let (err, h) = c.simple_reply();
+        assert_eq!(err, 0);
+        assert!(seen.insert(h));
+        assert!(c.bytes(32 << 20) == data, "wrong data for handle {h}");
+    }
+}
