@@ -5,15 +5,8 @@
 use std::path::{Path, PathBuf};
 
 const PURE: &[&str] = &["src/proto", "src/layout", "src/types.rs", "src/units.rs", "src/storage/format.rs"];
-const FORBIDDEN: &[&str] = &[
-    "tokio::",
-    "std::net",
-    "std::fs",
-    "std::time::Instant",
-    "SystemTime::now",
-    "thread_rng",
-    "std::thread",
-];
+const FORBIDDEN: &[&str] =
+    &["tokio::", "std::net", "std::fs", "std::time::Instant", "SystemTime::now", "thread_rng", "std::thread"];
 
 fn rust_files(p: &Path, out: &mut Vec<PathBuf>) {
     if p.is_dir() {

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The workload: 4 KiB writes at random blocks, one FLUSH every 8 writes.
+/// The workload: batches of 8 concurrent 4 KiB writes at random blocks,
+/// one FLUSH after each batch.
 /// Every sector of a write holds (block, generation, sector) so a torn
 /// write is recognisable sector by sector. It logs `W block gen` before each
 /// write is sent and `F n` after each FLUSH completes, fsyncing its log so
@@ -28,12 +29,20 @@ def content(b, g):
     return b"".join(struct.pack("<QQQ", b, g, s) + bytes(512 - 24) for s in range(8))
 flushes = 0
 while True:
-    for _ in range(8):
+    # 8 writes in flight at once on distinct blocks, then one FLUSH.
+    batch = []
+    for b in rng.sample(range(blocks), 8):
         gen += 1
-        b = rng.randrange(blocks)
-        log.write(f"W {b} {gen}\n"); log.flush(); os.fsync(log.fileno())
-        h.pwrite(content(b, gen), b * 4096)
-        log.write(f"A {b} {gen}\n")
+        batch.append((b, gen))
+        log.write(f"W {b} {gen}\n")
+    log.flush(); os.fsync(log.fileno())
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(content(b, g))), b * 4096) for b, g in batch]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        assert h.aio_command_completed(c)  # raises if the write failed
+    for b, g in batch:
+        log.write(f"A {b} {g}\n")
     h.flush()
     flushes += 1
     log.write(f"F {flushes}\n"); log.flush(); os.fsync(log.fileno())
@@ -56,7 +65,7 @@ fn kill9_during_writes_keeps_flushed_data_and_checksums() {
         .arg("7")
         .arg(blocks.to_string())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("workload.err")).unwrap())
         .spawn()
         .unwrap();
     // Let the workload get a few hundred flushes in, then pull the plug.
@@ -68,7 +77,11 @@ fn kill9_during_writes_keeps_flushed_data_and_checksums() {
             break;
         }
     }
-    assert!(flushes >= 20, "workload made too little progress ({flushes} flushes)");
+    assert!(
+        flushes >= 20,
+        "workload made too little progress ({flushes} flushes): {}",
+        std::fs::read_to_string(dir.path().join("workload.err")).unwrap_or_default()
+    );
     d.kill9();
     let _ = child.wait();
 
@@ -124,14 +137,19 @@ print(json.dumps({"checked": len(want), "bad": bad[:20], "nbad": len(bad)}))
     for (b, gs) in &maybe {
         want.entry(b.to_string()).or_insert((None, gs.clone()));
     }
-    let want_path = common::write_file(dir.path(), "want.json", serde_json::to_string(&want).unwrap().as_bytes());
+    let want_path =
+        common::write_file(dir.path(), "want.json", serde_json::to_string(&want).unwrap().as_bytes());
     let check_path = common::write_file(dir.path(), "check.py", checker.as_bytes());
-    let out = common::run_ok("/usr/bin/python3", &[
-        check_path.to_str().unwrap(),
-        &d.uri(),
-        want_path.to_str().unwrap(),
-    ]);
+    let out = common::run_ok(
+        "/usr/bin/python3",
+        &[check_path.to_str().unwrap(), &d.uri(), want_path.to_str().unwrap()],
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!(
+        "crash after {flushes} flushes; {} blocks checked, {} sent after the last flush",
+        report["checked"],
+        sent_since_flush.len()
+    );
     assert!(report["checked"].as_u64().unwrap() > 100, "{report}");
     assert_eq!(report["nbad"], 0, "blocks read back wrong after kill -9: {report}");
 

@@ -855,7 +855,7 @@ mod tests {
     fn capacity() {
         let rc = read_capacity16(&lun(), 32);
         assert_eq!(u64::from_be_bytes(rc[0..8].try_into().unwrap()), 2047);
-        assert_eq!(rc[13], 3);
+        assert_eq!(rc[13], PHYS_EXP);
         assert_eq!(rc[14], 0xc0);
         assert_eq!(read_capacity10(&lun()), vec![0, 0, 7, 0xff, 0, 0, 2, 0]);
     }
