@@ -98,9 +98,18 @@ fn range(rng: &mut StdRng) -> (usize, usize) {
 
 async fn open(disk: &Arc<MemDisk>, shape: Shape) -> Arc<Store> {
     let cfg = StoreConfig { data_dirs: vec![PathBuf::from("/mem/crash")], engine: EngineKind::Mem };
-    Store::open_with(cfg, StoreOptions { region_size: shape.region, mem_disk: Some(disk.clone()) })
-        .await
-        .unwrap()
+    Store::open_with(
+        cfg,
+        StoreOptions {
+            region_size: shape.region,
+            mem_disk: Some(disk.clone()),
+            // Short hysteresis, so regions go clean and dirty again within
+            // one workload and both paths are exercised.
+            clean_after_flushes: 2,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 async fn run_seed(seed: u64, shape: Shape) {

@@ -18,11 +18,18 @@ pub struct StoreOptions {
     /// The in-memory disk to use with [`EngineKind::Mem`] (e.g. one that
     /// crashed); a fresh one if `None`.
     pub mem_disk: Option<Arc<MemDisk>>,
+    /// A dirty region is marked clean again after this many flushes without
+    /// a write into it (see `extent`: the activity log's hysteresis).
+    pub clean_after_flushes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { region_size: super::format::DEFAULT_REGION_SIZE, mem_disk: None }
+        StoreOptions {
+            region_size: super::format::DEFAULT_REGION_SIZE,
+            mem_disk: None,
+            clean_after_flushes: super::extent::DEFAULT_CLEAN_AFTER_FLUSHES,
+        }
     }
 }
 
@@ -83,6 +90,7 @@ impl Store {
                     continue;
                 }
                 let ext = Extent::open(engine.clone(), &path, closed.clone()).await?;
+                ext.set_clean_after(opts.clean_after_flushes);
                 if name != file_name(ext.key()) {
                     return Err(StoreError::Corrupt {
                         path,
@@ -146,6 +154,7 @@ impl Store {
             self.closed.clone(),
         )
         .await?;
+        ext.set_clean_after(self.opts.clean_after_flushes);
         let ext = Arc::new(ext);
         self.extents.lock().unwrap().insert(key, ext.clone());
         Ok(ext)
