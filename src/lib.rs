@@ -17,8 +17,25 @@
 //! in later work: the volume already talks to extents through one narrow
 //! API, so a remote replica is just another implementation of it.
 //!
-//! Pure modules (`proto`, `layout`, `storage::format`) do no I/O and read no
-//! clock.
+//! Pure modules (`proto`, `layout`, `storage::format`, `types`, `units`) do
+//! no I/O and read no clock; `tests/architecture.rs` keeps them that way.
+//!
+//! ## Invariants (docs/design.md) and where this slice keeps them
+//! 1. Ack rule: with one replica, an operation is acknowledged only after
+//!    the local extent completed it (`node::volume` awaits every piece).
+//! 2. Durability: `Volume::flush` is a barrier over every extent of the
+//!    volume, shared by all connections and both front ends, so NBD
+//!    advertises multi-conn; FUA is a write plus a flush of its extents.
+//! 3-5. Epochs, owner generations and ordering across replicas arrive with
+//!    replication; extents already carry an epoch in their header.
+//! 6. Checksums: a crc32c per 4 KiB block, verified on every read; a
+//!    mismatch is EIO (NBD) / MEDIUM ERROR (SCSI) and an error log naming
+//!    extent and block (`tests/bitrot.rs`).
+//! 7. Crash consistency: the dirty-region activity log in
+//!    `storage::extent` (`tests/storage_crash.rs`, `tests/crash.rs`).
+//! 9. Hostile input: codecs cap every length before buffering and answer
+//!    with the protocol's error (`tests/nbd_hostile.rs`,
+//!    `tests/iscsi_hostile.rs`).
 //!
 //! ## Glossary
 //! - **volume**: a named, fixed-size block device; 512-byte logical blocks,
