@@ -347,6 +347,8 @@ fn fio_randrw_verify_over_4_connections() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would otherwise drop *-verify.state files in the working directory.
+            "--verify_state_save=0",
             "--output-format=json",
         ],
     );
