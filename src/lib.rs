@@ -26,8 +26,8 @@
 //! 2. Durability: `Volume::flush` is a barrier over every extent of the
 //!    volume, shared by all connections and both front ends, so NBD
 //!    advertises multi-conn; FUA is a write plus a flush of its extents.
-//! 3-5. Epochs, owner generations and ordering across replicas arrive with
-//!    replication; extents already carry an epoch in their header.
+//! 3. No split brain, 4. degrade before ack, 5. same order everywhere: these
+//!    arrive with replication; extents already carry an epoch in their header.
 //! 6. Checksums: a crc32c per 4 KiB block, verified on every read; a
 //!    mismatch is EIO (NBD) / MEDIUM ERROR (SCSI) and an error log naming
 //!    extent and block (`tests/bitrot.rs`).
