@@ -258,20 +258,42 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// request back until slots free up (backpressure through the completion).
     fn submit(&self, req: Request);
 
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    // The namespace operations below default to the real filesystem (the
+    // io_uring and psync engines share them); the mem engine overrides them.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        real::create_dir_all(dir)
+    }
     /// Names of the files directly in `dir`.
-    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>>;
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        real::list_dir(dir)
+    }
     /// Makes a created file's directory entry durable.
-    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        real::sync_dir(dir)
+    }
     /// Bytes available to new extents in `dir`.
-    fn free_space(&self, dir: &Path) -> io::Result<u64>;
-    fn exists(&self, path: &Path) -> bool;
-    fn remove(&self, path: &Path) -> io::Result<()>;
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn free_space(&self, dir: &Path) -> io::Result<u64> {
+        real::free_space(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
     /// Opens `path` for direct I/O; with `create` it must not exist yet.
-    fn open(&self, path: &Path, create: bool) -> io::Result<FileRef>;
-    fn file_len(&self, file: &FileRef) -> io::Result<u64>;
-    fn set_len(&self, file: &FileRef, len: u64) -> io::Result<()>;
+    fn open(&self, path: &Path, create: bool) -> io::Result<FileRef> {
+        real::open(path, create, true)
+    }
+    fn file_len(&self, file: &FileRef) -> io::Result<u64> {
+        Ok(real::file(file)?.metadata()?.len())
+    }
+    fn set_len(&self, file: &FileRef, len: u64) -> io::Result<()> {
+        real::file(file)?.set_len(len)
+    }
 }
 
 /// Submits `op` and waits for its completion.

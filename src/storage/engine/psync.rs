@@ -2,12 +2,11 @@
 //! O_DIRECT files, completing through the same channel as io_uring. The
 //! fallback where io_uring is unavailable (old kernels, seccomp, containers).
 
-use super::{Engine, FileRef, Op, Request, real};
+use super::{Engine, Op, Request, real};
 use crate::storage::EngineKind;
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -120,45 +119,5 @@ impl Engine for PsyncEngine {
         q.items.push_back(req);
         drop(q);
         self.shared.ready.notify_one();
-    }
-
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        real::create_dir_all(dir)
-    }
-
-    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        real::list_dir(dir)
-    }
-
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        real::sync_dir(dir)
-    }
-
-    fn free_space(&self, dir: &Path) -> io::Result<u64> {
-        real::free_space(dir)
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        path.exists()
-    }
-
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        std::fs::rename(from, to)
-    }
-
-    fn open(&self, path: &Path, create: bool) -> io::Result<FileRef> {
-        real::open(path, create, true)
-    }
-
-    fn file_len(&self, file: &FileRef) -> io::Result<u64> {
-        Ok(real::file(file)?.metadata()?.len())
-    }
-
-    fn set_len(&self, file: &FileRef, len: u64) -> io::Result<()> {
-        real::file(file)?.set_len(len)
     }
 }

@@ -33,7 +33,6 @@ use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
@@ -318,46 +317,6 @@ impl Engine for UringEngine {
             r.pump(&mut done);
         }
         finish(&mut done);
-    }
-
-    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        real::create_dir_all(dir)
-    }
-
-    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        real::list_dir(dir)
-    }
-
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        real::sync_dir(dir)
-    }
-
-    fn free_space(&self, dir: &Path) -> io::Result<u64> {
-        real::free_space(dir)
-    }
-
-    fn exists(&self, path: &Path) -> bool {
-        path.exists()
-    }
-
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        std::fs::remove_file(path)
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        std::fs::rename(from, to)
-    }
-
-    fn open(&self, path: &Path, create: bool) -> io::Result<FileRef> {
-        real::open(path, create, true)
-    }
-
-    fn file_len(&self, file: &FileRef) -> io::Result<u64> {
-        Ok(real::file(file)?.metadata()?.len())
-    }
-
-    fn set_len(&self, file: &FileRef, len: u64) -> io::Result<()> {
-        real::file(file)?.set_len(len)
     }
 }
 
