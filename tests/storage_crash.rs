@@ -12,9 +12,11 @@
 //! `BASALT_CRASH_SEEDS=n` sets the number of seeds, `BASALT_CRASH_SEED=s`
 //! reruns one.
 
+mod common;
+
 use basalt::storage::{EngineKind, MemDisk, Store, StoreConfig, StoreOptions};
 use basalt::types::{Epoch, ExtentIndex, ExtentKey, VolumeId, flatten_chunks};
-use bytes::Bytes;
+use common::{version_of, versioned};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
@@ -71,19 +73,6 @@ impl Oracle {
             self.pending[s].clear();
         }
     }
-}
-
-fn versioned(version: u64, sectors: usize) -> Bytes {
-    let mut v = Vec::with_capacity(sectors * 512);
-    for _ in 0..sectors * 64 {
-        v.extend_from_slice(&version.to_le_bytes());
-    }
-    v.into()
-}
-
-fn version_of(sector: &[u8]) -> Option<u64> {
-    let v = u64::from_le_bytes(sector[..8].try_into().unwrap());
-    sector.chunks(8).all(|c| c == v.to_le_bytes()).then_some(v)
 }
 
 /// A random 512-aligned range: (first sector, sector count).

@@ -1,11 +1,14 @@
 //! The same test bodies against every engine (io_uring, psync, mem), plus
 //! the ENOSPC test on a small loop-mounted filesystem.
 
+mod common;
+
 use basalt::storage::{EngineKind, Extent, Store, StoreConfig, StoreError, StoreOptions};
 use basalt::types::{
     BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId, flatten_chunks,
 };
 use bytes::Bytes;
+use common::{version_of, versioned};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -349,20 +352,6 @@ async fn range_errors(kind: EngineKind) {
     assert!(!s.contains(key(9)));
     // Nothing above changed the extent.
     assert_eq!(e.map(0, MIB).unwrap(), vec![MapExtent { len: MIB, state: BlockState::HOLE }]);
-}
-
-/// Sector content that names the write that produced it.
-fn versioned(version: u64, sectors: usize) -> Bytes {
-    let mut v = Vec::with_capacity(sectors * 512);
-    for _ in 0..sectors * 64 {
-        v.extend_from_slice(&version.to_le_bytes());
-    }
-    v.into()
-}
-
-fn version_of(sector: &[u8]) -> Option<u64> {
-    let v = u64::from_le_bytes(sector[..8].try_into().unwrap());
-    sector.chunks(8).all(|c| c == v.to_le_bytes()).then_some(v)
 }
 
 async fn concurrent_overlapping(kind: EngineKind) {

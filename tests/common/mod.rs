@@ -245,3 +245,20 @@ pub fn nbdsh_cmd() -> Command {
 pub fn scratch() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("basalt-scratch-").tempdir().unwrap()
 }
+
+/// Sector content that names the write that produced it: every 8 bytes of
+/// every 512-byte sector hold `version`.
+pub fn versioned(version: u64, sectors: usize) -> bytes::Bytes {
+    let mut v = Vec::with_capacity(sectors * 512);
+    for _ in 0..sectors * 64 {
+        v.extend_from_slice(&version.to_le_bytes());
+    }
+    v.into()
+}
+
+/// The version a sector written by [`versioned`] names, or `None` if the
+/// sector is not one whole version (torn inside the sector, or garbage).
+pub fn version_of(sector: &[u8]) -> Option<u64> {
+    let v = u64::from_le_bytes(sector[..8].try_into().unwrap());
+    sector.chunks(8).all(|c| c == v.to_le_bytes()).then_some(v)
+}

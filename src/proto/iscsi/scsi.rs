@@ -253,6 +253,16 @@ fn u16b(c: &[u8], at: usize) -> u16 {
 fn u32b(c: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(c[at..at + 4].try_into().unwrap())
 }
+/// LBA and transfer length of a READ/WRITE-shaped 10-, 12- or 16-byte CDB,
+/// told apart by the opcode's group code (SPC-4 4.2.5.1).
+fn lba_and_len(c: &[u8; 16]) -> (u64, u32) {
+    match c[0] >> 5 {
+        1 => (u32b(c, 2) as u64, u16b(c, 7) as u32),
+        5 => (u32b(c, 2) as u64, u32b(c, 6)),
+        _ => (u64b(c, 2), u32b(c, 10)),
+    }
+}
+
 fn u64b(c: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(c[at..at + 8].try_into().unwrap())
 }
@@ -350,11 +360,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
         }
         0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a => {
             protect(c)?;
-            let (lba, blocks) = match op {
-                0x28 | 0x2a => (u32b(c, 2) as u64, u16b(c, 7) as u32),
-                0xa8 | 0xaa => (u32b(c, 2) as u64, u32b(c, 6)),
-                _ => (u64b(c, 2), u32b(c, 10)),
-            };
+            let (lba, blocks) = lba_and_len(cdb);
             if blocks > MAX_XFER_BLOCKS {
                 return Err(Sense::INVALID_FIELD_IN_CDB);
             }
@@ -396,11 +402,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
         }
         0x2f | 0xaf | 0x8f | 0x2e | 0xae | 0x8e => {
             protect(c)?;
-            let (lba, blocks) = match op {
-                0x2f | 0x2e => (u32b(c, 2) as u64, u16b(c, 7) as u32),
-                0xaf | 0xae => (u32b(c, 2) as u64, u32b(c, 6)),
-                _ => (u64b(c, 2), u32b(c, 10)),
-            };
+            let (lba, blocks) = lba_and_len(cdb);
             if blocks > MAX_XFER_BLOCKS {
                 return Err(Sense::INVALID_FIELD_IN_CDB);
             }
