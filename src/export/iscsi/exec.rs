@@ -62,9 +62,7 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
         Command::TestUnitReady | Command::NoOp => Ok(Bytes::new()),
         Command::RequestSense { desc, alloc } => Ok(scsi::request_sense(desc, alloc).into()),
         Command::Inquiry { evpd, page, alloc } => Ok(scsi::inquiry(&lun.info, evpd, page, alloc)?.into()),
-        Command::ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } => {
-            Ok(scsi::mode_sense(&lun.info, ten, dbd, llbaa, pc, page, subpage, alloc)?.into())
-        }
+        Command::ModeSense(m) => Ok(scsi::mode_sense(&lun.info, m)?.into()),
         Command::ReadCapacity10 => Ok(scsi::read_capacity10(&lun.info).into()),
         Command::ReadCapacity16 { alloc } => Ok(scsi::read_capacity16(&lun.info, alloc).into()),
         Command::ReportLuns { alloc } => Ok(scsi::report_luns(alloc).into()),

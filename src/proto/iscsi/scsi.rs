@@ -126,15 +126,7 @@ pub enum Command {
         page: u8,
         alloc: u32,
     },
-    ModeSense {
-        ten: bool,
-        dbd: bool,
-        llbaa: bool,
-        pc: u8,
-        page: u8,
-        subpage: u8,
-        alloc: u32,
-    },
+    ModeSense(ModeSense),
     ReadCapacity10,
     ReadCapacity16 {
         alloc: u32,
@@ -325,7 +317,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
         }
         0x1a | 0x5a => {
             let ten = op == 0x5a;
-            Command::ModeSense {
+            Command::ModeSense(ModeSense {
                 ten,
                 dbd: c[1] & 0x08 != 0,
                 llbaa: ten && c[1] & 0x10 != 0,
@@ -333,7 +325,7 @@ pub fn parse(cdb: &[u8; 16]) -> Result<Command, Sense> {
                 page: c[2] & 0x3f,
                 subpage: c[3],
                 alloc: if ten { u16b(c, 7) as u32 } else { c[4] as u32 },
-            }
+            })
         }
         0x1b | 0x1e => Command::NoOp,
         0x25 => {
@@ -601,18 +593,25 @@ fn iec_page() -> Vec<u8> {
     p
 }
 
+/// The fields of a MODE SENSE(6) or (10) CDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModeSense {
+    /// MODE SENSE(10) (else (6)): decides the header layout.
+    pub ten: bool,
+    /// Disable block descriptors.
+    pub dbd: bool,
+    /// Long LBA block descriptor (10 only).
+    pub llbaa: bool,
+    /// Page control: 0 current, 1 changeable, 2 default, 3 saved.
+    pub pc: u8,
+    pub page: u8,
+    pub subpage: u8,
+    pub alloc: u32,
+}
+
 /// MODE SENSE(6)/(10) data.
-#[allow(clippy::too_many_arguments)]
-pub fn mode_sense(
-    lun: &LunInfo,
-    ten: bool,
-    dbd: bool,
-    llbaa: bool,
-    pc: u8,
-    page: u8,
-    subpage: u8,
-    alloc: u32,
-) -> Result<Vec<u8>, Sense> {
+pub fn mode_sense(lun: &LunInfo, m: ModeSense) -> Result<Vec<u8>, Sense> {
+    let ModeSense { ten, dbd, llbaa, pc, page, subpage, alloc } = m;
     if pc == 3 {
         return Err(Sense::SAVING_PARAMETERS_NOT_SUPPORTED);
     }
@@ -787,6 +786,11 @@ pub fn lba_status(descs: &[(u64, u32, u8)], alloc: u32) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// MODE SENSE fields with subpage 0 and a 255-byte allocation.
+    fn ms(ten: bool, dbd: bool, llbaa: bool, pc: u8, page: u8) -> ModeSense {
+        ModeSense { ten, dbd, llbaa, pc, page, subpage: 0, alloc: 255 }
+    }
+
     fn cdb(b: &[u8]) -> [u8; 16] {
         let mut c = [0u8; 16];
         c[..b.len()].copy_from_slice(b);
@@ -878,25 +882,25 @@ mod tests {
 
     #[test]
     fn mode_sense_caching_page() {
-        let d = mode_sense(&lun(), false, true, false, 0, 0x08, 0, 255).unwrap();
+        let d = mode_sense(&lun(), ms(false, true, false, 0, 0x08)).unwrap();
         assert_eq!(d[0] as usize, d.len() - 1);
         assert_eq!(d[2], 0x10);
         assert_eq!(&d[4..7], &[0x08, 0x12, 0x04]);
         assert_eq!(
-            mode_sense(&lun(), false, true, false, 3, 0x08, 0, 255),
+            mode_sense(&lun(), ms(false, true, false, 3, 0x08)),
             Err(Sense::SAVING_PARAMETERS_NOT_SUPPORTED)
         );
     }
 
     #[test]
     fn mode_sense10_long_lba_descriptor() {
-        let d = mode_sense(&lun(), true, false, true, 0, 0x0a, 0, 255).unwrap();
+        let d = mode_sense(&lun(), ms(true, false, true, 0, 0x0a)).unwrap();
         assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, d.len() - 2);
         assert_eq!((d[3], d[4], u16::from_be_bytes([d[6], d[7]])), (0x10, 1, 16));
         assert_eq!(u64::from_be_bytes(d[8..16].try_into().unwrap()), 2048);
         assert_eq!(&d[24..26], &[0x0a, 0x0a]);
         let ro = LunInfo { read_only: true, ..lun() };
-        assert_eq!(mode_sense(&ro, false, true, false, 0, 0x3f, 0, 255).unwrap()[2], 0x90);
+        assert_eq!(mode_sense(&ro, ms(false, true, false, 0, 0x3f)).unwrap()[2], 0x90);
     }
 
     #[test]
