@@ -73,7 +73,8 @@ pub struct VolumeOptions {
 #[derive(Debug)]
 pub struct Node {
     store: Arc<Store>,
-    catalog_path: PathBuf,
+    /// `None` on the mem engine: its volumes, like its data, live in memory.
+    catalog_path: Option<PathBuf>,
     catalog: Mutex<Catalog>,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
 }
@@ -85,13 +86,18 @@ pub fn valid_volume_name(name: &str) -> bool {
 
 impl Node {
     pub async fn open(store_cfg: StoreConfig) -> Result<Arc<Node>, NodeError> {
-        let catalog_path = store_cfg.data_dirs[0].join("volumes.json");
+        let catalog_path = (store_cfg.engine != crate::storage::EngineKind::Mem)
+            .then(|| store_cfg.data_dirs[0].join("volumes.json"));
         let store = Store::open(store_cfg).await?;
-        let catalog = match std::fs::read(&catalog_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|source| NodeError::CatalogCorrupt { path: catalog_path.clone(), source })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Catalog::default(),
-            Err(source) => return Err(NodeError::Catalog { path: catalog_path, source }),
+        let catalog = match catalog_path.as_ref().map(std::fs::read) {
+            None => Catalog::default(),
+            Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|source| {
+                NodeError::CatalogCorrupt { path: catalog_path.clone().unwrap_or_default(), source }
+            })?,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Catalog::default(),
+            Some(Err(source)) => {
+                return Err(NodeError::Catalog { path: catalog_path.unwrap_or_default(), source });
+            }
         };
         let node =
             Node { store, catalog_path, catalog: Mutex::new(catalog), volumes: Mutex::new(BTreeMap::new()) };
@@ -139,9 +145,11 @@ impl Node {
             read_only: opts.read_only,
         };
         cat.volumes.insert(name.to_string(), spec.clone());
-        if let Err(e) = write_atomically(&self.catalog_path, &serde_json::to_vec_pretty(&*cat).unwrap()) {
+        if let Some(path) = &self.catalog_path
+            && let Err(e) = write_atomically(path, &serde_json::to_vec_pretty(&*cat).unwrap())
+        {
             cat.volumes.remove(name);
-            return Err(NodeError::Catalog { path: self.catalog_path.clone(), source: e });
+            return Err(NodeError::Catalog { path: path.clone(), source: e });
         }
         let vol = Volume::new(spec, self.store.clone());
         self.volumes.lock().unwrap().insert(name.to_string(), vol.clone());
