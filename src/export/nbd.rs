@@ -7,7 +7,12 @@
 //! replies (plus any others finished by then) are encoded into an outbox and
 //! written by the same task with one non-blocking vectored write; what the
 //! socket does not take waits for writability. Read payloads are the
-//! volume's `Bytes`, referenced by the write, never copied. (An earlier
+//! volume's `Bytes`, referenced by the write, never copied. WRITE payloads
+//! of [`LARGE_WRITE`] and more are read from the socket straight into an
+//! aligned buffer, which the store hands to the disk as it is; smaller ones
+//! are sliced out of the read buffer and copied once, into the store's
+//! block buffer. (Copying a 1 MiB payload into a freshly allocated block
+//! buffer was a fifth of the worker's time at 1 MiB writes.) (An earlier
 //! version fed a separate writer task through a channel; writing in place
 //! saves a task wake-up per batch and measured faster at QD32.)
 //!
@@ -31,11 +36,12 @@
 use crate::node::{Node, Volume, VolumeError};
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
-    Command, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply, error_reply,
-    validate,
+    Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
+    error_reply, validate,
 };
 use crate::proto::nbd::{BlockSizes, CMD_READ, CMD_WRITE, Errno};
-use bytes::BytesMut;
+use crate::storage::engine::AlignedBuf;
+use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::io::IoSlice;
@@ -62,8 +68,8 @@ const READ_CHUNK: usize = 256 << 10;
 /// A client must finish option haggling within this time (a half-open
 /// connection otherwise holds a task forever).
 const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
-/// A WRITE payload remainder at least this big is read on its own.
-const LARGE_REMAINDER: usize = 64 << 10;
+/// A WRITE payload at least this big is read into aligned memory of its own.
+const LARGE_WRITE: u32 = 64 << 10;
 
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
@@ -247,13 +253,29 @@ async fn transmission(
     let mut decoder = RequestDecoder::new(session.sizes.max_payload);
     let mut inflight: Inflight = FuturesUnordered::new();
     let mut pending: Option<(Request, u32)> = None;
+    let mut gathering: Option<Gathering> = None;
     let mut out = Outbox::default();
     let mut reading = true;
     let mut write_failed = false;
     let mut outcome: Result<Closed, ConnError> = Ok(Closed::Eof);
 
     loop {
-        if reading && pending.is_none() {
+        if reading && pending.is_none() && gathering.is_none() {
+            match decoder.take_large_write(&mut buf, LARGE_WRITE) {
+                Ok(Some(w)) => gathering = Some(Gathering::start(w, &mut buf)),
+                Ok(None) => {}
+                Err(e) => {
+                    reading = false;
+                    outcome = Err(e.into());
+                }
+            }
+        }
+        if let Some(g) = gathering.take_if(|g| g.is_complete()) {
+            let req = g.finish();
+            let c = cost(&req);
+            pending = Some((req, c));
+        }
+        if reading && pending.is_none() && gathering.is_none() {
             match decoder.decode(&mut buf) {
                 Ok(Some(req)) => {
                     let c = cost(&req);
@@ -329,11 +351,11 @@ async fn transmission(
                 let permit = permit.expect("the budget semaphore is never closed");
                 dispatch(req, permit, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
             }
-            r = read_more(&mut rd, &mut buf, &decoder), if reading && pending.is_none() => {
+            r = read_more(&mut rd, &mut buf, gathering.as_mut()), if reading && pending.is_none() => {
                 match r {
                     Ok(0) => {
                         reading = false;
-                        if !buf.is_empty() || decoder.skipping() {
+                        if !buf.is_empty() || decoder.skipping() || gathering.is_some() {
                             outcome = Err(ConnError::Truncated(buf.len()));
                         }
                     }
@@ -358,22 +380,52 @@ async fn transmission(
     outcome
 }
 
+/// Reads from the socket: into the payload being gathered, if any, else
+/// into the frame buffer.
 async fn read_more(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     buf: &mut BytesMut,
-    decoder: &RequestDecoder,
+    gathering: Option<&mut Gathering>,
 ) -> std::io::Result<usize> {
-    let wanted = decoder.wanted(buf);
-    if wanted >= LARGE_REMAINDER {
-        // Read exactly the rest of a large WRITE payload: the frame then ends
-        // at the end of the buffer, and no partial next frame has to be
-        // copied when the buffer is replaced (its payload is still in use).
-        buf.reserve(wanted);
-        let mut limited = bytes::BufMut::limit(&mut *buf, wanted);
-        rd.read_buf(&mut limited).await
-    } else {
-        buf.reserve(wanted.max(READ_CHUNK));
-        rd.read_buf(buf).await
+    if let Some(g) = gathering {
+        let n = rd.read(g.rest()).await?;
+        g.filled += n;
+        return Ok(n);
+    }
+    buf.reserve(READ_CHUNK);
+    rd.read_buf(buf).await
+}
+
+/// A large WRITE whose payload is read straight into aligned memory, which
+/// the store then writes to disk as it is (no copy on the way; see
+/// `storage::engine::WriteData`).
+struct Gathering {
+    write: LargeWrite,
+    data: AlignedBuf,
+    filled: usize,
+}
+
+impl Gathering {
+    /// Starts with the part of the payload already in `buf`.
+    fn start(write: LargeWrite, buf: &mut BytesMut) -> Gathering {
+        let mut data = AlignedBuf::for_overwrite(write.len());
+        let filled = buf.len().min(write.len());
+        data.as_mut_slice()[..filled].copy_from_slice(&buf[..filled]);
+        buf.advance(filled);
+        Gathering { write, data, filled }
+    }
+
+    /// Room for the rest of the payload (bytes past `filled` are not exposed).
+    fn rest(&mut self) -> &mut [u8] {
+        &mut self.data.as_mut_slice()[self.filled..]
+    }
+
+    fn is_complete(&self) -> bool {
+        self.filled == self.write.len()
+    }
+
+    fn finish(self) -> Request {
+        self.write.finish(Bytes::from_owner(self.data)).expect("the payload was gathered in full")
     }
 }
 

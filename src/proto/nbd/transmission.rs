@@ -97,6 +97,41 @@ impl RequestDecoder {
         Ok(Some(Request { flags, kind, handle, offset, len, data }))
     }
 
+    /// Takes the header of a WRITE off `buf` when its payload is at least
+    /// `min` bytes (and within the cap), so the caller can gather the
+    /// payload itself: the bytes already in `buf`, then the rest straight
+    /// from the socket into memory of its choosing (aligned for O_DIRECT),
+    /// and finish the request with [`LargeWrite::finish`]. `Ok(None)` when
+    /// `buf` does not start with such a header; then [`Self::decode`] as usual.
+    pub fn take_large_write(
+        &mut self,
+        buf: &mut BytesMut,
+        min: u32,
+    ) -> Result<Option<LargeWrite>, ProtoError> {
+        if self.skip > 0 || buf.len() < REQUEST_HEADER_LEN {
+            return Ok(None);
+        }
+        let magic = u32::from_be_bytes(buf[0..4].try_into().unwrap());
+        if magic != REQUEST_MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        let kind = u16::from_be_bytes([buf[6], buf[7]]);
+        let len = u32::from_be_bytes(buf[24..28].try_into().unwrap());
+        if kind != CMD_WRITE || len < min || len > self.max_payload {
+            return Ok(None);
+        }
+        let req = Request {
+            flags: u16::from_be_bytes([buf[4], buf[5]]),
+            kind,
+            handle: u64::from_be_bytes(buf[8..16].try_into().unwrap()),
+            offset: u64::from_be_bytes(buf[16..24].try_into().unwrap()),
+            len,
+            data: None,
+        };
+        buf.advance(REQUEST_HEADER_LEN);
+        Ok(Some(LargeWrite(req)))
+    }
+
     /// How many more bytes the next frame needs beyond what `buf` holds (a
     /// hint for sizing reads; 0 if a frame may be complete).
     pub fn wanted(&self, buf: &[u8]) -> usize {
@@ -118,6 +153,28 @@ impl RequestDecoder {
     /// True while the payload of an oversized WRITE is being discarded.
     pub fn skipping(&self) -> bool {
         self.skip > 0
+    }
+}
+
+/// A WRITE whose header is framed and whose payload the caller gathers
+/// (see [`RequestDecoder::take_large_write`]).
+#[derive(Debug)]
+pub struct LargeWrite(Request);
+
+impl LargeWrite {
+    /// Payload bytes the request carries.
+    pub fn len(&self) -> usize {
+        self.0.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len == 0
+    }
+
+    /// The request with its payload; `None` if `data` is not exactly
+    /// [`Self::len`] bytes (a caller bug, not a client's).
+    pub fn finish(self, data: Bytes) -> Option<Request> {
+        (data.len() == self.len()).then_some(Request { data: Some(data), ..self.0 })
     }
 }
 
@@ -519,6 +576,33 @@ mod tests {
     fn garbage_is_an_error() {
         let mut b = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"[..]);
         assert!(matches!(RequestDecoder::new(1024).decode(&mut b), Err(ProtoError::BadMagic(_))));
+    }
+
+    #[test]
+    fn large_write_header_is_taken_and_the_payload_left_to_the_caller() {
+        let mut d = RequestDecoder::new(1 << 20);
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let mut b = frame(CMD_WRITE, CMD_FLAG_FUA, 9, 4096, &payload);
+        b.truncate(REQUEST_HEADER_LEN + 100);
+        // Under the threshold, or not a WRITE: left to decode().
+        assert!(d.take_large_write(&mut b, 8193).unwrap().is_none());
+        let mut flush = frame(CMD_FLUSH, 0, 1, 0, &[]);
+        assert!(d.take_large_write(&mut flush, 1).unwrap().is_none());
+        let w = d.take_large_write(&mut b, 4096).unwrap().expect("a large write");
+        assert_eq!(w.len(), 8192);
+        assert_eq!(&b[..], &payload[..100], "only the header was consumed");
+        assert!(w.finish(Bytes::from_static(b"short")).is_none());
+        let w = d.take_large_write(&mut frame(CMD_WRITE, 0, 9, 4096, &payload), 4096).unwrap().unwrap();
+        let r = w.finish(Bytes::from(payload.clone())).unwrap();
+        assert_eq!((r.kind, r.handle, r.offset, r.len), (CMD_WRITE, 9, 4096, 8192));
+        assert_eq!(r.data.as_deref(), Some(&payload[..]));
+        // A wrong magic is the same framing error decode() reports; an
+        // oversized WRITE stays decode()'s to skip.
+        let mut bad = BytesMut::from(&[0u8; REQUEST_HEADER_LEN][..]);
+        assert_eq!(d.take_large_write(&mut bad, 1).unwrap_err(), ProtoError::BadMagic(0));
+        let mut huge = frame(CMD_WRITE, 0, 3, 0, &[]);
+        huge[24..28].copy_from_slice(&(2u32 << 20).to_be_bytes());
+        assert!(d.take_large_write(&mut huge, 1).unwrap().is_none());
     }
 
     #[test]

@@ -27,6 +27,8 @@ const CAPACITY: u64 = 1 << 40;
 #[derive(Debug, Default)]
 pub struct MemDisk {
     files: Mutex<HashMap<PathBuf, Arc<MemFile>>>,
+    /// A scheduled crash: after this many more data ops, with this seed.
+    crash_point: Mutex<Option<(u64, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +120,45 @@ impl Inner {
 impl MemDisk {
     pub fn new() -> Arc<MemDisk> {
         Arc::new(MemDisk::default())
+    }
+
+    /// Schedules power loss right after the next `ops` data ops (reads,
+    /// writes, syncs, fallocates) have taken effect, as [`MemDisk::crash`]
+    /// with `seed`; `ops == 0` crashes at once. Stepping `ops` through a
+    /// workload puts a crash at every point of it, between any two steps of
+    /// a flush included, which yielding to the scheduler cannot (the mem
+    /// engine never blocks, so a flush runs to its end in one go).
+    pub fn crash_after(&self, ops: u64, seed: u64) {
+        *self.crash_point.lock().unwrap() = (ops > 0).then_some((ops, seed));
+        if ops == 0 {
+            self.crash(seed);
+        }
+    }
+
+    /// True while a scheduled crash has not happened yet.
+    pub fn crash_pending(&self) -> bool {
+        self.crash_point.lock().unwrap().is_some()
+    }
+
+    /// Counts one op toward a scheduled crash.
+    fn tick(&self) {
+        let due = {
+            let mut p = self.crash_point.lock().unwrap();
+            match p.as_mut() {
+                Some((left, seed)) => {
+                    *left -= 1;
+                    let seed = *seed;
+                    (*left == 0).then(|| {
+                        *p = None;
+                        seed
+                    })
+                }
+                None => None,
+            }
+        };
+        if let Some(seed) = due {
+            self.crash(seed);
+        }
     }
 
     /// Power loss: every file keeps, per sector written since its last
@@ -233,6 +274,9 @@ impl Engine for MemEngine {
 
     fn submit(&self, mut req: Request) {
         let res = execute(&mut req.op);
+        if res.is_ok() {
+            self.disk.tick();
+        }
         req.complete(res);
     }
 
@@ -306,7 +350,7 @@ mod tests {
 
     async fn write(e: &MemEngine, f: &FileRef, offset: u64, byte: u8) {
         let buf = AlignedBuf::from_slice(&vec![byte; 4096]);
-        run(e, Op::Write { file: f.clone(), offset, buf }, 0).await.result.unwrap();
+        run(e, Op::Write { file: f.clone(), offset, buf: buf.into() }, 0).await.result.unwrap();
     }
 
     async fn read(e: &MemEngine, f: &FileRef, offset: u64) -> Vec<u8> {

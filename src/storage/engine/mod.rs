@@ -14,131 +14,19 @@
 //! at open/create time (directories, file open, free space); those are
 //! synchronous and rare, so they stay plain calls.
 
+mod buf;
 pub mod mem;
 pub mod psync;
 pub mod uring;
 
+pub use buf::{AlignedBuf, BUF_ALIGN, WriteData};
+
 use super::EngineKind;
-use std::alloc::Layout;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::Arc;
 use tokio::sync::oneshot;
-
-/// Alignment of every I/O buffer: enough for O_DIRECT on 4 KiB-sector disks.
-pub const BUF_ALIGN: usize = 4096;
-
-/// A heap buffer aligned to [`BUF_ALIGN`], zero-initialized, owned by one op at a time.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: AlignedBuf uniquely owns its allocation (like Box<[u8]>); moving it
-// across threads moves that ownership.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only hands out `&[u8]`, which is safe to share.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len.max(1).next_multiple_of(BUF_ALIGN), BUF_ALIGN).expect("buffer too large")
-    }
-
-    pub fn zeroed(len: usize) -> AlignedBuf {
-        if len == BUF_ALIGN {
-            let reused = POOL.lock().unwrap().pop();
-            if let Some(PoolPtr(ptr)) = reused {
-                let mut b = AlignedBuf { ptr, len };
-                b.as_mut_slice().fill(0);
-                return b;
-            }
-        }
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(p) else { std::alloc::handle_alloc_error(layout) };
-        AlignedBuf { ptr, len }
-    }
-
-    pub fn from_slice(data: &[u8]) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(data.len());
-        b.as_mut_slice().copy_from_slice(data);
-        b
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to at least `len` initialized (zeroed at
-        // allocation) bytes owned by self; the borrow ties the slice to self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and `&mut self` makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// For the io_uring engine: the kernel reads or writes through it while the op is in flight.
-    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-/// A freed single-block buffer waiting for reuse.
-struct PoolPtr(NonNull<u8>);
-
-// SAFETY: a pooled pointer is an allocation nobody references; whoever pops
-// it owns it, like a Box moved between threads.
-unsafe impl Send for PoolPtr {}
-
-/// Single-block buffers (the 4 KiB reads and writes of random I/O) are
-/// recycled: without this, malloc hands the pages back to the kernel and
-/// every op pays page faults to get them again.
-static POOL: std::sync::Mutex<Vec<PoolPtr>> = std::sync::Mutex::new(Vec::new());
-const POOL_MAX: usize = 1024;
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        if self.len == BUF_ALIGN {
-            let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < POOL_MAX {
-                pool.push(PoolPtr(self.ptr));
-                return;
-            }
-        }
-        // SAFETY: allocated in `zeroed` with this same layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl AsRef<[u8]> for AlignedBuf {
-    fn as_ref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
-    }
-}
 
 /// An open file of some engine. Ops hold a clone until they complete, so a
 /// file cannot be closed (and its fd reused) under an op in flight.
@@ -182,7 +70,7 @@ pub enum Op {
     Write {
         file: FileRef,
         offset: u64,
-        buf: AlignedBuf,
+        buf: WriteData,
     },
     /// fdatasync.
     Sync {
@@ -200,14 +88,16 @@ impl Op {
     /// The bytes a read or write must move; anything less is a short transfer.
     pub fn expected_len(&self) -> Option<usize> {
         match self {
-            Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf.len()),
+            Op::Read { buf, .. } => Some(buf.len()),
+            Op::Write { buf, .. } => Some(buf.len()),
             _ => None,
         }
     }
 
+    /// The op's own buffer back: a read's data, or an owned write buffer.
     pub fn into_buf(self) -> Option<AlignedBuf> {
         match self {
-            Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
+            Op::Read { buf, .. } | Op::Write { buf: WriteData::Owned(buf), .. } => Some(buf),
             _ => None,
         }
     }

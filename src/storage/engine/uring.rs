@@ -290,7 +290,7 @@ fn sqe_for(op: &mut Op, tag: u64) -> io::Result<squeue::Entry> {
         }
         Op::Write { file, offset, buf } => {
             let len = u32::try_from(buf.len()).map_err(|_| io::Error::other("write over 4 GiB"))?;
-            opcode::Write::new(fd_of(file)?, buf.as_mut_ptr(), len).offset(*offset).build()
+            opcode::Write::new(fd_of(file)?, buf.as_ptr(), len).offset(*offset).build()
         }
         Op::Sync { file } => opcode::Fsync::new(fd_of(file)?).flags(types::FsyncFlags::DATASYNC).build(),
         Op::Fallocate { file, mode, offset, len } => {
@@ -331,7 +331,9 @@ mod tests {
         let f = e.open(&dir.path().join("f"), true).unwrap();
         e.set_len(&f, 1 << 20).unwrap();
         let buf = crate::storage::engine::AlignedBuf::zeroed(4096);
-        let c = crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 100, buf }, 7).await;
+        let c =
+            crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 100, buf: buf.into() }, 7)
+                .await;
         assert_eq!(c.user_data, 7);
         assert!(c.buf.is_some(), "the buffer comes back on error too");
         let err = c.result.unwrap_err();
@@ -342,7 +344,9 @@ mod tests {
         );
         // The ring still works afterwards.
         let buf = crate::storage::engine::AlignedBuf::from_slice(&[9u8; 4096]);
-        let c = crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 4096, buf }, 8).await;
+        let c =
+            crate::storage::engine::run(&e, Op::Write { file: f.clone(), offset: 4096, buf: buf.into() }, 8)
+                .await;
         assert_eq!(c.result.unwrap(), 4096);
     }
 
