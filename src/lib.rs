@@ -41,7 +41,7 @@
 //! - **volume**: a named, fixed-size block device; 512-byte logical blocks,
 //!   4 KiB preferred.
 //! - **extent**: the unit of placement, replication and repair: a fixed-size
-//!   slice of a volume (default 64 MiB).
+//!   slice of a volume (default 256 MiB).
 //! - **stripe unit / width**: consecutive stripe units go round-robin over
 //!   `width` extents.
 //! - **epoch**: version of an extent's replica set (1 until the cluster

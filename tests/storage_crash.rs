@@ -31,14 +31,19 @@ const WINDOW: u64 = SECTORS as u64 * 512;
 struct Shape {
     extent: u64,
     region: u32,
+    /// The region hysteresis in flushes. Short, so regions go clean and
+    /// dirty again within one workload and both paths are exercised; 1 makes
+    /// a flush write a region's deferred table pages and mark it clean at
+    /// once, which only the "not in this sync" rule keeps safe.
+    clean_after: u64,
 }
 
 /// Small regions so one extent has many (16), and dirty marking matters.
-const SMALL: Shape = Shape { extent: WINDOW, region: 16 << 10 };
+const SMALL: Shape = Shape { extent: WINDOW, region: 16 << 10, clean_after: 2 };
 /// 4096 regions of 4 KiB: the dirty bitmap spills past the header's first
 /// 512-byte sector, so a torn header write is possible and the two header
 /// slots must save the day.
-const LARGE: Shape = Shape { extent: 16 << 20, region: 4 << 10 };
+const LARGE: Shape = Shape { extent: 16 << 20, region: 4 << 10, clean_after: 2 };
 const KEY: ExtentKey = ExtentKey { volume: VolumeId(9), index: ExtentIndex(0) };
 
 /// What each sector may read back as after a crash.
@@ -92,9 +97,7 @@ async fn open(disk: &Arc<MemDisk>, shape: Shape) -> Arc<Store> {
         StoreOptions {
             region_size: shape.region,
             mem_disk: Some(disk.clone()),
-            // Short hysteresis, so regions go clean and dirty again within
-            // one workload and both paths are exercised.
-            clean_after_flushes: 2,
+            clean_after_flushes: shape.clean_after,
         },
     )
     .await
@@ -274,57 +277,77 @@ fn crash_recovery_matches_oracle() {
 }
 
 #[test]
+fn crash_recovery_shortest_hysteresis() {
+    run_seeds(Shape { clean_after: 1, ..SMALL }, 2000);
+}
+
+#[test]
 fn crash_recovery_large_bitmap() {
     run_seeds(LARGE, 1000);
 }
 
-/// Every crash point inside a flush, exhaustively: a block is written and
-/// flushed (version 1), rewritten (version 2) and flushed again, and the
-/// disk loses power right after the flush's `n`th disk op, with each seed's
-/// choice of which unsynced sectors survive. Afterwards the block must read
-/// as version 1 or 2 (2 once the flush has succeeded), never as a checksum
-/// error. This is what catches a header that marks the block's region clean
-/// in the same fdatasync that makes the block's table entry durable: the
-/// header can survive without the table page.
+/// Every crash point inside a flush, exhaustively, in the two states where
+/// marking a region clean is delicate:
+/// - `deferred`: every region has a block rewritten (version 2: only its crc
+///   changes, so its table page is deferred) and one flush makes the data
+///   durable while no region has idled yet; then a write elsewhere, and the
+///   next flush both writes the deferred page and could mark block 0's
+///   region clean;
+/// - otherwise: block 0 is rewritten and the next flush is the one that crashes.
+///
+/// The disk loses power right after the `n`th disk op of that flush, with
+/// each seed's choice of which unsynced sectors survive. Block 0 must then
+/// read as version 2 if a flush completed after it was written, else as 1 or
+/// 2, and never fail its checksum: a header that marks a region clean in the
+/// same fdatasync that makes the region's table page durable can survive
+/// without the page.
 #[test]
 fn crash_at_every_step_of_a_flush() {
-    let shape = Shape { extent: WINDOW, region: 16 << 10 };
+    let shape = Shape { clean_after: 1, ..SMALL };
+    let regions = WINDOW / shape.region as u64;
+    let first_block = |r: u64| r * shape.region as u64;
     // A torn header falls back to the other slot, so the whole new header
     // (8 sectors) must survive for such a bug to show: 1 crash in 256.
-    for n in 1..=6 {
-        for seed in 0..1024u64 {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            rt.block_on(async {
-                let disk = MemDisk::new();
-                let store = open(&disk, shape).await;
-                let ext = store.extent(KEY, shape.extent, Epoch(1)).await.unwrap();
-                ext.write(0, versioned(1, 8), false).await.unwrap();
-                // Flush intervals pass, so the region's hysteresis runs out.
-                for _ in 0..3 {
+    for deferred in [false, true] {
+        for n in 1..=5 {
+            for seed in 0..768u64 {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                rt.block_on(async {
+                    let disk = MemDisk::new();
+                    let store = open(&disk, shape).await;
+                    let ext = store.extent(KEY, shape.extent, Epoch(1)).await.unwrap();
+                    for r in 0..regions {
+                        ext.write(first_block(r), versioned(1, 8), false).await.unwrap();
+                    }
                     ext.flush().await.unwrap();
-                }
-                ext.write(0, versioned(2, 8), false).await.unwrap();
-                disk.crash_after(n, seed);
-                let flushed = ext.flush().await.is_ok();
-                if disk.crash_pending() {
-                    disk.crash_after(0, seed);
-                }
-                drop((ext, store));
-                let store = open(&disk, shape).await;
-                let ext = store.extent(KEY, shape.extent, Epoch(1)).await.unwrap();
-                let data = match ext.read(0, 4096).await {
-                    Ok(chunks) => flatten_chunks(&chunks),
-                    Err(e) => panic!("n={n} seed={seed}: read after recovery failed: {e}"),
-                };
-                for (s, bytes) in data.chunks(512).enumerate() {
-                    let v = version_of(bytes).unwrap_or_else(|| panic!("n={n} seed={seed}: sector {s} torn"));
-                    let ok = if flushed { v == 2 } else { v == 1 || v == 2 };
-                    assert!(
-                        ok,
-                        "n={n} seed={seed}: sector {s} reads version {v} (flush succeeded: {flushed})"
-                    );
-                }
-            });
+                    ext.write(0, versioned(2, 8), false).await.unwrap();
+                    if deferred {
+                        for r in 1..regions {
+                            ext.write(first_block(r), versioned(2, 8), false).await.unwrap();
+                        }
+                        ext.flush().await.unwrap();
+                        ext.write(first_block(1), versioned(3, 8), false).await.unwrap();
+                    }
+                    disk.crash_after(n, seed);
+                    let flushed = ext.flush().await.is_ok() || deferred;
+                    if disk.crash_pending() {
+                        disk.crash_after(0, seed);
+                    }
+                    drop((ext, store));
+                    let store = open(&disk, shape).await;
+                    let ext = store.extent(KEY, shape.extent, Epoch(1)).await.unwrap();
+                    let at = format!("deferred={deferred} n={n} seed={seed}");
+                    let data = match ext.read(0, WINDOW as u32).await {
+                        Ok(chunks) => flatten_chunks(&chunks),
+                        Err(e) => panic!("{at}: read after recovery failed: {e}"),
+                    };
+                    for (s, bytes) in data[..4096].chunks(512).enumerate() {
+                        let v = version_of(bytes).unwrap_or_else(|| panic!("{at}: sector {s} torn"));
+                        let ok = if flushed { v == 2 } else { v == 1 || v == 2 };
+                        assert!(ok, "{at}: sector {s} reads version {v} (flushed: {flushed})");
+                    }
+                });
+            }
         }
     }
 }

@@ -58,7 +58,7 @@ struct DemoArgs {
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     engine: EngineKind,
     /// Extent size (power of two, at least 1MiB).
-    #[arg(long, default_value = "64MiB")]
+    #[arg(long, default_value = "256MiB")]
     extent_size: ByteSize,
     /// Export the volume read-only (when creating it).
     #[arg(long)]

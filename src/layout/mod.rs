@@ -43,7 +43,15 @@ pub struct Piece {
 }
 
 impl Layout {
-    pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
+    /// 256 MiB. Every extent replica is a file, and a FLUSH costs one
+    /// fdatasync per extent written since the last one; on the disk here each
+    /// costs ~140 us and concurrent ones do not merge (measured: 20 files,
+    /// 2.8 ms serial, 3.2 ms in parallel). With 64 MiB extents, 4 KiB random
+    /// writes with a FLUSH every 32 (`fio --fsync=32`) over 2 GiB touched ~20
+    /// extents per FLUSH and ran at 0.98x qemu-nbd; 256 MiB extents ran it
+    /// 1.25x faster (interleaved A/B on one disk).
+    /// Placement stays fine-grained enough: a 10 GiB disk is 40 extents.
+    pub const DEFAULT_EXTENT_SIZE: u64 = 256 << 20;
 
     pub fn new(extent_size: u64, stripe_unit: u64, stripe_width: u64) -> Result<Self, LayoutError> {
         if !extent_size.is_power_of_two() || extent_size < (1 << 20) {
