@@ -19,8 +19,11 @@
 //!   order of writes inside one fdatasync is not guaranteed, so a region
 //!   is never marked clean by the same sync that makes its table page
 //!   durable. (Writing the header after the sync instead, as a first
-//!   version did, put a second disk write in series on every flush.) The hysteresis is long on
-//!   purpose: with a short one, random writes with frequent flushes (a
+//!   version did, put a second disk write in series on every flush.)
+//!   A table page whose only changes are new crcs of blocks that already
+//!   had data is deferred (see `Table::lazy_pages`): recovery recomputes
+//!   those crcs anyway, so it is written only before its regions go clean.
+//!   The hysteresis is long on purpose: with a short one, random writes with frequent flushes (a
 //!   database, `fio --fsync=32`) keep hitting freshly cleaned regions and
 //!   pay a header write + fdatasync before almost every write (measured:
 //!   a third of qemu-nbd's IOPS with 2 intervals). The price: after a
