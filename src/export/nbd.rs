@@ -8,7 +8,7 @@
 //! written by the same task with one non-blocking vectored write; what the
 //! socket does not take waits for writability. Read payloads are the
 //! volume's `Bytes`, referenced by the write, never copied. WRITE payloads
-//! of [`LARGE_WRITE`] and more are read from the socket straight into an
+//! of `LARGE_WRITE` (64 KiB) and more are read from the socket straight into an
 //! aligned buffer, which the store hands to the disk as it is; smaller ones
 //! are sliced out of the read buffer and copied once, into the store's
 //! block buffer. (Copying a 1 MiB payload into a freshly allocated block
