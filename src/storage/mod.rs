@@ -9,7 +9,7 @@
 //! The API the volume layer uses is [`Store`] and [`Extent`]; a remote
 //! replica (later) implements the same operations over the peer transport.
 //!
-//! Files: [`format`] (pure on-disk format, documented byte by byte),
+//! Files: [`format`](mod@format) (pure on-disk format, documented byte by byte),
 //! [`extent`] (one replica: I/O, crash atomicity, recovery), [`store`]
 //! (data dirs, placement), [`engine`] (io_uring | psync | mem),
 //! [`rangelock`] (per-extent block range lock).
