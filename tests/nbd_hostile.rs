@@ -561,3 +561,39 @@ fn client_that_never_reads_replies_cannot_grow_server_memory() {
         assert!(c.bytes(32 << 20) == data, "wrong data for handle {h}");
     }
 }
+
+/// The node-wide payload budget bounds memory over all connections, not
+/// just per connection. With a 64 MiB budget, two clients stalled in the
+/// middle of 32 MiB WRITEs hold all of it; a third client's READ then waits
+/// (its connection is not read, nothing more is allocated) rather than
+/// adding to the total. When the stalled clients go away their room comes
+/// back, the READ is answered with the right bytes, and none of their
+/// partial writes landed.
+#[test]
+fn node_wide_payload_budget_makes_clients_wait_instead_of_allocating() {
+    let d = Daemon::start("64M", &["--payload-budget=64MiB"]);
+    let want = seed(d.nbd_port);
+    let hogs: Vec<Raw> = (0..2)
+        .map(|i| {
+            let mut c = Raw::open(d.nbd_port);
+            c.request(0, CMD_WRITE, 100 + i, 0, 32 << 20, &vec![0xEE; 1 << 20]);
+            c
+        })
+        .collect();
+    let port = d.nbd_port;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut c = Raw::open(port);
+        let _ = tx.send(c.read(7, 0, 1 << 20));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(800)).is_err(),
+        "a READ must wait while stalled WRITEs hold the whole node budget"
+    );
+    drop(hogs);
+    let data =
+        rx.recv_timeout(Duration::from_secs(30)).expect("the READ is answered once the budget is free");
+    assert!(data == want, "READ returned other bytes");
+    reader.join().unwrap();
+    check_intact(d.nbd_port, &want);
+}

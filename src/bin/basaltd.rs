@@ -57,6 +57,11 @@ struct DemoArgs {
     /// Disk I/O engine.
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     engine: EngineKind,
+    /// Memory for client READ/WRITE data in flight, over all NBD and iSCSI
+    /// connections (at least 32MiB, the largest request). Past it, clients
+    /// wait: their connections stop being read.
+    #[arg(long, default_value = "1GiB")]
+    payload_budget: ByteSize,
     /// Extent size (power of two, at least 1MiB).
     #[arg(long, default_value = "256MiB")]
     extent_size: ByteSize,
@@ -120,9 +125,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         iscsi_listen: iscsi,
     };
     cfg.validate()?;
-    let node = Node::open(StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine })
-        .await
-        .context("opening the store")?;
+    let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
+    let node = Node::open_with_budget(store_cfg, args.payload_budget.0).await.context("opening the store")?;
     let vol = match node.volume(&args.volume) {
         Some(v) => {
             if v.size() != args.size.0 {

@@ -22,6 +22,9 @@
 //! budget is spent the connection stops reading the socket, which is the
 //! backpressure. Worst case per connection: the budget, plus one frame
 //! being assembled (at most the maximum payload), plus the read buffer.
+//! Over all connections, the payload of every READ and WRITE also takes
+//! room in the node's [`PayloadBudget`] (a large WRITE before its buffer is
+//! allocated), so many clients together cannot exceed it either.
 //!
 //! Every connection to a volume shares one `Arc<Volume>`, whose `flush` is
 //! a barrier over every write completed before it on any connection; that
@@ -33,7 +36,7 @@
 //! Export names: see `proto::nbd::handshake` (`""` is the only volume, or
 //! the one called `demo`).
 
-use crate::node::{Node, Volume, VolumeError};
+use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
     Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
@@ -181,7 +184,7 @@ async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) 
     };
     tracing::Span::current().record("export", session.export.as_str());
     debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
-    transmission(sock, buf, volume, session, cancel).await
+    transmission(sock, buf, volume, node.payload_budget(), session, cancel).await
 }
 
 /// Option haggling: the agreed session plus any bytes already read past
@@ -231,8 +234,60 @@ async fn negotiate(
     }
 }
 
-/// A finished reply, holding its share of the budget.
-type Outgoing = (Reply, OwnedSemaphorePermit);
+/// A request's share of the connection's budget and of the node's payload
+/// budget, given back once its reply is written.
+#[derive(Debug)]
+struct Held {
+    _conn: OwnedSemaphorePermit,
+    _node: Option<OwnedSemaphorePermit>,
+}
+
+/// A finished reply, holding its share of the budgets.
+type Outgoing = (Reply, Held);
+
+/// A framed request waiting for room in the budgets before it runs.
+struct Admission {
+    req: Request,
+    conn_units: u32,
+    conn: Option<OwnedSemaphorePermit>,
+    /// Payload bytes it needs from the node's budget (0: none).
+    node_bytes: u64,
+    node: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// `node` is the node-budget room already taken for a gathered payload.
+    fn new(req: Request, node: Option<OwnedSemaphorePermit>) -> Admission {
+        let payload = (req.kind == CMD_READ || req.kind == CMD_WRITE)
+            && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
+        let node_bytes = if payload && node.is_none() { req.len as u64 } else { 0 };
+        Admission { conn_units: cost(&req), req, conn: None, node_bytes, node }
+    }
+
+    fn needs_conn(&self) -> bool {
+        self.conn.is_none()
+    }
+
+    fn needs_node(&self) -> bool {
+        self.conn.is_some() && self.node.is_none() && self.node_bytes > 0
+    }
+
+    /// Takes what is free now; the request with its share once it has all.
+    fn try_admit(&mut self, conn: &Arc<Semaphore>, node: &PayloadBudget) -> bool {
+        if self.needs_conn() {
+            self.conn = conn.clone().try_acquire_many_owned(self.conn_units).ok();
+        }
+        if self.needs_node() {
+            self.node = node.try_take(self.node_bytes);
+        }
+        !self.needs_conn() && !self.needs_node()
+    }
+
+    fn into_parts(self) -> (Request, Held) {
+        let conn = self.conn.expect("admitted");
+        (self.req, Held { _conn: conn, _node: self.node })
+    }
+}
 
 fn cost(req: &Request) -> u32 {
     // Lengths over the cap are refused before running, so they cost 1.
@@ -245,6 +300,7 @@ async fn transmission(
     sock: TcpStream,
     mut buf: BytesMut,
     volume: Arc<Volume>,
+    node_budget: &PayloadBudget,
     session: Session,
     cancel: &CancellationToken,
 ) -> Result<Closed, ConnError> {
@@ -252,17 +308,22 @@ async fn transmission(
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let mut decoder = RequestDecoder::new(session.sizes.max_payload);
     let mut inflight: Inflight = FuturesUnordered::new();
-    let mut pending: Option<(Request, u32)> = None;
+    let mut pending: Option<Admission> = None;
     let mut gathering: Option<Gathering> = None;
+    // A large WRITE whose payload waits for room in the node's budget.
+    let mut gather_wait: Option<LargeWrite> = None;
     let mut out = Outbox::default();
     let mut reading = true;
     let mut write_failed = false;
     let mut outcome: Result<Closed, ConnError> = Ok(Closed::Eof);
 
     loop {
-        if reading && pending.is_none() && gathering.is_none() {
+        if reading && pending.is_none() && gathering.is_none() && gather_wait.is_none() {
             match decoder.take_large_write(&mut buf, LARGE_WRITE) {
-                Ok(Some(w)) => gathering = Some(Gathering::start(w, &mut buf)),
+                Ok(Some(w)) => match node_budget.try_take(w.len() as u64) {
+                    Some(room) => gathering = Some(Gathering::start(w, &mut buf, room)),
+                    None => gather_wait = Some(w),
+                },
                 Ok(None) => {}
                 Err(e) => {
                     reading = false;
@@ -271,16 +332,12 @@ async fn transmission(
             }
         }
         if let Some(g) = gathering.take_if(|g| g.is_complete()) {
-            let req = g.finish();
-            let c = cost(&req);
-            pending = Some((req, c));
+            let (req, room) = g.finish();
+            pending = Some(Admission::new(req, Some(room)));
         }
-        if reading && pending.is_none() && gathering.is_none() {
+        if reading && pending.is_none() && gathering.is_none() && gather_wait.is_none() {
             match decoder.decode(&mut buf) {
-                Ok(Some(req)) => {
-                    let c = cost(&req);
-                    pending = Some((req, c));
-                }
+                Ok(Some(req)) => pending = Some(Admission::new(req, None)),
                 Ok(None) => {}
                 Err(e) => {
                     reading = false;
@@ -288,23 +345,10 @@ async fn transmission(
                 }
             }
         }
-        if let Some((req, c)) = pending.take() {
-            match budget.clone().try_acquire_many_owned(c) {
-                Ok(permit) => {
-                    dispatch(
-                        req,
-                        permit,
-                        &volume,
-                        &session,
-                        &mut out,
-                        &mut inflight,
-                        &mut reading,
-                        &mut outcome,
-                    );
-                    continue;
-                }
-                Err(_) => pending = Some((req, c)),
-            }
+        if let Some(a) = pending.take_if(|a| a.try_admit(&budget, node_budget)) {
+            let (req, held) = a.into_parts();
+            dispatch(req, held, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
+            continue;
         }
         // Replies go out from this task, without a hop to another one, as
         // far as the socket takes them; the rest waits for writability.
@@ -321,7 +365,9 @@ async fn transmission(
         if !reading && pending.is_none() && inflight.is_empty() && out.is_empty() {
             break;
         }
-        let want_units = pending.as_ref().map_or(1, |p| p.1);
+        let want_conn = pending.as_ref().filter(|a| a.needs_conn()).map(|a| a.conn_units);
+        let want_node = pending.as_ref().filter(|a| a.needs_node()).map(|a| a.node_bytes);
+        let want_gather = gather_wait.as_ref().map(|w| w.len() as u64);
         tokio::select! {
             biased;
             Some((reply, permit)) = inflight.next(), if !inflight.is_empty() => {
@@ -346,16 +392,27 @@ async fn transmission(
                     }
                 }
             }
-            permit = budget.clone().acquire_many_owned(want_units), if pending.is_some() => {
-                let (req, _) = pending.take().unwrap();
+            permit = budget.clone().acquire_many_owned(want_conn.unwrap_or(1)), if want_conn.is_some() => {
                 let permit = permit.expect("the budget semaphore is never closed");
-                dispatch(req, permit, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
+                if let Some(a) = pending.as_mut() {
+                    a.conn = Some(permit);
+                }
             }
-            r = read_more(&mut rd, &mut buf, gathering.as_mut()), if reading && pending.is_none() => {
+            room = node_budget.take(want_node.unwrap_or(0)), if want_node.is_some() => {
+                if let Some(a) = pending.as_mut() {
+                    a.node = Some(room);
+                }
+            }
+            room = node_budget.take(want_gather.unwrap_or(0)), if want_gather.is_some() => {
+                let w = gather_wait.take().expect("checked by the branch condition");
+                gathering = Some(Gathering::start(w, &mut buf, room));
+            }
+            r = read_more(&mut rd, &mut buf, gathering.as_mut()),
+                if reading && pending.is_none() && gather_wait.is_none() => {
                 match r {
                     Ok(0) => {
                         reading = false;
-                        if !buf.is_empty() || decoder.skipping() || gathering.is_some() {
+                        if !buf.is_empty() || decoder.skipping() || gathering.is_some() || gather_wait.is_some() {
                             outcome = Err(ConnError::Truncated(buf.len()));
                         }
                     }
@@ -403,16 +460,18 @@ struct Gathering {
     write: LargeWrite,
     data: AlignedBuf,
     filled: usize,
+    /// The payload's room in the node's budget, taken before allocating it.
+    room: OwnedSemaphorePermit,
 }
 
 impl Gathering {
     /// Starts with the part of the payload already in `buf`.
-    fn start(write: LargeWrite, buf: &mut BytesMut) -> Gathering {
+    fn start(write: LargeWrite, buf: &mut BytesMut, room: OwnedSemaphorePermit) -> Gathering {
         let mut data = AlignedBuf::for_overwrite(write.len());
         let filled = buf.len().min(write.len());
         data.as_mut_slice()[..filled].copy_from_slice(&buf[..filled]);
         buf.advance(filled);
-        Gathering { write, data, filled }
+        Gathering { write, data, filled, room }
     }
 
     /// Room for the rest of the payload (bytes past `filled` are not exposed).
@@ -424,8 +483,9 @@ impl Gathering {
         self.filled == self.write.len()
     }
 
-    fn finish(self) -> Request {
-        self.write.finish(Bytes::from_owner(self.data)).expect("the payload was gathered in full")
+    fn finish(self) -> (Request, OwnedSemaphorePermit) {
+        let req = self.write.finish(Bytes::from_owner(self.data)).expect("the payload was gathered in full");
+        (req, self.room)
     }
 }
 
@@ -434,7 +494,7 @@ type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Outpu
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     req: Request,
-    permit: OwnedSemaphorePermit,
+    permit: Held,
     volume: &Arc<Volume>,
     session: &Session,
     out: &mut Outbox,
@@ -521,14 +581,14 @@ async fn execute(volume: &Volume, cmd: Command, handle: u64, structured: bool, c
 #[derive(Debug, Default)]
 struct Outbox {
     buf: ReplyBuf,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Vec<Held>,
     /// Write position: segment index and offset in it.
     seg: usize,
     off: usize,
 }
 
 impl Outbox {
-    fn push(&mut self, reply: Reply, permit: OwnedSemaphorePermit) {
+    fn push(&mut self, reply: Reply, permit: Held) {
         encode_reply(reply, &mut self.buf);
         self.permits.push(permit);
     }

@@ -5,11 +5,13 @@
 //! dir). It holds only per-volume records: extents are computed from the
 //! layout, never listed.
 
+mod budget;
 pub mod volume;
 
 use crate::layout::Layout;
 use crate::storage::{Store, StoreConfig, StoreError};
 use crate::types::VolumeId;
+pub use budget::PayloadBudget;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,7 +79,12 @@ pub struct Node {
     catalog_path: Option<PathBuf>,
     catalog: Mutex<Catalog>,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
+    /// Client payload memory, shared by every frontend connection.
+    payload_budget: PayloadBudget,
 }
+
+/// Default for the node-wide client payload budget ([`Node::payload_budget`]).
+pub const DEFAULT_PAYLOAD_BUDGET: u64 = 1 << 30;
 
 pub fn valid_volume_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -86,6 +93,14 @@ pub fn valid_volume_name(name: &str) -> bool {
 
 impl Node {
     pub async fn open(store_cfg: StoreConfig) -> Result<Arc<Node>, NodeError> {
+        Node::open_with_budget(store_cfg, DEFAULT_PAYLOAD_BUDGET).await
+    }
+
+    /// [`Node::open`] with a node-wide client payload budget of `payload_budget` bytes.
+    pub async fn open_with_budget(
+        store_cfg: StoreConfig,
+        payload_budget: u64,
+    ) -> Result<Arc<Node>, NodeError> {
         let catalog_path = (store_cfg.engine != crate::storage::EngineKind::Mem)
             .then(|| store_cfg.data_dirs[0].join("volumes.json"));
         let store = Store::open(store_cfg).await?;
@@ -99,13 +114,24 @@ impl Node {
                 return Err(NodeError::Catalog { path: catalog_path.unwrap_or_default(), source });
             }
         };
-        let node =
-            Node { store, catalog_path, catalog: Mutex::new(catalog), volumes: Mutex::new(BTreeMap::new()) };
+        let node = Node {
+            store,
+            catalog_path,
+            catalog: Mutex::new(catalog),
+            volumes: Mutex::new(BTreeMap::new()),
+            payload_budget: PayloadBudget::new(payload_budget),
+        };
         let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().volumes.values().cloned().collect();
         for spec in specs {
             node.volumes.lock().unwrap().insert(spec.name.clone(), Volume::new(spec, node.store.clone()));
         }
         Ok(Arc::new(node))
+    }
+
+    /// The node-wide cap on client payload memory (READ and WRITE data in
+    /// flight over all connections), [`DEFAULT_PAYLOAD_BUDGET`].
+    pub fn payload_budget(&self) -> &PayloadBudget {
+        &self.payload_budget
     }
 
     pub fn store(&self) -> &Arc<Store> {

@@ -1,0 +1,85 @@
+//! The node-wide cap on client payload memory.
+
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Payload bytes per budget unit.
+const UNIT: u64 = 4096;
+
+/// The node-wide cap on client payload memory: READ and WRITE data held for
+/// requests in flight, over every connection of every frontend. Each
+/// connection also has a budget of its own (so one client cannot take it
+/// all); this one bounds the sum, so a thousand clients cannot add up to
+/// more than the node has. A request that does not fit waits, and its
+/// connection stops reading: backpressure, never an error.
+#[derive(Debug, Clone)]
+pub struct PayloadBudget {
+    sem: Arc<Semaphore>,
+    units: u32,
+}
+
+impl PayloadBudget {
+    /// A budget of `bytes` (at least one maximum payload, so any single
+    /// request can always run).
+    pub fn new(bytes: u64) -> PayloadBudget {
+        let bytes = bytes.max(super::volume::MAX_PAYLOAD);
+        let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
+        PayloadBudget { sem: Arc::new(Semaphore::new(units as usize)), units }
+    }
+
+    fn units(bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
+    }
+
+    /// Takes room for `bytes` if it is free now.
+    pub fn try_take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let n = Self::units(bytes).min(self.units);
+        if n == 0 {
+            return None;
+        }
+        self.sem.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// Waits for room for `bytes` (cancel-safe: dropping the future holds nothing).
+    pub async fn take(&self, bytes: u64) -> OwnedSemaphorePermit {
+        let n = Self::units(bytes).min(self.units).max(1);
+        self.sem.clone().acquire_many_owned(n).await.expect("the payload budget is never closed")
+    }
+
+    /// Bytes free right now (for tests and logs).
+    pub fn available(&self) -> u64 {
+        self.sem.available_permits() as u64 * UNIT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn room_is_taken_and_given_back() {
+        let b = PayloadBudget::new(64 << 20);
+        assert_eq!(b.available(), 64 << 20);
+        let big = b.try_take(40 << 20).expect("fits");
+        assert!(b.try_take(32 << 20).is_none(), "only 24 MiB left");
+        let small = b.try_take(1).expect("a byte takes one 4 KiB unit");
+        assert_eq!(b.available(), (24 << 20) - 4096);
+        drop((big, small));
+        assert_eq!(b.available(), 64 << 20);
+        // Waiting resolves once room comes back.
+        let held = b.take(64 << 20).await;
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take(4096).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(held);
+        drop(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn never_smaller_than_one_request() {
+        assert_eq!(PayloadBudget::new(0).available(), crate::node::volume::MAX_PAYLOAD);
+    }
+}
