@@ -34,7 +34,8 @@
 //! 7. Crash consistency: the dirty-region activity log in
 //!    `storage::extent` (`tests/storage_crash.rs`, `tests/crash.rs`).
 //! 9. Hostile input: codecs cap every length before buffering and answer
-//!    with the protocol's error (`tests/nbd_hostile.rs`,
+//!    with the protocol's error; memory is bounded per connection and, over
+//!    all of them, by `node::PayloadBudget` (`tests/nbd_hostile.rs`,
 //!    `tests/iscsi_hostile.rs`).
 //!
 //! ## Glossary

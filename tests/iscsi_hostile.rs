@@ -290,3 +290,52 @@ fn task_management_aborts_a_write_waiting_for_data() {
     assert_eq!(c.test_unit_ready(), 0);
     c.logout();
 }
+
+/// iSCSI commands take their data's room in the node-wide payload budget.
+/// With the smallest budget (32 MiB), a session that opens a 32 MiB WRITE
+/// and never sends its Data-Out holds all of it: another session's READ is
+/// answered TASK SET FULL (nothing buffered, the initiator retries later)
+/// rather than adding to the total. Once the stalled session is gone the
+/// READ works and returns the data written before.
+#[test]
+fn node_payload_budget_answers_task_set_full_when_spent() {
+    let d = Daemon::start("64M", &["--payload-budget=32MiB"]);
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let block = common::pattern(11, 4096);
+    assert_eq!(c.write10(8, &block), 0);
+
+    let mut hog = RawIscsi::connect(d.iscsi_port);
+    hog.login(Some(&d.iqn()));
+    let blocks: u16 = 65535; // 32 MiB - 512: the whole budget in 4 KiB units
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    let cmd = hog.command(&cdb, blocks as u32 * 512, false, true);
+    hog.send(&cmd);
+    let r2t = hog.recv().expect("R2T for the stalled WRITE");
+    assert_eq!(r2t.raw_opcode(), Opcode::R2t as u8);
+
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[2..6].copy_from_slice(&8u32.to_be_bytes());
+    cdb[7..9].copy_from_slice(&8u16.to_be_bytes());
+    let (status, data, _) = c.run(&cdb, &[], 4096);
+    assert_eq!(status, 0x28, "TASK SET FULL while the budget is spent");
+    assert!(data.is_empty());
+
+    drop(hog);
+    // The stalled session's room comes back once the target sees it gone.
+    let mut answered = None;
+    for _ in 0..200 {
+        let (status, data, _) = c.run(&cdb, &[], 4096);
+        if status == 0 {
+            answered = Some(data);
+            break;
+        }
+        assert_eq!(status, 0x28);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(answered.expect("the READ succeeds once the budget is free"), block);
+    still_serving(&d);
+}

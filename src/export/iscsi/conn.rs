@@ -7,6 +7,7 @@
 
 use super::exec::{self, Lun};
 use super::{IQN_PREFIX, Shared, target_iqn};
+use crate::node::volume::MAX_PAYLOAD;
 use crate::proto::iscsi::login::{Login, SessionParams, Step, TargetLimits};
 use crate::proto::iscsi::pdu::{
     self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason,
@@ -21,7 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -95,11 +96,14 @@ impl Drop for Slot {
 struct Out {
     pdus: Vec<(Pdu, bool)>,
     close: bool,
+    /// The command's room in the node's payload budget, given back once
+    /// these PDUs are written.
+    hold: Option<OwnedSemaphorePermit>,
 }
 
 impl Out {
     fn one(p: Pdu, status: bool) -> Out {
-        Out { pdus: vec![(p, status)], close: false }
+        Out { pdus: vec![(p, status)], close: false, hold: None }
     }
 }
 
@@ -288,6 +292,7 @@ struct PendingWrite {
     r2t_sn: u32,
     next_data_sn: u32,
     slot: Slot,
+    room: Option<OwnedSemaphorePermit>,
 }
 
 /// Control block of a running command, for task management.
@@ -442,7 +447,7 @@ async fn full_feature(
     // still waiting for Data-Out are dropped (never acknowledged).
     s.pending.clear();
     while s.tasks.join_next().await.is_some() {}
-    let _ = s.tx.send(Out { pdus: Vec::new(), close: true }).await;
+    let _ = s.tx.send(Out { pdus: Vec::new(), close: true, hold: None }).await;
     drop(s);
     if let Ok(Err(e)) = writer.await {
         tracing::debug!(error = %e, "writer ended");
@@ -608,6 +613,25 @@ impl Session {
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
+        // Room in the node's payload budget for the data either way, taken
+        // now and held until the response is written. When the node is out
+        // of it, TASK SET FULL: the initiator retries later with a lower
+        // queue depth, and nothing is buffered meanwhile. (Waiting here
+        // instead could deadlock: this loop must keep reading the Data-Out
+        // of the session's own pending writes, which may hold the room.)
+        let payload = cmd.data_out_len().max(if read_f { edtl as u64 } else { 0 }).min(MAX_PAYLOAD);
+        let room = match payload {
+            0 => None,
+            n => match self.shared.node.payload_budget().try_take(n) {
+                Some(r) => Some(r),
+                None => {
+                    tracing::debug!(itt, bytes = n, "node payload budget spent: TASK SET FULL");
+                    let r = respond(Status::Busy(status::TASK_SET_FULL));
+                    self.send(r.pdus(Bytes::new(), &self.p)).await?;
+                    return Ok(Flow::Continue);
+                }
+            },
+        };
         let spdtl = cmd.data_out_len();
         let mut cmd = cmd;
         let mut residual = Residual::None;
@@ -639,7 +663,7 @@ impl Session {
             // Immediate data past what the command uses is accepted and dropped.
             data.extend_from_slice(&imm[..imm.len().min(want as usize)]);
             if data.len() as u32 == want {
-                self.spawn(itt, slot, lun, cmd, data.freeze(), respond(Status::Good(residual)));
+                self.spawn(itt, slot, lun, cmd, data.freeze(), respond(Status::Good(residual)), room);
                 return Ok(Flow::Continue);
             }
             let mut pw = PendingWrite {
@@ -655,6 +679,7 @@ impl Session {
                 r2t_sn: 0,
                 next_data_sn: 0,
                 slot,
+                room,
             };
             self.send_r2t(itt, &mut pw).await?;
             self.pending.insert(itt, pw);
@@ -663,7 +688,7 @@ impl Session {
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
         let slot = Slot::take(&self.win, pdu.immediate());
-        self.spawn(itt, slot, lun, cmd, Bytes::new(), respond(Status::Good(res)));
+        self.spawn(itt, slot, lun, cmd, Bytes::new(), respond(Status::Good(res)), room);
         Ok(Flow::Continue)
     }
 
@@ -738,7 +763,7 @@ impl Session {
                 read_f: false,
                 status: Status::Good(pw.residual),
             };
-            self.spawn(itt, pw.slot, pw.lun, pw.cmd, pw.data.freeze(), respond);
+            self.spawn(itt, pw.slot, pw.lun, pw.cmd, pw.data.freeze(), respond, pw.room);
             return Ok(Flow::Continue);
         }
         if at == pw.burst_end {
@@ -748,7 +773,17 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    fn spawn(&mut self, itt: u32, slot: Slot, lun: Arc<Lun>, cmd: Command, data: Bytes, resp: Response) {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &mut self,
+        itt: u32,
+        slot: Slot,
+        lun: Arc<Lun>,
+        cmd: Command,
+        data: Bytes,
+        resp: Response,
+        room: Option<OwnedSemaphorePermit>,
+    ) {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
         self.running.insert(itt, ctl.clone());
@@ -756,15 +791,17 @@ impl Session {
         let p = self.p.clone();
         self.tasks.spawn(async move {
             let result = exec::execute(&lun, cmd, data).await;
-            let out = match result {
+            let mut out = match result {
                 Ok(d) => resp.pdus(d, &p),
                 Err(sense) => {
                     let res = match resp.status {
                         Status::Good(r) | Status::Check(_, r) => r,
+                        Status::Busy(_) => Residual::None,
                     };
                     Response { status: Status::Check(sense, res), ..resp }.pdus(Bytes::new(), &p)
                 }
             };
+            out.hold = room;
             drop(slot);
             {
                 let aborted = ctl.aborted.lock().await;
@@ -828,7 +865,7 @@ impl Session {
                 let mut done = v.done.clone();
                 let _ = done.wait_for(|d| *d).await;
             }
-            let _ = tx.send(Out { pdus: vec![(r, true)], close: close_after }).await;
+            let _ = tx.send(Out { pdus: vec![(r, true)], close: close_after, hold: None }).await;
             RESERVED_TAG
         });
         Ok(if close_after { Flow::Close } else { Flow::Continue })
@@ -913,7 +950,7 @@ impl Session {
                 self.running.remove(&itt);
             }
         }
-        self.send(Out { pdus: vec![(r, true)], close: true }).await?;
+        self.send(Out { pdus: vec![(r, true)], close: true, hold: None }).await?;
         tracing::debug!(reason, "logout");
         Ok(Flow::Close)
     }
@@ -930,6 +967,8 @@ enum Residual {
 enum Status {
     Good(Residual),
     Check(Sense, Residual),
+    /// Not run for lack of resources: BUSY or TASK SET FULL, no sense data.
+    Busy(u8),
 }
 
 /// How to answer one SCSI command.
@@ -952,6 +991,13 @@ impl Response {
         let (sense, mut residual) = match self.status {
             Status::Good(r) => (None, r),
             Status::Check(s, r) => (Some(s), r),
+            Status::Busy(code) => {
+                let mut r = Pdu::new(Opcode::ScsiResponse);
+                r.bhs[1] = 0x80;
+                r.bhs[3] = code;
+                r.set_itt(self.itt);
+                return Out { pdus: vec![(r, true)], close: false, hold: None };
+            }
         };
         if !data.is_empty() || (self.read_f && matches!(residual, Residual::None)) {
             residual = if spdtl > edtl {
@@ -1018,6 +1064,6 @@ impl Response {
             }
             out.push((r, true));
         }
-        Out { pdus: out, close: false }
+        Out { pdus: out, close: false, hold: None }
     }
 }
