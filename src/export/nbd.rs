@@ -258,9 +258,7 @@ struct Admission {
 impl Admission {
     /// `node` is the node-budget room already taken for a gathered payload.
     fn new(req: Request, node: Option<OwnedSemaphorePermit>) -> Admission {
-        let payload = (req.kind == CMD_READ || req.kind == CMD_WRITE)
-            && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
-        let node_bytes = if payload && node.is_none() { req.len as u64 } else { 0 };
+        let node_bytes = if node.is_none() { payload_len(&req) } else { 0 };
         Admission { conn_units: cost(&req), req, conn: None, node_bytes, node }
     }
 
@@ -289,11 +287,16 @@ impl Admission {
     }
 }
 
-fn cost(req: &Request) -> u32 {
-    // Lengths over the cap are refused before running, so they cost 1.
-    let payload = (req.kind == CMD_READ || req.kind == CMD_WRITE)
+/// Payload bytes a request moves (READ or WRITE data). Lengths over the cap
+/// are refused before running, so they move none.
+fn payload_len(req: &Request) -> u64 {
+    let moves_data = (req.kind == CMD_READ || req.kind == CMD_WRITE)
         && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
-    if payload { 1 + (req.len as u64 / UNIT_BYTES) as u32 } else { 1 }
+    if moves_data { req.len as u64 } else { 0 }
+}
+
+fn cost(req: &Request) -> u32 {
+    1 + (payload_len(req) / UNIT_BYTES) as u32
 }
 
 async fn transmission(

@@ -27,23 +27,24 @@ impl PayloadBudget {
         PayloadBudget { sem: Arc::new(Semaphore::new(units as usize)), units }
     }
 
-    fn units(bytes: u64) -> u32 {
-        u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
+    /// Units for `bytes`: at least one, at most the whole budget (so a
+    /// request can always be admitted eventually).
+    fn units(&self, bytes: u64) -> u32 {
+        u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX).clamp(1, self.units)
     }
 
     /// Takes room for `bytes` if it is free now.
     pub fn try_take(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
-        let n = Self::units(bytes).min(self.units);
-        if n == 0 {
-            return None;
-        }
-        self.sem.clone().try_acquire_many_owned(n).ok()
+        self.sem.clone().try_acquire_many_owned(self.units(bytes)).ok()
     }
 
     /// Waits for room for `bytes` (cancel-safe: dropping the future holds nothing).
     pub async fn take(&self, bytes: u64) -> OwnedSemaphorePermit {
-        let n = Self::units(bytes).min(self.units).max(1);
-        self.sem.clone().acquire_many_owned(n).await.expect("the payload budget is never closed")
+        self.sem
+            .clone()
+            .acquire_many_owned(self.units(bytes))
+            .await
+            .expect("the payload budget is never closed")
     }
 
     /// Bytes free right now (for tests and logs).

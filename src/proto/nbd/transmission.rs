@@ -132,24 +132,6 @@ impl RequestDecoder {
         Ok(Some(LargeWrite(req)))
     }
 
-    /// How many more bytes the next frame needs beyond what `buf` holds (a
-    /// hint for sizing reads; 0 if a frame may be complete).
-    pub fn wanted(&self, buf: &[u8]) -> usize {
-        if self.skip > 0 {
-            return 0;
-        }
-        if buf.len() < REQUEST_HEADER_LEN {
-            return REQUEST_HEADER_LEN - buf.len();
-        }
-        let kind = u16::from_be_bytes([buf[6], buf[7]]);
-        let len = u32::from_be_bytes(buf[24..28].try_into().unwrap());
-        if kind == CMD_WRITE && len <= self.max_payload {
-            (REQUEST_HEADER_LEN + len as usize).saturating_sub(buf.len())
-        } else {
-            0
-        }
-    }
-
     /// True while the payload of an oversized WRITE is being discarded.
     pub fn skipping(&self) -> bool {
         self.skip > 0
@@ -557,7 +539,6 @@ mod tests {
         let f = frame(CMD_WRITE, 0, 1, 0, &[5; 512]);
         let mut d = RequestDecoder::new(1024);
         let mut b = BytesMut::from(&f[..REQUEST_HEADER_LEN + 511]);
-        assert_eq!(d.wanted(&b), 1);
         assert_eq!(d.decode(&mut b), Ok(None));
         b.put_u8(5);
         let r = d.decode(&mut b).unwrap().unwrap();
