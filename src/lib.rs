@@ -32,7 +32,8 @@
 //!    mismatch is EIO (NBD) / MEDIUM ERROR (SCSI) and an error log naming
 //!    extent and block (`tests/bitrot.rs`).
 //! 7. Crash consistency: the dirty-region activity log in
-//!    `storage::extent` (`tests/storage_crash.rs`, `tests/crash.rs`).
+//!    `storage::extent` (`tests/storage_crash.rs`, `tests/crash.rs`,
+//!    `tests/crash_loop.rs`).
 //! 9. Hostile input: codecs cap every length before buffering and answer
 //!    with the protocol's error; memory is bounded per connection and, over
 //!    all of them, by `node::PayloadBudget` (`tests/nbd_hostile.rs`,

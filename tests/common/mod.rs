@@ -153,6 +153,15 @@ impl Daemon {
         assert!(self.child.is_none(), "stop the daemon before restarting it");
         self.spawn();
     }
+
+    /// [`Daemon::restart`] with `extra` in place of the arguments given
+    /// after the size at start (another `--engine`, say). The volume stays
+    /// the one named at start.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.args.truncate(1); // --size
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.restart();
+    }
 }
 
 impl Drop for Daemon {
