@@ -17,6 +17,9 @@
 //! in later work: the volume already talks to extents through one narrow
 //! API, so a remote replica is just another implementation of it.
 //!
+//! Beside the layers, `poll` keeps a runtime worker polling for a moment
+//! after client activity instead of sleeping (low-queue-depth latency).
+//!
 //! Pure modules (`proto`, `layout`, `storage::format`, `types`, `units`) do
 //! no I/O and read no clock; `tests/architecture.rs` keeps them that way.
 //!
@@ -53,6 +56,7 @@ pub mod config;
 pub mod export;
 pub mod layout;
 pub mod node;
+pub mod poll;
 pub mod proto;
 pub mod storage;
 pub mod types;

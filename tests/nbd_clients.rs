@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -403,4 +404,51 @@ open(OUT, "wb").write(bytes(img))
     );
     nbdsh(&d.uri(), &check);
     assert_eq!(want.len(), 8 << 20);
+}
+
+/// CPU time (user + system, all threads) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields count from after its ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The daemon polls for a while after client activity (`--idle-poll-us`,
+/// default 200) instead of sleeping at once. It must stop when clients go
+/// quiet, even with a connection left open: an idle daemon burns no CPU.
+#[test]
+fn an_idle_daemon_stops_polling() {
+    if !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &["--idle-poll-us=1000"]);
+    // A burst of small requests (which starts the poller), then the
+    // connection stays open and silent.
+    let script = r#"
+import time
+for i in range(2000):
+    h.pwrite(bytes([i % 251]) * 4096, (i % 1000) * 4096)
+    assert h.pread(4096, (i % 1000) * 4096) == bytes([i % 251]) * 4096
+print("burst done", flush=True)
+time.sleep(3)
+"#;
+    let mut child = common::nbdsh_cmd()
+        .args(["-u", &d.uri(), "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "burst done");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_ticks(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(d.pid()) - before;
+    assert!(child.wait().unwrap().success());
+    let hz: u64 = stdout(&run_ok("getconf", &["CLK_TCK"])).trim().parse().unwrap();
+    // Polling on would be the whole 2 s of one CPU; allow 2% of it.
+    assert!(used * 100 <= 2 * 2 * hz, "idle daemon used {used} ticks of CPU in 2 s (HZ {hz})");
 }

@@ -37,12 +37,13 @@
 //! the one called `demo`).
 
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
+use crate::poll::{LONG_BYTES, LongOp};
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
     Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
     error_reply, validate,
 };
-use crate::proto::nbd::{BlockSizes, CMD_READ, CMD_WRITE, Errno};
+use crate::proto::nbd::{BlockSizes, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
 use crate::storage::engine::AlignedBuf;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
@@ -235,11 +236,13 @@ async fn negotiate(
 }
 
 /// A request's share of the connection's budget and of the node's payload
-/// budget, given back once its reply is written.
+/// budget, given back once its reply is written; and, for a long one, the
+/// mark that keeps the idle poller asleep until then (`crate::poll`).
 #[derive(Debug)]
 struct Held {
     _conn: OwnedSemaphorePermit,
     _node: Option<OwnedSemaphorePermit>,
+    _long: Option<LongOp>,
 }
 
 /// A finished reply, holding its share of the budgets.
@@ -283,8 +286,15 @@ impl Admission {
 
     fn into_parts(self) -> (Request, Held) {
         let conn = self.conn.expect("admitted");
-        (self.req, Held { _conn: conn, _node: self.node })
+        let long = is_long(&self.req).then(LongOp::new);
+        (self.req, Held { _conn: conn, _node: self.node, _long: long })
     }
+}
+
+/// A request that keeps the disk or the socket busy for long: a FLUSH, a
+/// FUA, or a large transfer (see `crate::poll`).
+fn is_long(req: &Request) -> bool {
+    req.kind == CMD_FLUSH || req.flags & CMD_FLAG_FUA != 0 || req.len as u64 >= LONG_BYTES
 }
 
 /// Payload bytes a request moves (READ or WRITE data). Lengths over the cap
@@ -350,6 +360,7 @@ async fn transmission(
         }
         if let Some(a) = pending.take_if(|a| a.try_admit(&budget, node_budget)) {
             let (req, held) = a.into_parts();
+            crate::poll::touch();
             dispatch(req, held, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
             continue;
         }
@@ -374,6 +385,7 @@ async fn transmission(
         tokio::select! {
             biased;
             Some((reply, permit)) = inflight.next(), if !inflight.is_empty() => {
+                crate::poll::touch();
                 if !write_failed {
                     out.push(reply, permit);
                     // Everything else already finished goes in the same write.
@@ -465,6 +477,8 @@ struct Gathering {
     filled: usize,
     /// The payload's room in the node's budget, taken before allocating it.
     room: OwnedSemaphorePermit,
+    /// Reading a large payload off the socket is a long wait.
+    _long: Option<LongOp>,
 }
 
 impl Gathering {
@@ -474,7 +488,8 @@ impl Gathering {
         let filled = buf.len().min(write.len());
         data.as_mut_slice()[..filled].copy_from_slice(&buf[..filled]);
         buf.advance(filled);
-        Gathering { write, data, filled, room }
+        let long = (write.len() as u64 >= LONG_BYTES).then(LongOp::new);
+        Gathering { write, data, filled, room, _long: long }
     }
 
     /// Room for the rest of the payload (bytes past `filled` are not exposed).

@@ -14,6 +14,7 @@
 //! `Volume` and the extents' flush is a device-wide barrier.
 
 use super::VolumeSpec;
+use crate::poll::LongOp;
 use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
 use bytes::Bytes;
@@ -132,6 +133,7 @@ impl Volume {
             return Err(VolumeError::TooLarge(len));
         }
         self.check_range(offset, len)?;
+        let _long = LongOp::for_transfer(len, false);
         let pieces = self.spec.layout.split(offset, len);
         let reads = pieces.iter().map(|p| async move {
             match self.existing_extent(p.extent).await? {
@@ -157,6 +159,7 @@ impl Volume {
             return Err(VolumeError::TooLarge(len));
         }
         self.check_write(offset, len)?;
+        let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
         let writes = pieces.iter().map(|p| {
             let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
@@ -173,6 +176,7 @@ impl Volume {
     /// into holes (NBD WRITE_ZEROES without NO_HOLE; SCSI WRITE SAME with UNMAP).
     pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
+        let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
         let ops = pieces.iter().map(|p| async move {
             let ext = self.extent(p.extent).await?;
@@ -185,6 +189,7 @@ impl Volume {
     /// Discards the range; it reads back as zeros afterwards.
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
+        let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
         let ops = pieces.iter().map(|p| async move {
             let ext = self.extent(p.extent).await?;
@@ -197,6 +202,7 @@ impl Volume {
     /// Every write completed before this call, on any connection, is on
     /// stable storage when it returns.
     pub async fn flush(&self) -> Result<()> {
+        let _long = LongOp::new();
         let ops = self.extents.iter().filter_map(|c| c.get()).map(|e| e.flush());
         futures::future::try_join_all(ops).await?;
         Ok(())

@@ -250,6 +250,7 @@ async fn writer(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(256 << 10);
     while let Some(first) = rx.recv().await {
+        crate::poll::touch();
         let mut msg = Some(first);
         let mut close = false;
         while let Some(m) = msg.take() {
@@ -502,6 +503,7 @@ impl Session {
     }
 
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
+        crate::poll::touch();
         let Some(op) = pdu.opcode() else {
             self.reject(RejectReason::CommandNotSupported, &pdu).await?;
             return Ok(Flow::Continue);
