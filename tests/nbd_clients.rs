@@ -452,3 +452,57 @@ time.sleep(3)
     // Polling on would be the whole 2 s of one CPU; allow 2% of it.
     assert!(used * 100 <= 2 * 2 * hz, "idle daemon used {used} ticks of CPU in 2 s (HZ {hz})");
 }
+
+/// Read-ahead never serves stale data. One connection streams 1 MiB READs
+/// (which starts read-ahead of the next few MiB) while a second connection
+/// overwrites, in whole or in part, ranges just ahead of the reader, some
+/// of them already being read ahead; every READ must return exactly what
+/// was written last. The reader also changes its READ size midway and
+/// jumps back, which must drop what was read ahead.
+#[test]
+fn streaming_reads_see_writes_made_ahead_of_them() {
+    if !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    let script = r#"
+import nbd, random
+MiB = 1 << 20
+w = nbd.NBD()
+w.connect_uri(h.get_uri())
+rng = random.Random(5)
+size = 64 * MiB
+shadow = bytearray(size)
+def write(off, n):
+    data = bytes([rng.randrange(1, 256)]) * n
+    w.pwrite(data, off)
+    shadow[off:off + n] = data
+def check(off, n):
+    got = h.pread(n, off)
+    if got != shadow[off:off + n]:
+        bad = next(i for i in range(n) if got[i] != shadow[off + i])
+        raise SystemExit(f"stale read at {off}+{n}: first bad byte at {off + bad}")
+for i in range(0, size, MiB):
+    write(i, MiB)
+checked = 0
+for rnd, step in enumerate([MiB, MiB, 512 * 1024, 2 * MiB]):
+    pos = 0
+    while pos + step <= size:
+        check(pos, step)
+        checked += 1
+        k = rng.randrange(4)
+        ahead = pos + step * rng.randrange(1, 4)
+        if ahead + step <= size:
+            if k == 0:
+                write(ahead, step)
+            elif k == 1:
+                write(ahead + 4096 * rng.randrange(step // 4096), 4096)
+            elif k == 2:
+                w.zero(8192, ahead)
+                shadow[ahead:ahead + 8192] = bytes(8192)
+        pos += step
+print("checked", checked)
+"#;
+    let out = nbdsh(&d.uri(), script);
+    assert!(out.contains("checked 288"), "{out}");
+}

@@ -11,3 +11,4 @@
 
 pub mod iscsi;
 pub mod nbd;
+pub mod readahead;

@@ -36,6 +36,7 @@
 //! Export names: see `proto::nbd::handshake` (`""` is the only volume, or
 //! the one called `demo`).
 
+use super::readahead::{Hit, ReadAhead};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::{LONG_BYTES, LongOp};
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
@@ -326,6 +327,7 @@ async fn transmission(
     // A large WRITE whose payload waits for room in the node's budget.
     let mut gather_wait: Option<LargeWrite> = None;
     let mut out = Outbox::default();
+    let mut readahead = ReadAhead::default();
     let mut reading = true;
     let mut write_failed = false;
     let mut outcome: Result<Closed, ConnError> = Ok(Closed::Eof);
@@ -361,7 +363,8 @@ async fn transmission(
         if let Some(a) = pending.take_if(|a| a.try_admit(&budget, node_budget)) {
             let (req, held) = a.into_parts();
             crate::poll::touch();
-            dispatch(req, held, &volume, &session, &mut out, &mut inflight, &mut reading, &mut outcome);
+            let ra = (&mut readahead, node_budget);
+            dispatch(req, held, &volume, &session, ra, &mut out, &mut inflight, &mut reading, &mut outcome);
             continue;
         }
         // Replies go out from this task, without a hop to another one, as
@@ -515,6 +518,7 @@ fn dispatch(
     permit: Held,
     volume: &Arc<Volume>,
     session: &Session,
+    (readahead, budget): (&mut ReadAhead, &PayloadBudget),
     out: &mut Outbox,
     inflight: &mut Inflight,
     reading: &mut bool,
@@ -527,11 +531,15 @@ fn dispatch(
             *outcome = Ok(Closed::ByClient);
         }
         Ok(cmd) => {
+            let hit = match cmd {
+                Command::Read { offset, len, .. } => readahead.on_read(offset, len as u64, volume, budget),
+                _ => None,
+            };
             let volume = volume.clone();
             let structured = session.structured;
             let context = session.meta_context.unwrap_or(0);
             inflight.push(Box::pin(async move {
-                (execute(&volume, cmd, handle, structured, context).await, permit)
+                (execute(&volume, cmd, hit, handle, structured, context).await, permit)
             }));
         }
         Err(errno) => {
@@ -554,11 +562,23 @@ fn errno_of(e: &VolumeError, writes: bool) -> Errno {
     }
 }
 
-async fn execute(volume: &Volume, cmd: Command, handle: u64, structured: bool, context: u32) -> Reply {
+/// Runs one command; `hit` is the read-ahead that answers a READ.
+async fn execute(
+    volume: &Volume,
+    cmd: Command,
+    hit: Option<Hit>,
+    handle: u64,
+    structured: bool,
+    context: u32,
+) -> Reply {
     let ok = Reply::Simple { handle, error: 0 };
     let writes = matches!(cmd, Command::Write { .. } | Command::WriteZeroes { .. });
     let result = match cmd {
-        Command::Read { offset, len, df } => volume.read(offset, len as u64).await.map(|chunks| {
+        Command::Read { offset, len, df } => match hit {
+            Some(hit) => hit.read(volume).await,
+            None => volume.read(offset, len as u64).await,
+        }
+        .map(|chunks| {
             if structured {
                 Reply::StructuredRead { handle, offset, chunks, df }
             } else {

@@ -19,6 +19,7 @@ use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
 
 /// Logical block size: the smallest alignment a request may have.
@@ -65,12 +66,37 @@ pub struct Volume {
     spec: VolumeSpec,
     store: Arc<Store>,
     extents: Vec<OnceCell<Arc<Extent>>>,
+    /// Counts finished changes of the data (writes, zeroes, trims, failed
+    /// ones included): see [`Volume::changes`].
+    changes: AtomicU64,
+}
+
+/// Counts a change as finished when dropped, however its future ends.
+struct Change<'a>(&'a AtomicU64);
+
+impl Drop for Change<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl Volume {
     pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>) -> Arc<Volume> {
         let n = spec.layout.extent_count(spec.size) as usize;
-        Arc::new(Volume { extents: (0..n).map(|_| OnceCell::new()).collect(), spec, store })
+        Arc::new(Volume {
+            extents: (0..n).map(|_| OnceCell::new()).collect(),
+            spec,
+            store,
+            changes: AtomicU64::new(0),
+        })
+    }
+
+    /// How many changes of the data have finished. A read issued after
+    /// this returned `n` sees every change acknowledged before that; if it
+    /// still returns `n` when the read's data is used, no change finished
+    /// in between, so the data is still current (read-ahead relies on it).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {
@@ -160,6 +186,7 @@ impl Volume {
         }
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
+        let _change = Change(&self.changes);
         let pieces = self.spec.layout.split(offset, len);
         let writes = pieces.iter().map(|p| {
             let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
@@ -177,6 +204,7 @@ impl Volume {
     pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
+        let _change = Change(&self.changes);
         let pieces = self.spec.layout.split(offset, len);
         let ops = pieces.iter().map(|p| async move {
             let ext = self.extent(p.extent).await?;
@@ -190,6 +218,7 @@ impl Volume {
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
+        let _change = Change(&self.changes);
         let pieces = self.spec.layout.split(offset, len);
         let ops = pieces.iter().map(|p| async move {
             let ext = self.extent(p.extent).await?;
