@@ -51,3 +51,71 @@ fn iscsi_writes_read_back_over_nbd_and_the_reverse() {
     assert_eq!(got.len(), SIZE);
     assert!(got == expect, "NBD read-back differs from what iSCSI wrote");
 }
+
+/// NBD read-ahead and iSCSI writes: an NBD connection streams 1 MiB READs
+/// (so the next few MiB are read ahead), and between its READs an iSCSI
+/// session overwrites ranges the reader has not reached yet, some already
+/// read ahead. Every NBD READ must return what iSCSI wrote: a write on the
+/// other front-end must void the read-ahead too.
+#[test]
+fn nbd_read_ahead_sees_iscsi_writes() {
+    use std::io::{BufRead, BufReader, Write};
+    if !common::require("nbdsh") || !common::require("iscsi-inq") {
+        return;
+    }
+    const MIB: usize = 1 << 20;
+    const SIZE: usize = 24 * MIB;
+    let d = Daemon::start("24M", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expect = common::pattern(31, SIZE);
+    let src = common::write_file(tmp.path(), "src.img", &expect);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &d.uri()]);
+
+    // The reader: one READ per line of stdin ("offset length"), answered
+    // with a digest of the bytes.
+    let reader = r#"
+import hashlib, sys
+for line in sys.stdin:
+    off, n = map(int, line.split())
+    print(hashlib.md5(h.pread(n, off)).hexdigest(), flush=True)
+"#;
+    let mut child = common::nbdsh_cmd()
+        .args(["-u", &d.uri(), "-c", reader])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_reader = child.stdin.take().unwrap();
+    let mut from_reader = BufReader::new(child.stdout.take().unwrap());
+    let mut read = |off: usize, n: usize| -> String {
+        writeln!(to_reader, "{off} {n}").unwrap();
+        let mut line = String::new();
+        from_reader.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    let digest = |b: &[u8]| {
+        use md5::Digest;
+        md5::Md5::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let mut seed = 40;
+    for i in 0..SIZE / MIB {
+        let off = i * MIB;
+        assert_eq!(read(off, MIB), digest(&expect[off..off + MIB]), "NBD READ at MiB {i} is stale");
+        // Overwrite part of a range 2 MiB ahead (read ahead by now, once
+        // the stream has started) over iSCSI, acknowledged before the
+        // reader gets there.
+        let ahead = off + 2 * MIB + (i % 4) * 64 * 1024;
+        if ahead + 128 * 1024 <= SIZE {
+            seed += 1;
+            let data = common::pattern(seed, 128 * 1024);
+            assert_eq!(c.write10((ahead / 512) as u32, &data), 0);
+            expect[ahead..ahead + data.len()].copy_from_slice(&data);
+        }
+    }
+    c.logout();
+    drop(to_reader);
+    assert!(child.wait().unwrap().success());
+}
