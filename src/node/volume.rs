@@ -95,6 +95,8 @@ impl Volume {
     /// this returned `n` sees every change acknowledged before that; if it
     /// still returns `n` when the read's data is used, no change finished
     /// in between, so the data is still current (read-ahead relies on it).
+    /// Anything that changes extent data behind the volume's own write
+    /// paths (resync and repair, when replication comes) must count here.
     pub fn changes(&self) -> u64 {
         self.changes.load(Ordering::Acquire)
     }
