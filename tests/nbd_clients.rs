@@ -449,8 +449,9 @@ time.sleep(3)
     let used = cpu_ticks(d.pid()) - before;
     assert!(child.wait().unwrap().success());
     let hz: u64 = stdout(&run_ok("getconf", &["CLK_TCK"])).trim().parse().unwrap();
-    // Polling on would be the whole 2 s of one CPU; allow 2% of it.
-    assert!(used * 100 <= 2 * 2 * hz, "idle daemon used {used} ticks of CPU in 2 s (HZ {hz})");
+    // Polling on would be the whole 2 s of one CPU (188 ticks at HZ 100
+    // with the poller made unconditional); allow 5% of it.
+    assert!(used * 100 <= 5 * 2 * hz, "idle daemon used {used} ticks of CPU in 2 s (HZ {hz})");
 }
 
 /// Read-ahead never serves stale data. One connection streams 1 MiB READs
