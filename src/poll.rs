@@ -65,7 +65,8 @@ static LONG: AtomicUsize = AtomicUsize::new(0);
 pub struct LongOp(());
 
 impl LongOp {
-    pub fn new() -> LongOp {
+    /// Marks a long operation in flight until the guard is dropped.
+    pub fn begin() -> LongOp {
         LONG.fetch_add(1, Ordering::Relaxed);
         LongOp(())
     }
@@ -73,13 +74,7 @@ impl LongOp {
     /// A guard for a transfer of `bytes` (FUA: one that is also flushed),
     /// if it counts as long.
     pub fn for_transfer(bytes: u64, fua: bool) -> Option<LongOp> {
-        (fua || bytes >= LONG_BYTES).then(LongOp::new)
-    }
-}
-
-impl Default for LongOp {
-    fn default() -> LongOp {
-        LongOp::new()
+        (fua || bytes >= LONG_BYTES).then(LongOp::begin)
     }
 }
 

@@ -38,7 +38,7 @@
 
 use super::readahead::{Hit, ReadAhead};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
-use crate::poll::{LONG_BYTES, LongOp};
+use crate::poll::LongOp;
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
     Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
@@ -287,15 +287,19 @@ impl Admission {
 
     fn into_parts(self) -> (Request, Held) {
         let conn = self.conn.expect("admitted");
-        let long = is_long(&self.req).then(LongOp::new);
+        let long = long_op(&self.req);
         (self.req, Held { _conn: conn, _node: self.node, _long: long })
     }
 }
 
-/// A request that keeps the disk or the socket busy for long: a FLUSH, a
-/// FUA, or a large transfer (see `crate::poll`).
-fn is_long(req: &Request) -> bool {
-    req.kind == CMD_FLUSH || req.flags & CMD_FLAG_FUA != 0 || req.len as u64 >= LONG_BYTES
+/// The mark of a request that keeps the disk or the socket busy for long:
+/// a FLUSH, or what `LongOp::for_transfer` counts (see `crate::poll`).
+fn long_op(req: &Request) -> Option<LongOp> {
+    if req.kind == CMD_FLUSH {
+        Some(LongOp::begin())
+    } else {
+        LongOp::for_transfer(req.len as u64, req.flags & CMD_FLAG_FUA != 0)
+    }
 }
 
 /// Payload bytes a request moves (READ or WRITE data). Lengths over the cap
@@ -491,7 +495,7 @@ impl Gathering {
         let filled = buf.len().min(write.len());
         data.as_mut_slice()[..filled].copy_from_slice(&buf[..filled]);
         buf.advance(filled);
-        let long = (write.len() as u64 >= LONG_BYTES).then(LongOp::new);
+        let long = LongOp::for_transfer(write.len() as u64, false);
         Gathering { write, data, filled, room, _long: long }
     }
 

@@ -233,7 +233,7 @@ impl Volume {
     /// Every write completed before this call, on any connection, is on
     /// stable storage when it returns.
     pub async fn flush(&self) -> Result<()> {
-        let _long = LongOp::new();
+        let _long = LongOp::begin();
         let ops = self.extents.iter().filter_map(|c| c.get()).map(|e| e.flush());
         futures::future::try_join_all(ops).await?;
         Ok(())
