@@ -17,6 +17,17 @@
 //! caller fills). Either way every byte is initialized memory, so handing out
 //! a stale buffer is never undefined behaviour, only a caller bug that the
 //! store's own tests would show as wrong data.
+//!
+//! Buffers of [`HUGE_MIN`] and more live in anonymous mappings aligned to
+//! 2 MiB and advised for transparent huge pages, several buffers of a small
+//! class carved from one 2 MiB mapping. Memory from the general allocator
+//! is scattered 4 KiB pages, and a disk request needs one segment per
+//! physically contiguous piece: a 1 MiB read into it was 256 segments, over
+//! the 254 a virtio disk takes in one request, and on a virtual disk every
+//! segment is work for the host. fio reading this VM's disk at 1 MiB and
+//! QD8 went from 1,676-2,182 MiB/s to 2,535-2,715 with huge-page buffers
+//! (interleaved runs). Where huge pages are off or short, the mappings
+//! simply get small pages, as before.
 
 use bytes::Bytes;
 use std::alloc::Layout;
@@ -31,6 +42,11 @@ pub const BUF_ALIGN: usize = 4096;
 pub const POOL_MAX_BUF: usize = 32 << 20;
 /// The most memory the pool holds while idle, over all size classes.
 pub const POOL_BYTES: usize = 64 << 20;
+/// Buffers of at least this capacity (and at most [`POOL_MAX_BUF`]) live in
+/// huge-page mappings of their own (see the module docs).
+pub const HUGE_MIN: usize = 64 << 10;
+/// The size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
 
 const CLASSES: usize = (POOL_MAX_BUF / BUF_ALIGN).trailing_zeros() as usize + 1;
 
@@ -58,6 +74,78 @@ fn class(cap: usize) -> Option<usize> {
 
 fn layout(cap: usize) -> Layout {
     Layout::from_size_align(cap, BUF_ALIGN).expect("buffer too large")
+}
+
+/// Whether buffers of capacity `cap` come from [`map_fresh`] (else from
+/// the general allocator).
+fn is_mapped(cap: usize) -> bool {
+    (HUGE_MIN..=POOL_MAX_BUF).contains(&cap)
+}
+
+/// Fresh zeroed memory for a buffer of capacity `cap` (a power of two with
+/// [`is_mapped`]): a mapping aligned to 2 MiB and advised for huge pages.
+/// A class under 2 MiB takes the first piece of one 2 MiB mapping and
+/// offers the other pieces to the pool; each piece is unmapped on its own.
+fn map_fresh(cap: usize) -> NonNull<u8> {
+    let span = cap.max(HUGE_PAGE);
+    // Over-map by one huge page, then unmap what lies outside the aligned span.
+    let over = span + HUGE_PAGE;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        std::alloc::handle_alloc_error(layout(cap));
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let end = aligned + span;
+    // SAFETY: both ranges lie inside the mapping just made and outside the
+    // span kept; munmap of page-aligned subranges cannot fail here.
+    unsafe {
+        if aligned > start {
+            libc::munmap(start as *mut libc::c_void, aligned - start);
+        }
+        if start + over > end {
+            libc::munmap(end as *mut libc::c_void, start + over - end);
+        }
+        // Advice only: where THP is off or short, small pages serve.
+        libc::madvise(aligned as *mut libc::c_void, span, libc::MADV_HUGEPAGE);
+    }
+    for piece in (aligned + cap..end).step_by(cap) {
+        // SAFETY: each piece is a distinct part of the fresh mapping, owned by nobody yet.
+        release(NonNull::new(piece as *mut u8).expect("inside a mapping"), cap);
+    }
+    NonNull::new(aligned as *mut u8).expect("mmap never returns null on success")
+}
+
+/// Returns a free buffer of capacity `cap` to the pool, or to the system
+/// when the pool is full.
+fn release(ptr: NonNull<u8>, cap: usize) {
+    if let Some(c) = class(cap) {
+        // Reserve room under the cap first, so concurrent drops cannot overshoot it.
+        let before = POOLED.fetch_add(cap, Ordering::Relaxed);
+        if before + cap <= POOL_BYTES {
+            POOL[c].lock().unwrap_or_else(|e| e.into_inner()).push(PoolPtr(ptr));
+            return;
+        }
+        POOLED.fetch_sub(cap, Ordering::Relaxed);
+    }
+    if is_mapped(cap) {
+        // SAFETY: a piece of a mapping made by `map_fresh` for this class,
+        // `cap` bytes, unmapped once (nobody references it any more).
+        unsafe { libc::munmap(ptr.as_ptr().cast(), cap) };
+    } else {
+        // SAFETY: allocated in `get` with this same layout, freed once.
+        unsafe { std::alloc::dealloc(ptr.as_ptr(), layout(cap)) }
+    }
 }
 
 impl AlignedBuf {
@@ -91,6 +179,10 @@ impl AlignedBuf {
         {
             POOLED.fetch_sub(cap, Ordering::Relaxed);
             return (AlignedBuf { ptr, len }, true);
+        }
+        if is_mapped(cap) {
+            // Anonymous mappings start out as zero pages.
+            return (AlignedBuf { ptr: map_fresh(cap), len }, false);
         }
         let layout = layout(cap);
         // SAFETY: the layout has a non-zero size. Zeroed, so every byte is
@@ -141,18 +233,7 @@ static POOLED: AtomicUsize = AtomicUsize::new(0);
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let cap = capacity(self.len);
-        if let Some(c) = class(cap) {
-            // Reserve room under the cap first, so concurrent drops cannot overshoot it.
-            let before = POOLED.fetch_add(cap, Ordering::Relaxed);
-            if before + cap <= POOL_BYTES {
-                POOL[c].lock().unwrap_or_else(|e| e.into_inner()).push(PoolPtr(self.ptr));
-                return;
-            }
-            POOLED.fetch_sub(cap, Ordering::Relaxed);
-        }
-        // SAFETY: allocated in `get` with this same layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout(cap)) }
+        release(self.ptr, capacity(self.len));
     }
 }
 
@@ -271,6 +352,41 @@ mod tests {
         let bufs: Vec<_> = (0..(POOL_BYTES / (8 << 20)) + 4).map(|_| AlignedBuf::zeroed(8 << 20)).collect();
         drop(bufs);
         assert!(POOLED.load(Ordering::Relaxed) <= POOL_BYTES);
+    }
+
+    #[test]
+    fn large_buffers_lie_in_huge_page_memory() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        let thp_on = thp.contains("[always]") || thp.contains("[madvise]");
+        for len in [HUGE_MIN, 100 << 10, 1 << 20, 2 << 20, 5 << 20, POOL_MAX_BUF] {
+            let b = AlignedBuf::for_overwrite(len);
+            let cap = capacity(len);
+            let at = b.as_slice().as_ptr() as usize;
+            // Carved from a 2 MiB-aligned mapping at multiples of its class.
+            assert_eq!(at % cap.min(HUGE_PAGE), 0, "len {len}");
+            if thp_on {
+                assert!(thp_eligible(at), "len {len}: the mapping at {at:#x} is not advised for huge pages");
+            }
+        }
+        let small = AlignedBuf::for_overwrite(HUGE_MIN / 2);
+        assert!(!is_mapped(capacity(small.len())));
+    }
+
+    /// Whether /proc/self/smaps says the mapping holding `addr` may use THP.
+    fn thp_eligible(addr: usize) -> bool {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, b)) = range.split_once('-')
+                && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+            {
+                inside = (a..b).contains(&addr);
+            } else if inside && let Some(v) = line.strip_prefix("THPeligible:") {
+                return v.trim() == "1";
+            }
+        }
+        false
     }
 
     #[test]
