@@ -119,3 +119,73 @@ for line in sys.stdin:
     drop(to_reader);
     assert!(child.wait().unwrap().success());
 }
+
+/// iSCSI read-ahead and writes from both front-ends: an iSCSI session
+/// streams 1 MiB READ(10)s (so the next few MiB are read ahead), and
+/// between its READs ranges it has not reached yet are overwritten, over
+/// NBD and over the same iSCSI session, some already read ahead. Every
+/// READ must return the latest acknowledged bytes.
+#[test]
+fn iscsi_read_ahead_sees_nbd_and_its_own_writes() {
+    use std::io::{BufRead, BufReader, Write};
+    if !common::require("nbdsh") || !common::require("iscsi-inq") {
+        return;
+    }
+    const MIB: usize = 1 << 20;
+    const SIZE: usize = 24 * MIB;
+    let d = Daemon::start("24M", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expect = common::pattern(51, SIZE);
+    let src = common::write_file(tmp.path(), "src.img", &expect);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &d.uri()]);
+
+    // The NBD writer: one WRITE per line of stdin ("offset hexdata"),
+    // answered once acknowledged.
+    let writer = r#"
+import sys
+for line in sys.stdin:
+    off, data = line.split()
+    h.pwrite(bytes.fromhex(data), int(off))
+    print("ok", flush=True)
+"#;
+    let mut child = common::nbdsh_cmd()
+        .args(["-u", &d.uri(), "-c", writer])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_writer = child.stdin.take().unwrap();
+    let mut from_writer = BufReader::new(child.stdout.take().unwrap());
+    let mut nbd_write = |off: usize, data: &[u8]| {
+        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(to_writer, "{off} {hex}").unwrap();
+        let mut line = String::new();
+        from_writer.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok");
+    };
+
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let mut seed = 60;
+    for i in 0..SIZE / MIB {
+        let off = i * MIB;
+        let got = c.read10((off / 512) as u32, (MIB / 512) as u16);
+        assert!(got == expect[off..off + MIB], "iSCSI READ at MiB {i} is stale");
+        // Overwrite part of a range 2 MiB ahead, alternately over NBD and
+        // over this session, acknowledged before the reader gets there.
+        let ahead = off + 2 * MIB + (i % 4) * 64 * 1024;
+        if ahead + 128 * 1024 <= SIZE {
+            seed += 1;
+            let data = common::pattern(seed, 128 * 1024);
+            if i % 2 == 0 {
+                nbd_write(ahead, &data);
+            } else {
+                assert_eq!(c.write10((ahead / 512) as u32, &data), 0);
+            }
+            expect[ahead..ahead + data.len()].copy_from_slice(&data);
+        }
+    }
+    c.logout();
+    drop(to_writer);
+    assert!(child.wait().unwrap().success());
+}

@@ -1,4 +1,5 @@
-//! Read-ahead for one connection's sequential reads.
+//! Read-ahead for one connection's sequential reads (NBD connections and
+//! iSCSI sessions alike).
 //!
 //! A client streaming large reads keeps a fixed number in flight (fio's 8,
 //! qemu's few); between the disk finishing one and the client asking for

@@ -7,6 +7,7 @@
 
 use super::exec::{self, Lun};
 use super::{IQN_PREFIX, Shared, target_iqn};
+use crate::export::readahead::{Hit, ReadAhead};
 use crate::node::volume::MAX_PAYLOAD;
 use crate::proto::iscsi::login::{Login, SessionParams, Step, TargetLimits};
 use crate::proto::iscsi::pdu::{
@@ -297,6 +298,14 @@ struct PendingWrite {
 }
 
 /// Control block of a running command, for task management.
+/// What a started command works from.
+enum Input {
+    /// Its Data-Out payload (empty for commands without one).
+    Data(Bytes),
+    /// A READ answered from read-ahead.
+    ReadAhead(Hit),
+}
+
 struct TaskCtl {
     aborted: tokio::sync::Mutex<bool>,
     done: tokio::sync::watch::Receiver<bool>,
@@ -311,6 +320,8 @@ struct Session {
     pending: HashMap<u32, PendingWrite>,
     running: HashMap<u32, Arc<TaskCtl>>,
     tasks: JoinSet<u32>,
+    /// Read-ahead for a stream of large READs (one LUN per session).
+    readahead: ReadAhead,
     next_ttt: u32,
     local: Option<std::net::SocketAddr>,
 }
@@ -370,6 +381,7 @@ async fn full_feature(
         pending: HashMap::new(),
         running: HashMap::new(),
         tasks: JoinSet::new(),
+        readahead: ReadAhead::default(),
         next_ttt: 1,
         local,
     };
@@ -690,7 +702,16 @@ impl Session {
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
         let slot = Slot::take(&self.win, pdu.immediate());
-        self.spawn(itt, slot, lun, cmd, Bytes::new(), respond(Status::Good(res)), room);
+        let hit = match cmd {
+            Command::Read { lba, blocks, .. }
+                if blocks > 0 && scsi::check_range(lba, blocks as u64, lun.info.blocks).is_ok() =>
+            {
+                let budget = self.shared.node.payload_budget();
+                self.readahead.on_read(lba * BLOCK, blocks as u64 * BLOCK, &lun.vol, budget)
+            }
+            _ => None,
+        };
+        self.spawn_read(itt, slot, lun, cmd, hit, respond(Status::Good(res)), room);
         Ok(Flow::Continue)
     }
 
@@ -786,13 +807,46 @@ impl Session {
         resp: Response,
         room: Option<OwnedSemaphorePermit>,
     ) {
+        self.start(itt, slot, lun, cmd, Input::Data(data), resp, room);
+    }
+
+    /// Starts a command without Data-Out; `hit` is the read-ahead that answers a READ.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_read(
+        &mut self,
+        itt: u32,
+        slot: Slot,
+        lun: Arc<Lun>,
+        cmd: Command,
+        hit: Option<Hit>,
+        resp: Response,
+        room: Option<OwnedSemaphorePermit>,
+    ) {
+        let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
+        self.start(itt, slot, lun, cmd, input, resp, room);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        itt: u32,
+        slot: Slot,
+        lun: Arc<Lun>,
+        cmd: Command,
+        input: Input,
+        resp: Response,
+        room: Option<OwnedSemaphorePermit>,
+    ) {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
         self.running.insert(itt, ctl.clone());
         let tx = self.tx.clone();
         let p = self.p.clone();
         self.tasks.spawn(async move {
-            let result = exec::execute(&lun, cmd, data).await;
+            let result = match input {
+                Input::Data(data) => exec::execute(&lun, cmd, data).await,
+                Input::ReadAhead(hit) => exec::read_ahead(&lun, hit).await,
+            };
             let mut out = match result {
                 Ok(d) => resp.pdus(d, &p),
                 Err(sense) => {

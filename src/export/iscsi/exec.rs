@@ -2,6 +2,7 @@
 //! with NBD (SYNCHRONIZE CACHE = flush, FUA = fua, UNMAP = trim, WRITE SAME
 //! with UNMAP of zeros = write_zeroes with deallocate).
 
+use crate::export::readahead::Hit;
 use crate::node::{Volume, VolumeError};
 use crate::proto::iscsi::scsi::{self, BLOCK, Command, LunInfo, Sense};
 use crate::types::flatten_chunks;
@@ -38,6 +39,15 @@ fn off(lba: u64) -> u64 {
 async fn read(lun: &Lun, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
     let chunks = lun.vol.read(off(lba), blocks as u64 * BLOCK).await.map_err(|e| {
         tracing::warn!(error = %e, lba, blocks, "read failed");
+        sense_of(&e, false)
+    })?;
+    Ok(flatten_chunks(&chunks))
+}
+
+/// A READ (range already checked) answered from read-ahead.
+pub(crate) async fn read_ahead(lun: &Lun, hit: Hit) -> Result<Bytes, Sense> {
+    let chunks = hit.read(&lun.vol).await.map_err(|e| {
+        tracing::warn!(error = %e, "read failed");
         sense_of(&e, false)
     })?;
     Ok(flatten_chunks(&chunks))
