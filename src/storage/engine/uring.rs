@@ -59,8 +59,12 @@ use tokio::sync::Notify;
 pub const DEFAULT_ENTRIES: u32 = 256;
 /// Reads and writes of at least this many bytes go to the bulk ring.
 pub const BULK_MIN: usize = 256 << 10;
-/// The bulk ring's size: a disk's worth of large transfers in flight.
-const BULK_ENTRIES: u32 = 64;
+/// The bulk ring's size, and so the most large transfers in flight per disk
+/// (the rest wait in its backlog). 8 x 1 MiB keeps a disk streaming; more
+/// only lengthens each op's wait: NBD 1 MiB sequential reads at QD8 (plus
+/// 4 MiB read-ahead) did 1,472 MiB/s with 8 against 1,346 with 64, ahead
+/// in each of 5 interleaved reps.
+const BULK_ENTRIES: u32 = 8;
 /// `user_data` of the bulk ring's wake-up read (slot numbers are far below).
 const WAKE_TAG: u64 = u64::MAX;
 
