@@ -311,12 +311,17 @@ fn bulk_thread(mut ring: Ring, shared: &BulkShared) {
             armed = unsafe { ring.ring.submission().push(&sqe) }.is_ok();
         }
         ring.pump(&mut done);
-        if std::mem::take(&mut ring.woken) {
-            armed = false;
-        }
+        let woken = std::mem::take(&mut ring.woken);
         finish(&mut done);
         if stop && ring.inflight == 0 && ring.backlog.is_empty() {
             return;
+        }
+        if woken {
+            // Take what arrived and re-arm before waiting: a request that
+            // comes while no wake-up read is armed would wait for the next
+            // completion.
+            armed = false;
+            continue;
         }
         if !armed && ring.inflight == 0 {
             // Nothing would wake a wait (the SQ had no room for the wake-up
