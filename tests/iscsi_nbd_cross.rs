@@ -52,6 +52,57 @@ fn iscsi_writes_read_back_over_nbd_and_the_reverse() {
     assert!(got == expect, "NBD read-back differs from what iSCSI wrote");
 }
 
+const MIB: usize = 1 << 20;
+/// Volume size of the read-ahead tests: a stream of 1 MiB READs with room
+/// for the read-ahead to run several MiB ahead.
+const RA_SIZE: usize = 24 * MIB;
+
+/// A daemon whose volume holds `pattern(seed)`, written over NBD.
+fn filled_daemon(seed: u64) -> (Daemon, Vec<u8>) {
+    let d = Daemon::start("24M", &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let image = common::pattern(seed, RA_SIZE);
+    let src = common::write_file(tmp.path(), "src.img", &image);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &d.uri()]);
+    (d, image)
+}
+
+/// An nbdsh running `script` against `uri`: each line written to its stdin
+/// gets one line back.
+struct NbdshLines {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl NbdshLines {
+    fn start(uri: &str, script: &str) -> NbdshLines {
+        let mut child = common::nbdsh_cmd()
+            .args(["-u", uri, "-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let to = child.stdin.take().unwrap();
+        let from = std::io::BufReader::new(child.stdout.take().unwrap());
+        NbdshLines { child, to, from }
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.to, "{line}").unwrap();
+        let mut answer = String::new();
+        self.from.read_line(&mut answer).unwrap();
+        answer.trim().to_string()
+    }
+
+    fn finish(self) {
+        let NbdshLines { mut child, to, .. } = self;
+        drop(to);
+        assert!(child.wait().unwrap().success());
+    }
+}
+
 /// NBD read-ahead and iSCSI writes: an NBD connection streams 1 MiB READs
 /// (so the next few MiB are read ahead), and between its READs an iSCSI
 /// session overwrites ranges the reader has not reached yet, some already
@@ -59,40 +110,21 @@ fn iscsi_writes_read_back_over_nbd_and_the_reverse() {
 /// other front-end must void the read-ahead too.
 #[test]
 fn nbd_read_ahead_sees_iscsi_writes() {
-    use std::io::{BufRead, BufReader, Write};
     if !common::require("nbdsh") || !common::require("iscsi-inq") {
         return;
     }
-    const MIB: usize = 1 << 20;
-    const SIZE: usize = 24 * MIB;
-    let d = Daemon::start("24M", &[]);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut expect = common::pattern(31, SIZE);
-    let src = common::write_file(tmp.path(), "src.img", &expect);
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &d.uri()]);
-
-    // The reader: one READ per line of stdin ("offset length"), answered
-    // with a digest of the bytes.
-    let reader = r#"
+    let (d, mut expect) = filled_daemon(31);
+    // The reader: one READ per line ("offset length"), answered with a
+    // digest of the bytes.
+    let mut reader = NbdshLines::start(
+        &d.uri(),
+        r#"
 import hashlib, sys
 for line in sys.stdin:
     off, n = map(int, line.split())
     print(hashlib.md5(h.pread(n, off)).hexdigest(), flush=True)
-"#;
-    let mut child = common::nbdsh_cmd()
-        .args(["-u", &d.uri(), "-c", reader])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to_reader = child.stdin.take().unwrap();
-    let mut from_reader = BufReader::new(child.stdout.take().unwrap());
-    let mut read = |off: usize, n: usize| -> String {
-        writeln!(to_reader, "{off} {n}").unwrap();
-        let mut line = String::new();
-        from_reader.read_line(&mut line).unwrap();
-        line.trim().to_string()
-    };
+"#,
+    );
     let digest = |b: &[u8]| {
         use md5::Digest;
         md5::Md5::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>()
@@ -101,14 +133,15 @@ for line in sys.stdin:
     let mut c = RawIscsi::connect(d.iscsi_port);
     c.login(Some(&d.iqn()));
     let mut seed = 40;
-    for i in 0..SIZE / MIB {
+    for i in 0..RA_SIZE / MIB {
         let off = i * MIB;
-        assert_eq!(read(off, MIB), digest(&expect[off..off + MIB]), "NBD READ at MiB {i} is stale");
+        let got = reader.ask(&format!("{off} {MIB}"));
+        assert_eq!(got, digest(&expect[off..off + MIB]), "NBD READ at MiB {i} is stale");
         // Overwrite part of a range 2 MiB ahead (read ahead by now, once
         // the stream has started) over iSCSI, acknowledged before the
         // reader gets there.
         let ahead = off + 2 * MIB + (i % 4) * 64 * 1024;
-        if ahead + 128 * 1024 <= SIZE {
+        if ahead + 128 * 1024 <= RA_SIZE {
             seed += 1;
             let data = common::pattern(seed, 128 * 1024);
             assert_eq!(c.write10((ahead / 512) as u32, &data), 0);
@@ -116,8 +149,7 @@ for line in sys.stdin:
         }
     }
     c.logout();
-    drop(to_reader);
-    assert!(child.wait().unwrap().success());
+    reader.finish();
 }
 
 /// iSCSI read-ahead and writes from both front-ends: an iSCSI session
@@ -127,58 +159,39 @@ for line in sys.stdin:
 /// READ must return the latest acknowledged bytes.
 #[test]
 fn iscsi_read_ahead_sees_nbd_and_its_own_writes() {
-    use std::io::{BufRead, BufReader, Write};
     if !common::require("nbdsh") || !common::require("iscsi-inq") {
         return;
     }
-    const MIB: usize = 1 << 20;
-    const SIZE: usize = 24 * MIB;
-    let d = Daemon::start("24M", &[]);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut expect = common::pattern(51, SIZE);
-    let src = common::write_file(tmp.path(), "src.img", &expect);
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &d.uri()]);
-
-    // The NBD writer: one WRITE per line of stdin ("offset hexdata"),
-    // answered once acknowledged.
-    let writer = r#"
+    let (d, mut expect) = filled_daemon(51);
+    // The NBD writer: one WRITE per line ("offset hexdata"), answered once
+    // acknowledged.
+    let mut writer = NbdshLines::start(
+        &d.uri(),
+        r#"
 import sys
 for line in sys.stdin:
     off, data = line.split()
     h.pwrite(bytes.fromhex(data), int(off))
     print("ok", flush=True)
-"#;
-    let mut child = common::nbdsh_cmd()
-        .args(["-u", &d.uri(), "-c", writer])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut to_writer = child.stdin.take().unwrap();
-    let mut from_writer = BufReader::new(child.stdout.take().unwrap());
-    let mut nbd_write = |off: usize, data: &[u8]| {
-        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-        writeln!(to_writer, "{off} {hex}").unwrap();
-        let mut line = String::new();
-        from_writer.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ok");
-    };
+"#,
+    );
 
     let mut c = RawIscsi::connect(d.iscsi_port);
     c.login(Some(&d.iqn()));
     let mut seed = 60;
-    for i in 0..SIZE / MIB {
+    for i in 0..RA_SIZE / MIB {
         let off = i * MIB;
         let got = c.read10((off / 512) as u32, (MIB / 512) as u16);
         assert!(got == expect[off..off + MIB], "iSCSI READ at MiB {i} is stale");
         // Overwrite part of a range 2 MiB ahead, alternately over NBD and
         // over this session, acknowledged before the reader gets there.
         let ahead = off + 2 * MIB + (i % 4) * 64 * 1024;
-        if ahead + 128 * 1024 <= SIZE {
+        if ahead + 128 * 1024 <= RA_SIZE {
             seed += 1;
             let data = common::pattern(seed, 128 * 1024);
             if i % 2 == 0 {
-                nbd_write(ahead, &data);
+                let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(writer.ask(&format!("{ahead} {hex}")), "ok");
             } else {
                 assert_eq!(c.write10((ahead / 512) as u32, &data), 0);
             }
@@ -186,6 +199,5 @@ for line in sys.stdin:
         }
     }
     c.logout();
-    drop(to_writer);
-    assert!(child.wait().unwrap().success());
+    writer.finish();
 }

@@ -677,7 +677,15 @@ impl Session {
             // Immediate data past what the command uses is accepted and dropped.
             data.extend_from_slice(&imm[..imm.len().min(want as usize)]);
             if data.len() as u32 == want {
-                self.spawn(itt, slot, lun, cmd, data.freeze(), respond(Status::Good(residual)), room);
+                self.spawn(
+                    itt,
+                    slot,
+                    lun,
+                    cmd,
+                    Input::Data(data.freeze()),
+                    respond(Status::Good(residual)),
+                    room,
+                );
                 return Ok(Flow::Continue);
             }
             let mut pw = PendingWrite {
@@ -711,7 +719,8 @@ impl Session {
             }
             _ => None,
         };
-        self.spawn_read(itt, slot, lun, cmd, hit, respond(Status::Good(res)), room);
+        let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
+        self.spawn(itt, slot, lun, cmd, input, respond(Status::Good(res)), room);
         Ok(Flow::Continue)
     }
 
@@ -786,7 +795,7 @@ impl Session {
                 read_f: false,
                 status: Status::Good(pw.residual),
             };
-            self.spawn(itt, pw.slot, pw.lun, pw.cmd, pw.data.freeze(), respond, pw.room);
+            self.spawn(itt, pw.slot, pw.lun, pw.cmd, Input::Data(pw.data.freeze()), respond, pw.room);
             return Ok(Flow::Continue);
         }
         if at == pw.burst_end {
@@ -798,36 +807,6 @@ impl Session {
 
     #[allow(clippy::too_many_arguments)]
     fn spawn(
-        &mut self,
-        itt: u32,
-        slot: Slot,
-        lun: Arc<Lun>,
-        cmd: Command,
-        data: Bytes,
-        resp: Response,
-        room: Option<OwnedSemaphorePermit>,
-    ) {
-        self.start(itt, slot, lun, cmd, Input::Data(data), resp, room);
-    }
-
-    /// Starts a command without Data-Out; `hit` is the read-ahead that answers a READ.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_read(
-        &mut self,
-        itt: u32,
-        slot: Slot,
-        lun: Arc<Lun>,
-        cmd: Command,
-        hit: Option<Hit>,
-        resp: Response,
-        room: Option<OwnedSemaphorePermit>,
-    ) {
-        let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
-        self.start(itt, slot, lun, cmd, input, resp, room);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start(
         &mut self,
         itt: u32,
         slot: Slot,
