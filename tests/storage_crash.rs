@@ -14,7 +14,7 @@
 
 mod common;
 
-use basalt::storage::{EngineKind, MemDisk, Store, StoreConfig, StoreOptions};
+use basalt::storage::{EngineKind, Extent, FlushBarrier, MemDisk, Store, StoreConfig, StoreOptions};
 use basalt::types::{Epoch, ExtentIndex, ExtentKey, VolumeId, flatten_chunks};
 use common::{version_of, versioned};
 use rand::rngs::StdRng;
@@ -36,25 +36,40 @@ struct Shape {
     /// a flush write a region's deferred table pages and mark it clean at
     /// once, which only the "not in this sync" rule keeps safe.
     clean_after: u64,
+    /// Extents the workload spreads over; with more than one, store-level
+    /// flushes run one barrier over all of them, of this kind.
+    extents: usize,
+    barrier: FlushBarrier,
+    /// The mem disk delivers completions a scheduler round late, so
+    /// concurrent flushes really overlap (see `MemDisk::defer_completions`).
+    deferred: bool,
 }
 
 /// Small regions so one extent has many (16), and dirty marking matters.
-const SMALL: Shape = Shape { extent: WINDOW, region: 16 << 10, clean_after: 2 };
+const SMALL: Shape = Shape {
+    extent: WINDOW,
+    region: 16 << 10,
+    clean_after: 2,
+    extents: 1,
+    barrier: FlushBarrier::PerFile,
+    deferred: false,
+};
 /// 4096 regions of 4 KiB: the dirty bitmap spills past the header's first
 /// 512-byte sector, so a torn header write is possible and the two header
 /// slots must save the day.
-const LARGE: Shape = Shape { extent: 16 << 20, region: 4 << 10, clean_after: 2 };
+const LARGE: Shape = Shape { extent: 16 << 20, region: 4 << 10, ..SMALL };
 const KEY: ExtentKey = ExtentKey { volume: VolumeId(9), index: ExtentIndex(0) };
 
-/// What each sector may read back as after a crash.
+/// What each sector may read back as after a crash. Sectors are numbered
+/// across the extents: extent `e`'s window is `e * SECTORS..(e + 1) * SECTORS`.
 struct Oracle {
     stable: Vec<u64>,
     pending: Vec<Vec<u64>>,
 }
 
 impl Oracle {
-    fn new() -> Oracle {
-        Oracle { stable: vec![0; SECTORS], pending: vec![Vec::new(); SECTORS] }
+    fn new(extents: usize) -> Oracle {
+        Oracle { stable: vec![0; SECTORS * extents], pending: vec![Vec::new(); SECTORS * extents] }
     }
 
     fn wrote(&mut self, first: usize, n: usize, v: u64) {
@@ -70,8 +85,10 @@ impl Oracle {
         }
     }
 
-    fn flushed(&mut self) {
-        for s in 0..SECTORS {
+    /// Extent `e`'s writes are durable (all extents' if `None`).
+    fn flushed(&mut self, e: Option<usize>) {
+        let sectors = e.map_or(0..self.stable.len(), |e| e * SECTORS..(e + 1) * SECTORS);
+        for s in sectors {
             if let Some(&v) = self.pending[s].last() {
                 self.stable[s] = v;
             }
@@ -80,14 +97,19 @@ impl Oracle {
     }
 }
 
-/// A random 512-aligned range: (first sector, sector count).
-fn range(rng: &mut StdRng) -> (usize, usize) {
+/// A random 512-aligned range inside one extent's window: (first sector
+/// in the oracle's numbering, sector count).
+fn range(rng: &mut StdRng, extents: usize) -> (usize, usize) {
     let n = match rng.gen_range(0..10) {
         0..=4 => rng.gen_range(1..=8),
         5..=7 => rng.gen_range(8..=40),
         _ => rng.gen_range(40..=200),
     };
-    (rng.gen_range(0..=SECTORS - n), n)
+    (rng.gen_range(0..extents) * SECTORS + rng.gen_range(0..=SECTORS - n), n)
+}
+
+fn key(e: usize) -> ExtentKey {
+    ExtentKey { index: ExtentIndex(e as u64), ..KEY }
 }
 
 async fn open(disk: &Arc<MemDisk>, shape: Shape) -> Arc<Store> {
@@ -98,6 +120,7 @@ async fn open(disk: &Arc<MemDisk>, shape: Shape) -> Arc<Store> {
             region_size: shape.region,
             mem_disk: Some(disk.clone()),
             clean_after_flushes: shape.clean_after,
+            flush_barrier: shape.barrier,
         },
     )
     .await
@@ -108,28 +131,37 @@ async fn run_seed(seed: u64, shape: Shape) {
     let base = shape.extent - WINDOW;
     let mut rng = StdRng::seed_from_u64(seed);
     let disk = MemDisk::new();
-    let mut oracle = Oracle::new();
+    disk.defer_completions(shape.deferred);
+    let mut oracle = Oracle::new(shape.extents);
     let mut version = 0u64;
+    // Oracle sector -> (extent, byte offset in it).
+    let at = |s: usize| (s / SECTORS, base + (s % SECTORS) as u64 * 512);
     for round in 0..3 {
         let store = open(&disk, shape).await;
-        let ext = store.extent(KEY, shape.extent, Epoch(1)).await.unwrap();
+        let mut exts: Vec<Arc<Extent>> = Vec::new();
+        for e in 0..shape.extents {
+            exts.push(store.extent(key(e), shape.extent, Epoch(1)).await.unwrap());
+        }
         // Verify what the previous crash left, then take it as the new baseline.
         if round > 0 {
-            let data = match ext.read(base, WINDOW as u32).await {
-                Ok(chunks) => flatten_chunks(&chunks),
-                Err(e) => panic!("round {round}: read after recovery failed: {e}"),
-            };
-            for (s, bytes) in data.chunks(512).enumerate() {
-                let v =
-                    version_of(bytes).unwrap_or_else(|| panic!("round {round}: sector {s} is torn inside"));
-                assert!(
-                    v == oracle.stable[s] || oracle.pending[s].contains(&v),
-                    "round {round}: sector {s} reads version {v}, allowed {} or {:?}",
-                    oracle.stable[s],
-                    oracle.pending[s]
-                );
-                oracle.stable[s] = v;
-                oracle.pending[s].clear();
+            for (e, ext) in exts.iter().enumerate() {
+                let data = match ext.read(base, WINDOW as u32).await {
+                    Ok(chunks) => flatten_chunks(&chunks),
+                    Err(err) => panic!("round {round}: read of extent {e} after recovery failed: {err}"),
+                };
+                for (i, bytes) in data.chunks(512).enumerate() {
+                    let s = e * SECTORS + i;
+                    let v = version_of(bytes)
+                        .unwrap_or_else(|| panic!("round {round}: sector {s} is torn inside"));
+                    assert!(
+                        v == oracle.stable[s] || oracle.pending[s].contains(&v),
+                        "round {round}: sector {s} reads version {v}, allowed {} or {:?}",
+                        oracle.stable[s],
+                        oracle.pending[s]
+                    );
+                    oracle.stable[s] = v;
+                    oracle.pending[s].clear();
+                }
             }
         }
         // Half the rounds lose power at a random disk op: inside a flush,
@@ -138,11 +170,12 @@ async fn run_seed(seed: u64, shape: Shape) {
         // durable only once it has succeeded; the first failure is the crash.
         let crash_point = rng.gen_bool(0.5);
         if crash_point {
-            disk.crash_after(rng.gen_range(1..120), rng.r#gen());
+            disk.crash_after(rng.gen_range(1..120 * shape.extents as u64), rng.r#gen());
         }
-        for _ in 0..rng.gen_range(5..40) {
-            let (first, n) = range(&mut rng);
-            let (off, len) = (base + first as u64 * 512, n as u64 * 512);
+        for _ in 0..rng.gen_range(5..40 * shape.extents) {
+            let (first, n) = range(&mut rng, shape.extents);
+            let (e, off) = at(first);
+            let (ext, len) = (&exts[e], n as u64 * 512);
             version += 1;
             let ok = match rng.gen_range(0..100) {
                 0..=44 => {
@@ -170,21 +203,56 @@ async fn run_seed(seed: u64, shape: Shape) {
                     oracle.wrote(first, n, 0);
                     ext.write_zeroes(off, len, rng.gen_bool(0.5), false).await.is_ok()
                 }
+                72..=83 if shape.extents > 1 && rng.gen_bool(0.4) => {
+                    // Concurrent flushes, each of a random subset of the
+                    // extents (or one extent on its own): the ones that
+                    // queue behind a running execution must be covered by
+                    // the next, which syncs the union of their extents.
+                    let mut flushes = Vec::new();
+                    for _ in 0..rng.gen_range(2..6) {
+                        let subset: Vec<usize> = (0..shape.extents).filter(|_| rng.gen_bool(0.5)).collect();
+                        let (store, exts, one) = (store.clone(), exts.clone(), rng.gen_bool(0.2));
+                        flushes.push(async move {
+                            let r = match (one, subset.first()) {
+                                (true, Some(&e)) => exts[e].flush().await,
+                                _ => store.flush_extents(subset.iter().map(|&e| exts[e].clone())).await,
+                            };
+                            (r, if one { subset.into_iter().take(1).collect() } else { subset })
+                        });
+                    }
+                    let mut all_ok = true;
+                    for (r, subset) in futures::future::join_all(flushes).await {
+                        if r.is_err() {
+                            all_ok = false;
+                        } else {
+                            subset.into_iter().for_each(|e| oracle.flushed(Some(e)));
+                        }
+                    }
+                    all_ok
+                }
+                72..=83 if shape.extents > 1 && rng.gen_bool(0.5) => {
+                    // One barrier over every extent (a volume's FLUSH).
+                    let ok = store.flush_extents(exts.iter().cloned()).await.is_ok();
+                    if ok {
+                        oracle.flushed(None);
+                    }
+                    ok
+                }
                 72..=83 => {
                     let ok = ext.flush().await.is_ok();
                     if ok {
-                        oracle.flushed();
+                        oracle.flushed(Some(e));
                     }
                     ok
                 }
                 _ => {
                     // Concurrent writes to disjoint ranges, some FUA (they
                     // share dirty marking and flushes: group commit).
-                    let mut taken = vec![false; SECTORS];
+                    let mut taken = vec![false; SECTORS * shape.extents];
                     let mut ops = Vec::new();
                     let mut fua_ops = Vec::new();
                     for _ in 0..rng.gen_range(2..6) {
-                        let (first, n) = range(&mut rng);
+                        let (first, n) = range(&mut rng, shape.extents);
                         if taken[first..first + n].iter().any(|&t| t) {
                             continue;
                         }
@@ -193,7 +261,8 @@ async fn run_seed(seed: u64, shape: Shape) {
                         let fua = rng.gen_bool(0.3);
                         oracle.wrote(first, n, version);
                         fua_ops.push(fua.then_some((first, n, version)));
-                        ops.push(ext.write(base + first as u64 * 512, versioned(version, n), fua));
+                        let (e, off) = at(first);
+                        ops.push(exts[e].write(off, versioned(version, n), fua));
                     }
                     let mut all_ok = true;
                     for (r, fua) in futures::future::join_all(ops).await.into_iter().zip(fua_ops) {
@@ -221,21 +290,24 @@ async fn run_seed(seed: u64, shape: Shape) {
         let mut tasks = Vec::new();
         if rng.gen_bool(0.5) {
             for _ in 0..rng.gen_range(1..4) {
-                let (first, n) = range(&mut rng);
+                let (first, n) = range(&mut rng, shape.extents);
                 version += 1;
-                let (e, v, kind) = (ext.clone(), version, rng.gen_range(0..4));
+                let (e, off) = at(first);
+                let (ext, v, kind) = (exts[e].clone(), version, rng.gen_range(0..5));
                 match kind {
                     2 => oracle.wrote(first, n, 0),
-                    3 => {}
+                    3 | 4 => {}
                     _ => oracle.wrote(first, n, v),
                 }
+                let (store, all) = (store.clone(), exts.clone());
                 tasks.push(tokio::spawn(async move {
-                    let (off, len) = (base + first as u64 * 512, n as u64 * 512);
+                    let len = n as u64 * 512;
                     let _ = match kind {
-                        0 => e.write(off, versioned(v, n), false).await,
-                        1 => e.write(off, versioned(v, n), true).await,
-                        2 => e.trim(off, len, false).await,
-                        _ => e.flush().await,
+                        0 => ext.write(off, versioned(v, n), false).await,
+                        1 => ext.write(off, versioned(v, n), true).await,
+                        2 => ext.trim(off, len, false).await,
+                        3 => ext.flush().await,
+                        _ => store.flush_extents(all).await,
                     };
                 }));
             }
@@ -284,6 +356,19 @@ fn crash_recovery_shortest_hysteresis() {
 #[test]
 fn crash_recovery_large_bitmap() {
     run_seeds(LARGE, 1000);
+}
+
+/// Four extents flushed together with one syncfs-style barrier (the mem
+/// engine's `sync_fs` makes every file durable, as a filesystem sync does).
+#[test]
+fn crash_recovery_several_extents_filesystem_barrier() {
+    run_seeds(Shape { extents: 4, barrier: FlushBarrier::Filesystem, deferred: true, ..SMALL }, 800);
+}
+
+/// Four extents flushed together with one fdatasync each.
+#[test]
+fn crash_recovery_several_extents_per_file_barrier() {
+    run_seeds(Shape { extents: 4, barrier: FlushBarrier::PerFile, deferred: true, ..SMALL }, 800);
 }
 
 /// Every crash point inside a flush, exhaustively, in the two states where

@@ -4,7 +4,7 @@ use anyhow::Context;
 use basalt::config::NodeConfig;
 use basalt::layout::Layout;
 use basalt::node::{Node, VolumeOptions};
-use basalt::storage::{EngineKind, StoreConfig};
+use basalt::storage::{EngineKind, FlushBarrier, StoreConfig, StoreOptions};
 use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -69,6 +69,11 @@ struct DemoArgs {
     /// wait: their connections stop being read.
     #[arg(long, default_value = "1GiB")]
     payload_budget: ByteSize,
+    /// How a FLUSH covering several extent files of one data directory
+    /// makes them durable: one fdatasync per file, one syncfs of the
+    /// filesystem (plus one fdatasync), or whichever has been cheaper lately.
+    #[arg(long, value_enum, default_value_t = FlushBarrier::Auto)]
+    flush_barrier: FlushBarrier,
     /// Extent size (power of two, at least 1MiB).
     #[arg(long, default_value = "256MiB")]
     extent_size: ByteSize,
@@ -137,7 +142,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     cfg.validate()?;
     let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
-    let node = Node::open_with_budget(store_cfg, args.payload_budget.0).await.context("opening the store")?;
+    let store_opts = StoreOptions { flush_barrier: args.flush_barrier, ..StoreOptions::default() };
+    let node =
+        Node::open_with(store_cfg, store_opts, args.payload_budget.0).await.context("opening the store")?;
     let vol = match node.volume(&args.volume) {
         Some(v) => {
             if v.size() != args.size.0 {

@@ -9,7 +9,7 @@ mod budget;
 pub mod volume;
 
 use crate::layout::Layout;
-use crate::storage::{Store, StoreConfig, StoreError};
+use crate::storage::{Store, StoreConfig, StoreError, StoreOptions};
 use crate::types::VolumeId;
 pub use budget::PayloadBudget;
 use serde::{Deserialize, Serialize};
@@ -93,17 +93,19 @@ pub fn valid_volume_name(name: &str) -> bool {
 
 impl Node {
     pub async fn open(store_cfg: StoreConfig) -> Result<Arc<Node>, NodeError> {
-        Node::open_with_budget(store_cfg, DEFAULT_PAYLOAD_BUDGET).await
+        Node::open_with(store_cfg, StoreOptions::default(), DEFAULT_PAYLOAD_BUDGET).await
     }
 
-    /// [`Node::open`] with a node-wide client payload budget of `payload_budget` bytes.
-    pub async fn open_with_budget(
+    /// [`Node::open`] with store options and a node-wide client payload
+    /// budget of `payload_budget` bytes.
+    pub async fn open_with(
         store_cfg: StoreConfig,
+        store_opts: StoreOptions,
         payload_budget: u64,
     ) -> Result<Arc<Node>, NodeError> {
         let catalog_path = (store_cfg.engine != crate::storage::EngineKind::Mem)
             .then(|| store_cfg.data_dirs[0].join("volumes.json"));
-        let store = Store::open(store_cfg).await?;
+        let store = Store::open_with(store_cfg, store_opts).await?;
         let catalog = match catalog_path.as_ref().map(std::fs::read) {
             None => Catalog::default(),
             Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|source| {

@@ -234,8 +234,7 @@ impl Volume {
     /// stable storage when it returns.
     pub async fn flush(&self) -> Result<()> {
         let _long = LongOp::begin();
-        let ops = self.extents.iter().filter_map(|c| c.get()).map(|e| e.flush());
-        futures::future::try_join_all(ops).await?;
+        self.store.flush_extents(self.extents.iter().filter_map(|c| c.get()).cloned()).await?;
         Ok(())
     }
 

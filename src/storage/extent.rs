@@ -45,6 +45,13 @@
 //! is satisfied by the next execution to start, which any of the waiters
 //! runs (so concurrent FUA writes share fdatasyncs).
 //!
+//! A flush has two halves so that the store can flush many extents with
+//! one barrier: [`Extent::lock_for_flush`] and [`FlushLock::prepare`]
+//! write the table pages and header, the caller runs the barrier (this
+//! extent's fdatasync, or a syncfs covering several files), and
+//! [`PreparedFlush::finish`] records the outcome. The store also
+//! group-commits its multi-extent flushes per data directory (`store`).
+//!
 //! Header writes alternate between two slots (see `format`): each goes to
 //! the slot not holding the last header known durable.
 //!
@@ -433,7 +440,7 @@ impl Extent {
         }
     }
 
-    async fn sync(&self) -> Result<()> {
+    pub(crate) async fn sync(&self) -> Result<()> {
         self.io("fdatasync", Op::Sync { file: self.file.clone() }).await.map(drop)
     }
 
@@ -831,67 +838,17 @@ impl Extent {
     }
 
     async fn flush_inner(&self, clear_all: bool) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StoreError::Closed);
-        }
-        // Group commit: callers that queue up behind a running flush share
-        // the next one instead of each running their own.
-        let need = self.flushes_started.load(Ordering::SeqCst) + 1;
-        let mut meta = self.meta.lock().await;
-        if !clear_all && meta.flushed_ok >= need {
+        let Some(prepared) = self.lock_for_flush().await?.prepare(clear_all).await? else {
             return Ok(());
-        }
-        // Nothing completed since the last flush: every completed write
-        // updates the table, so an empty set of dirty pages means there is
-        // nothing new to make durable. (Every header is synced by whoever
-        // wrote it, but for close's, which close syncs itself.)
-        // Volume::flush reaches every open extent, so this keeps a FLUSH
-        // from costing one fdatasync per untouched extent.
-        if !clear_all && !self.table.lock().unwrap().unsynced {
-            return Ok(());
-        }
-        let this = self.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
-        let ended = {
-            let mut r = self.regions.lock().unwrap();
-            r.interval += 1;
-            r.interval - 1
         };
-        let clean_after = self.clean_after.load(Ordering::Relaxed).max(1);
-        let (pages, bits) = self.flush_plan(ended, meta.synced_interval, clean_after, clear_all);
-        // The header goes out with the table pages and becomes durable at the
-        // same fdatasync, carrying this flush's number (see `flush_plan` for
-        // which regions it may mark clean).
-        let next = meta.flush_counter + 1;
-        let header = self.header_op(&mut meta, bits, next);
-        let written = async {
-            let pages = pages.iter().map(|&p| {
-                let mut buf = AlignedBuf::zeroed(BLOCK as usize);
-                format::encode_table_page(&self.table.lock().unwrap().entries, p, buf.as_mut_slice());
-                let op = Op::Write {
-                    file: self.file.clone(),
-                    offset: self.geo.table_page_pos(p),
-                    buf: buf.into(),
-                };
-                ("write table of", op)
-            });
-            let ops = pages.chain([("write header of", header)]).map(|(what, op)| self.io(what, op));
-            futures::future::try_join_all(ops).await?;
-            self.sync().await
-        }
-        .await;
-        if let Err(e) = written {
-            let mut t = self.table.lock().unwrap();
-            t.dirty_pages.extend(pages);
-            t.unsynced = true;
-            return Err(e);
-        }
-        meta.durable_slot = meta.pending_slot.take().expect("written above");
-        meta.flush_counter += 1;
-        meta.flushed_ok = this;
-        meta.synced_interval = ended;
+        let synced = self.sync().await;
+        let ok = synced.is_ok();
+        let mut meta = prepared.complete(ok);
+        synced?;
         if clear_all {
             // Shutdown: every idle region, now that its pages are synced.
             // Durable at the caller's next fdatasync.
+            let ended = meta.synced_interval;
             let bits = {
                 let t = self.table.lock().unwrap();
                 self.clear_idle(|i, touch| {
@@ -904,6 +861,143 @@ impl Extent {
             self.write_header(&mut meta, bits).await?;
         }
         Ok(())
+    }
+
+    /// The first step of a flush: takes the flush lock (`meta`), noting
+    /// first which execution would cover a flush called now (group commit).
+    /// A caller flushing several extents at once takes their locks in key
+    /// order, so two such callers cannot deadlock.
+    pub(crate) async fn lock_for_flush(&self) -> Result<FlushLock<'_>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        // Group commit: callers that queue up behind a running flush share
+        // the next one instead of each running their own.
+        let need = self.flushes_started.load(Ordering::SeqCst) + 1;
+        Ok(FlushLock { ext: self, need, meta: self.meta.lock().await })
+    }
+
+    /// The file a flush barrier must sync.
+    pub(crate) fn file(&self) -> &FileRef {
+        &self.file
+    }
+
+    /// True if this extent does its I/O through `engine` (lives on its disk).
+    pub(crate) fn is_on(&self, engine: &Arc<dyn Engine>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.engine), Arc::as_ptr(engine))
+    }
+}
+
+/// An extent's flush lock, taken by [`Extent::lock_for_flush`].
+pub(crate) struct FlushLock<'a> {
+    ext: &'a Extent,
+    need: u64,
+    meta: tokio::sync::MutexGuard<'a, Meta>,
+}
+
+impl<'a> FlushLock<'a> {
+    /// Writes the dirty table pages and a new header side by side: all a
+    /// flush writes before its barrier (the fdatasync, or the store's
+    /// filesystem-wide sync that covers several extents at once). `None`
+    /// when there is nothing to make durable: a flush that started after
+    /// the lock was asked for already covered the caller, or no write
+    /// completed since the last one.
+    pub(crate) async fn prepare(self, clear_all: bool) -> Result<Option<PreparedFlush<'a>>> {
+        let FlushLock { ext, need, mut meta } = self;
+        if !clear_all && meta.flushed_ok >= need {
+            return Ok(None);
+        }
+        // Nothing completed since the last flush: every completed write
+        // updates the table, so an empty set of dirty pages means there is
+        // nothing new to make durable. (Every header is synced by whoever
+        // wrote it, but for close's, which close syncs itself.)
+        // Volume::flush reaches every open extent, so this keeps a FLUSH
+        // from costing one fdatasync per untouched extent.
+        if !clear_all && !ext.table.lock().unwrap().unsynced {
+            return Ok(None);
+        }
+        let this = ext.flushes_started.fetch_add(1, Ordering::SeqCst) + 1;
+        let ended = {
+            let mut r = ext.regions.lock().unwrap();
+            r.interval += 1;
+            r.interval - 1
+        };
+        let clean_after = ext.clean_after.load(Ordering::Relaxed).max(1);
+        let (pages, bits) = ext.flush_plan(ended, meta.synced_interval, clean_after, clear_all);
+        // The header goes out with the table pages and becomes durable at the
+        // same barrier, carrying this flush's number (see `flush_plan` for
+        // which regions it may mark clean).
+        let next = meta.flush_counter + 1;
+        let header = ext.header_op(&mut meta, bits, next);
+        // From here on, dropping the flush (an error below, or a caller
+        // that goes away) puts the pages back for the next one.
+        let prepared = PreparedFlush { ext, meta: Some(meta), this, ended, pages };
+        let pages = prepared.pages.iter().map(|&p| {
+            let mut buf = AlignedBuf::zeroed(BLOCK as usize);
+            format::encode_table_page(&ext.table.lock().unwrap().entries, p, buf.as_mut_slice());
+            let op = Op::Write { file: ext.file.clone(), offset: ext.geo.table_page_pos(p), buf: buf.into() };
+            ("write table of", op)
+        });
+        let ops = pages.chain([("write header of", header)]).map(|(what, op)| ext.io(what, op));
+        futures::future::try_join_all(ops).await?;
+        Ok(Some(prepared))
+    }
+}
+
+/// A flush whose table pages and header are written and which waits for
+/// its barrier: the sync that makes them, and every write that completed
+/// before the flush began, durable. [`PreparedFlush::finish`] records the
+/// barrier's outcome; dropped unfinished, it puts its table pages back.
+pub(crate) struct PreparedFlush<'a> {
+    ext: &'a Extent,
+    /// `None` once finished.
+    meta: Option<tokio::sync::MutexGuard<'a, Meta>>,
+    this: u64,
+    ended: u64,
+    pages: Vec<u64>,
+}
+
+impl<'a> PreparedFlush<'a> {
+    pub(crate) fn extent(&self) -> &'a Extent {
+        self.ext
+    }
+
+    /// Records the barrier's outcome: `synced` if it succeeded.
+    pub(crate) fn finish(self, synced: bool) {
+        drop(self.complete(synced));
+    }
+
+    fn complete(mut self, synced: bool) -> tokio::sync::MutexGuard<'a, Meta> {
+        let mut meta = self.meta.take().expect("finished once");
+        let pages = std::mem::take(&mut self.pages);
+        if synced {
+            meta.durable_slot = meta.pending_slot.take().expect("written by prepare");
+            meta.flush_counter += 1;
+            meta.flushed_ok = self.this;
+            meta.synced_interval = self.ended;
+        } else {
+            self.ext.restore_pages(pages);
+        }
+        meta
+    }
+}
+
+impl Drop for PreparedFlush<'_> {
+    fn drop(&mut self) {
+        if self.meta.is_some() {
+            self.ext.restore_pages(std::mem::take(&mut self.pages));
+        }
+    }
+}
+
+impl Extent {
+    /// A flush that did not reach its barrier: its pages go back to the
+    /// next flush (their entries are still in memory, and the header slot
+    /// it wrote was never trusted).
+    fn restore_pages(&self, pages: Vec<u64>) {
+        let mut t = self.table.lock().unwrap();
+        t.dirty_pages.extend(pages);
+        t.unsynced = true;
     }
 
     /// Sets the region hysteresis (flush intervals without a write before a

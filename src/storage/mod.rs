@@ -22,7 +22,7 @@ pub mod store;
 
 pub use engine::mem::MemDisk;
 pub use extent::Extent;
-pub use store::{Store, StoreOptions};
+pub use store::{FlushBarrier, Store, StoreOptions};
 
 use crate::types::ExtentKey;
 use std::path::PathBuf;

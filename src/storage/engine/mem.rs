@@ -29,6 +29,9 @@ pub struct MemDisk {
     files: Mutex<HashMap<PathBuf, Arc<MemFile>>>,
     /// A scheduled crash: after this many more data ops, with this seed.
     crash_point: Mutex<Option<(u64, u64)>>,
+    /// Deliver completions from a spawned task after a yield, instead of
+    /// inline (see [`MemDisk::defer_completions`]).
+    defer: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +136,14 @@ impl MemDisk {
         if ops == 0 {
             self.crash(seed);
         }
+    }
+
+    /// With `on`, every op still takes effect when submitted, but its
+    /// completion arrives from another task a scheduler round later, so
+    /// callers really wait and concurrent callers interleave (a flush can
+    /// find another one running) as they do on a disk. Needs a tokio runtime.
+    pub fn defer_completions(&self, on: bool) {
+        self.defer.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// True while a scheduled crash has not happened yet.
@@ -277,7 +288,14 @@ impl Engine for MemEngine {
         if res.is_ok() {
             self.disk.tick();
         }
-        req.complete(res);
+        if self.disk.defer.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                req.complete(res);
+            });
+        } else {
+            req.complete(res);
+        }
     }
 
     fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
@@ -292,6 +310,21 @@ impl Engine for MemEngine {
     }
 
     fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Every file of the disk (one filesystem) durable; counts as one op
+    /// toward a scheduled crash.
+    fn sync_fs(&self, file: &FileRef) -> io::Result<()> {
+        mem_file(file)?.inner.lock().unwrap().check()?;
+        let files: Vec<Arc<MemFile>> = self.disk.files.lock().unwrap().values().cloned().collect();
+        for f in files {
+            let mut inner = f.inner.lock().unwrap();
+            if !inner.dead {
+                inner.sync();
+            }
+        }
+        self.disk.tick();
         Ok(())
     }
 

@@ -157,6 +157,12 @@ pub trait Engine: Send + Sync + fmt::Debug {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         real::list_dir(dir)
     }
+    /// `syncfs` of the filesystem holding `file`: every file's metadata and
+    /// written-back data on it durable. Blocking; may take as long as the
+    /// filesystem's other dirty data needs.
+    fn sync_fs(&self, file: &FileRef) -> io::Result<()> {
+        real::sync_fs(real::file(file)?)
+    }
     /// Makes a created file's directory entry durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         real::sync_dir(dir)
@@ -246,6 +252,13 @@ pub(crate) mod real {
 
     pub fn sync_dir(dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
+    }
+
+    pub fn sync_fs(f: &std::fs::File) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on an fd kept open by `f`; no memory is passed.
+        let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+        if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 
     pub fn free_space(dir: &Path) -> io::Result<u64> {
