@@ -30,7 +30,8 @@ pub enum FlushBarrier {
     /// syncfs commits every file's metadata (unwritten extents converted by
     /// our direct writes included); the fdatasync guarantees a disk cache
     /// flush after it, which a filesystem with nothing to commit (XFS with
-    /// an idle log) may not issue for syncfs alone.
+    /// an idle log) may not issue for syncfs alone. A writeback error of
+    /// any file on that filesystem fails the flush (the safe side).
     #[value(name = "fs")]
     Filesystem,
     /// Whichever costs less, by recent measurements of both: syncfs also
