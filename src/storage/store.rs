@@ -469,3 +469,35 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    /// Auto tries each barrier once, then takes the cheaper one for the
+    /// number of files, follows a filesystem that turns slow (a busy
+    /// neighbour's dirty data), and keeps probing the loser.
+    #[test]
+    fn auto_barrier_follows_measured_costs() {
+        let mut c = BarrierCosts::default();
+        assert!(c.use_filesystem(4), "syncfs is tried first");
+        c.record(true, 4, 100 * US);
+        assert!(!c.use_filesystem(4), "then one fdatasync per file");
+        c.record(false, 4, 400 * US); // 100 us per file
+        assert!(c.use_filesystem(4), "100 us for all beats 4 x 100 us");
+        // The filesystem turns slow: the average follows within a few samples.
+        for _ in 0..12 {
+            c.record(true, 4, 20_000 * US);
+        }
+        let picks: Vec<bool> = (0..BARRIER_PROBE_EVERY * 2).map(|_| c.use_filesystem(4)).collect();
+        let probes = picks.iter().filter(|&&fs| fs).count();
+        assert_eq!(probes, 2, "per-file from now on, with one syncfs probe every {BARRIER_PROBE_EVERY}");
+        // A probe that finds it cheap again wins it back.
+        for _ in 0..40 {
+            c.record(true, 4, 80 * US);
+        }
+        assert!(c.use_filesystem(4));
+    }
+}
