@@ -451,8 +451,14 @@ fn engine(cycle: usize) -> &'static str {
     if cycle % 2 == 0 { "--engine=uring" } else { "--engine=psync" }
 }
 
-fn daemon_args(cycle: usize) -> [&'static str; 2] {
-    ["--extent-size=8MiB", engine(cycle)] // EXTENT_SIZE
+/// Both flush barriers (one syncfs, or one fdatasync per extent file) with
+/// both engines: a FLUSH here spans several 8 MiB extents.
+fn barrier(cycle: usize) -> &'static str {
+    if cycle / 2 % 2 == 0 { "--flush-barrier=fs" } else { "--flush-barrier=file" }
+}
+
+fn daemon_args(cycle: usize) -> [&'static str; 3] {
+    ["--extent-size=8MiB", engine(cycle), barrier(cycle)] // EXTENT_SIZE
 }
 
 fn flushes_in(log: &Path) -> usize {
