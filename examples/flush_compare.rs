@@ -3,7 +3,7 @@
 //! barrier (`FlushBarrier`) and by flushing the extents one by one, rounds
 //! interleaved. The store's side of the NBD `rw4k_qd32_fsync32` job.
 //!
-//! `cargo run --release --example flush_compare`
+//! `cargo run --release --example flush_compare [EXTENTS]` (default 8)
 
 use basalt::storage::{EngineKind, Extent, FlushBarrier, Store, StoreConfig, StoreOptions};
 use basalt::types::{Epoch, ExtentIndex, ExtentKey, VolumeId};
@@ -11,11 +11,10 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const EXTENTS: u64 = 8;
 const EXTENT: u64 = 64 << 20;
 const CYCLES: usize = 400;
 
-async fn rig(name: &str, barrier: FlushBarrier) -> (Arc<Store>, Vec<Arc<Extent>>) {
+async fn rig(name: &str, barrier: FlushBarrier, extents: u64) -> (Arc<Store>, Vec<Arc<Extent>>) {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/tmp/flush-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = StoreConfig { data_dirs: vec![dir], engine: EngineKind::Uring };
@@ -24,7 +23,7 @@ async fn rig(name: &str, barrier: FlushBarrier) -> (Arc<Store>, Vec<Arc<Extent>>
         .unwrap();
     let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
     let mut exts = Vec::new();
-    for i in 0..EXTENTS {
+    for i in 0..extents {
         let key = ExtentKey { volume: VolumeId(1), index: ExtentIndex(i) };
         let e = store.extent(key, EXTENT, Epoch(1)).await.unwrap();
         for off in (0..EXTENT).step_by(1 << 20) {
@@ -61,12 +60,13 @@ async fn run(store: &Store, exts: &[Arc<Extent>], one_by_one: bool, seed: &mut u
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let n = std::env::args().nth(1).map_or(8, |a| a.parse().expect("EXTENTS is a number"));
     rt.block_on(async {
         let rigs = [
-            ("each", rig("each", FlushBarrier::PerFile).await, true),
-            ("file", rig("file", FlushBarrier::PerFile).await, false),
-            ("fs", rig("fs", FlushBarrier::Filesystem).await, false),
-            ("auto", rig("auto", FlushBarrier::Auto).await, false),
+            ("each", rig("each", FlushBarrier::PerFile, n).await, true),
+            ("file", rig("file", FlushBarrier::PerFile, n).await, false),
+            ("fs", rig("fs", FlushBarrier::Filesystem, n).await, false),
+            ("auto", rig("auto", FlushBarrier::Auto, n).await, false),
         ];
         let mut seed = 1u64;
         for round in 0..3 {
