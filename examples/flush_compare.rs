@@ -36,7 +36,7 @@ async fn rig(name: &str, barrier: FlushBarrier, extents: u64) -> (Arc<Store>, Ve
 }
 
 /// Mean flush latency over `CYCLES` cycles of 32 concurrent writes + flush.
-async fn run(store: &Store, exts: &[Arc<Extent>], one_by_one: bool, seed: &mut u64) -> Duration {
+async fn run(store: &Arc<Store>, exts: &[Arc<Extent>], one_by_one: bool, seed: &mut u64) -> Duration {
     let block = Bytes::from(vec![0xc3u8; 4096]);
     let mut total = Duration::ZERO;
     for _ in 0..CYCLES {

@@ -12,7 +12,8 @@
 //!   bit is set and the header written and fdatasync'ed. Concurrent writers
 //!   waiting for marks share one header write (group commit under `meta`).
 //! - Flush writes the dirty table pages and a new header side by side, then
-//!   fdatasyncs once. The header carries the flush number and clears the
+//!   runs one barrier (its fdatasync, or the store's syncfs over several
+//!   extents). The header carries the flush number and clears the
 //!   bits of regions with no write in flight and none during the last
 //!   [`DEFAULT_CLEAN_AFTER_FLUSHES`] flush intervals, and only of regions
 //!   whose table pages an earlier, successful flush already synced: the
@@ -828,13 +829,7 @@ impl Extent {
     /// A flush that also clears every idle region's dirty bit and makes the
     /// header durable, so the next open verifies nothing. Used at shutdown.
     pub async fn close(&self) -> Result<()> {
-        self.flush_inner(true).await?;
-        self.sync().await?;
-        let mut meta = self.meta.lock().await;
-        if let Some(s) = meta.pending_slot.take() {
-            meta.durable_slot = s;
-        }
-        Ok(())
+        self.flush_inner(true).await
     }
 
     async fn flush_inner(&self, clear_all: bool) -> Result<()> {
@@ -847,7 +842,8 @@ impl Extent {
         synced?;
         if clear_all {
             // Shutdown: every idle region, now that its pages are synced.
-            // Durable at the caller's next fdatasync.
+            // Made durable here, still under `meta`, so that no other
+            // header write can come between this one and its sync.
             let ended = meta.synced_interval;
             let bits = {
                 let t = self.table.lock().unwrap();
@@ -859,6 +855,8 @@ impl Extent {
                 })
             };
             self.write_header(&mut meta, bits).await?;
+            self.sync().await?;
+            meta.durable_slot = meta.pending_slot.take().expect("just written");
         }
         Ok(())
     }
@@ -909,8 +907,9 @@ impl<'a> FlushLock<'a> {
         }
         // Nothing completed since the last flush: every completed write
         // updates the table, so an empty set of dirty pages means there is
-        // nothing new to make durable. (Every header is synced by whoever
-        // wrote it, but for close's, which close syncs itself.)
+        // nothing new to make durable. (A flush that wrote its header but
+        // failed or was dropped before its barrier sets `unsynced` again
+        // when it puts its pages back, so the next one runs.)
         // Volume::flush reaches every open extent, so this keeps a FLUSH
         // from costing one fdatasync per untouched extent.
         if !clear_all && !ext.table.lock().unwrap().unsynced {

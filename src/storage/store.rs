@@ -75,8 +75,8 @@ struct Disk {
     queue: Mutex<FlushQueue>,
 }
 
-/// Store-level flushes of one directory: the running execution and the
-/// flushes waiting for the next one.
+/// Store-level flushes of one directory: whether a flush task is running,
+/// and the flushes waiting for its next execution.
 #[derive(Debug, Default)]
 struct FlushQueue {
     running: bool,
@@ -86,31 +86,26 @@ struct FlushQueue {
 #[derive(Debug)]
 struct Waiter {
     extents: Vec<Arc<Extent>>,
-    reply: oneshot::Sender<Turn>,
+    reply: oneshot::Sender<Result<()>>,
 }
 
-#[derive(Debug)]
-enum Turn {
-    /// An execution covering this flush ended so.
-    Done(Result<()>),
-    /// Run the next execution.
-    Lead,
+/// Held by a directory's flush task. If the task ends abnormally (a panic,
+/// or the runtime shutting down), the directory is left without a runner
+/// and every waiter still queued gets an error instead of waiting forever;
+/// the next flush starts a new task.
+struct Runner<'a> {
+    disk: &'a Disk,
+    /// False once the task has marked the queue idle itself.
+    armed: bool,
 }
 
-/// Held by the flush running an execution. Dropped (finished or
-/// cancelled), it hands the lead to the first waiter still there.
-struct Leadership<'a>(&'a Disk);
-
-impl Drop for Leadership<'_> {
+impl Drop for Runner<'_> {
     fn drop(&mut self) {
-        let mut q = self.0.queue.lock().unwrap();
-        while !q.waiting.is_empty() {
-            let w = q.waiting.remove(0);
-            if w.reply.send(Turn::Lead).is_ok() {
-                return;
-            }
+        if self.armed {
+            let mut q = self.disk.queue.lock().unwrap();
+            q.running = false;
+            q.waiting.clear();
         }
-        q.running = false;
     }
 }
 
@@ -177,49 +172,31 @@ impl BarrierCosts {
 }
 
 impl Disk {
-    /// Flushes `extents` (all in this directory), group-committed with
-    /// every other store-level flush of the directory: one execution runs
-    /// at a time, and the flushes that arrive meanwhile queue up and are
-    /// all covered by the next execution, which syncs the union of their
-    /// extents. (Per-extent group commit alone let every queued FLUSH sync
-    /// whichever extents had been written since the one before: with fio
-    /// keeping two dozen FLUSHes in flight, they ran one after another.)
-    async fn flush(&self, extents: Vec<Arc<Extent>>, policy: FlushBarrier) -> Result<()> {
+    /// Runs flush executions while flushes wait: each covers every flush
+    /// queued when it starts, syncing the union of their extents. Runs as a
+    /// task of its own (see [`Store::flush_extents`]), so no caller going
+    /// away can stop an execution half way (with a header write in flight).
+    async fn run_flushes(&self, policy: FlushBarrier) {
+        let mut runner = Runner { disk: self, armed: true };
         loop {
-            let turn = {
+            let waiters = {
                 let mut q = self.queue.lock().unwrap();
-                if q.running {
-                    let (reply, rx) = oneshot::channel();
-                    q.waiting.push(Waiter { extents: extents.clone(), reply });
-                    Some(rx)
-                } else {
-                    q.running = true;
-                    None
+                if q.waiting.is_empty() {
+                    // Idle, under the lock a new flush checks before it
+                    // decides to start a task.
+                    q.running = false;
+                    runner.armed = false;
+                    return;
                 }
+                std::mem::take(&mut q.waiting)
             };
-            match turn {
-                None => {}
-                Some(rx) => match rx.await {
-                    Ok(Turn::Done(r)) => return r,
-                    Ok(Turn::Lead) => {}
-                    // The execution that took us went away unfinished (its
-                    // caller was cancelled): queue again.
-                    Err(_) => continue,
-                },
-            }
-            // Leading: everyone queued now arrived before this execution starts.
-            let lead = Leadership(self);
-            let waiters = std::mem::take(&mut self.queue.lock().unwrap().waiting);
-            let mut all: Vec<&Extent> = extents.iter().map(|e| &**e).collect();
-            all.extend(waiters.iter().flat_map(|w| w.extents.iter().map(|e| &**e)));
+            let mut all: Vec<&Extent> = waiters.iter().flat_map(|w| w.extents.iter().map(|e| &**e)).collect();
             all.sort_by_key(|e| e.key());
             all.dedup_by_key(|e| e.key());
             let r = self.execute(all, policy).await;
             for w in waiters {
-                let _ = w.reply.send(Turn::Done(r.as_ref().map(drop).map_err(shared_error)));
+                let _ = w.reply.send(r.as_ref().map(drop).map_err(shared_error));
             }
-            drop(lead);
-            return r;
         }
     }
 
@@ -424,22 +401,48 @@ impl Store {
     }
 
     /// Makes every write completed before this call durable on every extent.
-    pub async fn flush_all(&self) -> Result<()> {
+    pub async fn flush_all(self: &Arc<Self>) -> Result<()> {
         let all: Vec<_> = self.extents.lock().unwrap().values().cloned().collect();
         self.flush_extents(all).await
     }
 
     /// Makes every write completed on `extents` before this call durable.
-    /// Extents in one data directory share one barrier (see [`FlushBarrier`]).
-    pub async fn flush_extents(&self, extents: impl IntoIterator<Item = Arc<Extent>>) -> Result<()> {
+    ///
+    /// Group commit per data directory: one execution runs at a time, in a
+    /// task of its own, and the flushes that arrive meanwhile queue up and
+    /// are all covered by the next one, which syncs the union of their
+    /// extents with one barrier (see [`FlushBarrier`]). (Per-extent group
+    /// commit alone let every queued FLUSH sync whichever extents had been
+    /// written since the one before: with fio keeping two dozen FLUSHes in
+    /// flight, they ran one after another.)
+    pub async fn flush_extents(
+        self: &Arc<Self>,
+        extents: impl IntoIterator<Item = Arc<Extent>>,
+    ) -> Result<()> {
         let mut by_disk: Vec<Vec<Arc<Extent>>> = self.disks.iter().map(|_| Vec::new()).collect();
         for e in extents {
             let disk = self.disks.iter().position(|d| e.is_on(&d.engine));
             by_disk[disk.expect("every extent lives in one of the store's directories")].push(e);
         }
-        let policy = self.opts.flush_barrier;
-        let flushes = self.disks.iter().zip(by_disk).filter(|(_, e)| !e.is_empty());
-        futures::future::try_join_all(flushes.map(|(d, e)| d.flush(e, policy))).await?;
+        let mut replies = Vec::new();
+        for (i, extents) in by_disk.into_iter().enumerate().filter(|(_, e)| !e.is_empty()) {
+            let (reply, rx) = oneshot::channel();
+            let start = {
+                let mut q = self.disks[i].queue.lock().unwrap();
+                q.waiting.push(Waiter { extents, reply });
+                !std::mem::replace(&mut q.running, true)
+            };
+            if start {
+                let (store, policy) = (self.clone(), self.opts.flush_barrier);
+                tokio::spawn(async move { store.disks[i].run_flushes(policy).await });
+            }
+            replies.push(rx);
+        }
+        for rx in replies {
+            rx.await.unwrap_or_else(|_| {
+                Err(StoreError::io("flush", std::io::Error::other("the flush task ended without an answer")))
+            })?;
+        }
         Ok(())
     }
 
