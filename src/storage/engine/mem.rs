@@ -230,11 +230,13 @@ impl MemDisk {
 #[derive(Debug)]
 pub struct MemEngine {
     disk: Arc<MemDisk>,
+    /// The directory it serves: its filesystem, for `sync_fs`.
+    dir: PathBuf,
 }
 
 impl MemEngine {
-    pub fn new(disk: Arc<MemDisk>) -> MemEngine {
-        MemEngine { disk }
+    pub fn new(disk: Arc<MemDisk>, dir: &Path) -> MemEngine {
+        MemEngine { disk, dir: dir.to_path_buf() }
     }
 }
 
@@ -313,11 +315,15 @@ impl Engine for MemEngine {
         Ok(())
     }
 
-    /// Every file of the disk (one filesystem) durable; counts as one op
-    /// toward a scheduled crash.
+    /// Every file of this engine's directory durable (the model gives each
+    /// data directory a filesystem of its own, so a barrier run on the
+    /// wrong directory shows); counts as one op toward a scheduled crash.
     fn sync_fs(&self, file: &FileRef) -> io::Result<()> {
         mem_file(file)?.inner.lock().unwrap().check()?;
-        let files: Vec<Arc<MemFile>> = self.disk.files.lock().unwrap().values().cloned().collect();
+        let files: Vec<Arc<MemFile>> = {
+            let all = self.disk.files.lock().unwrap();
+            all.iter().filter(|(p, _)| p.parent() == Some(&*self.dir)).map(|(_, f)| f.clone()).collect()
+        };
         for f in files {
             let mut inner = f.inner.lock().unwrap();
             if !inner.dead {
@@ -392,10 +398,28 @@ mod tests {
         c.buf.unwrap().as_slice().to_vec()
     }
 
+    /// `sync_fs` makes its own directory's files durable and no other's.
+    #[tokio::test]
+    async fn sync_fs_covers_its_directory_only() {
+        let disk = MemDisk::new();
+        let (a, b) =
+            (MemEngine::new(disk.clone(), Path::new("/a")), MemEngine::new(disk.clone(), Path::new("/b")));
+        let fa = a.open(Path::new("/a/x"), true).unwrap();
+        let fa2 = a.open(Path::new("/a/y"), true).unwrap();
+        let fb = b.open(Path::new("/b/x"), true).unwrap();
+        for f in [&fa, &fa2] {
+            write(&a, f, 0, 7).await;
+        }
+        write(&b, &fb, 0, 7).await;
+        a.sync_fs(&fa).unwrap();
+        let dirty = |f: &FileRef| mem_file(f).unwrap().inner.lock().unwrap().dirty.len();
+        assert_eq!((dirty(&fa), dirty(&fa2), dirty(&fb)), (0, 0, 8));
+    }
+
     #[tokio::test]
     async fn crash_keeps_synced_and_tears_unsynced_per_sector() {
         let disk = MemDisk::new();
-        let e = MemEngine::new(disk.clone());
+        let e = MemEngine::new(disk.clone(), Path::new("/mem"));
         let path = Path::new("/d/f");
         let f = e.open(path, true).unwrap();
         e.set_len(&f, 8192).unwrap();
@@ -420,7 +444,7 @@ mod tests {
         assert!(kept > 0 && kept < 16, "kept {kept} of 16 sectors");
         // Same seed, same outcome.
         let disk2 = MemDisk::new();
-        let e2 = MemEngine::new(disk2.clone());
+        let e2 = MemEngine::new(disk2.clone(), Path::new("/mem"));
         let g = e2.open(path, true).unwrap();
         e2.set_len(&g, 8192).unwrap();
         write(&e2, &g, 0, 1).await;

@@ -214,7 +214,7 @@ pub fn open_engine(
     mem_disk: &Arc<mem::MemDisk>,
 ) -> io::Result<Arc<dyn Engine>> {
     Ok(match kind {
-        EngineKind::Mem => Arc::new(mem::MemEngine::new(mem_disk.clone())),
+        EngineKind::Mem => Arc::new(mem::MemEngine::new(mem_disk.clone(), dir)),
         EngineKind::Psync => Arc::new(psync::PsyncEngine::new(psync::DEFAULT_THREADS)?),
         EngineKind::Uring => Arc::new(uring::UringEngine::new(uring::DEFAULT_ENTRIES)?),
         EngineKind::Auto => match uring::UringEngine::new(uring::DEFAULT_ENTRIES) {
