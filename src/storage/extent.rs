@@ -880,9 +880,51 @@ impl Extent {
         &self.file
     }
 
+    /// A flush that did not reach its barrier: its pages go back to the
+    /// next flush (their entries are still in memory, and the header slot
+    /// it wrote was never trusted).
+    fn restore_pages(&self, pages: Vec<u64>) {
+        let mut t = self.table.lock().unwrap();
+        t.dirty_pages.extend(pages);
+        t.unsynced = true;
+    }
+
     /// True if this extent does its I/O through `engine` (lives on its disk).
     pub(crate) fn is_on(&self, engine: &Arc<dyn Engine>) -> bool {
         std::ptr::addr_eq(Arc::as_ptr(&self.engine), Arc::as_ptr(engine))
+    }
+
+    /// Sets the region hysteresis (flush intervals without a write before a
+    /// region's dirty bit clears); at least 1.
+    pub fn set_clean_after(&self, flushes: u64) {
+        self.clean_after.store(flushes.max(1), Ordering::Relaxed);
+    }
+
+    /// Allocation map of `[offset, offset+len)`, in order, covering the range.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.check(offset, len)?;
+        let end = offset + len;
+        let t = self.table.lock().unwrap();
+        let mut out: Vec<MapExtent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let stop = ((b + 1) * BLOCK).min(end);
+            let e = t.entries[b as usize];
+            let state = if e.has_data() {
+                BlockState::DATA
+            } else if e.is_zeroed() {
+                BlockState { allocated: true, zero: true }
+            } else {
+                BlockState::HOLE
+            };
+            match out.last_mut() {
+                Some(m) if m.state == state => m.len += stop - pos,
+                _ => out.push(MapExtent { len: stop - pos, state }),
+            }
+            pos = stop;
+        }
+        Ok(out)
     }
 }
 
@@ -986,50 +1028,6 @@ impl Drop for PreparedFlush<'_> {
         if self.meta.is_some() {
             self.ext.restore_pages(std::mem::take(&mut self.pages));
         }
-    }
-}
-
-impl Extent {
-    /// A flush that did not reach its barrier: its pages go back to the
-    /// next flush (their entries are still in memory, and the header slot
-    /// it wrote was never trusted).
-    fn restore_pages(&self, pages: Vec<u64>) {
-        let mut t = self.table.lock().unwrap();
-        t.dirty_pages.extend(pages);
-        t.unsynced = true;
-    }
-
-    /// Sets the region hysteresis (flush intervals without a write before a
-    /// region's dirty bit clears); at least 1.
-    pub fn set_clean_after(&self, flushes: u64) {
-        self.clean_after.store(flushes.max(1), Ordering::Relaxed);
-    }
-
-    /// Allocation map of `[offset, offset+len)`, in order, covering the range.
-    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
-        self.check(offset, len)?;
-        let end = offset + len;
-        let t = self.table.lock().unwrap();
-        let mut out: Vec<MapExtent> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / BLOCK;
-            let stop = ((b + 1) * BLOCK).min(end);
-            let e = t.entries[b as usize];
-            let state = if e.has_data() {
-                BlockState::DATA
-            } else if e.is_zeroed() {
-                BlockState { allocated: true, zero: true }
-            } else {
-                BlockState::HOLE
-            };
-            match out.last_mut() {
-                Some(m) if m.state == state => m.len += stop - pos,
-                _ => out.push(MapExtent { len: stop - pos, state }),
-            }
-            pos = stop;
-        }
-        Ok(out)
     }
 }
 
