@@ -1,47 +1,313 @@
-//! Daemon configuration. Every field has a default that works for a
-//! single-node demo; `validate` names the first bad field.
+//! Daemon configuration: the TOML file `basaltd run --config FILE` reads.
+//!
+//! Owns: the file's shape, every default, and the one `validate()` that
+//! names the bad field and why. It never opens files or sockets: the
+//! daemon does that with the validated result. Every field is documented
+//! in README ("Configuration"); `basaltd check-config FILE` prints the
+//! effective configuration (defaults filled in) or the first error.
 
-use crate::storage::EngineKind;
+use crate::storage::{EngineKind, FlushBarrier};
+use crate::units::ByteSize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Configuration of one `basaltd`.
-#[derive(Debug, Clone)]
-pub struct NodeConfig {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Checked against the persisted node id when set; generated on first
+    /// start (and persisted in `state_dir` and every data directory) when not.
+    pub node_id: Option<u64>,
+    /// A label every member shares; a peer of another cluster name is refused.
+    pub cluster_name: String,
+    /// Node identity and the Raft metadata store. Needed by every node,
+    /// including compute nodes without data directories.
+    pub state_dir: PathBuf,
+    /// One directory per disk for extent replicas. Empty: the node stores
+    /// nothing but can own and serve volumes (a compute host).
     pub data_dirs: Vec<PathBuf>,
+    /// Failure domain label: replicas of an extent go to distinct zones
+    /// whenever the cluster has at least as many zones as replicas.
+    pub zone: String,
+    /// Capacity this node offers for placement. Default: the free space of
+    /// its data directories at start.
+    pub capacity: Option<ByteSize>,
     pub engine: EngineKind,
-    /// Where the NBD server listens (`None`: no NBD).
-    pub nbd_listen: Option<SocketAddr>,
-    /// Where the iSCSI target listens (`None`: no iSCSI).
-    pub iscsi_listen: Option<SocketAddr>,
+    pub flush_barrier: FlushBarrier,
+    /// Memory for client READ/WRITE data in flight over all connections.
+    pub payload_budget: ByteSize,
+    pub listen: Listen,
+    pub cluster: ClusterConfig,
+    pub raft: RaftConfig,
+    pub liveness: LivenessConfig,
 }
 
+/// Where the node listens. The same addresses are advertised to the other
+/// nodes and to clients, so they must be reachable (not 0.0.0.0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Peer protocol: Raft and (later) replication traffic.
+    pub peer: SocketAddr,
+    /// NBD; `None` (omit, or "off") disables it.
+    #[serde(with = "opt_addr")]
+    pub nbd: Option<SocketAddr>,
+    /// iSCSI; `None` (omit, or "off") disables it.
+    #[serde(with = "opt_addr")]
+    pub iscsi: Option<SocketAddr>,
+    /// Admin API (HTTP/JSON) used by the `basalt` CLI.
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Peer addresses of the initial members. The first start of the node
+    /// listed first creates the cluster (once: its id is persisted); the
+    /// others join it. Empty with no `join`: the node waits for
+    /// `basalt node add` to invite it.
+    pub initial_members: Vec<SocketAddr>,
+    /// Peer address of any member of a running cluster to join.
+    pub join: Option<SocketAddr>,
+    /// Raft voters the cluster keeps (1, 3 or 5); joining nodes are
+    /// promoted from learner while there are fewer.
+    pub voters: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Length of one Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower stands for election.
+    pub election_ticks: usize,
+    /// Ticks between the leader's heartbeats (less than election_ticks).
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots (log compaction).
+    pub snapshot_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// How often this node tells the leader it is alive.
+    pub heartbeat_ms: u64,
+    /// Silence after which the leader commits a node as down.
+    pub down_after_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: None,
+            cluster_name: "basalt".into(),
+            state_dir: "/var/lib/basalt".into(),
+            data_dirs: vec!["/var/lib/basalt/data".into()],
+            zone: "default".into(),
+            capacity: None,
+            engine: EngineKind::Auto,
+            flush_barrier: FlushBarrier::Auto,
+            payload_budget: ByteSize(crate::node::DEFAULT_PAYLOAD_BUDGET),
+            listen: Listen::default(),
+            cluster: ClusterConfig::default(),
+            raft: RaftConfig::default(),
+            liveness: LivenessConfig::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            peer: ([127, 0, 0, 1], 7400).into(),
+            nbd: Some(([127, 0, 0, 1], 10809).into()),
+            iscsi: Some(([127, 0, 0, 1], 3260).into()),
+            admin: ([127, 0, 0, 1], 7480).into(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { initial_members: Vec::new(), join: None, voters: 3 }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig { tick_ms: 100, election_ticks: 10, heartbeat_ticks: 2, snapshot_entries: 1000 }
+    }
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig { heartbeat_ms: 500, down_after_ms: 5000 }
+    }
+}
+
+/// The first bad field of a configuration, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("data_dirs: at least one data directory is needed")]
-    NoDataDir,
+    #[error("node_id: 0 is reserved; omit the field to have one generated")]
+    ZeroNodeId,
+    #[error("cluster_name: {0:?} must be 1-64 of [A-Za-z0-9._-]")]
+    ClusterName(String),
+    #[error("state_dir: must be an absolute path or start with ./ (got {0:?})")]
+    StateDir(String),
     #[error("data_dirs: {0} is listed twice")]
     DuplicateDataDir(String),
-    #[error("nbd_listen and iscsi_listen are both {0}")]
-    SameListenAddr(SocketAddr),
+    #[error("data_dirs: {0} is the state_dir; give extents a directory of their own")]
+    DataDirIsStateDir(String),
+    #[error("zone: {0:?} must be 1-64 of [A-Za-z0-9._-]")]
+    Zone(String),
+    #[error("capacity: must be at least 1GiB when set (got {0})")]
+    Capacity(ByteSize),
+    #[error("payload_budget: must be at least 32MiB, the largest request (got {0})")]
+    PayloadBudget(ByteSize),
+    #[error("listen.{field}: {addr} is unspecified; listen on an address the other nodes can reach")]
+    Unspecified { field: &'static str, addr: SocketAddr },
+    #[error("listen.{a} and listen.{b} are both {addr}")]
+    SameListenAddr { a: &'static str, b: &'static str, addr: SocketAddr },
+    #[error("cluster.voters: must be 1, 3 or 5 (got {0})")]
+    Voters(u8),
+    #[error("cluster.initial_members: {0} is listed twice")]
+    DuplicateMember(SocketAddr),
+    #[error("cluster.initial_members: this node's listen.peer {0} is not among them")]
+    NotAMember(SocketAddr),
+    #[error("cluster.join: give initial_members or join, not both")]
+    JoinAndMembers,
+    #[error("raft.tick_ms: must be from 1 to 10000 (got {0})")]
+    TickMs(u64),
+    #[error("raft.heartbeat_ticks: must be at least 1 and less than raft.election_ticks ({h} >= {e})")]
+    HeartbeatTicks { h: usize, e: usize },
+    #[error("raft.snapshot_entries: must be at least 10 (got {0})")]
+    SnapshotEntries(u64),
+    #[error("liveness.down_after_ms: must be at least 3x liveness.heartbeat_ms ({down} < 3 * {hb})")]
+    DownAfter { down: u64, hb: u64 },
+    #[error("liveness.heartbeat_ms: must be at least 10 (got {0})")]
+    HeartbeatMs(u64),
 }
 
-impl NodeConfig {
+fn valid_label(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+impl Config {
+    /// Parses a TOML document; unknown fields are errors (a typo must not
+    /// silently fall back to a default).
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The effective configuration as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a Config always serializes")
+    }
+
+    /// Names the first bad field and why.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.data_dirs.is_empty() {
-            return Err(ConfigError::NoDataDir);
+        if self.node_id == Some(0) {
+            return Err(ConfigError::ZeroNodeId);
+        }
+        if !valid_label(&self.cluster_name) {
+            return Err(ConfigError::ClusterName(self.cluster_name.clone()));
+        }
+        let sd = self.state_dir.to_string_lossy();
+        if sd.is_empty() || !(self.state_dir.is_absolute() || sd.starts_with("./")) {
+            return Err(ConfigError::StateDir(sd.into_owned()));
         }
         for (i, d) in self.data_dirs.iter().enumerate() {
             if self.data_dirs[..i].contains(d) {
                 return Err(ConfigError::DuplicateDataDir(d.display().to_string()));
             }
-        }
-        if let (Some(a), Some(b)) = (self.nbd_listen, self.iscsi_listen) {
-            if a == b {
-                return Err(ConfigError::SameListenAddr(a));
+            if *d == self.state_dir {
+                return Err(ConfigError::DataDirIsStateDir(d.display().to_string()));
             }
         }
+        if !valid_label(&self.zone) {
+            return Err(ConfigError::Zone(self.zone.clone()));
+        }
+        if let Some(c) = self.capacity
+            && c.0 < 1 << 30
+        {
+            return Err(ConfigError::Capacity(c));
+        }
+        if self.payload_budget.0 < crate::node::volume::MAX_PAYLOAD {
+            return Err(ConfigError::PayloadBudget(self.payload_budget));
+        }
+        let addrs: [(&'static str, Option<SocketAddr>); 4] = [
+            ("peer", Some(self.listen.peer)),
+            ("nbd", self.listen.nbd),
+            ("iscsi", self.listen.iscsi),
+            ("admin", Some(self.listen.admin)),
+        ];
+        for (i, (field, addr)) in addrs.iter().enumerate() {
+            let Some(addr) = *addr else { continue };
+            if addr.ip().is_unspecified() {
+                return Err(ConfigError::Unspecified { field, addr });
+            }
+            for (other, o) in &addrs[..i] {
+                if *o == Some(addr) {
+                    return Err(ConfigError::SameListenAddr { a: other, b: field, addr });
+                }
+            }
+        }
+        if ![1, 3, 5].contains(&self.cluster.voters) {
+            return Err(ConfigError::Voters(self.cluster.voters));
+        }
+        let members = &self.cluster.initial_members;
+        for (i, m) in members.iter().enumerate() {
+            if members[..i].contains(m) {
+                return Err(ConfigError::DuplicateMember(*m));
+            }
+        }
+        if !members.is_empty() && !members.contains(&self.listen.peer) {
+            return Err(ConfigError::NotAMember(self.listen.peer));
+        }
+        if !members.is_empty() && self.cluster.join.is_some() {
+            return Err(ConfigError::JoinAndMembers);
+        }
+        if !(1..=10_000).contains(&self.raft.tick_ms) {
+            return Err(ConfigError::TickMs(self.raft.tick_ms));
+        }
+        let (h, e) = (self.raft.heartbeat_ticks, self.raft.election_ticks);
+        if h == 0 || h >= e {
+            return Err(ConfigError::HeartbeatTicks { h, e });
+        }
+        if self.raft.snapshot_entries < 10 {
+            return Err(ConfigError::SnapshotEntries(self.raft.snapshot_entries));
+        }
+        if self.liveness.heartbeat_ms < 10 {
+            return Err(ConfigError::HeartbeatMs(self.liveness.heartbeat_ms));
+        }
+        let (down, hb) = (self.liveness.down_after_ms, self.liveness.heartbeat_ms);
+        if down < hb.saturating_mul(3) {
+            return Err(ConfigError::DownAfter { down, hb });
+        }
         Ok(())
+    }
+}
+
+/// `Option<SocketAddr>` as a string, with "off" (or absence) for `None`.
+mod opt_addr {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "off" | "" => Ok(None),
+            a => a.parse().map(Some).map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -49,26 +315,164 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
-    fn base() -> NodeConfig {
-        NodeConfig {
-            data_dirs: vec!["/a".into()],
-            engine: EngineKind::Auto,
-            nbd_listen: Some("127.0.0.1:10809".parse().unwrap()),
-            iscsi_listen: Some("127.0.0.1:3260".parse().unwrap()),
-        }
+    fn base() -> Config {
+        Config { state_dir: "/s".into(), data_dirs: vec!["/a".into()], ..Config::default() }
+    }
+
+    fn err(f: impl FnOnce(&mut Config)) -> ConfigError {
+        let mut c = base();
+        f(&mut c);
+        c.validate().unwrap_err()
     }
 
     #[test]
-    fn validate_names_the_bad_field() {
-        assert_eq!(base().validate(), Ok(()));
+    fn defaults_are_valid_and_round_trip() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let c = base();
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn parses_a_full_file() {
+        let c = Config::from_toml(
+            r#"
+            cluster_name = "prod"
+            state_dir = "/var/lib/basalt"
+            data_dirs = ["/d1", "/d2"]
+            zone = "rack1"
+            capacity = "2TiB"
+            payload_budget = "512MiB"
+            engine = "psync"
+            flush_barrier = "file"
+            [listen]
+            peer = "10.0.0.1:7400"
+            nbd = "10.0.0.1:10809"
+            iscsi = "off"
+            admin = "10.0.0.1:7480"
+            [cluster]
+            initial_members = ["10.0.0.1:7400", "10.0.0.2:7400", "10.0.0.3:7400"]
+            voters = 3
+            [raft]
+            tick_ms = 50
+            [liveness]
+            down_after_ms = 3000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.capacity, Some(ByteSize(2 << 40)));
+        assert_eq!(c.listen.iscsi, None);
+        assert_eq!(c.engine, EngineKind::Psync);
+        assert_eq!(c.flush_barrier, FlushBarrier::PerFile);
+        assert_eq!(c.raft.tick_ms, 50);
+        assert_eq!(c.raft.election_ticks, 10, "unset fields keep their defaults");
+        assert_eq!(c.cluster.initial_members.len(), 3);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_fail_to_parse() {
+        let e = Config::from_toml("data_dir = [\"/a\"]").unwrap_err().to_string();
+        assert!(e.contains("unknown field `data_dir`"), "{e}");
+        let e = Config::from_toml("[listen]\nnbd = \"nowhere\"").unwrap_err().to_string();
+        assert!(e.contains("invalid socket address"), "{e}");
+        let e = Config::from_toml("capacity = \"1X\"").unwrap_err().to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = Config::from_toml("engine = \"spdk\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn no_data_dirs_is_a_compute_node() {
         let mut c = base();
         c.data_dirs.clear();
-        assert_eq!(c.validate(), Err(ConfigError::NoDataDir));
-        let mut c = base();
-        c.data_dirs.push("/a".into());
-        assert_eq!(c.validate(), Err(ConfigError::DuplicateDataDir("/a".into())));
-        let mut c = base();
-        c.iscsi_listen = c.nbd_listen;
-        assert!(matches!(c.validate(), Err(ConfigError::SameListenAddr(_))));
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn node_id() {
+        assert_eq!(err(|c| c.node_id = Some(0)), ConfigError::ZeroNodeId);
+    }
+
+    #[test]
+    fn cluster_name() {
+        assert!(matches!(err(|c| c.cluster_name = "a b".into()), ConfigError::ClusterName(_)));
+        assert!(matches!(err(|c| c.cluster_name.clear()), ConfigError::ClusterName(_)));
+    }
+
+    #[test]
+    fn state_dir() {
+        assert!(matches!(err(|c| c.state_dir = "rel".into()), ConfigError::StateDir(_)));
+        assert!(matches!(err(|c| c.state_dir = "".into()), ConfigError::StateDir(_)));
+    }
+
+    #[test]
+    fn data_dirs() {
+        assert_eq!(err(|c| c.data_dirs.push("/a".into())), ConfigError::DuplicateDataDir("/a".into()));
+        assert_eq!(err(|c| c.data_dirs.push("/s".into())), ConfigError::DataDirIsStateDir("/s".into()));
+    }
+
+    #[test]
+    fn zone() {
+        assert!(matches!(err(|c| c.zone = "r/1".into()), ConfigError::Zone(_)));
+    }
+
+    #[test]
+    fn capacity() {
+        assert_eq!(err(|c| c.capacity = Some(ByteSize(1 << 20))), ConfigError::Capacity(ByteSize(1 << 20)));
+    }
+
+    #[test]
+    fn payload_budget() {
+        assert!(matches!(err(|c| c.payload_budget = ByteSize(1 << 20)), ConfigError::PayloadBudget(_)));
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert!(matches!(
+            err(|c| c.listen.admin = "0.0.0.0:7480".parse().unwrap()),
+            ConfigError::Unspecified { field: "admin", .. }
+        ));
+        assert!(matches!(
+            err(|c| c.listen.iscsi = c.listen.nbd),
+            ConfigError::SameListenAddr { a: "nbd", b: "iscsi", .. }
+        ));
+        assert!(matches!(
+            err(|c| c.listen.admin = c.listen.peer),
+            ConfigError::SameListenAddr { a: "peer", b: "admin", .. }
+        ));
+    }
+
+    #[test]
+    fn cluster() {
+        assert_eq!(err(|c| c.cluster.voters = 2), ConfigError::Voters(2));
+        let me = base().listen.peer;
+        let other: SocketAddr = "127.0.0.2:7400".parse().unwrap();
+        assert_eq!(err(|c| c.cluster.initial_members = vec![me, me]), ConfigError::DuplicateMember(me));
+        assert_eq!(err(|c| c.cluster.initial_members = vec![other]), ConfigError::NotAMember(me));
+        assert_eq!(
+            err(|c| {
+                c.cluster.initial_members = vec![me];
+                c.cluster.join = Some(other);
+            }),
+            ConfigError::JoinAndMembers
+        );
+    }
+
+    #[test]
+    fn raft() {
+        assert_eq!(err(|c| c.raft.tick_ms = 0), ConfigError::TickMs(0));
+        assert_eq!(err(|c| c.raft.heartbeat_ticks = 10), ConfigError::HeartbeatTicks { h: 10, e: 10 });
+        assert_eq!(err(|c| c.raft.heartbeat_ticks = 0), ConfigError::HeartbeatTicks { h: 0, e: 10 });
+        assert_eq!(err(|c| c.raft.snapshot_entries = 1), ConfigError::SnapshotEntries(1));
+    }
+
+    #[test]
+    fn liveness() {
+        assert_eq!(err(|c| c.liveness.heartbeat_ms = 1), ConfigError::HeartbeatMs(1));
+        assert_eq!(
+            err(|c| c.liveness.down_after_ms = 1000),
+            ConfigError::DownAfter { down: 1000, hb: 500 }
+        );
     }
 }

@@ -1,7 +1,6 @@
 //! `basaltd`: the Basalt node daemon.
 
 use anyhow::Context;
-use basalt::config::NodeConfig;
 use basalt::layout::Layout;
 use basalt::node::{Node, VolumeOptions};
 use basalt::storage::{EngineKind, FlushBarrier, StoreConfig, StoreOptions};
@@ -134,14 +133,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "off" | "" => None,
         a => Some(a.parse::<SocketAddr>().with_context(|| format!("--iscsi {a}"))?),
     };
-    let cfg = NodeConfig {
-        data_dirs: args.data.clone(),
-        engine: args.engine,
-        nbd_listen: Some(args.nbd),
-        iscsi_listen: iscsi,
-    };
-    cfg.validate()?;
-    let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
+    let store_cfg = StoreConfig { data_dirs: args.data.clone(), engine: args.engine };
     let store_opts = StoreOptions { flush_barrier: args.flush_barrier, ..StoreOptions::default() };
     let node =
         Node::open_with(store_cfg, store_opts, args.payload_budget.0).await.context("opening the store")?;

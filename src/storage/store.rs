@@ -21,10 +21,11 @@ use tokio::sync::oneshot;
 /// 45 us for one, so a database doing random writes with frequent fsyncs
 /// over a large volume would pay per extent touched. `syncfs` commits the
 /// whole filesystem (journal included) once, whatever the number of files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum FlushBarrier {
     /// One fdatasync per file.
     #[value(name = "file")]
+    #[serde(rename = "file")]
     PerFile,
     /// `syncfs` of the directory's filesystem, then one fdatasync. The
     /// syncfs commits every file's metadata (unwritten extents converted by
@@ -33,11 +34,13 @@ pub enum FlushBarrier {
     /// an idle log) may not issue for syncfs alone. A writeback error of
     /// any file on that filesystem fails the flush (the safe side).
     #[value(name = "fs")]
+    #[serde(rename = "fs")]
     Filesystem,
     /// Whichever costs less, by recent measurements of both: syncfs also
     /// writes back whatever else is dirty on that filesystem, so on a
     /// filesystem shared with busy writers the per-file syncs can win.
     #[default]
+    #[serde(rename = "auto")]
     Auto,
 }
 
