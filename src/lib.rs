@@ -52,6 +52,7 @@
 //! - **epoch**: version of an extent's replica set (1 until the cluster
 //!   exists).
 
+pub mod admin;
 pub mod config;
 pub mod export;
 pub mod layout;

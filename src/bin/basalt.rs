@@ -1,40 +1,317 @@
-//! `basalt`: the operator CLI. Thin for now: it inspects data directories
-//! offline; the admin API arrives with the cluster.
+//! `basalt`: the operator CLI, a client of the admin API.
+//!
+//! Exit status: 0 on success, 1 on an error (its message on stderr),
+//! 2 on a usage error (clap's own). `--json` prints the admin API's JSON
+//! bodies (field names in README, kept stable); without it, aligned
+//! tables for people.
 
+use basalt::admin::{AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, VolumeInfo};
+use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "basalt", version, about = "Basalt operator CLI")]
+#[command(name = "basalt", version, about = "Basalt operator CLI (talks to a node's admin API)")]
 struct Cli {
+    /// Admin address of any node (metadata writes are forwarded to the leader).
+    #[arg(long, global = true, env = "BASALT_ADMIN", default_value = "127.0.0.1:7480")]
+    admin: String,
+    /// Print JSON (the admin API's bodies) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Answer from the node's local metadata without a round to the leader.
+    #[arg(long, global = true)]
+    stale: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// List the volumes recorded in a (stopped) node's data directory.
-    Volumes {
-        #[arg(long, default_value = "./basalt-demo")]
-        data: PathBuf,
-    },
+    /// The cluster as a whole.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Volumes { data } => {
-            let path = data.join("volumes.json");
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let cat: serde_json::Value = serde_json::from_str(&text)?;
-            println!("{:<24} {:>16} {:>8}", "NAME", "SIZE", "REPLICAS");
-            if let Some(vols) = cat.get("volumes").and_then(|v| v.as_object()) {
-                for (name, v) in vols {
-                    println!("{:<24} {:>16} {:>8}", name, v["size"], v["replicas"]);
-                }
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Cluster id, Raft leader and term, and every node with its addresses.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Every node.
+    List,
+    /// One node.
+    Show { id: u64 },
+    /// Invite the node whose peer address is ADDR to join (it joins as a
+    /// learner and is promoted to voter while the cluster lacks voters).
+    Add { addr: SocketAddr },
+    /// Remove a node that holds no replicas.
+    Remove { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size: 10G, 512MiB, or bytes.
+        #[arg(long)]
+        size: ByteSize,
+        /// Copies of every extent (default 3, or fewer on a smaller cluster).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// Fewest copies a write may be acknowledged on (default: 2 of 3, 1 of 1).
+        #[arg(long)]
+        min_replicas: Option<u32>,
+        #[arg(long)]
+        stripe_unit: Option<ByteSize>,
+        #[arg(long)]
+        stripe_width: Option<u64>,
+        #[arg(long)]
+        extent_size: Option<ByteSize>,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Every volume.
+    List,
+    /// One volume with its owner and every extent's replica set.
+    Show { name: String },
+    /// Delete a volume and its data.
+    Delete { name: String },
+}
+
+struct Client {
+    base: String,
+    agent: ureq::Agent,
+    stale: bool,
+}
+
+impl Client {
+    fn new(admin: &str, stale: bool) -> Client {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(60))
+            .build();
+        let base = if admin.starts_with("http://") { admin.to_string() } else { format!("http://{admin}") };
+        Client { base, agent, stale }
+    }
+
+    fn url(&self, path: &str, read: bool) -> String {
+        let q = if read && self.stale { "?stale=true" } else { "" };
+        format!("{}{path}{q}", self.base)
+    }
+
+    fn answer<T: serde::de::DeserializeOwned>(&self, r: Result<ureq::Response, ureq::Error>) -> Result<T, String> {
+        match r {
+            Ok(resp) => {
+                let text = resp.into_string().map_err(|e| format!("reading the answer: {e}"))?;
+                let text = if text.is_empty() { "null".to_string() } else { text };
+                serde_json::from_str(&text).map_err(|e| format!("unexpected answer from {}: {e}", self.base))
             }
-            Ok(())
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                Err(match serde_json::from_str::<ApiError>(&text) {
+                    Ok(e) => e.message,
+                    Err(_) => format!("HTTP {code}: {}", text.trim()),
+                })
+            }
+            Err(e) => Err(format!(
+                "cannot reach the admin API at {}: {e} (is basaltd running? set --admin or BASALT_ADMIN)",
+                self.base
+            )),
+        }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        self.answer(self.agent.get(&self.url(path, true)).call())
+    }
+
+    fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T, String> {
+        self.answer(self.agent.post(&self.url(path, false)).send_json(body))
+    }
+
+    fn delete(&self, path: &str) -> Result<(), String> {
+        self.answer::<Option<()>>(self.agent.delete(&self.url(path, false)).call()).map(|_| ())
+    }
+}
+
+/// Rows as columns padded to their widest cell; numbers right-aligned.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let numeric: Vec<bool> = (0..header.len())
+        .map(|i| !rows.is_empty() && rows.iter().all(|r| r[i].parse::<f64>().is_ok()))
+        .collect();
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if numeric[i] { format!("{c:>0$}", w[i]) } else { format!("{c:<0$}", w[i]) })
+            .collect();
+        parts.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in &rows {
+        out += &line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn opt_addr(a: Option<SocketAddr>) -> String {
+    a.map_or("-".into(), |a| a.to_string())
+}
+
+fn node_rows(nodes: &[NodeInfo], leader: Option<u64>) -> String {
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            let role = if Some(n.id) == leader { format!("{} (leader)", n.role) } else { n.role.clone() };
+            vec![
+                n.id.to_string(),
+                n.zone.clone(),
+                n.state.clone(),
+                role,
+                ByteSize(n.capacity).to_string(),
+                ByteSize(n.used).to_string(),
+                n.pid.to_string(),
+                n.addresses.peer.to_string(),
+                opt_addr(n.addresses.nbd),
+                opt_addr(n.addresses.iscsi),
+                n.addresses.admin.to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "ZONE", "STATE", "ROLE", "CAPACITY", "USED", "PID", "PEER", "NBD", "ISCSI", "ADMIN"], rows)
+}
+
+fn volume_rows(vols: &[VolumeInfo]) -> String {
+    let rows = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                ByteSize(v.size).to_string(),
+                format!("{}/{}", v.min_replicas, v.replicas),
+                ByteSize(v.extent_size).to_string(),
+                format!("{}x{}", ByteSize(v.stripe_unit), v.stripe_width),
+                v.owner.as_ref().map_or("-".into(), |o| format!("{} (gen {})", o.node, o.generation)),
+                if v.read_only { "ro".into() } else { "rw".into() },
+            ]
+        })
+        .collect();
+    table(&["NAME", "ID", "SIZE", "MIN/R", "EXTENT", "STRIPE", "OWNER", "MODE"], rows)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("admin bodies serialize"));
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let c = Client::new(&cli.admin, cli.stale);
+    match cli.cmd {
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let s: ClusterStatus = c.get("/v1/cluster")?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                let leader = s.leader.map_or("none".into(), |l| l.to_string());
+                println!("cluster {} ({}), leader {leader}, term {}, commit {}, applied {} (on node {})",
+                    s.id, s.name, s.term, s.commit_index, s.applied_index, s.this_node);
+                print!("{}", node_rows(&s.nodes, s.leader));
+            }
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let s: ClusterStatus = c.get("/v1/cluster")?;
+            if cli.json { print_json(&s.nodes) } else { print!("{}", node_rows(&s.nodes, s.leader)) }
+        }
+        Cmd::Node(NodeCmd::Show { id }) => {
+            let n: NodeInfo = c.get(&format!("/v1/nodes/{id}"))?;
+            if cli.json { print_json(&n) } else { print!("{}", node_rows(&[n], None)) }
+        }
+        Cmd::Node(NodeCmd::Add { addr }) => {
+            let n: NodeInfo = c.post("/v1/nodes", &AddNode { peer: addr })?;
+            if cli.json { print_json(&n) } else { print!("{}", node_rows(&[n], None)) }
+        }
+        Cmd::Node(NodeCmd::Remove { id }) => {
+            c.delete(&format!("/v1/nodes/{id}"))?;
+            if cli.json { print_json(&serde_json::json!({"removed": id})) } else { println!("removed node {id}") }
+        }
+        Cmd::Volume(VolumeCmd::Create {
+            name,
+            size,
+            replicas,
+            min_replicas,
+            stripe_unit,
+            stripe_width,
+            extent_size,
+            read_only,
+        }) => {
+            let req = CreateVolume {
+                name,
+                size: size.0,
+                replicas,
+                min_replicas,
+                extent_size: extent_size.map(|s| s.0),
+                stripe_unit: stripe_unit.map(|s| s.0),
+                stripe_width,
+                read_only,
+            };
+            let v: VolumeInfo = c.post("/v1/volumes", &req)?;
+            if cli.json { print_json(&v) } else { print!("{}", volume_rows(&[v])) }
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let v: Vec<VolumeInfo> = c.get("/v1/volumes")?;
+            if cli.json { print_json(&v) } else { print!("{}", volume_rows(&v)) }
+        }
+        Cmd::Volume(VolumeCmd::Show { name }) => {
+            let v: VolumeInfo = c.get(&format!("/v1/volumes/{name}"))?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                print!("{}", volume_rows(std::slice::from_ref(&v)));
+                let rows = v
+                    .extents
+                    .iter()
+                    .flatten()
+                    .map(|e| {
+                        let set: Vec<String> = e.replicas.iter().map(u64::to_string).collect();
+                        vec![e.index.to_string(), e.epoch.to_string(), e.state.clone(), set.join(",")]
+                    })
+                    .collect();
+                println!();
+                print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], rows));
+            }
+        }
+        Cmd::Volume(VolumeCmd::Delete { name }) => {
+            c.delete(&format!("/v1/volumes/{name}"))?;
+            if cli.json { print_json(&serde_json::json!({"deleted": name})) } else { println!("deleted volume {name}") }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("basalt: {msg}");
+            ExitCode::from(1)
         }
     }
 }
