@@ -37,10 +37,28 @@ pub struct Config {
     pub flush_barrier: FlushBarrier,
     /// Memory for client READ/WRITE data in flight over all connections.
     pub payload_budget: ByteSize,
+    /// Log filter in RUST_LOG syntax (`info`, `basalt=debug,info`);
+    /// `$RUST_LOG` wins at start; SIGHUP re-reads this field.
+    pub log_filter: Option<String>,
+    pub iscsi: IscsiConfig,
     pub listen: Listen,
     pub cluster: ClusterConfig,
     pub raft: RaftConfig,
     pub liveness: LivenessConfig,
+}
+
+/// iSCSI target settings. CHAP is off unless `chap_user` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    /// One-way CHAP: the initiator's user name...
+    pub chap_user: Option<String>,
+    /// ...and its secret (12 bytes or more).
+    pub chap_secret: Option<String>,
+    /// Mutual CHAP: the name the target answers with...
+    pub chap_mutual_user: Option<String>,
+    /// ...and the target's secret.
+    pub chap_mutual_secret: Option<String>,
 }
 
 /// Where the node listens. The same addresses are advertised to the other
@@ -109,6 +127,8 @@ impl Default for Config {
             engine: EngineKind::Auto,
             flush_barrier: FlushBarrier::Auto,
             payload_budget: ByteSize(crate::node::DEFAULT_PAYLOAD_BUDGET),
+            log_filter: None,
+            iscsi: IscsiConfig::default(),
             listen: Listen::default(),
             cluster: ClusterConfig::default(),
             raft: RaftConfig::default(),
@@ -161,6 +181,10 @@ pub enum ConfigError {
     DataDirIsStateDir(String),
     #[error("zone: {0:?} must be 1-64 of [A-Za-z0-9._-]")]
     Zone(String),
+    #[error("log_filter: {0}")]
+    LogFilter(String),
+    #[error("iscsi: chap_user and chap_secret go together, and mutual CHAP needs both of its fields and one-way CHAP")]
+    Chap,
     #[error("capacity: must be at least 1GiB when set (got {0})")]
     Capacity(ByteSize),
     #[error("payload_budget: must be at least 32MiB, the largest request (got {0})")]
@@ -228,6 +252,18 @@ impl Config {
         }
         if !valid_label(&self.zone) {
             return Err(ConfigError::Zone(self.zone.clone()));
+        }
+        if let Some(f) = &self.log_filter
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(f)
+        {
+            return Err(ConfigError::LogFilter(e.to_string()));
+        }
+        let i = &self.iscsi;
+        if i.chap_user.is_some() != i.chap_secret.is_some()
+            || i.chap_mutual_user.is_some() != i.chap_mutual_secret.is_some()
+            || (i.chap_mutual_user.is_some() && i.chap_user.is_none())
+        {
+            return Err(ConfigError::Chap);
         }
         if let Some(c) = self.capacity
             && c.0 < 1 << 30
@@ -415,6 +451,26 @@ mod tests {
     #[test]
     fn zone() {
         assert!(matches!(err(|c| c.zone = "r/1".into()), ConfigError::Zone(_)));
+    }
+
+    #[test]
+    fn log_filter() {
+        assert!(matches!(err(|c| c.log_filter = Some("basalt=loud".into())), ConfigError::LogFilter(_)));
+        let mut c = base();
+        c.log_filter = Some("basalt=debug,info".into());
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn chap() {
+        assert_eq!(err(|c| c.iscsi.chap_user = Some("u".into())), ConfigError::Chap);
+        assert_eq!(
+            err(|c| {
+                c.iscsi.chap_mutual_user = Some("t".into());
+                c.iscsi.chap_mutual_secret = Some("s".repeat(12));
+            }),
+            ConfigError::Chap
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! any node's admin API is forwarded to the Raft leader there.
 
 pub mod api;
+pub mod metrics;
 pub mod server;
 
 pub use api::*;

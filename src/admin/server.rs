@@ -14,10 +14,12 @@
 //! | DELETE | `/v1/volumes/{name}` | 204 |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when serving, else 503 and why |
+//! | GET | `/metrics` | Prometheus text format |
 //!
 //! GET routes take `?stale=true` to answer from local state without a
 //! read-index round to the leader.
 
+use super::metrics::Metrics;
 use super::{AddNode, ApiError, Control, ControlError, CreateVolume};
 use axum::Router;
 use axum::body::Bytes;
@@ -123,12 +125,18 @@ async fn readyz(State(c): State<Ctl>) -> Response {
     }
 }
 
+async fn metrics(State(m): State<Arc<Metrics>>) -> Response {
+    let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    ([(axum::http::header::CONTENT_TYPE, ct)], m.encode()).into_response()
+}
+
 async fn unknown_route() -> ControlError {
     ControlError::NotFound("no such route; see README \"Admin API\" for the list".into())
 }
 
-/// The admin API's routes over `control`.
-pub fn router(control: Ctl) -> Router {
+/// The admin API's routes over `control`, and `/metrics` from `metrics`.
+pub fn router(control: Ctl, m: Arc<Metrics>) -> Router {
+    let metrics_route = Router::new().route("/metrics", get(metrics)).with_state(m);
     Router::new()
         .route("/v1/cluster", get(cluster))
         .route("/v1/nodes", get(nodes).post(add_node))
@@ -139,13 +147,15 @@ pub fn router(control: Ctl) -> Router {
         .route("/readyz", get(readyz))
         .fallback(unknown_route)
         .with_state(control)
+        .merge(metrics_route)
 }
 
 /// Serves the admin API on `listener` until `cancel`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     control: Ctl,
+    metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(control)).with_graceful_shutdown(cancel.cancelled_owned()).await
+    axum::serve(listener, router(control, metrics)).with_graceful_shutdown(cancel.cancelled_owned()).await
 }

@@ -85,7 +85,13 @@ enum VolumeCmd {
     /// Every volume.
     List,
     /// One volume with its owner and every extent's replica set.
-    Show { name: String },
+    Show {
+        name: String,
+        /// Refresh every 2 seconds until interrupted (with --json: one JSON
+        /// document per line per refresh).
+        #[arg(long)]
+        watch: bool,
+    },
     /// Delete a volume and its data.
     Delete { name: String },
 }
@@ -217,6 +223,24 @@ fn volume_rows(vols: &[VolumeInfo]) -> String {
     table(&["NAME", "ID", "SIZE", "MIN/R", "EXTENT", "STRIPE", "OWNER", "MODE"], rows)
 }
 
+fn show_volume(v: &VolumeInfo, json: bool) {
+    if json {
+        return print_json(v);
+    }
+    print!("{}", volume_rows(std::slice::from_ref(v)));
+    let rows = v
+        .extents
+        .iter()
+        .flatten()
+        .map(|e| {
+            let set: Vec<String> = e.replicas.iter().map(u64::to_string).collect();
+            vec![e.index.to_string(), e.epoch.to_string(), e.state.clone(), set.join(",")]
+        })
+        .collect();
+    println!();
+    print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], rows));
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("admin bodies serialize"));
 }
@@ -278,25 +302,22 @@ fn run(cli: Cli) -> Result<(), String> {
             let v: Vec<VolumeInfo> = c.get("/v1/volumes")?;
             if cli.json { print_json(&v) } else { print!("{}", volume_rows(&v)) }
         }
-        Cmd::Volume(VolumeCmd::Show { name }) => {
+        Cmd::Volume(VolumeCmd::Show { name, watch }) => loop {
             let v: VolumeInfo = c.get(&format!("/v1/volumes/{name}"))?;
-            if cli.json {
-                print_json(&v);
+            if watch && cli.json {
+                println!("{}", serde_json::to_string(&v).expect("admin bodies serialize"));
             } else {
-                print!("{}", volume_rows(std::slice::from_ref(&v)));
-                let rows = v
-                    .extents
-                    .iter()
-                    .flatten()
-                    .map(|e| {
-                        let set: Vec<String> = e.replicas.iter().map(u64::to_string).collect();
-                        vec![e.index.to_string(), e.epoch.to_string(), e.state.clone(), set.join(",")]
-                    })
-                    .collect();
-                println!();
-                print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], rows));
+                if watch && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                    // Clear the screen and home the cursor, as watch(1) does.
+                    print!("\x1b[2J\x1b[H");
+                }
+                show_volume(&v, cli.json);
             }
-        }
+            if !watch {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        },
         Cmd::Volume(VolumeCmd::Delete { name }) => {
             c.delete(&format!("/v1/volumes/{name}"))?;
             if cli.json { print_json(&serde_json::json!({"deleted": name})) } else { println!("deleted volume {name}") }

@@ -6,6 +6,8 @@
 //! layout, never listed.
 
 mod budget;
+pub mod identity;
+pub mod systemd;
 pub mod volume;
 
 use crate::layout::Layout;

@@ -1,0 +1,220 @@
+//! `basaltd demo --nodes N` for N > 1: writes one config per node, starts
+//! each node as its own `basaltd run` process, creates the demo volume
+//! through the admin API, prints how to reach it, and stops the nodes on
+//! SIGINT/SIGTERM. A node that dies (kill -9 by a curious newcomer) is
+//! reported and left dead; the others keep serving.
+
+use anyhow::Context;
+use basalt::admin::{ApiError, ClusterStatus, CreateVolume, VolumeInfo};
+use basalt::config::Config;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One demo node: where its files are and how to reach it.
+#[derive(Debug)]
+pub struct DemoNode {
+    pub index: usize,
+    pub dir: PathBuf,
+    pub config: Config,
+}
+
+fn bump(a: SocketAddr, by: usize) -> anyhow::Result<SocketAddr> {
+    let port = u16::try_from(a.port() as usize + by).context("demo ports past 65535")?;
+    Ok(SocketAddr::new(a.ip(), port))
+}
+
+/// Configs for `n` demo nodes under `root`: node k (from 0) listens on the
+/// base ports plus k; every node is an initial member.
+pub fn plan(root: &Path, n: usize, base: &Config) -> anyhow::Result<Vec<DemoNode>> {
+    let peers: Vec<SocketAddr> = (0..n).map(|k| bump(base.listen.peer, k)).collect::<anyhow::Result<_>>()?;
+    let voters = match n {
+        1 | 2 => 1,
+        3 | 4 => 3,
+        _ => 5,
+    };
+    (0..n)
+        .map(|k| {
+            let dir = root.join(format!("node{}", k + 1));
+            let mut c = base.clone();
+            c.state_dir = dir.join("state");
+            c.data_dirs = vec![dir.join("data")];
+            c.listen.peer = peers[k];
+            c.listen.admin = bump(base.listen.admin, k)?;
+            c.listen.nbd = base.listen.nbd.map(|a| bump(a, k)).transpose()?;
+            c.listen.iscsi = base.listen.iscsi.map(|a| bump(a, k)).transpose()?;
+            c.cluster.initial_members = peers.clone();
+            c.cluster.voters = voters;
+            c.zone = format!("zone{}", k + 1);
+            c.validate().with_context(|| format!("demo node {}", k + 1))?;
+            Ok(DemoNode { index: k, dir, config: c })
+        })
+        .collect()
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
+}
+
+fn http_get<T: serde::de::DeserializeOwned>(admin: SocketAddr, path: &str) -> Result<T, String> {
+    match ureq::get(&format!("http://{admin}{path}")).timeout(Duration::from_secs(5)).call() {
+        Ok(r) => r.into_json().map_err(|e| e.to_string()),
+        Err(ureq::Error::Status(code, r)) => Err(r
+            .into_json::<ApiError>()
+            .map(|e| format!("{}: {}", e.error, e.message))
+            .unwrap_or_else(|_| format!("HTTP {code}"))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Runs the demo cluster until a signal. `volume` is created if absent.
+pub async fn run(
+    root: &Path,
+    n: usize,
+    base: &Config,
+    extra_args: Vec<String>,
+    volume: CreateVolume,
+) -> anyhow::Result<()> {
+    let root = absolute(root)?;
+    let nodes = plan(&root, n, base)?;
+    let exe = std::env::current_exe().context("finding the basaltd binary")?;
+    let mut children: Vec<Option<Child>> = Vec::new();
+    for node in &nodes {
+        std::fs::create_dir_all(&node.dir).with_context(|| format!("creating {}", node.dir.display()))?;
+        let cfg_path = node.dir.join("basaltd.toml");
+        basalt::node::write_atomically(&cfg_path, node.config.to_toml().as_bytes())
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("basaltd.log"))
+            .context("opening a node log")?;
+        let child = Command::new(&exe)
+            .args(&extra_args)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {}", node.index + 1))?;
+        children.push(Some(child));
+    }
+    let result = serve(&nodes, &mut children, volume).await;
+    stop(&mut children);
+    result
+}
+
+async fn serve(nodes: &[DemoNode], children: &mut [Option<Child>], volume: CreateVolume) -> anyhow::Result<()> {
+    let admin = nodes[0].config.listen.admin;
+    let name = volume.name.clone();
+    let vol = tokio::task::spawn_blocking(move || ensure_volume(admin, volume)).await??;
+    let status: ClusterStatus = tokio::task::spawn_blocking(move || http_get(admin, "/v1/cluster?stale=true"))
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    println!("basaltd demo: cluster {} of {} nodes, leader {:?}", status.id, nodes.len(), status.leader);
+    println!("volume {name:?} ({} bytes, {} replicas)", vol.size, vol.replicas);
+    for node in nodes {
+        let c = &node.config;
+        let owner = vol.owner.as_ref().is_some_and(|o| status.nodes.iter().any(|n| n.id == o.node
+            && n.addresses.admin == c.listen.admin));
+        let tag = if owner { " (owner)" } else { "" };
+        if let Some(nbd) = c.listen.nbd {
+            println!("  node {}{tag}: nbd://{nbd}/{name}  admin {}  log {}", node.index + 1, c.listen.admin,
+                node.dir.join("basaltd.log").display());
+        }
+    }
+    println!("  basalt --admin {admin} cluster status");
+    tracing::info!("demo cluster ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping the nodes"); return Ok(()); }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping the nodes"); return Ok(()); }
+            _ = tick.tick() => {}
+        }
+        let mut alive = 0;
+        for (k, slot) in children.iter_mut().enumerate() {
+            if let Some(c) = slot {
+                match c.try_wait() {
+                    Ok(Some(status)) => {
+                        tracing::warn!(node = k + 1, %status, config = %nodes[k].dir.join("basaltd.toml").display(),
+                            "demo node exited; the others keep serving (restart it with basaltd run --config ...)");
+                        *slot = None;
+                    }
+                    _ => alive += 1,
+                }
+            }
+        }
+        if alive == 0 {
+            anyhow::bail!("every demo node has exited; see their logs");
+        }
+    }
+}
+
+/// Waits for the cluster to answer, then creates the volume unless it exists.
+fn ensure_volume(admin: SocketAddr, volume: CreateVolume) -> anyhow::Result<VolumeInfo> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match http_get::<VolumeInfo>(admin, &format!("/v1/volumes/{}", volume.name)) {
+            Ok(v) => return Ok(v),
+            Err(e) if e.starts_with("not_found") => {
+                match ureq::post(&format!("http://{admin}/v1/volumes")).timeout(Duration::from_secs(10)).send_json(&volume) {
+                    Ok(r) => return Ok(r.into_json()?),
+                    Err(ureq::Error::Status(_, r)) => {
+                        last = r.into_json::<ApiError>().map(|e| e.message).unwrap_or_default();
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    anyhow::bail!("the demo cluster did not come up in 60 s (last: {last}); see the node logs")
+}
+
+/// SIGTERM to every live node, then SIGKILL after 30 s.
+fn stop(children: &mut [Option<Child>]) {
+    for c in children.iter().flatten() {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for c in children.iter_mut().flatten() {
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !matches!(c.try_wait(), Ok(Some(_))) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_gives_distinct_ports_and_one_member_list() {
+        let nodes = plan(Path::new("/d"), 3, &Config::default()).unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[2].config.listen.peer.port(), 7402);
+        assert_eq!(nodes[1].config.listen.nbd.unwrap().port(), 10810);
+        assert_eq!(nodes[2].config.listen.admin.port(), 7482);
+        assert_eq!(nodes[0].config.cluster.initial_members, nodes[2].config.cluster.initial_members);
+        assert_eq!(nodes[0].config.cluster.voters, 3);
+        assert_eq!(nodes[1].config.state_dir, PathBuf::from("/d/node2/state"));
+    }
+}

@@ -1,0 +1,230 @@
+//! A cluster of real `basaltd run` processes on 127.0.0.x, driven through
+//! the real `basalt` CLI.
+
+use super::free_port;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct ClusterNode {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub peer: SocketAddr,
+    pub nbd: SocketAddr,
+    pub iscsi: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    /// Prefix the command with this (e.g. `ip netns exec NS`).
+    pub wrap: Vec<String>,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    pub tmp: tempfile::TempDir,
+}
+
+/// Raft and liveness timings short enough for tests, long enough for a
+/// loaded 2-core machine.
+pub const TIMINGS: &str = "[raft]\ntick_ms = 50\nelection_ticks = 20\nheartbeat_ticks = 3\nsnapshot_entries = 40\n\
+                           [liveness]\nheartbeat_ms = 200\ndown_after_ms = 2000\n";
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+impl Cluster {
+    /// Configs for `n` nodes at 127.0.0.{2..}, every one an initial member.
+    pub fn configure(n: usize, voters: u8, ips: Option<Vec<String>>) -> Cluster {
+        let tmp = tempfile::Builder::new().prefix("basalt-cluster-").tempdir().unwrap();
+        let ips = ips.unwrap_or_else(|| (0..n).map(|k| format!("127.0.0.{}", k + 2)).collect());
+        let mut nodes: Vec<ClusterNode> = (0..n)
+            .map(|k| {
+                let dir = tmp.path().join(format!("node{}", k + 1));
+                std::fs::create_dir_all(&dir).unwrap();
+                ClusterNode {
+                    config: dir.join("basaltd.toml"),
+                    log: dir.join("basaltd.log"),
+                    peer: addr(&ips[k], free_port()),
+                    nbd: addr(&ips[k], free_port()),
+                    iscsi: addr(&ips[k], free_port()),
+                    admin: addr(&ips[k], free_port()),
+                    dir,
+                    wrap: Vec::new(),
+                    child: None,
+                }
+            })
+            .collect();
+        let members: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.peer)).collect();
+        for (k, node) in nodes.iter_mut().enumerate() {
+            let text = format!(
+                "cluster_name = \"test\"\nstate_dir = \"{d}/state\"\ndata_dirs = [\"{d}/data\"]\nzone = \"z{k}\"\n\
+                 capacity = \"64GiB\"\npayload_budget = \"256MiB\"\n\
+                 [listen]\npeer = \"{}\"\nnbd = \"{}\"\niscsi = \"{}\"\nadmin = \"{}\"\n\
+                 [cluster]\ninitial_members = [{}]\nvoters = {voters}\n{TIMINGS}",
+                node.peer,
+                node.nbd,
+                node.iscsi,
+                node.admin,
+                members.join(", "),
+                d = node.dir.display(),
+            );
+            std::fs::write(&node.config, text).unwrap();
+        }
+        Cluster { nodes, tmp }
+    }
+
+    /// Starts `n` nodes and waits until every one is ready.
+    pub fn start(n: usize, voters: u8) -> Cluster {
+        let mut c = Cluster::configure(n, voters, None);
+        for k in 0..n {
+            c.spawn(k);
+        }
+        for k in 0..n {
+            c.wait_ready(k);
+        }
+        c
+    }
+
+    pub fn spawn(&mut self, k: usize) {
+        let node = &mut self.nodes[k];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        let exe = env!("CARGO_BIN_EXE_basaltd");
+        let mut cmd = if node.wrap.is_empty() {
+            Command::new(exe)
+        } else {
+            let mut c = Command::new(&node.wrap[0]);
+            c.args(&node.wrap[1..]).arg(exe);
+            c
+        };
+        let child = cmd
+            .args(["--workers", "1", "--idle-poll-us", "0", "run", "--config"])
+            .arg(&node.config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn basaltd run");
+        node.child = Some(child);
+    }
+
+    pub fn wait_ready(&mut self, k: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(c) = self.nodes[k].child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("node {k} exited ({status}); log:\n{}", self.log(k));
+            }
+            let out = self.admin_get(k, "/readyz");
+            if out.as_deref() == Some("ready\n") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("node {k} not ready in 60 s; log:\n{}", self.log(k));
+    }
+
+    /// A raw GET on node `k`'s admin API: the body on 200, else `None`.
+    pub fn admin_get(&self, k: usize, path: &str) -> Option<String> {
+        let url = format!("http://{}{path}", self.nodes[k].admin);
+        match ureq::get(&url).timeout(Duration::from_secs(5)).call() {
+            Ok(r) => r.into_string().ok(),
+            Err(_) => None,
+        }
+    }
+
+    pub fn log(&self, k: usize) -> String {
+        std::fs::read_to_string(&self.nodes[k].log).unwrap_or_default()
+    }
+
+    pub fn pid(&self, k: usize) -> Option<u32> {
+        self.nodes[k].child.as_ref().map(Child::id)
+    }
+
+    pub fn kill9(&mut self, k: usize) {
+        if let Some(mut c) = self.nodes[k].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit code.
+    pub fn terminate(&mut self, k: usize) -> Option<i32> {
+        let mut c = self.nodes[k].child.take()?;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        c.wait().ok()?.code()
+    }
+
+    /// Runs the `basalt` CLI against node `k`.
+    pub fn cli(&self, k: usize, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_basalt"))
+            .arg("--admin")
+            .arg(self.nodes[k].admin.to_string())
+            .args(args)
+            .output()
+            .expect("run basalt")
+    }
+
+    /// Runs `basalt --json ...` against node `k`, expecting success.
+    pub fn cli_json(&self, k: usize, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(k, &all);
+        assert!(
+            out.status.success(),
+            "basalt {args:?} on node {k} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("basalt {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// The index of the node the cluster names as leader, asking node `via`.
+    pub fn leader(&self, via: usize) -> Option<usize> {
+        let s = self.cli_json(via, &["cluster", "status"]);
+        let id = s["leader"].as_u64()?;
+        let nodes = s["nodes"].as_array()?;
+        let admin = nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
+        self.nodes.iter().position(|n| n.admin.to_string() == admin)
+    }
+
+    /// Waits until node `via` names a leader other than `not`, and returns it.
+    pub fn wait_leader(&self, via: usize, not: Option<usize>) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let out = self.cli(via, &["--json", "--stale", "cluster", "status"]);
+            if out.status.success()
+                && let Some(l) = self.leader_from(&out.stdout)
+                && Some(l) != not
+            {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("no leader (other than {not:?}) seen from node {via} in 60 s; log:\n{}", self.log(via));
+    }
+
+    fn leader_from(&self, json: &[u8]) -> Option<usize> {
+        let s: serde_json::Value = serde_json::from_slice(json).ok()?;
+        let id = s["leader"].as_u64()?;
+        let nodes = s["nodes"].as_array()?;
+        let admin = nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
+        self.nodes.iter().position(|n| n.admin.to_string() == admin)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for k in 0..self.nodes.len() {
+            self.kill9(k);
+        }
+    }
+}
