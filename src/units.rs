@@ -57,6 +57,20 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// An error with its chain of sources, as one line: "a: b: c". For
+/// messages that cross a process boundary (admin API, peer errors), where
+/// the receiver cannot walk the chain itself.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// As a string (`"1GiB"`), or a plain integer of bytes when read.
 impl serde::Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

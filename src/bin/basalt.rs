@@ -57,6 +57,9 @@ enum NodeCmd {
     Add { addr: SocketAddr },
     /// Remove a node that holds no replicas.
     Remove { id: u64 },
+    /// Whether the node at --admin serves (its /readyz): exit 0 if ready,
+    /// 1 with the reason if not.
+    Ready,
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +273,14 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Node(NodeCmd::Add { addr }) => {
             let n: NodeInfo = c.post("/v1/nodes", &AddNode { peer: addr })?;
             if cli.json { print_json(&n) } else { print!("{}", node_rows(&[n], None)) }
+        }
+        Cmd::Node(NodeCmd::Ready) => {
+            let url = c.url("/readyz", false);
+            match c.agent.get(&url).call() {
+                Ok(r) => print!("{}", r.into_string().unwrap_or_default()),
+                Err(ureq::Error::Status(_, r)) => return Err(r.into_string().unwrap_or_default().trim().to_string()),
+                Err(e) => return Err(format!("cannot reach the admin API at {}: {e}", c.base)),
+            }
         }
         Cmd::Node(NodeCmd::Remove { id }) => {
             c.delete(&format!("/v1/nodes/{id}"))?;

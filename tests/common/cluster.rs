@@ -118,8 +118,8 @@ impl Cluster {
             {
                 panic!("node {k} exited ({status}); log:\n{}", self.log(k));
             }
-            let out = self.admin_get(k, "/readyz");
-            if out.as_deref() == Some("ready\n") {
+            let out = self.cli(k, &["node", "ready"]);
+            if out.status.success() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -161,10 +161,18 @@ impl Cluster {
         c.wait().ok()?.code()
     }
 
-    /// Runs the `basalt` CLI against node `k`.
+    /// Runs the `basalt` CLI against node `k` (inside its namespace, if any).
     pub fn cli(&self, k: usize, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_basalt"))
-            .arg("--admin")
+        let exe = env!("CARGO_BIN_EXE_basalt");
+        let wrap = &self.nodes[k].wrap;
+        let mut cmd = if wrap.is_empty() {
+            Command::new(exe)
+        } else {
+            let mut c = Command::new(&wrap[0]);
+            c.args(&wrap[1..]).arg(exe);
+            c
+        };
+        cmd.arg("--admin")
             .arg(self.nodes[k].admin.to_string())
             .args(args)
             .output()

@@ -1,1 +1,521 @@
-pub async fn run(_cfg: basalt::config::Config, _path: Option<std::path::PathBuf>, _log: crate::LogReload) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! `basaltd run`: one node of a cluster, from its configuration.
+//!
+//! Start-up, in order (each step a STATUS= line for systemd):
+//! 1. identity (`node.json` in the state dir) and the store (if the node
+//!    has data directories);
+//! 2. the peer server, then the metadata group: a fresh initial member
+//!    learns the other initial members' node ids over the peer protocol
+//!    and bootstraps with all of them as voters; a fresh node with `join`
+//!    asks a member to add it; a fresh node with neither waits for
+//!    `basalt node add` to invite it; a restart just restarts;
+//! 3. once the node is a member and the cluster id is known: the front
+//!    ends, serving the volumes this node owns, and the admin API;
+//! 4. READY=1. SIGTERM/SIGINT drain and flush; SIGHUP re-reads log_filter.
+
+use crate::LogReload;
+use crate::control::{self, Daemon};
+use anyhow::Context;
+use basalt::admin::metrics::Metrics;
+use basalt::config::Config;
+use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
+use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
+use basalt::node::identity::Identity;
+use basalt::node::systemd::{Notifier, spawn_watchdog};
+use basalt::node::{Node, VolumeOptions};
+use basalt::proto::peer::{ErrorCode, ErrorReply, Message};
+use basalt::storage::{StoreConfig, StoreOptions};
+use basalt::types::{ClusterId, NodeId};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// What `demo --nodes 1` adds to a plain `run`: a volume created if absent
+/// and the client commands printed once it serves.
+#[derive(Debug, Clone)]
+pub struct DemoVolume {
+    pub name: String,
+    pub opts: VolumeOptions,
+}
+
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    pub config_path: Option<PathBuf>,
+    pub log_reload: Option<LogReload>,
+    pub demo: Option<DemoVolume>,
+    pub iscsi_chap: Option<basalt::proto::iscsi::login::ChapConfig>,
+}
+
+/// Node ids to peer addresses: from the metadata's node records, and from
+/// what a join or the initial-member exchange told us before those exist.
+#[derive(Debug, Default)]
+pub struct AddrBook {
+    map: RwLock<HashMap<NodeId, SocketAddr>>,
+}
+
+impl AddrBook {
+    pub fn get(&self, id: NodeId) -> Option<SocketAddr> {
+        self.map.read().unwrap().get(&id).copied()
+    }
+
+    pub fn insert(&self, id: NodeId, addr: SocketAddr) {
+        self.map.write().unwrap().insert(id, addr);
+    }
+
+    fn refresh(&self, state: &meta::MetaState) {
+        let mut m = self.map.write().unwrap();
+        for n in state.nodes() {
+            if let Ok(a) = n.spec.addrs.peer.parse() {
+                m.insert(n.spec.id, a);
+            }
+        }
+    }
+}
+
+/// Raft messages and metadata requests over the peer protocol.
+#[derive(Debug)]
+struct PeerTransport {
+    pool: PeerPool,
+    book: Arc<AddrBook>,
+}
+
+impl meta::MetaTransport for PeerTransport {
+    fn send(&self, to: NodeId, msg: raft::eraftpb::Message) {
+        let Some(addr) = self.book.get(to) else {
+            tracing::debug!(%to, "raft message dropped: no address known for the node yet");
+            return;
+        };
+        let bytes = Bytes::from(meta::encode_raft_message(&msg));
+        if let Err(e) = self.pool.send(addr, Message::Raft(bytes)) {
+            tracing::debug!(%to, error = %e, "raft message dropped");
+        }
+    }
+
+    fn forward(&self, to: NodeId, req: MetaRequest) -> BoxFuture<'static, Result<MetaResponse, meta::MetaError>> {
+        let addr = self.book.get(to);
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let addr = addr.ok_or(meta::MetaError::Transport { to, reason: "no address known".into() })?;
+            meta_request(&pool, addr, req).await.map_err(|reason| meta::MetaError::Transport { to, reason })
+        })
+    }
+}
+
+/// What travels in the peer protocol's MetaRequest frames: the metadata
+/// group's own requests, and the membership handshakes of this shell.
+/// Variants are only appended; the wire form is versioned.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum ShellRequest {
+    Meta(MetaRequest),
+    /// A fresh node asks a member to add it (config `cluster.join`).
+    Join(meta::state::NodeSpec),
+    /// A member invites a fresh node (`basalt node add`), telling it the
+    /// cluster and every member's peer address.
+    Invite { cluster: u128, members: Vec<(NodeId, String)> },
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum ShellResponse {
+    Meta(MetaResponse),
+    Joined { cluster: u128, members: Vec<(NodeId, String)> },
+    Invited { spec: meta::state::NodeSpec },
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Wire<T> {
+    V1(T),
+}
+
+fn encode_wire<T: serde::Serialize + Clone>(v: &T) -> Bytes {
+    Bytes::from(postcard::to_allocvec(&Wire::V1(v.clone())).expect("postcard encodes shell messages"))
+}
+
+fn decode_wire<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    match postcard::from_bytes::<Wire<T>>(b) {
+        Ok(Wire::V1(v)) => Ok(v),
+        Err(e) => Err(format!("undecodable metadata frame: {e}")),
+    }
+}
+
+/// One membership or metadata request to the peer at `addr`.
+pub async fn shell_request(pool: &PeerPool, addr: SocketAddr, req: &ShellRequest) -> Result<ShellResponse, String> {
+    match pool.request(addr, Message::MetaRequest(encode_wire(req))).await {
+        Ok(Message::MetaResponse(b)) => decode_wire(&b),
+        Ok(Message::Error(e)) => Err(e.message),
+        Ok(other) => Err(format!("unexpected answer {:?}", other.kind())),
+        Err(e) => Err(basalt::units::error_chain(&e)),
+    }
+}
+
+async fn meta_request(pool: &PeerPool, addr: SocketAddr, req: MetaRequest) -> Result<MetaResponse, String> {
+    match shell_request(pool, addr, &ShellRequest::Meta(req)).await? {
+        ShellResponse::Meta(r) => Ok(r),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// What the peer server hands to this node: Raft messages to the metadata
+/// group, metadata requests to the daemon. Before the metadata group has
+/// started, Raft messages are dropped (Raft resends).
+struct Handler {
+    daemon: OnceLock<Arc<Daemon>>,
+    meta: OnceLock<MetaNode>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handler")
+    }
+}
+
+fn error_reply(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error(ErrorReply { code, message: message.into() })
+}
+
+impl PeerHandler for Handler {
+    fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
+        let daemon = self.daemon.get().cloned();
+        let meta = self.meta.get().cloned();
+        Box::pin(async move {
+            match request {
+                Message::MetaRequest(b) => {
+                    let req = match decode_wire::<ShellRequest>(&b) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer.addr, node = %peer.node, error = %e, "bad metadata request");
+                            return error_reply(ErrorCode::Malformed, e.to_string());
+                        }
+                    };
+                    let answer = match (&daemon, &meta, req) {
+                        (Some(d), _, req) => d.handle_shell_request(req).await,
+                        (None, Some(m), ShellRequest::Meta(req)) => {
+                            m.handle_request(req).await.map(ShellResponse::Meta).map_err(|e| basalt::units::error_chain(&e))
+                        }
+                        _ => Err("this node is still starting".into()),
+                    };
+                    match answer {
+                        Ok(r) => Message::MetaResponse(encode_wire(&r)),
+                        Err(msg) => error_reply(ErrorCode::Internal, msg),
+                    }
+                }
+                other => {
+                    tracing::warn!(peer = %peer.addr, kind = ?other.kind(), "peer request not served by this build");
+                    error_reply(ErrorCode::Unsupported, "not served by this node")
+                }
+            }
+        })
+    }
+
+    fn one_way(&self, peer: PeerInfo, message: Message) {
+        match message {
+            Message::Raft(b) => match (meta::decode_raft_message(&b), self.meta.get()) {
+                (Ok(m), Some(meta)) => meta.step(m),
+                (Ok(_), None) => {}
+                (Err(e), _) => tracing::warn!(peer = %peer.addr, error = %e, "bad raft message"),
+            },
+            other => tracing::warn!(peer = %peer.addr, kind = ?other.kind(), "unexpected one-way peer message"),
+        }
+    }
+}
+
+/// Total bytes of the filesystems holding `dirs` (each counted once).
+fn filesystem_capacity(dirs: &[PathBuf]) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for d in dirs {
+        let Ok(c) = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()) else { continue };
+        // SAFETY: statvfs(3) writes into the zeroed struct we own; the path
+        // is a valid NUL-terminated string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 && seen.insert(st.f_fsid) {
+            total = total.saturating_add((st.f_blocks as u64).saturating_mul(st.f_frsize as u64));
+        }
+    }
+    total
+}
+
+pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
+    let opt = |a: Option<SocketAddr>| a.map_or(String::new(), |a| a.to_string());
+    let has_data = !cfg.data_dirs.is_empty();
+    meta::state::NodeSpec {
+        id,
+        addrs: meta::state::NodeAddrs {
+            peer: cfg.listen.peer.to_string(),
+            nbd: opt(cfg.listen.nbd),
+            iscsi: opt(cfg.listen.iscsi),
+            admin: cfg.listen.admin.to_string(),
+        },
+        zone: cfg.zone.clone(),
+        capacity: if has_data { cfg.capacity.map_or_else(|| filesystem_capacity(&cfg.data_dirs), |c| c.0) } else { 0 },
+        has_data,
+        pid: std::process::id(),
+    }
+}
+
+/// Asks each initial member for its node id (the peer handshake carries
+/// it) until all have answered.
+async fn initial_member_ids(
+    pool: &PeerPool,
+    cfg: &Config,
+    me: NodeId,
+    book: &AddrBook,
+    notifier: &Notifier,
+) -> Vec<NodeId> {
+    let mut ids: HashMap<SocketAddr, NodeId> = HashMap::new();
+    ids.insert(cfg.listen.peer, me);
+    loop {
+        for &m in &cfg.cluster.initial_members {
+            if ids.contains_key(&m) {
+                continue;
+            }
+            let client = pool.client(m);
+            if client.request_timeout(Message::Ping, Duration::from_secs(2)).await.is_ok()
+                && let Some(id) = client.remote_node()
+            {
+                tracing::info!(member = %m, node = %id, "initial member answered");
+                ids.insert(m, id);
+                book.insert(id, m);
+            }
+        }
+        if ids.len() == cfg.cluster.initial_members.len() {
+            let mut v: Vec<NodeId> = ids.into_values().collect();
+            v.sort();
+            return v;
+        }
+        let missing: Vec<String> = cfg
+            .cluster
+            .initial_members
+            .iter()
+            .filter(|m| !ids.contains_key(m))
+            .map(|m| m.to_string())
+            .collect();
+        notifier.status(&format!("waiting for initial members {}", missing.join(", ")));
+        tracing::info!(missing = ?missing, "waiting for the other initial members to start");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let ident = Identity::load_or_create(&cfg.state_dir, cfg.node_id.map(NodeId), &cfg.cluster_name)
+        .context("node identity")?;
+    let span = tracing::info_span!("node", node = %ident.node_id);
+    run_node(cfg, opts, ident).instrument(span).await
+}
+
+async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow::Result<()> {
+    let me = ident.node_id;
+    let notifier = Arc::new(Notifier::from_env());
+    spawn_watchdog(notifier.clone());
+    notifier.status("opening the store");
+    let metrics = Arc::new(Metrics::new());
+    let node = if cfg.data_dirs.is_empty() {
+        tracing::info!("no data directories: a compute node (stores nothing)");
+        None
+    } else {
+        let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
+        let store_opts = StoreOptions { flush_barrier: cfg.flush_barrier, ..StoreOptions::default() };
+        let node = Node::open_with(store_cfg, store_opts, cfg.payload_budget.0).await.context("opening the store")?;
+        Some(node)
+    };
+
+    // The peer protocol: a node that belongs to no cluster yet says so
+    // with cluster id 0, which members accept only for joining.
+    let cluster_id = ident.cluster_id.as_deref().and_then(|s| u128::from_str_radix(s, 16).ok()).unwrap_or(0);
+    let cluster_cell = basalt::net::ClusterCell::new(ClusterId(cluster_id));
+    let pool = PeerPool::new(ClientConfig::new(cluster_cell.clone(), me));
+    let book = Arc::new(AddrBook::default());
+    let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
+    let peer_server = PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
+        .await
+        .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
+
+    let store = RedbStore::open(&cfg.state_dir.join("meta.redb")).context("opening the metadata store")?;
+    let fresh = !meta::LogStore::is_initialized(&store);
+    let startup = if fresh && cfg.cluster.initial_members.contains(&cfg.listen.peer) {
+        notifier.status("finding the initial members");
+        let members = initial_member_ids(&pool, &cfg, me, &book, &notifier).await;
+        tracing::info!(?members, "bootstrapping the metadata group with every initial member as voter");
+        Startup::Initial { members, cluster_name: cfg.cluster_name.clone(), cluster_id: None }
+    } else {
+        Startup::Join
+    };
+    let mut mcfg = meta::MetaConfig::new(me);
+    mcfg.tick = Duration::from_millis(cfg.raft.tick_ms);
+    mcfg.core.election_ticks = cfg.raft.election_ticks;
+    mcfg.core.heartbeat_ticks = cfg.raft.heartbeat_ticks;
+    mcfg.core.snapshot_interval = cfg.raft.snapshot_entries;
+    mcfg.core.retain_entries = (cfg.raft.snapshot_entries / 4).max(5);
+    mcfg.core.max_voters = cfg.cluster.voters as usize;
+    mcfg.core.liveness_ticks = (cfg.liveness.down_after_ms / cfg.raft.tick_ms).max(1);
+    mcfg.heartbeat_interval = Duration::from_millis(cfg.liveness.heartbeat_ms);
+    mcfg.request_timeout = (mcfg.tick * (cfg.raft.election_ticks as u32) * 4).max(Duration::from_secs(5));
+    let transport = Arc::new(PeerTransport { pool: pool.clone(), book: book.clone() });
+    let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
+    let meta = MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
+    let _ = handler.meta.set(meta.clone());
+
+    let daemon = Arc::new(Daemon::new(
+        cfg.clone(),
+        me,
+        meta.clone(),
+        pool.clone(),
+        book.clone(),
+        node.clone(),
+        metrics.clone(),
+        cluster_cell.clone(),
+    ));
+    let _ = handler.daemon.set(daemon.clone());
+
+    if fresh && let Some(join) = cfg.cluster.join {
+        notifier.status(&format!("joining the cluster through {join}"));
+        daemon.join_through(join).await?;
+    }
+    notifier.status("waiting to be a member of the metadata group");
+    let cluster = daemon.wait_membership(&notifier).await?;
+    ident.set_cluster(&cfg.state_dir, &cluster.to_string()).context("recording the cluster id")?;
+    cluster_cell.set(cluster);
+    tracing::info!(cluster = %cluster, "member of the metadata group");
+
+    // Keep the address book and the served volumes in step with the metadata.
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()));
+
+    if let Some(demo) = &opts.demo {
+        daemon.ensure_demo_volume(demo).await?;
+    }
+
+    let mut servers = tokio::task::JoinSet::new();
+    let admin = tokio::net::TcpListener::bind(cfg.listen.admin)
+        .await
+        .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
+    let admin_addr = admin.local_addr()?;
+    servers.spawn(async move {
+        basalt::admin::server::serve(admin, daemon_control(&handler), metrics.clone(), cancel.clone()).await
+    });
+    let mut nbd_addr = None;
+    let mut iscsi_addr = None;
+    if let Some(node) = &node {
+        if let Some(a) = cfg.listen.nbd {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.nbd {a}"))?;
+            nbd_addr = Some(l.local_addr()?);
+            servers.spawn(basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone()));
+        }
+        if let Some(a) = cfg.listen.iscsi {
+            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.iscsi {a}"))?;
+            iscsi_addr = Some(l.local_addr()?);
+            let chap = opts.iscsi_chap.clone().or_else(|| {
+                let i = &cfg.iscsi;
+                Some(basalt::proto::iscsi::login::ChapConfig {
+                    user: i.chap_user.clone()?,
+                    secret: i.chap_secret.clone()?,
+                    mutual: i.chap_mutual_user.clone().zip(i.chap_mutual_secret.clone()),
+                })
+            });
+            let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
+            icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
+            servers.spawn(basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg));
+        }
+    } else if cfg.listen.nbd.is_some() || cfg.listen.iscsi.is_some() {
+        tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");
+    }
+    daemon.set_ready();
+    notifier.notify("READY=1");
+    notifier.status("serving");
+    if let Some(demo) = &opts.demo {
+        print_demo(&demo.name, nbd_addr, iscsi_addr, admin_addr);
+    }
+    tracing::info!(admin = %admin_addr, nbd = ?nbd_addr, iscsi = ?iscsi_addr, "ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stall = std::env::var("BASALT_DEBUG_STALL_RUNTIME_MS").ok().and_then(|s| s.parse::<u64>().ok());
+    if let Some(ms) = stall {
+        // Test hook for the watchdog: block every runtime worker.
+        tracing::warn!(ms, "BASALT_DEBUG_STALL_RUNTIME_MS: stalling the runtime on purpose");
+        for _ in 0..tokio::runtime::Handle::current().metrics().num_workers() {
+            tokio::spawn(async move { std::thread::sleep(Duration::from_millis(ms)) });
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: draining"); break; }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = hup.recv() => reload(&opts),
+            Some(r) = servers.join_next() => {
+                r?.context("a server stopped")?;
+            }
+        }
+    }
+    notifier.notify("STOPPING=1");
+    notifier.status("draining connections");
+    daemon.set_draining();
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
+        tracing::warn!("connections did not drain in 30 s; flushing anyway");
+    }
+    notifier.status("flushing");
+    if let Some(node) = &node {
+        node.close().await.context("final flush")?;
+    }
+    meta.shutdown().await;
+    peer_server.shutdown().await;
+    tracing::info!("flushed; bye");
+    Ok(())
+}
+
+fn daemon_control(h: &Handler) -> Arc<dyn basalt::admin::Control> {
+    h.daemon.get().expect("the daemon is set before the admin API starts").clone()
+}
+
+fn reload(opts: &RunOptions) {
+    let (Some(path), Some(handle)) = (&opts.config_path, &opts.log_reload) else {
+        tracing::info!("SIGHUP: nothing to reload (no configuration file)");
+        return;
+    };
+    let cfg = match std::fs::read_to_string(path).map_err(|e| e.to_string()).and_then(|t| {
+        let c = Config::from_toml(&t).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(config = %path.display(), error = %e, "SIGHUP: configuration not reloaded");
+            return;
+        }
+    };
+    let filter = std::env::var("RUST_LOG").ok().or(cfg.log_filter.clone()).unwrap_or_else(|| "info".into());
+    match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => match handle.reload(f) {
+            Ok(()) => tracing::info!(%filter, "SIGHUP: log filter reloaded"),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: log filter not reloaded"),
+        },
+        Err(e) => tracing::warn!(%filter, error = %e, "SIGHUP: bad log filter"),
+    }
+}
+
+fn print_demo(name: &str, nbd: Option<SocketAddr>, iscsi: Option<SocketAddr>, admin: SocketAddr) {
+    if let Some(nbd_addr) = nbd {
+        let uri = format!("nbd://{nbd_addr}/{name}");
+        println!("basaltd demo: volume {name:?} at {uri}");
+        println!("  nbdinfo {uri}");
+        println!("  qemu-img info {uri}");
+        println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
+        println!("  nbd-client -N {name} {} {} /dev/nbd0 -C 4", nbd_addr.ip(), nbd_addr.port());
+    }
+    if let Some(a) = iscsi {
+        let iqn = format!("iqn.2026-11.io.basalt:{name}");
+        println!("iSCSI: iscsi://{a}/{iqn}/0");
+        println!("  iscsi-inq iscsi://{a}/{iqn}/0");
+        println!("  iscsiadm -m discovery -t st -p {a}");
+    }
+    println!("admin: basalt --admin {admin} cluster status");
+}

@@ -1,0 +1,489 @@
+//! The daemon's side of the admin API and of cluster membership: turns
+//! admin requests into metadata commands, metadata state into admin
+//! answers, and keeps the served volumes in step with the metadata.
+
+use crate::run::{AddrBook, DemoVolume, ShellRequest, ShellResponse, shell_request};
+use basalt::admin::metrics::Metrics;
+use basalt::admin::{
+    ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo, Owner,
+    VolumeInfo,
+};
+use basalt::config::Config;
+use basalt::layout::Layout;
+use basalt::meta::state::{Command, MetaState, NodeState, Rejection, Role, VolumeRecord, VolumeSpec as MetaVolumeSpec};
+use basalt::meta::{ApplyOutcome, Consistency, MetaError, MetaNode};
+use basalt::net::{ClusterCell, PeerPool};
+use basalt::node::systemd::Notifier;
+use basalt::node::{Node, VolumeSpec};
+use basalt::placement::{Candidate, ClusterMap, Placer};
+use basalt::types::{ClusterId, ExtentIndex, NodeId, VolumeId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const DRAINING: u8 = 2;
+
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: Config,
+    me: NodeId,
+    meta: MetaNode,
+    pool: PeerPool,
+    book: Arc<AddrBook>,
+    node: Option<Arc<Node>>,
+    metrics: Arc<Metrics>,
+    cluster: ClusterCell,
+    phase: AtomicU8,
+}
+
+fn meta_error(e: MetaError) -> ControlError {
+    let msg = basalt::units::error_chain(&e);
+    match e {
+        MetaError::NoLeader | MetaError::NoQuorum { .. } => ControlError::Unavailable(format!(
+            "{msg}; metadata writes are refused until a majority of the voters can talk to each other"
+        )),
+        MetaError::Rejected(r) => match r {
+            Rejection::VolumeNameExists(_) | Rejection::NodeExists(_) | Rejection::GenerationMismatch { .. } => {
+                ControlError::Conflict(msg)
+            }
+            Rejection::NodeHoldsReplicas { .. } | Rejection::NodeOwnsVolumes { .. } => ControlError::Conflict(format!(
+                "{msg}; delete or move its volumes first (draining a node comes with a later release)"
+            )),
+            Rejection::VolumeNotFound(_) | Rejection::NodeNotFound(_) => ControlError::NotFound(msg),
+            Rejection::InvalidVolume(_) | Rejection::InvalidNode(_) | Rejection::InvalidReplicas(_) => {
+                ControlError::Invalid(msg)
+            }
+            _ => ControlError::Internal(msg),
+        },
+        _ => ControlError::Internal(msg),
+    }
+}
+
+fn placer(state: &MetaState) -> Result<Placer, basalt::placement::PlacementError> {
+    let nodes = state
+        .nodes()
+        .map(|n| Candidate {
+            id: n.spec.id,
+            zone: n.spec.zone.clone(),
+            weight: n.spec.capacity,
+            eligible: n.spec.has_data && n.state == NodeState::Up,
+        })
+        .collect();
+    Placer::new(&ClusterMap { nodes })
+}
+
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    s.parse().ok()
+}
+
+impl Daemon {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        me: NodeId,
+        meta: MetaNode,
+        pool: PeerPool,
+        book: Arc<AddrBook>,
+        node: Option<Arc<Node>>,
+        metrics: Arc<Metrics>,
+        cluster: ClusterCell,
+    ) -> Daemon {
+        Daemon { cfg, me, meta, pool, book, node, metrics, cluster, phase: AtomicU8::new(STARTING) }
+    }
+
+    pub fn set_ready(&self) {
+        self.phase.store(READY, Ordering::Release);
+    }
+
+    pub fn set_draining(&self) {
+        self.phase.store(DRAINING, Ordering::Release);
+    }
+
+    /// Metadata requests from peers: joins and invitations here, the rest
+    /// to the metadata group.
+    pub async fn handle_shell_request(&self, req: ShellRequest) -> Result<ShellResponse, String> {
+        let chain = |e: MetaError| basalt::units::error_chain(&e);
+        match req {
+            ShellRequest::Join(spec) => {
+                let id = spec.id;
+                self.meta.add_learner(spec.clone()).await.map_err(chain)?;
+                if let Some(a) = parse_addr(&spec.addrs.peer) {
+                    self.book.insert(id, a);
+                }
+                tracing::info!(node = %id, peer = %spec.addrs.peer, "node joined as a learner");
+                Ok(self.membership_answer().await)
+            }
+            ShellRequest::Invite { cluster, members } => {
+                let cluster = ClusterId(cluster);
+                let mine = self.cluster.get();
+                if mine.0 != 0 && mine != cluster {
+                    return Err(format!("node {} already belongs to cluster {mine}", self.me));
+                }
+                let state = self.meta.read(Consistency::Stale).await.map_err(chain)?;
+                if state.cluster().is_some_and(|c| c.id.0 != cluster.0) {
+                    return Err(format!("node {} already belongs to another cluster", self.me));
+                }
+                for (id, addr) in members {
+                    if let Some(a) = parse_addr(&addr) {
+                        self.book.insert(id, a);
+                    }
+                }
+                self.cluster.set(cluster);
+                tracing::info!(%cluster, "invited into a cluster; waiting for the leader's snapshot");
+                Ok(ShellResponse::Invited { spec: crate::run::node_spec_of(&self.cfg, self.me) })
+            }
+            ShellRequest::Meta(req) => self.meta.handle_request(req).await.map(ShellResponse::Meta).map_err(chain),
+        }
+    }
+
+    async fn membership_answer(&self) -> ShellResponse {
+        let state = self.meta.read(Consistency::Stale).await.ok();
+        let members = state
+            .as_ref()
+            .map(|s| s.nodes().map(|n| (n.spec.id, n.spec.addrs.peer.clone())).collect())
+            .unwrap_or_default();
+        ShellResponse::Joined { cluster: self.cluster.get().0, members }
+    }
+
+    /// A fresh node with `cluster.join`: asks a member to add it, retrying
+    /// until one does.
+    pub async fn join_through(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        let spec = crate::run::node_spec_of(&self.cfg, self.me);
+        loop {
+            match shell_request(&self.pool, addr, &ShellRequest::Join(spec.clone())).await {
+                Ok(ShellResponse::Joined { cluster, members }) => {
+                    let cluster = ClusterId(cluster);
+                    for (id, a) in members {
+                        if let Some(a) = parse_addr(&a) {
+                            self.book.insert(id, a);
+                        }
+                    }
+                    self.cluster.set(cluster);
+                    tracing::info!(%cluster, through = %addr, "joined; waiting for the leader's snapshot");
+                    return Ok(());
+                }
+                Ok(other) => tracing::warn!(through = %addr, answer = ?other, "unexpected answer to a join"),
+                Err(e) => tracing::warn!(through = %addr, error = %e, "join failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Waits until this node is in the Raft configuration of a cluster
+    /// with an id; returns the id.
+    pub async fn wait_membership(&self, notifier: &Notifier) -> anyhow::Result<ClusterId> {
+        let mut w = self.meta.subscribe();
+        let mut said = false;
+        loop {
+            {
+                let s = w.borrow_and_update().clone();
+                if let (Some(c), Some(_)) = (s.cluster(), s.role(self.me)) {
+                    self.book.refresh_from(&s);
+                    return Ok(ClusterId(c.id.0));
+                }
+            }
+            if !said {
+                said = true;
+                if self.cfg.cluster.initial_members.is_empty() && self.cfg.cluster.join.is_none() {
+                    notifier.status("waiting for an invitation (basalt node add)");
+                    tracing::info!(peer = %self.cfg.listen.peer,
+                        "not a member of any cluster: waiting for `basalt node add {}` on a member", self.cfg.listen.peer);
+                }
+            }
+            if w.changed().await.is_err() {
+                anyhow::bail!("the metadata group stopped");
+            }
+        }
+    }
+
+    /// `demo --nodes 1`: the demo volume, created (owned by this node) if absent.
+    pub async fn ensure_demo_volume(&self, demo: &DemoVolume) -> anyhow::Result<()> {
+        let state = self.meta.read(Consistency::Linearizable).await?;
+        if let Some(v) = state.volume_by_name(&demo.name) {
+            if v.size != demo.opts.size {
+                tracing::warn!(volume = %demo.name, existing = v.size, requested = demo.opts.size,
+                    "volume exists with another size; serving it as it is");
+            }
+        } else {
+            let l = demo.opts.layout;
+            let req = CreateVolume {
+                name: demo.name.clone(),
+                size: demo.opts.size,
+                replicas: Some(demo.opts.replicas),
+                min_replicas: Some(demo.opts.min_replicas),
+                extent_size: Some(l.extent_size),
+                stripe_unit: Some(l.stripe_unit),
+                stripe_width: Some(l.stripe_width),
+                read_only: demo.opts.read_only,
+            };
+            self.create(req).await.map_err(|e| anyhow::anyhow!("creating the demo volume: {e}"))?;
+        }
+        let state = self.meta.read(Consistency::Stale).await?;
+        self.sync_volumes(&state);
+        Ok(())
+    }
+
+    /// Opens the volumes this node owns; closes the ones it no longer does.
+    fn sync_volumes(&self, state: &MetaState) {
+        let Some(node) = &self.node else { return };
+        let owned: Vec<VolumeSpec> = state.volumes().filter(|v| v.owner == Some(self.me)).map(node_spec).collect();
+        let removed = node.sync_catalog(&owned);
+        for name in removed {
+            self.metrics.remove_volume(&name);
+        }
+    }
+
+    fn volume_info(&self, state: &MetaState, v: &VolumeRecord, extents: bool) -> VolumeInfo {
+        let extents = extents.then(|| {
+            let placer = placer(state).ok();
+            (0..v.extent_count())
+                .map(|i| {
+                    let idx = ExtentIndex(i);
+                    let exc = state.exception(v.id, idx);
+                    let replicas: Vec<u64> = match exc.and_then(|e| e.replicas.clone()) {
+                        Some(r) => r.iter().map(|n| n.0).collect(),
+                        None => placer
+                            .as_ref()
+                            .and_then(|p| p.place(v.id, idx, v.replicas as usize).ok())
+                            .map(|s| s.nodes().iter().map(|n| n.0).collect())
+                            .unwrap_or_default(),
+                    };
+                    let state_s = if replicas.len() < v.replicas as usize { "degraded" } else { "healthy" };
+                    ExtentInfo { index: i, epoch: state.epoch(v.id, idx).0, replicas, state: state_s.into() }
+                })
+                .collect()
+        });
+        VolumeInfo {
+            id: v.id.0,
+            name: v.name.clone(),
+            size: v.size,
+            replicas: v.replicas,
+            min_replicas: v.min_replicas,
+            extent_size: v.layout.extent_size,
+            stripe_unit: v.layout.stripe_unit,
+            stripe_width: v.layout.stripe_width,
+            read_only: v.read_only,
+            owner: v.owner.map(|o| Owner { node: o.0, generation: v.generation.0 }),
+            extents,
+        }
+    }
+
+    async fn state(&self, stale: bool) -> Result<Arc<MetaState>, ControlError> {
+        let c = if stale { Consistency::Stale } else { Consistency::Linearizable };
+        self.meta.read(c).await.map_err(meta_error)
+    }
+
+    async fn create(&self, req: CreateVolume) -> Result<VolumeInfo, ControlError> {
+        let state = self.state(false).await?;
+        let data_nodes = state.nodes().filter(|n| n.spec.has_data && n.state == NodeState::Up).count() as u32;
+        let replicas = req.replicas.unwrap_or_else(|| 3.min(data_nodes.max(1)));
+        let min_replicas = req.min_replicas.unwrap_or(if replicas >= 3 { 2 } else { 1 });
+        let extent_size = req.extent_size.unwrap_or(Layout::DEFAULT_EXTENT_SIZE);
+        let stripe_unit = req.stripe_unit.unwrap_or(extent_size);
+        let stripe_width = req.stripe_width.unwrap_or(1);
+        Layout::new(extent_size, stripe_unit, stripe_width).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        if replicas > data_nodes {
+            return Err(ControlError::Invalid(format!(
+                "{replicas} replicas need {replicas} nodes with data directories that are up; the cluster has {data_nodes}"
+            )));
+        }
+        let spec = MetaVolumeSpec {
+            name: req.name.clone(),
+            size: req.size,
+            replicas,
+            min_replicas,
+            extent_size,
+            stripe_unit,
+            stripe_width,
+            read_only: req.read_only,
+        };
+        let id = match self.meta.propose(Command::CreateVolume { spec }).await.map_err(meta_error)? {
+            ApplyOutcome::VolumeCreated(id) => id,
+            other => return Err(ControlError::Internal(format!("unexpected outcome {other:?}"))),
+        };
+        // Until the replicated data path lands, a volume lives on its
+        // owner: this node if it stores data, else extent 0's first replica.
+        let owner = if self.node.is_some() {
+            self.me
+        } else {
+            let st = self.state(true).await?;
+            placer(&st)
+                .and_then(|p| p.place(id, ExtentIndex(0), 1))
+                .map(|s| s.primary())
+                .map_err(|e| ControlError::Unavailable(e.to_string()))?
+        };
+        let outcome = self
+            .meta
+            .propose(Command::SetOwner { volume: id, owner: Some(owner), expected: basalt::meta::Generation(0) })
+            .await
+            .map_err(meta_error)?;
+        tracing::info!(volume = %req.name, %id, %owner, ?outcome, "volume created");
+        let state = self.state(true).await?;
+        self.sync_volumes(&state);
+        let v = state.volume(id).ok_or_else(|| ControlError::Internal("created volume vanished".into()))?;
+        Ok(self.volume_info(&state, v, true))
+    }
+
+    fn volume_by_name<'a>(state: &'a MetaState, name: &str) -> Result<&'a VolumeRecord, ControlError> {
+        state.volume_by_name(name).ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))
+    }
+}
+
+fn node_spec(v: &VolumeRecord) -> VolumeSpec {
+    VolumeSpec {
+        id: v.id,
+        name: v.name.clone(),
+        size: v.size,
+        layout: v.layout,
+        replicas: v.replicas,
+        min_replicas: v.min_replicas,
+        read_only: v.read_only,
+    }
+}
+
+impl Control for Daemon {
+    fn cluster(&self, stale: bool) -> ControlResult<'_, ClusterStatus> {
+        Box::pin(async move {
+            let state = self.state(stale).await?;
+            let st = self.meta.status();
+            let info = state.cluster();
+            let nodes = state
+                .nodes()
+                .map(|n| {
+                    let role = match state.role(n.spec.id) {
+                        Some(Role::Voter) => "voter",
+                        Some(Role::Learner) => "learner",
+                        None => "none",
+                    };
+                    NodeInfo {
+                        id: n.spec.id.0,
+                        zone: n.spec.zone.clone(),
+                        state: match n.state {
+                            NodeState::Up => "up".into(),
+                            NodeState::Down => "down".into(),
+                        },
+                        role: role.into(),
+                        capacity: n.spec.capacity,
+                        used: n.used,
+                        pid: n.spec.pid,
+                        addresses: NodeAddresses {
+                            peer: parse_addr(&n.spec.addrs.peer).unwrap_or(([0, 0, 0, 0], 0).into()),
+                            nbd: parse_addr(&n.spec.addrs.nbd),
+                            iscsi: parse_addr(&n.spec.addrs.iscsi),
+                            admin: parse_addr(&n.spec.addrs.admin).unwrap_or(([0, 0, 0, 0], 0).into()),
+                        },
+                    }
+                })
+                .collect();
+            Ok(ClusterStatus {
+                id: info.map_or_else(String::new, |c| c.id.to_string()),
+                name: info.map_or_else(String::new, |c| c.name.clone()),
+                this_node: self.me.0,
+                leader: st.leader.map(|l| l.0),
+                term: st.term,
+                commit_index: st.commit_index,
+                applied_index: st.applied_index,
+                nodes,
+            })
+        })
+    }
+
+    fn add_node(&self, peer: SocketAddr) -> ControlResult<'_, NodeInfo> {
+        Box::pin(async move {
+            let state = self.state(false).await?;
+            let cluster = self.cluster.get();
+            let members = state.nodes().map(|n| (n.spec.id, n.spec.addrs.peer.clone())).collect();
+            let spec = match shell_request(&self.pool, peer, &ShellRequest::Invite { cluster: cluster.0, members }).await {
+                Ok(ShellResponse::Invited { spec }) => spec,
+                Ok(other) => return Err(ControlError::Internal(format!("unexpected answer {other:?}"))),
+                Err(e) => {
+                    return Err(ControlError::Unavailable(format!(
+                        "cannot invite the node at {peer}: {e} (is its basaltd running with listen.peer = {peer}?)"
+                    )));
+                }
+            };
+            let id = spec.id;
+            self.book.insert(id, peer);
+            self.meta.add_learner(spec).await.map_err(meta_error)?;
+            let status = self.cluster(true).await?;
+            status
+                .nodes
+                .into_iter()
+                .find(|n| n.id == id.0)
+                .ok_or_else(|| ControlError::Internal("the added node is not in the metadata".into()))
+        })
+    }
+
+    fn remove_node(&self, id: u64) -> ControlResult<'_, ()> {
+        Box::pin(async move {
+            let state = self.state(false).await?;
+            if state.node(NodeId(id)).is_none() && state.role(NodeId(id)).is_none() {
+                return Err(ControlError::NotFound(format!("no node {id}")));
+            }
+            self.meta.remove_node(NodeId(id)).await.map_err(meta_error)
+        })
+    }
+
+    fn volumes(&self, stale: bool) -> ControlResult<'_, Vec<VolumeInfo>> {
+        Box::pin(async move {
+            let state = self.state(stale).await?;
+            Ok(state.volumes().map(|v| self.volume_info(&state, v, false)).collect())
+        })
+    }
+
+    fn volume(&self, name: String, stale: bool) -> ControlResult<'_, VolumeInfo> {
+        Box::pin(async move {
+            let state = self.state(stale).await?;
+            let v = Self::volume_by_name(&state, &name)?;
+            Ok(self.volume_info(&state, v, true))
+        })
+    }
+
+    fn create_volume(&self, req: CreateVolume) -> ControlResult<'_, VolumeInfo> {
+        Box::pin(self.create(req))
+    }
+
+    fn delete_volume(&self, name: String) -> ControlResult<'_, ()> {
+        Box::pin(async move {
+            let state = self.state(false).await?;
+            let id: VolumeId = Self::volume_by_name(&state, &name)?.id;
+            self.meta.propose(Command::DeleteVolume { volume: id }).await.map_err(meta_error)?;
+            let state = self.state(true).await?;
+            self.sync_volumes(&state);
+            Ok(())
+        })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        match self.phase.load(Ordering::Acquire) {
+            READY => {}
+            DRAINING => return Err("draining".into()),
+            _ => return Err("starting: joining the metadata group".into()),
+        }
+        let st = self.meta.status();
+        if st.leader.is_none() {
+            return Err("no metadata leader known".into());
+        }
+        Ok(())
+    }
+}
+
+/// Follows the applied metadata: peer addresses, and the volumes served here.
+pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
+    let mut w = d.meta.subscribe();
+    loop {
+        {
+            let s = w.borrow_and_update().clone();
+            d.book.refresh_from(&s);
+            d.sync_volumes(&s);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = w.changed() => if r.is_err() { return },
+        }
+    }
+}

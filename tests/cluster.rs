@@ -1,0 +1,232 @@
+//! The control plane with real processes: `basaltd run` nodes on
+//! 127.0.0.x forming one cluster, driven through the real `basalt` CLI.
+
+mod common;
+
+use common::cluster::Cluster;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn names(v: &Value) -> Vec<String> {
+    let mut n: Vec<String> = v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    n.sort();
+    n
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn crud_on(n: usize) {
+    let c = Cluster::start(n, if n >= 5 { 5 } else { 3 });
+    let leader = c.wait_leader(0, None);
+    let s = c.cli_json(n - 1, &["cluster", "status"]);
+    assert_eq!(s["nodes"].as_array().unwrap().len(), n, "{s}");
+    assert_eq!(s["id"].as_str().unwrap().len(), 32, "{s}");
+    for node in s["nodes"].as_array().unwrap() {
+        assert_eq!(node["state"], "up", "{s}");
+        assert_eq!(node["role"], "voter", "{s}");
+        assert!(node["pid"].as_u64().unwrap() > 0, "{s}");
+        for k in ["peer", "nbd", "iscsi", "admin"] {
+            assert!(node["addresses"][k].as_str().unwrap().starts_with("127.0.0."), "{s}");
+        }
+    }
+    // Every node agrees on the cluster id and the leader.
+    for k in 0..n {
+        let o = c.cli_json(k, &["cluster", "status"]);
+        assert_eq!(o["id"], s["id"]);
+        assert_eq!(c.leader(k), Some(leader));
+    }
+    // Writes through a follower are forwarded to the leader.
+    let follower = (leader + 1) % n;
+    let v = c.cli_json(follower, &["volume", "create", "vol-a", "--size", "1G"]);
+    assert_eq!(v["name"], "vol-a");
+    assert_eq!(v["size"], 1u64 << 30);
+    assert_eq!(v["replicas"], 3);
+    assert_eq!(v["min_replicas"], 2);
+    assert_eq!(v["extents"].as_array().unwrap().len(), 4, "1 GiB of 256 MiB extents: {v}");
+    for e in v["extents"].as_array().unwrap() {
+        let set = e["replicas"].as_array().unwrap();
+        assert_eq!(set.len(), 3, "{v}");
+        let mut ids: Vec<u64> = set.iter().map(|x| x.as_u64().unwrap()).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 3, "distinct nodes: {v}");
+        assert_eq!(e["state"], "healthy");
+    }
+    let v2 = c.cli_json((leader + 2) % n, &[
+        "volume", "create", "vol-b", "--size", "64M", "--replicas", "2", "--min-replicas", "1",
+        "--extent-size", "16M", "--stripe-unit", "1M", "--stripe-width", "4",
+    ]);
+    assert_eq!(v2["stripe_width"], 4);
+    assert_eq!(v2["extent_size"], 16u64 << 20);
+    // Reads from any node see both (linearizable by default).
+    for k in 0..n {
+        assert_eq!(names(&c.cli_json(k, &["volume", "list"])), ["vol-a", "vol-b"], "node {k}");
+    }
+    let shown = c.cli_json(leader, &["volume", "show", "vol-b"]);
+    assert_eq!(shown["id"], v2["id"]);
+    assert_eq!(shown["replicas"], 2);
+    // A name that exists is refused the same way on every node.
+    for k in 0..n {
+        let out = c.cli(k, &["volume", "create", "vol-a", "--size", "1G"]);
+        assert_eq!(out.status.code(), Some(1), "node {k}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("vol-a") && err.contains("exists"), "node {k}: {err}");
+    }
+    // Bad input is a usage error (2) or an API error (1), never a crash.
+    assert_eq!(c.cli(0, &["volume", "create", "x"]).status.code(), Some(2));
+    let out = c.cli(0, &["volume", "create", "bad name", "--size", "1G"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = c.cli(0, &["volume", "show", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    // Human output is a table with the names in it.
+    let out = c.cli(follower, &["volume", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("NAME") && text.contains("vol-a") && text.contains("vol-b"), "{text}");
+    // Delete through another node.
+    let out = c.cli(follower, &["volume", "delete", "vol-a"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for k in 0..n {
+        assert_eq!(names(&c.cli_json(k, &["volume", "list"])), ["vol-b"], "node {k}");
+    }
+    // A node that may hold replicas is not removed, and the refusal says why.
+    let id = s["nodes"][0]["id"].as_u64().unwrap().to_string();
+    let out = c.cli(follower, &["node", "remove", &id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("replica"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn three_nodes_form_a_cluster_and_serve_metadata_from_any_node() {
+    crud_on(3);
+}
+
+#[test]
+fn five_nodes_form_a_cluster_and_serve_metadata_from_any_node() {
+    crud_on(5);
+}
+
+fn status_of(c: &Cluster, k: usize) -> Value {
+    c.cli_json(k, &["--stale", "cluster", "status"])
+}
+
+#[test]
+fn leader_kill9_new_leader_then_catch_up_from_log_and_by_snapshot() {
+    let mut c = Cluster::start(3, 3);
+    let old = c.wait_leader(0, None);
+    let term0 = status_of(&c, old)["term"].as_u64().unwrap();
+    c.kill9(old);
+    let via = (old + 1) % 3;
+    let new = c.wait_leader(via, Some(old));
+    assert_ne!(new, old);
+    assert!(status_of(&c, new)["term"].as_u64().unwrap() > term0);
+    // Metadata writes continue on the majority.
+    for i in 0..5 {
+        c.cli_json(via, &["volume", "create", &format!("log-{i}"), "--size", "16M", "--extent-size", "16M"]);
+    }
+    // The old leader restarts and catches up from the log.
+    c.spawn(old);
+    c.wait_ready(old);
+    wait_for("the restarted node to list every volume", || {
+        let v = c.cli(old, &["--json", "--stale", "volume", "list"]);
+        v.status.success() && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 5).unwrap_or(false)
+    });
+    // Kill it again and write past a compaction (snapshot every 40 entries).
+    c.kill9(old);
+    for i in 0..60 {
+        c.cli_json(via, &["volume", "create", &format!("snap-{i}"), "--size", "16M", "--extent-size", "16M"]);
+    }
+    c.spawn(old);
+    c.wait_ready(old);
+    wait_for("the restarted node to catch up by snapshot", || {
+        let v = c.cli(old, &["--json", "--stale", "volume", "list"]);
+        v.status.success() && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 65).unwrap_or(false)
+    });
+    assert!(
+        c.log(old).contains("snapshot"),
+        "the node caught up by snapshot (log has no snapshot line):\n{}",
+        c.log(old)
+    );
+    let a = c.cli_json(old, &["volume", "list"]);
+    let b = c.cli_json(via, &["volume", "list"]);
+    assert_eq!(a, b, "one history");
+}
+
+#[test]
+fn a_minority_refuses_metadata_writes() {
+    let mut c = Cluster::start(3, 3);
+    let leader = c.wait_leader(0, None);
+    let last = (leader + 1) % 3;
+    for k in 0..3 {
+        if k != last {
+            c.kill9(k);
+        }
+    }
+    let out = c.cli(last, &["volume", "create", "lonely", "--size", "16M"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("majority"), "a clear error: {err}");
+    // Stale reads still answer.
+    assert!(c.cli(last, &["--stale", "volume", "list"]).status.success());
+}
+
+#[test]
+fn kill9_of_every_node_keeps_cluster_id_volumes_node_ids_and_term() {
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    c.cli_json(1, &["volume", "create", "keep", "--size", "1G"]);
+    let before = c.cli_json(0, &["cluster", "status"]);
+    for k in 0..3 {
+        c.kill9(k);
+    }
+    for k in 0..3 {
+        c.spawn(k);
+    }
+    for k in 0..3 {
+        c.wait_ready(k);
+    }
+    c.wait_leader(2, None);
+    let after = c.cli_json(0, &["cluster", "status"]);
+    assert_eq!(after["id"], before["id"]);
+    let ids = |s: &Value| {
+        let mut v: Vec<u64> = s["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&after), ids(&before));
+    assert!(after["term"].as_u64() >= before["term"].as_u64(), "the term never goes back");
+    assert_eq!(names(&c.cli_json(2, &["volume", "list"])), ["keep"]);
+}
+
+#[test]
+fn check_config_prints_the_effective_file_or_names_the_bad_field() {
+    let t = tempfile::tempdir().unwrap();
+    let good = t.path().join("good.toml");
+    std::fs::write(&good, "state_dir = \"/var/lib/basalt/state\"\nzone = \"r1\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd")).arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("zone = \"r1\"") && text.contains("election_ticks = 10"), "{text}");
+    for (body, field) in [
+        ("[cluster]\nvoters = 4\n", "cluster.voters"),
+        ("zone = \"a b\"\n", "zone"),
+        ("[raft]\nheartbeat_ticks = 50\n", "raft.heartbeat_ticks"),
+        ("nonsense = 1\n", "unknown field"),
+    ] {
+        let bad = t.path().join("bad.toml");
+        std::fs::write(&bad, body).unwrap();
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_basaltd")).arg("check-config").arg(&bad).output().unwrap();
+        assert!(!out.status.success(), "{body}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "{body}: {err}");
+    }
+}
