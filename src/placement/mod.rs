@@ -246,9 +246,10 @@ struct Pick {
 impl Pick {
     #[inline]
     fn beats(&self, other: &Pick) -> bool {
-        // e <= 2^38 and weight < 2^64: the products fit in u128.
-        let a = self.e as u128 * other.weight as u128;
-        let b = other.e as u128 * self.weight as u128;
+        // e <= 2^38 and weight < 2^64: the products fit in u128 (wrapping
+        // only spares the hot loop an overflow check that cannot fire).
+        let a = (self.e as u128).wrapping_mul(other.weight as u128);
+        let b = (other.e as u128).wrapping_mul(self.weight as u128);
         a < b || (a == b && self.id < other.id)
     }
 }
@@ -322,7 +323,14 @@ impl Placer {
             let nodes = &self.nodes[zone.clone()];
             let mut best = self.pick(key, &nodes[0]);
             for n in &nodes[1..] {
-                let p = self.pick(key, n);
+                let h = score::draw(key, n.hash);
+                // Skip the logarithm when even its lower bound loses
+                // (strictly, so a tie still goes to the id rule below).
+                let lb = (score::neg_log2_lower_bound_q32(h) as u128).wrapping_mul(best.weight as u128);
+                if lb > (best.e as u128).wrapping_mul(n.weight as u128) {
+                    continue;
+                }
+                let p = Pick { e: score::neg_log2_q32(h), weight: n.weight, id: n.id };
                 if p.beats(&best) {
                     best = p;
                 }

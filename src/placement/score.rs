@@ -53,12 +53,33 @@ pub(crate) const fn key_hash(volume: VolumeId, extent: ExtentIndex) -> u64 {
     mix64(mix64(volume.0 ^ VOLUME_SALT).wrapping_add(extent.0.wrapping_mul(GAMMA)))
 }
 
+/// The uniform draw of this node for this key.
+#[inline]
+pub(crate) const fn draw(key: u64, node: u64) -> u64 {
+    mix64(key ^ node)
+}
+
 /// `-log2(u)` in Q32 fixed point (value times 2^32) for this node and key,
 /// with `u = (h | 1) / 2^64` uniform in (0, 1). Always at least 1 (never 0:
 /// a zero would tie every weight) and at most `64 << 32`.
 #[inline]
 pub(crate) fn exp_q32(key: u64, node: u64) -> u64 {
-    neg_log2_q32(mix64(key ^ node))
+    neg_log2_q32(draw(key, node))
+}
+
+/// A cheap lower bound of [`neg_log2_q32`]`(h)`: `(1 - u)` in Q32. Lets the
+/// search skip the logarithm for the nodes that cannot win (nearly all).
+///
+/// Why it is below: `-log2(u) >= (1 - u) / ln 2 >= 1.44 (1 - u)`, and
+/// `neg_log2_q32` is never below the true value by more than half a unit
+/// (the table is rounded to nearest; interpolating a concave function and
+/// truncating the mantissa both err upwards). With `b` this bound,
+/// `(1 - u) * 2^32 >= b`, so the computed value is at least `1.44 b - 0.5`,
+/// which is at least `b` for `b >= 2`; for `b <= 1` the computed value's
+/// floor of 1 covers it. `tests` check it on edge values and random draws.
+#[inline]
+pub(crate) const fn neg_log2_lower_bound_q32(h: u64) -> u64 {
+    !h >> 32
 }
 
 const LOG_BITS: u32 = 10;
@@ -105,10 +126,12 @@ pub(crate) fn neg_log2_q32(h: u64) -> u64 {
     let rem = (f >> (64 - LOG_BITS - 32)) & 0xffff_ffff;
     let lo = LOG2[idx];
     let hi = LOG2[idx + 1];
-    // log2(1 + f) < 1, so the result is at least 1 even when lz == 0.
-    let frac = lo + (((hi - lo) * rem) >> 32);
+    // Wrapping ops because none can wrap (the hot loop runs under the
+    // ci profile's overflow checks): hi - lo < 2^23, rem < 2^32, and
+    // frac < 2^32 (log2(1 + f) < 1), so the result is at least 1.
+    let frac = lo.wrapping_add(hi.wrapping_sub(lo).wrapping_mul(rem) >> 32);
     // log2(x) = (63 - lz) + frac; -log2(x / 2^64) = 64 - log2(x).
-    ((1 + lz as u64) << 32) - frac
+    ((1 + lz as u64) << 32).wrapping_sub(frac)
 }
 
 #[cfg(test)]
@@ -138,6 +161,28 @@ mod tests {
         assert_eq!(neg_log2_q32(1), 64 << 32);
         assert!(neg_log2_q32(u64::MAX) >= 1);
         assert_eq!(neg_log2_q32(1 << 63), 1 << 32);
+    }
+
+    #[test]
+    fn lower_bound_is_below() {
+        let mut edges: Vec<u64> = vec![0, 1, 2, 3, u64::MAX, u64::MAX - 1, 1 << 63];
+        for k in 0..64 {
+            for d in [0u64, 1, 2, 3] {
+                edges.push((u64::MAX << k).wrapping_sub(d));
+                edges.push((u64::MAX >> k).wrapping_add(d));
+                edges.push(u64::MAX - (5u64 << k));
+            }
+        }
+        let mut h = 7u64;
+        for _ in 0..200_000 {
+            h = mix64(h.wrapping_add(GAMMA));
+            edges.push(h);
+            // Draws close to 1, where the bound is tight.
+            edges.push(!(h >> 20));
+        }
+        for h in edges {
+            assert!(neg_log2_lower_bound_q32(h) <= neg_log2_q32(h), "h={h:#x}");
+        }
     }
 
     #[test]

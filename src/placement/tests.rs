@@ -160,7 +160,49 @@ fn zone_count(map: &ClusterMap) -> usize {
     usable(map).iter().map(|c| c.zone.as_str()).collect::<BTreeSet<_>>().len()
 }
 
+/// The rule of the module docs, written plainly: score every eligible
+/// node, rank within zones, sort by (rank, score), take r.
+fn oracle(map: &ClusterMap, volume: VolumeId, extent: ExtentIndex, r: usize) -> Option<Vec<NodeId>> {
+    let usable = usable(map);
+    if r == 0 || usable.len() < r {
+        return None;
+    }
+    let key = score::key_hash(volume, extent);
+    // (e / weight) as an exact fraction, compared by cross-multiplying.
+    let mut scored: Vec<(u64, u64, NodeId, &str)> = usable
+        .iter()
+        .map(|c| (score::exp_q32(key, score::node_hash(c.id)), c.weight, c.id, c.zone.as_str()))
+        .collect();
+    let cmp = |a: &(u64, u64, NodeId, &str), b: &(u64, u64, NodeId, &str)| {
+        (a.0 as u128 * b.1 as u128).cmp(&(b.0 as u128 * a.1 as u128)).then(a.2.cmp(&b.2))
+    };
+    scored.sort_by(cmp);
+    let mut rank: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut ranked: Vec<(usize, (u64, u64, NodeId, &str))> = scored
+        .into_iter()
+        .map(|s| {
+            let k = rank.entry(s.3).or_insert(0);
+            *k += 1;
+            (*k, s)
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(cmp(&a.1, &b.1)));
+    Some(ranked.iter().take(r).map(|(_, s)| s.2).collect())
+}
+
 proptest! {
+    /// The placer (zone grouping, top-k, the skipped logarithms) computes
+    /// exactly the oracle's sets, in the same order.
+    #[test]
+    fn placer_matches_the_oracle(map in arb_map(), r in 1usize..=6, volume in any::<u64>()) {
+        let p = Placer::new(&map).unwrap();
+        for e in 0..32 {
+            let want = oracle(&map, VolumeId(volume), ExtentIndex(e), r);
+            let got = p.place(VolumeId(volume), ExtentIndex(e), r).ok().map(|s| s.nodes().to_vec());
+            prop_assert_eq!(got, want);
+        }
+    }
+
     /// Distinct nodes, only eligible ones, zones spread: distinct when
     /// there are enough, else as even as possible (a zone has two more
     /// than another only when the other is out of nodes).
