@@ -107,7 +107,32 @@ fn balance_and_movement_at_scale() {
             100.0 * (h as f64 - mean) / mean
         );
     }
-    println!("balance: worst node {} at {:+.2}% from its weighted share", worst.1, 100.0 * worst.0);
+    for tib in [4, 8, 12, 16] {
+        let class: Vec<f64> = map
+            .nodes
+            .iter()
+            .filter(|c| c.weight == tib * TIB)
+            .map(|c| {
+                held[c.id.0 as usize] as f64 / (total as f64 * c.weight as f64 / weight_sum as f64) - 1.0
+            })
+            .collect();
+        let mean = class.iter().sum::<f64>() / class.len() as f64;
+        let sd = (class.iter().map(|d| (d - mean) * (d - mean)).sum::<f64>() / class.len() as f64).sqrt();
+        let max = class.iter().fold(0.0f64, |m, d| m.max(d.abs()));
+        println!(
+            "{tib:2} TiB x {}: mean {:+.2}%, sd {:.2}%, max |dev| {:.2}%",
+            class.len(),
+            100.0 * mean,
+            100.0 * sd,
+            100.0 * max
+        );
+    }
+    println!(
+        "balance: worst node {} ({} TiB) at {:+.2}% from its weighted share",
+        worst.1,
+        capacity(worst.1.0 - 1) / TIB,
+        100.0 * worst.0
+    );
     assert!(worst.0.abs() < 0.10, "node {} is {:+.2}% off its weighted share", worst.1, 100.0 * worst.0);
 
     // Add a node: only sets it joins change, by one replica each, and the
