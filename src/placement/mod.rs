@@ -3,9 +3,10 @@
 //! the same replica sets from the same cluster map.
 //!
 //! Owns: the [`ClusterMap`] input (the metadata state machine builds it from
-//! its node records), the score function ([`score`], the placement contract:
-//! changing it moves data), the choice of R nodes per extent, and the rule
-//! that merges a stored exception into a computed set ([`effective`]).
+//! its node records), the score function (`score.rs`: the placement
+//! contract, changing it moves data), the choice of R nodes per extent, and
+//! the rule that merges a stored exception into a computed set
+//! ([`effective`]).
 //! Must never: store a replica set (only exceptions are stored, by the
 //! metadata), look at what a node currently holds, or depend on the order
 //! of the map's nodes.
@@ -53,11 +54,18 @@
 //! similar capacity. Correcting the bias with per-zone weight factors is
 //! possible but each map change would then shift every zone a little and
 //! move more than the new node's share; at the balance figures of the scale
-//! test the plain rule is well inside 10%, so it stays plain.
+//! test the plain rule is well inside 10% (zones 9.4% to 10.9% of capacity
+//! are off their share by -1.3% to +0.8%; the rest is counting noise), so
+//! it stays plain.
 //!
-//! Placing one extent scores every eligible node once: O(nodes). At 1,000
-//! nodes that is a few microseconds (`benches/placement.rs`); a
-//! [`Placer`] holds what can be computed once per map.
+//! # Cost
+//! Placing one extent hashes every eligible node once: O(nodes), about 3 ns
+//! a node (a 64-bit mix and a bound check; the logarithm only for the few
+//! nodes that might beat their zone's best so far). A [`Placer`] holds what
+//! can be computed once per map (eligible nodes grouped by zone, their
+//! hashes), so re-placing all 1.6 million extents of 100,000 volumes after a
+//! map change is seconds of one core (`benches/placement.rs`). Caching the
+//! sets is the caller's choice; placement keeps no state.
 
 mod score;
 
