@@ -138,6 +138,31 @@ pub(crate) fn neg_log2_q32(h: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// Raw values of the contract, pinned (see the module docs before
+    /// changing one: every replica in every cluster would move).
+    #[test]
+    fn contract_values_never_change() {
+        let got = [
+            node_hash(NodeId(1)),
+            key_hash(VolumeId(1), ExtentIndex(0)),
+            key_hash(VolumeId(1), ExtentIndex(1)),
+            exp_q32(key_hash(VolumeId(1), ExtentIndex(0)), node_hash(NodeId(1))),
+            neg_log2_q32(0x0123_4567_89ab_cdef),
+            LOG2[1],
+            LOG2[511],
+        ];
+        let want = [
+            0x3564_b439_cd1e_1f16,
+            0x0a37_7d1e_0ea7_dd99,
+            0x15d2_2d6d_fea0_7126,
+            0x00af_7801,
+            0x0007_d053_f783, // 7.8138 = -log2(0x0123456789abcdef / 2^64)
+            0x005c_4995,      // log2(1 + 1/1024) = 0.0014082
+            0x9582_8705,      // log2(1 + 511/1024) = 0.5841
+        ];
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn table_matches_float_log2() {
         for (i, &v) in LOG2.iter().enumerate() {
