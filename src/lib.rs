@@ -11,6 +11,7 @@
 //! volume      node::volume                   offset -> extent via layout::, ordering, the ack rule
 //! layout      layout::                       pure striping math: volume offsets to extent ranges
 //! store       storage::                      extent replicas on local disk; engines: io_uring | psync | mem
+//! placement   placement::                    pure: cluster map + (volume, extent) -> replica set (rendezvous)
 //! ```
 //! Replication (`replication::`), the peer transport (`net::`) and the Raft
 //! metadata group (`meta::`) slot in between `node::volume` and `storage::`
@@ -20,7 +21,7 @@
 //! Beside the layers, `poll` keeps a runtime worker polling for a moment
 //! after client activity instead of sleeping (low-queue-depth latency).
 //!
-//! Pure modules (`proto`, `layout`, `storage::format`, `types`, `units`) do
+//! Pure modules (`proto`, `layout`, `placement`, `storage::format`, `types`, `units`) do
 //! no I/O and read no clock; `tests/architecture.rs` keeps them that way.
 //!
 //! ## Invariants (docs/design.md) and where this slice keeps them
@@ -57,6 +58,7 @@ pub mod config;
 pub mod export;
 pub mod layout;
 pub mod node;
+pub mod placement;
 pub mod poll;
 pub mod proto;
 pub mod storage;
