@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-const PURE: &[&str] = &["src/proto", "src/layout", "src/types.rs", "src/units.rs", "src/storage/format.rs"];
+const PURE: &[&str] =
+    &["src/proto", "src/proto/peer", "src/layout", "src/types.rs", "src/units.rs", "src/storage/format.rs"];
 const FORBIDDEN: &[&str] =
     &["tokio::", "std::net", "std::fs", "std::time::Instant", "SystemTime::now", "thread_rng", "std::thread"];
 
