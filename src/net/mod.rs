@@ -136,3 +136,15 @@ pub enum PeerError {
     #[error("request cannot be sent")]
     Encode(#[from] EncodeError),
 }
+
+/// `e` and its causes, as one line: what a peer is told about its bad frame.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -223,8 +223,8 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
         }
         Ok(Err(ReadError::Decode(e))) => {
             shared.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
-            refuse(&mut wr, shared, RefuseCode::Malformed, format!("the first frame did not decode: {e}"))
-                .await?;
+            let why = format!("the first frame did not decode: {}", super::error_chain(&e));
+            refuse(&mut wr, shared, RefuseCode::Malformed, why).await?;
             return Err(ReadError::Decode(e).into());
         }
         Ok(Err(e)) => return Err(e.into()),
@@ -256,7 +256,9 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
     let budget = ByteBudget::new(shared.cfg.connection_budget, shared.stats.held.clone());
     let r = read_loop(&mut rd, buf, &dec, peer, &tx, &budget, &dead, shared).await;
     let bad = match &r {
-        Err(ConnError::Read(ReadError::Decode(e))) => Some((e.request_id().unwrap_or(0), e.to_string())),
+        Err(ConnError::Read(ReadError::Decode(e))) => {
+            Some((e.request_id().unwrap_or(0), super::error_chain(e)))
+        }
         Err(ConnError::Read(e @ ReadError::Truncated(_))) => Some((0, e.to_string())),
         _ => None,
     };
