@@ -810,3 +810,56 @@ async fn a_client_that_never_reads_replies_cannot_grow_server_memory() {
     assert_eq!(seen.len(), 300);
     eventually("budget back", || srv.stats().held.now() == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_says_hello_is_closed() {
+    let mut cfg = ServerConfig::new(CLUSTER, SERVER_NODE);
+    cfg.hello_timeout = Duration::from_millis(200);
+    let (srv, _st) = server_with(cfg).await;
+    let mut r = Raw::connect(srv.local_addr()).await;
+    r.send(&MAGIC).await; // a few bytes, then nothing
+    assert!(r.closed().await);
+    eventually("logged", || log_lines(&r.local, "no Hello within 200ms").len() == 1).await;
+}
+
+/// The client side is just as careful: a server answering with garbage
+/// fails the requests waiting on that connection (never a panic or a
+/// wrong answer), is logged, and the next request connects afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_garbage_fails_the_waiting_requests() {
+    logs();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let fake = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = vec![0; HEADER_LEN + 26];
+            s.read_exact(&mut b).await.unwrap();
+            let ack = Message::HelloAck(Hello {
+                version: ProtocolVersion::V1,
+                cluster: CLUSTER,
+                node: SERVER_NODE,
+            });
+            s.write_all(&encode_to_bytes(0, FrameFlags::NONE, &ack).unwrap()).await.unwrap();
+            let mut req = vec![0; HEADER_LEN];
+            s.read_exact(&mut req).await.unwrap();
+            s.write_all(b"this is not a frame, not at all: 32+ bytes of it").await.unwrap();
+            let _ = s.read(&mut req).await; // until the client hangs up
+        }
+    });
+    let mut cfg = client_cfg();
+    cfg.connections = 1;
+    let c = PeerClient::new(addr, cfg);
+    for _ in 0..2 {
+        match c.request(Message::Ping).await {
+            Err(PeerError::ConnectionLost { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.stats().connects.load(Ordering::SeqCst), 2);
+    assert_eq!(c.in_flight(), 0);
+    let lines = log_lines(&addr.to_string(), "peer connection failed");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].contains("bad frame magic"), "{}", lines[0]);
+    fake.await.unwrap();
+}

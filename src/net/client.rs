@@ -460,7 +460,7 @@ async fn reader(
         std::mem::take(&mut m.map)
     };
     if let Err(e) = &end {
-        warn!(error = %e, cause = ?std::error::Error::source(e), waiting = waiting.len(), "peer connection failed");
+        warn!(error = %super::error_chain(e), waiting = waiting.len(), "peer connection failed");
     } else {
         debug!(waiting = waiting.len(), "peer connection closed");
     }

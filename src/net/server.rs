@@ -195,7 +195,7 @@ async fn connection(sock: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
         match e {
             ConnError::Read(ReadError::Decode(_) | ReadError::Truncated(_)) => {}
             ConnError::HelloTimeout(_) => warn!(error = %e, "peer connection closed"),
-            _ => debug!(error = %e, cause = ?std::error::Error::source(&e), "peer connection ended"),
+            _ => debug!(error = %super::error_chain(&e), "peer connection ended"),
         }
     }
 }
