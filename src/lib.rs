@@ -10,6 +10,7 @@
 //! frontends   export::nbd, export::iscsi     sockets + sans-IO codecs (proto::nbd, proto::iscsi)
 //! volume      node::volume                   offset -> extent via layout::, ordering, the ack rule
 //! layout      layout::                       pure striping math: volume offsets to extent ranges
+//! transport   net:: + proto::peer            framed peer RPC over TCP: pipelined, crc32c, versioned, budgeted
 //! store       storage::                      extent replicas on local disk; engines: io_uring | psync | mem
 //! placement   placement::                    pure: cluster map + (volume, extent) -> replica set (rendezvous)
 //! ```
@@ -57,6 +58,7 @@ pub mod admin;
 pub mod config;
 pub mod export;
 pub mod layout;
+pub mod net;
 pub mod node;
 pub mod placement;
 pub mod poll;

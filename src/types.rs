@@ -111,3 +111,22 @@ pub fn flatten_chunks(chunks: &[ReadChunk]) -> bytes::Bytes {
     }
     out.freeze()
 }
+
+id_newtype!(
+    /// Owner generation of a volume: bumped by every change of owner, so a
+    /// replica can refuse an older owner that has not noticed it was replaced.
+    Generation,
+    "g"
+);
+
+/// The id of a cluster, chosen at bootstrap: 128 random bits, so two
+/// clusters never mistake each other's nodes for their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClusterId(pub u128);
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}

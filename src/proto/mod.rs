@@ -3,3 +3,4 @@
 
 pub mod iscsi;
 pub mod nbd;
+pub mod peer;

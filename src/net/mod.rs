@@ -1,0 +1,150 @@
+//! The peer transport: `proto::peer` over tokio TCP.
+//!
+//! Owns: peer sockets, the handshake (version and cluster checked), request
+//! ids and the in-flight table of each connection, per-request timeouts,
+//! byte budgets and backpressure, vectored reply batching, reconnection.
+//! Must never: interpret a message beyond what the transport needs (data
+//! and metadata requests go to a [`PeerHandler`] untouched), grow memory
+//! with a slow or hostile peer, or panic on anything a peer sends.
+//!
+//! - [`PeerServer`] accepts connections and hands each request to a
+//!   [`PeerHandler`], many at once per connection.
+//! - [`PeerPool`] keeps a [`PeerClient`] per peer address; a client keeps a
+//!   few connections (lazily connected and reconnected) and sends requests
+//!   ([`PeerClient::request`], with a timeout and a byte budget that makes
+//!   callers wait) and one-way messages ([`PeerClient::send`], dropped and
+//!   counted when the peer is unreachable or its budget is full: for Raft,
+//!   which retransmits).
+
+mod budget;
+mod client;
+mod server;
+mod wire;
+
+pub use budget::Gauge;
+pub use client::{ClientStats, PeerClient, PeerPool, SendError};
+pub use server::{PeerHandler, PeerServer, ReplyFuture, ServerStats};
+
+use crate::proto::peer::{DecodeError, EncodeError, ErrorCode, MAX_FRAME, RefuseCode};
+use crate::types::{ClusterId, NodeId};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Who a request came from: the node id its `Hello` gave, and its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub node: NodeId,
+    pub addr: SocketAddr,
+}
+
+/// Settings of a [`PeerServer`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections from another cluster are refused.
+    pub cluster: ClusterId,
+    /// This node, as `HelloAck` reports it.
+    pub node: NodeId,
+    /// Largest frame accepted (at most `proto::peer::MAX_FRAME`).
+    pub max_frame: usize,
+    /// Bytes of requests and replies in flight per connection before the
+    /// server stops reading it.
+    pub connection_budget: usize,
+    /// A connection must send its `Hello` within this time.
+    pub hello_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(cluster: ClusterId, node: NodeId) -> ServerConfig {
+        ServerConfig {
+            cluster,
+            node,
+            max_frame: MAX_FRAME,
+            connection_budget: 128 << 20,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Settings of a [`PeerPool`] and its clients.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Sent in `Hello`; a server of another cluster refuses us.
+    pub cluster: ClusterId,
+    /// This node, as `Hello` reports it.
+    pub node: NodeId,
+    /// Connections per peer.
+    pub connections: usize,
+    /// Default timeout of a request, from the call to the reply (waiting
+    /// for budget and connecting included).
+    pub request_timeout: Duration,
+    /// Connecting plus the handshake.
+    pub connect_timeout: Duration,
+    /// After a failed connect, a connection slot fails requests at once for
+    /// this long instead of trying again (a down peer costs nothing).
+    pub reconnect_backoff: Duration,
+    /// Bytes of requests and expected replies in flight per peer before
+    /// requests wait and one-way messages are dropped.
+    pub peer_budget: usize,
+    /// Largest frame accepted (at most `proto::peer::MAX_FRAME`).
+    pub max_frame: usize,
+}
+
+impl ClientConfig {
+    pub fn new(cluster: ClusterId, node: NodeId) -> ClientConfig {
+        ClientConfig {
+            cluster,
+            node,
+            connections: 2,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            reconnect_backoff: Duration::from_millis(200),
+            peer_budget: 128 << 20,
+            max_frame: MAX_FRAME,
+        }
+    }
+}
+
+/// Why a request to a peer got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot connect to peer {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("peer {addr} did not finish the handshake within {after:?}")]
+    HandshakeTimeout { addr: SocketAddr, after: Duration },
+    #[error("peer {addr} refused the connection ({code:?}): {message}")]
+    Refused { addr: SocketAddr, code: RefuseCode, message: String },
+    #[error("peer {addr} broke the handshake: {detail}")]
+    Handshake { addr: SocketAddr, detail: String },
+    #[error("peer {addr} is not reachable (the last connect failed; retrying after a short backoff)")]
+    Backoff { addr: SocketAddr },
+    #[error("request to peer {addr} timed out after {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("connection to peer {addr} was lost before the reply")]
+    ConnectionLost { addr: SocketAddr },
+    #[error("peer {addr} sent a frame that does not decode")]
+    BadFrame {
+        addr: SocketAddr,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("peer {addr} answered with an error ({code:?}): {message}")]
+    Remote { addr: SocketAddr, code: ErrorCode, message: String },
+    #[error("request cannot be sent")]
+    Encode(#[from] EncodeError),
+}
+
+/// `e` and its causes, as one line: what a peer is told about its bad frame.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -1,0 +1,790 @@
+//! Message kinds and their bodies.
+//!
+//! Every body is fixed little-endian fields, then (for the kinds that carry
+//! one) the raw data to the end of the payload: no length prefix for the
+//! data, the frame's payload length bounds it. Text is a u16 length and
+//! UTF-8 bytes, at most [`MAX_TEXT`]. Every data message carries an
+//! [`ExtentTarget`]: (volume, extent, epoch, owner generation), which a
+//! replica checks before it applies anything.
+//!
+//! ```text
+//! Hello, HelloAck     version u16, cluster id u128, node id u64
+//! Refused             code u16, text
+//! Error               code u16, text
+//! Ping, Pong          (empty)
+//! Raft                a protobuf-encoded raft-rs Message, opaque here
+//! MetaRequest/-Resp.  opaque bytes the metadata layer defines
+//! target              volume u64, extent u64, epoch u64, generation u64
+//! ExtentWrite         target, offset u64, flags u32 (FUA), data
+//! ExtentRead          target, offset u64, len u32
+//! ExtentReadReply     flags u32 (CRCS), [block size u32, count u32,
+//!                     count x crc32c u32], data
+//! ExtentWriteZeroes   target, offset u64, len u64, flags u32 (FUA, DEALLOCATE)
+//! ExtentTrim          target, offset u64, len u64, flags u32 (FUA)
+//! ExtentFlush         target, flush number u64
+//! ExtentStatus        target
+//! ExtentStatusReply   flush number u64, generation u64, flags u32 (DIRTY)
+//! ExtentOk            (empty)
+//! ExtentErr           code u16, current u64 (epoch or generation), text
+//! ```
+
+use super::frame::{MAX_DATA, ProtocolVersion};
+use crate::types::{ClusterId, Epoch, ExtentIndex, Generation, NodeId, VolumeId};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Longest text (reasons, error messages) a body carries; longer text is
+/// cut at a character boundary when encoded.
+pub const MAX_TEXT: usize = 1024;
+
+/// What a frame carries. The numbers are wire values: never reuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    HelloAck = 2,
+    Refused = 3,
+    Ping = 4,
+    Pong = 5,
+    Error = 6,
+    Raft = 16,
+    MetaRequest = 17,
+    MetaResponse = 18,
+    ExtentWrite = 32,
+    ExtentRead = 33,
+    ExtentReadReply = 34,
+    ExtentWriteZeroes = 35,
+    ExtentTrim = 36,
+    ExtentFlush = 37,
+    ExtentStatus = 38,
+    ExtentStatusReply = 39,
+    ExtentOk = 40,
+    ExtentErr = 41,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 19] = [
+        Kind::Hello,
+        Kind::HelloAck,
+        Kind::Refused,
+        Kind::Ping,
+        Kind::Pong,
+        Kind::Error,
+        Kind::Raft,
+        Kind::MetaRequest,
+        Kind::MetaResponse,
+        Kind::ExtentWrite,
+        Kind::ExtentRead,
+        Kind::ExtentReadReply,
+        Kind::ExtentWriteZeroes,
+        Kind::ExtentTrim,
+        Kind::ExtentFlush,
+        Kind::ExtentStatus,
+        Kind::ExtentStatusReply,
+        Kind::ExtentOk,
+        Kind::ExtentErr,
+    ];
+
+    pub fn from_u16(v: u16) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| *k as u16 == v)
+    }
+
+    /// A reply (or a handshake answer): never sent as a request.
+    pub fn is_reply(self) -> bool {
+        matches!(
+            self,
+            Kind::HelloAck
+                | Kind::Refused
+                | Kind::Pong
+                | Kind::Error
+                | Kind::MetaResponse
+                | Kind::ExtentReadReply
+                | Kind::ExtentStatusReply
+                | Kind::ExtentOk
+                | Kind::ExtentErr
+        )
+    }
+}
+
+/// Why a payload is not a valid body of its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body ends inside field {field} ({have} of {need} bytes)")]
+    Truncated { field: &'static str, need: usize, have: usize },
+    #[error("{extra} bytes after the last field")]
+    TrailingBytes { extra: usize },
+    #[error("field {field} = {value} is invalid: {why}")]
+    InvalidField { field: &'static str, value: u64, why: &'static str },
+    #[error("field {field} is not UTF-8")]
+    BadUtf8 { field: &'static str },
+}
+
+/// (volume, extent, epoch, owner generation): which extent replica a data
+/// message is for, and the replica-set epoch and owner generation the
+/// sender believes current. A replica refuses older ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExtentTarget {
+    pub volume: VolumeId,
+    pub extent: ExtentIndex,
+    pub epoch: Epoch,
+    pub generation: Generation,
+}
+
+/// The first frame on a connection, from the connecting node; the server
+/// answers with its own as `HelloAck`, or with `Refused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub version: ProtocolVersion,
+    pub cluster: ClusterId,
+    pub node: NodeId,
+}
+
+/// Why a server refused a connection at `Hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum RefuseCode {
+    VersionMismatch = 1,
+    WrongCluster = 2,
+    ExpectedHello = 3,
+    Malformed = 4,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: RefuseCode,
+    pub message: String,
+}
+
+/// A transport-level error answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be decoded; the connection closes after this.
+    Malformed = 1,
+    /// A reply kind arrived as a request.
+    Unexpected = 2,
+    /// This node does not serve that kind of request.
+    Unsupported = 3,
+    /// The handler failed without a more specific answer.
+    Internal = 4,
+    /// The node is shutting down.
+    ShuttingDown = 5,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentWrite {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    /// Durable on the replica before it answers.
+    pub fua: bool,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentRead {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// crc32c of each `block_size` block of a read's data (the last may be short).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockCrcs {
+    pub block_size: u32,
+    pub crcs: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentReadReply {
+    pub crcs: Option<BlockCrcs>,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentWriteZeroes {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    pub len: u64,
+    /// The replica may free the range instead of writing zeros.
+    pub deallocate: bool,
+    pub fua: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentTrim {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    pub len: u64,
+    pub fua: bool,
+}
+
+/// Makes every write the replica acknowledged for the extent durable, and
+/// records `flush_number` (the owner's count of flushes) with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentFlush {
+    pub target: ExtentTarget,
+    pub flush_number: u64,
+}
+
+/// What a replica reports for reconciliation: its last flush number, the
+/// highest owner generation it has seen, and whether it may hold writes
+/// not covered by that flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentState {
+    pub flush_number: u64,
+    pub generation: Generation,
+    pub dirty: bool,
+}
+
+/// Why a replica did not apply a data request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentError {
+    /// The request's epoch is older than the replica's.
+    StaleEpoch { current: Epoch },
+    /// The request's owner generation is older than one the replica has seen.
+    StaleGeneration { current: Generation },
+    /// The replica holds no such extent.
+    NotFound,
+    /// The range is outside the extent.
+    OutOfRange,
+    /// The replica's disk failed.
+    Io,
+    /// Stored data failed its checksum.
+    Checksum,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentErr {
+    pub error: ExtentError,
+    pub message: String,
+}
+
+/// One message of the peer protocol. Data payloads are `Bytes` that share
+/// the receive buffer (or the sender's buffer): never copied by the codec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(Hello),
+    Refused(Refused),
+    Ping,
+    Pong,
+    Error(ErrorReply),
+    /// A protobuf-encoded raft-rs `Message`.
+    Raft(Bytes),
+    MetaRequest(Bytes),
+    MetaResponse(Bytes),
+    ExtentWrite(ExtentWrite),
+    ExtentRead(ExtentRead),
+    ExtentReadReply(ExtentReadReply),
+    ExtentWriteZeroes(ExtentWriteZeroes),
+    ExtentTrim(ExtentTrim),
+    ExtentFlush(ExtentFlush),
+    ExtentStatus(ExtentTarget),
+    ExtentStatusReply(ExtentState),
+    ExtentOk,
+    ExtentErr(ExtentErr),
+}
+
+const TARGET_LEN: usize = 32;
+const WRITE_FUA: u32 = 1;
+const ZEROES_FUA: u32 = 1;
+const ZEROES_DEALLOCATE: u32 = 2;
+const TRIM_FUA: u32 = 1;
+const READ_REPLY_CRCS: u32 = 1;
+const STATUS_DIRTY: u32 = 1;
+const MIN_CRC_BLOCK: u32 = 512;
+
+fn text_len(s: &str) -> usize {
+    2 + clip(s).len()
+}
+
+/// `s` cut to at most [`MAX_TEXT`] bytes at a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_TEXT {
+        return s;
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_text(out: &mut BytesMut, s: &str) {
+    let s = clip(s);
+    out.put_u16_le(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn put_target(out: &mut BytesMut, t: &ExtentTarget) {
+    out.put_u64_le(t.volume.0);
+    out.put_u64_le(t.extent.0);
+    out.put_u64_le(t.epoch.0);
+    out.put_u64_le(t.generation.0);
+}
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on { bit } else { 0 }
+}
+
+impl ExtentError {
+    fn wire(self) -> (u16, u64) {
+        match self {
+            ExtentError::StaleEpoch { current } => (1, current.0),
+            ExtentError::StaleGeneration { current } => (2, current.0),
+            ExtentError::NotFound => (3, 0),
+            ExtentError::OutOfRange => (4, 0),
+            ExtentError::Io => (5, 0),
+            ExtentError::Checksum => (6, 0),
+        }
+    }
+
+    fn from_wire(code: u16, current: u64) -> Option<ExtentError> {
+        Some(match code {
+            1 => ExtentError::StaleEpoch { current: Epoch(current) },
+            2 => ExtentError::StaleGeneration { current: Generation(current) },
+            3 => ExtentError::NotFound,
+            4 => ExtentError::OutOfRange,
+            5 => ExtentError::Io,
+            6 => ExtentError::Checksum,
+            _ => return None,
+        })
+    }
+}
+
+impl RefuseCode {
+    fn from_u16(v: u16) -> Option<RefuseCode> {
+        [
+            RefuseCode::VersionMismatch,
+            RefuseCode::WrongCluster,
+            RefuseCode::ExpectedHello,
+            RefuseCode::Malformed,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+    }
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Option<ErrorCode> {
+        [
+            ErrorCode::Malformed,
+            ErrorCode::Unexpected,
+            ErrorCode::Unsupported,
+            ErrorCode::Internal,
+            ErrorCode::ShuttingDown,
+        ]
+        .into_iter()
+        .find(|c| *c as u16 == v)
+    }
+}
+
+impl Message {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::HelloAck(_) => Kind::HelloAck,
+            Message::Refused(_) => Kind::Refused,
+            Message::Ping => Kind::Ping,
+            Message::Pong => Kind::Pong,
+            Message::Error(_) => Kind::Error,
+            Message::Raft(_) => Kind::Raft,
+            Message::MetaRequest(_) => Kind::MetaRequest,
+            Message::MetaResponse(_) => Kind::MetaResponse,
+            Message::ExtentWrite(_) => Kind::ExtentWrite,
+            Message::ExtentRead(_) => Kind::ExtentRead,
+            Message::ExtentReadReply(_) => Kind::ExtentReadReply,
+            Message::ExtentWriteZeroes(_) => Kind::ExtentWriteZeroes,
+            Message::ExtentTrim(_) => Kind::ExtentTrim,
+            Message::ExtentFlush(_) => Kind::ExtentFlush,
+            Message::ExtentStatus(_) => Kind::ExtentStatus,
+            Message::ExtentStatusReply(_) => Kind::ExtentStatusReply,
+            Message::ExtentOk => Kind::ExtentOk,
+            Message::ExtentErr(_) => Kind::ExtentErr,
+        }
+    }
+
+    /// A transport-level error answer.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error(ErrorReply { code, message: message.into() })
+    }
+
+    /// The raw data that follows the fixed fields, if this kind has any.
+    pub fn data(&self) -> Option<&Bytes> {
+        match self {
+            Message::Raft(b) | Message::MetaRequest(b) | Message::MetaResponse(b) => Some(b),
+            Message::ExtentWrite(w) => Some(&w.data),
+            Message::ExtentReadReply(r) => Some(&r.data),
+            _ => None,
+        }
+    }
+
+    /// Bytes of the fixed fields (everything but [`Self::data`]).
+    pub fn fields_len(&self) -> usize {
+        match self {
+            Message::Hello(_) | Message::HelloAck(_) => 2 + 16 + 8,
+            Message::Refused(r) => 2 + text_len(&r.message),
+            Message::Error(e) => 2 + text_len(&e.message),
+            Message::Ping | Message::Pong | Message::ExtentOk => 0,
+            Message::Raft(_) | Message::MetaRequest(_) | Message::MetaResponse(_) => 0,
+            Message::ExtentWrite(_) => TARGET_LEN + 8 + 4,
+            Message::ExtentRead(_) => TARGET_LEN + 8 + 4,
+            Message::ExtentReadReply(r) => 4 + r.crcs.as_ref().map_or(0, |c| 8 + 4 * c.crcs.len()),
+            Message::ExtentWriteZeroes(_) | Message::ExtentTrim(_) => TARGET_LEN + 8 + 8 + 4,
+            Message::ExtentFlush(_) => TARGET_LEN + 8,
+            Message::ExtentStatus(_) => TARGET_LEN,
+            Message::ExtentStatusReply(_) => 8 + 8 + 4,
+            Message::ExtentErr(e) => 2 + 8 + text_len(&e.message),
+        }
+    }
+
+    /// The whole payload length of this message's frame.
+    pub fn body_len(&self) -> usize {
+        self.fields_len() + self.data().map_or(0, Bytes::len)
+    }
+
+    /// Bytes the answer to this request may take, beyond a small reply: the
+    /// data of a read. A sender reserves room for it before sending.
+    pub fn reply_hint(&self) -> usize {
+        match self {
+            Message::ExtentRead(r) => r.len as usize,
+            _ => 0,
+        }
+    }
+
+    /// Appends the fixed fields (not [`Self::data`]).
+    pub fn encode_fields(&self, out: &mut BytesMut) {
+        match self {
+            Message::Hello(h) | Message::HelloAck(h) => {
+                out.put_u16_le(h.version.as_u16());
+                out.put_u128_le(h.cluster.0);
+                out.put_u64_le(h.node.0);
+            }
+            Message::Refused(r) => {
+                out.put_u16_le(r.code as u16);
+                put_text(out, &r.message);
+            }
+            Message::Error(e) => {
+                out.put_u16_le(e.code as u16);
+                put_text(out, &e.message);
+            }
+            Message::Ping
+            | Message::Pong
+            | Message::ExtentOk
+            | Message::Raft(_)
+            | Message::MetaRequest(_)
+            | Message::MetaResponse(_) => {}
+            Message::ExtentWrite(w) => {
+                put_target(out, &w.target);
+                out.put_u64_le(w.offset);
+                out.put_u32_le(flag(w.fua, WRITE_FUA));
+            }
+            Message::ExtentRead(r) => {
+                put_target(out, &r.target);
+                out.put_u64_le(r.offset);
+                out.put_u32_le(r.len);
+            }
+            Message::ExtentReadReply(r) => {
+                out.put_u32_le(flag(r.crcs.is_some(), READ_REPLY_CRCS));
+                if let Some(c) = &r.crcs {
+                    out.put_u32_le(c.block_size);
+                    out.put_u32_le(c.crcs.len() as u32);
+                    for crc in &c.crcs {
+                        out.put_u32_le(*crc);
+                    }
+                }
+            }
+            Message::ExtentWriteZeroes(z) => {
+                put_target(out, &z.target);
+                out.put_u64_le(z.offset);
+                out.put_u64_le(z.len);
+                out.put_u32_le(flag(z.fua, ZEROES_FUA) | flag(z.deallocate, ZEROES_DEALLOCATE));
+            }
+            Message::ExtentTrim(t) => {
+                put_target(out, &t.target);
+                out.put_u64_le(t.offset);
+                out.put_u64_le(t.len);
+                out.put_u32_le(flag(t.fua, TRIM_FUA));
+            }
+            Message::ExtentFlush(f) => {
+                put_target(out, &f.target);
+                out.put_u64_le(f.flush_number);
+            }
+            Message::ExtentStatus(t) => put_target(out, t),
+            Message::ExtentStatusReply(s) => {
+                out.put_u64_le(s.flush_number);
+                out.put_u64_le(s.generation.0);
+                out.put_u32_le(flag(s.dirty, STATUS_DIRTY));
+            }
+            Message::ExtentErr(e) => {
+                let (code, current) = e.error.wire();
+                out.put_u16_le(code);
+                out.put_u64_le(current);
+                put_text(out, &e.message);
+            }
+        }
+    }
+
+    /// Parses a payload of `kind`. Data fields are slices of `payload`.
+    pub fn decode(kind: Kind, payload: Bytes) -> Result<Message, BodyError> {
+        let mut f = Fields { b: &payload, at: 0 };
+        let msg = match kind {
+            Kind::Hello | Kind::HelloAck => {
+                let v = f.u16("version")?;
+                let version = ProtocolVersion::from_u16(v).ok_or(BodyError::InvalidField {
+                    field: "version",
+                    value: v.into(),
+                    why: "unknown protocol version",
+                })?;
+                let h =
+                    Hello { version, cluster: ClusterId(f.u128("cluster")?), node: NodeId(f.u64("node")?) };
+                if kind == Kind::Hello { Message::Hello(h) } else { Message::HelloAck(h) }
+            }
+            Kind::Refused => {
+                let v = f.u16("code")?;
+                let code = RefuseCode::from_u16(v).ok_or(BodyError::InvalidField {
+                    field: "code",
+                    value: v.into(),
+                    why: "unknown refusal code",
+                })?;
+                Message::Refused(Refused { code, message: f.text("message")? })
+            }
+            Kind::Error => {
+                let v = f.u16("code")?;
+                let code = ErrorCode::from_u16(v).ok_or(BodyError::InvalidField {
+                    field: "code",
+                    value: v.into(),
+                    why: "unknown error code",
+                })?;
+                Message::Error(ErrorReply { code, message: f.text("message")? })
+            }
+            Kind::Ping => Message::Ping,
+            Kind::Pong => Message::Pong,
+            Kind::ExtentOk => Message::ExtentOk,
+            Kind::Raft => Message::Raft(f.rest(&payload)),
+            Kind::MetaRequest => Message::MetaRequest(f.rest(&payload)),
+            Kind::MetaResponse => Message::MetaResponse(f.rest(&payload)),
+            Kind::ExtentWrite => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let flags = f.flags("flags", WRITE_FUA)?;
+                let data = f.rest(&payload);
+                check_data_len(data.len())?;
+                check_range(offset, data.len() as u64)?;
+                Message::ExtentWrite(ExtentWrite { target, offset, fua: flags & WRITE_FUA != 0, data })
+            }
+            Kind::ExtentRead => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let len = f.u32("len")?;
+                if len as usize > MAX_DATA {
+                    return Err(BodyError::InvalidField {
+                        field: "len",
+                        value: len.into(),
+                        why: "over the largest data payload",
+                    });
+                }
+                check_range(offset, len.into())?;
+                Message::ExtentRead(ExtentRead { target, offset, len })
+            }
+            Kind::ExtentReadReply => {
+                let flags = f.flags("flags", READ_REPLY_CRCS)?;
+                let crcs = if flags & READ_REPLY_CRCS != 0 {
+                    let block_size = f.u32("block size")?;
+                    if !block_size.is_power_of_two()
+                        || block_size < MIN_CRC_BLOCK
+                        || block_size as usize > MAX_DATA
+                    {
+                        return Err(BodyError::InvalidField {
+                            field: "block size",
+                            value: block_size.into(),
+                            why: "not a power of two from 512 bytes to the largest data payload",
+                        });
+                    }
+                    let count = f.u32("crc count")? as usize;
+                    // Check the bytes are there before allocating for them.
+                    let need = count.checked_mul(4).ok_or(BodyError::InvalidField {
+                        field: "crc count",
+                        value: count as u64,
+                        why: "overflows",
+                    })?;
+                    f.need("crcs", need)?;
+                    let mut crcs = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        crcs.push(f.u32("crcs")?);
+                    }
+                    Some(BlockCrcs { block_size, crcs })
+                } else {
+                    None
+                };
+                let data = f.rest(&payload);
+                check_data_len(data.len())?;
+                if let Some(c) = &crcs {
+                    let want = data.len().div_ceil(c.block_size as usize);
+                    if c.crcs.len() != want {
+                        return Err(BodyError::InvalidField {
+                            field: "crc count",
+                            value: c.crcs.len() as u64,
+                            why: "not one per block of the data",
+                        });
+                    }
+                }
+                Message::ExtentReadReply(ExtentReadReply { crcs, data })
+            }
+            Kind::ExtentWriteZeroes => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let len = f.u64("len")?;
+                let flags = f.flags("flags", ZEROES_FUA | ZEROES_DEALLOCATE)?;
+                check_range(offset, len)?;
+                Message::ExtentWriteZeroes(ExtentWriteZeroes {
+                    target,
+                    offset,
+                    len,
+                    deallocate: flags & ZEROES_DEALLOCATE != 0,
+                    fua: flags & ZEROES_FUA != 0,
+                })
+            }
+            Kind::ExtentTrim => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let len = f.u64("len")?;
+                let flags = f.flags("flags", TRIM_FUA)?;
+                check_range(offset, len)?;
+                Message::ExtentTrim(ExtentTrim { target, offset, len, fua: flags & TRIM_FUA != 0 })
+            }
+            Kind::ExtentFlush => Message::ExtentFlush(ExtentFlush {
+                target: f.target()?,
+                flush_number: f.u64("flush number")?,
+            }),
+            Kind::ExtentStatus => Message::ExtentStatus(f.target()?),
+            Kind::ExtentStatusReply => {
+                let flush_number = f.u64("flush number")?;
+                let generation = Generation(f.u64("generation")?);
+                let flags = f.flags("flags", STATUS_DIRTY)?;
+                Message::ExtentStatusReply(ExtentState {
+                    flush_number,
+                    generation,
+                    dirty: flags & STATUS_DIRTY != 0,
+                })
+            }
+            Kind::ExtentErr => {
+                let code = f.u16("code")?;
+                let current = f.u64("current")?;
+                let error = ExtentError::from_wire(code, current).ok_or(BodyError::InvalidField {
+                    field: "code",
+                    value: code.into(),
+                    why: "unknown extent error code",
+                })?;
+                Message::ExtentErr(ExtentErr { error, message: f.text("message")? })
+            }
+        };
+        if f.at != payload.len() {
+            return Err(BodyError::TrailingBytes { extra: payload.len() - f.at });
+        }
+        Ok(msg)
+    }
+}
+
+fn check_data_len(len: usize) -> Result<(), BodyError> {
+    if len > MAX_DATA {
+        return Err(BodyError::InvalidField {
+            field: "data",
+            value: len as u64,
+            why: "over the largest data payload",
+        });
+    }
+    Ok(())
+}
+
+fn check_range(offset: u64, len: u64) -> Result<(), BodyError> {
+    if offset.checked_add(len).is_none() {
+        return Err(BodyError::InvalidField { field: "len", value: len, why: "offset + len overflows" });
+    }
+    Ok(())
+}
+
+/// A cursor over a body's fixed fields.
+struct Fields<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Fields<'_> {
+    fn need(&self, field: &'static str, n: usize) -> Result<(), BodyError> {
+        let have = self.b.len() - self.at;
+        if have < n {
+            return Err(BodyError::Truncated { field, need: n, have });
+        }
+        Ok(())
+    }
+
+    fn take<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], BodyError> {
+        self.need(field, N)?;
+        let v: [u8; N] = self.b[self.at..self.at + N].try_into().unwrap();
+        self.at += N;
+        Ok(v)
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, BodyError> {
+        self.take::<2>(field).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, BodyError> {
+        self.take::<4>(field).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, BodyError> {
+        self.take::<8>(field).map(u64::from_le_bytes)
+    }
+
+    fn u128(&mut self, field: &'static str) -> Result<u128, BodyError> {
+        self.take::<16>(field).map(u128::from_le_bytes)
+    }
+
+    /// A u32 of flag bits, refusing bits outside `known`.
+    fn flags(&mut self, field: &'static str, known: u32) -> Result<u32, BodyError> {
+        let v = self.u32(field)?;
+        if v & !known != 0 {
+            return Err(BodyError::InvalidField { field, value: v.into(), why: "unknown flag bits" });
+        }
+        Ok(v)
+    }
+
+    fn target(&mut self) -> Result<ExtentTarget, BodyError> {
+        Ok(ExtentTarget {
+            volume: VolumeId(self.u64("volume")?),
+            extent: ExtentIndex(self.u64("extent")?),
+            epoch: Epoch(self.u64("epoch")?),
+            generation: Generation(self.u64("generation")?),
+        })
+    }
+
+    fn text(&mut self, field: &'static str) -> Result<String, BodyError> {
+        let len = self.u16(field)? as usize;
+        if len > MAX_TEXT {
+            return Err(BodyError::InvalidField {
+                field,
+                value: len as u64,
+                why: "text over the length cap",
+            });
+        }
+        self.need(field, len)?;
+        let s =
+            std::str::from_utf8(&self.b[self.at..self.at + len]).map_err(|_| BodyError::BadUtf8 { field })?;
+        self.at += len;
+        Ok(s.to_owned())
+    }
+
+    /// Everything after the fixed fields, as a slice of `payload` (no copy).
+    fn rest(&mut self, payload: &Bytes) -> Bytes {
+        let r = payload.slice(self.at..);
+        self.at = payload.len();
+        r
+    }
+}

@@ -1,0 +1,527 @@
+//! Codec tests on byte arrays: every message round trips, and every way a
+//! frame can be wrong has its own error.
+
+use super::*;
+use crate::types::{ClusterId, Epoch, ExtentIndex, Generation, NodeId, VolumeId};
+use bytes::{Bytes, BytesMut};
+
+fn target() -> ExtentTarget {
+    ExtentTarget { volume: VolumeId(7), extent: ExtentIndex(3), epoch: Epoch(12), generation: Generation(5) }
+}
+
+fn pattern(len: usize) -> Bytes {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<_>>().into()
+}
+
+/// One of every message, with non-trivial field values.
+fn every_message() -> Vec<Message> {
+    let hello = Hello {
+        version: ProtocolVersion::V1,
+        cluster: ClusterId(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+        node: NodeId(42),
+    };
+    vec![
+        Message::Hello(hello),
+        Message::HelloAck(Hello { node: NodeId(43), ..hello }),
+        Message::Refused(Refused { code: RefuseCode::WrongCluster, message: "wrong cluster é".into() }),
+        Message::Refused(Refused { code: RefuseCode::VersionMismatch, message: String::new() }),
+        Message::Refused(Refused { code: RefuseCode::ExpectedHello, message: "x".into() }),
+        Message::Refused(Refused { code: RefuseCode::Malformed, message: "y".into() }),
+        Message::Ping,
+        Message::Pong,
+        Message::error(ErrorCode::Malformed, "bad"),
+        Message::error(ErrorCode::Unexpected, "u"),
+        Message::error(ErrorCode::Unsupported, "s"),
+        Message::error(ErrorCode::Internal, "i"),
+        Message::error(ErrorCode::ShuttingDown, "d"),
+        Message::Raft(pattern(300)),
+        Message::Raft(Bytes::new()),
+        Message::MetaRequest(pattern(5000)),
+        Message::MetaResponse(pattern(17)),
+        Message::ExtentWrite(ExtentWrite {
+            target: target(),
+            offset: 1 << 20,
+            fua: true,
+            data: pattern(64 << 10),
+        }),
+        Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(512) }),
+        Message::ExtentRead(ExtentRead { target: target(), offset: 4096, len: 1 << 20 }),
+        Message::ExtentReadReply(ExtentReadReply {
+            crcs: Some(BlockCrcs { block_size: 4096, crcs: vec![1, 2, 3] }),
+            data: pattern(3 * 4096 - 100),
+        }),
+        Message::ExtentReadReply(ExtentReadReply { crcs: None, data: pattern(8192) }),
+        Message::ExtentWriteZeroes(ExtentWriteZeroes {
+            target: target(),
+            offset: 8192,
+            len: 1 << 30,
+            deallocate: true,
+            fua: false,
+        }),
+        Message::ExtentWriteZeroes(ExtentWriteZeroes {
+            target: target(),
+            offset: 0,
+            len: 512,
+            deallocate: false,
+            fua: true,
+        }),
+        Message::ExtentTrim(ExtentTrim { target: target(), offset: 4096, len: 4096, fua: true }),
+        Message::ExtentFlush(ExtentFlush { target: target(), flush_number: 99 }),
+        Message::ExtentStatus(target()),
+        Message::ExtentStatusReply(ExtentState { flush_number: 98, generation: Generation(4), dirty: true }),
+        Message::ExtentOk,
+        Message::ExtentErr(ExtentErr {
+            error: ExtentError::StaleEpoch { current: Epoch(13) },
+            message: "old".into(),
+        }),
+        Message::ExtentErr(ExtentErr {
+            error: ExtentError::StaleGeneration { current: Generation(6) },
+            message: String::new(),
+        }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::NotFound, message: "n".into() }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::OutOfRange, message: "r".into() }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::Io, message: "io".into() }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::Checksum, message: "crc".into() }),
+    ]
+}
+
+/// A frame with correct crcs around an arbitrary header and payload.
+fn raw(version: u16, kind: u16, flags: u32, id: u64, payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&MAGIC);
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(&kind.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    b.extend_from_slice(&id.to_le_bytes());
+    b.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let h = crc32c::crc32c(&b[..28]);
+    b.extend_from_slice(&h.to_le_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+fn body(kind: Kind, payload: &[u8]) -> BytesMut {
+    raw(1, kind as u16, 0, 9, payload)
+}
+
+/// The body bytes of an encoded message.
+fn body_of(m: &Message) -> Vec<u8> {
+    encode_to_bytes(1, FrameFlags::NONE, m).unwrap()[HEADER_LEN..].to_vec()
+}
+
+fn decode_one(mut b: BytesMut) -> Result<Option<Frame>, DecodeError> {
+    Decoder::default().decode(&mut b)
+}
+
+fn body_error(b: BytesMut) -> BodyError {
+    match decode_one(b) {
+        Err(DecodeError::Body { error, request_id: 9, .. }) => error,
+        other => panic!("expected a body error, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_message_round_trips_with_its_id_and_flags() {
+    let dec = Decoder::default();
+    for (i, m) in every_message().into_iter().enumerate() {
+        let id = 1000 + i as u64;
+        let flags = if i % 2 == 0 { FrameFlags::ONE_WAY } else { FrameFlags::NONE };
+        let bytes = encode_to_bytes(id, flags, &m).unwrap();
+        assert_eq!(bytes.len(), frame_len(&m), "{m:?}");
+        let mut buf = BytesMut::from(&bytes[..]);
+        let f = dec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(f, Frame { request_id: id, flags, message: m.clone() });
+        assert!(buf.is_empty());
+    }
+}
+
+#[test]
+fn a_batch_of_frames_decodes_in_order_and_segments_match_the_whole() {
+    let mut fb = FrameBuf::new();
+    let all = every_message();
+    for (i, m) in all.iter().enumerate() {
+        fb.encode(i as u64 + 1, FrameFlags::NONE, m).unwrap();
+    }
+    let total = fb.len();
+    let segs = fb.segments().to_vec();
+    assert_eq!(segs.iter().map(Bytes::len).sum::<usize>(), total);
+    // Large data payloads are referenced, not copied into the batch.
+    assert!(segs.iter().any(|s| s.len() == 64 << 10));
+    let mut buf = BytesMut::new();
+    for s in &segs {
+        buf.extend_from_slice(s);
+    }
+    let dec = Decoder::default();
+    for (i, m) in all.iter().enumerate() {
+        let f = dec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(f.request_id, i as u64 + 1);
+        assert_eq!(&f.message, m);
+    }
+    assert_eq!(dec.decode(&mut buf), Ok(None));
+}
+
+#[test]
+fn every_prefix_of_a_frame_is_not_yet_a_frame() {
+    let m = Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(100) });
+    let bytes = encode_to_bytes(5, FrameFlags::NONE, &m).unwrap();
+    let dec = Decoder::default();
+    for n in 0..bytes.len() {
+        let mut buf = BytesMut::from(&bytes[..n]);
+        assert_eq!(dec.decode(&mut buf), Ok(None), "prefix of {n} bytes");
+        assert_eq!(buf.len(), n, "nothing consumed");
+    }
+}
+
+#[test]
+fn the_header_layout_is_what_the_docs_say() {
+    let b = encode_to_bytes(0x0102_0304_0506_0708, FrameFlags::ONE_WAY, &Message::Ping).unwrap();
+    assert_eq!(&b[0..4], b"BASP");
+    assert_eq!(&b[4..6], &[1, 0]);
+    assert_eq!(&b[6..8], &[4, 0]);
+    assert_eq!(&b[8..12], &[1, 0, 0, 0]);
+    assert_eq!(&b[12..16], &[0, 0, 0, 0]);
+    assert_eq!(&b[16..24], &[8, 7, 6, 5, 4, 3, 2, 1]);
+    assert_eq!(&b[24..28], &crc32c::crc32c(&[]).to_le_bytes());
+    assert_eq!(&b[28..32], &crc32c::crc32c(&b[..28]).to_le_bytes());
+    assert_eq!(b.len(), HEADER_LEN);
+}
+
+#[test]
+fn large_payloads_share_the_receive_buffer() {
+    let m =
+        Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(1 << 20) });
+    let bytes = encode_to_bytes(5, FrameFlags::NONE, &m).unwrap();
+    let mut buf = BytesMut::from(&bytes[..]);
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let f = Decoder::default().copy_below(64 << 10).decode(&mut buf).unwrap().unwrap();
+    let Message::ExtentWrite(w) = f.message else { panic!() };
+    assert!(range.contains(&(w.data.as_ptr() as usize)), "the data is a slice of the buffer");
+    assert_eq!(w.data, pattern(1 << 20));
+}
+
+#[test]
+fn small_payloads_are_copied_out_when_asked() {
+    let m = Message::Raft(pattern(200));
+    let bytes = encode_to_bytes(5, FrameFlags::ONE_WAY, &m).unwrap();
+    let mut buf = BytesMut::from(&bytes[..]);
+    let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let f = Decoder::default().copy_below(64 << 10).decode(&mut buf).unwrap().unwrap();
+    let Message::Raft(b) = f.message else { panic!() };
+    assert!(!range.contains(&(b.as_ptr() as usize)), "a small payload must not pin the buffer");
+    assert_eq!(b, pattern(200));
+    assert!(buf.is_empty());
+}
+
+// --- one test per malformation of the frame
+
+#[test]
+fn bad_magic() {
+    let mut b = body(Kind::Ping, &[]);
+    b[0] = b'X';
+    assert_eq!(decode_one(b), Err(DecodeError::BadMagic { found: *b"XASP" }));
+}
+
+#[test]
+fn unknown_version_is_a_mismatch_naming_both_versions() {
+    let b = raw(7, Kind::Hello as u16, 0, 1, &[]);
+    let e = decode_one(b).unwrap_err();
+    assert_eq!(e, DecodeError::VersionMismatch { ours: ProtocolVersion::V1, theirs: 7 });
+    assert_eq!(e.to_string(), "peer speaks peer protocol version 7, this node speaks version 1");
+    assert_eq!(e.request_id(), None);
+    // Recognized from the first six bytes alone, whatever follows.
+    let mut b = BytesMut::from(&b"BASP\x00\x00"[..]);
+    b.resize(HEADER_LEN, 0xff);
+    assert!(matches!(decode_one(b), Err(DecodeError::VersionMismatch { theirs: 0, .. })));
+}
+
+#[test]
+fn header_checksum() {
+    let mut b = body(Kind::Ping, &[]);
+    b[16] ^= 1; // the request id, under the header crc
+    assert!(matches!(decode_one(b), Err(DecodeError::HeaderChecksum { .. })));
+}
+
+#[test]
+fn unknown_frame_flags() {
+    let b = raw(1, Kind::Ping as u16, 6, 77, &[]);
+    assert_eq!(decode_one(b), Err(DecodeError::UnknownFlags { flags: 6, request_id: 77 }));
+}
+
+#[test]
+fn unknown_kind() {
+    let b = raw(1, 999, 0, 78, &[]);
+    let e = decode_one(b).unwrap_err();
+    assert_eq!(e, DecodeError::UnknownKind { kind: 999, request_id: 78 });
+    assert_eq!(e.request_id(), Some(78));
+}
+
+#[test]
+fn oversize_is_refused_from_the_header_alone() {
+    // A header claiming 4 GiB of payload, and none of it sent.
+    let mut b = raw(1, Kind::ExtentWrite as u16, 0, 79, &[]);
+    b[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    let h = crc32c::crc32c(&b[..28]);
+    b[28..32].copy_from_slice(&h.to_le_bytes());
+    assert_eq!(
+        decode_one(b),
+        Err(DecodeError::Oversize {
+            len: HEADER_LEN as u64 + u32::MAX as u64,
+            max: MAX_FRAME,
+            request_id: 79
+        })
+    );
+    // A decoder's own smaller cap, one byte over it.
+    let dec = Decoder::new(4096);
+    let mut b = raw(1, Kind::Raft as u16, 0, 80, &[]);
+    b[12..16].copy_from_slice(&((4096 - HEADER_LEN + 1) as u32).to_le_bytes());
+    let h = crc32c::crc32c(&b[..28]);
+    b[28..32].copy_from_slice(&h.to_le_bytes());
+    assert_eq!(dec.decode(&mut b), Err(DecodeError::Oversize { len: 4097, max: 4096, request_id: 80 }));
+    // Exactly at the cap is fine.
+    let mut b = raw(1, Kind::Raft as u16, 0, 81, &vec![0; 4096 - HEADER_LEN]);
+    assert!(dec.decode(&mut b).unwrap().is_some());
+}
+
+#[test]
+fn payload_checksum() {
+    let mut b = body(Kind::Raft, b"raft message");
+    let last = b.len() - 1;
+    b[last] ^= 0x40;
+    assert!(matches!(decode_one(b), Err(DecodeError::PayloadChecksum { request_id: 9, .. })));
+}
+
+#[test]
+fn encoding_over_the_cap_is_refused_and_appends_nothing() {
+    let m = Message::ExtentWrite(ExtentWrite {
+        target: target(),
+        offset: 0,
+        fua: false,
+        data: Bytes::from(vec![0; MAX_FRAME]),
+    });
+    let mut fb = FrameBuf::new();
+    assert!(matches!(
+        fb.encode(1, FrameFlags::NONE, &m),
+        Err(EncodeError::TooLarge { kind: Kind::ExtentWrite, .. })
+    ));
+    assert!(fb.is_empty());
+    assert!(fb.segments().is_empty());
+}
+
+// --- one test per malformation of a body
+
+#[test]
+fn every_kind_with_fields_refuses_a_truncated_body() {
+    for m in every_message() {
+        let full = body_of(&m);
+        let fields = m.fields_len();
+        if fields == 0 {
+            continue;
+        }
+        // Every cut inside the fixed fields.
+        for cut in 0..fields {
+            match body_error(body(m.kind(), &full[..cut])) {
+                BodyError::Truncated { .. } => {}
+                other => panic!("{m:?} cut at {cut}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn trailing_bytes_after_the_fields() {
+    for m in every_message().into_iter().filter(|m| m.data().is_none()) {
+        let mut b = body_of(&m);
+        b.push(0);
+        assert_eq!(body_error(body(m.kind(), &b)), BodyError::TrailingBytes { extra: 1 }, "{m:?}");
+    }
+}
+
+fn invalid_field(b: BytesMut) -> &'static str {
+    match body_error(b) {
+        BodyError::InvalidField { field, .. } => field,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn unknown_write_flags() {
+    let mut b = body_of(&every_message()[17]);
+    put_u32(&mut b, 40, 2);
+    assert_eq!(invalid_field(body(Kind::ExtentWrite, &b)), "flags");
+}
+
+#[test]
+fn write_data_over_the_largest_payload() {
+    let m = Message::ExtentWrite(ExtentWrite {
+        target: target(),
+        offset: 0,
+        fua: false,
+        data: Bytes::from(vec![0; MAX_DATA + 1]),
+    });
+    assert_eq!(invalid_field(body(Kind::ExtentWrite, &body_of(&m))), "data");
+}
+
+#[test]
+fn write_offset_plus_len_overflows() {
+    let m = Message::ExtentWrite(ExtentWrite {
+        target: target(),
+        offset: u64::MAX - 10,
+        fua: false,
+        data: pattern(11),
+    });
+    assert_eq!(invalid_field(body(Kind::ExtentWrite, &body_of(&m))), "len");
+}
+
+#[test]
+fn read_len_over_the_largest_payload() {
+    let m = Message::ExtentRead(ExtentRead { target: target(), offset: 0, len: MAX_DATA as u32 + 1 });
+    assert_eq!(invalid_field(body(Kind::ExtentRead, &body_of(&m))), "len");
+}
+
+#[test]
+fn read_offset_plus_len_overflows() {
+    let m = Message::ExtentRead(ExtentRead { target: target(), offset: u64::MAX, len: 1 });
+    assert_eq!(invalid_field(body(Kind::ExtentRead, &body_of(&m))), "len");
+}
+
+#[test]
+fn zeroes_and_trim_ranges_that_overflow() {
+    let z = ExtentWriteZeroes { target: target(), offset: u64::MAX, len: 2, deallocate: false, fua: false };
+    assert_eq!(invalid_field(body(Kind::ExtentWriteZeroes, &body_of(&Message::ExtentWriteZeroes(z)))), "len");
+    let t = ExtentTrim { target: target(), offset: 2, len: u64::MAX, fua: false };
+    assert_eq!(invalid_field(body(Kind::ExtentTrim, &body_of(&Message::ExtentTrim(t)))), "len");
+}
+
+#[test]
+fn zeroes_trim_and_status_flags_unknown_bits() {
+    let z = Message::ExtentWriteZeroes(ExtentWriteZeroes {
+        target: target(),
+        offset: 0,
+        len: 1,
+        deallocate: false,
+        fua: false,
+    });
+    let mut b = body_of(&z);
+    put_u32(&mut b, 48, 4);
+    assert_eq!(invalid_field(body(Kind::ExtentWriteZeroes, &b)), "flags");
+    let t = Message::ExtentTrim(ExtentTrim { target: target(), offset: 0, len: 1, fua: false });
+    let mut b = body_of(&t);
+    put_u32(&mut b, 48, 2);
+    assert_eq!(invalid_field(body(Kind::ExtentTrim, &b)), "flags");
+    let s =
+        Message::ExtentStatusReply(ExtentState { flush_number: 0, generation: Generation(0), dirty: false });
+    let mut b = body_of(&s);
+    put_u32(&mut b, 16, 0x8000_0000);
+    assert_eq!(invalid_field(body(Kind::ExtentStatusReply, &b)), "flags");
+    let r = Message::ExtentReadReply(ExtentReadReply { crcs: None, data: pattern(10) });
+    let mut b = body_of(&r);
+    put_u32(&mut b, 0, 2);
+    assert_eq!(invalid_field(body(Kind::ExtentReadReply, &b)), "flags");
+}
+
+#[test]
+fn read_reply_block_size_not_a_power_of_two() {
+    for bad in [0, 100, 4095, 256, 1 << 30] {
+        let r =
+            ExtentReadReply { crcs: Some(BlockCrcs { block_size: bad, crcs: vec![0] }), data: pattern(10) };
+        assert_eq!(
+            invalid_field(body(Kind::ExtentReadReply, &body_of(&Message::ExtentReadReply(r)))),
+            "block size"
+        );
+    }
+}
+
+#[test]
+fn read_reply_crc_count_not_one_per_block() {
+    let r =
+        ExtentReadReply { crcs: Some(BlockCrcs { block_size: 4096, crcs: vec![0, 0] }), data: pattern(4096) };
+    assert_eq!(
+        invalid_field(body(Kind::ExtentReadReply, &body_of(&Message::ExtentReadReply(r)))),
+        "crc count"
+    );
+}
+
+#[test]
+fn read_reply_crc_count_larger_than_the_body_allocates_nothing() {
+    // flags CRCS, block size 4096, a count of 2^30 crcs, and no crcs.
+    let mut b = Vec::new();
+    b.extend_from_slice(&1u32.to_le_bytes());
+    b.extend_from_slice(&4096u32.to_le_bytes());
+    b.extend_from_slice(&(1u32 << 30).to_le_bytes());
+    assert_eq!(
+        body_error(body(Kind::ExtentReadReply, &b)),
+        BodyError::Truncated { field: "crcs", need: 1 << 32, have: 0 }
+    );
+}
+
+#[test]
+fn hello_with_an_unknown_version_field() {
+    let mut b = body_of(&every_message()[0]);
+    b[0] = 9;
+    assert_eq!(invalid_field(body(Kind::Hello, &b)), "version");
+}
+
+#[test]
+fn unknown_refusal_error_and_extent_error_codes() {
+    let mut b = body_of(&every_message()[2]);
+    b[0] = 200;
+    assert_eq!(invalid_field(body(Kind::Refused, &b)), "code");
+    let mut b = body_of(&Message::error(ErrorCode::Internal, "x"));
+    b[0] = 0;
+    assert_eq!(invalid_field(body(Kind::Error, &b)), "code");
+    let mut b = body_of(&Message::ExtentErr(ExtentErr { error: ExtentError::Io, message: String::new() }));
+    b[0] = 77;
+    assert_eq!(invalid_field(body(Kind::ExtentErr, &b)), "code");
+}
+
+#[test]
+fn text_longer_than_the_cap() {
+    let mut b = vec![1, 0];
+    b.extend_from_slice(&((MAX_TEXT + 1) as u16).to_le_bytes());
+    b.resize(b.len() + MAX_TEXT + 1, b'a');
+    assert_eq!(invalid_field(body(Kind::Error, &b)), "message");
+}
+
+#[test]
+fn text_that_is_not_utf8() {
+    let b = [1, 0, 2, 0, 0xff, 0xfe];
+    assert_eq!(body_error(body(Kind::Error, &b)), BodyError::BadUtf8 { field: "message" });
+}
+
+#[test]
+fn long_text_is_cut_at_a_character_boundary_when_encoded() {
+    let long = "é".repeat(MAX_TEXT); // 2 bytes each
+    let m = Message::error(ErrorCode::Internal, long);
+    let f =
+        decode_one(BytesMut::from(&encode_to_bytes(1, FrameFlags::NONE, &m).unwrap()[..])).unwrap().unwrap();
+    let Message::Error(e) = f.message else { panic!() };
+    assert_eq!(e.message, "é".repeat(MAX_TEXT / 2));
+}
+
+#[test]
+fn reply_kinds_are_marked_as_replies() {
+    let requests: Vec<Kind> = Kind::ALL.into_iter().filter(|k| !k.is_reply()).collect();
+    assert_eq!(
+        requests,
+        [
+            Kind::Hello,
+            Kind::Ping,
+            Kind::Raft,
+            Kind::MetaRequest,
+            Kind::ExtentWrite,
+            Kind::ExtentRead,
+            Kind::ExtentWriteZeroes,
+            Kind::ExtentTrim,
+            Kind::ExtentFlush,
+            Kind::ExtentStatus
+        ]
+    );
+    for k in Kind::ALL {
+        assert_eq!(Kind::from_u16(k as u16), Some(k));
+    }
+}
