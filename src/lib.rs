@@ -11,6 +11,7 @@
 //! volume      node::volume                   offset -> extent via layout::, ordering, the ack rule
 //! layout      layout::                       pure striping math: volume offsets to extent ranges
 //! store       storage::                      extent replicas on local disk; engines: io_uring | psync | mem
+//! metadata    meta::                         Raft group (raft-rs, redb log) + pure state machine (meta::state)
 //! ```
 //! Replication (`replication::`), the peer transport (`net::`) and the Raft
 //! metadata group (`meta::`) slot in between `node::volume` and `storage::`
@@ -55,6 +56,7 @@
 pub mod config;
 pub mod export;
 pub mod layout;
+pub mod meta;
 pub mod node;
 pub mod poll;
 pub mod proto;
