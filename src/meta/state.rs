@@ -434,6 +434,8 @@ pub enum ApplyOutcome {
     },
     /// A Raft membership change took effect.
     MembershipChanged(Members),
+    /// A new leader's empty entry.
+    Noop,
 }
 
 /// Whether a node may hold a replica of some volume under the computed
@@ -627,8 +629,22 @@ impl MetaState {
         proposal: &Proposal,
         check: &dyn ReplicaCheck,
     ) -> Result<ApplyOutcome, Rejection> {
+        self.apply_with(index, proposal.request, |s| s.execute(&proposal.command, check))
+    }
+
+    /// Runs `change` for request `request` in log entry `index` exactly
+    /// once: a repeat of an applied request gets the first outcome without
+    /// running `change`; one too old to tell is refused. For entries that
+    /// are not commands (a membership change, whose effect the caller
+    /// computes) as well as for commands.
+    pub fn apply_with(
+        &mut self,
+        index: u64,
+        request: RequestId,
+        change: impl FnOnce(&mut MetaState) -> Result<ApplyOutcome, Rejection>,
+    ) -> Result<ApplyOutcome, Rejection> {
         self.set_applied(index);
-        let RequestId { origin, seq } = proposal.request;
+        let RequestId { origin, seq } = request;
         let session = self.sessions.entry(origin).or_default();
         if let Some(first) = session.recent.get(&seq) {
             return first.clone();
@@ -637,7 +653,7 @@ impl MetaState {
         if seq.saturating_add(SESSION_WINDOW) <= newest {
             return Err(Rejection::StaleRequest { origin, seq });
         }
-        let outcome = self.execute(&proposal.command, check);
+        let outcome = change(self);
         let session = self.sessions.entry(origin).or_default();
         session.recent.insert(seq, outcome.clone());
         let newest = session.recent.last_key_value().map_or(0, |(k, _)| *k);
