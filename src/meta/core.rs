@@ -44,6 +44,11 @@ pub struct CoreConfig {
     pub max_voters: usize,
     /// Ticks without a heartbeat after which the leader commits a node as down.
     pub liveness_ticks: u64,
+    /// raft-rs draws each election timeout from [min, max) with its own
+    /// unseeded thread_rng; 0 means [election_ticks, 2 * election_ticks).
+    /// The simulator pins a one-value range per node so its runs replay.
+    pub min_election_ticks: usize,
+    pub max_election_ticks: usize,
 }
 
 impl CoreConfig {
@@ -56,6 +61,8 @@ impl CoreConfig {
             retain_entries: 200,
             max_voters: 3,
             liveness_ticks: 50,
+            min_election_ticks: 0,
+            max_election_ticks: 0,
         }
     }
 
@@ -233,6 +240,8 @@ impl<S: LogStore> MetaCore<S> {
             pre_vote: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            min_election_tick: cfg.min_election_ticks,
+            max_election_tick: cfg.max_election_ticks,
             ..Default::default()
         };
         raft_cfg.validate().map_err(MetaError::Raft)?;
@@ -526,6 +535,14 @@ impl<S: LogStore> MetaCore<S> {
         self.apply_entries(light.take_committed_entries(), &mut out);
         self.raw.advance_apply_to(self.state.applied_index());
         self.maybe_compact()?;
+        // Transports are best effort: a snapshot handed out counts as sent.
+        // If it was lost, the follower rejects the next append and the
+        // leader sends it again; left in "sending", it would wait forever.
+        for m in &out.messages {
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
+            }
+        }
         Ok(out)
     }
 

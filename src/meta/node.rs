@@ -20,7 +20,7 @@ use super::store::LogStore;
 use super::{MetaError, MetaRequest, MetaResponse, MetaStatus, raft_logger};
 use crate::types::NodeId;
 use futures::future::BoxFuture;
-use raft::eraftpb::{ConfChangeType, Message, MessageType};
+use raft::eraftpb::{ConfChangeType, Message};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -579,14 +579,7 @@ impl<S: LogStore + Send + 'static> Runner<S> {
 
     fn dispatch(&mut self, out: ReadyOutput) {
         for msg in out.messages {
-            let to = NodeId(msg.to);
-            let snap = msg.get_msg_type() == MessageType::MsgSnapshot;
-            self.transport.send(to, msg);
-            if snap {
-                // Sending is best effort: report it done, and a follower
-                // that did not get it asks again by rejecting the next append.
-                self.core.report_snapshot(to, true);
-            }
+            self.transport.send(NodeId(msg.to), msg);
         }
         for a in out.applied {
             if let Some(req) = a.request {
