@@ -4,7 +4,8 @@
 //! joining learner), a virtual network that drops, delays, reorders and
 //! duplicates messages and cuts partitions, and crashes that drop
 //! everything but the store (which holds exactly what the Ready cycle made
-//! durable) followed by restarts.
+//! durable) followed by restarts: at random, and right after a node sent a
+//! vote or an append acknowledgement (where persisting before sending matters).
 //!
 //! Oracle, checked on every applied entry:
 //! - no log index is ever applied with two different entries (term, bytes);
@@ -19,7 +20,7 @@
 //! At the end the network heals, every node restarts, and all must converge
 //! on one state.
 //!
-//! Seeds: `BASALT_SIM_SEEDS` (default 24 per cluster size) from
+//! Seeds: `BASALT_SIM_SEEDS` (default 40 per cluster size) from
 //! `BASALT_SIM_SEED0` (default 1). A failure names its seed; rerun one with
 //! `BASALT_SIM_SEED0=<seed> BASALT_SIM_SEEDS=1`.
 
@@ -30,7 +31,7 @@ use basalt::meta::state::{
 };
 use basalt::meta::{MemStore, RaftRole};
 use basalt::types::{Epoch, ExtentIndex, NodeId, VolumeId};
-use raft::eraftpb::{ConfChangeType, Message};
+use raft::eraftpb::{ConfChangeType, Message, MessageType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -358,8 +359,19 @@ impl Sim {
             }
             self.stats.reads += 1;
         }
+        let mut crash = false;
         for m in out.messages {
+            // Crash right after promising something (a vote, an append):
+            // the moments where durability before sending matters.
+            let promise = matches!(
+                m.get_msg_type(),
+                MessageType::MsgRequestVoteResponse | MessageType::MsgAppendResponse
+            ) && !m.reject;
+            crash |= self.faults && promise && self.rng.gen_bool(0.02);
             self.send(id, NodeId(m.to), Packet::Raft(m));
+        }
+        if crash {
+            self.crash(id);
         }
     }
 
@@ -608,7 +620,7 @@ impl Sim {
 }
 
 fn seeds() -> std::ops::Range<u64> {
-    let n: u64 = std::env::var("BASALT_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
+    let n: u64 = std::env::var("BASALT_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
     let s0: u64 = std::env::var("BASALT_SIM_SEED0").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     s0..s0 + n
 }
