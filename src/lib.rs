@@ -13,6 +13,7 @@
 //! transport   net:: + proto::peer            framed peer RPC over TCP: pipelined, crc32c, versioned, budgeted
 //! store       storage::                      extent replicas on local disk; engines: io_uring | psync | mem
 //! placement   placement::                    pure: cluster map + (volume, extent) -> replica set (rendezvous)
+//! metadata    meta::                         Raft group (raft-rs, redb log) + pure state machine (meta::state)
 //! ```
 //! Replication (`replication::`), the peer transport (`net::`) and the Raft
 //! metadata group (`meta::`) slot in between `node::volume` and `storage::`
@@ -59,6 +60,7 @@ pub mod config;
 pub mod export;
 pub mod layout;
 pub mod net;
+pub mod meta;
 pub mod node;
 pub mod placement;
 pub mod poll;
