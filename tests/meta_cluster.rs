@@ -79,6 +79,7 @@ fn spec(id: NodeId) -> NodeSpec {
         zone: format!("zone-{}", id.0 % 3),
         capacity: 1 << 40,
         has_data: true,
+        pid: 1,
     }
 }
 

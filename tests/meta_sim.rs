@@ -129,6 +129,7 @@ fn spec(id: NodeId) -> NodeSpec {
         zone: format!("z{}", id.0 % 2),
         capacity: 1 << 40,
         has_data: id.0 % 2 == 1,
+        pid: 1,
     }
 }
 

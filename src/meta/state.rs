@@ -91,6 +91,8 @@ pub struct NodeSpec {
     pub capacity: u64,
     /// It has data directories: placement may put replicas on it.
     pub has_data: bool,
+    /// Process id of its basaltd (for operators: `basalt cluster status`).
+    pub pid: u32,
 }
 
 /// Liveness as the leader last committed it.
@@ -865,6 +867,7 @@ mod tests {
             zone: format!("z{}", id % 3),
             capacity: if has_data { 1 << 40 } else { 0 },
             has_data,
+            pid: 1,
         }
     }
 

@@ -381,15 +381,15 @@ async fn handshake(
     let _ = sock.set_nodelay(true);
     let (mut rd, mut wr) = sock.into_split();
     let hello =
-        Message::Hello(Hello { version: ProtocolVersion::CURRENT, cluster: cfg.cluster, node: cfg.node });
+        Message::Hello(Hello { version: ProtocolVersion::CURRENT, cluster: cfg.cluster.get(), node: cfg.node });
     wr.write_all(&encode_to_bytes(0, FrameFlags::NONE, &hello)?).await.map_err(io)?;
     let dec = wire::decoder(cfg.max_frame);
     let mut buf = BytesMut::new();
     let broke = |detail: String| PeerError::Handshake { addr, detail };
     match wire::read_frame(&mut rd, &mut buf, &dec).await {
         Ok(Some(Frame { message: Message::HelloAck(h), .. })) => {
-            if h.cluster != cfg.cluster {
-                return Err(broke(format!("peer is in cluster {}, this node in {}", h.cluster, cfg.cluster)));
+            if !cfg.cluster.accepts(h.cluster) {
+                return Err(broke(format!("peer is in cluster {}, this node in {}", h.cluster, cfg.cluster.get())));
             }
             Ok((rd, wr, buf, h.node))
         }

@@ -28,6 +28,7 @@ pub use server::{PeerHandler, PeerServer, ReplyFuture, ServerStats};
 use crate::proto::peer::{DecodeError, EncodeError, ErrorCode, MAX_FRAME, RefuseCode};
 use crate::types::{ClusterId, NodeId};
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Who a request came from: the node id its `Hello` gave, and its address.
@@ -37,11 +38,45 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
 }
 
+/// The cluster id this node speaks for, shared by its server and clients.
+/// Zero until the node belongs to a cluster: a fresh node (bootstrapping,
+/// joining, or waiting for an invitation) says 0 in its `Hello`, and a
+/// member accepts that, since the first thing such a node needs is to
+/// learn the cluster. Two nodes that both know their cluster must agree.
+#[derive(Debug, Clone)]
+pub struct ClusterCell(Arc<RwLock<ClusterId>>);
+
+impl ClusterCell {
+    pub fn new(id: ClusterId) -> ClusterCell {
+        ClusterCell(Arc::new(RwLock::new(id)))
+    }
+
+    pub fn get(&self) -> ClusterId {
+        *self.0.read().unwrap()
+    }
+
+    pub fn set(&self, id: ClusterId) {
+        *self.0.write().unwrap() = id;
+    }
+
+    /// Whether a peer that says `theirs` may talk to us.
+    pub fn accepts(&self, theirs: ClusterId) -> bool {
+        let mine = self.get();
+        mine == theirs || mine.0 == 0 || theirs.0 == 0
+    }
+}
+
+impl From<ClusterId> for ClusterCell {
+    fn from(id: ClusterId) -> Self {
+        ClusterCell::new(id)
+    }
+}
+
 /// Settings of a [`PeerServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Connections from another cluster are refused.
-    pub cluster: ClusterId,
+    pub cluster: ClusterCell,
     /// This node, as `HelloAck` reports it.
     pub node: NodeId,
     /// Largest frame accepted (at most `proto::peer::MAX_FRAME`).
@@ -54,9 +89,9 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn new(cluster: ClusterId, node: NodeId) -> ServerConfig {
+    pub fn new(cluster: impl Into<ClusterCell>, node: NodeId) -> ServerConfig {
         ServerConfig {
-            cluster,
+            cluster: cluster.into(),
             node,
             max_frame: MAX_FRAME,
             connection_budget: 128 << 20,
@@ -69,7 +104,7 @@ impl ServerConfig {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Sent in `Hello`; a server of another cluster refuses us.
-    pub cluster: ClusterId,
+    pub cluster: ClusterCell,
     /// This node, as `Hello` reports it.
     pub node: NodeId,
     /// Connections per peer.
@@ -90,9 +125,9 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(cluster: ClusterId, node: NodeId) -> ClientConfig {
+    pub fn new(cluster: impl Into<ClusterCell>, node: NodeId) -> ClientConfig {
         ClientConfig {
-            cluster,
+            cluster: cluster.into(),
             node,
             connections: 2,
             request_timeout: Duration::from_secs(10),

@@ -8,6 +8,7 @@
 mod budget;
 pub mod identity;
 pub mod systemd;
+mod sync;
 pub mod volume;
 
 use crate::layout::Layout;

@@ -41,6 +41,8 @@ pub struct Daemon {
     child: Option<Child>,
     pub nbd_port: u16,
     pub iscsi_port: u16,
+    pub admin_port: u16,
+    pub peer_port: u16,
     pub data: PathBuf,
     pub volume: String,
     args: Vec<String>,
@@ -57,6 +59,8 @@ impl Daemon {
             child: None,
             nbd_port: free_port(),
             iscsi_port: free_port(),
+            admin_port: free_port(),
+            peer_port: free_port(),
             data,
             volume: "demo".into(),
             args: std::iter::once(format!("--size={size}"))
@@ -79,6 +83,8 @@ impl Daemon {
             .arg(format!("--data={}", self.data.display()))
             .arg(format!("--nbd=127.0.0.1:{}", self.nbd_port))
             .arg(format!("--iscsi=127.0.0.1:{}", self.iscsi_port))
+            .arg(format!("--admin=127.0.0.1:{}", self.admin_port))
+            .arg(format!("--peer=127.0.0.1:{}", self.peer_port))
             .args(&self.args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::piped())

@@ -32,7 +32,7 @@ pub struct Daemon {
     cfg: Config,
     me: NodeId,
     meta: MetaNode,
-    pool: PeerPool,
+    pool: Arc<PeerPool>,
     book: Arc<AddrBook>,
     node: Option<Arc<Node>>,
     metrics: Arc<Metrics>,
@@ -86,7 +86,7 @@ impl Daemon {
         cfg: Config,
         me: NodeId,
         meta: MetaNode,
-        pool: PeerPool,
+        pool: Arc<PeerPool>,
         book: Arc<AddrBook>,
         node: Option<Arc<Node>>,
         metrics: Arc<Metrics>,
@@ -181,8 +181,8 @@ impl Daemon {
         loop {
             {
                 let s = w.borrow_and_update().clone();
-                if let (Some(c), Some(_)) = (s.cluster(), s.role(self.me)) {
-                    self.book.refresh_from(&s);
+                if let (Some(c), Some(_), Some(_)) = (s.cluster(), s.role(self.me), s.node(self.me)) {
+                    self.book.refresh(&s);
                     return Ok(ClusterId(c.id.0));
                 }
             }
@@ -478,7 +478,7 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
     loop {
         {
             let s = w.borrow_and_update().clone();
-            d.book.refresh_from(&s);
+            d.book.refresh(&s);
             d.sync_volumes(&s);
         }
         tokio::select! {

@@ -1,20 +1,18 @@
 //! `basaltd`: the Basalt node daemon.
 
+mod control;
 mod run;
 mod supervise;
 
 use anyhow::Context;
 use basalt::config::Config;
 use basalt::layout::Layout;
-use basalt::node::{Node, VolumeOptions};
-use basalt::storage::{EngineKind, FlushBarrier, StoreConfig, StoreOptions};
+use basalt::node::VolumeOptions;
+use basalt::storage::{EngineKind, FlushBarrier};
 use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Parser)]
 #[command(name = "basaltd", version, about = "Basalt block storage node daemon")]
@@ -71,12 +69,21 @@ struct DemoArgs {
     /// Volume size: 512M, 1G, 1GiB or plain bytes.
     #[arg(long, default_value = "1GiB")]
     size: ByteSize,
-    /// Number of nodes in the demo cluster (only 1 for now).
+    /// Nodes in the demo cluster, each its own process (with more than
+    /// one, node k listens on every base port + k - 1 and keeps its files
+    /// under DATA/nodeK).
     #[arg(long, default_value_t = 1)]
     nodes: u32,
-    /// Copies of every extent (only 1 for now).
+    /// Copies of every extent the volume asks for. Until the replicated
+    /// data path lands, a volume's data lives on its owner node.
     #[arg(long, default_value_t = 1)]
     replicas: u32,
+    /// Admin API (HTTP) listen address; `basalt` talks to it.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    admin: SocketAddr,
+    /// Peer protocol listen address (Raft, replication).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    peer: SocketAddr,
     /// Disk I/O engine.
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     engine: EngineKind,
@@ -175,7 +182,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => rt.block_on(demo(args)),
         Cmd::Run { config } => {
             let cfg = load_config(&config)?;
-            rt.block_on(run::run(cfg, Some(config), log_reload))
+            let opts = run::RunOptions { config_path: Some(config), log_reload: Some(log_reload), ..Default::default() };
+            rt.block_on(run::run(cfg, opts))
         }
         Cmd::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -189,108 +197,64 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    if args.nodes != 1 || args.replicas != 1 {
-        anyhow::bail!(
-            "--nodes {} --replicas {}: this build runs single-node volumes only (1 and 1)",
-            args.nodes,
-            args.replicas
-        );
+    if args.nodes == 0 || args.nodes > 9 {
+        anyhow::bail!("--nodes {}: from 1 to 9", args.nodes);
+    }
+    if args.replicas == 0 || args.replicas > args.nodes {
+        anyhow::bail!("--replicas {}: from 1 to --nodes ({})", args.replicas, args.nodes);
     }
     let iscsi = match args.iscsi.as_str() {
         "off" | "" => None,
         a => Some(a.parse::<SocketAddr>().with_context(|| format!("--iscsi {a}"))?),
     };
-    let store_cfg = StoreConfig { data_dirs: args.data.clone(), engine: args.engine };
-    let store_opts = StoreOptions { flush_barrier: args.flush_barrier, ..StoreOptions::default() };
-    let node =
-        Node::open_with(store_cfg, store_opts, args.payload_budget.0).await.context("opening the store")?;
-    let vol = match node.volume(&args.volume) {
-        Some(v) => {
-            if v.size() != args.size.0 {
-                tracing::warn!(volume = %args.volume, existing = v.size(), requested = args.size.0,
-                    "volume exists with another size; serving it as it is");
-            }
-            v
-        }
-        None => {
-            let layout = Layout::contiguous(args.extent_size.0).context("--extent-size")?;
-            node.create_volume(
-                &args.volume,
-                VolumeOptions {
-                    size: args.size.0,
-                    layout,
-                    replicas: 1,
-                    min_replicas: 1,
-                    read_only: args.read_only,
-                },
-            )
-            .context("creating the demo volume")?
-        }
+    let root = args.data[0].clone();
+    let mut base = Config {
+        state_dir: root.join("state"),
+        data_dirs: args.data.clone(),
+        engine: args.engine,
+        flush_barrier: args.flush_barrier,
+        payload_budget: args.payload_budget,
+        zone: "zone1".into(),
+        ..Config::default()
     };
-
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let nbd_listener =
-        tokio::net::TcpListener::bind(args.nbd).await.with_context(|| format!("bind NBD {}", args.nbd))?;
-    let nbd_addr = nbd_listener.local_addr()?;
-    let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(basalt::export::nbd::serve(nbd_listener, node.clone(), cancel.clone(), tracker.clone()));
-
-    let iscsi_addr = match iscsi {
-        Some(addr) => {
-            let l =
-                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind iSCSI {addr}"))?;
-            let a = l.local_addr()?;
-            let chap = match (&args.chap_user, &args.chap_secret) {
-                (Some(user), Some(secret)) => Some(basalt::proto::iscsi::login::ChapConfig {
-                    user: user.clone(),
-                    secret: secret.clone(),
-                    mutual: args.chap_mutual_user.clone().zip(args.chap_mutual_secret.clone()),
-                }),
-                _ => None,
-            };
-            let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
-            icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
-            servers.spawn(basalt::export::iscsi::serve(
-                l,
-                node.clone(),
-                cancel.clone(),
-                tracker.clone(),
-                icfg,
-            ));
-            Some(a)
-        }
-        None => None,
+    if base.state_dir.is_relative() && !base.state_dir.starts_with(".") {
+        base.state_dir = std::path::Path::new(".").join(&base.state_dir);
+    }
+    base.listen.nbd = Some(args.nbd);
+    base.listen.iscsi = iscsi;
+    base.listen.admin = args.admin;
+    base.listen.peer = args.peer;
+    base.cluster.initial_members = vec![args.peer];
+    base.cluster.voters = 1;
+    base.iscsi.chap_user = args.chap_user.clone();
+    base.iscsi.chap_secret = args.chap_secret.clone();
+    base.iscsi.chap_mutual_user = args.chap_mutual_user.clone();
+    base.iscsi.chap_mutual_secret = args.chap_mutual_secret.clone();
+    let layout = Layout::contiguous(args.extent_size.0).context("--extent-size")?;
+    let min_replicas = if args.replicas >= 3 { 2 } else { 1 };
+    if args.nodes == 1 {
+        base.validate().context("demo configuration")?;
+        let demo = run::DemoVolume {
+            name: args.volume.clone(),
+            opts: VolumeOptions {
+                size: args.size.0,
+                layout,
+                replicas: args.replicas,
+                min_replicas,
+                read_only: args.read_only,
+            },
+        };
+        return run::run(base, run::RunOptions { demo: Some(demo), ..Default::default() }).await;
+    }
+    let volume = basalt::admin::CreateVolume {
+        name: args.volume.clone(),
+        size: args.size.0,
+        replicas: Some(args.replicas),
+        min_replicas: Some(min_replicas),
+        extent_size: Some(layout.extent_size),
+        stripe_unit: Some(layout.stripe_unit),
+        stripe_width: Some(layout.stripe_width),
+        read_only: args.read_only,
     };
-
-    let uri = format!("nbd://{}/{}", nbd_addr, vol.name());
-    println!("basaltd demo: volume {:?} ({}) at {uri}", vol.name(), ByteSize(vol.size()));
-    println!("  nbdinfo {uri}");
-    println!("  qemu-img info {uri}");
-    println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
-    println!("  nbd-client -N {} {} {} /dev/nbd0 -C 4", vol.name(), nbd_addr.ip(), nbd_addr.port());
-    if let Some(a) = iscsi_addr {
-        let iqn = format!("iqn.2026-11.io.basalt:{}", vol.name());
-        println!("iSCSI: iscsi://{a}/{iqn}/0");
-        println!("  iscsi-inq iscsi://{a}/{iqn}/0");
-        println!("  iscsiadm -m discovery -t st -p {a}");
-    }
-    tracing::info!(%uri, data = ?args.data, "ready");
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        Some(r) = servers.join_next() => {
-            r?.context("a server stopped")?;
-        }
-    }
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
-        tracing::warn!("connections did not drain in 30 s; flushing anyway");
-    }
-    node.close().await.context("final flush")?;
-    tracing::info!("flushed; bye");
-    Ok(())
+    supervise::run(&root, args.nodes as usize, &base, Vec::new(), volume).await
 }

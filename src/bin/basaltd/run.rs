@@ -68,7 +68,7 @@ impl AddrBook {
         self.map.write().unwrap().insert(id, addr);
     }
 
-    fn refresh(&self, state: &meta::MetaState) {
+    pub fn refresh(&self, state: &meta::MetaState) {
         let mut m = self.map.write().unwrap();
         for n in state.nodes() {
             if let Ok(a) = n.spec.addrs.peer.parse() {
@@ -81,7 +81,7 @@ impl AddrBook {
 /// Raft messages and metadata requests over the peer protocol.
 #[derive(Debug)]
 struct PeerTransport {
-    pool: PeerPool,
+    pool: Arc<PeerPool>,
     book: Arc<AddrBook>,
 }
 
@@ -329,7 +329,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     // with cluster id 0, which members accept only for joining.
     let cluster_id = ident.cluster_id.as_deref().and_then(|s| u128::from_str_radix(s, 16).ok()).unwrap_or(0);
     let cluster_cell = basalt::net::ClusterCell::new(ClusterId(cluster_id));
-    let pool = PeerPool::new(ClientConfig::new(cluster_cell.clone(), me));
+    let pool = Arc::new(PeerPool::new(ClientConfig::new(cluster_cell.clone(), me)));
     let book = Arc::new(AddrBook::default());
     let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
     let peer_server = PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
@@ -397,9 +397,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         .await
         .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
     let admin_addr = admin.local_addr()?;
-    servers.spawn(async move {
-        basalt::admin::server::serve(admin, daemon_control(&handler), metrics.clone(), cancel.clone()).await
-    });
+    let control: Arc<dyn basalt::admin::Control> = daemon.clone();
+    servers.spawn(basalt::admin::server::serve(admin, control, metrics.clone(), cancel.clone()));
     let mut nbd_addr = None;
     let mut iscsi_addr = None;
     if let Some(node) = &node {
@@ -470,10 +469,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     peer_server.shutdown().await;
     tracing::info!("flushed; bye");
     Ok(())
-}
-
-fn daemon_control(h: &Handler) -> Arc<dyn basalt::admin::Control> {
-    h.daemon.get().expect("the daemon is set before the admin API starts").clone()
 }
 
 fn reload(opts: &RunOptions) {
