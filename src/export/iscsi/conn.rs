@@ -9,7 +9,7 @@ use super::exec::{self, Lun};
 use super::{IQN_PREFIX, Shared, target_iqn};
 use crate::export::readahead::{Hit, ReadAhead};
 use crate::node::volume::MAX_PAYLOAD;
-use crate::proto::iscsi::login::{Login, SessionParams, Step, TargetLimits};
+use crate::proto::iscsi::login::{CMD_WINDOW, Login, SessionParams, Step, TargetLimits};
 use crate::proto::iscsi::pdu::{
     self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason,
 };
@@ -18,7 +18,7 @@ use crate::proto::iscsi::text;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,9 +32,9 @@ use tokio_util::sync::CancellationToken;
 /// ExpCmdSN + WINDOW - 1 - (commands in flight), so the window slides on
 /// completion, not on receipt, and bounds the work (and buffered Data-Out)
 /// an initiator can queue.
-const WINDOW: u32 = 32;
+const WINDOW: u32 = CMD_WINDOW;
 /// Immediate commands running at once before we refuse more.
-const MAX_IMMEDIATE: usize = 64;
+const MAX_IMMEDIATE: u32 = 64;
 
 /// Why a connection ended early; logged once.
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +55,59 @@ enum ConnError {
 
 /// The CmdSN window, shared by the reader (which admits commands) and the
 /// writer (which advertises it on every PDU).
+///
+/// ExpCmdSN and the number of admitted commands not yet answered (busy)
+/// share one atomic word, so a command is counted in the same step that
+/// moves ExpCmdSN past it, and the writer reads both at once: the MaxCmdSN
+/// it stamps is always one the reader honours. (With two atomics the
+/// writer could see ExpCmdSN moved but the command not yet counted,
+/// advertise a slot too many, and the initiator's command in it was
+/// dropped: ExpCmdSN stuck there and the session wedged.) MaxCmdSN never
+/// moves back, as RFC 7143 4.2.2.1 has initiators ignore a smaller one:
+/// admitting moves ExpCmdSN and busy up together, completing moves busy
+/// down. Only the reader moves ExpCmdSN; anyone may complete.
 #[derive(Debug)]
 struct Window {
-    exp_cmd_sn: AtomicU32,
-    busy: AtomicU32,
+    /// ExpCmdSN in the high half, busy (at most WINDOW) in the low half.
+    state: AtomicU64,
     immediate: AtomicU32,
 }
 
+/// One consistent reading of the window.
+#[derive(Debug, Clone, Copy)]
+struct Sn {
+    exp: u32,
+    max: u32,
+    busy: u32,
+}
+
+const EXP_ONE: u64 = 1 << 32;
+
 impl Window {
-    fn max_cmd_sn(&self) -> u32 {
-        let busy = self.busy.load(Ordering::Acquire).min(WINDOW);
-        self.exp_cmd_sn.load(Ordering::Acquire).wrapping_add(WINDOW - 1 - busy)
+    fn new(exp_cmd_sn: u32) -> Window {
+        Window { state: AtomicU64::new((exp_cmd_sn as u64) << 32), immediate: AtomicU32::new(0) }
+    }
+
+    fn now(&self) -> Sn {
+        let s = self.state.load(Ordering::Acquire);
+        let (exp, busy) = ((s >> 32) as u32, s as u32);
+        // A full window reads as MaxCmdSN = ExpCmdSN - 1 (RFC 7143: closed).
+        let open = WINDOW - busy.min(WINDOW);
+        Sn { exp, max: exp.wrapping_add(open).wrapping_sub(1), busy }
+    }
+
+    /// Moves ExpCmdSN past a command that holds no slot (reader only).
+    fn advance(&self) {
+        // The high half wraps on its own: the carry leaves the word.
+        self.state.fetch_add(EXP_ONE, Ordering::AcqRel);
+    }
+
+    /// Moves ExpCmdSN past a command and counts it busy, in one step
+    /// (reader only, after checking busy < WINDOW: completions only lower
+    /// busy meanwhile, so the check still holds).
+    fn take(self: &Arc<Self>) -> Slot {
+        self.state.fetch_add(EXP_ONE + 1, Ordering::AcqRel);
+        Slot { win: self.clone(), immediate: false }
     }
 }
 
@@ -77,18 +119,14 @@ struct Slot {
     immediate: bool,
 }
 
-impl Slot {
-    fn take(win: &Arc<Window>, immediate: bool) -> Slot {
-        let c = if immediate { &win.immediate } else { &win.busy };
-        c.fetch_add(1, Ordering::AcqRel);
-        Slot { win: win.clone(), immediate }
-    }
-}
-
 impl Drop for Slot {
     fn drop(&mut self) {
-        let c = if self.immediate { &self.win.immediate } else { &self.win.busy };
-        c.fetch_sub(1, Ordering::AcqRel);
+        if self.immediate {
+            self.win.immediate.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            // busy >= 1 while this slot exists: no borrow from ExpCmdSN.
+            self.win.state.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -256,9 +294,11 @@ async fn writer(
         let mut close = false;
         while let Some(m) = msg.take() {
             for (mut p, st) in m.pdus {
+                // One reading for both, so they never disagree.
+                let sn = win.now();
                 p.set_u32(24, stat_sn);
-                p.set_u32(32, win.max_cmd_sn());
-                p.set_u32(28, win.exp_cmd_sn.load(Ordering::Acquire));
+                p.set_u32(28, sn.exp);
+                p.set_u32(32, sn.max);
                 if st {
                     stat_sn = stat_sn.wrapping_add(1);
                 }
@@ -324,6 +364,11 @@ struct Session {
     readahead: ReadAhead,
     next_ttt: u32,
     local: Option<std::net::SocketAddr>,
+    /// Non-immediate PDUs dropped for a CmdSN outside the window.
+    dropped: u64,
+    /// CmdSNs past ExpCmdSN taken as received without a command (ABORT
+    /// TASK of one that never came); at most a window's worth.
+    received_ahead: Vec<u32>,
 }
 
 /// What to do after handling a PDU.
@@ -348,11 +393,7 @@ async fn full_feature(
         header_digest: p.header_digest,
         data_digest: p.data_digest,
     };
-    let win = Arc::new(Window {
-        exp_cmd_sn: AtomicU32::new(p.exp_cmd_sn),
-        busy: AtomicU32::new(0),
-        immediate: AtomicU32::new(0),
-    });
+    let win = Arc::new(Window::new(p.exp_cmd_sn));
     let (tx, rx) = mpsc::channel::<Out>(64);
     let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
     let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
@@ -384,6 +425,8 @@ async fn full_feature(
         readahead: ReadAhead::default(),
         next_ttt: 1,
         local,
+        dropped: 0,
+        received_ahead: Vec::new(),
     };
     let nop_interval = shared.cfg.nop_interval;
     let mut last_rx = Instant::now();
@@ -490,28 +533,71 @@ impl Session {
         self.send(Out::one(reject(reason, &pdu.bhs), true)).await
     }
 
-    /// CmdSN rules (RFC 7143 4.2.2.1): an immediate command is taken as it
-    /// comes; any other must carry ExpCmdSN, which then advances. Commands
-    /// outside the window are dropped silently, as the RFC says.
-    fn accept_cmd_sn(&self, pdu: &Pdu) -> bool {
-        let cmd_sn = pdu.word24();
-        let exp = self.win.exp_cmd_sn.load(Ordering::Acquire);
+    /// CmdSN rules (RFC 7143 4.2.2.1) for a PDU that holds no slot while
+    /// it is handled (NOP-Out, Text, Task Management, Logout): an immediate
+    /// one is taken as it comes; any other must carry ExpCmdSN, which then
+    /// advances.
+    fn accept_cmd_sn(&mut self, pdu: &Pdu) -> bool {
         if pdu.immediate() {
             return true;
         }
-        let max = self.win.max_cmd_sn();
-        if cmd_sn == exp && !serial_lt(max, cmd_sn) {
-            self.win.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
+        if !self.in_order(pdu) {
+            return false;
+        }
+        self.win.advance();
+        self.skip_received();
+        true
+    }
+
+    /// The same rules for a SCSI command, which also takes a slot of the
+    /// window (or of the immediate allowance) in the same step, held until
+    /// its response is queued. `None`: dropped as the RFC says.
+    fn admit(&mut self, pdu: &Pdu) -> Option<Slot> {
+        if pdu.immediate() {
+            self.win.immediate.fetch_add(1, Ordering::AcqRel);
+            return Some(Slot { win: self.win.clone(), immediate: true });
+        }
+        if !self.in_order(pdu) {
+            return None;
+        }
+        let slot = self.win.take();
+        self.skip_received();
+        Some(slot)
+    }
+
+    /// True if a non-immediate PDU carries ExpCmdSN inside the window. A
+    /// PDU outside it is dropped silently (the RFC's rule; a log line for
+    /// us). That is safe only because the window we advertise is honest:
+    /// an initiator that keeps to it never loses a command, and one that
+    /// times a lost command out gets its CmdSN back through ABORT TASK
+    /// (see [`Session::task_mgmt`]), so the session moves on.
+    fn in_order(&mut self, pdu: &Pdu) -> bool {
+        let cmd_sn = pdu.word24();
+        let sn = self.win.now();
+        if cmd_sn == sn.exp && sn.busy < WINDOW {
             return true;
         }
+        self.dropped += 1;
         tracing::warn!(
             cmd_sn,
-            exp_cmd_sn = exp,
-            max_cmd_sn = max,
+            exp_cmd_sn = sn.exp,
+            max_cmd_sn = sn.max,
             opcode = pdu.raw_opcode(),
+            dropped = self.dropped,
             "CmdSN outside the window: dropped"
         );
         false
+    }
+
+    /// Moves ExpCmdSN past CmdSNs already taken as received (by ABORT
+    /// TASK for a command that never came).
+    fn skip_received(&mut self) {
+        while !self.received_ahead.is_empty() {
+            let exp = self.win.now().exp;
+            let Some(i) = self.received_ahead.iter().position(|&c| c == exp) else { break };
+            self.received_ahead.swap_remove(i);
+            self.win.advance();
+        }
     }
 
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
@@ -571,16 +657,19 @@ impl Session {
             self.reject(RejectReason::ProtocolError, &pdu).await?;
             return Ok(Flow::Continue);
         }
-        if !self.accept_cmd_sn(&pdu) {
+        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
+            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
             return Ok(Flow::Continue);
         }
+        let Some(slot) = self.admit(&pdu) else {
+            return Ok(Flow::Continue);
+        };
+        // Every answer given here, before the command runs, first gives
+        // its slot back (drop(slot)), so the answer already opens the window.
         let itt = pdu.itt();
         if self.pending.contains_key(&itt) || self.running.contains_key(&itt) {
+            drop(slot);
             self.reject(RejectReason::TaskInProgress, &pdu).await?;
-            return Ok(Flow::Continue);
-        }
-        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) as usize >= MAX_IMMEDIATE {
-            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
             return Ok(Flow::Continue);
         }
         let flags = pdu.flags();
@@ -594,12 +683,14 @@ impl Session {
             || imm.len() as u32 > self.p.first_burst
             || (!imm.is_empty() && !write_f)
         {
+            drop(slot);
             self.reject(RejectReason::ProtocolError, &pdu).await?;
             return Err(ConnError::Protocol(format!("immediate data of {} bytes, EDTL {edtl}", imm.len())));
         }
         if !pdu.ahs.is_empty() || flags & 0x80 == 0 {
             // Extended CDBs are not supported; F=0 means unsolicited Data-Out follows, which InitialR2T=Yes forbids.
             let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, Residual::None));
+            drop(slot);
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
@@ -607,6 +698,7 @@ impl Session {
         let cmd = match scsi::parse(&cdb) {
             Ok(c) => c,
             Err(sense) => {
+                drop(slot);
                 self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
                 return Ok(Flow::Continue);
             }
@@ -618,12 +710,14 @@ impl Session {
                 if let Some(b) = d.first_mut() {
                     *b = 0x7f;
                 }
+                drop(slot);
                 self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
                 return Ok(Flow::Continue);
             }
         }
         if lun_field != 0 && !matches!(cmd, Command::ReportLuns { .. }) {
             let r = respond(Status::Check(Sense::LUN_NOT_SUPPORTED, Residual::None));
+            drop(slot);
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
@@ -641,6 +735,7 @@ impl Session {
                 None => {
                     tracing::debug!(itt, bytes = n, "node payload budget spent: TASK SET FULL");
                     let r = respond(Status::Busy(status::TASK_SET_FULL));
+                    drop(slot);
                     self.send(r.pdus(Bytes::new(), &self.p)).await?;
                     return Ok(Flow::Continue);
                 }
@@ -665,13 +760,13 @@ impl Session {
                     // Anything else cannot be done in part: refuse it.
                     None => {
                         let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, residual));
+                        drop(slot);
                         self.send(r.pdus(Bytes::new(), &self.p)).await?;
                         return Ok(Flow::Continue);
                     }
                 }
             }
             let spdtl = cmd.data_out_len();
-            let slot = Slot::take(&self.win, pdu.immediate());
             let want = spdtl as u32;
             let mut data = BytesMut::new();
             // Immediate data past what the command uses is accepted and dropped.
@@ -709,7 +804,6 @@ impl Session {
         }
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
-        let slot = Slot::take(&self.win, pdu.immediate());
         let hit = match cmd {
             Command::Read { lba, blocks, .. }
                 if blocks > 0 && scsi::check_range(lba, blocks as u64, lun.info.blocks).is_ok() =>
@@ -866,11 +960,8 @@ impl Session {
                 } else if let Some(t) = self.running.get(&rtt) {
                     victims.push(t.clone());
                     0
-                } else if serial_lt(ref_cmd_sn, pdu.word24().wrapping_add(1)) {
-                    // Not found but already received and finished: complete (RFC 7143 11.5.1).
-                    0
                 } else {
-                    1
+                    self.abort_unknown(ref_cmd_sn, pdu.word24())
                 }
             }
             2 | 4 | 5 | 6 | 7 => {
@@ -904,6 +995,34 @@ impl Session {
             RESERVED_TAG
         });
         Ok(if close_after { Flow::Close } else { Flow::Continue })
+    }
+
+    /// ABORT TASK of a task we do not have (RFC 7143 11.5.1). A RefCmdSN
+    /// inside the window and before the request's own CmdSN names a
+    /// command that was lost on the way: its CmdSN is taken as received,
+    /// so ExpCmdSN can move past it and the session goes on. One before
+    /// ExpCmdSN was received and answered already.
+    fn abort_unknown(&mut self, ref_cmd_sn: u32, tmf_cmd_sn: u32) -> u8 {
+        let sn = self.win.now();
+        let in_window = !serial_lt(ref_cmd_sn, sn.exp) && !serial_lt(sn.max, ref_cmd_sn);
+        if in_window && serial_lt(ref_cmd_sn, tmf_cmd_sn) {
+            tracing::warn!(
+                ref_cmd_sn,
+                exp_cmd_sn = sn.exp,
+                "ABORT TASK of a command never received: CmdSN taken"
+            );
+            if ref_cmd_sn == sn.exp {
+                self.win.advance();
+                self.skip_received();
+            } else if !self.received_ahead.contains(&ref_cmd_sn) {
+                self.received_ahead.push(ref_cmd_sn);
+            }
+            0
+        } else if serial_lt(ref_cmd_sn, sn.exp) {
+            0
+        } else {
+            1
+        }
     }
 
     async fn text(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
@@ -1100,5 +1219,59 @@ impl Response {
             out.push((r, true));
         }
         Out { pdus: out, close: false, hold: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MaxCmdSN read while commands are admitted and completed on other
+    /// threads never moves back and never shows a slot a command could
+    /// not take: ExpCmdSN + WINDOW - 1 - busy, with busy counted at once.
+    #[test]
+    fn the_window_read_is_consistent_and_never_shrinks() {
+        let win = Arc::new(Window::new(u32::MAX - 1000)); // wraps on the way
+        assert_eq!(win.now().max, win.now().exp.wrapping_add(WINDOW - 1));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (win, done) = (win.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut last = win.now();
+                let mut reads = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    let sn = win.now();
+                    assert!(sn.busy <= WINDOW);
+                    assert_eq!(sn.max, sn.exp.wrapping_add(WINDOW - sn.busy).wrapping_sub(1));
+                    assert!(!serial_lt(sn.max, last.max), "MaxCmdSN {} after {}", sn.max, last.max);
+                    last = sn;
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Slot>(WINDOW as usize);
+        let completer = std::thread::spawn(move || {
+            while let Ok(slot) = rx.recv() {
+                drop(slot)
+            }
+        });
+        for _ in 0..200_000 {
+            while win.now().busy >= WINDOW {
+                std::hint::spin_loop();
+            }
+            tx.send(win.take()).unwrap();
+        }
+        drop(tx);
+        completer.join().unwrap();
+        done.store(true, Ordering::Release);
+        assert!(watcher.join().unwrap() > 0);
+        let sn = win.now();
+        assert_eq!((sn.exp, sn.busy), ((u32::MAX - 1000).wrapping_add(200_000), 0));
+        // A full window is closed: MaxCmdSN = ExpCmdSN - 1.
+        let slots: Vec<Slot> = (0..WINDOW).map(|_| win.take()).collect();
+        assert_eq!(win.now().max, win.now().exp.wrapping_sub(1));
+        drop(slots);
+        assert_eq!(win.now().max, win.now().exp.wrapping_add(WINDOW - 1));
     }
 }
