@@ -83,6 +83,8 @@ impl RawIscsi {
                 Ok(0) => return Ok(None),
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                // A signal to the test process (a child exiting, say) is not the target's doing.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }

@@ -678,7 +678,7 @@ impl Session {
         let lun_field = pdu.lun();
         let cdb: [u8; 16] = pdu.bhs[32..48].try_into().unwrap();
         let imm = pdu.data.clone();
-        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, status: st };
+        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, presented: 0, status: st };
         if imm.len() as u64 > edtl as u64
             || imm.len() as u32 > self.p.first_burst
             || (!imm.is_empty() && !write_f)
@@ -721,13 +721,32 @@ impl Session {
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
+        // A READ presents its CDB's length (SPDTL) but sends at most the
+        // EDTL (RFC 7143 11.4.5.1: the rest is a residual overflow), so it
+        // reads only the blocks it sends. The range is judged on the CDB.
+        let mut cmd = cmd;
+        let mut presented = 0u64;
+        if let Command::Read { lba, blocks, fua } = cmd {
+            if let Err(sense) = scsi::check_range(lba, blocks as u64, lun.info.blocks) {
+                drop(slot);
+                self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
+                return Ok(Flow::Continue);
+            }
+            presented = blocks as u64 * BLOCK;
+            let sent = presented.min(edtl as u64);
+            // Whole blocks: the last may be sent in part.
+            cmd = Command::Read { lba, blocks: sent.div_ceil(BLOCK) as u32, fua };
+        }
         // Room in the node's payload budget for the data either way, taken
         // now and held until the response is written. When the node is out
         // of it, TASK SET FULL: the initiator retries later with a lower
         // queue depth, and nothing is buffered meanwhile. (Waiting here
         // instead could deadlock: this loop must keep reading the Data-Out
         // of the session's own pending writes, which may hold the room.)
-        let payload = cmd.data_out_len().max(if read_f { edtl as u64 } else { 0 }).min(MAX_PAYLOAD);
+        // Charged by the larger of what the CDB and the initiator say, so
+        // neither can make a command hold more than it paid for.
+        let payload =
+            cmd.data_out_len().max(if read_f { edtl as u64 } else { 0 }).max(presented).min(MAX_PAYLOAD);
         let room = match payload {
             0 => None,
             n => match self.shared.node.payload_budget().try_take(n) {
@@ -742,7 +761,6 @@ impl Session {
             },
         };
         let spdtl = cmd.data_out_len();
-        let mut cmd = cmd;
         let mut residual = Residual::None;
         if cmd.has_data_out() && (write_f || spdtl > 0) {
             let edtl_out = if write_f { edtl as u64 } else { 0 };
@@ -814,7 +832,7 @@ impl Session {
             _ => None,
         };
         let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
-        self.spawn(itt, slot, lun, cmd, input, respond(Status::Good(res)), room);
+        self.spawn(itt, slot, lun, cmd, input, Response { presented, ..respond(Status::Good(res)) }, room);
         Ok(Flow::Continue)
     }
 
@@ -873,6 +891,7 @@ impl Session {
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
+                presented: 0,
                 status: Status::Check(sense, Residual::None),
             };
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
@@ -887,6 +906,7 @@ impl Session {
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
+                presented: 0,
                 status: Status::Good(pw.residual),
             };
             self.spawn(itt, pw.slot, pw.lun, pw.cmd, Input::Data(pw.data.freeze()), respond, pw.room);
@@ -927,7 +947,9 @@ impl Session {
                         Status::Good(r) | Status::Check(_, r) => r,
                         Status::Busy(_) => Residual::None,
                     };
-                    Response { status: Status::Check(sense, res), ..resp }.pdus(Bytes::new(), &p)
+                    // Nothing was sent: the residual is of the EDTL, as before any data.
+                    Response { status: Status::Check(sense, res), presented: 0, ..resp }
+                        .pdus(Bytes::new(), &p)
                 }
             };
             out.hold = room;
@@ -1132,6 +1154,9 @@ struct Response {
     lun_field: u64,
     edtl: u32,
     read_f: bool,
+    /// Data-In the command presents (its SPDTL) when that is more than the
+    /// payload it hands back: a READ cut to the EDTL reads only what is sent.
+    presented: u64,
     status: Status,
 }
 
@@ -1140,8 +1165,8 @@ impl Response {
     /// payload the command produced, before EDTL truncation).
     fn pdus(&self, data: Bytes, p: &SessionParams) -> Out {
         let mut out = Vec::new();
-        let spdtl = data.len() as u64;
-        let edtl = if self.read_f || !data.is_empty() { self.edtl as u64 } else { 0 };
+        let spdtl = (data.len() as u64).max(self.presented);
+        let edtl = if self.read_f || spdtl > 0 { self.edtl as u64 } else { 0 };
         let (sense, mut residual) = match self.status {
             Status::Good(r) => (None, r),
             Status::Check(s, r) => (Some(s), r),
@@ -1153,7 +1178,7 @@ impl Response {
                 return Out { pdus: vec![(r, true)], close: false, hold: None };
             }
         };
-        if !data.is_empty() || (self.read_f && matches!(residual, Residual::None)) {
+        if spdtl > 0 || (self.read_f && matches!(residual, Residual::None)) {
             residual = if spdtl > edtl {
                 Residual::Over((spdtl - edtl).min(u32::MAX as u64) as u32)
             } else if spdtl < edtl {
@@ -1162,7 +1187,7 @@ impl Response {
                 Residual::None
             };
         }
-        let send = data.slice(..spdtl.min(edtl) as usize);
+        let send = data.slice(..(data.len() as u64).min(edtl) as usize);
         let res_flags = |r: Residual| match r {
             Residual::None => (0u8, 0u32),
             Residual::Over(n) => (0x04, n),
