@@ -1,9 +1,10 @@
 //! One iSCSI connection: login, then the full feature phase.
 //!
 //! Tasks: this reader (decodes PDUs, keeps the CmdSN window, collects
-//! Data-Out, spawns one task per SCSI command) and a writer that owns the
-//! socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every PDU in
-//! the order it sends them, so StatSN is always sequential on the wire.
+//! Data-Out, gives each SCSI command its place in the session's order and
+//! spawns one task per command, which waits for its turn) and a writer that
+//! owns the socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every
+//! PDU in the order it sends them, so StatSN is always sequential on the wire.
 
 use super::exec::{self, Lun};
 use super::{IQN_PREFIX, Shared, target_iqn};
@@ -11,7 +12,7 @@ use crate::export::readahead::{Hit, ReadAhead};
 use crate::node::volume::MAX_PAYLOAD;
 use crate::proto::iscsi::login::{CMD_WINDOW, Login, SessionParams, Step, TargetLimits};
 use crate::proto::iscsi::pdu::{
-    self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason,
+    self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason, TaskAttr,
 };
 use crate::proto::iscsi::scsi::{self, BLOCK, Command, LunInfo, Sense, status};
 use crate::proto::iscsi::text;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -335,9 +336,34 @@ struct PendingWrite {
     next_data_sn: u32,
     slot: Slot,
     room: Option<OwnedSemaphorePermit>,
+    turn: Turn,
 }
 
-/// Control block of a running command, for task management.
+/// A command's place in the session's order (SAM-5 8.6): the commands it
+/// must see end before it starts, and the signal it gives when it ends
+/// (its response queued), which younger commands may wait on. Dropping
+/// the sender unstarted (an aborted or failed pending write) counts as
+/// ended too.
+struct Turn {
+    after: Vec<watch::Receiver<bool>>,
+    done_tx: watch::Sender<bool>,
+    done_rx: watch::Receiver<bool>,
+}
+
+impl Turn {
+    async fn wait(&mut self) {
+        for w in &mut self.after {
+            // Err: the sender went away unstarted, which is an end too.
+            let _ = w.wait_for(|d| *d).await;
+        }
+        self.after = Vec::new();
+    }
+}
+
+fn ended(r: &watch::Receiver<bool>) -> bool {
+    *r.borrow() || r.has_changed().is_err()
+}
+
 /// What a started command works from.
 enum Input {
     /// Its Data-Out payload (empty for commands without one).
@@ -346,9 +372,10 @@ enum Input {
     ReadAhead(Hit),
 }
 
+/// Control block of a running command, for task management.
 struct TaskCtl {
     aborted: tokio::sync::Mutex<bool>,
-    done: tokio::sync::watch::Receiver<bool>,
+    done: watch::Receiver<bool>,
 }
 
 struct Session {
@@ -364,6 +391,11 @@ struct Session {
     readahead: ReadAhead,
     next_ttt: u32,
     local: Option<std::net::SocketAddr>,
+    /// Done signals of the commands received and maybe not ended yet, in
+    /// order (pruned as they end): what an ORDERED command waits for.
+    active: Vec<watch::Receiver<bool>>,
+    /// Those of ORDERED and HEAD OF QUEUE commands: what a SIMPLE one waits for.
+    barriers: Vec<watch::Receiver<bool>>,
     /// Non-immediate PDUs dropped for a CmdSN outside the window.
     dropped: u64,
     /// CmdSNs past ExpCmdSN taken as received without a command (ABORT
@@ -425,6 +457,8 @@ async fn full_feature(
         readahead: ReadAhead::default(),
         next_ttt: 1,
         local,
+        active: Vec::new(),
+        barriers: Vec::new(),
         dropped: 0,
         received_ahead: Vec::new(),
     };
@@ -721,6 +755,15 @@ impl Session {
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
+        let attr = pdu.task_attr();
+        if attr == TaskAttr::Aca {
+            // We never establish an ACA condition (INQUIRY says NORMACA 0),
+            // so a command that claims to run in one is refused (SAM-5).
+            let r = respond(Status::Check(Sense::INVALID_MESSAGE_ERROR, Residual::None));
+            drop(slot);
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
         // A READ presents its CDB's length (SPDTL) but sends at most the
         // EDTL (RFC 7143 11.4.5.1: the rest is a residual overflow), so it
         // reads only the blocks it sends. The range is judged on the CDB.
@@ -760,6 +803,9 @@ impl Session {
                 }
             },
         };
+        // Its place in the order, from now: a pending write holds it while
+        // its Data-Out comes. (Dropped unused if it is refused below.)
+        let turn = self.turn(attr);
         let spdtl = cmd.data_out_len();
         let mut residual = Residual::None;
         if cmd.has_data_out() && (write_f || spdtl > 0) {
@@ -798,6 +844,7 @@ impl Session {
                     Input::Data(data.freeze()),
                     respond(Status::Good(residual)),
                     room,
+                    turn,
                 );
                 return Ok(Flow::Continue);
             }
@@ -815,6 +862,7 @@ impl Session {
                 next_data_sn: 0,
                 slot,
                 room,
+                turn,
             };
             self.send_r2t(itt, &mut pw).await?;
             self.pending.insert(itt, pw);
@@ -832,8 +880,42 @@ impl Session {
             _ => None,
         };
         let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
-        self.spawn(itt, slot, lun, cmd, input, Response { presented, ..respond(Status::Good(res)) }, room);
+        self.spawn(
+            itt,
+            slot,
+            lun,
+            cmd,
+            input,
+            Response { presented, ..respond(Status::Good(res)) },
+            room,
+            turn,
+        );
         Ok(Flow::Continue)
+    }
+
+    /// The place of a command received now in the session's order
+    /// (SAM-5 8.6): SIMPLE waits for older ORDERED and HEAD OF QUEUE
+    /// commands, ORDERED for every older command, HEAD OF QUEUE for none.
+    /// Commands answered before they run (a bad CDB, TASK SET FULL) never
+    /// take a place: they do not enter the task set.
+    fn turn(&mut self, attr: TaskAttr) -> Turn {
+        let (done_tx, done_rx) = watch::channel(false);
+        self.barriers.retain(|r| !ended(r));
+        // Pruned when it is needed, and when it grows past what can be
+        // in flight, so a SIMPLE-only stream pays nothing per command.
+        if attr == TaskAttr::Ordered || self.active.len() > 4 * (WINDOW + MAX_IMMEDIATE) as usize {
+            self.active.retain(|r| !ended(r));
+        }
+        let after = match attr {
+            TaskAttr::Ordered => self.active.clone(),
+            TaskAttr::HeadOfQueue => Vec::new(),
+            TaskAttr::Simple | TaskAttr::Aca => self.barriers.clone(),
+        };
+        self.active.push(done_rx.clone());
+        if attr != TaskAttr::Simple {
+            self.barriers.push(done_rx.clone());
+        }
+        Turn { after, done_tx, done_rx }
     }
 
     async fn send_r2t(&mut self, itt: u32, pw: &mut PendingWrite) -> Result<(), ConnError> {
@@ -909,7 +991,16 @@ impl Session {
                 presented: 0,
                 status: Status::Good(pw.residual),
             };
-            self.spawn(itt, pw.slot, pw.lun, pw.cmd, Input::Data(pw.data.freeze()), respond, pw.room);
+            self.spawn(
+                itt,
+                pw.slot,
+                pw.lun,
+                pw.cmd,
+                Input::Data(pw.data.freeze()),
+                respond,
+                pw.room,
+                pw.turn,
+            );
             return Ok(Flow::Continue);
         }
         if at == pw.burst_end {
@@ -929,13 +1020,14 @@ impl Session {
         input: Input,
         resp: Response,
         room: Option<OwnedSemaphorePermit>,
+        mut turn: Turn,
     ) {
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
+        let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: turn.done_rx.clone() });
         self.running.insert(itt, ctl.clone());
         let tx = self.tx.clone();
         let p = self.p.clone();
         self.tasks.spawn(async move {
+            turn.wait().await;
             let result = match input {
                 Input::Data(data) => exec::execute(&lun, cmd, data).await,
                 Input::ReadAhead(hit) => exec::read_ahead(&lun, hit).await,
@@ -960,7 +1052,7 @@ impl Session {
                     let _ = tx.send(out).await;
                 }
             }
-            let _ = done_tx.send(true);
+            let _ = turn.done_tx.send(true);
             itt
         });
     }
