@@ -339,3 +339,115 @@ fn node_payload_budget_answers_task_set_full_when_spent() {
     assert_eq!(answered.expect("the READ succeeds once the budget is free"), block);
     still_serving(&d);
 }
+
+/// Peak resident memory of a process, from /proc (kB).
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn read16_cdb(lba: u64, blocks: u32) -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x88;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[10..14].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+/// One READ(16) with the given EDTL: (status, Data-In, residual flags
+/// (O 0x04, U 0x02), residual count), from the PDU that carries status.
+fn read16(c: &mut RawIscsi, lba: u64, blocks: u32, edtl: u32) -> (u8, Vec<u8>, u8, u32) {
+    let cmd = c.command(&read16_cdb(lba, blocks), edtl, true, false);
+    let itt = cmd.itt();
+    c.send(&cmd);
+    let mut data = Vec::new();
+    loop {
+        let p = c.recv().expect("answer");
+        assert_eq!(p.itt(), itt);
+        data.extend_from_slice(&p.data);
+        let op = p.raw_opcode();
+        if op == Opcode::ScsiResponse as u8 {
+            assert_eq!(data.len(), p.data.len(), "a SCSI Response after Data-In carries no data here");
+            return (p.bhs[3], Vec::new(), p.flags() & 0x06, p.u32_at(44));
+        }
+        assert_eq!(op, Opcode::DataIn as u8);
+        if p.flags() & 0x01 != 0 {
+            return (p.bhs[3], data, p.flags() & 0x06, p.u32_at(44));
+        }
+    }
+}
+
+/// A READ is charged to the node's payload budget by the larger of its
+/// CDB's length and the initiator's Expected Data Transfer Length, and
+/// reads (and allocates) only what it sends. READ(16)s of 32 MiB with EDTL
+/// 0 under a 64 MiB budget, a full window of them at a time and again as
+/// each is answered: every one ends GOOD with a residual overflow of 32 MiB
+/// (or TASK SET FULL while the budget is spent, and is sent again), and the
+/// daemon's peak RSS grows by less than the budget. A mismatch either way
+/// is answered with the residual RFC 7143 11.4.5 asks for.
+#[test]
+fn read_memory_is_bounded_by_the_budget_whatever_the_edtl() {
+    const BIG: u32 = 32 << 20;
+    let d = Daemon::start("64M", &["--payload-budget=64MiB", "--workers=2"]);
+    let mut c = RawIscsi::connect(d.iscsi_port);
+    c.login(Some(&d.iqn()));
+    let written = common::pattern(21, BIG as usize);
+    for (i, mib) in written.chunks(1 << 20).enumerate() {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&((i as u32) << 11).to_be_bytes());
+        cdb[7..9].copy_from_slice(&2048u16.to_be_bytes());
+        assert_eq!(c.run(&cdb, mib, 0).0, 0);
+    }
+    let before = vm_hwm_kib(d.pid());
+
+    // Keep 32 (the CmdSN window) in flight until 96 have been answered GOOD.
+    let (mut good, mut full, mut sent) = (0u32, 0u32, 0u32);
+    let mut in_flight = 0u32;
+    while good < 96 {
+        while in_flight < 32 && sent - full < 96 {
+            let cmd = c.command(&read16_cdb(0, BIG / 512), 0, true, false);
+            c.send(&cmd);
+            in_flight += 1;
+            sent += 1;
+        }
+        let p = c.recv().expect("answer");
+        assert_eq!(p.raw_opcode(), Opcode::ScsiResponse as u8, "no Data-In for EDTL 0");
+        in_flight -= 1;
+        match p.bhs[3] {
+            0 => {
+                assert_eq!((p.flags() & 0x06, p.u32_at(44)), (0x04, BIG), "residual overflow of 32 MiB");
+                good += 1;
+            }
+            0x28 => full += 1,
+            st => panic!("status {st:#x}"),
+        }
+    }
+    while in_flight > 0 {
+        let p = c.recv().expect("answer");
+        assert!(matches!(p.bhs[3], 0 | 0x28));
+        in_flight -= 1;
+    }
+    let after = vm_hwm_kib(d.pid());
+    eprintln!("VmHWM {before} kB before, {after} kB after: {} TASK SET FULL among {sent} READs", full);
+    assert!(after < before + (64 << 10), "peak RSS grew from {before} kB to {after} kB");
+
+    // EDTL short of the CDB: only EDTL bytes come back, the rest is overflow.
+    let (st, data, flags, res) = read16(&mut c, 0, BIG / 512, 4096);
+    assert_eq!((st, flags, res), (0, 0x04, BIG - 4096));
+    assert!(data == written[..4096]);
+    //    ... not a whole number of blocks.
+    let (st, data, flags, res) = read16(&mut c, 8, 8, 1000);
+    assert_eq!((st, flags, res), (0, 0x04, 4096 - 1000));
+    assert!(data == written[4096..4096 + 1000]);
+    // EDTL past the CDB: the CDB's length comes back, underflow for the rest.
+    let (st, data, flags, res) = read16(&mut c, 16, 8, 8192);
+    assert_eq!((st, flags, res), (0, 0x02, 4096));
+    assert!(data == written[8192..12288]);
+    // Out of range is judged on the CDB, whatever the EDTL.
+    let (st, data, _, _) = read16(&mut c, (64 << 20) / 512 - 4, 8, 0);
+    assert_eq!((st, data.len()), (0x02, 0));
+    c.logout();
+    assert!(!d.log_text().contains("panicked"));
+}

@@ -11,6 +11,7 @@ use basalt::node::{Node, VolumeOptions};
 use basalt::proto::iscsi::pdu::{Opcode, Pdu};
 use basalt::storage::{EngineKind, StoreConfig};
 use basalt::types::flatten_chunks;
+use bytes::Bytes;
 use common::iscsi::RawIscsi;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,4 +119,138 @@ fn cancel_drains_and_keeps_only_acknowledged_writes() {
     assert!(flatten_chunks(&got) == acked, "acknowledged write lost");
     let got = s.rt.block_on(vol.read(64 * 512, 128 << 10)).unwrap();
     assert!(flatten_chunks(&got).iter().all(|&b| b == 0), "unacknowledged write reached the volume");
+}
+
+/// The next answer to any command: (ITT, status, Data-In).
+fn answer(c: &mut RawIscsi) -> (u32, u8, Vec<u8>) {
+    let mut data = Vec::new();
+    loop {
+        let p = c.recv().expect("an answer");
+        match Opcode::from_u8(p.raw_opcode()) {
+            Some(Opcode::DataIn) => {
+                data.extend_from_slice(&p.data);
+                if p.flags() & 0x01 != 0 {
+                    return (p.itt(), p.bhs[3], data);
+                }
+            }
+            Some(Opcode::ScsiResponse) => return (p.itt(), p.bhs[3], data),
+            other => panic!("unexpected PDU {other:?}"),
+        }
+    }
+}
+
+fn with_attr(mut p: Pdu, attr: u8) -> Pdu {
+    p.bhs[1] = (p.bhs[1] & !0x07) | attr;
+    p
+}
+
+const SIMPLE: u8 = 1;
+const ORDERED: u8 = 2;
+const HEAD_OF_QUEUE: u8 = 3;
+
+fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = op;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+    cdb
+}
+
+/// A 128 KiB SIMPLE WRITE at `lba` with the first 64 KiB immediate: it
+/// stays pending (unstarted) until [`finish_write`] sends the rest.
+fn open_write(c: &mut RawIscsi, lba: u32, data: &[u8]) -> (u32, Pdu) {
+    let mut w = c.command(&rw10(0x2a, lba, 256), 128 << 10, false, true);
+    w.data = Bytes::copy_from_slice(&data[..65536]);
+    let itt = w.itt();
+    c.send(&w);
+    let r2t = c.recv().expect("R2T");
+    assert_eq!((r2t.raw_opcode(), r2t.itt()), (Opcode::R2t as u8, itt));
+    assert_eq!((r2t.u32_at(40), r2t.u32_at(44)), (65536, 65536));
+    (itt, r2t)
+}
+
+fn finish_write(c: &mut RawIscsi, itt: u32, r2t: &Pdu, data: &[u8]) {
+    let mut d = Pdu::new(Opcode::DataOut);
+    d.bhs[1] = 0x80;
+    d.set_itt(itt);
+    d.set_u32(20, r2t.word20());
+    d.set_u32(28, c.exp_stat_sn);
+    d.set_u32(40, 65536);
+    d.data = Bytes::copy_from_slice(&data[65536..]);
+    c.send(&d);
+}
+
+/// A 4 KiB WRITE of `data` at `lba`, all of it immediate, with `attr`.
+fn small_write(c: &mut RawIscsi, lba: u32, data: &[u8], attr: u8) -> u32 {
+    let mut w = with_attr(c.command(&rw10(0x2a, lba, 8), 4096, false, true), attr);
+    w.data = Bytes::copy_from_slice(data);
+    c.send(&w);
+    w.itt()
+}
+
+fn small_read(c: &mut RawIscsi, lba: u32, attr: u8) -> u32 {
+    let r = with_attr(c.command(&rw10(0x28, lba, 8), 4096, true, false), attr);
+    c.send(&r);
+    r.itt()
+}
+
+/// Task attributes (SAM-5 8.6), which INQUIRY's CmdQue bit promises. A
+/// SIMPLE write left waiting for its Data-Out holds back an ORDERED write
+/// to the same block and a SIMPLE read after it, but not a HEAD OF QUEUE
+/// read: that one is answered at once, with the old data. Once the Data-Out
+/// comes, the answers come in order (first write, ORDERED write, read),
+/// and the read and the medium show the ORDERED write landed after the
+/// first. Then SIMPLE, ORDERED, SIMPLE writes to one block end in that
+/// order, the last one's data on the medium; an ACA command is refused.
+#[test]
+fn ordered_and_head_of_queue_commands_keep_their_places() {
+    let s = server(IscsiConfig { nop_interval: None, ..Default::default() });
+    let mut c = RawIscsi::connect(s.port);
+    c.login(Some(IQN));
+    let old = common::pattern(1, 4096);
+    assert_eq!(c.write10(100, &old), 0);
+
+    let first = common::pattern(2, 128 << 10);
+    let ordered = common::pattern(3, 4096);
+    let (w1, r2t) = open_write(&mut c, 100, &first);
+    let w2 = small_write(&mut c, 100, &ordered, ORDERED);
+    let r1 = small_read(&mut c, 100, SIMPLE);
+    let h = small_read(&mut c, 100, HEAD_OF_QUEUE);
+    let (itt, st, data) = answer(&mut c);
+    assert_eq!((itt, st), (h, 0), "HEAD OF QUEUE is answered first (w1 {w1}, w2 {w2}, r1 {r1})");
+    assert!(data == old, "HEAD OF QUEUE ran before the writes");
+    finish_write(&mut c, w1, &r2t, &first);
+    let order: Vec<(u32, u8)> = (0..3)
+        .map(|_| {
+            let (itt, st, data) = answer(&mut c);
+            if itt == r1 {
+                assert!(data == ordered, "the SIMPLE read after the ORDERED write sees it");
+            }
+            (itt, st)
+        })
+        .collect();
+    assert_eq!(order, vec![(w1, 0), (w2, 0), (r1, 0)]);
+    assert_eq!(c.read10(100, 8), ordered, "the ORDERED write landed after the one before it");
+
+    let (a, b, last) = (common::pattern(4, 128 << 10), common::pattern(5, 4096), common::pattern(6, 4096));
+    let (w1, r2t) = open_write(&mut c, 200, &a);
+    let w2 = small_write(&mut c, 200, &b, ORDERED);
+    let w3 = small_write(&mut c, 200, &last, SIMPLE);
+    finish_write(&mut c, w1, &r2t, &a);
+    let order: Vec<(u32, u8)> = (0..3).map(|_| answer(&mut c)).map(|(itt, st, _)| (itt, st)).collect();
+    assert_eq!(order, vec![(w1, 0), (w2, 0), (w3, 0)]);
+    assert_eq!(c.read10(200, 8), last);
+    assert!(c.read10(208, 248) == a[4096..], "the rest of the first write");
+
+    // ACA outside an ACA condition: CHECK CONDITION, ILLEGAL REQUEST,
+    // INVALID MESSAGE ERROR; the session goes on.
+    let t = with_attr(c.command(&[0u8; 6], 0, false, false), 4);
+    c.send(&t);
+    let r = c.recv().expect("response");
+    assert_eq!((r.raw_opcode(), r.itt(), r.bhs[3]), (Opcode::ScsiResponse as u8, t.itt(), 0x02));
+    assert_eq!((r.data[2 + 2], r.data[2 + 12], r.data[2 + 13]), (0x05, 0x49, 0x00));
+    assert_eq!(c.test_unit_ready(), 0);
+    c.logout();
+    s.cancel.cancel();
+    s.rt.block_on(s.handle).unwrap().unwrap();
 }

@@ -57,6 +57,12 @@ impl RawIscsi {
 
     /// The next PDU, or None once the target closed the connection.
     pub fn recv(&mut self) -> Option<Pdu> {
+        self.try_recv().unwrap_or_else(|e| panic!("read: {e}"))
+    }
+
+    /// Like [`recv`], handing back a read error (a read timeout, say) so a
+    /// test can say what it was waiting for.
+    pub fn try_recv(&mut self) -> std::io::Result<Option<Pdu>> {
         loop {
             if let Some(p) = pdu::decode(&mut self.buf, &self.codec).unwrap() {
                 // PDUs carrying status advance ExpStatSN: not R2T, not Data-In
@@ -70,14 +76,16 @@ impl RawIscsi {
                 if status {
                     self.exp_stat_sn = p.word24().wrapping_add(1);
                 }
-                return Some(p);
+                return Ok(Some(p));
             }
             let mut tmp = [0u8; 65536];
             match self.s.read(&mut tmp) {
-                Ok(0) => return None,
+                Ok(0) => return Ok(None),
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
-                Err(e) => panic!("read: {e}"),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                // A signal to the test process (a child exiting, say) is not the target's doing.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }

@@ -1,29 +1,30 @@
 //! One iSCSI connection: login, then the full feature phase.
 //!
 //! Tasks: this reader (decodes PDUs, keeps the CmdSN window, collects
-//! Data-Out, spawns one task per SCSI command) and a writer that owns the
-//! socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every PDU in
-//! the order it sends them, so StatSN is always sequential on the wire.
+//! Data-Out, gives each SCSI command its place in the session's order and
+//! spawns one task per command, which waits for its turn) and a writer that
+//! owns the socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every
+//! PDU in the order it sends them, so StatSN is always sequential on the wire.
 
 use super::exec::{self, Lun};
 use super::{IQN_PREFIX, Shared, target_iqn};
 use crate::export::readahead::{Hit, ReadAhead};
 use crate::node::volume::MAX_PAYLOAD;
-use crate::proto::iscsi::login::{Login, SessionParams, Step, TargetLimits};
+use crate::proto::iscsi::login::{CMD_WINDOW, Login, SessionParams, Step, TargetLimits};
 use crate::proto::iscsi::pdu::{
-    self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason,
+    self, BHS_LEN, CodecConfig, Opcode, Pdu, PduError, RESERVED_TAG, RejectReason, TaskAttr,
 };
 use crate::proto::iscsi::scsi::{self, BLOCK, Command, LunInfo, Sense, status};
 use crate::proto::iscsi::text;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 /// ExpCmdSN + WINDOW - 1 - (commands in flight), so the window slides on
 /// completion, not on receipt, and bounds the work (and buffered Data-Out)
 /// an initiator can queue.
-const WINDOW: u32 = 32;
+const WINDOW: u32 = CMD_WINDOW;
 /// Immediate commands running at once before we refuse more.
-const MAX_IMMEDIATE: usize = 64;
+const MAX_IMMEDIATE: u32 = 64;
 
 /// Why a connection ended early; logged once.
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +56,59 @@ enum ConnError {
 
 /// The CmdSN window, shared by the reader (which admits commands) and the
 /// writer (which advertises it on every PDU).
+///
+/// ExpCmdSN and the number of admitted commands not yet answered (busy)
+/// share one atomic word, so a command is counted in the same step that
+/// moves ExpCmdSN past it, and the writer reads both at once: the MaxCmdSN
+/// it stamps is always one the reader honours. (With two atomics the
+/// writer could see ExpCmdSN moved but the command not yet counted,
+/// advertise a slot too many, and the initiator's command in it was
+/// dropped: ExpCmdSN stuck there and the session wedged.) MaxCmdSN never
+/// moves back, as RFC 7143 4.2.2.1 has initiators ignore a smaller one:
+/// admitting moves ExpCmdSN and busy up together, completing moves busy
+/// down. Only the reader moves ExpCmdSN; anyone may complete.
 #[derive(Debug)]
 struct Window {
-    exp_cmd_sn: AtomicU32,
-    busy: AtomicU32,
+    /// ExpCmdSN in the high half, busy (at most WINDOW) in the low half.
+    state: AtomicU64,
     immediate: AtomicU32,
 }
 
+/// One consistent reading of the window.
+#[derive(Debug, Clone, Copy)]
+struct Sn {
+    exp: u32,
+    max: u32,
+    busy: u32,
+}
+
+const EXP_ONE: u64 = 1 << 32;
+
 impl Window {
-    fn max_cmd_sn(&self) -> u32 {
-        let busy = self.busy.load(Ordering::Acquire).min(WINDOW);
-        self.exp_cmd_sn.load(Ordering::Acquire).wrapping_add(WINDOW - 1 - busy)
+    fn new(exp_cmd_sn: u32) -> Window {
+        Window { state: AtomicU64::new((exp_cmd_sn as u64) << 32), immediate: AtomicU32::new(0) }
+    }
+
+    fn now(&self) -> Sn {
+        let s = self.state.load(Ordering::Acquire);
+        let (exp, busy) = ((s >> 32) as u32, s as u32);
+        // A full window reads as MaxCmdSN = ExpCmdSN - 1 (RFC 7143: closed).
+        let open = WINDOW - busy.min(WINDOW);
+        Sn { exp, max: exp.wrapping_add(open).wrapping_sub(1), busy }
+    }
+
+    /// Moves ExpCmdSN past a command that holds no slot (reader only).
+    fn advance(&self) {
+        // The high half wraps on its own: the carry leaves the word.
+        self.state.fetch_add(EXP_ONE, Ordering::AcqRel);
+    }
+
+    /// Moves ExpCmdSN past a command and counts it busy, in one step
+    /// (reader only, after checking busy < WINDOW: completions only lower
+    /// busy meanwhile, so the check still holds).
+    fn take(self: &Arc<Self>) -> Slot {
+        self.state.fetch_add(EXP_ONE + 1, Ordering::AcqRel);
+        Slot { win: self.clone(), immediate: false }
     }
 }
 
@@ -77,18 +120,14 @@ struct Slot {
     immediate: bool,
 }
 
-impl Slot {
-    fn take(win: &Arc<Window>, immediate: bool) -> Slot {
-        let c = if immediate { &win.immediate } else { &win.busy };
-        c.fetch_add(1, Ordering::AcqRel);
-        Slot { win: win.clone(), immediate }
-    }
-}
-
 impl Drop for Slot {
     fn drop(&mut self) {
-        let c = if self.immediate { &self.win.immediate } else { &self.win.busy };
-        c.fetch_sub(1, Ordering::AcqRel);
+        if self.immediate {
+            self.win.immediate.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            // busy >= 1 while this slot exists: no borrow from ExpCmdSN.
+            self.win.state.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -256,9 +295,11 @@ async fn writer(
         let mut close = false;
         while let Some(m) = msg.take() {
             for (mut p, st) in m.pdus {
+                // One reading for both, so they never disagree.
+                let sn = win.now();
                 p.set_u32(24, stat_sn);
-                p.set_u32(32, win.max_cmd_sn());
-                p.set_u32(28, win.exp_cmd_sn.load(Ordering::Acquire));
+                p.set_u32(28, sn.exp);
+                p.set_u32(32, sn.max);
                 if st {
                     stat_sn = stat_sn.wrapping_add(1);
                 }
@@ -295,9 +336,34 @@ struct PendingWrite {
     next_data_sn: u32,
     slot: Slot,
     room: Option<OwnedSemaphorePermit>,
+    turn: Turn,
 }
 
-/// Control block of a running command, for task management.
+/// A command's place in the session's order (SAM-5 8.6): the commands it
+/// must see end before it starts, and the signal it gives when it ends
+/// (its response queued), which younger commands may wait on. Dropping
+/// the sender unstarted (an aborted or failed pending write) counts as
+/// ended too.
+struct Turn {
+    after: Vec<watch::Receiver<bool>>,
+    done_tx: watch::Sender<bool>,
+    done_rx: watch::Receiver<bool>,
+}
+
+impl Turn {
+    async fn wait(&mut self) {
+        for w in &mut self.after {
+            // Err: the sender went away unstarted, which is an end too.
+            let _ = w.wait_for(|d| *d).await;
+        }
+        self.after = Vec::new();
+    }
+}
+
+fn ended(r: &watch::Receiver<bool>) -> bool {
+    *r.borrow() || r.has_changed().is_err()
+}
+
 /// What a started command works from.
 enum Input {
     /// Its Data-Out payload (empty for commands without one).
@@ -306,9 +372,10 @@ enum Input {
     ReadAhead(Hit),
 }
 
+/// Control block of a running command, for task management.
 struct TaskCtl {
     aborted: tokio::sync::Mutex<bool>,
-    done: tokio::sync::watch::Receiver<bool>,
+    done: watch::Receiver<bool>,
 }
 
 struct Session {
@@ -324,6 +391,16 @@ struct Session {
     readahead: ReadAhead,
     next_ttt: u32,
     local: Option<std::net::SocketAddr>,
+    /// Done signals of the commands received and maybe not ended yet, in
+    /// order (pruned as they end): what an ORDERED command waits for.
+    active: Vec<watch::Receiver<bool>>,
+    /// Those of ORDERED and HEAD OF QUEUE commands: what a SIMPLE one waits for.
+    barriers: Vec<watch::Receiver<bool>>,
+    /// Non-immediate PDUs dropped for a CmdSN outside the window.
+    dropped: u64,
+    /// CmdSNs past ExpCmdSN taken as received without a command (ABORT
+    /// TASK of one that never came); at most a window's worth.
+    received_ahead: Vec<u32>,
 }
 
 /// What to do after handling a PDU.
@@ -348,11 +425,7 @@ async fn full_feature(
         header_digest: p.header_digest,
         data_digest: p.data_digest,
     };
-    let win = Arc::new(Window {
-        exp_cmd_sn: AtomicU32::new(p.exp_cmd_sn),
-        busy: AtomicU32::new(0),
-        immediate: AtomicU32::new(0),
-    });
+    let win = Arc::new(Window::new(p.exp_cmd_sn));
     let (tx, rx) = mpsc::channel::<Out>(64);
     let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
     let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
@@ -384,6 +457,10 @@ async fn full_feature(
         readahead: ReadAhead::default(),
         next_ttt: 1,
         local,
+        active: Vec::new(),
+        barriers: Vec::new(),
+        dropped: 0,
+        received_ahead: Vec::new(),
     };
     let nop_interval = shared.cfg.nop_interval;
     let mut last_rx = Instant::now();
@@ -490,28 +567,71 @@ impl Session {
         self.send(Out::one(reject(reason, &pdu.bhs), true)).await
     }
 
-    /// CmdSN rules (RFC 7143 4.2.2.1): an immediate command is taken as it
-    /// comes; any other must carry ExpCmdSN, which then advances. Commands
-    /// outside the window are dropped silently, as the RFC says.
-    fn accept_cmd_sn(&self, pdu: &Pdu) -> bool {
-        let cmd_sn = pdu.word24();
-        let exp = self.win.exp_cmd_sn.load(Ordering::Acquire);
+    /// CmdSN rules (RFC 7143 4.2.2.1) for a PDU that holds no slot while
+    /// it is handled (NOP-Out, Text, Task Management, Logout): an immediate
+    /// one is taken as it comes; any other must carry ExpCmdSN, which then
+    /// advances.
+    fn accept_cmd_sn(&mut self, pdu: &Pdu) -> bool {
         if pdu.immediate() {
             return true;
         }
-        let max = self.win.max_cmd_sn();
-        if cmd_sn == exp && !serial_lt(max, cmd_sn) {
-            self.win.exp_cmd_sn.store(exp.wrapping_add(1), Ordering::Release);
+        if !self.in_order(pdu) {
+            return false;
+        }
+        self.win.advance();
+        self.skip_received();
+        true
+    }
+
+    /// The same rules for a SCSI command, which also takes a slot of the
+    /// window (or of the immediate allowance) in the same step, held until
+    /// its response is queued. `None`: dropped as the RFC says.
+    fn admit(&mut self, pdu: &Pdu) -> Option<Slot> {
+        if pdu.immediate() {
+            self.win.immediate.fetch_add(1, Ordering::AcqRel);
+            return Some(Slot { win: self.win.clone(), immediate: true });
+        }
+        if !self.in_order(pdu) {
+            return None;
+        }
+        let slot = self.win.take();
+        self.skip_received();
+        Some(slot)
+    }
+
+    /// True if a non-immediate PDU carries ExpCmdSN inside the window. A
+    /// PDU outside it is dropped silently (the RFC's rule; a log line for
+    /// us). That is safe only because the window we advertise is honest:
+    /// an initiator that keeps to it never loses a command, and one that
+    /// times a lost command out gets its CmdSN back through ABORT TASK
+    /// (see [`Session::task_mgmt`]), so the session moves on.
+    fn in_order(&mut self, pdu: &Pdu) -> bool {
+        let cmd_sn = pdu.word24();
+        let sn = self.win.now();
+        if cmd_sn == sn.exp && sn.busy < WINDOW {
             return true;
         }
+        self.dropped += 1;
         tracing::warn!(
             cmd_sn,
-            exp_cmd_sn = exp,
-            max_cmd_sn = max,
+            exp_cmd_sn = sn.exp,
+            max_cmd_sn = sn.max,
             opcode = pdu.raw_opcode(),
+            dropped = self.dropped,
             "CmdSN outside the window: dropped"
         );
         false
+    }
+
+    /// Moves ExpCmdSN past CmdSNs already taken as received (by ABORT
+    /// TASK for a command that never came).
+    fn skip_received(&mut self) {
+        while !self.received_ahead.is_empty() {
+            let exp = self.win.now().exp;
+            let Some(i) = self.received_ahead.iter().position(|&c| c == exp) else { break };
+            self.received_ahead.swap_remove(i);
+            self.win.advance();
+        }
     }
 
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
@@ -571,16 +691,19 @@ impl Session {
             self.reject(RejectReason::ProtocolError, &pdu).await?;
             return Ok(Flow::Continue);
         }
-        if !self.accept_cmd_sn(&pdu) {
+        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
+            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
             return Ok(Flow::Continue);
         }
+        let Some(slot) = self.admit(&pdu) else {
+            return Ok(Flow::Continue);
+        };
+        // Every answer given here, before the command runs, first gives
+        // its slot back (drop(slot)), so the answer already opens the window.
         let itt = pdu.itt();
         if self.pending.contains_key(&itt) || self.running.contains_key(&itt) {
+            drop(slot);
             self.reject(RejectReason::TaskInProgress, &pdu).await?;
-            return Ok(Flow::Continue);
-        }
-        if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) as usize >= MAX_IMMEDIATE {
-            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
             return Ok(Flow::Continue);
         }
         let flags = pdu.flags();
@@ -589,17 +712,19 @@ impl Session {
         let lun_field = pdu.lun();
         let cdb: [u8; 16] = pdu.bhs[32..48].try_into().unwrap();
         let imm = pdu.data.clone();
-        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, status: st };
+        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, presented: 0, status: st };
         if imm.len() as u64 > edtl as u64
             || imm.len() as u32 > self.p.first_burst
             || (!imm.is_empty() && !write_f)
         {
+            drop(slot);
             self.reject(RejectReason::ProtocolError, &pdu).await?;
             return Err(ConnError::Protocol(format!("immediate data of {} bytes, EDTL {edtl}", imm.len())));
         }
         if !pdu.ahs.is_empty() || flags & 0x80 == 0 {
             // Extended CDBs are not supported; F=0 means unsolicited Data-Out follows, which InitialR2T=Yes forbids.
             let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, Residual::None));
+            drop(slot);
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
@@ -607,6 +732,7 @@ impl Session {
         let cmd = match scsi::parse(&cdb) {
             Ok(c) => c,
             Err(sense) => {
+                drop(slot);
                 self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
                 return Ok(Flow::Continue);
             }
@@ -618,14 +744,41 @@ impl Session {
                 if let Some(b) = d.first_mut() {
                     *b = 0x7f;
                 }
+                drop(slot);
                 self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
                 return Ok(Flow::Continue);
             }
         }
         if lun_field != 0 && !matches!(cmd, Command::ReportLuns { .. }) {
             let r = respond(Status::Check(Sense::LUN_NOT_SUPPORTED, Residual::None));
+            drop(slot);
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
+        }
+        let attr = pdu.task_attr();
+        if attr == TaskAttr::Aca {
+            // We never establish an ACA condition (INQUIRY says NORMACA 0),
+            // so a command that claims to run in one is refused (SAM-5).
+            let r = respond(Status::Check(Sense::INVALID_MESSAGE_ERROR, Residual::None));
+            drop(slot);
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
+        // A READ presents its CDB's length (SPDTL) but sends at most the
+        // EDTL (RFC 7143 11.4.5.1: the rest is a residual overflow), so it
+        // reads only the blocks it sends. The range is judged on the CDB.
+        let mut cmd = cmd;
+        let mut presented = 0u64;
+        if let Command::Read { lba, blocks, fua } = cmd {
+            if let Err(sense) = scsi::check_range(lba, blocks as u64, lun.info.blocks) {
+                drop(slot);
+                self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
+                return Ok(Flow::Continue);
+            }
+            presented = blocks as u64 * BLOCK;
+            let sent = presented.min(edtl as u64);
+            // Whole blocks: the last may be sent in part.
+            cmd = Command::Read { lba, blocks: sent.div_ceil(BLOCK) as u32, fua };
         }
         // Room in the node's payload budget for the data either way, taken
         // now and held until the response is written. When the node is out
@@ -633,7 +786,10 @@ impl Session {
         // queue depth, and nothing is buffered meanwhile. (Waiting here
         // instead could deadlock: this loop must keep reading the Data-Out
         // of the session's own pending writes, which may hold the room.)
-        let payload = cmd.data_out_len().max(if read_f { edtl as u64 } else { 0 }).min(MAX_PAYLOAD);
+        // Charged by the larger of what the CDB and the initiator say, so
+        // neither can make a command hold more than it paid for.
+        let payload =
+            cmd.data_out_len().max(if read_f { edtl as u64 } else { 0 }).max(presented).min(MAX_PAYLOAD);
         let room = match payload {
             0 => None,
             n => match self.shared.node.payload_budget().try_take(n) {
@@ -641,13 +797,16 @@ impl Session {
                 None => {
                     tracing::debug!(itt, bytes = n, "node payload budget spent: TASK SET FULL");
                     let r = respond(Status::Busy(status::TASK_SET_FULL));
+                    drop(slot);
                     self.send(r.pdus(Bytes::new(), &self.p)).await?;
                     return Ok(Flow::Continue);
                 }
             },
         };
+        // Its place in the order, from now: a pending write holds it while
+        // its Data-Out comes. (Dropped unused if it is refused below.)
+        let turn = self.turn(attr);
         let spdtl = cmd.data_out_len();
-        let mut cmd = cmd;
         let mut residual = Residual::None;
         if cmd.has_data_out() && (write_f || spdtl > 0) {
             let edtl_out = if write_f { edtl as u64 } else { 0 };
@@ -665,13 +824,13 @@ impl Session {
                     // Anything else cannot be done in part: refuse it.
                     None => {
                         let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, residual));
+                        drop(slot);
                         self.send(r.pdus(Bytes::new(), &self.p)).await?;
                         return Ok(Flow::Continue);
                     }
                 }
             }
             let spdtl = cmd.data_out_len();
-            let slot = Slot::take(&self.win, pdu.immediate());
             let want = spdtl as u32;
             let mut data = BytesMut::new();
             // Immediate data past what the command uses is accepted and dropped.
@@ -685,6 +844,7 @@ impl Session {
                     Input::Data(data.freeze()),
                     respond(Status::Good(residual)),
                     room,
+                    turn,
                 );
                 return Ok(Flow::Continue);
             }
@@ -702,6 +862,7 @@ impl Session {
                 next_data_sn: 0,
                 slot,
                 room,
+                turn,
             };
             self.send_r2t(itt, &mut pw).await?;
             self.pending.insert(itt, pw);
@@ -709,7 +870,6 @@ impl Session {
         }
         // No Data-Out wanted: anything the initiator meant to send is an underflow.
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
-        let slot = Slot::take(&self.win, pdu.immediate());
         let hit = match cmd {
             Command::Read { lba, blocks, .. }
                 if blocks > 0 && scsi::check_range(lba, blocks as u64, lun.info.blocks).is_ok() =>
@@ -720,8 +880,42 @@ impl Session {
             _ => None,
         };
         let input = hit.map_or(Input::Data(Bytes::new()), Input::ReadAhead);
-        self.spawn(itt, slot, lun, cmd, input, respond(Status::Good(res)), room);
+        self.spawn(
+            itt,
+            slot,
+            lun,
+            cmd,
+            input,
+            Response { presented, ..respond(Status::Good(res)) },
+            room,
+            turn,
+        );
         Ok(Flow::Continue)
+    }
+
+    /// The place of a command received now in the session's order
+    /// (SAM-5 8.6): SIMPLE waits for older ORDERED and HEAD OF QUEUE
+    /// commands, ORDERED for every older command, HEAD OF QUEUE for none.
+    /// Commands answered before they run (a bad CDB, TASK SET FULL) never
+    /// take a place: they do not enter the task set.
+    fn turn(&mut self, attr: TaskAttr) -> Turn {
+        let (done_tx, done_rx) = watch::channel(false);
+        self.barriers.retain(|r| !ended(r));
+        // Pruned when it is needed, and when it grows past what can be
+        // in flight, so a SIMPLE-only stream pays nothing per command.
+        if attr == TaskAttr::Ordered || self.active.len() > 4 * (WINDOW + MAX_IMMEDIATE) as usize {
+            self.active.retain(|r| !ended(r));
+        }
+        let after = match attr {
+            TaskAttr::Ordered => self.active.clone(),
+            TaskAttr::HeadOfQueue => Vec::new(),
+            TaskAttr::Simple | TaskAttr::Aca => self.barriers.clone(),
+        };
+        self.active.push(done_rx.clone());
+        if attr != TaskAttr::Simple {
+            self.barriers.push(done_rx.clone());
+        }
+        Turn { after, done_tx, done_rx }
     }
 
     async fn send_r2t(&mut self, itt: u32, pw: &mut PendingWrite) -> Result<(), ConnError> {
@@ -779,6 +973,7 @@ impl Session {
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
+                presented: 0,
                 status: Status::Check(sense, Residual::None),
             };
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
@@ -793,9 +988,19 @@ impl Session {
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
+                presented: 0,
                 status: Status::Good(pw.residual),
             };
-            self.spawn(itt, pw.slot, pw.lun, pw.cmd, Input::Data(pw.data.freeze()), respond, pw.room);
+            self.spawn(
+                itt,
+                pw.slot,
+                pw.lun,
+                pw.cmd,
+                Input::Data(pw.data.freeze()),
+                respond,
+                pw.room,
+                pw.turn,
+            );
             return Ok(Flow::Continue);
         }
         if at == pw.burst_end {
@@ -815,13 +1020,14 @@ impl Session {
         input: Input,
         resp: Response,
         room: Option<OwnedSemaphorePermit>,
+        mut turn: Turn,
     ) {
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: done_rx });
+        let ctl = Arc::new(TaskCtl { aborted: tokio::sync::Mutex::new(false), done: turn.done_rx.clone() });
         self.running.insert(itt, ctl.clone());
         let tx = self.tx.clone();
         let p = self.p.clone();
         self.tasks.spawn(async move {
+            turn.wait().await;
             let result = match input {
                 Input::Data(data) => exec::execute(&lun, cmd, data).await,
                 Input::ReadAhead(hit) => exec::read_ahead(&lun, hit).await,
@@ -833,7 +1039,9 @@ impl Session {
                         Status::Good(r) | Status::Check(_, r) => r,
                         Status::Busy(_) => Residual::None,
                     };
-                    Response { status: Status::Check(sense, res), ..resp }.pdus(Bytes::new(), &p)
+                    // Nothing was sent: the residual is of the EDTL, as before any data.
+                    Response { status: Status::Check(sense, res), presented: 0, ..resp }
+                        .pdus(Bytes::new(), &p)
                 }
             };
             out.hold = room;
@@ -844,7 +1052,7 @@ impl Session {
                     let _ = tx.send(out).await;
                 }
             }
-            let _ = done_tx.send(true);
+            let _ = turn.done_tx.send(true);
             itt
         });
     }
@@ -866,11 +1074,8 @@ impl Session {
                 } else if let Some(t) = self.running.get(&rtt) {
                     victims.push(t.clone());
                     0
-                } else if serial_lt(ref_cmd_sn, pdu.word24().wrapping_add(1)) {
-                    // Not found but already received and finished: complete (RFC 7143 11.5.1).
-                    0
                 } else {
-                    1
+                    self.abort_unknown(ref_cmd_sn, pdu.word24())
                 }
             }
             2 | 4 | 5 | 6 | 7 => {
@@ -904,6 +1109,34 @@ impl Session {
             RESERVED_TAG
         });
         Ok(if close_after { Flow::Close } else { Flow::Continue })
+    }
+
+    /// ABORT TASK of a task we do not have (RFC 7143 11.5.1). A RefCmdSN
+    /// inside the window and before the request's own CmdSN names a
+    /// command that was lost on the way: its CmdSN is taken as received,
+    /// so ExpCmdSN can move past it and the session goes on. One before
+    /// ExpCmdSN was received and answered already.
+    fn abort_unknown(&mut self, ref_cmd_sn: u32, tmf_cmd_sn: u32) -> u8 {
+        let sn = self.win.now();
+        let in_window = !serial_lt(ref_cmd_sn, sn.exp) && !serial_lt(sn.max, ref_cmd_sn);
+        if in_window && serial_lt(ref_cmd_sn, tmf_cmd_sn) {
+            tracing::warn!(
+                ref_cmd_sn,
+                exp_cmd_sn = sn.exp,
+                "ABORT TASK of a command never received: CmdSN taken"
+            );
+            if ref_cmd_sn == sn.exp {
+                self.win.advance();
+                self.skip_received();
+            } else if !self.received_ahead.contains(&ref_cmd_sn) {
+                self.received_ahead.push(ref_cmd_sn);
+            }
+            0
+        } else if serial_lt(ref_cmd_sn, sn.exp) {
+            0
+        } else {
+            1
+        }
     }
 
     async fn text(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
@@ -1013,6 +1246,9 @@ struct Response {
     lun_field: u64,
     edtl: u32,
     read_f: bool,
+    /// Data-In the command presents (its SPDTL) when that is more than the
+    /// payload it hands back: a READ cut to the EDTL reads only what is sent.
+    presented: u64,
     status: Status,
 }
 
@@ -1021,8 +1257,8 @@ impl Response {
     /// payload the command produced, before EDTL truncation).
     fn pdus(&self, data: Bytes, p: &SessionParams) -> Out {
         let mut out = Vec::new();
-        let spdtl = data.len() as u64;
-        let edtl = if self.read_f || !data.is_empty() { self.edtl as u64 } else { 0 };
+        let spdtl = (data.len() as u64).max(self.presented);
+        let edtl = if self.read_f || spdtl > 0 { self.edtl as u64 } else { 0 };
         let (sense, mut residual) = match self.status {
             Status::Good(r) => (None, r),
             Status::Check(s, r) => (Some(s), r),
@@ -1034,7 +1270,7 @@ impl Response {
                 return Out { pdus: vec![(r, true)], close: false, hold: None };
             }
         };
-        if !data.is_empty() || (self.read_f && matches!(residual, Residual::None)) {
+        if spdtl > 0 || (self.read_f && matches!(residual, Residual::None)) {
             residual = if spdtl > edtl {
                 Residual::Over((spdtl - edtl).min(u32::MAX as u64) as u32)
             } else if spdtl < edtl {
@@ -1043,7 +1279,7 @@ impl Response {
                 Residual::None
             };
         }
-        let send = data.slice(..spdtl.min(edtl) as usize);
+        let send = data.slice(..(data.len() as u64).min(edtl) as usize);
         let res_flags = |r: Residual| match r {
             Residual::None => (0u8, 0u32),
             Residual::Over(n) => (0x04, n),
@@ -1100,5 +1336,59 @@ impl Response {
             out.push((r, true));
         }
         Out { pdus: out, close: false, hold: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MaxCmdSN read while commands are admitted and completed on other
+    /// threads never moves back and never shows a slot a command could
+    /// not take: ExpCmdSN + WINDOW - 1 - busy, with busy counted at once.
+    #[test]
+    fn the_window_read_is_consistent_and_never_shrinks() {
+        let win = Arc::new(Window::new(u32::MAX - 1000)); // wraps on the way
+        assert_eq!(win.now().max, win.now().exp.wrapping_add(WINDOW - 1));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (win, done) = (win.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut last = win.now();
+                let mut reads = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    let sn = win.now();
+                    assert!(sn.busy <= WINDOW);
+                    assert_eq!(sn.max, sn.exp.wrapping_add(WINDOW - sn.busy).wrapping_sub(1));
+                    assert!(!serial_lt(sn.max, last.max), "MaxCmdSN {} after {}", sn.max, last.max);
+                    last = sn;
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Slot>(WINDOW as usize);
+        let completer = std::thread::spawn(move || {
+            while let Ok(slot) = rx.recv() {
+                drop(slot)
+            }
+        });
+        for _ in 0..200_000 {
+            while win.now().busy >= WINDOW {
+                std::hint::spin_loop();
+            }
+            tx.send(win.take()).unwrap();
+        }
+        drop(tx);
+        completer.join().unwrap();
+        done.store(true, Ordering::Release);
+        assert!(watcher.join().unwrap() > 0);
+        let sn = win.now();
+        assert_eq!((sn.exp, sn.busy), ((u32::MAX - 1000).wrapping_add(200_000), 0));
+        // A full window is closed: MaxCmdSN = ExpCmdSN - 1.
+        let slots: Vec<Slot> = (0..WINDOW).map(|_| win.take()).collect();
+        assert_eq!(win.now().max, win.now().exp.wrapping_sub(1));
+        drop(slots);
+        assert_eq!(win.now().max, win.now().exp.wrapping_add(WINDOW - 1));
     }
 }

@@ -1,5 +1,7 @@
 //! iSCSI target (RFC 7143): one target per volume (`iqn.2026-11.io.basalt:<volume>`),
-//! LUN 0, error recovery level 0, one connection per session.
+//! LUN 0, error recovery level 0, one connection per session. Commands of
+//! a session run concurrently as their task attributes allow (SAM-5: SIMPLE,
+//! ORDERED, HEAD OF QUEUE), which is what INQUIRY's CmdQue bit promises.
 //!
 //! Owns: the listener, one task per connection (login, then the full
 //! feature phase), and running SCSI commands against `node::Volume`.

@@ -13,6 +13,11 @@ pub const STAGE_SECURITY: u8 = 0;
 pub const STAGE_OPERATIONAL: u8 = 1;
 pub const STAGE_FULL_FEATURE: u8 = 3;
 
+/// Most non-immediate commands a session may have in flight: the CmdSN
+/// window a fresh session opens with (MaxCmdSN = ExpCmdSN + CMD_WINDOW - 1),
+/// which the full feature phase then slides as commands complete.
+pub const CMD_WINDOW: u32 = 32;
+
 /// Login status class/detail pairs we send (RFC 7143 11.13.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoginStatus {
@@ -187,7 +192,7 @@ impl Login {
         r.set_itt(self.itt);
         r.set_u32(24, self.stat_sn);
         r.set_u32(28, self.p.exp_cmd_sn);
-        r.set_u32(32, self.p.exp_cmd_sn.wrapping_add(31));
+        r.set_u32(32, self.p.exp_cmd_sn.wrapping_add(CMD_WINDOW - 1));
         r.set_u16(36, status as u16);
         r.data = Bytes::from(data);
         r

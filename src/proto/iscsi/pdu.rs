@@ -104,6 +104,21 @@ impl PduError {
     }
 }
 
+/// SAM-5 task attributes: how a command is ordered against the others of
+/// its session (SAM-5 8.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskAttr {
+    /// Waits only for older ORDERED and HEAD OF QUEUE commands.
+    Simple,
+    /// Starts once every older command has ended; younger SIMPLE and
+    /// ORDERED commands wait for it.
+    Ordered,
+    /// Starts at once; younger SIMPLE and ORDERED commands wait for it.
+    HeadOfQueue,
+    /// Only valid during an ACA condition, which we never establish.
+    Aca,
+}
+
 /// One PDU: the raw BHS plus its AHS and data segment (no padding, no digests).
 /// Field accessors read the BHS in place, so a PDU always re-encodes to the
 /// same bytes it was decoded from.
@@ -137,6 +152,18 @@ impl Pdu {
 
     pub fn immediate(&self) -> bool {
         self.bhs[0] & 0x40 != 0
+    }
+
+    /// The task attribute of a SCSI Command PDU (ATTR, byte 1 bits 0-2).
+    pub fn task_attr(&self) -> TaskAttr {
+        match self.bhs[1] & 0x07 {
+            2 => TaskAttr::Ordered,
+            3 => TaskAttr::HeadOfQueue,
+            4 => TaskAttr::Aca,
+            // 0 is untagged, which SAM-5 runs as SIMPLE; 5-7 are reserved
+            // and run as SIMPLE too rather than fail a whole command.
+            _ => TaskAttr::Simple,
+        }
     }
 
     pub fn set_immediate(&mut self, on: bool) {
@@ -323,6 +350,23 @@ pub fn encode(pdu: &Pdu, cfg: &CodecConfig, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_attributes() {
+        let mut p = Pdu::new(Opcode::ScsiCommand);
+        for (bits, attr) in [
+            (0, TaskAttr::Simple),
+            (1, TaskAttr::Simple),
+            (2, TaskAttr::Ordered),
+            (3, TaskAttr::HeadOfQueue),
+            (4, TaskAttr::Aca),
+            (5, TaskAttr::Simple),
+            (7, TaskAttr::Simple),
+        ] {
+            p.bhs[1] = 0x80 | 0x40 | bits;
+            assert_eq!(p.task_attr(), attr, "ATTR {bits}");
+        }
+    }
 
     fn cfg() -> CodecConfig {
         CodecConfig { max_recv_data: 65536, header_digest: false, data_digest: false }

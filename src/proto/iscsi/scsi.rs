@@ -72,6 +72,8 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00);
     pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
     pub const MISCOMPARE_DURING_VERIFY: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
+    /// SAM-5: a command with the ACA task attribute when no ACA condition exists.
+    pub const INVALID_MESSAGE_ERROR: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x49, 0x00);
     /// Data-Out sequence errors (SPC-4 ASC 0x4B family).
     pub const DATA_PHASE_ERROR: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x00);
     pub const INVALID_TTT: Sense = Sense::new(key::ABORTED_COMMAND, 0x4b, 0x01);
