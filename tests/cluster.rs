@@ -151,7 +151,7 @@ fn leader_kill9_new_leader_then_catch_up_from_log_and_by_snapshot() {
         v.status.success() && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 65).unwrap_or(false)
     });
     assert!(
-        c.log(old).contains("snapshot"),
+        c.log(old).contains("restore snapshot") || c.log(old).contains("restored snapshot"),
         "the node caught up by snapshot (log has no snapshot line):\n{}",
         c.log(old)
     );
