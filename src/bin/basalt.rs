@@ -180,6 +180,18 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// Bytes for people: 252.0GiB, 16.0MiB, 512B.
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b}B") } else { format!("{v:.1}{}", units[u]) }
+}
+
 fn opt_addr(a: Option<SocketAddr>) -> String {
     a.map_or("-".into(), |a| a.to_string())
 }
@@ -194,8 +206,8 @@ fn node_rows(nodes: &[NodeInfo], leader: Option<u64>) -> String {
                 n.zone.clone(),
                 n.state.clone(),
                 role,
-                ByteSize(n.capacity).to_string(),
-                ByteSize(n.used).to_string(),
+                human(n.capacity),
+                human(n.used),
                 n.pid.to_string(),
                 n.addresses.peer.to_string(),
                 opt_addr(n.addresses.nbd),
@@ -214,7 +226,7 @@ fn volume_rows(vols: &[VolumeInfo]) -> String {
             vec![
                 v.name.clone(),
                 v.id.to_string(),
-                ByteSize(v.size).to_string(),
+                human(v.size),
                 format!("{}/{}", v.min_replicas, v.replicas),
                 ByteSize(v.extent_size).to_string(),
                 format!("{}x{}", ByteSize(v.stripe_unit), v.stripe_width),

@@ -120,10 +120,18 @@ async fn serve(nodes: &[DemoNode], children: &mut [Option<Child>], volume: Creat
         let c = &node.config;
         let owner = vol.owner.as_ref().is_some_and(|o| status.nodes.iter().any(|n| n.id == o.node
             && n.addresses.admin == c.listen.admin));
-        let tag = if owner { " (owner)" } else { "" };
-        if let Some(nbd) = c.listen.nbd {
-            println!("  node {}{tag}: nbd://{nbd}/{name}  admin {}  log {}", node.index + 1, c.listen.admin,
-                node.dir.join("basaltd.log").display());
+        let log = node.dir.join("basaltd.log");
+        match c.listen.nbd {
+            Some(nbd) if owner => {
+                println!("  node {} (owner): nbd://{nbd}/{name}  admin {}  log {}", node.index + 1, c.listen.admin,
+                    log.display());
+            }
+            _ => println!(
+                "  node {}: admin {}  log {} (serves the volume once the replicated data path lands)",
+                node.index + 1,
+                c.listen.admin,
+                log.display()
+            ),
         }
     }
     println!("  basalt --admin {admin} cluster status");
