@@ -53,6 +53,7 @@
 //!   exists).
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod export;
 pub mod layout;

@@ -1,0 +1,524 @@
+//! A small async NBD client: one TCP connection, fixed newstyle handshake
+//! with `NBD_OPT_GO`, structured replies and `base:allocation`, and
+//! requests pipelined by handle.
+//!
+//! Owns: the connection and the map of requests in flight. Two tasks serve
+//! it: a writer that sends whole request frames taken from a channel (so a
+//! caller dropping its request future can never tear a frame on the wire),
+//! and a reader that checks every reply with [`super::codec`] before
+//! buffering its payload and hands each result to the waiting caller. Must
+//! never: trust a length or an offset from the server unchecked, buffer
+//! more than a request can legitimately carry, or hang a caller once the
+//! connection is gone (every request in flight fails with the reason).
+
+use super::codec::{self, Expect, Extent, Info, ProtocolError, ReplyHeader};
+use crate::proto::nbd::*;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a request or the connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("cannot connect to the NBD server at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NBD handshake with {addr} failed")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: Box<NbdError>,
+    },
+    #[error("the server refused export {export:?}: {message}")]
+    Refused { export: String, message: String },
+    #[error("the server does not support {0}")]
+    Unsupported(&'static str),
+    #[error("connection to the NBD server broke")]
+    Io(#[source] std::io::Error),
+    #[error("the NBD server closed the connection")]
+    Closed,
+    #[error("the NBD server broke the protocol")]
+    Protocol(#[source] ProtocolError),
+    #[error("the NBD server failed {cmd} at offset {offset} ({len} bytes): {} ({errno}){}", codec::errno_name(*errno), if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Server { cmd: &'static str, offset: u64, len: u32, errno: u32, message: String },
+    #[error("connection to the NBD server lost")]
+    Lost(#[source] Arc<NbdError>),
+}
+
+impl From<ProtocolError> for NbdError {
+    fn from(e: ProtocolError) -> Self {
+        NbdError::Protocol(e)
+    }
+}
+
+impl From<std::io::Error> for NbdError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof { NbdError::Closed } else { NbdError::Io(e) }
+    }
+}
+
+pub type Result<T, E = NbdError> = std::result::Result<T, E>;
+
+/// What the handshake learned about the export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: u16,
+    pub min_block: u32,
+    pub preferred_block: u32,
+    /// Largest READ/WRITE/WRITE_ZEROES payload the server takes.
+    pub max_payload: u32,
+    /// Id of `base:allocation`, if the server granted it.
+    pub allocation_context: Option<u32>,
+}
+
+impl ExportInfo {
+    pub fn read_only(&self) -> bool {
+        self.flags & TFLAG_READ_ONLY != 0
+    }
+    pub fn can_write_zeroes(&self) -> bool {
+        self.flags & TFLAG_SEND_WRITE_ZEROES != 0
+    }
+    pub fn can_trim(&self) -> bool {
+        self.flags & TFLAG_SEND_TRIM != 0
+    }
+    pub fn can_flush(&self) -> bool {
+        self.flags & TFLAG_SEND_FLUSH != 0
+    }
+}
+
+/// Largest payload asked for when the server names no maximum (the
+/// protocol's default is 32 MiB).
+const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Outcome of one request, as the reader hands it over.
+enum Answer {
+    Ack,
+    Read(Bytes),
+    Extents(Vec<Extent>),
+}
+
+struct Pending {
+    cmd: &'static str,
+    offset: u64,
+    len: u32,
+    expect: Expect,
+    reply: oneshot::Sender<Result<Answer>>,
+}
+
+/// State shared between callers and the reader.
+#[derive(Default)]
+struct Shared {
+    pending: HashMap<u64, Pending>,
+    /// Set once the connection is gone; later requests fail with it.
+    dead: Option<Arc<NbdError>>,
+}
+
+struct Frame {
+    header: BytesMut,
+    payload: Option<Bytes>,
+    /// NBD_CMD_DISC: the writer closes its half after it.
+    last: bool,
+}
+
+/// A connected client. Requests may be issued concurrently from many tasks
+/// (`&self`); they are pipelined on the one connection.
+#[derive(Debug)]
+pub struct NbdClient {
+    info: ExportInfo,
+    next_handle: AtomicU64,
+    shared: Arc<Mutex<Shared>>,
+    tx: mpsc::UnboundedSender<Frame>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("pending", &self.pending.len()).field("dead", &self.dead).finish()
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+async fn read_array<const N: usize>(r: &mut (impl AsyncReadExt + Unpin)) -> Result<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b).await?;
+    Ok(b)
+}
+
+async fn read_vec(r: &mut (impl AsyncReadExt + Unpin), len: usize) -> Result<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    r.read_exact(&mut v).await?;
+    Ok(v)
+}
+
+/// One option and its replies, up to and including the final one (ACK or
+/// an error); `on_reply` sees each non-final reply's type and data.
+async fn option(
+    rd: &mut BufReader<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    option: u32,
+    data: &[u8],
+    mut on_reply: impl FnMut(u32, &[u8]) -> Result<()>,
+) -> Result<Result<(), (u32, String)>> {
+    let mut out = BytesMut::new();
+    codec::encode_option(&mut out, option, data);
+    wr.write_all(&out).await?;
+    // Bounded: each reply is capped, and a server may not send more than a
+    // few per option; a stream of them ends with the connection.
+    loop {
+        let h = codec::decode_option_reply(&read_array::<20>(rd).await?, option)?;
+        let data = read_vec(rd, h.len as usize).await?;
+        match h.kind {
+            REP_ACK => return Ok(Ok(())),
+            k if k & (1 << 31) != 0 => return Ok(Err((k, String::from_utf8_lossy(&data).into_owned()))),
+            k => on_reply(k, &data)?,
+        }
+    }
+}
+
+async fn handshake(
+    stream: TcpStream,
+    export: &str,
+) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf, ExportInfo)> {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let flags = codec::decode_greeting(&read_array::<18>(&mut rd).await?)?;
+    let mut cflags = FLAG_C_FIXED_NEWSTYLE;
+    if flags & FLAG_NO_ZEROES != 0 {
+        cflags |= FLAG_C_NO_ZEROES;
+    }
+    wr.write_all(&cflags.to_be_bytes()).await?;
+
+    if option(&mut rd, &mut wr, OPT_STRUCTURED_REPLY, &[], |_, _| Ok(())).await?.is_err() {
+        return Err(NbdError::Unsupported("structured replies"));
+    }
+    let mut context = None;
+    // Refusal is fine: without base:allocation, every block counts as data.
+    let _ = option(&mut rd, &mut wr, OPT_SET_META_CONTEXT, &codec::meta_data(export), |kind, data| {
+        if kind == REP_META_CONTEXT {
+            context = context.or(codec::decode_meta_context(data)?);
+        }
+        Ok(())
+    })
+    .await?;
+
+    let (mut size, mut tflags, mut sizes) = (None, 0u16, None);
+    let go = option(&mut rd, &mut wr, OPT_GO, &codec::go_data(export), |kind, data| {
+        if kind == REP_INFO {
+            match codec::decode_info(data)? {
+                Info::Export { size: s, flags } => (size, tflags) = (Some(s), flags),
+                Info::BlockSize { min, preferred, max } => sizes = Some((min, preferred, max)),
+                Info::Other => {}
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    if let Err((_, message)) = go {
+        return Err(NbdError::Refused { export: export.to_string(), message });
+    }
+    let size = size.ok_or(ProtocolError::NoAnswer)?;
+    let (min_block, preferred_block, max_payload) = sizes.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
+    let info = ExportInfo {
+        name: export.to_string(),
+        size,
+        flags: tflags,
+        min_block,
+        preferred_block,
+        max_payload: max_payload.min(DEFAULT_MAX_PAYLOAD),
+        allocation_context: context,
+    };
+    Ok((rd, wr, info))
+}
+
+impl NbdClient {
+    /// Connects to `addr` (host:port) and opens `export`.
+    pub async fn connect(addr: &str, export: &str) -> Result<NbdClient> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| NbdError::Connect { addr: addr.to_string(), source })?;
+        let _ = stream.set_nodelay(true);
+        let (rd, wr, info) = match handshake(stream, export).await {
+            Ok(x) => x,
+            Err(e @ NbdError::Refused { .. }) => return Err(e),
+            Err(e) => return Err(NbdError::Handshake { addr: addr.to_string(), source: Box::new(e) }),
+        };
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(wr, rx, shared.clone()));
+        let reader = tokio::spawn(read_loop(rd, shared.clone()));
+        Ok(NbdClient { info, next_handle: AtomicU64::new(1), shared, tx, reader, writer })
+    }
+
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    async fn request(
+        &self,
+        cmd: &'static str,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<Bytes>,
+        expect: Expect,
+    ) -> Result<Answer> {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        {
+            let mut s = self.shared.lock().unwrap();
+            if let Some(dead) = &s.dead {
+                return Err(NbdError::Lost(dead.clone()));
+            }
+            // In the map before the frame is queued: the reply cannot
+            // overtake it.
+            s.pending.insert(handle, Pending { cmd, offset, len, expect, reply });
+        }
+        let mut header = BytesMut::with_capacity(28);
+        codec::encode_request(&mut header, 0, kind, handle, offset, len);
+        if self.tx.send(Frame { header, payload, last: false }).is_err() {
+            self.shared.lock().unwrap().pending.remove(&handle);
+            return Err(NbdError::Closed);
+        }
+        // Dropping this future here is safe: the frame is whole in the
+        // channel, and the reader discards a reply nobody waits for.
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(NbdError::Closed),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` (holes come back as zeros).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes> {
+        match self.request("READ", CMD_READ, offset, len, None, Expect::Read { offset, len }).await? {
+            Answer::Read(b) => Ok(b),
+            _ => Err(ProtocolError::NoAnswer.into()),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| NbdError::Unsupported("writes over 4 GiB"))?;
+        self.request("WRITE", CMD_WRITE, offset, len, Some(data), Expect::Ack).await.map(|_| ())
+    }
+
+    /// Zeroes the range, letting the server deallocate it (no NO_HOLE).
+    pub async fn write_zeroes(&self, offset: u64, len: u32) -> Result<()> {
+        self.request("WRITE_ZEROES", CMD_WRITE_ZEROES, offset, len, None, Expect::Ack).await.map(|_| ())
+    }
+
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<()> {
+        self.request("TRIM", CMD_TRIM, offset, len, None, Expect::Ack).await.map(|_| ())
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        self.request("FLUSH", CMD_FLUSH, 0, 0, None, Expect::Ack).await.map(|_| ())
+    }
+
+    /// base:allocation extents from `offset`, covering at most `len` bytes
+    /// (the server may describe less). Needs the context granted.
+    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>> {
+        let context = self.info.allocation_context.ok_or(NbdError::Unsupported("base:allocation"))?;
+        let expect = Expect::BlockStatus { len, context, min_block: self.info.min_block };
+        match self.request("BLOCK_STATUS", CMD_BLOCK_STATUS, offset, len, None, expect).await? {
+            Answer::Extents(e) => Ok(e),
+            _ => Err(ProtocolError::NoAnswer.into()),
+        }
+    }
+
+    /// Sends NBD_CMD_DISC after everything queued, and waits until it is
+    /// on the wire.
+    pub async fn disconnect(mut self) {
+        let mut header = BytesMut::with_capacity(28);
+        codec::encode_request(&mut header, 0, CMD_DISC, 0, 0, 0);
+        if self.tx.send(Frame { header, payload: None, last: true }).is_ok() {
+            let _ = (&mut self.writer).await;
+        }
+    }
+}
+
+/// Fails every request in flight (and all later ones) with `err`.
+fn kill(shared: &Mutex<Shared>, err: NbdError) {
+    let mut s = shared.lock().unwrap();
+    let err = s.dead.get_or_insert_with(|| Arc::new(err)).clone();
+    for (_, p) in s.pending.drain() {
+        let _ = p.reply.send(Err(NbdError::Lost(err.clone())));
+    }
+}
+
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, shared: Arc<Mutex<Shared>>) {
+    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    let result: std::io::Result<()> = async {
+        while let Some(f) = rx.recv().await {
+            let mut next = Some(f);
+            // Batch whatever is queued into as few syscalls as possible.
+            while let Some(f) = next {
+                wr.write_all(&f.header).await?;
+                if let Some(p) = f.payload {
+                    wr.write_all(&p).await?;
+                }
+                if f.last {
+                    wr.flush().await?;
+                    return wr.shutdown().await;
+                }
+                next = rx.try_recv().ok();
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        kill(&shared, NbdError::from(e));
+    }
+}
+
+/// A request being answered: its entry, and the READ buffer being filled.
+struct Active {
+    p: Pending,
+    buf: Option<BytesMut>,
+    covered: u64,
+    extents: Option<Vec<Extent>>,
+    error: Option<NbdError>,
+}
+
+async fn read_loop(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Mutex<Shared>>) {
+    let mut active: HashMap<u64, Active> = HashMap::new();
+    let err = loop {
+        match read_one(&mut rd, &shared, &mut active).await {
+            Ok(()) => {}
+            Err(e) => break e,
+        }
+    };
+    for (_, a) in active.drain() {
+        let _ = a.p.reply.send(Err(NbdError::Closed));
+    }
+    kill(&shared, err);
+}
+
+fn take_active<'a>(
+    shared: &Mutex<Shared>,
+    active: &'a mut HashMap<u64, Active>,
+    handle: u64,
+) -> Result<&'a mut Active> {
+    if !active.contains_key(&handle) {
+        let p = shared.lock().unwrap().pending.remove(&handle).ok_or(ProtocolError::UnknownHandle(handle))?;
+        let buf = match p.expect {
+            Expect::Read { len, .. } => Some(BytesMut::zeroed(len as usize)),
+            _ => None,
+        };
+        active.insert(handle, Active { p, buf, covered: 0, extents: None, error: None });
+    }
+    Ok(active.get_mut(&handle).expect("inserted above"))
+}
+
+async fn read_one(
+    rd: &mut BufReader<OwnedReadHalf>,
+    shared: &Mutex<Shared>,
+    active: &mut HashMap<u64, Active>,
+) -> Result<()> {
+    let magic = read_array::<4>(rd).await?;
+    let n = codec::header_len(magic)?;
+    let mut hdr = [0u8; codec::CHUNK_HEADER_LEN];
+    hdr[..4].copy_from_slice(&magic);
+    rd.read_exact(&mut hdr[4..n]).await?;
+    match codec::decode_reply_header(&hdr[..n])? {
+        ReplyHeader::Simple { handle, error } => {
+            let a = take_active(shared, active, handle)?;
+            if error == 0 && matches!(a.p.expect, Expect::Read { .. } | Expect::BlockStatus { .. }) {
+                return Err(ProtocolError::SimpleReadReply.into());
+            }
+            let a = active.remove(&handle).expect("taken above");
+            let r = if error == 0 { Ok(Answer::Ack) } else { Err(server_error(&a.p, error, String::new())) };
+            let _ = a.p.reply.send(r);
+        }
+        ReplyHeader::Chunk(h) => {
+            let a = take_active(shared, active, h.handle)?;
+            let len = codec::check_chunk(&h, &a.p.expect)?;
+            match h.kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let offset = u64::from_be_bytes(read_array::<8>(rd).await?);
+                    let range = codec::data_range(offset, len, &a.p.expect)?;
+                    a.covered += range.len() as u64;
+                    let buf = a.buf.as_mut().expect("READs have a buffer");
+                    rd.read_exact(&mut buf[range]).await?;
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    let p = read_array::<12>(rd).await?;
+                    let range = codec::hole_range(&p, &a.p.expect)?;
+                    a.covered += range.len() as u64; // the buffer is zeroed already
+                }
+                REPLY_TYPE_BLOCK_STATUS => {
+                    let p = read_vec(rd, len).await?;
+                    if a.extents.is_some() {
+                        // One context was selected: one chunk per request.
+                        return Err(ProtocolError::BadChunk {
+                            cmd: "BLOCK_STATUS",
+                            kind: h.kind,
+                            len: h.len,
+                        }
+                        .into());
+                    }
+                    a.extents = Some(codec::decode_block_status(&p, &a.p.expect)?);
+                }
+                REPLY_TYPE_NONE => {}
+                _ => {
+                    let p = read_vec(rd, len).await?;
+                    let (errno, message) = codec::decode_error(&p);
+                    a.error.get_or_insert(server_error(&a.p, errno, message));
+                }
+            }
+            if h.done() {
+                // (The caller may have given up waiting: then nobody hears it.)
+                finish(active.remove(&h.handle).expect("taken above"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn server_error(p: &Pending, errno: u32, message: String) -> NbdError {
+    NbdError::Server { cmd: p.cmd, offset: p.offset, len: p.len, errno, message }
+}
+
+/// The answer of a request whose last chunk arrived; sends it to the
+/// caller and returns a protocol error for the reader to close on.
+fn finish(a: Active) -> Result<()> {
+    let r = match (a.error, a.p.expect) {
+        (Some(e), _) => Err(e),
+        (None, Expect::Read { len, .. }) if a.covered != len as u64 => {
+            Err(ProtocolError::ReadIncomplete { got: a.covered, want: len }.into())
+        }
+        (None, Expect::Read { .. }) => Ok(Answer::Read(a.buf.expect("READs have a buffer").freeze())),
+        (None, Expect::BlockStatus { .. }) => match a.extents {
+            Some(e) => Ok(Answer::Extents(e)),
+            None => Err(ProtocolError::NoAnswer.into()),
+        },
+        (None, Expect::Ack) => Ok(Answer::Ack),
+    };
+    let fatal = match &r {
+        Err(NbdError::Protocol(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let _ = a.p.reply.send(r);
+    match fatal {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
