@@ -49,6 +49,7 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();
+            eprintln!(); // the bar leaves the cursor on its line
         }
     }
 
@@ -56,6 +57,7 @@ impl Progress {
     pub fn abandon(&self) {
         if let Some(b) = &self.bar {
             b.abandon();
+            eprintln!();
         }
     }
 }
