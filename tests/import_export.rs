@@ -114,7 +114,8 @@ fn server_allocated(d: &Daemon, size: u64) -> Vec<bool> {
     let mut next = 0;
     for line in stdout(&out).lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (off, len, kind): (u64, u64, u32) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+        let (off, len, kind): (u64, u64, u32) =
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
         assert_eq!(off, next, "map is contiguous: {line}");
         assert_eq!((off % BLOCK, len % BLOCK), (0, 0), "map in whole blocks: {line}");
         blocks.extend(std::iter::repeat_n(kind & 1 == 0, (len / BLOCK) as usize));
@@ -135,11 +136,27 @@ fn assert_same_holes(server: &[bool], img: &Image) {
 }
 
 fn import_json(d: &Daemon, file: &Path) -> Value {
-    summary(&basalt_ok(&["volume", "import", "demo", file.to_str().unwrap(), "--nbd", &nbd_addr(d), "--json"]))
+    summary(&basalt_ok(&[
+        "volume",
+        "import",
+        "demo",
+        file.to_str().unwrap(),
+        "--nbd",
+        &nbd_addr(d),
+        "--json",
+    ]))
 }
 
 fn export_json(d: &Daemon, file: &Path) -> Value {
-    summary(&basalt_ok(&["volume", "export", "demo", file.to_str().unwrap(), "--nbd", &nbd_addr(d), "--json"]))
+    summary(&basalt_ok(&[
+        "volume",
+        "export",
+        "demo",
+        file.to_str().unwrap(),
+        "--nbd",
+        &nbd_addr(d),
+        "--json",
+    ]))
 }
 
 #[test]
@@ -242,7 +259,8 @@ fn progress_bar_on_a_terminal_only() {
     let out = run_ok("script", &["-qec", &format!("{cmd} --json"), "/dev/null"]);
     let tty = stdout(&out);
     assert!(!tty.contains("ETA") && !tty.contains('\x1b'), "{tty:?}");
-    let v: Value = serde_json::from_str(&tty.replace("\r\n", "\n")).unwrap_or_else(|e| panic!("{e}: {tty:?}"));
+    let v: Value =
+        serde_json::from_str(&tty.replace("\r\n", "\n")).unwrap_or_else(|e| panic!("{e}: {tty:?}"));
     assert_eq!(v["data_bytes"], img.data_bytes());
 }
 
@@ -269,14 +287,16 @@ fn unreachable_servers_fail_with_a_clear_message() {
     let img = write_file(dir.path(), "x.img", &pattern(6, 4096));
     let port = free_port();
     for verb in ["import", "export"] {
-        let out = basalt(&["volume", verb, "demo", img.to_str().unwrap(), "--nbd", &format!("127.0.0.1:{port}")]);
+        let out =
+            basalt(&["volume", verb, "demo", img.to_str().unwrap(), "--nbd", &format!("127.0.0.1:{port}")]);
         assert_eq!(out.status.code(), Some(1));
         let e = stderr(&out);
         assert!(e.contains(&format!("cannot connect to the NBD server at 127.0.0.1:{port}")), "{e}");
         assert!(e.contains("refused"), "{e}");
     }
     // Without --nbd the admin API is asked; none is there.
-    let out = basalt(&["--admin", &format!("127.0.0.1:{port}"), "volume", "import", "demo", img.to_str().unwrap()]);
+    let out =
+        basalt(&["--admin", &format!("127.0.0.1:{port}"), "volume", "import", "demo", img.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot reach the admin API"), "{}", stderr(&out));
 }
@@ -328,7 +348,8 @@ fn proxy(upstream: u16, writes: usize, mode: Mode) -> (u16, mpsc::Receiver<()>) 
             let Some(h) = read_exact_vec(&mut client, 28) else { return };
             let cmd = u16::from_be_bytes([h[6], h[7]]);
             let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
-            let payload = if cmd == 1 { read_exact_vec(&mut client, len).unwrap_or_default() } else { vec![] };
+            let payload =
+                if cmd == 1 { read_exact_vec(&mut client, len).unwrap_or_default() } else { vec![] };
             if seen == writes {
                 match mode {
                     Mode::Cut => {

@@ -125,8 +125,9 @@ struct TransferArgs {
 /// The NBD address that serves `volume`: its owner's, else the answering
 /// node's.
 fn nbd_address(c: &Client, volume: &str) -> Result<String, String> {
-    let v: VolumeInfo = c.get(&format!("/v1/volumes/{volume}"))?;
-    let s: ClusterStatus = c.get("/v1/cluster")?;
+    let hint = |e: String| format!("{e}; or pass --nbd HOST:PORT");
+    let v: VolumeInfo = c.get(&format!("/v1/volumes/{volume}")).map_err(hint)?;
+    let s: ClusterStatus = c.get("/v1/cluster").map_err(hint)?;
     let nbd_of = |id: u64| s.nodes.iter().find(|n| n.id == id).and_then(|n| n.addresses.nbd);
     let owner = v.owner.map_or(s.this_node, |o| o.node);
     let addr = nbd_of(owner).or_else(|| nbd_of(s.this_node)).ok_or_else(|| {

@@ -353,13 +353,15 @@ impl NbdClient {
     }
 }
 
-/// Fails every request in flight (and all later ones) with `err`.
-fn kill(shared: &Mutex<Shared>, err: NbdError) {
+/// Fails every request in flight (and all later ones) with `err`; returns
+/// the reason that stands (the first one, if both tasks fail).
+fn kill(shared: &Mutex<Shared>, err: NbdError) -> Arc<NbdError> {
     let mut s = shared.lock().unwrap();
     let err = s.dead.get_or_insert_with(|| Arc::new(err)).clone();
     for (_, p) in s.pending.drain() {
         let _ = p.reply.send(Err(NbdError::Lost(err.clone())));
     }
+    err
 }
 
 async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, shared: Arc<Mutex<Shared>>) {
@@ -406,10 +408,11 @@ async fn read_loop(mut rd: BufReader<OwnedReadHalf>, shared: Arc<Mutex<Shared>>)
             Err(e) => break e,
         }
     };
+    // The requests being answered fail with the reason too.
+    let err = kill(&shared, err);
     for (_, a) in active.drain() {
-        let _ = a.p.reply.send(Err(NbdError::Closed));
+        let _ = a.p.reply.send(Err(NbdError::Lost(err.clone())));
     }
-    kill(&shared, err);
 }
 
 fn take_active<'a>(
@@ -520,5 +523,235 @@ fn finish(a: Active) -> Result<()> {
     match fatal {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A scripted hostile server: the real server-side handshake
+    //! (`proto::nbd::Negotiator`), then replies written by hand.
+    use super::*;
+    use crate::proto::nbd::handshake::{Negotiator, Next, decode_option, greeting};
+    use bytes::BufMut;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    const SIZE: u64 = 1 << 20;
+
+    async fn serve<F, Fut>(script: F) -> String
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(&greeting()).await.unwrap();
+            let mut n = Negotiator::new(BlockSizes::default());
+            n.client_flags(u32::from_be_bytes(read_array::<4>(&mut s).await.unwrap())).unwrap();
+            let exports =
+                [Export { name: "v".into(), description: String::new(), size: SIZE, read_only: false }];
+            let mut buf = BytesMut::new();
+            loop {
+                let (opt, data) = loop {
+                    if let Some(o) = decode_option(&mut buf).unwrap() {
+                        break o;
+                    }
+                    let mut b = [0u8; 4096];
+                    let k = s.read(&mut b).await.unwrap();
+                    assert!(k > 0, "client hung up during the handshake");
+                    buf.extend_from_slice(&b[..k]);
+                };
+                let mut out = BytesMut::new();
+                let next = n.option(opt, &data, &exports, &mut out);
+                s.write_all(&out).await.unwrap();
+                if let Next::Transmit(_) = next {
+                    break;
+                }
+            }
+            script(s).await;
+        });
+        addr
+    }
+
+    /// Reads one request; returns (kind, handle).
+    async fn request(s: &mut TcpStream) -> (u16, u64) {
+        let h = read_array::<28>(s).await.unwrap();
+        let kind = u16::from_be_bytes([h[6], h[7]]);
+        let len = u32::from_be_bytes(h[24..28].try_into().unwrap()) as usize;
+        if kind == CMD_WRITE {
+            read_vec(s, len).await.unwrap();
+        }
+        (kind, u64::from_be_bytes(h[8..16].try_into().unwrap()))
+    }
+
+    fn chunk(flags: u16, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u32(STRUCTURED_REPLY_MAGIC);
+        b.put_u16(flags);
+        b.put_u16(kind);
+        b.put_u64(handle);
+        b.put_u32(payload.len() as u32);
+        b.put_slice(payload);
+        b.to_vec()
+    }
+
+    fn simple(handle: u64, error: u32) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_u32(SIMPLE_REPLY_MAGIC);
+        b.put_u32(error);
+        b.put_u64(handle);
+        b.to_vec()
+    }
+
+    async fn client(addr: &str) -> NbdClient {
+        let c = NbdClient::connect(addr, "v").await.unwrap();
+        assert_eq!((c.info().size, c.info().allocation_context), (SIZE, Some(META_BASE_ALLOCATION_ID)));
+        c
+    }
+
+    fn lost_with(e: NbdError) -> ProtocolError {
+        match e {
+            NbdError::Lost(inner) => match &*inner {
+                NbdError::Protocol(p) => p.clone(),
+                other => panic!("lost for another reason: {other:?}"),
+            },
+            other => panic!("not a lost connection: {other:?}"),
+        }
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f).await.expect("no hang")
+    }
+
+    #[tokio::test]
+    async fn oversized_chunk_fails_every_request_without_buffering_it() {
+        let addr = serve(|mut s| async move {
+            let (_, h) = request(&mut s).await;
+            let (_, _flush) = request(&mut s).await;
+            // Claims 1 GiB of data for a 4 KiB read: refused on the header.
+            let mut hdr = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &[]);
+            hdr[16..20].copy_from_slice(&(1u32 << 30).to_be_bytes());
+            s.write_all(&hdr).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await; // keep the socket open
+        })
+        .await;
+        let c = client(&addr).await;
+        let (r, f) = within(async { tokio::join!(c.read(0, 4096), c.flush()) }).await;
+        let want = ProtocolError::BadChunk { cmd: "READ", kind: REPLY_TYPE_OFFSET_DATA, len: 1 << 30 };
+        assert_eq!(lost_with(r.unwrap_err()), want);
+        assert_eq!(lost_with(f.unwrap_err()), want);
+        // Later requests fail at once with the same reason.
+        assert_eq!(lost_with(within(c.flush()).await.unwrap_err()), want);
+    }
+
+    #[tokio::test]
+    async fn data_outside_the_request_and_unknown_handles_are_protocol_errors() {
+        let addr = serve(|mut s| async move {
+            let (_, h) = request(&mut s).await;
+            let mut p = 8192u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&[1u8; 512]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &p)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(&addr).await;
+        let e = lost_with(within(c.read(0, 4096)).await.unwrap_err());
+        assert_eq!(e, ProtocolError::ChunkOutOfRange { offset: 8192, len: 512, start: 0, req_len: 4096 });
+
+        let addr = serve(|mut s| async move {
+            let _ = request(&mut s).await;
+            s.write_all(&simple(999, 0)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(&addr).await;
+        assert_eq!(lost_with(within(c.flush()).await.unwrap_err()), ProtocolError::UnknownHandle(999));
+    }
+
+    #[tokio::test]
+    async fn a_read_not_fully_covered_is_refused() {
+        let addr = serve(|mut s| async move {
+            let (_, h) = request(&mut s).await;
+            let mut p = 0u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&[7u8; 512]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &p)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(&addr).await;
+        match within(c.read(0, 4096)).await.unwrap_err() {
+            NbdError::Protocol(ProtocolError::ReadIncomplete { got: 512, want: 4096 }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn structured_read_with_holes_and_server_errors() {
+        let addr = serve(|mut s| async move {
+            let (_, h) = request(&mut s).await;
+            let mut p = 0u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&[9u8; 1024]);
+            s.write_all(&chunk(0, REPLY_TYPE_OFFSET_DATA, h, &p)).await.unwrap();
+            let mut hole = 1024u64.to_be_bytes().to_vec();
+            hole.extend_from_slice(&3072u32.to_be_bytes());
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, h, &hole)).await.unwrap();
+            let (_, h) = request(&mut s).await;
+            let mut err = 28u32.to_be_bytes().to_vec();
+            err.extend_from_slice(&4u16.to_be_bytes());
+            err.extend_from_slice(b"full");
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, h, &err)).await.unwrap();
+            let (_, h) = request(&mut s).await;
+            s.write_all(&simple(h, 0)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(&addr).await;
+        let data = within(c.read(0, 4096)).await.unwrap();
+        assert_eq!(&data[..1024], &[9u8; 1024][..]);
+        assert!(data[1024..].iter().all(|b| *b == 0));
+        match within(c.write(0, Bytes::from(vec![1u8; 512]))).await.unwrap_err() {
+            NbdError::Server { cmd: "WRITE", offset: 0, len: 512, errno: 28, message } => {
+                assert_eq!(message, "full")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A refused request leaves the connection usable.
+        within(c.flush()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_leaves_the_connection_usable() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let addr = serve(|mut s| async move {
+            let (_, first) = request(&mut s).await;
+            let _ = rx.await; // the client has given up on it
+            let mut p = 0u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&[5u8; 4096]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, first, &p)).await.unwrap();
+            let (_, h) = request(&mut s).await;
+            s.write_all(&simple(h, 0)).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let c = client(&addr).await;
+        assert!(tokio::time::timeout(Duration::from_millis(100), c.read(0, 4096)).await.is_err());
+        tx.send(()).unwrap();
+        within(c.flush()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_mid_reply_fails_the_request() {
+        let addr = serve(|mut s| async move {
+            let (_, h) = request(&mut s).await;
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, h, &[])[..10]).await.unwrap();
+        })
+        .await;
+        let c = client(&addr).await;
+        match within(c.flush()).await.unwrap_err() {
+            NbdError::Lost(e) => assert!(matches!(*e, NbdError::Closed), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
