@@ -420,15 +420,18 @@ fn take_active<'a>(
     active: &'a mut HashMap<u64, Active>,
     handle: u64,
 ) -> Result<&'a mut Active> {
-    if !active.contains_key(&handle) {
-        let p = shared.lock().unwrap().pending.remove(&handle).ok_or(ProtocolError::UnknownHandle(handle))?;
-        let buf = match p.expect {
-            Expect::Read { len, .. } => Some(BytesMut::zeroed(len as usize)),
-            _ => None,
-        };
-        active.insert(handle, Active { p, buf, covered: 0, extents: None, error: None });
+    match active.entry(handle) {
+        std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            let p =
+                shared.lock().unwrap().pending.remove(&handle).ok_or(ProtocolError::UnknownHandle(handle))?;
+            let buf = match p.expect {
+                Expect::Read { len, .. } => Some(BytesMut::zeroed(len as usize)),
+                _ => None,
+            };
+            Ok(v.insert(Active { p, buf, covered: 0, extents: None, error: None }))
+        }
     }
-    Ok(active.get_mut(&handle).expect("inserted above"))
 }
 
 async fn read_one(
