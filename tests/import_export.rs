@@ -456,3 +456,104 @@ fn interrupted_import_flushes_and_reports_how_far_it_got() {
     // Nothing past what was held back and then let through was written.
     assert!(vol[(13 * MIB) as usize..].iter().all(|b| *b == 0), "writes after the interruption");
 }
+
+/// A stand-in admin API on loopback (the daemon's is not wired yet): it
+/// answers `GET /v1/volumes/demo` and `GET /v1/cluster` with `volume` and
+/// `cluster`, and counts requests.
+fn fake_admin(volume: Value, cluster: Value) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { return };
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&b[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req).lines().next().unwrap_or_default().to_string();
+            let (status, body) = if line.starts_with("GET /v1/volumes/demo") {
+                ("200 OK", volume.to_string())
+            } else if line.starts_with("GET /v1/cluster") {
+                ("200 OK", cluster.to_string())
+            } else {
+                ("404 Not Found", r#"{"error":"not_found","message":"no such thing"}"#.to_string())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+fn node(id: u64, nbd: Option<String>) -> Value {
+    serde_json::json!({
+        "id": id, "zone": "z", "state": "up", "role": "voter", "capacity": 0, "used": 0, "pid": 1,
+        "addresses": { "peer": "127.0.0.1:1", "nbd": nbd, "iscsi": null, "admin": "127.0.0.1:1" }
+    })
+}
+
+#[test]
+fn without_nbd_the_admin_api_names_the_owners_address() {
+    let d = Daemon::start("8MiB", &[]);
+    let dir = scratch();
+    let img = write_file(dir.path(), "x.img", &pattern(21, MIB as usize));
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let volume = |owner: Value| {
+        serde_json::json!({
+            "id": 1, "name": "demo", "size": 8 * MIB, "replicas": 1, "min_replicas": 1,
+            "extent_size": 256 * MIB, "stripe_unit": MIB, "stripe_width": 1, "read_only": false,
+            "owner": owner
+        })
+    };
+    let cluster = |nodes: Vec<Value>| {
+        serde_json::json!({
+            "id": "00", "name": "c", "this_node": 1, "leader": 1, "term": 1, "commit_index": 1,
+            "applied_index": 1, "nodes": nodes
+        })
+    };
+    // The owner (node 2) serves the volume; the answering node 1 points nowhere.
+    let admin = fake_admin(
+        volume(serde_json::json!({"node": 2, "generation": 1})),
+        cluster(vec![node(1, Some(nowhere.clone())), node(2, Some(nbd_addr(&d)))]),
+    );
+    let a = format!("127.0.0.1:{admin}");
+    let s =
+        summary(&basalt_ok(&["--admin", &a, "volume", "import", "demo", img.to_str().unwrap(), "--json"]));
+    assert_eq!(s["data_bytes"], MIB);
+    // No owner: the answering node's address, here one that refuses.
+    let admin = fake_admin(volume(Value::Null), cluster(vec![node(1, Some(nowhere.clone())), node(2, None)]));
+    let exp = dir.path().join("x-export.img");
+    let out = basalt(&[
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "volume",
+        "export",
+        "demo",
+        exp.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("cannot connect to the NBD server at {nowhere}")),
+        "{}",
+        stderr(&out)
+    );
+    // Nobody serves NBD: say so, and how to get around it.
+    let admin = fake_admin(volume(Value::Null), cluster(vec![node(1, None)]));
+    let out = basalt(&[
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "volume",
+        "import",
+        "demo",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("serves no NBD (pass --nbd HOST:PORT)"), "{}", stderr(&out));
+}
