@@ -36,6 +36,8 @@ pub enum ProtocolError {
     WrongOption { sent: u32, got: u32 },
     #[error("option reply carries {0} bytes, over the {MAX_OPTION_REPLY}-byte cap")]
     OptionReplyTooLong(u32),
+    #[error("option {0} drew more replies than any server sends")]
+    TooManyOptionReplies(u32),
     #[error("option reply type {kind:#x} with {len} bytes is malformed")]
     BadOptionReply { kind: u32, len: u32 },
     #[error("reply magic {0:#010x} is neither simple nor structured")]

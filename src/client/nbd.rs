@@ -17,6 +17,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -37,6 +38,8 @@ pub enum NbdError {
         #[source]
         source: Box<NbdError>,
     },
+    #[error("the NBD server at {addr} did not finish the handshake within {limit:?}")]
+    Timeout { addr: String, limit: Duration },
     #[error("the server refused export {export:?}: {message}")]
     Refused { export: String, message: String },
     #[error("the server does not support {0}")]
@@ -100,6 +103,13 @@ impl ExportInfo {
 /// Largest payload asked for when the server names no maximum (the
 /// protocol's default is 32 MiB).
 const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Replies to one option before its final one (INFO and META_CONTEXT
+/// replies number a handful).
+const MAX_OPTION_REPLIES: usize = 64;
+/// How long connecting and the handshake may take before giving up on a
+/// server that accepted the connection and says nothing.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Outcome of one request, as the reader hands it over.
 enum Answer {
@@ -180,9 +190,8 @@ async fn option(
     let mut out = BytesMut::new();
     codec::encode_option(&mut out, option, data);
     wr.write_all(&out).await?;
-    // Bounded: each reply is capped, and a server may not send more than a
-    // few per option; a stream of them ends with the connection.
-    loop {
+    // Bounded: each reply is capped, and so is their number.
+    for _ in 0..MAX_OPTION_REPLIES {
         let h = codec::decode_option_reply(&read_array::<20>(rd).await?, option)?;
         let data = read_vec(rd, h.len as usize).await?;
         match h.kind {
@@ -191,6 +200,7 @@ async fn option(
             k => on_reply(k, &data)?,
         }
     }
+    Err(ProtocolError::TooManyOptionReplies(option).into())
 }
 
 async fn handshake(
@@ -251,15 +261,25 @@ async fn handshake(
 impl NbdClient {
     /// Connects to `addr` (host:port) and opens `export`.
     pub async fn connect(addr: &str, export: &str) -> Result<NbdClient> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| NbdError::Connect { addr: addr.to_string(), source })?;
-        let _ = stream.set_nodelay(true);
-        let (rd, wr, info) = match handshake(stream, export).await {
-            Ok(x) => x,
-            Err(e @ NbdError::Refused { .. }) => return Err(e),
-            Err(e) => return Err(NbdError::Handshake { addr: addr.to_string(), source: Box::new(e) }),
+        Self::connect_within(addr, export, HANDSHAKE_TIMEOUT).await
+    }
+
+    /// [`NbdClient::connect`], giving up after `limit`.
+    pub async fn connect_within(addr: &str, export: &str, limit: Duration) -> Result<NbdClient> {
+        let open = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| NbdError::Connect { addr: addr.to_string(), source })?;
+            let _ = stream.set_nodelay(true);
+            match handshake(stream, export).await {
+                Ok(x) => Ok(x),
+                Err(e @ NbdError::Refused { .. }) => Err(e),
+                Err(e) => Err(NbdError::Handshake { addr: addr.to_string(), source: Box::new(e) }),
+            }
         };
+        let (rd, wr, info) = tokio::time::timeout(limit, open)
+            .await
+            .map_err(|_| NbdError::Timeout { addr: addr.to_string(), limit })??;
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(wr, rx, shared.clone()));
@@ -536,7 +556,6 @@ mod tests {
     use super::*;
     use crate::proto::nbd::handshake::{Negotiator, Next, decode_option, greeting};
     use bytes::BufMut;
-    use std::time::Duration;
     use tokio::net::TcpListener;
 
     const SIZE: u64 = 1 << 20;
@@ -754,6 +773,47 @@ mod tests {
         let c = client(&addr).await;
         match within(c.flush()).await.unwrap_err() {
             NbdError::Lost(e) => assert!(matches!(*e, NbdError::Closed), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_and_an_endless_option_reply_stream_is_cut() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (_s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        match within(NbdClient::connect_within(&addr, "v", Duration::from_millis(200))).await.unwrap_err() {
+            NbdError::Timeout { limit, .. } => assert_eq!(limit, Duration::from_millis(200)),
+            other => panic!("{other:?}"),
+        }
+
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(&greeting()).await.unwrap();
+            let _ = read_array::<4>(&mut s).await;
+            let mut b = BytesMut::new();
+            for _ in 0..MAX_OPTION_REPLIES + 1 {
+                b.put_u64(OPT_REPLY_MAGIC);
+                b.put_u32(OPT_STRUCTURED_REPLY);
+                b.put_u32(REP_SERVER);
+                b.put_u32(0);
+            }
+            let _ = s.write_all(&b).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        match within(NbdClient::connect(&addr, "v")).await.unwrap_err() {
+            NbdError::Handshake { source, .. } => assert!(
+                matches!(
+                    *source,
+                    NbdError::Protocol(ProtocolError::TooManyOptionReplies(OPT_STRUCTURED_REPLY))
+                ),
+                "{source:?}"
+            ),
             other => panic!("{other:?}"),
         }
     }

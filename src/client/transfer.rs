@@ -741,8 +741,12 @@ pub async fn run(job: &Job) -> Result<Summary, Failure> {
             // What was acknowledged before an interruption is made durable,
             // so "everything before it is on the volume" holds; a broken
             // connection fails this at once.
+            // A second Ctrl-C skips the wait.
             let flushed = job.direction == Direction::Import
-                && matches!(tokio::time::timeout(Duration::from_secs(10), client.flush()).await, Ok(Ok(())));
+                && tokio::select! {
+                    r = tokio::time::timeout(Duration::from_secs(10), client.flush()) => matches!(r, Ok(Ok(()))),
+                    _ = tokio::signal::ctrl_c() => false,
+                };
             Err(fail(cause, Some(position), flushed))
         }
     }
