@@ -408,6 +408,10 @@ struct Importer<'a> {
     zeros: Option<Bytes>,
     /// A run of zeros not yet handled, extended while zeros continue.
     zero_run: Option<(u64, u64)>,
+    /// The volume's allocation from some offset on, asked one window at a
+    /// time ahead of the walk, so a run of zeros costs no round trip of
+    /// its own: `(start, end, reads as zeros)`, in order.
+    map: std::collections::VecDeque<(u64, u64, bool)>,
     stats: Stats,
 }
 
@@ -443,22 +447,40 @@ impl<'a> Importer<'a> {
         self.stats.holes += 1;
         let mut pos = start;
         while pos < end {
-            let want = (end - pos).min(STATUS_WINDOW);
-            let extents = if self.client.info().allocation_context.is_some() {
-                self.client.block_status(pos, want as u32).await?
+            let (_, e, zero) = self.map_at(pos).await?;
+            let stop = e.min(end);
+            if zero {
+                self.tracker.skip(pos, stop - pos);
             } else {
-                vec![Extent { len: want, flags: 0 }]
-            };
-            for x in extents {
-                if x.zero() {
-                    self.tracker.skip(pos, x.len);
-                } else {
-                    self.zero_now(pos, pos + x.len).await?;
-                }
-                pos += x.len;
+                self.zero_now(pos, stop).await?;
             }
+            pos = stop;
         }
         Ok(())
+    }
+
+    /// The allocation extent holding `pos`. The walk only moves forward,
+    /// and never writes data where it asks, so the map stays true for it.
+    async fn map_at(&mut self, pos: u64) -> Result<(u64, u64, bool)> {
+        while self.map.front().is_some_and(|&(_, e, _)| e <= pos) {
+            self.map.pop_front();
+        }
+        if let Some(&x) = self.map.front().filter(|x| x.0 <= pos) {
+            return Ok(x);
+        }
+        self.map.clear();
+        let want = (self.client.info().size - pos).min(STATUS_WINDOW);
+        let extents = if self.client.info().allocation_context.is_some() {
+            self.client.block_status(pos, want as u32).await?
+        } else {
+            vec![Extent { len: want, flags: 0 }]
+        };
+        let mut at = pos;
+        for x in extents {
+            self.map.push_back((at, at + x.len, x.zero()));
+            at += x.len;
+        }
+        Ok(*self.map.front().expect("a block status reply is never empty"))
     }
 
     /// Makes `[start, end)` read as zeros on the volume.
@@ -531,6 +553,7 @@ async fn import(
         window: Window::new(opts.depth),
         zeros: (!info.can_write_zeroes()).then(|| Bytes::from(vec![0u8; sizes.chunk as usize])),
         zero_run: None,
+        map: Default::default(),
         stats: Stats::default(),
     };
     // The image padded to whole blocks of the volume (fits: the volume's
