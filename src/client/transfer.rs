@@ -295,8 +295,9 @@ fn is_zero(b: &[u8]) -> bool {
         && words.remainder().iter().all(|&x| x == 0)
 }
 
-/// Next data offset at or after `pos` (`None`: only a hole remains), or
-/// `Some(pos)` where the file system cannot tell.
+/// `lseek(2)` with `SEEK_DATA` or `SEEK_HOLE` from `pos`: `None` for
+/// ENXIO (no data after `pos`). Where the file system cannot tell, all of
+/// the file is data: data at `pos`, a hole only at the end (`u64::MAX`).
 fn seek(file: &File, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
     let off = i64::try_from(pos).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek(2) on a descriptor `file` owns; no memory is passed.
@@ -308,7 +309,9 @@ fn seek(file: &File, pos: u64, whence: i32) -> std::io::Result<Option<u64>> {
     match e.raw_os_error() {
         Some(libc::ENXIO) => Ok(None),
         // No SEEK_DATA here: all of it counts as data.
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(pos)),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+            Ok(Some(if whence == libc::SEEK_DATA { pos } else { u64::MAX }))
+        }
         _ => Err(e),
     }
 }
@@ -573,8 +576,10 @@ async fn import(
             pos = end;
             break;
         }
-        let hole =
-            seek(&file, data, libc::SEEK_HOLE).map_err(|source| read_err(path, data, source))?.unwrap_or(len);
+        let hole = seek(&file, data, libc::SEEK_HOLE)
+            .map_err(|source| read_err(path, data, source))?
+            .unwrap_or(len)
+            .min(len);
         let stop = align_up(hole.max(data + 1), ZERO_BLOCK).min(end);
         let mut off = start;
         while off < stop {
