@@ -56,6 +56,7 @@
 //!   exists).
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod export;
 pub mod layout;

@@ -6,6 +6,7 @@
 //! tables for people.
 
 use basalt::admin::{AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, VolumeInfo};
+use basalt::client::transfer::{Direction, Job, Options};
 use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -97,6 +98,88 @@ enum VolumeCmd {
     },
     /// Delete a volume and its data.
     Delete { name: String },
+    /// Copy the raw image FILE into the volume over NBD. Sparse: file holes
+    /// and zero blocks are not sent; the volume reads as the image after
+    /// it (zeros past its end). A file larger than the volume is refused.
+    Import {
+        name: String,
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        io: TransferArgs,
+    },
+    /// Copy the volume into the raw image FILE (created or truncated; its
+    /// length becomes the volume's). Holes in the volume stay holes.
+    Export {
+        name: String,
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        io: TransferArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TransferArgs {
+    /// NBD address (HOST:PORT) of the node to use; default: the volume's
+    /// owner, as the admin API names it.
+    #[arg(long)]
+    nbd: Option<String>,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    depth: u16,
+    /// Largest request, e.g. 1MiB.
+    #[arg(long, default_value = "1MiB")]
+    chunk: ByteSize,
+}
+
+/// The NBD address that serves `volume`: its owner's, else the answering
+/// node's.
+fn nbd_address(c: &Client, volume: &str) -> Result<String, String> {
+    let hint = |e: String| format!("{e}; or pass --nbd HOST:PORT");
+    let v: VolumeInfo = c.get(&format!("/v1/volumes/{volume}")).map_err(hint)?;
+    let s: ClusterStatus = c.get("/v1/cluster").map_err(hint)?;
+    let nbd_of = |id: u64| s.nodes.iter().find(|n| n.id == id).and_then(|n| n.addresses.nbd);
+    let owner = v.owner.map_or(s.this_node, |o| o.node);
+    let addr = nbd_of(owner).or_else(|| nbd_of(s.this_node)).ok_or_else(|| {
+        format!("no NBD address for volume {volume:?}: node {owner} serves no NBD (pass --nbd HOST:PORT)")
+    })?;
+    Ok(addr.to_string())
+}
+
+fn transfer(
+    c: &Client,
+    direction: Direction,
+    name: String,
+    file: std::path::PathBuf,
+    io: TransferArgs,
+    json: bool,
+) -> Result<(), String> {
+    let addr = match io.nbd {
+        Some(a) => a,
+        None => nbd_address(c, &name)?,
+    };
+    let chunk = u32::try_from(io.chunk.0).map_err(|_| "--chunk: at most 32MiB".to_string())?;
+    let job = Job {
+        direction,
+        addr,
+        volume: name,
+        file,
+        options: Options { depth: io.depth.into(), chunk },
+        progress: !json,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+    let rt = rt.map_err(|e| format!("starting the I/O runtime: {e}"))?;
+    match rt.block_on(basalt::client::transfer::run(&job)) {
+        Ok(s) if json => print_json(&s),
+        Ok(s) => println!("{s}"),
+        Err(f) => {
+            let mut msg = basalt::client::chain(&f);
+            if let Some(far) = f.how_far() {
+                msg = format!("{msg}\nbasalt: {far}");
+            }
+            return Err(msg);
+        }
+    }
+    Ok(())
 }
 
 struct Client {
@@ -344,6 +427,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Volume(VolumeCmd::Delete { name }) => {
             c.delete(&format!("/v1/volumes/{name}"))?;
             if cli.json { print_json(&serde_json::json!({"deleted": name})) } else { println!("deleted volume {name}") }
+        }
+        Cmd::Volume(VolumeCmd::Import { name, file, io }) => {
+            transfer(&c, Direction::Import, name, file, io, cli.json)?
+        }
+        Cmd::Volume(VolumeCmd::Export { name, file, io }) => {
+            transfer(&c, Direction::Export, name, file, io, cli.json)?
         }
     }
     Ok(())
