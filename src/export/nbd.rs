@@ -25,6 +25,10 @@
 //! Over all connections, the payload of every READ and WRITE also takes
 //! room in the node's [`PayloadBudget`] (a large WRITE before its buffer is
 //! allocated), so many clients together cannot exceed it either.
+//! "Payload" includes the replies the server sizes: a BLOCK_STATUS is
+//! charged to both budgets for the most its reply can take (the descriptor
+//! cap, [`MAX_STATUS_DESCRIPTORS`]) and, once encoded, every reply keeps
+//! only its own size until it is in the socket ([`Held::fit`]).
 //!
 //! Every connection to a volume shares one `Arc<Volume>`, whose `flush` is
 //! a barrier over every write completed before it on any connection; that
@@ -41,10 +45,10 @@ use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::LongOp;
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
-    Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
-    error_reply, validate,
+    Command, LargeWrite, MAX_STATUS_DESCRIPTORS, ProtoError, Reply, ReplyBuf, Request, RequestDecoder,
+    StatusBuilder, encode_reply, error_reply, reply_len, validate,
 };
-use crate::proto::nbd::{BlockSizes, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
+use crate::proto::nbd::{BlockSizes, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
 use crate::storage::engine::AlignedBuf;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
@@ -75,6 +79,15 @@ const READ_CHUNK: usize = 256 << 10;
 const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A WRITE payload at least this big is read into aligned memory of its own.
 const LARGE_WRITE: u32 = 64 << 10;
+/// A BLOCK_STATUS asks the volume for the allocation map this many bytes at
+/// a time, so the map it holds is small whatever the range (at most one
+/// entry per 4 KiB block of the window, plus the two ends).
+const STATUS_WINDOW: u64 = 16 << 20;
+/// What a BLOCK_STATUS is charged before it runs: the largest reply twice
+/// (the descriptors, then their encoding) and one window of the map. Once
+/// encoded, the reply keeps only its own size ([`Held::fit`]).
+const STATUS_CHARGE: u64 = 2 * 8 * MAX_STATUS_DESCRIPTORS as u64
+    + (STATUS_WINDOW / 4096 + 2) * std::mem::size_of::<crate::types::MapExtent>() as u64;
 
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
@@ -241,9 +254,25 @@ async fn negotiate(
 /// mark that keeps the idle poller asleep until then (`crate::poll`).
 #[derive(Debug)]
 struct Held {
-    _conn: OwnedSemaphorePermit,
-    _node: Option<OwnedSemaphorePermit>,
+    conn: OwnedSemaphorePermit,
+    node: Option<OwnedSemaphorePermit>,
     _long: Option<LongOp>,
+}
+
+impl Held {
+    /// Keeps only what an encoded reply of `bytes` needs (a request is
+    /// charged for the most its reply can be; a failed READ or a short
+    /// BLOCK_STATUS gives the rest back at once). Never grows the share.
+    fn fit(&mut self, bytes: usize) {
+        let units = 1 + (bytes as u64).div_ceil(UNIT_BYTES);
+        let extra = (self.conn.num_permits() as u64).saturating_sub(units);
+        if extra > 0 {
+            drop(self.conn.split(extra as usize));
+        }
+        if let Some(node) = self.node.as_mut() {
+            PayloadBudget::shrink(node, bytes as u64);
+        }
+    }
 }
 
 /// A finished reply, holding its share of the budgets.
@@ -288,7 +317,7 @@ impl Admission {
     fn into_parts(self) -> (Request, Held) {
         let conn = self.conn.expect("admitted");
         let long = long_op(&self.req);
-        (self.req, Held { _conn: conn, _node: self.node, _long: long })
+        (self.req, Held { conn, node: self.node, _long: long })
     }
 }
 
@@ -302,12 +331,16 @@ fn long_op(req: &Request) -> Option<LongOp> {
     }
 }
 
-/// Payload bytes a request moves (READ or WRITE data). Lengths over the cap
-/// are refused before running, so they move none.
+/// Bytes of memory a request may hold until its reply is written, taken
+/// from both budgets before it runs: READ and WRITE data (lengths over the
+/// cap are refused before running, so they hold none), and the reply of a
+/// BLOCK_STATUS, which the server sizes (at most [`STATUS_CHARGE`]).
 fn payload_len(req: &Request) -> u64 {
-    let moves_data = (req.kind == CMD_READ || req.kind == CMD_WRITE)
-        && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
-    if moves_data { req.len as u64 } else { 0 }
+    match req.kind {
+        CMD_READ | CMD_WRITE if (req.len as u64) <= crate::node::volume::MAX_PAYLOAD => req.len as u64,
+        CMD_BLOCK_STATUS => STATUS_CHARGE,
+        _ => 0,
+    }
 }
 
 fn cost(req: &Request) -> u32 {
@@ -598,10 +631,9 @@ async fn execute(
         }
         // The store has no cache to warm; the range was checked.
         Command::Cache { .. } => Ok(ok),
-        Command::BlockStatus { offset, len, req_one } => volume
-            .block_status(offset, len as u64)
+        Command::BlockStatus { offset, len, req_one } => block_status(volume, offset, len, req_one)
             .await
-            .map(|map| Reply::BlockStatus { handle, context, descriptors: descriptors(&map, len, req_one) }),
+            .map(|descriptors| Reply::BlockStatus { handle, context, descriptors }),
         Command::Disc => Ok(ok),
     };
     match result {
@@ -618,6 +650,31 @@ async fn execute(
     }
 }
 
+/// The descriptors of one BLOCK_STATUS reply, at most
+/// [`MAX_STATUS_DESCRIPTORS`]: the map is asked for one window at a time
+/// and no further than the reply reaches, so neither the map held nor the
+/// reply grows with the range asked for.
+async fn block_status(
+    volume: &Volume,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<(u32, u32)>, VolumeError> {
+    let mut b = StatusBuilder::new(len, req_one);
+    let end = offset + len as u64;
+    let mut at = offset;
+    'windows: while at < end {
+        let n = (end - at).min(STATUS_WINDOW);
+        for m in volume.block_status(at, n).await? {
+            if !b.push(&m) {
+                break 'windows;
+            }
+        }
+        at += n;
+    }
+    Ok(b.finish())
+}
+
 /// Encoded replies not yet (fully) in the socket, with the budget they
 /// hold; the permits go back once all of it is written.
 #[derive(Debug, Default)]
@@ -630,8 +687,12 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, reply: Reply, permit: Held) {
+    /// Encodes `reply`; its share of the budgets shrinks to its size and
+    /// stays held until the bytes are in the socket.
+    fn push(&mut self, reply: Reply, mut permit: Held) {
+        let n = reply_len(&reply);
         encode_reply(reply, &mut self.buf);
+        permit.fit(n);
         self.permits.push(permit);
     }
 
