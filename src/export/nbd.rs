@@ -625,9 +625,13 @@ async fn execute(
         Command::Write { offset, data, fua } => volume.write(offset, data, fua).await.map(|()| ok),
         Command::Flush => volume.flush().await.map(|()| ok),
         Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(ok),
-        Command::Trim { offset, len, fua } => volume.trim(offset, len as u64, fua).await.map(|()| ok),
+        Command::Trim { offset, len, fua } => {
+            by_extent(volume, offset, len as u64, |at, n| volume.trim(at, n, fua)).await.map(|()| ok)
+        }
         Command::WriteZeroes { offset, len, deallocate, fua } => {
-            volume.write_zeroes(offset, len as u64, deallocate, fua).await.map(|()| ok)
+            by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua))
+                .await
+                .map(|()| ok)
         }
         // The store has no cache to warm; the range was checked.
         Command::Cache { .. } => Ok(ok),
@@ -648,6 +652,28 @@ async fn execute(
             error_reply(handle, errno, structured, e.to_string())
         }
     }
+}
+
+/// Runs a TRIM or WRITE_ZEROES of `[offset, offset+len)` (up to 4 GiB) one
+/// extent-sized piece after another, each with its own `fua`: one piece
+/// holds its extent's range lock and dirty regions at a time, so other
+/// requests to the volume get in between pieces, and what a piece holds
+/// does not grow with the length. The first error ends it; pieces done
+/// stay done (NBD does not make a failed request atomic).
+async fn by_extent<F, Fut>(volume: &Volume, offset: u64, len: u64, mut op: F) -> Result<(), VolumeError>
+where
+    F: FnMut(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), VolumeError>>,
+{
+    let piece = volume.spec().layout.extent_size.max(1);
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let next = (at / piece + 1).saturating_mul(piece).min(end);
+        op(at, next - at).await?;
+        at = next;
+    }
+    Ok(())
 }
 
 /// The descriptors of one BLOCK_STATUS reply, at most

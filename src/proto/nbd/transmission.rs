@@ -205,11 +205,12 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
         CMD_BLOCK_STATUS if s.meta_context.is_none() => return Err(Errno::Inval),
         _ => {}
     }
-    let fast_zero = req.flags & CMD_FLAG_FAST_ZERO != 0;
-    // READ, WRITE, CACHE and WRITE_ZEROES (unless FAST_ZERO) are bounded by
-    // the maximum block size; TRIM and BLOCK_STATUS are not.
-    let bounded =
-        matches!(req.kind, CMD_READ | CMD_WRITE | CMD_CACHE) || (req.kind == CMD_WRITE_ZEROES && !fast_zero);
+    // READ, WRITE and CACHE are bounded by the maximum payload. TRIM and
+    // WRITE_ZEROES carry none and may cover any length a request can name
+    // (the Linux driver sends up to 4 GiB): the server runs them one
+    // extent at a time, so their cost does not grow with the length.
+    // BLOCK_STATUS replies are capped by the server.
+    let bounded = matches!(req.kind, CMD_READ | CMD_WRITE | CMD_CACHE);
     if bounded && len > s.sizes.max_payload {
         return Err(Errno::Inval);
     }
@@ -234,6 +235,7 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
         CMD_CACHE => Command::Cache { offset, len },
         CMD_WRITE_ZEROES => {
             let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            let fast_zero = req.flags & CMD_FLAG_FAST_ZERO != 0;
             // Zeroing is fast only when the store may deallocate instead of
             // writing zeros; with NO_HOLE it is as slow as a WRITE.
             if fast_zero && no_hole {
@@ -728,15 +730,26 @@ mod tests {
     }
 
     #[test]
-    fn over_max_payload_einval_except_trim_and_fast_zero() {
-        let s = Session { size: 1 << 30, ..session() };
+    fn over_max_payload_einval_only_for_commands_with_a_payload() {
+        let s = Session { size: 8 << 30, ..session() };
         let big = s.sizes.max_payload + 512;
-        for kind in [CMD_READ, CMD_CACHE, CMD_WRITE_ZEROES] {
+        for kind in [CMD_READ, CMD_WRITE, CMD_CACHE] {
             assert_eq!(validate(req(kind, 0, 0, big), &s), Err(Errno::Inval));
         }
-        assert!(validate(req(CMD_TRIM, 0, 0, big), &s).is_ok());
-        assert!(validate(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, big), &s).is_ok());
-        assert!(validate(req(CMD_BLOCK_STATUS, 0, 0, big), &s).is_ok());
+        let huge = u32::MAX - 511;
+        for flags in [0, CMD_FLAG_NO_HOLE, CMD_FLAG_FAST_ZERO] {
+            assert_eq!(
+                validate(req(CMD_WRITE_ZEROES, flags, 0, huge), &s),
+                Ok(Command::WriteZeroes {
+                    offset: 0,
+                    len: huge,
+                    deallocate: flags & CMD_FLAG_NO_HOLE == 0,
+                    fua: false
+                })
+            );
+        }
+        assert!(validate(req(CMD_TRIM, 0, 0, huge), &s).is_ok());
+        assert!(validate(req(CMD_BLOCK_STATUS, 0, 0, huge), &s).is_ok());
     }
 
     #[test]
