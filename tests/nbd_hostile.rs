@@ -26,6 +26,7 @@ const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_META_CONTEXT: u32 = 4;
 const REP_INFO: u32 = 3;
+const INFO_BLOCK_SIZE: u16 = 3;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
@@ -34,6 +35,8 @@ const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
 const CMD_BLOCK_STATUS: u16 = 7;
 const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 const REPLY_FLAG_DONE: u16 = 1;
@@ -106,11 +109,20 @@ impl Raw {
         (opt, kind, self.bytes(n))
     }
 
+    /// NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE: the client agrees to
+    /// keep to the sizes the server sends.
     fn go(&mut self, name: &str) -> (u64, u16) {
+        self.go_with(name, &[INFO_BLOCK_SIZE])
+    }
+
+    fn go_with(&mut self, name: &str, infos: &[u16]) -> (u64, u16) {
         let mut d = Vec::new();
         d.extend_from_slice(&(name.len() as u32).to_be_bytes());
         d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
         self.option(OPT_GO, &d);
         let mut export = None;
         loop {
@@ -789,4 +801,183 @@ fn block_status_replies_take_room_in_the_node_budget() {
     let want: Vec<u8> = (0..128u64).flat_map(|i| [pattern(i, 4096), vec![0; 4096]].concat()).collect();
     assert!(data == want, "READ returned other bytes");
     reader.join().unwrap();
+}
+
+// ---- clients held to no block size (issue 11, "also worth doing")
+
+/// A client that enters transmission with NBD_OPT_EXPORT_NAME, so it can
+/// agree on no block size: the spec's default minimum of 1 applies.
+fn open_by_export_name(port: u16) -> Raw {
+    let mut c = Raw::connect(port);
+    c.flags(3);
+    c.option(OPT_EXPORT_NAME, b"demo");
+    c.u64();
+    c.u16();
+    c
+}
+
+/// xorshift, so a failing sequence reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Reads, writes, zeroes and trims at odd byte offsets and lengths (across
+/// sectors, 4 KiB blocks and 1 MiB extents) from an NBD_OPT_EXPORT_NAME
+/// client, each checked against an oracle; then 32 MiB (the maximum
+/// payload) at an odd offset, which covers more sectors than one volume
+/// request may. Trims discard the whole sectors inside their range.
+#[test]
+fn unaligned_requests_without_agreed_block_sizes_match_an_oracle() {
+    const REGION: u64 = 8 << 20;
+    let d = Daemon::start("64M", &["--extent-size=1MiB"]);
+    let mut c = open_by_export_name(d.nbd_port);
+    let mut oracle = vec![0u8; REGION as usize];
+    let mut rng = Rng(0x5eed_0bad_cafe);
+    for i in 0..3000u64 {
+        let len = 1 + match rng.below(4) {
+            0 => rng.below(16),
+            1 => rng.below(1500),
+            _ => rng.below(70_000),
+        };
+        let offset = rng.below(REGION - len);
+        let (o, n) = (offset as usize, len as usize);
+        match rng.below(6) {
+            0 | 1 => {
+                let data = pattern(i, n);
+                c.write(i, offset, &data);
+                oracle[o..o + n].copy_from_slice(&data);
+            }
+            2 => {
+                c.request(0, CMD_WRITE_ZEROES, i, offset, len as u32, &[]);
+                assert_eq!(c.simple_reply(), (0, i), "zero {offset}+{len}");
+                oracle[o..o + n].fill(0);
+            }
+            3 => {
+                c.request(0, CMD_TRIM, i, offset, len as u32, &[]);
+                assert_eq!(c.simple_reply(), (0, i), "trim {offset}+{len}");
+                let (a, b) = (offset.div_ceil(512) * 512, (offset + len) / 512 * 512);
+                if a < b {
+                    oracle[a as usize..b as usize].fill(0);
+                }
+            }
+            _ => assert!(c.read(i, offset, len as u32) == oracle[o..o + n], "read {offset}+{len} (op {i})"),
+        }
+    }
+    assert!(c.read(1, 0, REGION as u32) == oracle, "whole region");
+    let big = pattern(77, 32 << 20);
+    c.write(2, (16 << 20) + 777, &big);
+    assert!(c.read(3, (16 << 20) + 777, 32 << 20) == big);
+    assert!(c.read(4, (16 << 20) + 776, 1) == [0]);
+    assert!(c.read(5, (48 << 20) + 777, 3) == [0, 0, 0]);
+    // The same through NBD_OPT_GO without NBD_INFO_BLOCK_SIZE, with
+    // structured replies: a READ's chunks carry the odd offsets.
+    let mut g = Raw::connect(d.nbd_port);
+    g.flags(3);
+    g.option(OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(g.opt_reply().1, REP_ACK);
+    g.go_with("demo", &[]);
+    g.request(0, CMD_READ, 6, 1001, 3001, &[]);
+    let mut got = vec![0xEEu8; 3001];
+    loop {
+        assert_eq!(g.u32(), STRUCTURED_REPLY_MAGIC);
+        let (flags, kind, h, n) = (g.u16(), g.u16(), g.u64(), g.u32() as usize);
+        assert_eq!(h, 6);
+        let at = (g.u64() - 1001) as usize;
+        match kind {
+            1 => got[at..at + n - 8].copy_from_slice(&g.bytes(n - 8)),
+            2 => got[at..at + g.u32() as usize].fill(0),
+            k => panic!("chunk type {k}"),
+        }
+        if flags & REPLY_FLAG_DONE != 0 {
+            break;
+        }
+    }
+    assert!(got == oracle[1001..4002]);
+}
+
+/// Two connections of clients held to no block size write interleaved
+/// 50-byte runs (ten to a sector, alternating between the connections),
+/// many in flight at once: each partial sector is read-modify-written by
+/// both at the same time, and the sector lock must keep every one of
+/// those writes. Three rounds, each awaited before the next.
+#[test]
+fn concurrent_unaligned_writes_from_two_connections_lose_nothing() {
+    const RUN: u64 = 50;
+    const RUNS: u64 = 1024;
+    let d = Daemon::start("64M", &[]);
+    let mut want = vec![0u8; (2 * RUN * RUNS) as usize];
+    for round in 0..3u64 {
+        let writers: Vec<_> = (0..2u64)
+            .map(|who| {
+                let port = d.nbd_port;
+                let runs: Vec<(u64, Vec<u8>)> = (0..RUNS)
+                    .map(|i| {
+                        let at = (2 * i + who) * RUN;
+                        (at, pattern(round * 1_000_000 + at, RUN as usize))
+                    })
+                    .collect();
+                for (at, data) in &runs {
+                    want[*at as usize..(*at + RUN) as usize].copy_from_slice(data);
+                }
+                std::thread::spawn(move || {
+                    let mut c = open_by_export_name(port);
+                    let mut rd = Raw { s: c.s.try_clone().unwrap() };
+                    let reader = std::thread::spawn(move || {
+                        for _ in 0..RUNS {
+                            assert_eq!(rd.simple_reply().0, 0);
+                        }
+                    });
+                    for (i, (at, data)) in runs.iter().enumerate() {
+                        c.request(0, CMD_WRITE, i as u64, *at + 4096 - 7, RUN as u32, data);
+                    }
+                    reader.join().unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let mut c = open_by_export_name(d.nbd_port);
+        let got = c.read(1, 4096 - 7, want.len() as u32);
+        let lost = (0..2 * RUNS).filter(|r| {
+            let s = (*r * RUN) as usize..((r + 1) * RUN) as usize;
+            got[s.clone()] != want[s]
+        });
+        assert_eq!(lost.count(), 0, "runs lost in round {round}");
+    }
+}
+
+/// A client that asked for NBD_INFO_BLOCK_SIZE is held to the 512-byte
+/// minimum: misaligned requests get EINVAL and change nothing.
+#[test]
+fn clients_that_agreed_block_sizes_get_einval_for_misaligned_requests() {
+    let d = Daemon::start("64M", &[]);
+    let want = seed(d.nbd_port);
+    let mut c = Raw::open(d.nbd_port);
+    for (i, (kind, offset, len)) in [
+        (CMD_READ, 1, 512),
+        (CMD_READ, 0, 100),
+        (CMD_WRITE, 100, 512),
+        (CMD_WRITE_ZEROES, 0, 700),
+        (CMD_TRIM, 3, 512),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let payload = if kind == CMD_WRITE { vec![0xAB; len as usize] } else { vec![] };
+        c.request(0, kind, i as u64, offset, len, &payload);
+        assert_eq!(c.simple_reply(), (EINVAL, i as u64), "kind {kind} at {offset}+{len}");
+    }
+    check_intact(d.nbd_port, &want);
 }

@@ -41,6 +41,7 @@
 //! the one called `demo`).
 
 use super::readahead::{Hit, ReadAhead};
+use crate::node::volume::{MAX_PAYLOAD, MIN_BLOCK};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::LongOp;
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
@@ -50,10 +51,14 @@ use crate::proto::nbd::transmission::{
 };
 use crate::proto::nbd::{BlockSizes, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
 use crate::storage::engine::AlignedBuf;
+use crate::storage::rangelock::RangeLock;
+use crate::types::ReadChunk;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
 use std::io::IoSlice;
+use std::ops::Range;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -97,6 +102,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
     info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    let sectors = Arc::new(SectorLocks::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -105,7 +111,8 @@ pub async fn serve(
         match accepted {
             Ok((sock, peer)) => {
                 let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
-                tracker.spawn(connection(sock, node.clone(), cancel.clone()).instrument(span));
+                let conn = connection(sock, node.clone(), cancel.clone(), sectors.clone());
+                tracker.spawn(conn.instrument(span));
             }
             Err(e) => {
                 // Out of fds and the like: keep serving the connections we have.
@@ -146,11 +153,11 @@ enum Closed {
     Drained,
 }
 
-async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken) {
+async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken, sectors: Arc<SectorLocks>) {
     if let Err(e) = sock.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY");
     }
-    match run(sock, &node, &cancel).await {
+    match run(sock, &node, &cancel, &sectors).await {
         Ok(how) => debug!(?how, "connection closed"),
         Err(e) => {
             // The one log line for a connection that went wrong.
@@ -186,7 +193,12 @@ async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationTok
     }
 }
 
-async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) -> Result<Closed, ConnError> {
+async fn run(
+    mut sock: TcpStream,
+    node: &Arc<Node>,
+    cancel: &CancellationToken,
+    sectors: &SectorLocks,
+) -> Result<Closed, ConnError> {
     let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
     {
         Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_LIMIT)),
@@ -198,8 +210,10 @@ async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) 
         return Err(ConnError::UnknownExport(session.export));
     };
     tracing::Span::current().record("export", session.export.as_str());
-    debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
-    transmission(sock, buf, volume, node.payload_budget(), session, cancel).await
+    debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");
+    let sectors = (!session.sizes_agreed).then(|| sectors.of(&session.export));
+    let target = Target { volume, sectors };
+    transmission(sock, buf, target, node.payload_budget(), session, cancel).await
 }
 
 /// Option haggling: the agreed session plus any bytes already read past
@@ -333,11 +347,15 @@ fn long_op(req: &Request) -> Option<LongOp> {
 
 /// Bytes of memory a request may hold until its reply is written, taken
 /// from both budgets before it runs: READ and WRITE data (lengths over the
-/// cap are refused before running, so they hold none), and the reply of a
-/// BLOCK_STATUS, which the server sizes (at most [`STATUS_CHARGE`]).
+/// cap are refused before running, so they hold none; an unaligned one
+/// also holds its partial sectors), and the reply of a BLOCK_STATUS, which
+/// the server sizes (at most [`STATUS_CHARGE`]).
 fn payload_len(req: &Request) -> u64 {
+    let len = req.len as u64;
     match req.kind {
-        CMD_READ | CMD_WRITE if (req.len as u64) <= crate::node::volume::MAX_PAYLOAD => req.len as u64,
+        CMD_READ | CMD_WRITE if len <= MAX_PAYLOAD => {
+            len + if unaligned::aligned(req.offset, len) { 0 } else { 2 * MIN_BLOCK }
+        }
         CMD_BLOCK_STATUS => STATUS_CHARGE,
         _ => 0,
     }
@@ -350,7 +368,7 @@ fn cost(req: &Request) -> u32 {
 async fn transmission(
     sock: TcpStream,
     mut buf: BytesMut,
-    volume: Arc<Volume>,
+    target: Target,
     node_budget: &PayloadBudget,
     session: Session,
     cancel: &CancellationToken,
@@ -401,7 +419,7 @@ async fn transmission(
             let (req, held) = a.into_parts();
             crate::poll::touch();
             let ra = (&mut readahead, node_budget);
-            dispatch(req, held, &volume, &session, ra, &mut out, &mut inflight, &mut reading, &mut outcome);
+            dispatch(req, held, &target, &session, ra, &mut out, &mut inflight, &mut reading, &mut outcome);
             continue;
         }
         // Replies go out from this task, without a hop to another one, as
@@ -553,7 +571,7 @@ type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Outpu
 fn dispatch(
     req: Request,
     permit: Held,
-    volume: &Arc<Volume>,
+    target: &Target,
     session: &Session,
     (readahead, budget): (&mut ReadAhead, &PayloadBudget),
     out: &mut Outbox,
@@ -569,14 +587,16 @@ fn dispatch(
         }
         Ok(cmd) => {
             let hit = match cmd {
-                Command::Read { offset, len, .. } => readahead.on_read(offset, len as u64, volume, budget),
+                Command::Read { offset, len, .. } if unaligned::aligned(offset, len as u64) => {
+                    readahead.on_read(offset, len as u64, &target.volume, budget)
+                }
                 _ => None,
             };
-            let volume = volume.clone();
+            let target = target.clone();
             let structured = session.structured;
             let context = session.meta_context.unwrap_or(0);
             inflight.push(Box::pin(async move {
-                (execute(&volume, cmd, hit, handle, structured, context).await, permit)
+                (execute(&target, cmd, hit, handle, structured, context).await, permit)
             }));
         }
         Err(errno) => {
@@ -601,7 +621,7 @@ fn errno_of(e: &VolumeError, writes: bool) -> Errno {
 
 /// Runs one command; `hit` is the read-ahead that answers a READ.
 async fn execute(
-    volume: &Volume,
+    target: &Target,
     cmd: Command,
     hit: Option<Hit>,
     handle: u64,
@@ -609,11 +629,13 @@ async fn execute(
     context: u32,
 ) -> Reply {
     let ok = Reply::Simple { handle, error: 0 };
+    let volume = &*target.volume;
     let writes = matches!(cmd, Command::Write { .. } | Command::WriteZeroes { .. });
     let result = match cmd {
         Command::Read { offset, len, df } => match hit {
             Some(hit) => hit.read(volume).await,
-            None => volume.read(offset, len as u64).await,
+            None if unaligned::aligned(offset, len as u64) => volume.read(offset, len as u64).await,
+            None => unaligned::read(volume, offset, len).await,
         }
         .map(|chunks| {
             if structured {
@@ -622,17 +644,26 @@ async fn execute(
                 Reply::SimpleRead { handle, chunks }
             }
         }),
-        Command::Write { offset, data, fua } => volume.write(offset, data, fua).await.map(|()| ok),
+        Command::Write { offset, data, fua } => match &target.sectors {
+            None => volume.write(offset, data, fua).await,
+            Some(locks) => unaligned::write(volume, locks, offset, data, fua).await,
+        }
+        .map(|()| ok),
         Command::Flush => volume.flush().await.map(|()| ok),
         Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(ok),
-        Command::Trim { offset, len, fua } => {
-            by_extent(volume, offset, len as u64, |at, n| volume.trim(at, n, fua)).await.map(|()| ok)
+        Command::Trim { offset, len, fua } => match &target.sectors {
+            None => by_extent(volume, offset, len as u64, |at, n| volume.trim(at, n, fua)).await,
+            Some(locks) => unaligned::trim(volume, locks, offset, len as u64, fua).await,
         }
-        Command::WriteZeroes { offset, len, deallocate, fua } => {
-            by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua))
-                .await
-                .map(|()| ok)
+        .map(|()| ok),
+        Command::WriteZeroes { offset, len, deallocate, fua } => match &target.sectors {
+            None => {
+                by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua))
+                    .await
+            }
+            Some(locks) => unaligned::write_zeroes(volume, locks, offset, len as u64, deallocate, fua).await,
         }
+        .map(|()| ok),
         // The store has no cache to warm; the range was checked.
         Command::Cache { .. } => Ok(ok),
         Command::BlockStatus { offset, len, req_one } => block_status(volume, offset, len, req_one)
@@ -687,18 +718,264 @@ async fn block_status(
     req_one: bool,
 ) -> Result<Vec<(u32, u32)>, VolumeError> {
     let mut b = StatusBuilder::new(len, req_one);
-    let end = offset + len as u64;
-    let mut at = offset;
-    'windows: while at < end {
-        let n = (end - at).min(STATUS_WINDOW);
-        for m in volume.block_status(at, n).await? {
-            if !b.push(&m) {
+    // The map is kept by whole sectors; an unaligned query skips the head
+    // of the first one.
+    let span = unaligned::span(offset, len as u64);
+    let mut skip = offset - span.start;
+    let mut at = span.start;
+    'windows: while at < span.end {
+        let n = (span.end - at).min(STATUS_WINDOW);
+        for mut m in volume.block_status(at, n).await? {
+            let cut = skip.min(m.len);
+            (m.len, skip) = (m.len - cut, skip - cut);
+            if m.len > 0 && !b.push(&m) {
                 break 'windows;
             }
         }
         at += n;
     }
     Ok(b.finish())
+}
+
+/// What a connection's requests run against.
+#[derive(Debug, Clone)]
+struct Target {
+    volume: Arc<Volume>,
+    /// For a client held to no block size (see `Session::sizes_agreed`):
+    /// the volume's sector locks, which every write of such a client takes.
+    sectors: Option<Arc<RangeLock>>,
+}
+
+/// One [`RangeLock`] over the sectors of each volume, shared by the
+/// connections of clients held to no block size. Volumes are never
+/// removed while the server runs, so neither are their locks.
+#[derive(Debug, Default)]
+struct SectorLocks(std::sync::Mutex<HashMap<String, Arc<RangeLock>>>);
+
+impl SectorLocks {
+    fn of(&self, volume: &str) -> Arc<RangeLock> {
+        self.0.lock().unwrap().entry(volume.to_string()).or_default().clone()
+    }
+}
+
+/// Requests at any byte offset and length, for clients that did not agree
+/// to the 512-byte minimum block size (NBD_OPT_EXPORT_NAME, or NBD_OPT_GO
+/// without NBD_INFO_BLOCK_SIZE: the spec's default minimum is then 1).
+/// The volume and the store take whole sectors, so:
+/// - a READ reads the sectors covering the range and hands back its bytes;
+/// - a WRITE or WRITE_ZEROES writes the whole sectors inside the range as
+///   usual, and a partial first or last sector by read-modify-write;
+/// - a TRIM (advisory: the spec lets the content of a trimmed range be
+///   anything until it is written) discards the whole sectors inside it.
+///
+/// Atomicity: a read-modify-write must not lose a write that lands on the
+/// same sector between its read and its write. Every write, zero and trim
+/// of such a client takes the volume's [`SectorLocks`] lock over the
+/// sectors it covers: exclusive when it read-modify-writes, shared when
+/// aligned (aligned ones need no order among themselves; the store orders
+/// them). So these clients' writes are atomic per sector among themselves,
+/// over any number of connections. Writes of clients that agreed to the
+/// block size, and of iSCSI, do not take this lock: one of them that
+/// overlaps a partial sector being read-modify-written at that moment is an
+/// overlapping concurrent write, and its bytes outside the unaligned write
+/// may be lost. Making that atomic too needs the RMW under the store's own
+/// range lock (`storage::Extent`'s `read_modify` already works at any byte
+/// offset; only its alignment check stops it).
+mod unaligned {
+    use super::*;
+
+    const SECTOR: u64 = MIN_BLOCK;
+
+    pub(super) fn aligned(offset: u64, len: u64) -> bool {
+        offset % SECTOR == 0 && len % SECTOR == 0
+    }
+
+    /// The whole sectors covering `[offset, offset+len)`, in bytes. Within
+    /// the volume, whose size is a multiple of the sector.
+    pub(super) fn span(offset: u64, len: u64) -> Range<u64> {
+        offset / SECTOR * SECTOR..(offset + len).div_ceil(SECTOR) * SECTOR
+    }
+
+    /// The whole sectors inside `[offset, end)`, in bytes; empty (start >=
+    /// end) when no sector lies wholly inside.
+    fn inner(offset: u64, end: u64) -> Range<u64> {
+        offset.div_ceil(SECTOR) * SECTOR..end / SECTOR * SECTOR
+    }
+
+    /// The partial sectors at the ends of `[offset, end)` (one if the range
+    /// lies within one sector).
+    fn edges(offset: u64, end: u64) -> Vec<u64> {
+        let mut v = Vec::with_capacity(2);
+        if offset % SECTOR != 0 {
+            v.push(offset / SECTOR * SECTOR);
+        }
+        if end % SECTOR != 0 && v.last() != Some(&(end / SECTOR * SECTOR)) {
+            v.push(end / SECTOR * SECTOR);
+        }
+        v
+    }
+
+    /// Sector numbers of a byte span, for the lock.
+    fn sectors(bytes: &Range<u64>) -> Range<u64> {
+        bytes.start / SECTOR..bytes.end.div_ceil(SECTOR)
+    }
+
+    pub(super) async fn read(volume: &Volume, offset: u64, len: u32) -> Result<Vec<ReadChunk>, VolumeError> {
+        let span = span(offset, len as u64);
+        let mut chunks = Vec::new();
+        let mut at = span.start;
+        // Up to two sectors more than the maximum payload.
+        while at < span.end {
+            let n = (span.end - at).min(MAX_PAYLOAD);
+            chunks.extend(volume.read(at, n).await?);
+            at += n;
+        }
+        Ok(slice_chunks(chunks, (offset - span.start) as usize, len as usize))
+    }
+
+    /// `len` bytes of `chunks` after the first `skip`.
+    pub(super) fn slice_chunks(chunks: Vec<ReadChunk>, mut skip: usize, mut len: usize) -> Vec<ReadChunk> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if len == 0 {
+                break;
+            }
+            let n = c.len();
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = (n - skip).min(len);
+            out.push(match c {
+                ReadChunk::Data(b) => ReadChunk::Data(b.slice(skip..skip + take)),
+                ReadChunk::Hole(_) => ReadChunk::Hole(take as u32),
+            });
+            (skip, len) = (0, len - take);
+        }
+        out
+    }
+
+    pub(super) async fn write(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
+        let inner = inner(offset, end);
+        if inner.start < inner.end {
+            let part = data.slice((inner.start - offset) as usize..(inner.end - offset) as usize);
+            volume.write(inner.start, part, fua).await?;
+        }
+        for sector in edges(offset, end) {
+            patch(volume, sector, offset, Some(&data), len, fua).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_zeroes(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let end = offset + len;
+        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
+        let inner = inner(offset, end);
+        if inner.start < inner.end {
+            let zero = |at, n| volume.write_zeroes(at, n, deallocate, fua);
+            by_extent(volume, inner.start, inner.end - inner.start, zero).await?;
+        }
+        for sector in edges(offset, end) {
+            patch(volume, sector, offset, None, len, fua).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn trim(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let inner = inner(offset, offset + len);
+        if inner.start >= inner.end {
+            return Ok(());
+        }
+        let _held = locks.lock(sectors(&inner), false).await;
+        by_extent(volume, inner.start, inner.end - inner.start, |at, n| volume.trim(at, n, fua)).await
+    }
+
+    /// Read-modify-write of one sector: the bytes of a write of `len` at
+    /// `offset` that fall in `sector` (`data`, or zeros) laid over its old
+    /// contents. The caller holds the sector's lock exclusive.
+    async fn patch(
+        volume: &Volume,
+        sector: u64,
+        offset: u64,
+        data: Option<&Bytes>,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let old = volume.read(sector, SECTOR).await?;
+        let mut buf = BytesMut::from(&crate::types::flatten_chunks(&old)[..]);
+        let (from, to) = (offset.max(sector), (offset + len).min(sector + SECTOR));
+        let dst = &mut buf[(from - sector) as usize..(to - sector) as usize];
+        match data {
+            Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
+            None => dst.fill(0),
+        }
+        volume.write(sector, buf.freeze(), fua).await
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn spans_inner_sectors_and_edges() {
+            assert_eq!(span(100, 1), 0..512);
+            assert_eq!(span(511, 2), 0..1024);
+            assert_eq!(span(512, 512), 512..1024);
+            assert_eq!(inner(100, 200), 512..0, "empty");
+            assert_eq!(inner(100, 1100), 512..1024);
+            assert_eq!(inner(512, 1024), 512..1024);
+            assert_eq!(edges(100, 200), vec![0]);
+            assert_eq!(edges(100, 1100), vec![0, 1024]);
+            assert_eq!(edges(512, 1100), vec![1024]);
+            assert_eq!(edges(100, 1024), vec![0]);
+            assert!(edges(512, 1024).is_empty());
+            assert_eq!(sectors(&(512..1536)), 1..3);
+        }
+
+        #[test]
+        fn slices_of_chunks() {
+            let c = || {
+                vec![
+                    ReadChunk::Data(Bytes::from_static(b"abcdef")),
+                    ReadChunk::Hole(4),
+                    ReadChunk::Data(Bytes::from_static(b"xyz")),
+                ]
+            };
+            let flat = |v: Vec<ReadChunk>| crate::types::flatten_chunks(&v).to_vec();
+            let all = flat(c());
+            for skip in 0..all.len() {
+                for len in 0..=all.len() - skip {
+                    assert_eq!(flat(slice_chunks(c(), skip, len)), all[skip..skip + len], "{skip}+{len}");
+                }
+            }
+            assert!(slice_chunks(c(), 2, 0).is_empty());
+        }
+    }
 }
 
 /// Encoded replies not yet (fully) in the socket, with the budget they

@@ -214,7 +214,9 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
     if bounded && len > s.sizes.max_payload {
         return Err(Errno::Inval);
     }
-    let min = s.sizes.min as u64;
+    // A client that did not agree to the advertised sizes has the spec's
+    // minimum block size of 1 (the server read-modify-writes for it).
+    let min = if s.sizes_agreed { s.sizes.min as u64 } else { 1 };
     if offset % min != 0 || len as u64 % min != 0 {
         return Err(Errno::Inval);
     }
@@ -565,6 +567,7 @@ mod tests {
             structured: true,
             meta_context: Some(META_BASE_ALLOCATION_ID),
             sizes: BlockSizes::default(),
+            sizes_agreed: true,
         }
     }
 
@@ -727,6 +730,19 @@ mod tests {
             assert_eq!(validate(req(kind, 0, 1, 512), &s), Err(Errno::Inval));
             assert_eq!(validate(req(kind, 0, 0, 100), &s), Err(Errno::Inval));
         }
+    }
+
+    #[test]
+    fn unaligned_accepted_when_sizes_were_not_agreed() {
+        let s = Session { sizes_agreed: false, ..session() };
+        for kind in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS] {
+            assert!(validate(req(kind, 0, 1, 511), &s).is_ok(), "kind {kind}");
+            assert!(validate(req(kind, 0, 777, 1), &s).is_ok(), "kind {kind}");
+        }
+        // Bounds still hold at byte granularity.
+        assert_eq!(validate(req(CMD_READ, 0, s.size - 1, 2), &s), Err(Errno::Inval));
+        assert_eq!(validate(req(CMD_WRITE, 0, s.size - 1, 2), &s), Err(Errno::NoSpc));
+        assert!(validate(req(CMD_READ, 0, s.size - 1, 1), &s).is_ok());
     }
 
     #[test]
