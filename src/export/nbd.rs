@@ -25,6 +25,10 @@
 //! Over all connections, the payload of every READ and WRITE also takes
 //! room in the node's [`PayloadBudget`] (a large WRITE before its buffer is
 //! allocated), so many clients together cannot exceed it either.
+//! "Payload" includes the replies the server sizes: a BLOCK_STATUS is
+//! charged to both budgets for the most its reply can take (the descriptor
+//! cap, [`MAX_STATUS_DESCRIPTORS`]) and, once encoded, every reply keeps
+//! only its own size until it is in the socket ([`Held::fit`]).
 //!
 //! Every connection to a volume shares one `Arc<Volume>`, whose `flush` is
 //! a barrier over every write completed before it on any connection; that
@@ -37,19 +41,24 @@
 //! the one called `demo`).
 
 use super::readahead::{Hit, ReadAhead};
+use crate::node::volume::{MAX_PAYLOAD, MIN_BLOCK};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::LongOp;
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
 use crate::proto::nbd::transmission::{
-    Command, LargeWrite, ProtoError, Reply, ReplyBuf, Request, RequestDecoder, descriptors, encode_reply,
-    error_reply, validate,
+    Command, LargeWrite, MAX_STATUS_DESCRIPTORS, ProtoError, Reply, ReplyBuf, Request, RequestDecoder,
+    StatusBuilder, encode_reply, error_reply, reply_len, validate,
 };
-use crate::proto::nbd::{BlockSizes, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
+use crate::proto::nbd::{BlockSizes, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
 use crate::storage::engine::AlignedBuf;
+use crate::storage::rangelock::RangeLock;
+use crate::types::ReadChunk;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
 use std::io::IoSlice;
+use std::ops::Range;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -75,6 +84,15 @@ const READ_CHUNK: usize = 256 << 10;
 const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A WRITE payload at least this big is read into aligned memory of its own.
 const LARGE_WRITE: u32 = 64 << 10;
+/// A BLOCK_STATUS asks the volume for the allocation map this many bytes at
+/// a time, so the map it holds is small whatever the range (at most one
+/// entry per 4 KiB block of the window, plus the two ends).
+const STATUS_WINDOW: u64 = 16 << 20;
+/// What a BLOCK_STATUS is charged before it runs: the largest reply twice
+/// (the descriptors, then their encoding) and one window of the map. Once
+/// encoded, the reply keeps only its own size ([`Held::fit`]).
+const STATUS_CHARGE: u64 = 2 * 8 * MAX_STATUS_DESCRIPTORS as u64
+    + (STATUS_WINDOW / 4096 + 2) * std::mem::size_of::<crate::types::MapExtent>() as u64;
 
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
@@ -84,6 +102,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
     info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    let sectors = Arc::new(SectorLocks::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -92,7 +111,8 @@ pub async fn serve(
         match accepted {
             Ok((sock, peer)) => {
                 let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
-                tracker.spawn(connection(sock, node.clone(), cancel.clone()).instrument(span));
+                let conn = connection(sock, node.clone(), cancel.clone(), sectors.clone());
+                tracker.spawn(conn.instrument(span));
             }
             Err(e) => {
                 // Out of fds and the like: keep serving the connections we have.
@@ -133,11 +153,11 @@ enum Closed {
     Drained,
 }
 
-async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken) {
+async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken, sectors: Arc<SectorLocks>) {
     if let Err(e) = sock.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY");
     }
-    match run(sock, &node, &cancel).await {
+    match run(sock, &node, &cancel, &sectors).await {
         Ok(how) => debug!(?how, "connection closed"),
         Err(e) => {
             // The one log line for a connection that went wrong.
@@ -173,7 +193,12 @@ async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationTok
     }
 }
 
-async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) -> Result<Closed, ConnError> {
+async fn run(
+    mut sock: TcpStream,
+    node: &Arc<Node>,
+    cancel: &CancellationToken,
+    sectors: &SectorLocks,
+) -> Result<Closed, ConnError> {
     let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
     {
         Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_LIMIT)),
@@ -185,8 +210,10 @@ async fn run(mut sock: TcpStream, node: &Arc<Node>, cancel: &CancellationToken) 
         return Err(ConnError::UnknownExport(session.export));
     };
     tracing::Span::current().record("export", session.export.as_str());
-    debug!(structured = session.structured, meta = ?session.meta_context, "transmission");
-    transmission(sock, buf, volume, node.payload_budget(), session, cancel).await
+    debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");
+    let sectors = (!session.sizes_agreed).then(|| sectors.of(&session.export));
+    let target = Target { volume, sectors };
+    transmission(sock, buf, target, node.payload_budget(), session, cancel).await
 }
 
 /// Option haggling: the agreed session plus any bytes already read past
@@ -241,9 +268,25 @@ async fn negotiate(
 /// mark that keeps the idle poller asleep until then (`crate::poll`).
 #[derive(Debug)]
 struct Held {
-    _conn: OwnedSemaphorePermit,
-    _node: Option<OwnedSemaphorePermit>,
+    conn: OwnedSemaphorePermit,
+    node: Option<OwnedSemaphorePermit>,
     _long: Option<LongOp>,
+}
+
+impl Held {
+    /// Keeps only what an encoded reply of `bytes` needs (a request is
+    /// charged for the most its reply can be; a failed READ or a short
+    /// BLOCK_STATUS gives the rest back at once). Never grows the share.
+    fn fit(&mut self, bytes: usize) {
+        let units = 1 + (bytes as u64).div_ceil(UNIT_BYTES);
+        let extra = (self.conn.num_permits() as u64).saturating_sub(units);
+        if extra > 0 {
+            drop(self.conn.split(extra as usize));
+        }
+        if let Some(node) = self.node.as_mut() {
+            PayloadBudget::shrink(node, bytes as u64);
+        }
+    }
 }
 
 /// A finished reply, holding its share of the budgets.
@@ -288,7 +331,7 @@ impl Admission {
     fn into_parts(self) -> (Request, Held) {
         let conn = self.conn.expect("admitted");
         let long = long_op(&self.req);
-        (self.req, Held { _conn: conn, _node: self.node, _long: long })
+        (self.req, Held { conn, node: self.node, _long: long })
     }
 }
 
@@ -302,12 +345,20 @@ fn long_op(req: &Request) -> Option<LongOp> {
     }
 }
 
-/// Payload bytes a request moves (READ or WRITE data). Lengths over the cap
-/// are refused before running, so they move none.
+/// Bytes of memory a request may hold until its reply is written, taken
+/// from both budgets before it runs: READ and WRITE data (lengths over the
+/// cap are refused before running, so they hold none; an unaligned one
+/// also holds its partial sectors), and the reply of a BLOCK_STATUS, which
+/// the server sizes (at most [`STATUS_CHARGE`]).
 fn payload_len(req: &Request) -> u64 {
-    let moves_data = (req.kind == CMD_READ || req.kind == CMD_WRITE)
-        && (req.len as u64) <= crate::node::volume::MAX_PAYLOAD;
-    if moves_data { req.len as u64 } else { 0 }
+    let len = req.len as u64;
+    match req.kind {
+        CMD_READ | CMD_WRITE if len <= MAX_PAYLOAD => {
+            len + if unaligned::aligned(req.offset, len) { 0 } else { 2 * MIN_BLOCK }
+        }
+        CMD_BLOCK_STATUS => STATUS_CHARGE,
+        _ => 0,
+    }
 }
 
 fn cost(req: &Request) -> u32 {
@@ -317,7 +368,7 @@ fn cost(req: &Request) -> u32 {
 async fn transmission(
     sock: TcpStream,
     mut buf: BytesMut,
-    volume: Arc<Volume>,
+    target: Target,
     node_budget: &PayloadBudget,
     session: Session,
     cancel: &CancellationToken,
@@ -368,7 +419,7 @@ async fn transmission(
             let (req, held) = a.into_parts();
             crate::poll::touch();
             let ra = (&mut readahead, node_budget);
-            dispatch(req, held, &volume, &session, ra, &mut out, &mut inflight, &mut reading, &mut outcome);
+            dispatch(req, held, &target, &session, ra, &mut out, &mut inflight, &mut reading, &mut outcome);
             continue;
         }
         // Replies go out from this task, without a hop to another one, as
@@ -520,7 +571,7 @@ type Inflight = FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Outpu
 fn dispatch(
     req: Request,
     permit: Held,
-    volume: &Arc<Volume>,
+    target: &Target,
     session: &Session,
     (readahead, budget): (&mut ReadAhead, &PayloadBudget),
     out: &mut Outbox,
@@ -536,14 +587,16 @@ fn dispatch(
         }
         Ok(cmd) => {
             let hit = match cmd {
-                Command::Read { offset, len, .. } => readahead.on_read(offset, len as u64, volume, budget),
+                Command::Read { offset, len, .. } if unaligned::aligned(offset, len as u64) => {
+                    readahead.on_read(offset, len as u64, &target.volume, budget)
+                }
                 _ => None,
             };
-            let volume = volume.clone();
+            let target = target.clone();
             let structured = session.structured;
             let context = session.meta_context.unwrap_or(0);
             inflight.push(Box::pin(async move {
-                (execute(&volume, cmd, hit, handle, structured, context).await, permit)
+                (execute(&target, cmd, hit, handle, structured, context).await, permit)
             }));
         }
         Err(errno) => {
@@ -568,7 +621,7 @@ fn errno_of(e: &VolumeError, writes: bool) -> Errno {
 
 /// Runs one command; `hit` is the read-ahead that answers a READ.
 async fn execute(
-    volume: &Volume,
+    target: &Target,
     cmd: Command,
     hit: Option<Hit>,
     handle: u64,
@@ -576,11 +629,13 @@ async fn execute(
     context: u32,
 ) -> Reply {
     let ok = Reply::Simple { handle, error: 0 };
+    let volume = &*target.volume;
     let writes = matches!(cmd, Command::Write { .. } | Command::WriteZeroes { .. });
     let result = match cmd {
         Command::Read { offset, len, df } => match hit {
             Some(hit) => hit.read(volume).await,
-            None => volume.read(offset, len as u64).await,
+            None if unaligned::aligned(offset, len as u64) => volume.read(offset, len as u64).await,
+            None => unaligned::read(volume, offset, len).await,
         }
         .map(|chunks| {
             if structured {
@@ -589,19 +644,31 @@ async fn execute(
                 Reply::SimpleRead { handle, chunks }
             }
         }),
-        Command::Write { offset, data, fua } => volume.write(offset, data, fua).await.map(|()| ok),
+        Command::Write { offset, data, fua } => match &target.sectors {
+            None => volume.write(offset, data, fua).await,
+            Some(locks) => unaligned::write(volume, locks, offset, data, fua).await,
+        }
+        .map(|()| ok),
         Command::Flush => volume.flush().await.map(|()| ok),
         Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(ok),
-        Command::Trim { offset, len, fua } => volume.trim(offset, len as u64, fua).await.map(|()| ok),
-        Command::WriteZeroes { offset, len, deallocate, fua } => {
-            volume.write_zeroes(offset, len as u64, deallocate, fua).await.map(|()| ok)
+        Command::Trim { offset, len, fua } => match &target.sectors {
+            None => by_extent(volume, offset, len as u64, |at, n| volume.trim(at, n, fua)).await,
+            Some(locks) => unaligned::trim(volume, locks, offset, len as u64, fua).await,
         }
+        .map(|()| ok),
+        Command::WriteZeroes { offset, len, deallocate, fua } => match &target.sectors {
+            None => {
+                by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua))
+                    .await
+            }
+            Some(locks) => unaligned::write_zeroes(volume, locks, offset, len as u64, deallocate, fua).await,
+        }
+        .map(|()| ok),
         // The store has no cache to warm; the range was checked.
         Command::Cache { .. } => Ok(ok),
-        Command::BlockStatus { offset, len, req_one } => volume
-            .block_status(offset, len as u64)
+        Command::BlockStatus { offset, len, req_one } => block_status(volume, offset, len, req_one)
             .await
-            .map(|map| Reply::BlockStatus { handle, context, descriptors: descriptors(&map, len, req_one) }),
+            .map(|descriptors| Reply::BlockStatus { handle, context, descriptors }),
         Command::Disc => Ok(ok),
     };
     match result {
@@ -618,6 +685,299 @@ async fn execute(
     }
 }
 
+/// Runs a TRIM or WRITE_ZEROES of `[offset, offset+len)` (up to 4 GiB) one
+/// extent-sized piece after another, each with its own `fua`: one piece
+/// holds its extent's range lock and dirty regions at a time, so other
+/// requests to the volume get in between pieces, and what a piece holds
+/// does not grow with the length. The first error ends it; pieces done
+/// stay done (NBD does not make a failed request atomic).
+async fn by_extent<F, Fut>(volume: &Volume, offset: u64, len: u64, mut op: F) -> Result<(), VolumeError>
+where
+    F: FnMut(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), VolumeError>>,
+{
+    let piece = volume.spec().layout.extent_size.max(1);
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let next = (at / piece + 1).saturating_mul(piece).min(end);
+        op(at, next - at).await?;
+        at = next;
+    }
+    Ok(())
+}
+
+/// The descriptors of one BLOCK_STATUS reply, at most
+/// [`MAX_STATUS_DESCRIPTORS`]: the map is asked for one window at a time
+/// and no further than the reply reaches, so neither the map held nor the
+/// reply grows with the range asked for.
+async fn block_status(
+    volume: &Volume,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<(u32, u32)>, VolumeError> {
+    let mut b = StatusBuilder::new(len, req_one);
+    // The map is kept by whole sectors; an unaligned query skips the head
+    // of the first one.
+    let span = unaligned::span(offset, len as u64);
+    let mut skip = offset - span.start;
+    let mut at = span.start;
+    'windows: while at < span.end {
+        let n = (span.end - at).min(STATUS_WINDOW);
+        for mut m in volume.block_status(at, n).await? {
+            let cut = skip.min(m.len);
+            (m.len, skip) = (m.len - cut, skip - cut);
+            if m.len > 0 && !b.push(&m) {
+                break 'windows;
+            }
+        }
+        at += n;
+    }
+    Ok(b.finish())
+}
+
+/// What a connection's requests run against.
+#[derive(Debug, Clone)]
+struct Target {
+    volume: Arc<Volume>,
+    /// For a client held to no block size (see `Session::sizes_agreed`):
+    /// the volume's sector locks, which every write of such a client takes.
+    sectors: Option<Arc<RangeLock>>,
+}
+
+/// One [`RangeLock`] over the sectors of each volume, shared by the
+/// connections of clients held to no block size. Volumes are never
+/// removed while the server runs, so neither are their locks.
+#[derive(Debug, Default)]
+struct SectorLocks(std::sync::Mutex<HashMap<String, Arc<RangeLock>>>);
+
+impl SectorLocks {
+    fn of(&self, volume: &str) -> Arc<RangeLock> {
+        self.0.lock().unwrap().entry(volume.to_string()).or_default().clone()
+    }
+}
+
+/// Requests at any byte offset and length, for clients that did not agree
+/// to the 512-byte minimum block size (NBD_OPT_EXPORT_NAME, or NBD_OPT_GO
+/// without NBD_INFO_BLOCK_SIZE: the spec's default minimum is then 1).
+/// The volume and the store take whole sectors, so:
+/// - a READ reads the sectors covering the range and hands back its bytes;
+/// - a WRITE or WRITE_ZEROES writes the whole sectors inside the range as
+///   usual, and a partial first or last sector by read-modify-write;
+/// - a TRIM (advisory: the spec lets the content of a trimmed range be
+///   anything until it is written) discards the whole sectors inside it.
+///
+/// Atomicity: a read-modify-write must not lose a write that lands on the
+/// same sector between its read and its write. Every write, zero and trim
+/// of such a client takes the volume's [`SectorLocks`] lock over the
+/// sectors it covers: exclusive when it read-modify-writes, shared when
+/// aligned (aligned ones need no order among themselves; the store orders
+/// them). So these clients' writes are atomic per sector among themselves,
+/// over any number of connections. Writes of clients that agreed to the
+/// block size, and of iSCSI, do not take this lock: one of them that
+/// overlaps a partial sector being read-modify-written at that moment is an
+/// overlapping concurrent write, and its bytes outside the unaligned write
+/// may be lost. Making that atomic too needs the RMW under the store's own
+/// range lock (`storage::Extent`'s `read_modify` already works at any byte
+/// offset; only its alignment check stops it).
+mod unaligned {
+    use super::*;
+
+    const SECTOR: u64 = MIN_BLOCK;
+
+    pub(super) fn aligned(offset: u64, len: u64) -> bool {
+        offset % SECTOR == 0 && len % SECTOR == 0
+    }
+
+    /// The whole sectors covering `[offset, offset+len)`, in bytes. Within
+    /// the volume, whose size is a multiple of the sector.
+    pub(super) fn span(offset: u64, len: u64) -> Range<u64> {
+        offset / SECTOR * SECTOR..(offset + len).div_ceil(SECTOR) * SECTOR
+    }
+
+    /// The whole sectors inside `[offset, end)`, in bytes; empty (start >=
+    /// end) when no sector lies wholly inside.
+    fn inner(offset: u64, end: u64) -> Range<u64> {
+        offset.div_ceil(SECTOR) * SECTOR..end / SECTOR * SECTOR
+    }
+
+    /// The partial sectors at the ends of `[offset, end)` (one if the range
+    /// lies within one sector).
+    fn edges(offset: u64, end: u64) -> Vec<u64> {
+        let mut v = Vec::with_capacity(2);
+        if offset % SECTOR != 0 {
+            v.push(offset / SECTOR * SECTOR);
+        }
+        if end % SECTOR != 0 && v.last() != Some(&(end / SECTOR * SECTOR)) {
+            v.push(end / SECTOR * SECTOR);
+        }
+        v
+    }
+
+    /// Sector numbers of a byte span, for the lock.
+    fn sectors(bytes: &Range<u64>) -> Range<u64> {
+        bytes.start / SECTOR..bytes.end.div_ceil(SECTOR)
+    }
+
+    pub(super) async fn read(volume: &Volume, offset: u64, len: u32) -> Result<Vec<ReadChunk>, VolumeError> {
+        let span = span(offset, len as u64);
+        let mut chunks = Vec::new();
+        let mut at = span.start;
+        // Up to two sectors more than the maximum payload.
+        while at < span.end {
+            let n = (span.end - at).min(MAX_PAYLOAD);
+            chunks.extend(volume.read(at, n).await?);
+            at += n;
+        }
+        Ok(slice_chunks(chunks, (offset - span.start) as usize, len as usize))
+    }
+
+    /// `len` bytes of `chunks` after the first `skip`.
+    pub(super) fn slice_chunks(chunks: Vec<ReadChunk>, mut skip: usize, mut len: usize) -> Vec<ReadChunk> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            if len == 0 {
+                break;
+            }
+            let n = c.len();
+            if skip >= n {
+                skip -= n;
+                continue;
+            }
+            let take = (n - skip).min(len);
+            out.push(match c {
+                ReadChunk::Data(b) => ReadChunk::Data(b.slice(skip..skip + take)),
+                ReadChunk::Hole(_) => ReadChunk::Hole(take as u32),
+            });
+            (skip, len) = (0, len - take);
+        }
+        out
+    }
+
+    pub(super) async fn write(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
+        let inner = inner(offset, end);
+        if inner.start < inner.end {
+            let part = data.slice((inner.start - offset) as usize..(inner.end - offset) as usize);
+            volume.write(inner.start, part, fua).await?;
+        }
+        for sector in edges(offset, end) {
+            patch(volume, sector, offset, Some(&data), len, fua).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_zeroes(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let end = offset + len;
+        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
+        let inner = inner(offset, end);
+        if inner.start < inner.end {
+            let zero = |at, n| volume.write_zeroes(at, n, deallocate, fua);
+            by_extent(volume, inner.start, inner.end - inner.start, zero).await?;
+        }
+        for sector in edges(offset, end) {
+            patch(volume, sector, offset, None, len, fua).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn trim(
+        volume: &Volume,
+        locks: &RangeLock,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let inner = inner(offset, offset + len);
+        if inner.start >= inner.end {
+            return Ok(());
+        }
+        let _held = locks.lock(sectors(&inner), false).await;
+        by_extent(volume, inner.start, inner.end - inner.start, |at, n| volume.trim(at, n, fua)).await
+    }
+
+    /// Read-modify-write of one sector: the bytes of a write of `len` at
+    /// `offset` that fall in `sector` (`data`, or zeros) laid over its old
+    /// contents. The caller holds the sector's lock exclusive.
+    async fn patch(
+        volume: &Volume,
+        sector: u64,
+        offset: u64,
+        data: Option<&Bytes>,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        let old = volume.read(sector, SECTOR).await?;
+        let mut buf = BytesMut::from(&crate::types::flatten_chunks(&old)[..]);
+        let (from, to) = (offset.max(sector), (offset + len).min(sector + SECTOR));
+        let dst = &mut buf[(from - sector) as usize..(to - sector) as usize];
+        match data {
+            Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
+            None => dst.fill(0),
+        }
+        volume.write(sector, buf.freeze(), fua).await
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn spans_inner_sectors_and_edges() {
+            assert_eq!(span(100, 1), 0..512);
+            assert_eq!(span(511, 2), 0..1024);
+            assert_eq!(span(512, 512), 512..1024);
+            assert_eq!(inner(100, 200), 512..0, "empty");
+            assert_eq!(inner(100, 1100), 512..1024);
+            assert_eq!(inner(512, 1024), 512..1024);
+            assert_eq!(edges(100, 200), vec![0]);
+            assert_eq!(edges(100, 1100), vec![0, 1024]);
+            assert_eq!(edges(512, 1100), vec![1024]);
+            assert_eq!(edges(100, 1024), vec![0]);
+            assert!(edges(512, 1024).is_empty());
+            assert_eq!(sectors(&(512..1536)), 1..3);
+        }
+
+        #[test]
+        fn slices_of_chunks() {
+            let c = || {
+                vec![
+                    ReadChunk::Data(Bytes::from_static(b"abcdef")),
+                    ReadChunk::Hole(4),
+                    ReadChunk::Data(Bytes::from_static(b"xyz")),
+                ]
+            };
+            let flat = |v: Vec<ReadChunk>| crate::types::flatten_chunks(&v).to_vec();
+            let all = flat(c());
+            for skip in 0..all.len() {
+                for len in 0..=all.len() - skip {
+                    assert_eq!(flat(slice_chunks(c(), skip, len)), all[skip..skip + len], "{skip}+{len}");
+                }
+            }
+            assert!(slice_chunks(c(), 2, 0).is_empty());
+        }
+    }
+}
+
 /// Encoded replies not yet (fully) in the socket, with the budget they
 /// hold; the permits go back once all of it is written.
 #[derive(Debug, Default)]
@@ -630,8 +990,12 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&mut self, reply: Reply, permit: Held) {
+    /// Encodes `reply`; its share of the budgets shrinks to its size and
+    /// stays held until the bytes are in the socket.
+    fn push(&mut self, reply: Reply, mut permit: Held) {
+        let n = reply_len(&reply);
         encode_reply(reply, &mut self.buf);
+        permit.fit(n);
         self.permits.push(permit);
     }
 

@@ -47,6 +47,17 @@ impl PayloadBudget {
             .expect("the payload budget is never closed")
     }
 
+    /// Gives back all but the room for `bytes` (at least one unit) of what
+    /// `permit` holds: for a request charged for the most it could need
+    /// once it knows what it does need. Never grows the permit.
+    pub fn shrink(permit: &mut OwnedSemaphorePermit, bytes: u64) {
+        let keep = bytes.div_ceil(UNIT).max(1);
+        let extra = (permit.num_permits() as u64).saturating_sub(keep);
+        if extra > 0 {
+            drop(permit.split(extra as usize));
+        }
+    }
+
     /// Bytes free right now (for tests and logs).
     pub fn available(&self) -> u64 {
         self.sem.available_permits() as u64 * UNIT
@@ -77,6 +88,20 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(held);
         drop(waiter.await.unwrap());
+    }
+
+    #[test]
+    fn shrink_gives_back_all_but_what_is_kept() {
+        let b = PayloadBudget::new(64 << 20);
+        let mut p = b.try_take(1 << 20).unwrap();
+        PayloadBudget::shrink(&mut p, 10_000);
+        assert_eq!(b.available(), (64 << 20) - 3 * 4096);
+        PayloadBudget::shrink(&mut p, 0);
+        assert_eq!(b.available(), (64 << 20) - 4096, "one unit stays");
+        PayloadBudget::shrink(&mut p, 1 << 20);
+        assert_eq!(b.available(), (64 << 20) - 4096, "never grows");
+        drop(p);
+        assert_eq!(b.available(), 64 << 20);
     }
 
     #[test]

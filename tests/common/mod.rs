@@ -53,7 +53,13 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `basaltd demo --size <size>` plus `extra` arguments.
     pub fn start(size: &str, extra: &[&str]) -> Daemon {
-        let tmp = tempfile::Builder::new().prefix("basalt-test-").tempdir().unwrap();
+        Daemon::start_in(&std::env::temp_dir(), size, extra)
+    }
+
+    /// [`Daemon::start`] with its data directory under `parent` (another
+    /// filesystem, say).
+    pub fn start_in(parent: &Path, size: &str, extra: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(parent).unwrap();
         let data = tmp.path().join("data");
         let mut d = Daemon {
             child: None,

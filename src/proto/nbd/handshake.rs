@@ -51,6 +51,11 @@ pub struct Session {
     /// Id of `base:allocation` if the client selected it for this export.
     pub meta_context: Option<u32>,
     pub sizes: BlockSizes,
+    /// The client asked for `NBD_INFO_BLOCK_SIZE` in the `NBD_OPT_GO` that
+    /// started transmission, so it must keep to `sizes.min`. A client that
+    /// did not (`NBD_OPT_EXPORT_NAME`, or GO without it) gets the spec's
+    /// default minimum block size of 1: it may send requests at any byte.
+    pub sizes_agreed: bool,
 }
 
 /// What the server does after sending the option's reply bytes.
@@ -212,7 +217,7 @@ impl Negotiator {
         self.structured
     }
 
-    fn session(&self, export: &Export) -> Session {
+    fn session(&self, export: &Export, sizes_agreed: bool) -> Session {
         Session {
             export: export.name.clone(),
             size: export.size,
@@ -222,6 +227,7 @@ impl Negotiator {
             meta_context: (self.structured && self.meta_for.as_deref() == Some(export.name.as_str()))
                 .then_some(META_BASE_ALLOCATION_ID),
             sizes: self.sizes,
+            sizes_agreed,
         }
     }
 
@@ -233,7 +239,7 @@ impl Negotiator {
                     // This option cannot carry an error: the spec says to hang up.
                     return Next::Close;
                 };
-                let s = self.session(export);
+                let s = self.session(export, false);
                 out.put_u64(s.size);
                 out.put_u16(s.flags);
                 if !self.no_zeroes {
@@ -283,14 +289,15 @@ impl Negotiator {
                     put_error(out, option, REP_ERR_UNKNOWN, &format!("no export named {:?}", req.name));
                     return Next::Continue;
                 };
-                let s = self.session(export);
+                let s = self.session(export, option == OPT_GO && req.infos.contains(&INFO_BLOCK_SIZE));
                 let mut info = Vec::with_capacity(16);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&s.size.to_be_bytes());
                 info.extend_from_slice(&s.flags.to_be_bytes());
                 put_reply(out, option, REP_INFO, &info);
-                // Sent even unrequested: we enforce a 512-byte minimum, which is
-                // not the protocol default, so clients should know it.
+                // Sent even unrequested: a client that reads it may keep to
+                // it, but only one that asked for it is held to it (see
+                // `Session::sizes_agreed`).
                 info.clear();
                 info.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
                 info.extend_from_slice(&self.sizes.min.to_be_bytes());
@@ -451,6 +458,35 @@ mod tests {
         let mut n = Negotiator::new(BlockSizes::default());
         assert!(n.client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).is_ok());
         assert_eq!(n.client_flags(1 << 5), Err(HandshakeError::UnknownClientFlags(1 << 5)));
+    }
+
+    #[test]
+    fn sizes_are_agreed_only_by_a_go_that_asked_for_them() {
+        let go = |infos: &[u16]| {
+            let mut n = Negotiator::new(BlockSizes::default());
+            match n.option(OPT_GO, &go_data("demo", infos), &exports(), &mut BytesMut::new()) {
+                Next::Transmit(s) => s.sizes_agreed,
+                next => panic!("{next:?}"),
+            }
+        };
+        assert!(go(&[INFO_BLOCK_SIZE]));
+        assert!(go(&[INFO_NAME, INFO_BLOCK_SIZE]));
+        assert!(!go(&[]));
+        assert!(!go(&[INFO_NAME]));
+        // INFO with the request, then GO without it: not agreed.
+        let mut n = Negotiator::new(BlockSizes::default());
+        let mut out = BytesMut::new();
+        assert_eq!(
+            n.option(OPT_INFO, &go_data("demo", &[INFO_BLOCK_SIZE]), &exports(), &mut out),
+            Next::Continue
+        );
+        let Next::Transmit(s) = n.option(OPT_GO, &go_data("demo", &[]), &exports(), &mut out) else {
+            panic!()
+        };
+        assert!(!s.sizes_agreed);
+        let mut n = Negotiator::new(BlockSizes::default());
+        let Next::Transmit(s) = n.option(OPT_EXPORT_NAME, b"demo", &exports(), &mut out) else { panic!() };
+        assert!(!s.sizes_agreed, "EXPORT_NAME cannot agree on sizes");
     }
 
     #[test]

@@ -205,15 +205,18 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
         CMD_BLOCK_STATUS if s.meta_context.is_none() => return Err(Errno::Inval),
         _ => {}
     }
-    let fast_zero = req.flags & CMD_FLAG_FAST_ZERO != 0;
-    // READ, WRITE, CACHE and WRITE_ZEROES (unless FAST_ZERO) are bounded by
-    // the maximum block size; TRIM and BLOCK_STATUS are not.
-    let bounded =
-        matches!(req.kind, CMD_READ | CMD_WRITE | CMD_CACHE) || (req.kind == CMD_WRITE_ZEROES && !fast_zero);
+    // READ, WRITE and CACHE are bounded by the maximum payload. TRIM and
+    // WRITE_ZEROES carry none and may cover any length a request can name
+    // (the Linux driver sends up to 4 GiB): the server runs them one
+    // extent at a time, so their cost does not grow with the length.
+    // BLOCK_STATUS replies are capped by the server.
+    let bounded = matches!(req.kind, CMD_READ | CMD_WRITE | CMD_CACHE);
     if bounded && len > s.sizes.max_payload {
         return Err(Errno::Inval);
     }
-    let min = s.sizes.min as u64;
+    // A client that did not agree to the advertised sizes has the spec's
+    // minimum block size of 1 (the server read-modify-writes for it).
+    let min = if s.sizes_agreed { s.sizes.min as u64 } else { 1 };
     if offset % min != 0 || len as u64 % min != 0 {
         return Err(Errno::Inval);
     }
@@ -234,6 +237,7 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
         CMD_CACHE => Command::Cache { offset, len },
         CMD_WRITE_ZEROES => {
             let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            let fast_zero = req.flags & CMD_FLAG_FAST_ZERO != 0;
             // Zeroing is fast only when the store may deallocate instead of
             // writing zeros; with NO_HOLE it is as slow as a WRITE.
             if fast_zero && no_hole {
@@ -289,31 +293,85 @@ pub fn error_reply(handle: u64, error: Errno, structured: bool, message: impl In
     }
 }
 
-/// Converts an allocation map into base:allocation descriptors.
-pub fn descriptors(map: &[MapExtent], req_len: u32, req_one: bool) -> Vec<(u32, u32)> {
-    let mut out: Vec<(u32, u32)> = Vec::with_capacity(map.len().min(64));
-    let mut left = req_len as u64;
-    for m in map {
-        if left == 0 {
-            break;
-        }
-        let len = m.len.min(left);
-        if len == 0 {
-            continue;
-        }
-        left -= len;
-        let flags =
-            if m.state.allocated { 0 } else { STATE_HOLE } | if m.state.zero { STATE_ZERO } else { 0 };
-        match out.last_mut() {
-            Some(last) if last.1 == flags => last.0 += len as u32,
-            _ => out.push((len as u32, flags)),
-        }
-        if req_one {
-            break;
-        }
-    }
-    out
+/// Most base:allocation descriptors in one BLOCK_STATUS reply (128 KiB of
+/// them). The spec lets a server describe less than the range asked for
+/// (the client asks again from where the reply ends) and says to send no
+/// more than 2^20; without a cap, a whole-export query of a fragmented
+/// volume is a reply of megabytes whose size the client chooses.
+pub const MAX_STATUS_DESCRIPTORS: usize = 16 << 10;
+
+/// Builds the descriptors of one BLOCK_STATUS reply from an allocation map
+/// fed in address order, merging neighbours of the same state, and stops
+/// at the request's length or at the descriptor cap.
+#[derive(Debug)]
+pub struct StatusBuilder {
+    out: Vec<(u32, u32)>,
+    left: u64,
+    cap: usize,
 }
+
+impl StatusBuilder {
+    /// For a request of `req_len` bytes; REQ_ONE means one descriptor.
+    pub fn new(req_len: u32, req_one: bool) -> StatusBuilder {
+        let cap = if req_one { 1 } else { MAX_STATUS_DESCRIPTORS };
+        StatusBuilder { out: Vec::new(), left: req_len as u64, cap }
+    }
+
+    /// Adds the next piece of the map; false once the reply is complete
+    /// (the range is covered, or a new descriptor would pass the cap).
+    pub fn push(&mut self, m: &MapExtent) -> bool {
+        let len = m.len.min(self.left);
+        if len > 0 {
+            let flags =
+                if m.state.allocated { 0 } else { STATE_HOLE } | if m.state.zero { STATE_ZERO } else { 0 };
+            let full = self.out.len() == self.cap;
+            match self.out.last_mut() {
+                // The sum stays within the request's u32 length.
+                Some(last) if last.1 == flags => last.0 += len as u32,
+                _ if full => return false,
+                _ => self.out.push((len as u32, flags)),
+            }
+            self.left -= len;
+        }
+        self.left > 0
+    }
+
+    pub fn finish(self) -> Vec<(u32, u32)> {
+        self.out
+    }
+}
+
+/// Bytes `reply` takes on the wire, payloads included, as [`encode_reply`]
+/// writes it: what a finished reply holds until it is written.
+pub fn reply_len(reply: &Reply) -> usize {
+    const CHUNK: usize = 20;
+    match reply {
+        Reply::Simple { .. } => 16,
+        Reply::SimpleRead { chunks, .. } => 16 + chunks.iter().map(ReadChunk::len).sum::<usize>(),
+        Reply::StructuredRead { chunks, df, .. } => {
+            let data: usize = chunks.iter().map(ReadChunk::len).sum();
+            if data == 0 {
+                CHUNK
+            } else if *df || chunks.len() == 1 && matches!(chunks[0], ReadChunk::Data(_)) {
+                CHUNK + 8 + data
+            } else {
+                chunks
+                    .iter()
+                    .map(|c| match c {
+                        _ if c.is_empty() => 0,
+                        ReadChunk::Data(b) => CHUNK + 8 + b.len(),
+                        ReadChunk::Hole(_) => CHUNK + 12,
+                    })
+                    .sum()
+            }
+        }
+        Reply::StructuredError { message, .. } => CHUNK + 6 + message.len().min(MAX_ERROR_MESSAGE),
+        Reply::BlockStatus { descriptors, .. } => CHUNK + 4 + 8 * descriptors.len(),
+    }
+}
+
+/// Header bytes past which [`ReplyBuf`] starts a new segment.
+const HEADER_SEGMENT: usize = 256 << 10;
 
 /// Zeros to send for holes when the client cannot take OFFSET_HOLE.
 static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
@@ -368,8 +426,15 @@ impl ReplyBuf {
     }
 
     fn put(&mut self, n: usize, f: impl FnOnce(&mut BytesMut)) {
+        self.hdr.reserve(n);
         f(&mut self.hdr);
         self.len += n;
+        // Many large headers (BLOCK_STATUS descriptors) waiting for a slow
+        // socket: hand them over as segments, so the header buffer is not
+        // grown by doubling (and copied) to the size of all of them.
+        if self.hdr.len() >= HEADER_SEGMENT {
+            self.segs.push(self.hdr.split().freeze());
+        }
     }
 
     /// Total bytes encoded so far.
@@ -502,6 +567,7 @@ mod tests {
             structured: true,
             meta_context: Some(META_BASE_ALLOCATION_ID),
             sizes: BlockSizes::default(),
+            sizes_agreed: true,
         }
     }
 
@@ -667,15 +733,39 @@ mod tests {
     }
 
     #[test]
-    fn over_max_payload_einval_except_trim_and_fast_zero() {
-        let s = Session { size: 1 << 30, ..session() };
+    fn unaligned_accepted_when_sizes_were_not_agreed() {
+        let s = Session { sizes_agreed: false, ..session() };
+        for kind in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS] {
+            assert!(validate(req(kind, 0, 1, 511), &s).is_ok(), "kind {kind}");
+            assert!(validate(req(kind, 0, 777, 1), &s).is_ok(), "kind {kind}");
+        }
+        // Bounds still hold at byte granularity.
+        assert_eq!(validate(req(CMD_READ, 0, s.size - 1, 2), &s), Err(Errno::Inval));
+        assert_eq!(validate(req(CMD_WRITE, 0, s.size - 1, 2), &s), Err(Errno::NoSpc));
+        assert!(validate(req(CMD_READ, 0, s.size - 1, 1), &s).is_ok());
+    }
+
+    #[test]
+    fn over_max_payload_einval_only_for_commands_with_a_payload() {
+        let s = Session { size: 8 << 30, ..session() };
         let big = s.sizes.max_payload + 512;
-        for kind in [CMD_READ, CMD_CACHE, CMD_WRITE_ZEROES] {
+        for kind in [CMD_READ, CMD_WRITE, CMD_CACHE] {
             assert_eq!(validate(req(kind, 0, 0, big), &s), Err(Errno::Inval));
         }
-        assert!(validate(req(CMD_TRIM, 0, 0, big), &s).is_ok());
-        assert!(validate(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, big), &s).is_ok());
-        assert!(validate(req(CMD_BLOCK_STATUS, 0, 0, big), &s).is_ok());
+        let huge = u32::MAX - 511;
+        for flags in [0, CMD_FLAG_NO_HOLE, CMD_FLAG_FAST_ZERO] {
+            assert_eq!(
+                validate(req(CMD_WRITE_ZEROES, flags, 0, huge), &s),
+                Ok(Command::WriteZeroes {
+                    offset: 0,
+                    len: huge,
+                    deallocate: flags & CMD_FLAG_NO_HOLE == 0,
+                    fua: false
+                })
+            );
+        }
+        assert!(validate(req(CMD_TRIM, 0, 0, huge), &s).is_ok());
+        assert!(validate(req(CMD_BLOCK_STATUS, 0, 0, huge), &s).is_ok());
     }
 
     #[test]
@@ -779,9 +869,56 @@ mod tests {
             MapExtent { len: 4096, state: BlockState::DATA },
             MapExtent { len: 8192, state: BlockState::HOLE },
         ];
-        assert_eq!(descriptors(&map, 16384, false), vec![(8192, 0), (8192, STATE_HOLE | STATE_ZERO)]);
-        assert_eq!(descriptors(&map, 16384, true), vec![(4096, 0)]);
-        assert_eq!(descriptors(&map, 6000, false), vec![(6000, 0)]);
+        let build = |len, req_one| {
+            let mut b = StatusBuilder::new(len, req_one);
+            for m in &map {
+                if !b.push(m) {
+                    break;
+                }
+            }
+            b.finish()
+        };
+        assert_eq!(build(16384, false), vec![(8192, 0), (8192, STATE_HOLE | STATE_ZERO)]);
+        assert_eq!(build(16384, true), vec![(8192, 0)], "REQ_ONE: one descriptor, merged");
+        assert_eq!(build(6000, false), vec![(6000, 0)]);
+    }
+
+    #[test]
+    fn block_status_descriptors_stop_at_the_cap() {
+        let data = MapExtent { len: 4096, state: BlockState::DATA };
+        let hole = MapExtent { len: 4096, state: BlockState::HOLE };
+        let mut b = StatusBuilder::new(u32::MAX, false);
+        let mut fed = 0;
+        while b.push(if fed % 2 == 0 { &data } else { &hole }) {
+            fed += 1;
+        }
+        // A piece of the same state as the last one still merges at the cap.
+        let out = b.finish();
+        assert_eq!(out.len(), MAX_STATUS_DESCRIPTORS);
+        assert_eq!(fed, MAX_STATUS_DESCRIPTORS, "stopped at the first piece past the cap");
+        assert!(out.iter().all(|d| d.0 == 4096));
+        assert!(out.windows(2).all(|w| w[0].1 != w[1].1));
+    }
+
+    #[test]
+    fn reply_len_is_the_encoded_length() {
+        let replies = [
+            Reply::Simple { handle: 1, error: 5 },
+            Reply::SimpleRead {
+                handle: 2,
+                chunks: vec![ReadChunk::Data(Bytes::from_static(b"abc")), ReadChunk::Hole(9)],
+            },
+            Reply::StructuredError { handle: 3, error: Errno::Io, message: "x".repeat(5000) },
+            Reply::StructuredError { handle: 3, error: Errno::Io, message: String::new() },
+            Reply::BlockStatus { handle: 4, context: 1, descriptors: vec![(4096, 0); 7] },
+            Reply::StructuredRead { handle: 5, offset: 0, chunks: vec![], df: false },
+        ];
+        for r in replies {
+            let mut out = ReplyBuf::new();
+            let want = reply_len(&r);
+            encode_reply(r.clone(), &mut out);
+            assert_eq!(concat(&mut out).len(), want, "{r:?}");
+        }
     }
 
     // ---- properties
@@ -855,9 +992,12 @@ mod tests {
             }).collect();
             let want: Vec<u8> = crate::types::flatten_chunks(&chunks).to_vec();
             let mut out = ReplyBuf::new();
-            encode_reply(Reply::StructuredRead { handle: 5, offset, chunks, df }, &mut out);
+            let reply = Reply::StructuredRead { handle: 5, offset, chunks, df };
+            let predicted = reply_len(&reply);
+            encode_reply(reply, &mut out);
             let wire = concat(&mut out);
             prop_assert_eq!(wire.len(), out.len());
+            prop_assert_eq!(predicted, wire.len());
             // Reassemble as a client: every chunk within the request, DONE last.
             let mut got = vec![0xffu8; want.len()];
             let mut b = &wire[..];
