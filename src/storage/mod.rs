@@ -67,6 +67,15 @@ pub enum StoreError {
     Misaligned { offset: u64, len: u64 },
     #[error("corrupt extent file {path}: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "extent file {path} is in format version {version}; this basaltd reads version {} only and does \
+         not upgrade in place: copy the volume's data out with the basaltd that wrote it (e.g. qemu-img \
+         convert from its NBD export) and into a new volume, then remove the old data directory",
+        format::VERSION
+    )]
+    Version { path: PathBuf, version: u32 },
+    #[error("extent {key} is unavailable ({path} did not open: {why}); restore or remove the file")]
+    Unavailable { key: ExtentKey, path: PathBuf, why: String },
     #[error("the store is shut down")]
     Closed,
     #[error("extent {key} exists with {have} bytes, asked for {want}")]

@@ -2,7 +2,7 @@
 //! replicas, and the choice of directory for a new extent.
 
 use super::engine::{self, Engine, mem::MemDisk};
-use super::extent::{Extent, PreparedFlush, file_name};
+use super::extent::{Extent, PreparedFlush, file_name, key_of_file_name};
 use super::{EngineKind, Result, StoreConfig, StoreError};
 use crate::types::{Epoch, ExtentKey};
 use std::collections::HashMap;
@@ -264,6 +264,10 @@ pub struct Store {
     opts: StoreOptions,
     mem_disk: Arc<MemDisk>,
     extents: Mutex<HashMap<ExtentKey, Arc<Extent>>>,
+    /// Replicas whose file did not open (rot in both headers, a short
+    /// file, an I/O error): file and why. Never recreated over, so their
+    /// data stays for whoever can restore it.
+    unavailable: HashMap<ExtentKey, (PathBuf, String)>,
     /// Serializes creation, so two callers cannot create one extent twice.
     creating: tokio::sync::Mutex<()>,
     closed: Arc<AtomicBool>,
@@ -287,6 +291,7 @@ impl Store {
         let closed = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut extents = HashMap::new();
+        let mut unavailable: HashMap<ExtentKey, (PathBuf, String)> = HashMap::new();
         for dir in &cfg.data_dirs {
             let engine = engine::open_engine(cfg.engine, dir, &mem_disk).map_err(|e| {
                 StoreError::io(format!("start {:?} engine for {}", cfg.engine, dir.display()), e)
@@ -307,7 +312,29 @@ impl Store {
                 if !name.ends_with(".ext") {
                     continue;
                 }
-                let ext = Extent::open(engine.clone(), &path, closed.clone()).await?;
+                let ext = match Extent::open(engine.clone(), &path, closed.clone()).await {
+                    Ok(ext) => ext,
+                    // Another format version is not rot: refuse the whole store.
+                    Err(e @ StoreError::Version { .. }) => return Err(e),
+                    // Anything else costs this extent only: the node starts,
+                    // and this extent's reads and writes fail.
+                    Err(e) => {
+                        let Some(key) = key_of_file_name(&name) else {
+                            tracing::warn!(path = %path.display(), error = %e, "ignoring a file that is not an extent replica");
+                            continue;
+                        };
+                        let why = format!("{e}");
+                        tracing::error!(extent = %key, path = %path.display(), error = %why,
+                            "extent unavailable: every read and write of it fails until the file is restored or removed");
+                        if let Some(other) = unavailable.insert(key, (path.clone(), why)) {
+                            return Err(StoreError::Corrupt {
+                                path,
+                                why: format!("extent {key} also in {}", other.0.display()),
+                            });
+                        }
+                        continue;
+                    }
+                };
                 ext.set_clean_after(opts.clean_after_flushes);
                 if name != file_name(ext.key()) {
                     return Err(StoreError::Corrupt {
@@ -324,12 +351,20 @@ impl Store {
             }
             disks.push(Disk { dir: dir.clone(), engine, costs: Mutex::default(), queue: Mutex::default() });
         }
-        tracing::info!(engine = ?disks[0].engine.kind(), dirs = disks.len(), extents = extents.len(), "store open");
+        if let Some((key, (path, _))) = unavailable.iter().find(|(k, _)| extents.contains_key(k)) {
+            return Err(StoreError::Corrupt {
+                path: path.clone(),
+                why: format!("extent {key} is in two files"),
+            });
+        }
+        tracing::info!(engine = ?disks[0].engine.kind(), dirs = disks.len(), extents = extents.len(),
+            unavailable = unavailable.len(), "store open");
         Ok(Arc::new(Store {
             disks,
             opts,
             mem_disk,
             extents: Mutex::new(extents),
+            unavailable,
             creating: tokio::sync::Mutex::new(()),
             closed,
         }))
@@ -343,7 +378,23 @@ impl Store {
     /// True if a replica of `key` exists in this store (open or on disk).
     /// Every replica on disk is opened by [`Store::open`].
     pub fn contains(&self, key: ExtentKey) -> bool {
-        self.extents.lock().unwrap().contains_key(&key)
+        self.unavailable.contains_key(&key) || self.extents.lock().unwrap().contains_key(&key)
+    }
+
+    /// Every replica on disk, the unavailable ones included.
+    pub fn extent_keys(&self) -> Vec<ExtentKey> {
+        let mut keys: Vec<ExtentKey> = self.extents.lock().unwrap().keys().copied().collect();
+        keys.extend(self.unavailable.keys());
+        keys.sort();
+        keys
+    }
+
+    /// Where the replica of `key` lives, if it is on disk (unavailable or not).
+    pub fn extent_path(&self, key: ExtentKey) -> Option<PathBuf> {
+        match self.unavailable.get(&key) {
+            Some((path, _)) => Some(path.clone()),
+            None => self.extents.lock().unwrap().get(&key).map(|e| e.path().to_path_buf()),
+        }
     }
 
     /// The replica of extent `key`, created empty (all holes) with `size`
@@ -379,6 +430,9 @@ impl Store {
     }
 
     fn lookup(&self, key: ExtentKey, size: u64) -> Result<Option<Arc<Extent>>> {
+        if let Some((path, why)) = self.unavailable.get(&key) {
+            return Err(StoreError::Unavailable { key, path: path.clone(), why: why.clone() });
+        }
         match self.extents.lock().unwrap().get(&key) {
             Some(e) if e.size() != size => Err(StoreError::SizeMismatch { key, have: e.size(), want: size }),
             found => Ok(found.cloned()),
