@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Daemon, nbdsh, require};
+use common::{Daemon, nbdsh, require, run_to_exit};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -85,35 +85,6 @@ fn flipped_byte_reads_as_eio_and_is_logged_with_extent_and_block() {
         &format!("h.pwrite(b'\\x33' * 4096, {target})\nassert h.pread(4096, {target}) == b'\\x33' * 4096"),
     );
     assert_eq!(d.terminate(), Some(0));
-}
-
-/// Runs a basaltd that is expected to refuse to start: its exit code and
-/// stderr. One that is still running after 30 s is killed (and fails the
-/// caller's exit-code check).
-pub(crate) fn run_to_exit(mut cmd: std::process::Command) -> (Option<i32>, String) {
-    let tmp = tempfile::tempfile().unwrap();
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(tmp.try_clone().unwrap())
-        .spawn()
-        .expect("spawn basaltd");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    let mut f = tmp;
-    f.seek(SeekFrom::Start(0)).unwrap();
-    f.read_to_string(&mut err).unwrap();
-    (code, err)
 }
 
 /// Flips `mask` into the byte at `offset` of `path`.

@@ -1,12 +1,14 @@
-//! The node's store: data directories (one engine each), the open extent
-//! replicas, and the choice of directory for a new extent.
+//! The node's store: data directories (one engine each, each recognised
+//! by its identity file, see `identity`), the open extent replicas (and the
+//! ones whose files did not open), and the choice of directory for a new extent.
 
 use super::engine::{self, Engine, mem::MemDisk};
 use super::extent::{Extent, PreparedFlush, file_name, key_of_file_name};
+use super::identity::{self, DirId, DirIdentity};
 use super::{EngineKind, Result, StoreConfig, StoreError};
-use crate::types::{Epoch, ExtentKey};
+use crate::types::{Epoch, ExtentKey, NodeId};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -268,6 +270,8 @@ pub struct Store {
     /// file, an I/O error): file and why. Never recreated over, so their
     /// data stays for whoever can restore it.
     unavailable: HashMap<ExtentKey, (PathBuf, String)>,
+    /// Each data directory's identity, in `disks` order.
+    identities: Vec<DirIdentity>,
     /// Serializes creation, so two callers cannot create one extent twice.
     creating: tokio::sync::Mutex<()>,
     closed: Arc<AtomicBool>,
@@ -288,6 +292,22 @@ impl Store {
         super::format::Geometry::new(super::format::BLOCK, opts.region_size)
             .map_err(|e| StoreError::Config(format!("region_size: {e}")))?;
         let mem_disk = opts.mem_disk.clone().unwrap_or_default();
+        // Whose directories these are, before any extent in them is opened
+        // (opening recovers, which writes). The mem engine's live in memory.
+        let identities = if cfg.engine == EngineKind::Mem {
+            let node_id = NodeId(identity::random_u64()?);
+            let ids = cfg.data_dirs.iter().map(|_| {
+                let dir_id = DirId(identity::random_u64()?);
+                Ok(DirIdentity { format: identity::IDENTITY_FORMAT, node_id, dir_id, cluster_id: None })
+            });
+            ids.collect::<Result<Vec<_>>>()?
+        } else {
+            for dir in &cfg.data_dirs {
+                identity::create_dir_durably(dir)
+                    .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+            }
+            identity::recognise(&cfg.data_dirs)?
+        };
         let closed = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut extents = HashMap::new();
@@ -365,9 +385,21 @@ impl Store {
             mem_disk,
             extents: Mutex::new(extents),
             unavailable,
+            identities,
             creating: tokio::sync::Mutex::new(()),
             closed,
         }))
+    }
+
+    /// This node's id, from its data directories' identity files (drawn
+    /// once, when the first directory was stamped; on the mem engine, at open).
+    pub fn node_id(&self) -> NodeId {
+        self.identities[0].node_id
+    }
+
+    /// The data directories with their identities, in the order configured.
+    pub fn data_dirs(&self) -> impl Iterator<Item = (&Path, &DirIdentity)> {
+        self.disks.iter().map(|d| d.dir.as_path()).zip(&self.identities)
     }
 
     /// The engine actually in use (after `Auto` made its choice).
