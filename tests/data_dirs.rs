@@ -143,8 +143,15 @@ fn foreign_unknown_and_repeated_dirs_are_refused() {
     let (code, err) = refused(&[&x.data, &x.data.join("../data")]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("are the same directory"), "{err}");
+    // Also when new, under another name: one directory is never stamped twice.
+    let fresh = tmp.path().join("fresh");
+    let alias = tmp.path().join("alias");
+    std::os::unix::fs::symlink(&fresh, &alias).unwrap();
+    let (code, err) = refused(&[&fresh, &alias]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("are the same directory"), "{err}");
     // Nothing was stamped or changed by the refusals.
-    assert!(!bare.join("basalt-dir.json").exists());
+    assert!(!bare.join("basalt-dir.json").exists() && !fresh.join("basalt-dir.json").exists());
     x.restart();
     nbdsh(&x.uri(), "assert h.pread(4096, 0) == b'\\x01' * 4096");
     assert_eq!(x.terminate(), Some(0));

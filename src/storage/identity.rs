@@ -211,6 +211,15 @@ fn holds_data(dir: &Path) -> Result<Option<String>> {
 /// directories (see the module docs); returns each directory's identity,
 /// in the order given.
 pub fn recognise(dirs: &[PathBuf]) -> Result<Vec<DirIdentity>> {
+    // One directory under two names would otherwise be stamped twice when new.
+    let mut real: Vec<PathBuf> = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let r = dir.canonicalize().map_err(|e| StoreError::io(format!("resolve {}", dir.display()), e))?;
+        if let Some(j) = real.iter().position(|x| *x == r) {
+            return Err(StoreError::SameDir { a: dirs[j].clone(), b: dir.clone() });
+        }
+        real.push(r);
+    }
     let found: Vec<Found> = dirs.iter().map(|d| read_dir_identity(d)).collect();
     // The node: the one all sound identities name.
     let mut node: Option<(NodeId, &Path)> = None;

@@ -102,7 +102,7 @@ pub enum StoreError {
          restore basalt-dir.json from a backup"
     )]
     BadIdentity { dir: PathBuf, why: String },
-    #[error("data directories {a} and {b} are the same directory (one dir id); give each once")]
+    #[error("data directories {a} and {b} are the same directory; give each once")]
     SameDir { a: PathBuf, b: PathBuf },
 }
 
