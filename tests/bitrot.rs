@@ -263,6 +263,9 @@ fn metadata_rot_costs_only_the_blocks_it_covers() {
 /// served from it and the file is left as it was.
 #[test]
 fn extent_of_an_older_format_is_refused_by_name() {
+    if !require("nbdsh") {
+        return;
+    }
     let mut d = Daemon::start("4M", &["--extent-size=1MiB"]);
     nbdsh(&d.uri(), "h.pwrite(b'\\x5a' * 4096, 0)\nh.flush()");
     assert_eq!(d.terminate(), Some(0));
