@@ -236,6 +236,17 @@ fn catalog_and_identity_rot_is_survived() {
     assert_eq!(a, b, "catalog copies rewritten alike");
     assert_eq!(a["volumes"]["demo"]["size"], 8u64 << 20);
 
+    // Both identity copies lost: the node keeps its id, from the catalog.
+    let node = json(&ident)["node_id"].clone();
+    std::fs::write(&ident, b"").unwrap();
+    std::fs::write(d.data.join("basalt-dir.json.bak"), b"{}").unwrap();
+    d.restart();
+    nbdsh(&d.uri(), "assert h.pread(8192, 4096) == b'\\x0c' * 8192");
+    assert_eq!(d.terminate(), Some(0));
+    assert_eq!(json(&ident)["node_id"], node);
+    assert_eq!(json(&d.data.join("basalt-dir.json.bak")), json(&ident));
+    let text = String::from_utf8(std::fs::read(&cat_b).unwrap()).unwrap();
+
     std::fs::write(&cat_a, b"{").unwrap();
     std::fs::write(&cat_b, text.replace("\"next_id\": 1", "\"next_id\": 2")).unwrap();
     let (code, err) = refused(&[&d.data]);

@@ -118,6 +118,13 @@ fn write_catalog(dirs: &[PathBuf], body: &CatalogBody) -> Result<(), NodeError> 
     Ok(())
 }
 
+/// The newest sound catalog copy in `dirs`, whoever's it is (read before
+/// the store opens, for the node id it names).
+fn newest_catalog(dirs: &[PathBuf]) -> Option<CatalogBody> {
+    let copies = dirs.iter().flat_map(|d| CATALOG_COPIES.map(|n| d.join(n)));
+    copies.filter_map(|p| decode_catalog(&std::fs::read(p).ok()?).ok()).max_by_key(|b| b.seq)
+}
+
 /// Loads the newest sound catalog copy from `dirs` (see the module docs),
 /// rewriting stale or damaged copies and adopting a first-version catalog.
 fn load_catalog(dirs: &[PathBuf], node_id: NodeId) -> Result<Stored, NodeError> {
@@ -275,7 +282,8 @@ impl Node {
             crate::storage::EngineKind::Mem => Vec::new(),
             _ => store_cfg.data_dirs.clone(),
         };
-        let store = Store::open_with(store_cfg, store_opts).await?;
+        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id);
+        let store = Store::open_as(store_cfg, store_opts, known).await?;
         let catalog = if catalog_dirs.is_empty() {
             Stored { seq: 0, catalog: Catalog::default() }
         } else {

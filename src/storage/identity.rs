@@ -15,8 +15,9 @@
 //! caught even where it still parses. Both copies are written once, when
 //! the directory is stamped (each atomically: temporary file, fsync,
 //! rename, fsync of the directory); a rotten copy is rewritten from the
-//! sound one, and a directory with both copies bad is re-stamped only from
-//! the node id its sibling directories agree on.
+//! sound one, and a directory with both copies bad is re-stamped with the
+//! node id its sibling directories agree on, or, if none has a sound one,
+//! the one the node's newest sound catalog copy names.
 //!
 //! # The rules at open
 //! - No directory has an identity: a new node (or one of a version without
@@ -209,8 +210,10 @@ fn holds_data(dir: &Path) -> Result<Option<String>> {
 
 /// Reads, checks and completes the identities of a node's data
 /// directories (see the module docs); returns each directory's identity,
-/// in the order given.
-pub fn recognise(dirs: &[PathBuf]) -> Result<Vec<DirIdentity>> {
+/// in the order given. `known` is the node id the node's other records
+/// (its catalog) name, if any: used only when no identity file is sound,
+/// so that a node that lost them keeps its id.
+pub fn recognise(dirs: &[PathBuf], known: Option<NodeId>) -> Result<Vec<DirIdentity>> {
     // One directory under two names would otherwise be stamped twice when new.
     let mut real: Vec<PathBuf> = Vec::with_capacity(dirs.len());
     for dir in dirs {
@@ -240,9 +243,13 @@ pub fn recognise(dirs: &[PathBuf]) -> Result<Vec<DirIdentity>> {
         }
     }
     let any_identity = node.is_some() || found.iter().any(|f| matches!(f, Found::Bad(_)));
-    let node_id = match node {
-        Some((n, _)) => n,
-        None if any_identity => {
+    let node_id = match (node, known) {
+        (Some((n, _)), _) => n,
+        (None, Some(n)) => {
+            tracing::warn!(node = %n, "no sound identity file; taking the node id from the catalog");
+            n
+        }
+        (None, None) if any_identity => {
             // Every identity there is is rotten: nothing to take the node id from.
             let (dir, why) = dirs
                 .iter()
@@ -251,7 +258,7 @@ pub fn recognise(dirs: &[PathBuf]) -> Result<Vec<DirIdentity>> {
                 .expect("some identity is bad");
             return Err(StoreError::BadIdentity { dir: dir.clone(), why: why.clone() });
         }
-        None => NodeId(random_u64()?),
+        (None, None) => NodeId(random_u64()?),
     };
     let mut out = Vec::with_capacity(dirs.len());
     for (dir, f) in dirs.iter().zip(found) {

@@ -286,6 +286,12 @@ impl Store {
     /// [`Store::open`] with options; reopen a crashed mem store by passing its
     /// [`Store::mem_disk`] here.
     pub async fn open_with(cfg: StoreConfig, opts: StoreOptions) -> Result<Arc<Store>> {
+        Store::open_as(cfg, opts, None).await
+    }
+
+    /// [`Store::open_with`] for a node whose other records (its catalog)
+    /// name it `known`: the node id used if no identity file is sound.
+    pub async fn open_as(cfg: StoreConfig, opts: StoreOptions, known: Option<NodeId>) -> Result<Arc<Store>> {
         if cfg.data_dirs.is_empty() {
             return Err(StoreError::Config("no data directories".into()));
         }
@@ -306,7 +312,7 @@ impl Store {
                 identity::create_dir_durably(dir)
                     .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
             }
-            identity::recognise(&cfg.data_dirs)?
+            identity::recognise(&cfg.data_dirs, known)?
         };
         let closed = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
