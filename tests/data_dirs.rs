@@ -337,3 +337,36 @@ fn new_data_dir_parents_are_fsynced() {
         assert!(synced.contains(p), "no fsync of {p} after creating the data dir: {synced:?}");
     }
 }
+
+/// A node stopped half way through stamping its directories for the
+/// first time (one stamped, the other, holding data, with its identity
+/// still under the temporary name) completes the stamping at the next
+/// start instead of refusing its own directory.
+#[test]
+fn half_stamped_node_completes_its_stamping() {
+    if !require("nbdsh") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    let mut d = Daemon::start("8M", &["--extent-size=1MiB", &format!("--data={}", b.display())]);
+    nbdsh(&d.uri(), "h.pwrite(b'\\x42' * 4096, 0)\nh.pwrite(b'\\x43' * 4096, 1 << 20)\nh.flush()");
+    assert_eq!(d.terminate(), Some(0));
+    // Extent 1 lives in b.
+    let name = "v1-e1.ext";
+    if d.data.join(name).exists() {
+        std::fs::rename(d.data.join(name), b.join(name)).unwrap();
+    }
+    let ident = std::fs::read(b.join("basalt-dir.json")).unwrap();
+    std::fs::rename(b.join("basalt-dir.json"), b.join("basalt-dir.json.tmp")).unwrap();
+    std::fs::remove_file(b.join("basalt-dir.json.bak")).unwrap();
+    d.restart();
+    nbdsh(
+        &d.uri(),
+        "assert h.pread(4096, 0) == b'\\x42' * 4096\nassert h.pread(4096, 1 << 20) == b'\\x43' * 4096",
+    );
+    assert_eq!(d.terminate(), Some(0));
+    assert_eq!(std::fs::read(b.join("basalt-dir.json")).unwrap(), ident);
+    assert_eq!(std::fs::read(b.join("basalt-dir.json.bak")).unwrap(), ident);
+    assert!(!b.join("basalt-dir.json.tmp").exists());
+}

@@ -147,8 +147,10 @@ pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
 /// What one directory's identity files hold.
 #[derive(Debug)]
 enum Found {
-    /// Neither copy exists.
-    None,
+    /// Neither copy exists; `pending` is a sound identity still under its
+    /// temporary name (a first stamping of several directories that
+    /// stopped half way: see [`stamp_all`]).
+    None { pending: Option<DirIdentity> },
     /// At least one sound copy (and whether the other needs a rewrite).
     Sound { id: DirIdentity, repair: bool },
     /// Copies exist but none is sound: why, per file.
@@ -177,9 +179,47 @@ fn read_dir_identity(dir: &Path) -> Found {
     }
     match sound {
         Some(id) => Found::Sound { id, repair: missing > 0 || !problems.is_empty() },
-        None if missing == 2 => Found::None,
+        None if missing == 2 => {
+            let pending = std::fs::read(pending_path(dir)).ok().and_then(|b| decode(&b).ok());
+            Found::None { pending }
+        }
         None => Found::Bad(problems.join("; ")),
     }
+}
+
+fn pending_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{IDENTITY_FILE}.tmp"))
+}
+
+/// Stamps several new directories of one node so that a crash half way
+/// never leaves some stamped and others, holding data, not: every
+/// identity is first made durable under its temporary name, and only then
+/// are they renamed into place. A start after a crash in the first phase
+/// finds no identity anywhere and begins again; one after a crash in the
+/// second finds the missing ones pending, naming the node, and completes them.
+fn stamp_all(dirs: &[(&Path, DirIdentity)]) -> Result<()> {
+    let io = |what: &str, p: &Path, e| StoreError::io(format!("{what} {}", p.display()), e);
+    for (dir, id) in dirs {
+        let tmp = pending_path(dir);
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&encode(id)).and_then(|()| f.sync_all()))
+            .and_then(|()| sync_parent(&tmp))
+            .map_err(|e| io("write", &tmp, e))?;
+    }
+    for (dir, id) in dirs {
+        finish_pending(dir, id)?;
+    }
+    Ok(())
+}
+
+/// Renames a pending identity into place and writes its twin.
+fn finish_pending(dir: &Path, id: &DirIdentity) -> Result<()> {
+    let (tmp, path) = (pending_path(dir), dir.join(IDENTITY_FILE));
+    std::fs::rename(&tmp, &path)
+        .and_then(|()| sync_parent(&path))
+        .map_err(|e| StoreError::io(format!("rename {}", tmp.display()), e))?;
+    let bak = dir.join(IDENTITY_BACKUP);
+    write_atomically(&bak, &encode(id)).map_err(|e| StoreError::io(format!("write {}", bak.display()), e))
 }
 
 fn stamp(dir: &Path, id: &DirIdentity) -> Result<()> {
@@ -260,6 +300,22 @@ pub fn recognise(dirs: &[PathBuf], known: Option<NodeId>) -> Result<Vec<DirIdent
         }
         (None, None) => NodeId(random_u64()?),
     };
+    if !any_identity {
+        // A new node (or one from before identities): every directory at once.
+        let mut ids = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let id = DirIdentity {
+                format: IDENTITY_FORMAT,
+                node_id,
+                dir_id: DirId(random_u64()?),
+                cluster_id: None,
+            };
+            tracing::info!(dir = %dir.display(), node = %node_id, dir_id = %id.dir_id, "stamping data directory");
+            ids.push((dir.as_path(), id));
+        }
+        stamp_all(&ids)?;
+        return Ok(ids.into_iter().map(|(_, id)| id).collect());
+    }
     let mut out = Vec::with_capacity(dirs.len());
     for (dir, f) in dirs.iter().zip(found) {
         let id = match f {
@@ -284,8 +340,13 @@ pub fn recognise(dirs: &[PathBuf], known: Option<NodeId>) -> Result<Vec<DirIdent
                 stamp(dir, &id)?;
                 id
             }
-            Found::None => {
-                if any_identity && let Some(files) = holds_data(dir)? {
+            Found::None { pending: Some(id) } if id.node_id == node_id => {
+                tracing::info!(dir = %dir.display(), node = %node_id, "completing the stamping of a data directory");
+                finish_pending(dir, &id)?;
+                id
+            }
+            Found::None { .. } => {
+                if let Some(files) = holds_data(dir)? {
                     return Err(StoreError::UnknownDir { dir: dir.clone(), files });
                 }
                 let id = DirIdentity {
