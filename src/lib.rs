@@ -36,7 +36,9 @@
 //!    arrive with replication; extents already carry an epoch in their header.
 //! 6. Checksums: a crc32c per 4 KiB block, verified on every read; a
 //!    mismatch is EIO (NBD) / MEDIUM ERROR (SCSI) and an error log naming
-//!    extent and block (`tests/bitrot.rs`).
+//!    extent and block; rot in the block table (a crc32c per sector) or
+//!    headers costs only the blocks or the extent it covers, never the node
+//!    (`tests/bitrot.rs`).
 //! 7. Crash consistency: the dirty-region activity log in
 //!    `storage::extent` (`tests/storage_crash.rs`, `tests/crash.rs`,
 //!    `tests/crash_loop.rs`).

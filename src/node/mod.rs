@@ -1,9 +1,26 @@
 //! One `basaltd`: its store, its volumes, and the catalog that names them.
 //!
-//! Until the metadata group exists the catalog is a small JSON file in the
-//! first data directory, replaced atomically (write, fsync, rename, fsync
-//! dir). It holds only per-volume records: extents are computed from the
-//! layout, never listed.
+//! Until the metadata group exists the catalog is a small JSON file kept in
+//! two copies in every data directory (`catalog-a.json`, `catalog-b.json`),
+//! so it is found whatever the order of the directories and survives rot
+//! in any one copy. It holds only per-volume records: extents are computed
+//! from the layout, never listed.
+//!
+//! # A catalog copy
+//! ```text
+//! {"format":1,"node_id":N,"seq":S,"next_id":I,"volumes":{...},"crc32c":C}
+//! ```
+//! `seq` counts catalog writes; a change writes every copy (each replaced
+//! atomically: temporary file, fsync, rename, fsync of the directory) with
+//! the next `seq`, and open loads the sound copy with the highest, then
+//! rewrites any copy that is missing, stale or damaged. `crc32c` is over
+//! the JSON of the other fields as written here, so rot that still parses
+//! is caught; `node_id` must be this node's (`storage::identity`). Volume
+//! ids come from `next_id`, which never goes back, so an id is never
+//! issued twice. A node refuses to start on an extent whose volume no
+//! catalog records, rather than let a new volume serve it. The first
+//! catalog (`volumes.json` in the first data directory) is adopted once
+//! and removed.
 
 mod budget;
 pub mod identity;
@@ -12,12 +29,12 @@ mod sync;
 pub mod volume;
 
 use crate::layout::Layout;
-use crate::storage::{Store, StoreConfig, StoreError, StoreOptions};
-use crate::types::VolumeId;
+use crate::storage::{Store, StoreConfig, StoreError, StoreOptions, write_atomically};
+use crate::types::{NodeId, VolumeId};
 pub use budget::PayloadBudget;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 pub use volume::{Volume, VolumeError};
 
@@ -34,10 +51,157 @@ pub struct VolumeSpec {
     pub read_only: bool,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Catalog {
     next_id: u64,
     volumes: BTreeMap<String, VolumeSpec>,
+}
+
+/// The two copies of the catalog in every data directory.
+const CATALOG_COPIES: [&str; 2] = ["catalog-a.json", "catalog-b.json"];
+/// Where the first catalog lived (the first data directory).
+const LEGACY_CATALOG: &str = "volumes.json";
+const CATALOG_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CatalogBody {
+    format: u32,
+    node_id: NodeId,
+    seq: u64,
+    #[serde(flatten)]
+    catalog: Catalog,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CatalogFile {
+    #[serde(flatten)]
+    body: CatalogBody,
+    crc32c: u32,
+}
+
+fn body_crc(b: &CatalogBody) -> u32 {
+    crc32c::crc32c(&serde_json::to_vec(b).expect("plain struct"))
+}
+
+fn encode_catalog(body: &CatalogBody) -> Vec<u8> {
+    let file = CatalogFile { body: body.clone(), crc32c: body_crc(body) };
+    let mut v = serde_json::to_vec_pretty(&file).expect("plain struct");
+    v.push(b'\n');
+    v
+}
+
+fn decode_catalog(bytes: &[u8]) -> Result<CatalogBody, String> {
+    let f: CatalogFile = serde_json::from_slice(bytes).map_err(|e| format!("does not parse: {e}"))?;
+    let crc = body_crc(&f.body);
+    if crc != f.crc32c {
+        return Err(format!("crc mismatch: stored {:#010x}, computed {crc:#010x}", f.crc32c));
+    }
+    if f.body.format != CATALOG_FORMAT {
+        return Err(format!("unsupported catalog format {}", f.body.format));
+    }
+    Ok(f.body)
+}
+
+/// The catalog as loaded and as last written.
+#[derive(Debug)]
+struct Stored {
+    seq: u64,
+    catalog: Catalog,
+}
+
+/// Writes `body` to every copy in every directory.
+fn write_catalog(dirs: &[PathBuf], body: &CatalogBody) -> Result<(), NodeError> {
+    let bytes = encode_catalog(body);
+    for dir in dirs {
+        for name in CATALOG_COPIES {
+            let path = dir.join(name);
+            write_atomically(&path, &bytes).map_err(|source| NodeError::Catalog { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest sound catalog copy in `dirs`, whoever's it is (read before
+/// the store opens, for the node id it names).
+fn newest_catalog(dirs: &[PathBuf]) -> Option<CatalogBody> {
+    let copies = dirs.iter().flat_map(|d| CATALOG_COPIES.map(|n| d.join(n)));
+    copies.filter_map(|p| decode_catalog(&std::fs::read(p).ok()?).ok()).max_by_key(|b| b.seq)
+}
+
+/// Loads the newest sound catalog copy from `dirs` (see the module docs),
+/// rewriting stale or damaged copies and adopting a first-version catalog.
+fn load_catalog(dirs: &[PathBuf], node_id: NodeId) -> Result<Stored, NodeError> {
+    let mut best: Option<(CatalogBody, PathBuf)> = None;
+    let mut sound = Vec::new();
+    let mut bad = Vec::new();
+    for dir in dirs {
+        for name in CATALOG_COPIES {
+            let path = dir.join(name);
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    bad.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            match decode_catalog(&bytes) {
+                Ok(body) if body.node_id != node_id => {
+                    return Err(NodeError::CatalogOfOtherNode {
+                        path,
+                        its_node: body.node_id,
+                        node: node_id,
+                    });
+                }
+                Ok(body) => {
+                    sound.push(body.seq);
+                    if best.as_ref().is_none_or(|(b, _)| body.seq > b.seq) {
+                        best = Some((body, path));
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(path = %path.display(), why, "damaged catalog copy; the newest sound copy is used");
+                    bad.push(format!("{}: {why}", path.display()));
+                }
+            }
+        }
+    }
+    let legacy: Vec<PathBuf> = dirs.iter().map(|d| d.join(LEGACY_CATALOG)).filter(|p| p.exists()).collect();
+    let (seq, catalog) = match best {
+        Some((body, path)) => {
+            let fresh =
+                sound.len() == dirs.len() * CATALOG_COPIES.len() && sound.iter().all(|&s| s == body.seq);
+            if fresh && legacy.is_empty() {
+                return Ok(Stored { seq: body.seq, catalog: body.catalog });
+            }
+            tracing::info!(from = %path.display(), seq = body.seq, "catalog loaded; rewriting its missing, stale or damaged copies");
+            (body.seq, body.catalog)
+        }
+        None if !bad.is_empty() => return Err(NodeError::NoCatalog(bad.join("; "))),
+        None => {
+            let mut adopted = Catalog::default();
+            for path in &legacy {
+                let bytes = std::fs::read(path)
+                    .map_err(|source| NodeError::Catalog { path: path.clone(), source })?;
+                let c: Catalog = serde_json::from_slice(&bytes)
+                    .map_err(|source| NodeError::CatalogCorrupt { path: path.clone(), source })?;
+                tracing::info!(path = %path.display(), volumes = c.volumes.len(), "adopting the first-version catalog");
+                if c.next_id >= adopted.next_id {
+                    adopted = c;
+                }
+            }
+            (0, adopted)
+        }
+    };
+    let body = CatalogBody { format: CATALOG_FORMAT, node_id, seq: seq + 1, catalog };
+    write_catalog(dirs, &body)?;
+    for path in legacy {
+        // Its content is in every copy now (durably): the old file goes.
+        std::fs::remove_file(&path)
+            .and_then(|()| crate::storage::identity::sync_parent(&path))
+            .map_err(|source| NodeError::Catalog { path: path.clone(), source })?;
+    }
+    Ok(Stored { seq: body.seq, catalog: body.catalog })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +226,16 @@ pub enum NodeError {
     BadSize(u64),
     #[error("volume {0:?} already exists")]
     Exists(String),
+    #[error("catalog copy {path} belongs to node {its_node}, not to this node ({node})")]
+    CatalogOfOtherNode { path: PathBuf, its_node: NodeId, node: NodeId },
+    #[error("no sound copy of the volume catalog ({0}); restore one from a backup")]
+    NoCatalog(String),
+    #[error(
+        "extents of volumes no catalog records: {extents}. Another node's data directory, or a catalog \
+         lost? Start with every data directory of this node; if these extents are not wanted, move their \
+         files out of the data directories"
+    )]
+    Orphans { extents: String },
 }
 
 /// What a new volume looks like.
@@ -78,9 +252,10 @@ pub struct VolumeOptions {
 #[derive(Debug)]
 pub struct Node {
     store: Arc<Store>,
-    /// `None` on the mem engine: its volumes, like its data, live in memory.
-    catalog_path: Option<PathBuf>,
-    catalog: Mutex<Catalog>,
+    /// The directories holding catalog copies; none on the mem engine: its
+    /// volumes, like its data, live in memory.
+    catalog_dirs: Vec<PathBuf>,
+    catalog: Mutex<Stored>,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     /// Client payload memory, shared by every frontend connection.
     payload_budget: PayloadBudget,
@@ -106,27 +281,45 @@ impl Node {
         store_opts: StoreOptions,
         payload_budget: u64,
     ) -> Result<Arc<Node>, NodeError> {
-        let catalog_path = (store_cfg.engine != crate::storage::EngineKind::Mem)
-            .then(|| store_cfg.data_dirs[0].join("volumes.json"));
-        let store = Store::open_with(store_cfg, store_opts).await?;
-        let catalog = match catalog_path.as_ref().map(std::fs::read) {
-            None => Catalog::default(),
-            Some(Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|source| {
-                NodeError::CatalogCorrupt { path: catalog_path.clone().unwrap_or_default(), source }
-            })?,
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Catalog::default(),
-            Some(Err(source)) => {
-                return Err(NodeError::Catalog { path: catalog_path.unwrap_or_default(), source });
+        let catalog_dirs = match store_cfg.engine {
+            crate::storage::EngineKind::Mem => Vec::new(),
+            _ => store_cfg.data_dirs.clone(),
+        };
+        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id);
+        let store = Store::open_as(store_cfg, store_opts, known).await?;
+        let catalog = if catalog_dirs.is_empty() {
+            Stored { seq: 0, catalog: Catalog::default() }
+        } else {
+            let mut stored = load_catalog(&catalog_dirs, store.node_id())?;
+            let ids: std::collections::BTreeSet<VolumeId> =
+                stored.catalog.volumes.values().map(|v| v.id).collect();
+            let orphans: Vec<String> = store
+                .extent_keys()
+                .into_iter()
+                .filter(|k| !ids.contains(&k.volume))
+                .map(|k| format!("{k} ({})", store.extent_path(k).unwrap_or_default().display()))
+                .collect();
+            if !orphans.is_empty() {
+                let more = orphans.len().saturating_sub(8);
+                let mut extents = orphans[..orphans.len().min(8)].join(", ");
+                if more > 0 {
+                    extents += &format!(" and {more} more");
+                }
+                return Err(NodeError::Orphans { extents });
             }
+            // Never below an id in use, whatever the file says.
+            let top = ids.iter().next_back().map_or(0, |v| v.0);
+            stored.catalog.next_id = stored.catalog.next_id.max(top);
+            stored
         };
         let node = Node {
             store,
-            catalog_path,
+            catalog_dirs,
             catalog: Mutex::new(catalog),
             volumes: Mutex::new(BTreeMap::new()),
             payload_budget: PayloadBudget::new(payload_budget),
         };
-        let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().volumes.values().cloned().collect();
+        let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().catalog.volumes.values().cloned().collect();
         for spec in specs {
             node.volumes.lock().unwrap().insert(spec.name.clone(), Volume::new(spec, node.store.clone()));
         }
@@ -141,6 +334,11 @@ impl Node {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// This node's id, from its data directories (see `storage::identity`).
+    pub fn node_id(&self) -> NodeId {
+        self.store.node_id()
     }
 
     /// The volume called `name`, if it exists.
@@ -161,10 +359,12 @@ impl Node {
         if opts.size == 0 || opts.size % 4096 != 0 {
             return Err(NodeError::BadSize(opts.size));
         }
-        let mut cat = self.catalog.lock().unwrap();
+        let mut stored = self.catalog.lock().unwrap();
+        let Stored { seq, catalog: cat } = &mut *stored;
         if cat.volumes.contains_key(name) {
             return Err(NodeError::Exists(name.to_string()));
         }
+        // Spent even if the write below fails: a copy may hold it already.
         cat.next_id += 1;
         let spec = VolumeSpec {
             id: VolumeId(cat.next_id),
@@ -176,11 +376,18 @@ impl Node {
             read_only: opts.read_only,
         };
         cat.volumes.insert(name.to_string(), spec.clone());
-        if let Some(path) = &self.catalog_path
-            && let Err(e) = write_atomically(path, &serde_json::to_vec_pretty(&*cat).unwrap())
-        {
-            cat.volumes.remove(name);
-            return Err(NodeError::Catalog { path: path.clone(), source: e });
+        if !self.catalog_dirs.is_empty() {
+            *seq += 1;
+            let body = CatalogBody {
+                format: CATALOG_FORMAT,
+                node_id: self.node_id(),
+                seq: *seq,
+                catalog: cat.clone(),
+            };
+            if let Err(e) = write_catalog(&self.catalog_dirs, &body) {
+                cat.volumes.remove(name);
+                return Err(e);
+            }
         }
         let vol = Volume::new(spec, self.store.clone());
         self.volumes.lock().unwrap().insert(name.to_string(), vol.clone());
@@ -198,21 +405,4 @@ impl Node {
     pub async fn close(&self) -> Result<(), StoreError> {
         self.store.close().await
     }
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves the old or the new
-/// file, never a torn one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }

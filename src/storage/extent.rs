@@ -61,10 +61,10 @@
 //! deadlock with writers.
 
 use super::engine::{self, AlignedBuf, Engine, FallocMode, FileRef, Op, WriteData};
-use super::format::{self, BLOCK, ENTRIES_PER_PAGE, Entry, Geometry, HEADER_SIZE, Header};
+use super::format::{self, BLOCK, ENTRIES_PER_PAGE, Entry, FormatError, Geometry, HEADER_SIZE, Header};
 use super::rangelock::RangeLock;
 use super::{Result, StoreError};
-use crate::types::{BlockState, Epoch, ExtentKey, MapExtent, ReadChunk};
+use crate::types::{BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId};
 use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::io;
@@ -181,6 +181,18 @@ pub(crate) fn file_name(key: ExtentKey) -> String {
     format!("{}-{}.ext", key.volume, key.index)
 }
 
+/// The key a replica file's name says it holds (`v7-e12.ext`), if it is one.
+pub(crate) fn key_of_file_name(name: &str) -> Option<ExtentKey> {
+    let (v, e) = name.strip_suffix(".ext")?.split_once('-')?;
+    let num =
+        |s: &str, p: &str| s.strip_prefix(p).filter(|d| !d.starts_with('+')).and_then(|d| d.parse().ok());
+    let key = ExtentKey { volume: VolumeId(num(v, "v")?), index: ExtentIndex(num(e, "e")?) };
+    (file_name(key) == name).then_some(key)
+}
+
+/// Table pages written per I/O when a new extent's table is laid out.
+const CREATE_TABLE_PAGES: u64 = 256;
+
 /// A block run within one read: data to fetch or a hole.
 struct Run {
     blocks: Range<u64>,
@@ -287,6 +299,20 @@ impl Extent {
                 Err(StoreError::Io { source, .. }) if source.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                 r => r.map(drop)?,
             }
+            // The whole table, all holes: every table sector carries its
+            // checksum from the start (an all-zero sector is rot, not a hole).
+            let holes = vec![Entry::HOLE; geo.nblocks as usize];
+            for first in (0..geo.table_pages()).step_by(CREATE_TABLE_PAGES as usize) {
+                let pages = first..(first + CREATE_TABLE_PAGES).min(geo.table_pages());
+                let mut buf = AlignedBuf::zeroed(((pages.end - pages.start) * BLOCK) as usize);
+                for (i, p) in pages.clone().enumerate() {
+                    let at = i * BLOCK as usize;
+                    format::encode_table_page(&holes, p, &mut buf.as_mut_slice()[at..at + BLOCK as usize]);
+                }
+                let op =
+                    Op::Write { file: ext.file.clone(), offset: geo.table_page_pos(first), buf: buf.into() };
+                ext.io("write table of", op).await?;
+            }
             let mut buf = AlignedBuf::zeroed(HEADER_SIZE);
             header.encode(buf.as_mut_slice());
             ext.io("write header of", Op::Write { file: ext.file.clone(), offset: 0, buf: buf.into() })
@@ -319,8 +345,15 @@ impl Extent {
         let hdr = read_raw(&*engine, &file, 0, 2 * HEADER_SIZE)
             .await
             .map_err(|e| StoreError::io(format!("read headers of {}", path.display()), e))?;
-        let (slot, header) = format::pick_header(&hdr[..HEADER_SIZE], &hdr[HEADER_SIZE..])
-            .map_err(|[a, b]| corrupt(format!("no valid header (slot A: {a}; slot B: {b})")))?;
+        let (slot, header) =
+            format::pick_header(&hdr[..HEADER_SIZE], &hdr[HEADER_SIZE..]).map_err(|[a, b]| match (a, b) {
+                // A sound header of another format version: not rot, and
+                // not something to serve or overwrite.
+                (FormatError::BadVersion(version), _) | (_, FormatError::BadVersion(version)) => {
+                    StoreError::Version { path: path.to_path_buf(), version }
+                }
+                (a, b) => corrupt(format!("no valid header (slot A: {a}; slot B: {b})")),
+            })?;
         let geo = header.geometry;
         if len < geo.file_len() {
             return Err(corrupt(format!("file is {len} bytes, the header needs {}", geo.file_len())));
@@ -328,15 +361,55 @@ impl Extent {
         let raw = read_raw(&*engine, &file, format::TABLE_OFFSET, geo.table_len as usize)
             .await
             .map_err(|e| StoreError::io(format!("read table of {}", path.display()), e))?;
-        let entries = format::decode_table(&raw, geo.nblocks)
-            .map_err(|(block, e)| corrupt(format!("block table entry {block}: {e}")))?;
+        let table = format::decode_table(&raw, geo.nblocks);
         let key = header.key;
-        let ext = Extent::new(key, geo, path.to_path_buf(), engine, file, &header, slot, entries, closed);
+        let ext =
+            Extent::new(key, geo, path.to_path_buf(), engine, file, &header, slot, table.entries, closed);
+        for bad in table.bad {
+            ext.salvage(bad).await;
+        }
         ext.recover(&header.dirty).await?;
         // The picked header may so far live only in the page cache; the next
         // header write overwrites the other slot, so make this one durable.
         ext.sync().await?;
         Ok(ext)
+    }
+
+    /// Rot in the block table (a sector whose checksum fails, or an entry
+    /// that does not decode): each entry of it is kept only where the
+    /// block's data confirms it (its crc matches, or the block reads as
+    /// zeros and the entry says it has no data); the rest stay `LOST` and
+    /// read as errors until rewritten. Logged once, with the blocks; the
+    /// sector is rewritten, sound again, by the next flush.
+    async fn salvage(&self, bad: format::BadEntries) {
+        let blocks = bad.blocks.clone();
+        let data = self.read_data(blocks.clone()).await;
+        let mut lost = Vec::new();
+        {
+            let mut t = self.table.lock().unwrap();
+            for (i, guess) in bad.guesses.iter().enumerate() {
+                let b = blocks.start + i as u64;
+                let chunk = data.as_ref().ok().map(|d| &d[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+                let confirmed = match (guess, chunk) {
+                    (Some(e), Some(d)) if e.has_data() => format::block_crc(d) == e.crc,
+                    (Some(e), Some(d)) if !e.is_lost() => d.iter().all(|&x| x == 0),
+                    _ => false,
+                };
+                match guess {
+                    Some(e) if confirmed => t.entries[b as usize] = *e,
+                    _ => {
+                        t.entries[b as usize] = Entry::LOST;
+                        lost.push(b);
+                    }
+                }
+                t.dirty_pages.insert(b / ENTRIES_PER_PAGE);
+            }
+            t.unsynced = true;
+        }
+        let read_error = data.err().map(|e| e.to_string());
+        tracing::error!(extent = %self.key, blocks = ?blocks, lost = lost.len(), first_lost = ?lost.first(),
+            last_lost = ?lost.last(), why = %bad.why, read_error, path = %self.path.display(),
+            "block table rot: the lost blocks read as errors until they are rewritten");
     }
 
     /// Repairs the dirty regions after a crash. Those are where unflushed
@@ -358,7 +431,7 @@ impl Extent {
             while i < entries.len() {
                 let e = entries[i];
                 let run = entries[i..].iter().take_while(|x| **x == e).count();
-                if !e.has_data() {
+                if !e.has_data() && !e.is_lost() {
                     let b = blocks.start + i as u64;
                     self.clear_data(b..b + run as u64, !e.is_zeroed()).await?;
                 }
@@ -609,6 +682,10 @@ impl Extent {
         let _lock = self.locks.lock(blocks.clone(), false).await;
         let entries: Vec<Entry> =
             self.table.lock().unwrap().entries[blocks.start as usize..blocks.end as usize].to_vec();
+        if let Some(i) = entries.iter().position(Entry::is_lost) {
+            // Logged once, when the table rot was found at open.
+            return Err(StoreError::Checksum { key: self.key, block: blocks.start + i as u64 });
+        }
         let mut runs: Vec<Run> = Vec::new();
         for (i, e) in entries.iter().enumerate() {
             let b = blocks.start + i as u64;
@@ -704,7 +781,9 @@ impl Extent {
             let at = ((b - blocks.start) * BLOCK) as usize;
             let e = self.table.lock().unwrap().entries[b as usize];
             let old = &mut buf.as_mut_slice()[at..at + BLOCK as usize];
-            if e.has_data() {
+            if e.is_lost() {
+                return Err(StoreError::Checksum { key: self.key, block: b });
+            } else if e.has_data() {
                 old.copy_from_slice(self.read_verified(b..b + 1, &[e]).await?.as_slice());
             } else {
                 old.fill(0);
@@ -911,7 +990,8 @@ impl Extent {
             let b = pos / BLOCK;
             let stop = ((b + 1) * BLOCK).min(end);
             let e = t.entries[b as usize];
-            let state = if e.has_data() {
+            // A lost block is data: a copy must read it (and fail), not skip it.
+            let state = if e.has_data() || e.is_lost() {
                 BlockState::DATA
             } else if e.is_zeroed() {
                 BlockState { allocated: true, zero: true }

@@ -1,7 +1,7 @@
 //! The on-disk format of one extent replica. Pure: bytes in, values out; no
 //! I/O, no clock. The I/O shell is `storage::extent`.
 //!
-//! # Layout of an extent replica file (all integers little-endian)
+//! # Layout of an extent replica file (format version 2; all integers little-endian)
 //!
 //! One sparse file per extent replica, `<volume>-<index>.ext`, e.g. `v7-e12.ext`.
 //!
@@ -9,8 +9,9 @@
 //! file offset        size            what
 //! 0                  4096            header slot A
 //! 4096               4096            header slot B
-//! 8192               table_len       block table: 8 bytes per 4 KiB data block,
-//!                                    table_len = nblocks * 8 rounded up to 4096
+//! 8192               table_len       block table: 8 sectors of 512 bytes per 4 KiB page,
+//!                                    63 entries of 8 bytes per sector (504 per page);
+//!                                    table_len = ceil(nblocks / 504) * 4096
 //! data_offset        extent_size     data area; block b lives at data_offset + b * 4096.
 //!                                    data_offset = (8192 + table_len) rounded up to 1 MiB
 //! ```
@@ -18,7 +19,7 @@
 //! ## Header slot (4096 bytes)
 //! ```text
 //! 0    8   magic  "BASALTX1"
-//! 8    4   format version (1)
+//! 8    4   format version (2)
 //! 12   4   crc32c of the 4096-byte slot computed with these 4 bytes zeroed
 //! 16   8   generation: bumped by every header write; the valid slot with the
 //!          highest generation is the header
@@ -37,14 +38,39 @@
 //!          region r may hold writes that were not flushed; bits past the
 //!          number of regions are zero
 //! ```
+//! The crc is checked before the version, so a header that fails with
+//! "unsupported version" really was written by another format version.
+//!
+//! ## Block table sector (512 bytes)
+//! Table sector `s` (counted from the start of the table) holds the
+//! entries of blocks `63 s .. 63 s + 63`; entries past the last block are zero.
+//! ```text
+//! 0    504 63 entries of 8 bytes
+//! 504  4   sector number s (catches a sector written to the wrong place)
+//! 508  4   crc32c of bytes 0..508
+//! ```
+//! The checksum covers a sector, not a page, because the sector is the
+//! unit a device writes atomically: a crash can tear a table page write
+//! into old and new sectors, each still valid, so a crash can never make a
+//! table checksum fail and a failing one is rot (or a device breaking its
+//! promise). A new extent has its whole table written, so no sector is
+//! ever validly all zeros.
 //!
 //! ## Block table entry (8 bytes)
 //! ```text
 //! 0    4   crc32c of the block's 4096 data bytes (0 unless ALLOCATED and not ZEROED)
 //! 4    4   flags: bit 0 ALLOCATED (the block holds data), bit 1 ZEROED (the
-//!          block reads as zeros but keeps its allocation; needs ALLOCATED);
+//!          block reads as zeros but keeps its allocation; needs ALLOCATED),
+//!          bit 2 LOST (the entry was lost to rot in its table sector: the
+//!          block reads as an error until it is rewritten; alone);
 //!          other bits zero. No flags: a hole, reads as zeros.
 //! ```
+//!
+//! ## Version history
+//! - 1: table pages of 512 plain entries, no table checksum. Not read by
+//!   this version: opening such a file fails with [`FormatError::BadVersion`]
+//!   and the store refuses to start, naming the file.
+//! - 2: 512-byte table sectors with their own crc32c; the LOST flag.
 //!
 //! # Why two header slots
 //! The recommended design writes one header in place. Devices promise at
@@ -62,7 +88,7 @@
 use crate::types::{Epoch, ExtentIndex, ExtentKey, VolumeId};
 
 pub const MAGIC: [u8; 8] = *b"BASALTX1";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Data block size: the unit of checksums and of the block table.
 pub const BLOCK: u64 = 4096;
 pub const SECTOR: u64 = 512;
@@ -70,8 +96,13 @@ pub const HEADER_SIZE: usize = 4096;
 pub const HEADER_SLOTS: u64 = 2;
 pub const TABLE_OFFSET: u64 = HEADER_SIZE as u64 * HEADER_SLOTS;
 pub const ENTRY_SIZE: u64 = 8;
+/// Table entries per 512-byte table sector (the rest is its trailer).
+pub const ENTRIES_PER_SECTOR: u64 = 63;
+/// Where a table sector's trailer (sector number, crc32c) starts.
+pub const SECTOR_TRAILER: usize = (ENTRIES_PER_SECTOR * ENTRY_SIZE) as usize;
+pub const SECTORS_PER_PAGE: u64 = BLOCK / SECTOR;
 /// Table entries per 4 KiB table page.
-pub const ENTRIES_PER_PAGE: u64 = BLOCK / ENTRY_SIZE;
+pub const ENTRIES_PER_PAGE: u64 = ENTRIES_PER_SECTOR * SECTORS_PER_PAGE;
 pub const DATA_ALIGN: u64 = 1 << 20;
 pub const BITMAP_OFFSET: usize = 128;
 pub const MAX_REGIONS: u64 = ((HEADER_SIZE - BITMAP_OFFSET) * 8) as u64;
@@ -114,6 +145,10 @@ pub enum FormatError {
     ZeroedNotAllocated,
     #[error("crc {0:#010x} stored on a block without data")]
     CrcOnEmptyBlock(u32),
+    #[error("block table sector {sector} crc mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    SectorCrc { sector: u64, stored: u32, computed: u32 },
+    #[error("block table sector {sector} says it is sector {stored}")]
+    SectorNumber { sector: u64, stored: u32 },
 }
 
 /// Sizes and offsets derived from the extent size and region size.
@@ -140,7 +175,7 @@ impl Geometry {
         if nregions > MAX_REGIONS {
             return Err(FormatError::TooManyRegions(nregions));
         }
-        let table_len = (nblocks * ENTRY_SIZE).next_multiple_of(BLOCK);
+        let table_len = nblocks.div_ceil(ENTRIES_PER_PAGE) * BLOCK;
         let data_offset = (TABLE_OFFSET + table_len).next_multiple_of(DATA_ALIGN);
         Ok(Geometry { extent_size, region_size, nblocks, nregions, table_len, data_offset })
     }
@@ -241,14 +276,14 @@ impl Header {
         if b[0..8] != MAGIC {
             return Err(FormatError::BadMagic);
         }
-        let version = le_u32(b, 8);
-        if version != VERSION {
-            return Err(FormatError::BadVersion(version));
-        }
         let stored = le_u32(b, 12);
         let computed = header_crc(b);
         if stored != computed {
             return Err(FormatError::BadCrc { stored, computed });
+        }
+        let version = le_u32(b, 8);
+        if version != VERSION {
+            return Err(FormatError::BadVersion(version));
         }
         let block = le_u32(b, 56);
         if block as u64 != BLOCK {
@@ -298,6 +333,7 @@ pub fn pick_header(a: &[u8], b: &[u8]) -> Result<(u64, Header), [FormatError; 2]
 
 pub const FLAG_ALLOCATED: u32 = 1;
 pub const FLAG_ZEROED: u32 = 2;
+pub const FLAG_LOST: u32 = 4;
 
 /// One block table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -309,6 +345,8 @@ pub struct Entry {
 impl Entry {
     pub const HOLE: Entry = Entry { crc: 0, flags: 0 };
     pub const ZEROED: Entry = Entry { crc: 0, flags: FLAG_ALLOCATED | FLAG_ZEROED };
+    /// The block's entry was lost to rot: it reads as an error until rewritten.
+    pub const LOST: Entry = Entry { crc: 0, flags: FLAG_LOST };
 
     pub fn data(crc: u32) -> Entry {
         Entry { crc, flags: FLAG_ALLOCATED }
@@ -323,6 +361,10 @@ impl Entry {
         self.flags & FLAG_ZEROED != 0
     }
 
+    pub fn is_lost(&self) -> bool {
+        self.flags == FLAG_LOST
+    }
+
     pub fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&self.crc.to_le_bytes());
         out[4..8].copy_from_slice(&self.flags.to_le_bytes());
@@ -330,7 +372,8 @@ impl Entry {
 
     pub fn decode(b: &[u8]) -> Result<Entry, FormatError> {
         let e = Entry { crc: le_u32(b, 0), flags: le_u32(b, 4) };
-        if e.flags & !(FLAG_ALLOCATED | FLAG_ZEROED) != 0 {
+        let known = FLAG_ALLOCATED | FLAG_ZEROED | FLAG_LOST;
+        if e.flags & !known != 0 || (e.flags & FLAG_LOST != 0 && e.flags != FLAG_LOST) {
             return Err(FormatError::BadFlags(e.flags));
         }
         if e.is_zeroed() && e.flags & FLAG_ALLOCATED == 0 {
@@ -343,23 +386,91 @@ impl Entry {
     }
 }
 
-/// Decodes a whole table (`geometry.table_len` bytes); on error names the block.
-pub fn decode_table(b: &[u8], nblocks: u64) -> Result<Vec<Entry>, (u64, FormatError)> {
-    (0..nblocks)
-        .map(|i| {
-            let at = (i * ENTRY_SIZE) as usize;
-            Entry::decode(&b[at..at + ENTRY_SIZE as usize]).map_err(|e| (i, e))
-        })
-        .collect()
+/// A table sector (or one entry) that failed to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadEntries {
+    /// The blocks whose entries it held.
+    pub blocks: std::ops::Range<u64>,
+    pub why: FormatError,
+    /// Each entry as it decodes on its own, if it does: a guess the shell
+    /// may keep only where the block's data confirms it (a matching crc,
+    /// or zeros for a block without data).
+    pub guesses: Vec<Option<Entry>>,
 }
 
-/// Encodes table page `page` (4096 bytes) from the in-memory table.
+/// A decoded block table: the entries (`LOST` where they did not decode)
+/// and what did not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub entries: Vec<Entry>,
+    pub bad: Vec<BadEntries>,
+}
+
+fn sector_crc(sector: &[u8]) -> u32 {
+    crc32c::crc32c(&sector[..SECTOR_TRAILER + 4])
+}
+
+/// Decodes a whole table (`geometry.table_len` bytes). Never fails: a
+/// sector with a bad checksum or number makes its blocks `LOST`, and so
+/// does an entry that does not decode in a sound sector.
+pub fn decode_table(b: &[u8], nblocks: u64) -> Table {
+    let mut entries = Vec::with_capacity(nblocks as usize);
+    let mut bad = Vec::new();
+    let sectors = nblocks.div_ceil(ENTRIES_PER_SECTOR);
+    for s in 0..sectors {
+        let sec = &b[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize];
+        let first = s * ENTRIES_PER_SECTOR;
+        let last = (first + ENTRIES_PER_SECTOR).min(nblocks);
+        let decoded: Vec<Result<Entry, FormatError>> = (0..last - first)
+            .map(|i| {
+                let at = (i * ENTRY_SIZE) as usize;
+                Entry::decode(&sec[at..at + ENTRY_SIZE as usize])
+            })
+            .collect();
+        let (stored, computed) = (le_u32(sec, SECTOR_TRAILER + 4), sector_crc(sec));
+        let number = le_u32(sec, SECTOR_TRAILER);
+        let why = if stored != computed {
+            Some(FormatError::SectorCrc { sector: s, stored, computed })
+        } else if number as u64 != s {
+            Some(FormatError::SectorNumber { sector: s, stored: number })
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let guesses = decoded.into_iter().map(Result::ok).collect();
+            bad.push(BadEntries { blocks: first..last, why, guesses });
+            entries.resize(last as usize, Entry::LOST);
+            continue;
+        }
+        for (i, d) in decoded.into_iter().enumerate() {
+            match d {
+                Ok(e) => entries.push(e),
+                Err(why) => {
+                    let b = first + i as u64;
+                    bad.push(BadEntries { blocks: b..b + 1, why, guesses: vec![None] });
+                    entries.push(Entry::LOST);
+                }
+            }
+        }
+    }
+    Table { entries, bad }
+}
+
+/// Encodes table page `page` (4096 bytes, eight sectors with their
+/// trailers) from the in-memory table.
 pub fn encode_table_page(table: &[Entry], page: u64, out: &mut [u8]) {
     out.fill(0);
-    let first = (page * ENTRIES_PER_PAGE) as usize;
-    let last = (first + ENTRIES_PER_PAGE as usize).min(table.len());
-    for (i, e) in table[first..last].iter().enumerate() {
-        e.encode(&mut out[i * ENTRY_SIZE as usize..(i + 1) * ENTRY_SIZE as usize]);
+    for i in 0..SECTORS_PER_PAGE {
+        let s = page * SECTORS_PER_PAGE + i;
+        let sec = &mut out[(i * SECTOR) as usize..((i + 1) * SECTOR) as usize];
+        let first = (s * ENTRIES_PER_SECTOR) as usize;
+        let last = (first + ENTRIES_PER_SECTOR as usize).min(table.len());
+        for (j, e) in table.get(first..last).unwrap_or_default().iter().enumerate() {
+            e.encode(&mut sec[j * ENTRY_SIZE as usize..(j + 1) * ENTRY_SIZE as usize]);
+        }
+        sec[SECTOR_TRAILER..SECTOR_TRAILER + 4].copy_from_slice(&(s as u32).to_le_bytes());
+        let crc = sector_crc(sec);
+        sec[SECTOR_TRAILER + 4..].copy_from_slice(&crc.to_le_bytes());
     }
 }
 
@@ -403,7 +514,7 @@ mod tests {
     fn geometry_of_64mib() {
         let g = Geometry::new(64 << 20, 1 << 20).unwrap();
         assert_eq!(g.nblocks, 16384);
-        assert_eq!(g.table_len, 131072);
+        assert_eq!(g.table_len, 33 * 4096); // ceil(16384 / 504) pages
         assert_eq!(g.data_offset, 1 << 20);
         assert_eq!(g.nregions, 64);
         assert_eq!(g.file_len(), 65 << 20);
@@ -437,9 +548,12 @@ mod tests {
     #[test]
     fn header_bad_version() {
         let mut b = encoded();
-        b[8] = 2;
+        assert_eq!(&b[8..12], &2u32.to_le_bytes());
+        b[8] = 1;
+        // Rot in the version field is rot, not another version.
+        assert!(matches!(Header::decode(&b), Err(FormatError::BadCrc { .. })));
         recrc(&mut b);
-        assert_eq!(Header::decode(&b), Err(FormatError::BadVersion(2)));
+        assert_eq!(Header::decode(&b), Err(FormatError::BadVersion(1)));
     }
 
     #[test]
@@ -558,40 +672,115 @@ mod tests {
 
     #[test]
     fn entry_round_trip_and_errors() {
-        for e in [Entry::HOLE, Entry::ZEROED, Entry::data(0xdead_beef)] {
+        for e in [Entry::HOLE, Entry::ZEROED, Entry::LOST, Entry::data(0xdead_beef)] {
             let mut b = [0u8; 8];
             e.encode(&mut b);
             assert_eq!(Entry::decode(&b), Ok(e));
         }
+        assert!(Entry::LOST.is_lost() && !Entry::LOST.has_data() && !Entry::LOST.is_zeroed());
         let enc = |crc: u32, flags: u32| {
             let mut b = [0u8; 8];
             Entry { crc, flags }.encode(&mut b);
             b
         };
-        assert_eq!(Entry::decode(&enc(0, 4)), Err(FormatError::BadFlags(4)));
+        assert_eq!(Entry::decode(&enc(0, 8)), Err(FormatError::BadFlags(8)));
+        assert_eq!(Entry::decode(&enc(0, FLAG_LOST | FLAG_ALLOCATED)), Err(FormatError::BadFlags(5)));
         assert_eq!(Entry::decode(&enc(0, FLAG_ZEROED)), Err(FormatError::ZeroedNotAllocated));
         assert_eq!(Entry::decode(&enc(5, 0)), Err(FormatError::CrcOnEmptyBlock(5)));
+        assert_eq!(Entry::decode(&enc(5, FLAG_LOST)), Err(FormatError::CrcOnEmptyBlock(5)));
         assert_eq!(
             Entry::decode(&enc(5, FLAG_ALLOCATED | FLAG_ZEROED)),
             Err(FormatError::CrcOnEmptyBlock(5))
         );
     }
 
-    #[test]
-    fn table_round_trip_and_bad_entry() {
+    fn sample_table() -> (Geometry, Vec<Entry>, Vec<u8>) {
         let g = Geometry::new(4 << 20, 1 << 20).unwrap();
         let mut t = vec![Entry::HOLE; g.nblocks as usize];
         t[0] = Entry::data(1);
-        t[511] = Entry::ZEROED;
-        t[512] = Entry::data(7);
+        t[62] = Entry::data(2);
+        t[63] = Entry::ZEROED;
+        t[503] = Entry::data(3);
+        t[504] = Entry::data(7);
+        t[1023] = Entry::LOST;
         let mut bytes = vec![0u8; g.table_len as usize];
         for p in 0..g.table_pages() {
             let at = (p * BLOCK) as usize;
             encode_table_page(&t, p, &mut bytes[at..at + BLOCK as usize]);
         }
-        assert_eq!(decode_table(&bytes, g.nblocks).unwrap(), t);
-        bytes[512 * 8 + 4] = 0x80;
-        assert_eq!(decode_table(&bytes, g.nblocks), Err((512, FormatError::BadFlags(0x80))));
+        (g, t, bytes)
+    }
+
+    #[test]
+    fn table_round_trip() {
+        let (g, t, bytes) = sample_table();
+        assert_eq!(g.table_pages(), 3); // 1024 blocks at 504 a page
+        // Sector 1 of page 0 starts with block 63; its trailer names it.
+        assert_eq!(&bytes[512 + 4..512 + 8], &(FLAG_ALLOCATED | FLAG_ZEROED).to_le_bytes());
+        assert_eq!(&bytes[512 + 504..512 + 508], &1u32.to_le_bytes());
+        // Page 1 begins with block 504, in table sector 8.
+        assert_eq!(&bytes[4096..4100], &7u32.to_le_bytes());
+        assert_eq!(&bytes[4096 + 504..4096 + 508], &8u32.to_le_bytes());
+        assert_eq!(decode_table(&bytes, g.nblocks), Table { entries: t, bad: vec![] });
+    }
+
+    #[test]
+    fn rot_in_a_sector_loses_only_its_blocks() {
+        let (g, t, mut bytes) = sample_table();
+        bytes[512 + 4] ^= 0x80; // block 63's flags, in sector 1
+        let d = decode_table(&bytes, g.nblocks);
+        assert_eq!(d.bad.len(), 1);
+        let bad = &d.bad[0];
+        assert_eq!(bad.blocks, 63..126);
+        assert!(matches!(bad.why, FormatError::SectorCrc { sector: 1, .. }), "{:?}", bad.why);
+        assert_eq!(bad.guesses.len(), 63);
+        assert_eq!(bad.guesses[0], None, "flags 0x82 do not decode");
+        assert_eq!(bad.guesses[1], Some(Entry::HOLE));
+        for (b, e) in d.entries.iter().enumerate() {
+            let want = if (63..126).contains(&b) { Entry::LOST } else { t[b] };
+            assert_eq!(*e, want, "block {b}");
+        }
+    }
+
+    #[test]
+    fn rot_in_a_trailer_or_a_misplaced_sector() {
+        let (g, t, mut bytes) = sample_table();
+        bytes[4096 + 508] ^= 1; // crc of sector 8
+        let d = decode_table(&bytes, g.nblocks);
+        assert_eq!(d.bad.len(), 1);
+        assert_eq!(d.bad[0].blocks, 504..567);
+        assert_eq!(d.bad[0].guesses[0], Some(t[504]), "the entries themselves are intact");
+        // A sector written where another belongs (sound crc, wrong number).
+        let (_, _, mut bytes) = sample_table();
+        let s0 = bytes[..512].to_vec();
+        bytes[1024..1536].copy_from_slice(&s0);
+        let d = decode_table(&bytes, g.nblocks);
+        assert_eq!(d.bad.len(), 1);
+        assert_eq!(d.bad[0].why, FormatError::SectorNumber { sector: 2, stored: 0 });
+        assert_eq!(d.bad[0].blocks, 126..189);
+        // A zeroed sector is not a valid one.
+        let (_, _, mut bytes) = sample_table();
+        bytes[8192..8704].fill(0);
+        let d = decode_table(&bytes, g.nblocks);
+        assert_eq!(d.bad.iter().map(|b| b.blocks.clone()).collect::<Vec<_>>(), vec![1008..1024]);
+    }
+
+    #[test]
+    fn bad_entry_in_a_sound_sector() {
+        let (g, t, mut bytes) = sample_table();
+        // An entry that does not decode under a correct crc (a bug, or a
+        // newer writer): only that block is lost.
+        bytes[8 * 5 + 4] = 0x10;
+        let c = sector_crc(&bytes[..512]);
+        bytes[508..512].copy_from_slice(&c.to_le_bytes());
+        let d = decode_table(&bytes, g.nblocks);
+        assert_eq!(
+            d.bad,
+            vec![BadEntries { blocks: 5..6, why: FormatError::BadFlags(0x10), guesses: vec![None] }]
+        );
+        assert_eq!(d.entries[5], Entry::LOST);
+        assert_eq!(d.entries[4], t[4]);
+        assert_eq!(d.entries[6], t[6]);
     }
 
     #[test]

@@ -11,20 +11,23 @@
 //!
 //! Files: [`format`](mod@format) (pure on-disk format, documented byte by byte),
 //! [`extent`] (one replica: I/O, crash atomicity, recovery), [`store`]
-//! (data dirs, placement), [`engine`] (io_uring | psync | mem),
+//! (data dirs, placement), [`identity`] (which node a data dir belongs
+//! to), [`engine`] (io_uring | psync | mem),
 //! [`rangelock`] (per-extent block range lock).
 
 pub mod engine;
 pub mod extent;
 pub mod format;
+pub mod identity;
 pub mod rangelock;
 pub mod store;
 
 pub use engine::mem::MemDisk;
 pub use extent::Extent;
+pub use identity::{DirId, DirIdentity, write_atomically};
 pub use store::{FlushBarrier, Store, StoreOptions};
 
-use crate::types::ExtentKey;
+use crate::types::{ExtentKey, NodeId};
 use std::path::PathBuf;
 
 /// Which engine does the disk I/O.
@@ -67,6 +70,15 @@ pub enum StoreError {
     Misaligned { offset: u64, len: u64 },
     #[error("corrupt extent file {path}: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "extent file {path} is in format version {version}; this basaltd reads version {} only and does \
+         not upgrade in place: copy the volume's data out with the basaltd that wrote it (e.g. qemu-img \
+         convert from its NBD export) and into a new volume, then remove the old data directory",
+        format::VERSION
+    )]
+    Version { path: PathBuf, version: u32 },
+    #[error("extent {key} is unavailable ({path} did not open: {why}); restore or remove the file")]
+    Unavailable { key: ExtentKey, path: PathBuf, why: String },
     #[error("the store is shut down")]
     Closed,
     #[error("extent {key} exists with {have} bytes, asked for {want}")]
@@ -75,6 +87,23 @@ pub enum StoreError {
     BadSize { key: ExtentKey, size: u64, why: String },
     #[error("bad store configuration: {0}")]
     Config(String),
+    #[error(
+        "data directory {dir} belongs to node {its_node}, but {node_dir} belongs to node {node}: every \
+         data directory of a node must be its own; remove the other node's directory from the configuration"
+    )]
+    ForeignDir { dir: PathBuf, its_node: NodeId, node: NodeId, node_dir: PathBuf },
+    #[error(
+        "data directory {dir} holds data ({files}) but no identity file, while the other data directories \
+         have one: it was not stamped by this node; remove it from the configuration, or move its files out"
+    )]
+    UnknownDir { dir: PathBuf, files: String },
+    #[error(
+        "identity of data directory {dir} is unreadable ({why}) and no other data directory names the node: \
+         restore basalt-dir.json from a backup"
+    )]
+    BadIdentity { dir: PathBuf, why: String },
+    #[error("data directories {a} and {b} are the same directory; give each once")]
+    SameDir { a: PathBuf, b: PathBuf },
 }
 
 impl StoreError {

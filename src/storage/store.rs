@@ -1,12 +1,14 @@
-//! The node's store: data directories (one engine each), the open extent
-//! replicas, and the choice of directory for a new extent.
+//! The node's store: data directories (one engine each, each recognised
+//! by its identity file, see `identity`), the open extent replicas (and the
+//! ones whose files did not open), and the choice of directory for a new extent.
 
 use super::engine::{self, Engine, mem::MemDisk};
-use super::extent::{Extent, PreparedFlush, file_name};
+use super::extent::{Extent, PreparedFlush, file_name, key_of_file_name};
+use super::identity::{self, DirId, DirIdentity};
 use super::{EngineKind, Result, StoreConfig, StoreError};
-use crate::types::{Epoch, ExtentKey};
+use crate::types::{Epoch, ExtentKey, NodeId};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -267,6 +269,12 @@ pub struct Store {
     opts: StoreOptions,
     mem_disk: Arc<MemDisk>,
     extents: Mutex<HashMap<ExtentKey, Arc<Extent>>>,
+    /// Replicas whose file did not open (rot in both headers, a short
+    /// file, an I/O error): file and why. Never recreated over, so their
+    /// data stays for whoever can restore it.
+    unavailable: HashMap<ExtentKey, (PathBuf, String)>,
+    /// Each data directory's identity, in `disks` order.
+    identities: Vec<DirIdentity>,
     /// Serializes creation, so two callers cannot create one extent twice.
     creating: tokio::sync::Mutex<()>,
     closed: Arc<AtomicBool>,
@@ -281,15 +289,38 @@ impl Store {
     /// [`Store::open`] with options; reopen a crashed mem store by passing its
     /// [`Store::mem_disk`] here.
     pub async fn open_with(cfg: StoreConfig, opts: StoreOptions) -> Result<Arc<Store>> {
+        Store::open_as(cfg, opts, None).await
+    }
+
+    /// [`Store::open_with`] for a node whose other records (its catalog)
+    /// name it `known`: the node id used if no identity file is sound.
+    pub async fn open_as(cfg: StoreConfig, opts: StoreOptions, known: Option<NodeId>) -> Result<Arc<Store>> {
         if cfg.data_dirs.is_empty() {
             return Err(StoreError::Config("no data directories".into()));
         }
         super::format::Geometry::new(super::format::BLOCK, opts.region_size)
             .map_err(|e| StoreError::Config(format!("region_size: {e}")))?;
         let mem_disk = opts.mem_disk.clone().unwrap_or_default();
+        // Whose directories these are, before any extent in them is opened
+        // (opening recovers, which writes). The mem engine's live in memory.
+        let identities = if cfg.engine == EngineKind::Mem {
+            let node_id = NodeId(identity::random_u64()?);
+            let ids = cfg.data_dirs.iter().map(|_| {
+                let dir_id = DirId(identity::random_u64()?);
+                Ok(DirIdentity { format: identity::IDENTITY_FORMAT, node_id, dir_id, cluster_id: None })
+            });
+            ids.collect::<Result<Vec<_>>>()?
+        } else {
+            for dir in &cfg.data_dirs {
+                identity::create_dir_durably(dir)
+                    .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+            }
+            identity::recognise(&cfg.data_dirs, known)?
+        };
         let closed = Arc::new(AtomicBool::new(false));
         let mut disks = Vec::new();
         let mut extents = HashMap::new();
+        let mut unavailable: HashMap<ExtentKey, (PathBuf, String)> = HashMap::new();
         for dir in &cfg.data_dirs {
             let engine = engine::open_engine(cfg.engine, dir, &mem_disk).map_err(|e| {
                 StoreError::io(format!("start {:?} engine for {}", cfg.engine, dir.display()), e)
@@ -310,7 +341,29 @@ impl Store {
                 if !name.ends_with(".ext") {
                     continue;
                 }
-                let ext = Extent::open(engine.clone(), &path, closed.clone()).await?;
+                let ext = match Extent::open(engine.clone(), &path, closed.clone()).await {
+                    Ok(ext) => ext,
+                    // Another format version is not rot: refuse the whole store.
+                    Err(e @ StoreError::Version { .. }) => return Err(e),
+                    // Anything else costs this extent only: the node starts,
+                    // and this extent's reads and writes fail.
+                    Err(e) => {
+                        let Some(key) = key_of_file_name(&name) else {
+                            tracing::warn!(path = %path.display(), error = %e, "ignoring a file that is not an extent replica");
+                            continue;
+                        };
+                        let why = format!("{e}");
+                        tracing::error!(extent = %key, path = %path.display(), error = %why,
+                            "extent unavailable: every read and write of it fails until the file is restored or removed");
+                        if let Some(other) = unavailable.insert(key, (path.clone(), why)) {
+                            return Err(StoreError::Corrupt {
+                                path,
+                                why: format!("extent {key} also in {}", other.0.display()),
+                            });
+                        }
+                        continue;
+                    }
+                };
                 ext.set_clean_after(opts.clean_after_flushes);
                 if name != file_name(ext.key()) {
                     return Err(StoreError::Corrupt {
@@ -327,15 +380,35 @@ impl Store {
             }
             disks.push(Disk { dir: dir.clone(), engine, costs: Mutex::default(), queue: Mutex::default() });
         }
-        tracing::info!(engine = ?disks[0].engine.kind(), dirs = disks.len(), extents = extents.len(), "store open");
+        if let Some((key, (path, _))) = unavailable.iter().find(|(k, _)| extents.contains_key(k)) {
+            return Err(StoreError::Corrupt {
+                path: path.clone(),
+                why: format!("extent {key} is in two files"),
+            });
+        }
+        tracing::info!(engine = ?disks[0].engine.kind(), dirs = disks.len(), extents = extents.len(),
+            unavailable = unavailable.len(), "store open");
         Ok(Arc::new(Store {
             disks,
             opts,
             mem_disk,
             extents: Mutex::new(extents),
+            unavailable,
+            identities,
             creating: tokio::sync::Mutex::new(()),
             closed,
         }))
+    }
+
+    /// This node's id, from its data directories' identity files (drawn
+    /// once, when the first directory was stamped; on the mem engine, at open).
+    pub fn node_id(&self) -> NodeId {
+        self.identities[0].node_id
+    }
+
+    /// The data directories with their identities, in the order configured.
+    pub fn data_dirs(&self) -> impl Iterator<Item = (&Path, &DirIdentity)> {
+        self.disks.iter().map(|d| d.dir.as_path()).zip(&self.identities)
     }
 
     /// The engine actually in use (after `Auto` made its choice).
@@ -346,7 +419,23 @@ impl Store {
     /// True if a replica of `key` exists in this store (open or on disk).
     /// Every replica on disk is opened by [`Store::open`].
     pub fn contains(&self, key: ExtentKey) -> bool {
-        self.extents.lock().unwrap().contains_key(&key)
+        self.unavailable.contains_key(&key) || self.extents.lock().unwrap().contains_key(&key)
+    }
+
+    /// Every replica on disk, the unavailable ones included.
+    pub fn extent_keys(&self) -> Vec<ExtentKey> {
+        let mut keys: Vec<ExtentKey> = self.extents.lock().unwrap().keys().copied().collect();
+        keys.extend(self.unavailable.keys());
+        keys.sort();
+        keys
+    }
+
+    /// Where the replica of `key` lives, if it is on disk (unavailable or not).
+    pub fn extent_path(&self, key: ExtentKey) -> Option<PathBuf> {
+        match self.unavailable.get(&key) {
+            Some((path, _)) => Some(path.clone()),
+            None => self.extents.lock().unwrap().get(&key).map(|e| e.path().to_path_buf()),
+        }
     }
 
     /// The replica of extent `key`, created empty (all holes) with `size`
@@ -382,6 +471,9 @@ impl Store {
     }
 
     fn lookup(&self, key: ExtentKey, size: u64) -> Result<Option<Arc<Extent>>> {
+        if let Some((path, why)) = self.unavailable.get(&key) {
+            return Err(StoreError::Unavailable { key, path: path.clone(), why: why.clone() });
+        }
         match self.extents.lock().unwrap().get(&key) {
             Some(e) if e.size() != size => Err(StoreError::SizeMismatch { key, have: e.size(), want: size }),
             found => Ok(found.cloned()),

@@ -197,6 +197,35 @@ fn unsafe_kill(pid: u32, sig: i32) {
     }
 }
 
+/// Runs a basaltd that is expected to refuse to start: its exit code and
+/// stderr. One that is still running after 30 s is killed (and fails the
+/// caller's exit-code check).
+pub fn run_to_exit(mut cmd: std::process::Command) -> (Option<i32>, String) {
+    let tmp = tempfile::tempfile().unwrap();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(tmp.try_clone().unwrap())
+        .spawn()
+        .expect("spawn basaltd");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let mut f = tmp;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0)).unwrap();
+    std::io::Read::read_to_string(&mut f, &mut err).unwrap();
+    (code, err)
+}
+
 /// Runs a command; panics with its output unless it exits 0.
 pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
