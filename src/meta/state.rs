@@ -589,6 +589,11 @@ impl MetaState {
     pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
         self.names.get(name).and_then(|id| self.volumes.get(id))
     }
+    /// The id the next created volume gets; every id below it was issued.
+    pub fn next_volume_id(&self) -> VolumeId {
+        VolumeId(self.next_volume_id)
+    }
+
     pub fn volume_count(&self) -> usize {
         self.volumes.len()
     }

@@ -228,6 +228,11 @@ pub enum NodeError {
     Exists(String),
     #[error("catalog copy {path} belongs to node {its_node}, not to this node ({node})")]
     CatalogOfOtherNode { path: PathBuf, its_node: NodeId, node: NodeId },
+    #[error(
+        "data directories {dirs} belong to node {found}, but the state directory says this is node {expected}: \
+         point state_dir and data_dirs at the same node's directories"
+    )]
+    OtherNode { dirs: String, found: NodeId, expected: NodeId },
     #[error("no sound copy of the volume catalog ({0}); restore one from a backup")]
     NoCatalog(String),
     #[error(
@@ -281,12 +286,31 @@ impl Node {
         store_opts: StoreOptions,
         payload_budget: u64,
     ) -> Result<Arc<Node>, NodeError> {
+        Node::open_as(store_cfg, store_opts, payload_budget, None).await
+    }
+
+    /// [`Node::open_with`] for the node `expected` (its identity in the
+    /// state directory): data directories of another node are refused, and
+    /// fresh ones are stamped with `expected`.
+    pub async fn open_as(
+        store_cfg: StoreConfig,
+        store_opts: StoreOptions,
+        payload_budget: u64,
+        expected: Option<NodeId>,
+    ) -> Result<Arc<Node>, NodeError> {
         let catalog_dirs = match store_cfg.engine {
             crate::storage::EngineKind::Mem => Vec::new(),
             _ => store_cfg.data_dirs.clone(),
         };
-        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id);
+        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id).or(expected);
+        let dirs = store_cfg.data_dirs.clone();
         let store = Store::open_as(store_cfg, store_opts, known).await?;
+        if let Some(e) = expected
+            && store.engine_kind() != crate::storage::EngineKind::Mem
+            && store.node_id() != e
+        {
+            return Err(NodeError::OtherNode { dirs: format!("{dirs:?}"), found: store.node_id(), expected: e });
+        }
         let catalog = if catalog_dirs.is_empty() {
             Stored { seq: 0, catalog: Catalog::default() }
         } else {

@@ -6,7 +6,7 @@ use super::engine::{self, Engine, mem::MemDisk};
 use super::extent::{Extent, PreparedFlush, file_name, key_of_file_name};
 use super::identity::{self, DirId, DirIdentity};
 use super::{EngineKind, Result, StoreConfig, StoreError};
-use crate::types::{Epoch, ExtentKey, NodeId};
+use crate::types::{Epoch, ExtentKey, NodeId, VolumeId};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -436,6 +436,32 @@ impl Store {
             Some((path, _)) => Some(path.clone()),
             None => self.extents.lock().unwrap().get(&key).map(|e| e.path().to_path_buf()),
         }
+    }
+
+    /// Deletes every open replica of `volume` (a deleted volume) from disk.
+    /// The caller has stopped serving the volume. Returns how many replicas
+    /// are left: the unavailable ones, whose files stay for whoever may
+    /// restore them.
+    pub async fn remove_volume(&self, volume: VolumeId) -> Result<usize> {
+        let _creating = self.creating.lock().await;
+        let gone: Vec<Arc<Extent>> = {
+            let mut m = self.extents.lock().unwrap();
+            let keys: Vec<ExtentKey> = m.keys().filter(|k| k.volume == volume).copied().collect();
+            keys.iter().filter_map(|k| m.remove(k)).collect()
+        };
+        if self.engine_kind() != EngineKind::Mem {
+            for e in &gone {
+                let path = e.path().to_path_buf();
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(StoreError::io(format!("remove {}", path.display()), err)),
+                }
+                identity::sync_parent(&path).map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
+            }
+        }
+        tracing::info!(%volume, removed = gone.len(), "deleted the replicas of a deleted volume");
+        Ok(self.unavailable.keys().filter(|k| k.volume == volume).count())
     }
 
     /// The replica of extent `key`, created empty (all holes) with `size`

@@ -17,6 +17,7 @@ use basalt::node::systemd::Notifier;
 use basalt::node::{Node, VolumeSpec};
 use basalt::placement::{Candidate, ClusterMap, Placer};
 use basalt::types::{ClusterId, ExtentIndex, NodeId, VolumeId};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -38,6 +39,8 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     cluster: ClusterCell,
     phase: AtomicU8,
+    /// One catalog sync at a time (the follower task and admin requests).
+    syncing: tokio::sync::Mutex<()>,
 }
 
 fn meta_error(e: MetaError) -> ControlError {
@@ -92,7 +95,18 @@ impl Daemon {
         metrics: Arc<Metrics>,
         cluster: ClusterCell,
     ) -> Daemon {
-        Daemon { cfg, me, meta, pool, book, node, metrics, cluster, phase: AtomicU8::new(STARTING) }
+        Daemon {
+            cfg,
+            me,
+            meta,
+            pool,
+            book,
+            node,
+            metrics,
+            cluster,
+            phase: AtomicU8::new(STARTING),
+            syncing: tokio::sync::Mutex::new(()),
+        }
     }
 
     pub fn set_ready(&self) {
@@ -223,18 +237,76 @@ impl Daemon {
             self.create(req).await.map_err(|e| anyhow::anyhow!("creating the demo volume: {e}"))?;
         }
         let state = self.meta.read(Consistency::Stale).await?;
-        self.sync_volumes(&state);
+        self.sync_volumes(&state).await;
         Ok(())
     }
 
-    /// Opens the volumes this node owns; closes the ones it no longer does.
-    fn sync_volumes(&self, state: &MetaState) {
+    /// Opens the volumes this node owns; closes the ones it no longer
+    /// does; removes the replicas of deleted volumes.
+    async fn sync_volumes(&self, state: &MetaState) {
         let Some(node) = &self.node else { return };
-        let owned: Vec<VolumeSpec> = state.volumes().filter(|v| v.owner == Some(self.me)).map(node_spec).collect();
-        let removed = node.sync_catalog(&owned);
-        for name in removed {
-            self.metrics.remove_volume(&name);
+        let all: Vec<VolumeSpec> = state.volumes().map(node_spec).collect();
+        let owned: BTreeSet<VolumeId> = state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect();
+        let _one_at_a_time = self.syncing.lock().await;
+        match node.sync_catalog(&all, &owned, state.next_volume_id()).await {
+            Ok(removed) => {
+                for name in removed {
+                    self.metrics.remove_volume(&name);
+                }
+            }
+            Err(e) => tracing::error!(error = %basalt::units::error_chain(&e), "following the metadata failed"),
         }
+    }
+
+    /// Before serving: every volume of the local catalog must be one the
+    /// metadata knows. A node upgraded from the single-node slice brings its
+    /// volumes into a cluster it bootstraps (same ids, owned here); anything
+    /// else unknown is refused.
+    pub async fn adopt_local_volumes(&self) -> anyhow::Result<()> {
+        let Some(node) = &self.node else { return Ok(()) };
+        let mut local = node.catalog_specs();
+        local.sort_by_key(|v| v.id);
+        for v in local {
+            let state = self.meta.read(Consistency::Linearizable).await?;
+            if let Some(m) = state.volume(v.id) {
+                if m.name != v.name {
+                    anyhow::bail!(
+                        "local volume {:?} ({}) is {:?} in the cluster's metadata: this data directory belongs to another cluster",
+                        v.name, v.id, m.name
+                    );
+                }
+                continue;
+            }
+            if v.id < state.next_volume_id() {
+                continue; // deleted while this node was away: sync removes it
+            }
+            if state.next_volume_id() != v.id || state.volume_by_name(&v.name).is_some() {
+                anyhow::bail!(
+                    "local volume {:?} ({}) is not in the cluster's metadata and cannot keep its id there \
+                     (next id {}); export it with an older basaltd or move its data directory away",
+                    v.name, v.id, state.next_volume_id()
+                );
+            }
+            let spec = MetaVolumeSpec {
+                name: v.name.clone(),
+                size: v.size,
+                replicas: v.replicas,
+                min_replicas: v.min_replicas,
+                extent_size: v.layout.extent_size,
+                stripe_unit: v.layout.stripe_unit,
+                stripe_width: v.layout.stripe_width,
+                read_only: v.read_only,
+            };
+            match self.meta.propose(Command::CreateVolume { spec }).await? {
+                ApplyOutcome::VolumeCreated(id) if id == v.id => {}
+                other => anyhow::bail!("adopting local volume {:?}: the metadata answered {other:?}", v.name),
+            }
+            self.meta
+                .propose(Command::SetOwner { volume: v.id, owner: Some(self.me), expected: basalt::meta::Generation(0) })
+                .await?;
+            tracing::info!(volume = %v.name, id = %v.id, "adopted a local volume into the cluster's metadata");
+        }
+        Ok(())
     }
 
     fn volume_info(&self, state: &MetaState, v: &VolumeRecord, extents: bool) -> VolumeInfo {
@@ -323,7 +395,7 @@ impl Daemon {
             .map_err(meta_error)?;
         tracing::info!(volume = %req.name, %id, %owner, ?outcome, "volume created");
         let state = self.state(true).await?;
-        self.sync_volumes(&state);
+        self.sync_volumes(&state).await;
         let v = state.volume(id).ok_or_else(|| ControlError::Internal("created volume vanished".into()))?;
         Ok(self.volume_info(&state, v, true))
     }
@@ -453,7 +525,7 @@ impl Control for Daemon {
             let id: VolumeId = Self::volume_by_name(&state, &name)?.id;
             self.meta.propose(Command::DeleteVolume { volume: id }).await.map_err(meta_error)?;
             let state = self.state(true).await?;
-            self.sync_volumes(&state);
+            self.sync_volumes(&state).await;
             Ok(())
         })
     }
@@ -479,7 +551,7 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
         {
             let s = w.borrow_and_update().clone();
             d.book.refresh(&s);
-            d.sync_volumes(&s);
+            d.sync_volumes(&s).await;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

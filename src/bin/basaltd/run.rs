@@ -321,7 +321,9 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     } else {
         let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
         let store_opts = StoreOptions { flush_barrier: cfg.flush_barrier, ..StoreOptions::default() };
-        let node = Node::open_with(store_cfg, store_opts, cfg.payload_budget.0).await.context("opening the store")?;
+        let node = Node::open_as(store_cfg, store_opts, cfg.payload_budget.0, Some(ident.node_id))
+            .await
+            .context("opening the store")?;
         Some(node)
     };
 
@@ -388,6 +390,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let tracker = TaskTracker::new();
     tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()));
 
+    daemon.adopt_local_volumes().await?;
     if let Some(demo) = &opts.demo {
         daemon.ensure_demo_volume(demo).await?;
     }

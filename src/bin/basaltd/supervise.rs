@@ -83,7 +83,7 @@ pub async fn run(
     for node in &nodes {
         std::fs::create_dir_all(&node.dir).with_context(|| format!("creating {}", node.dir.display()))?;
         let cfg_path = node.dir.join("basaltd.toml");
-        basalt::node::write_atomically(&cfg_path, node.config.to_toml().as_bytes())
+        basalt::storage::write_atomically(&cfg_path, node.config.to_toml().as_bytes())
             .with_context(|| format!("writing {}", cfg_path.display()))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
