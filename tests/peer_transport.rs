@@ -302,6 +302,11 @@ async fn dropping_a_request_future_releases_its_entry_and_budget() {
     };
     eventually("request reached the handler", || st.requests.load(Ordering::SeqCst) == 1).await;
     assert_eq!(c.in_flight(), 1);
+    // Replies go out as they complete: a later request on the same
+    // connection is answered while the flush is still parked.
+    let meta = c.request(Message::MetaRequest(Bytes::from_static(b"xy"))).await.unwrap();
+    assert_eq!(meta, Message::MetaResponse(Bytes::from_static(b"yx")));
+    assert_eq!(c.in_flight(), 1);
     assert!(c.budget_available() < client_cfg().peer_budget);
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());

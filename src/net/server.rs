@@ -97,7 +97,8 @@ impl PeerServer {
         PeerServer::start(TcpListener::bind(addr).await?, cfg, handler)
     }
 
-    /// Serves on `listener` (from a task of its own) until dropped or shut down.
+    /// Serves on `listener` (from a task of its own, on the current tokio
+    /// runtime) until dropped or shut down.
     pub fn start(
         listener: TcpListener,
         cfg: ServerConfig,
