@@ -302,6 +302,11 @@ async fn dropping_a_request_future_releases_its_entry_and_budget() {
     };
     eventually("request reached the handler", || st.requests.load(Ordering::SeqCst) == 1).await;
     assert_eq!(c.in_flight(), 1);
+    // Replies go out as they complete: a later request on the same
+    // connection is answered while the flush is still parked.
+    let meta = c.request(Message::MetaRequest(Bytes::from_static(b"xy"))).await.unwrap();
+    assert_eq!(meta, Message::MetaResponse(Bytes::from_static(b"yx")));
+    assert_eq!(c.in_flight(), 1);
     assert!(c.budget_available() < client_cfg().peer_budget);
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
@@ -578,6 +583,21 @@ async fn a_first_frame_that_is_not_hello_is_refused() {
     }
     assert!(r.closed().await);
     assert_eq!(log_lines(&r.local, "peer connection refused").len(), 1);
+    // A first frame bigger than a handshake is refused from its header:
+    // no one who has not said Hello gets 33 MiB buffered.
+    let mut r = Raw::connect(srv.local_addr()).await;
+    let mut big = raw_frame(1, Kind::Hello as u16, 0, 0, &[]);
+    big[12..16].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    reseal(&mut big);
+    r.send(&big).await;
+    match r.frame().await {
+        Some(Frame { message: Message::Refused(f), .. }) => {
+            assert_eq!(f.code, RefuseCode::Malformed);
+            assert!(f.message.contains("over the 4096-byte cap"), "{}", f.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.closed().await);
     assert_eq!(st.requests.load(Ordering::SeqCst), 0);
 }
 

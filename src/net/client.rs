@@ -383,7 +383,7 @@ async fn handshake(
     let hello =
         Message::Hello(Hello { version: ProtocolVersion::CURRENT, cluster: cfg.cluster.get(), node: cfg.node });
     wr.write_all(&encode_to_bytes(0, FrameFlags::NONE, &hello)?).await.map_err(io)?;
-    let dec = wire::decoder(cfg.max_frame);
+    let dec = wire::decoder(wire::HANDSHAKE_FRAME);
     let mut buf = BytesMut::new();
     let broke = |detail: String| PeerError::Handshake { addr, detail };
     match wire::read_frame(&mut rd, &mut buf, &dec).await {

@@ -97,7 +97,8 @@ impl PeerServer {
         PeerServer::start(TcpListener::bind(addr).await?, cfg, handler)
     }
 
-    /// Serves on `listener` (from a task of its own) until dropped or shut down.
+    /// Serves on `listener` (from a task of its own, on the current tokio
+    /// runtime) until dropped or shut down.
     pub fn start(
         listener: TcpListener,
         cfg: ServerConfig,
@@ -206,9 +207,11 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
     let dec = wire::decoder(shared.cfg.max_frame);
     let mut buf = BytesMut::new();
     let ours = ProtocolVersion::CURRENT;
+    // Until a Hello checks out, nothing bigger than a handshake is buffered.
+    let small = wire::decoder(wire::HANDSHAKE_FRAME);
     let hello = tokio::select! {
         _ = shared.cancel.cancelled() => return Ok(()),
-        r = tokio::time::timeout(shared.cfg.hello_timeout, wire::read_frame(&mut rd, &mut buf, &dec)) => r,
+        r = tokio::time::timeout(shared.cfg.hello_timeout, wire::read_frame(&mut rd, &mut buf, &small)) => r,
     };
     let hello = match hello {
         Err(_) => return Err(ConnError::HelloTimeout(shared.cfg.hello_timeout)),

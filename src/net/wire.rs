@@ -20,6 +20,9 @@ pub(crate) const COPY_BELOW: usize = READ_CHUNK;
 /// What a request costs beyond its bytes (task, map entry, bookkeeping), so
 /// a flood of empty requests is bounded by the budget too.
 pub(crate) const OVERHEAD: usize = 512;
+/// The cap on frames before the handshake is done (a `Hello` is 58 bytes;
+/// a refusal at most a header and its text).
+pub(crate) const HANDSHAKE_FRAME: usize = 4096;
 /// Stop adding frames to one vectored write past this many bytes...
 const MAX_BATCH: usize = 4 << 20;
 /// ...or this many buffers (well under IOV_MAX).

@@ -681,6 +681,14 @@ impl Message {
                     value: code.into(),
                     why: "unknown extent error code",
                 })?;
+                // One message, one encoding: a value where the code has none is refused.
+                if error.wire() != (code, current) {
+                    return Err(BodyError::InvalidField {
+                        field: "current",
+                        value: current,
+                        why: "must be 0 for this error code",
+                    });
+                }
                 Message::ExtentErr(ExtentErr { error, message: f.text("message")? })
             }
         };

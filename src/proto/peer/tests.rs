@@ -525,3 +525,16 @@ fn reply_kinds_are_marked_as_replies() {
         assert_eq!(Kind::from_u16(k as u16), Some(k));
     }
 }
+
+/// Found by `cargo fuzz` (peer_frame): a `current` value on an error code
+/// that has none was accepted and then lost, so two different frames
+/// decoded to one message.
+#[test]
+fn extent_error_current_must_be_zero_when_the_code_has_none() {
+    for code in [3u16, 4, 5, 6] {
+        let mut b = code.to_le_bytes().to_vec();
+        b.extend_from_slice(&4096u64.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        assert_eq!(invalid_field(body(Kind::ExtentErr, &b)), "current", "code {code}");
+    }
+}
