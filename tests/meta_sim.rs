@@ -17,6 +17,7 @@
 //!   origin restarted, "stale");
 //! - a linearizable read started after a request was answered reads at an
 //!   index at or past it.
+//!
 //! At the end the network heals, every node restarts, and all must converge
 //! on one state.
 //!
@@ -252,8 +253,7 @@ impl Sim {
 
     fn ready_all(&mut self) {
         for i in 0..self.nodes.len() {
-            loop {
-                let Some(core) = self.nodes[i].core.as_mut() else { break };
+            while let Some(core) = self.nodes[i].core.as_mut() {
                 if !core.has_ready() {
                     break;
                 }

@@ -12,6 +12,9 @@
 //! (messages come back in [`ReadyOutput`] for the caller to send, always
 //! after the writes they depend on are durable).
 
+// raft's protobuf messages are built field by field, as raft-rs does.
+#![allow(clippy::field_reassign_with_default)]
+
 use super::state::{
     ApplyOutcome, ClusterId, Command, MetaState, NodeSpec, NodeState, Proposal, Rejection, ReplicaCheck,
     RequestId, Role, decode_proposal, encode_proposal,
@@ -25,6 +28,11 @@ use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The largest encoded command the log takes. Commands are small (a node
+/// spec, a volume spec, a replica list); this keeps a hostile or broken
+/// caller from putting megabytes into every node's log and snapshot.
+pub const MAX_PROPOSAL_BYTES: usize = 64 << 10;
 
 /// Raft timings and the metadata group's policies, in ticks.
 #[derive(Debug, Clone)]
@@ -352,8 +360,13 @@ impl<S: LogStore> MetaCore<S> {
 
     /// Proposes a command; a follower passes it to the leader (raft-rs
     /// forwards proposals). Whether it commits shows when it is applied.
+    /// A proposal over [`MAX_PROPOSAL_BYTES`] is refused before the log.
     pub fn propose(&mut self, p: &Proposal) -> Result<(), MetaError> {
-        self.raw.propose(vec![], encode_proposal(p)).map_err(|e| match e {
+        let data = encode_proposal(p);
+        if data.len() > MAX_PROPOSAL_BYTES {
+            return Err(MetaError::ProposalTooLarge { len: data.len(), max: MAX_PROPOSAL_BYTES });
+        }
+        self.raw.propose(vec![], data).map_err(|e| match e {
             raft::Error::ProposalDropped => MetaError::NoLeader,
             e => MetaError::Raft(e),
         })
@@ -634,7 +647,7 @@ impl<S: LogStore> MetaCore<S> {
         let applied = self.state.applied_index();
         let due = applied >= self.last_snapshot + self.cfg.snapshot_interval;
         let conf_changed = std::mem::take(&mut self.conf_changed);
-        if !due && !(conf_changed && applied > self.last_snapshot) {
+        if !(due || conf_changed && applied > self.last_snapshot) {
             return Ok(());
         }
         let term = self.raw.raft.raft_log.term(applied).map_err(MetaError::Raft)?;
