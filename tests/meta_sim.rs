@@ -257,11 +257,17 @@ impl Sim {
                 if !core.has_ready() {
                     break;
                 }
-                let out = match core.handle_ready() {
+                // A leader's appends leave before its write, as in the shell.
+                let mut early = Vec::new();
+                let out = match core.handle_ready_with(&mut |m| early.push(m)) {
                     Ok(o) => o,
                     Err(e) => self.fail(format!("node {} Ready failed: {e:?}", i + 1)),
                 };
-                self.absorb(NodeId(i as u64 + 1), out);
+                let id = NodeId(i as u64 + 1);
+                for m in early {
+                    self.send(id, NodeId(m.to), Packet::Raft(m));
+                }
+                self.absorb(id, out);
             }
         }
     }

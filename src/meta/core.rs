@@ -9,8 +9,9 @@
 //! the deterministic simulator (tests/meta_sim.rs).
 //!
 //! Never: sleeps, reads a clock, opens a socket, or sends a message itself
-//! (messages come back in [`ReadyOutput`] for the caller to send, always
-//! after the writes they depend on are durable).
+//! (messages come back for the caller to send: a leader's appends before
+//! its own fsync if the caller wants them early, everything that promises
+//! something only after the writes it depends on are durable).
 
 // raft's protobuf messages are built field by field, as raft-rs does.
 #![allow(clippy::field_reassign_with_default)]
@@ -122,7 +123,8 @@ pub struct Applied {
 /// What one turn of the Ready cycle hands back to the caller.
 #[derive(Debug, Default)]
 pub struct ReadyOutput {
-    /// To send now: what they depend on is already durable.
+    /// To send now: what they depend on is already durable (with
+    /// `handle_ready_with`, minus what went early).
     pub messages: Vec<Message>,
     /// Entries applied in this turn, in log order.
     pub applied: Vec<Applied>,
@@ -510,17 +512,31 @@ impl<S: LogStore> MetaCore<S> {
     }
 
     /// One turn of the Ready cycle. Call until [`Self::has_ready`] is false.
+    /// Every message comes back in the output, after this turn's writes.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput, MetaError> {
+        let mut held = Vec::new();
+        let mut out = self.handle_ready_with(&mut |m| held.push(m))?;
+        held.append(&mut out.messages);
+        out.messages = held;
+        Ok(out)
+    }
+
+    /// [`Self::handle_ready`], handing a leader's appends and heartbeats to
+    /// `early` before this turn's fsync, so followers write in parallel
+    /// with the leader (raft thesis 10.2.1: the leader counts itself only
+    /// once its own write is durable). Nothing a follower or candidate
+    /// sends (votes, acknowledgements) goes early: those are in the output,
+    /// after the writes they promise.
+    pub fn handle_ready_with(&mut self, early: &mut dyn FnMut(Message)) -> Result<ReadyOutput, MetaError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
-        // A leader's messages may go before its own append (raft thesis
-        // 10.2.1); they are held until after it anyway, which costs one
-        // fsync of latency and keeps one rule: nothing leaves before the
-        // writes of its Ready are durable.
-        out.messages.extend(rd.take_messages());
+        for m in rd.take_messages() {
+            self.note_sent(&m);
+            early(m);
+        }
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             let mut s = MetaState::decode_snapshot(&snap.data).map_err(MetaError::CorruptSnapshot)?;
@@ -548,15 +564,21 @@ impl<S: LogStore> MetaCore<S> {
         self.apply_entries(light.take_committed_entries(), &mut out);
         self.raw.advance_apply_to(self.state.applied_index());
         self.maybe_compact()?;
-        // Transports are best effort: a snapshot handed out counts as sent.
-        // If it was lost, the follower rejects the next append and the
-        // leader sends it again; left in "sending", it would wait forever.
-        for m in &out.messages {
-            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
-            }
+        let msgs = std::mem::take(&mut out.messages);
+        for m in &msgs {
+            self.note_sent(m);
         }
+        out.messages = msgs;
         Ok(out)
+    }
+
+    /// Transports are best effort: a snapshot handed out counts as sent.
+    /// If it was lost, the follower rejects the next append and the leader
+    /// sends it again; left in "sending", it would wait forever.
+    fn note_sent(&mut self, m: &Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
+        }
     }
 
     pub fn has_ready(&self) -> bool {

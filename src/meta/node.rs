@@ -9,7 +9,8 @@
 //!
 //! Never: decides what a command means (that is `state`), or sends a
 //! message before the store has made durable what the message depends on
-//! (the core hands out messages only after its writes).
+//! (the core hands out early only a leader's appends, which depend on
+//! nothing local; everything else after its writes).
 
 use super::core::{CoreConfig, MetaCore, NodeReport, ReadyOutput, bootstrap_store};
 use super::state::{
@@ -593,7 +594,8 @@ impl<S: LogStore + Send + 'static> Runner<S> {
 
     fn drain_ready(&mut self) -> Result<(), MetaError> {
         while self.core.has_ready() {
-            let out = self.core.handle_ready()?;
+            let transport = &self.transport;
+            let out = self.core.handle_ready_with(&mut |m| transport.send(NodeId(m.to), m))?;
             // Published before any waiter hears back, so a caller whose
             // proposal resolved reads it here, even stale.
             if !out.applied.is_empty() || out.snapshot_installed.is_some() {
