@@ -706,3 +706,86 @@ impl AnyConfChange {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::node::MetaConfig;
+    use std::time::Duration;
+
+    fn field(e: MetaError) -> &'static str {
+        match e {
+            MetaError::InvalidConfig { field, .. } => field,
+            other => panic!("not a config error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_validation_names_the_bad_field() {
+        assert!(CoreConfig::new(NodeId(1)).validate().is_ok());
+        let cases: Vec<(&str, Box<dyn Fn(&mut CoreConfig)>)> = vec![
+            ("id", Box::new(|c| c.id = NodeId(0))),
+            ("heartbeat_ticks", Box::new(|c| c.heartbeat_ticks = 0)),
+            ("election_ticks", Box::new(|c| c.election_ticks = c.heartbeat_ticks)),
+            ("snapshot_interval", Box::new(|c| c.snapshot_interval = 0)),
+            ("max_voters", Box::new(|c| c.max_voters = 2)),
+            ("liveness_ticks", Box::new(|c| c.liveness_ticks = c.election_ticks as u64)),
+        ];
+        for (name, f) in cases {
+            let mut c = CoreConfig::new(NodeId(1));
+            f(&mut c);
+            assert_eq!(field(c.validate().unwrap_err()), name);
+        }
+        let mut m = MetaConfig::new(NodeId(1));
+        assert!(m.validate().is_ok());
+        m.tick = Duration::ZERO;
+        assert_eq!(field(m.validate().unwrap_err()), "tick");
+        let mut m = MetaConfig::new(NodeId(1));
+        m.request_timeout = Duration::from_millis(10);
+        assert_eq!(field(m.validate().unwrap_err()), "request_timeout");
+        let mut m = MetaConfig::new(NodeId(1));
+        m.heartbeat_interval = Duration::ZERO;
+        assert_eq!(field(m.validate().unwrap_err()), "heartbeat_interval");
+    }
+
+    #[test]
+    fn bootstrap_store_refuses_empty_and_second() {
+        let mut s = crate::meta::MemStore::new();
+        assert_eq!(field(bootstrap_store(&mut s, &[]).unwrap_err()), "initial_members");
+        bootstrap_store(&mut s, &[NodeId(1), NodeId(2)]).unwrap();
+        assert!(matches!(bootstrap_store(&mut s, &[NodeId(1)]), Err(MetaError::AlreadyBootstrapped)));
+        let st = MetaState::decode_snapshot(&s.latest_snapshot().data).unwrap();
+        assert_eq!(st.members().voters.len(), 2);
+        assert_eq!(st.applied_index(), 1);
+    }
+
+    #[test]
+    fn single_voter_commits_alone_and_takes_the_bootstrap_id() {
+        let mut s = crate::meta::MemStore::new();
+        bootstrap_store(&mut s, &[NodeId(1)]).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut c = MetaCore::open(
+            CoreConfig::new(NodeId(1)),
+            s,
+            Box::new(crate::meta::state::ConservativeReplicaCheck),
+            &logger,
+        )
+        .unwrap();
+        c.set_bootstrap_candidate(ClusterId(42), "one".into());
+        let mut applied = Vec::new();
+        for _ in 0..40 {
+            c.tick();
+            while c.has_ready() {
+                let out = c.handle_ready().unwrap();
+                assert!(out.messages.is_empty(), "a single voter sends nothing");
+                applied.extend(out.applied);
+            }
+        }
+        assert!(c.is_leader());
+        assert_eq!(c.state().cluster().unwrap().id, ClusterId(42));
+        assert!(applied.iter().any(|a| a.outcome == Ok(ApplyOutcome::Bootstrapped(ClusterId(42)))));
+        // Indexes applied in order, from 2 (1 is the bootstrap snapshot).
+        let idx: Vec<u64> = applied.iter().map(|a| a.index).collect();
+        assert_eq!(idx, (2..2 + idx.len() as u64).collect::<Vec<_>>());
+    }
+}
