@@ -723,13 +723,14 @@ mod tests {
     #[test]
     fn config_validation_names_the_bad_field() {
         assert!(CoreConfig::new(NodeId(1)).validate().is_ok());
-        let cases: Vec<(&str, Box<dyn Fn(&mut CoreConfig)>)> = vec![
-            ("id", Box::new(|c| c.id = NodeId(0))),
-            ("heartbeat_ticks", Box::new(|c| c.heartbeat_ticks = 0)),
-            ("election_ticks", Box::new(|c| c.election_ticks = c.heartbeat_ticks)),
-            ("snapshot_interval", Box::new(|c| c.snapshot_interval = 0)),
-            ("max_voters", Box::new(|c| c.max_voters = 2)),
-            ("liveness_ticks", Box::new(|c| c.liveness_ticks = c.election_ticks as u64)),
+        type Breaks = fn(&mut CoreConfig);
+        let cases: [(&str, Breaks); 6] = [
+            ("id", |c| c.id = NodeId(0)),
+            ("heartbeat_ticks", |c| c.heartbeat_ticks = 0),
+            ("election_ticks", |c| c.election_ticks = c.heartbeat_ticks),
+            ("snapshot_interval", |c| c.snapshot_interval = 0),
+            ("max_voters", |c| c.max_voters = 2),
+            ("liveness_ticks", |c| c.liveness_ticks = c.election_ticks as u64),
         ];
         for (name, f) in cases {
             let mut c = CoreConfig::new(NodeId(1));
