@@ -171,8 +171,9 @@ fn fresh_cluster_id(node: NodeId) -> ClusterId {
 }
 
 impl MetaNode {
-    /// Opens the node on `store` and starts its task. `report` is what this
-    /// node heartbeats to the leader (its registration).
+    /// Opens the node on `store` and starts its task (call inside a tokio
+    /// runtime). `report` is what this node heartbeats to the leader (its
+    /// registration, for initial members).
     pub fn start<S: LogStore + Send + 'static>(
         cfg: MetaConfig,
         store: S,
@@ -250,7 +251,8 @@ impl MetaNode {
     }
 
     /// Proposes a command from this node (forwarded to the leader by Raft)
-    /// and waits until this node has applied it.
+    /// and waits until this node has applied it. Dropping the future does
+    /// not withdraw the command: it may still apply, once.
     pub async fn propose(&self, command: Command) -> Result<ApplyOutcome, MetaError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Propose { command, reply }).await?;
