@@ -221,6 +221,10 @@ fn names(s: &basalt::meta::MetaState) -> Vec<String> {
 async fn bootstrap_elect_and_write_from_every_node(n: u64) {
     let c = Cluster::new(n, 1000);
     c.ready().await;
+    // Every node's heartbeat reaches the leader and is acknowledged.
+    for node in c.live() {
+        wait("liveness ack", || node.last_liveness_ack()).await;
+    }
     let cluster_ids: HashSet<_> =
         c.live().iter().map(|x| x.subscribe().borrow().cluster().unwrap().id).collect();
     assert_eq!(cluster_ids.len(), 1);
@@ -453,4 +457,58 @@ async fn remove_node_refused_while_it_may_hold_replicas() {
     assert!(s.node(NodeId(4)).is_none());
     assert_eq!(s.role(NodeId(4)), None);
     assert!(n1.status().learners.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_callers_leave_the_node_consistent() {
+    let c = Cluster::new(3, 6);
+    c.ready().await;
+    let n2 = c.node(NodeId(2));
+    // Callers that give up at once, mid-flight: each create applies once or not at all.
+    for i in 0..20 {
+        let n = n2.clone();
+        let fut = async move { create(&n, &format!("dropped-{i}")).await };
+        let _ = tokio::time::timeout(Duration::from_micros(50 * i), fut).await;
+    }
+    let t = tokio::spawn({
+        let n = n2.clone();
+        async move { n.read(Consistency::Linearizable).await }
+    });
+    t.abort();
+    // The node still answers, and the same name is still taken once.
+    let id = create(&n2, "after").await.unwrap();
+    let s = c.node(NodeId(3)).read(Consistency::Linearizable).await.unwrap();
+    assert!(s.volume(id).is_some());
+    let dropped: Vec<String> = names(&s).into_iter().filter(|n| n.starts_with("dropped-")).collect();
+    let unique: HashSet<&String> = dropped.iter().collect();
+    assert_eq!(unique.len(), dropped.len());
+    for name in &dropped {
+        assert!(matches!(
+            create(&c.node(NodeId(1)), name).await,
+            Err(MetaError::Rejected(Rejection::VolumeNameExists(_)))
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_are_refused() {
+    let c = Cluster::new(1, 1000);
+    c.ready().await;
+    let n = c.node(NodeId(1));
+    // An oversized command never reaches the log.
+    let mut v = vol("x");
+    v.name = "n".repeat(100_000);
+    let err = n.propose(Command::CreateVolume { spec: v }).await.unwrap_err();
+    assert!(matches!(err, MetaError::ProposalTooLarge { len, max: 65536 } if len > 100_000), "{err:?}");
+    // A raft message for another node is dropped; the node goes on.
+    let m = Message { to: 9, from: 8, term: 1000, ..Default::default() };
+    n.step(m);
+    let before = n.status().term;
+    create(&n, "fine").await.unwrap();
+    assert_eq!(n.status().term, before);
+    // Bad bytes from the wire are an error, not a panic.
+    assert!(basalt::meta::decode_raft_message(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    assert!(MetaRequest::decode(&[0, 200, 200, 200]).is_err());
+    // The leader acknowledges its own liveness as it leads.
+    wait("leader's own liveness ack", || n.last_liveness_ack()).await;
 }

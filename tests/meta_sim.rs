@@ -1,7 +1,8 @@
 //! Seeded deterministic simulation of the metadata group over its pure
 //! cores: `MetaCore` (raft-rs RawNode + our Ready cycle + our state
 //! machine) on `MemStore`, 3 and 5 voters (the 3-voter runs also take a
-//! joining learner), a virtual network that drops, delays, reorders and
+//! joining learner; a third size starts from 1 voter and promotes two
+//! joiners to 3), a virtual network that drops, delays, reorders and
 //! duplicates messages and cuts partitions, and crashes that drop
 //! everything but the store (which holds exactly what the Ready cycle made
 //! durable) followed by restarts: at random, and right after a node sent a
@@ -17,6 +18,7 @@
 //!   origin restarted, "stale");
 //! - a linearizable read started after a request was answered reads at an
 //!   index at or past it.
+//!
 //! At the end the network heals, every node restarts, and all must converge
 //! on one state.
 //!
@@ -35,8 +37,6 @@ use raft::eraftpb::{ConfChangeType, Message, MessageType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-const JOINER: u64 = 4;
 
 enum Packet {
     Raft(Message),
@@ -89,8 +89,9 @@ struct Sim {
     /// Partition: node -> side. Messages across sides are lost.
     side: BTreeMap<NodeId, u8>,
     heal_at: u64,
-    voters: Vec<NodeId>,
-    joiner: bool,
+    /// Nodes that start empty and join as learners.
+    joiners: Vec<NodeId>,
+    max_voters: usize,
     pending: Vec<ClientReq>,
     reads: BTreeMap<u64, Read>,
     next_read: u64,
@@ -157,11 +158,11 @@ fn logger() -> slog::Logger {
 }
 
 impl Sim {
-    fn new(seed: u64, voters: u64, joiner: bool) -> Sim {
+    fn new(seed: u64, voters: u64, joiners: u64, max_voters: usize) -> Sim {
         let ids: Vec<NodeId> = (1..=voters).map(NodeId).collect();
         let mut rng = StdRng::seed_from_u64(seed);
         let mut nodes = Vec::new();
-        let total = if joiner { voters + 1 } else { voters };
+        let total = voters + joiners;
         for i in 1..=total {
             let id = NodeId(i);
             let mut store = MemStore::new();
@@ -170,7 +171,7 @@ impl Sim {
             }
             let timeout = rng.gen_range(10..30);
             let mut core = MetaCore::open(
-                core_config(id, voters as usize, timeout),
+                core_config(id, max_voters, timeout),
                 store,
                 Box::new(ConservativeReplicaCheck),
                 &logger(),
@@ -188,8 +189,9 @@ impl Sim {
             net: Vec::new(),
             side: BTreeMap::new(),
             heal_at: 0,
-            voters: ids,
-            joiner,
+
+            joiners: (voters + 1..=total).map(NodeId).collect(),
+            max_voters,
             pending: Vec::new(),
             reads: BTreeMap::new(),
             next_read: 0,
@@ -253,16 +255,21 @@ impl Sim {
 
     fn ready_all(&mut self) {
         for i in 0..self.nodes.len() {
-            loop {
-                let Some(core) = self.nodes[i].core.as_mut() else { break };
+            while let Some(core) = self.nodes[i].core.as_mut() {
                 if !core.has_ready() {
                     break;
                 }
-                let out = match core.handle_ready() {
+                // A leader's appends leave before its write, as in the shell.
+                let mut early = Vec::new();
+                let out = match core.handle_ready_with(&mut |m| early.push(m)) {
                     Ok(o) => o,
                     Err(e) => self.fail(format!("node {} Ready failed: {e:?}", i + 1)),
                 };
-                self.absorb(NodeId(i as u64 + 1), out);
+                let id = NodeId(i as u64 + 1);
+                for m in early {
+                    self.send(id, NodeId(m.to), Packet::Raft(m));
+                }
+                self.absorb(id, out);
             }
         }
     }
@@ -464,16 +471,18 @@ impl Sim {
             let cmd = self.random_command();
             self.submit(origin, Work::Cmd(cmd));
         }
-        // The learner joins: registered, then added to Raft (again if the
-        // requests died with their origin).
-        if self.joiner && self.now >= 150 && self.now % 50 == 0 {
+        // Learners join: registered, then added to Raft (again if the
+        // requests died with their origin); the leader promotes them while
+        // there are fewer voters than max_voters.
+        if self.now >= 150 && self.now % 50 == 0 {
             let origin = alive[0];
             let s = std::sync::Arc::clone(self.node(origin).core.as_ref().unwrap().state());
-            let j = NodeId(JOINER);
-            if s.cluster().is_some() && s.node(j).is_none() {
-                self.submit(origin, Work::Cmd(Command::AddNode { spec: spec(j) }));
-            } else if s.node(j).is_some() && s.role(j).is_none() {
-                self.submit(origin, Work::Conf(ConfChangeType::AddLearnerNode, j));
+            for j in self.joiners.clone() {
+                if s.cluster().is_some() && s.node(j).is_none() {
+                    self.submit(origin, Work::Cmd(Command::AddNode { spec: spec(j) }));
+                } else if s.node(j).is_some() && s.role(j).is_none() {
+                    self.submit(origin, Work::Conf(ConfChangeType::AddLearnerNode, j));
+                }
             }
         }
         if self.rng.gen_bool(0.05) {
@@ -519,7 +528,7 @@ impl Sim {
     }
 
     fn restart(&mut self, id: NodeId) {
-        let max_voters = self.voters.len();
+        let max_voters = self.max_voters;
         let seed = self.seed;
         let timeout = self.rng.gen_range(10..30);
         let n = self.node(id);
@@ -616,7 +625,8 @@ impl Sim {
             && self.pending.is_empty()
             && cores.iter().all(|c| c.state().applied_index() == applied && **c.state() == **state)
             && cores.iter().all(|c| c.status().commit_index == applied)
-            && (!self.joiner || state.role(NodeId(JOINER)).is_some())
+            && self.joiners.iter().all(|j| state.role(*j).is_some())
+            && state.members().voters.len() == self.max_voters.min(self.nodes.len())
     }
 }
 
@@ -626,10 +636,10 @@ fn seeds() -> std::ops::Range<u64> {
     s0..s0 + n
 }
 
-fn run_seeds(voters: u64, joiner: bool) {
+fn run_seeds(voters: u64, joiners: u64, max_voters: usize) {
     let mut total = Stats::default();
     for seed in seeds() {
-        let mut sim = Sim::new(seed, voters, joiner);
+        let mut sim = Sim::new(seed, voters, joiners, max_voters);
         sim.run(1200);
         let st = &sim.stats;
         // A run that never got anything done proves nothing.
@@ -644,7 +654,7 @@ fn run_seeds(voters: u64, joiner: bool) {
         total.partitions += st.partitions;
         total.reads += st.reads;
     }
-    eprintln!("meta_sim {voters} voters{}: {total:?}", if joiner { " + learner" } else { "" });
+    eprintln!("meta_sim {voters} voters + {joiners} joining, up to {max_voters} voters: {total:?}");
     // The faults really happened across the seeds.
     assert!(
         total.crashes > 0 && total.partitions > 0 && total.snapshots > 0 && total.duplicates > 0,
@@ -654,18 +664,24 @@ fn run_seeds(voters: u64, joiner: bool) {
 
 #[test]
 fn three_voters_and_a_learner_under_faults() {
-    run_seeds(3, true);
+    run_seeds(3, 1, 3);
 }
 
 #[test]
 fn five_voters_under_faults() {
-    run_seeds(5, false);
+    run_seeds(5, 0, 5);
+}
+
+/// Membership changes under faults: one voter, two joiners promoted.
+#[test]
+fn one_voter_grows_to_three_under_faults() {
+    run_seeds(1, 2, 3);
 }
 
 #[test]
 fn a_seed_replays_exactly() {
     let trace = |seed| {
-        let mut sim = Sim::new(seed, 3, true);
+        let mut sim = Sim::new(seed, 3, 1, 3);
         sim.run(400);
         (sim.log.clone(), sim.digests.clone(), sim.stats.applied, sim.stats.crashes)
     };

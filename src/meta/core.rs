@@ -9,8 +9,12 @@
 //! the deterministic simulator (tests/meta_sim.rs).
 //!
 //! Never: sleeps, reads a clock, opens a socket, or sends a message itself
-//! (messages come back in [`ReadyOutput`] for the caller to send, always
-//! after the writes they depend on are durable).
+//! (messages come back for the caller to send: a leader's appends before
+//! its own fsync if the caller wants them early, everything that promises
+//! something only after the writes it depends on are durable).
+
+// raft's protobuf messages are built field by field, as raft-rs does.
+#![allow(clippy::field_reassign_with_default)]
 
 use super::state::{
     ApplyOutcome, ClusterId, Command, MetaState, NodeSpec, NodeState, Proposal, Rejection, ReplicaCheck,
@@ -25,6 +29,11 @@ use raft::{RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// The largest encoded command the log takes. Commands are small (a node
+/// spec, a volume spec, a replica list); this keeps a hostile or broken
+/// caller from putting megabytes into every node's log and snapshot.
+pub const MAX_PROPOSAL_BYTES: usize = 64 << 10;
 
 /// Raft timings and the metadata group's policies, in ticks.
 #[derive(Debug, Clone)]
@@ -114,7 +123,8 @@ pub struct Applied {
 /// What one turn of the Ready cycle hands back to the caller.
 #[derive(Debug, Default)]
 pub struct ReadyOutput {
-    /// To send now: what they depend on is already durable.
+    /// To send now: what they depend on is already durable (with
+    /// `handle_ready_with`, minus what went early).
     pub messages: Vec<Message>,
     /// Entries applied in this turn, in log order.
     pub applied: Vec<Applied>,
@@ -352,8 +362,13 @@ impl<S: LogStore> MetaCore<S> {
 
     /// Proposes a command; a follower passes it to the leader (raft-rs
     /// forwards proposals). Whether it commits shows when it is applied.
+    /// A proposal over [`MAX_PROPOSAL_BYTES`] is refused before the log.
     pub fn propose(&mut self, p: &Proposal) -> Result<(), MetaError> {
-        self.raw.propose(vec![], encode_proposal(p)).map_err(|e| match e {
+        let data = encode_proposal(p);
+        if data.len() > MAX_PROPOSAL_BYTES {
+            return Err(MetaError::ProposalTooLarge { len: data.len(), max: MAX_PROPOSAL_BYTES });
+        }
+        self.raw.propose(vec![], data).map_err(|e| match e {
             raft::Error::ProposalDropped => MetaError::NoLeader,
             e => MetaError::Raft(e),
         })
@@ -497,17 +512,31 @@ impl<S: LogStore> MetaCore<S> {
     }
 
     /// One turn of the Ready cycle. Call until [`Self::has_ready`] is false.
+    /// Every message comes back in the output, after this turn's writes.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput, MetaError> {
+        let mut held = Vec::new();
+        let mut out = self.handle_ready_with(&mut |m| held.push(m))?;
+        held.append(&mut out.messages);
+        out.messages = held;
+        Ok(out)
+    }
+
+    /// [`Self::handle_ready`], handing a leader's appends and heartbeats to
+    /// `early` before this turn's fsync, so followers write in parallel
+    /// with the leader (raft thesis 10.2.1: the leader counts itself only
+    /// once its own write is durable). Nothing a follower or candidate
+    /// sends (votes, acknowledgements) goes early: those are in the output,
+    /// after the writes they promise.
+    pub fn handle_ready_with(&mut self, early: &mut dyn FnMut(Message)) -> Result<ReadyOutput, MetaError> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
-        // A leader's messages may go before its own append (raft thesis
-        // 10.2.1); they are held until after it anyway, which costs one
-        // fsync of latency and keeps one rule: nothing leaves before the
-        // writes of its Ready are durable.
-        out.messages.extend(rd.take_messages());
+        for m in rd.take_messages() {
+            self.note_sent(&m);
+            early(m);
+        }
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
             let mut s = MetaState::decode_snapshot(&snap.data).map_err(MetaError::CorruptSnapshot)?;
@@ -535,15 +564,21 @@ impl<S: LogStore> MetaCore<S> {
         self.apply_entries(light.take_committed_entries(), &mut out);
         self.raw.advance_apply_to(self.state.applied_index());
         self.maybe_compact()?;
-        // Transports are best effort: a snapshot handed out counts as sent.
-        // If it was lost, the follower rejects the next append and the
-        // leader sends it again; left in "sending", it would wait forever.
-        for m in &out.messages {
-            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
-            }
+        let msgs = std::mem::take(&mut out.messages);
+        for m in &msgs {
+            self.note_sent(m);
         }
+        out.messages = msgs;
         Ok(out)
+    }
+
+    /// Transports are best effort: a snapshot handed out counts as sent.
+    /// If it was lost, the follower rejects the next append and the leader
+    /// sends it again; left in "sending", it would wait forever.
+    fn note_sent(&mut self, m: &Message) {
+        if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            self.raw.report_snapshot(m.to, raft::SnapshotStatus::Finish);
+        }
     }
 
     pub fn has_ready(&self) -> bool {
@@ -634,7 +669,7 @@ impl<S: LogStore> MetaCore<S> {
         let applied = self.state.applied_index();
         let due = applied >= self.last_snapshot + self.cfg.snapshot_interval;
         let conf_changed = std::mem::take(&mut self.conf_changed);
-        if !due && !(conf_changed && applied > self.last_snapshot) {
+        if !(due || conf_changed && applied > self.last_snapshot) {
             return Ok(());
         }
         let term = self.raw.raft.raft_log.term(applied).map_err(MetaError::Raft)?;
@@ -669,5 +704,89 @@ impl AnyConfChange {
             AnyConfChange::V1(c) => &c.context,
             AnyConfChange::V2(c) => &c.context,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::node::MetaConfig;
+    use std::time::Duration;
+
+    fn field(e: MetaError) -> &'static str {
+        match e {
+            MetaError::InvalidConfig { field, .. } => field,
+            other => panic!("not a config error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_validation_names_the_bad_field() {
+        assert!(CoreConfig::new(NodeId(1)).validate().is_ok());
+        type Breaks = fn(&mut CoreConfig);
+        let cases: [(&str, Breaks); 6] = [
+            ("id", |c| c.id = NodeId(0)),
+            ("heartbeat_ticks", |c| c.heartbeat_ticks = 0),
+            ("election_ticks", |c| c.election_ticks = c.heartbeat_ticks),
+            ("snapshot_interval", |c| c.snapshot_interval = 0),
+            ("max_voters", |c| c.max_voters = 2),
+            ("liveness_ticks", |c| c.liveness_ticks = c.election_ticks as u64),
+        ];
+        for (name, f) in cases {
+            let mut c = CoreConfig::new(NodeId(1));
+            f(&mut c);
+            assert_eq!(field(c.validate().unwrap_err()), name);
+        }
+        let mut m = MetaConfig::new(NodeId(1));
+        assert!(m.validate().is_ok());
+        m.tick = Duration::ZERO;
+        assert_eq!(field(m.validate().unwrap_err()), "tick");
+        let mut m = MetaConfig::new(NodeId(1));
+        m.request_timeout = Duration::from_millis(10);
+        assert_eq!(field(m.validate().unwrap_err()), "request_timeout");
+        let mut m = MetaConfig::new(NodeId(1));
+        m.heartbeat_interval = Duration::ZERO;
+        assert_eq!(field(m.validate().unwrap_err()), "heartbeat_interval");
+    }
+
+    #[test]
+    fn bootstrap_store_refuses_empty_and_second() {
+        let mut s = crate::meta::MemStore::new();
+        assert_eq!(field(bootstrap_store(&mut s, &[]).unwrap_err()), "initial_members");
+        bootstrap_store(&mut s, &[NodeId(1), NodeId(2)]).unwrap();
+        assert!(matches!(bootstrap_store(&mut s, &[NodeId(1)]), Err(MetaError::AlreadyBootstrapped)));
+        let st = MetaState::decode_snapshot(&s.latest_snapshot().data).unwrap();
+        assert_eq!(st.members().voters.len(), 2);
+        assert_eq!(st.applied_index(), 1);
+    }
+
+    #[test]
+    fn single_voter_commits_alone_and_takes_the_bootstrap_id() {
+        let mut s = crate::meta::MemStore::new();
+        bootstrap_store(&mut s, &[NodeId(1)]).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut c = MetaCore::open(
+            CoreConfig::new(NodeId(1)),
+            s,
+            Box::new(crate::meta::state::ConservativeReplicaCheck),
+            &logger,
+        )
+        .unwrap();
+        c.set_bootstrap_candidate(ClusterId(42), "one".into());
+        let mut applied = Vec::new();
+        for _ in 0..40 {
+            c.tick();
+            while c.has_ready() {
+                let out = c.handle_ready().unwrap();
+                assert!(out.messages.is_empty(), "a single voter sends nothing");
+                applied.extend(out.applied);
+            }
+        }
+        assert!(c.is_leader());
+        assert_eq!(c.state().cluster().unwrap().id, ClusterId(42));
+        assert!(applied.iter().any(|a| a.outcome == Ok(ApplyOutcome::Bootstrapped(ClusterId(42)))));
+        // Indexes applied in order, from 2 (1 is the bootstrap snapshot).
+        let idx: Vec<u64> = applied.iter().map(|a| a.index).collect();
+        assert_eq!(idx, (2..2 + idx.len() as u64).collect::<Vec<_>>());
     }
 }

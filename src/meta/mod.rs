@@ -55,6 +55,8 @@ pub enum MetaError {
     Transport { to: NodeId, reason: String },
     #[error("a metadata {0} did not decode")]
     BadMessage(&'static str),
+    #[error("command of {len} bytes is over the {max}-byte limit")]
+    ProposalTooLarge { len: usize, max: usize },
 }
 
 /// This node's role in Raft right now.
@@ -193,6 +195,7 @@ impl slog::Drain for TracingDrain {
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)]
 mod tests {
     use super::*;
 

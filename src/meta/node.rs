@@ -9,7 +9,8 @@
 //!
 //! Never: decides what a command means (that is `state`), or sends a
 //! message before the store has made durable what the message depends on
-//! (the core hands out messages only after its writes).
+//! (the core hands out early only a leader's appends, which depend on
+//! nothing local; everything else after its writes).
 
 use super::core::{CoreConfig, MetaCore, NodeReport, ReadyOutput, bootstrap_store};
 use super::state::{
@@ -136,6 +137,8 @@ struct Shared {
     state: watch::Receiver<Arc<MetaState>>,
     status: watch::Receiver<MetaStatus>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the leader last acknowledged this node's heartbeat.
+    last_ack: Arc<Mutex<Option<Instant>>>,
 }
 
 /// A running metadata node. Cheap to clone; every clone talks to one task.
@@ -168,8 +171,9 @@ fn fresh_cluster_id(node: NodeId) -> ClusterId {
 }
 
 impl MetaNode {
-    /// Opens the node on `store` and starts its task. `report` is what this
-    /// node heartbeats to the leader (its registration).
+    /// Opens the node on `store` and starts its task (call inside a tokio
+    /// runtime). `report` is what this node heartbeats to the leader (its
+    /// registration, for initial members).
     pub fn start<S: LogStore + Send + 'static>(
         cfg: MetaConfig,
         store: S,
@@ -213,7 +217,15 @@ impl MetaNode {
         let (tx, rx) = mpsc::channel(4096);
         let (state_tx, state_rx) = watch::channel(Arc::clone(core.state()));
         let (status_tx, status_rx) = watch::channel(core.status());
-        let shared = Arc::new(Shared { id, tx, state: state_rx, status: status_rx, task: Mutex::new(None) });
+        let last_ack = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Shared {
+            id,
+            tx,
+            state: state_rx,
+            status: status_rx,
+            task: Mutex::new(None),
+            last_ack: Arc::clone(&last_ack),
+        });
         let runner = Runner {
             cfg,
             core,
@@ -226,6 +238,7 @@ impl MetaNode {
             reads: HashMap::new(),
             next_read: 0,
             heartbeat_in_flight: Arc::new(AtomicBool::new(false)),
+            last_ack,
         };
         let span = tracing::info_span!("meta", node = %id);
         let task = tokio::spawn(tracing::Instrument::instrument(runner.run(), span));
@@ -238,7 +251,8 @@ impl MetaNode {
     }
 
     /// Proposes a command from this node (forwarded to the leader by Raft)
-    /// and waits until this node has applied it.
+    /// and waits until this node has applied it. Dropping the future does
+    /// not withdraw the command: it may still apply, once.
     pub async fn propose(&self, command: Command) -> Result<ApplyOutcome, MetaError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Propose { command, reply }).await?;
@@ -308,9 +322,23 @@ impl MetaNode {
         rx.await.map_err(|_| MetaError::Stopped)?
     }
 
+    /// When the leader last acknowledged this node's heartbeat (on the
+    /// leader: its last heartbeat tick while leading). A node that owns
+    /// volumes stops serving once this is older than its liveness lease
+    /// minus a safety margin, before the leader may commit it as down;
+    /// that rule belongs to the owner, this is its clock.
+    pub fn last_liveness_ack(&self) -> Option<Instant> {
+        *self.shared.last_ack.lock().unwrap()
+    }
+
     /// A Raft message from a peer. Never waits: when the node is this far
-    /// behind, the message is dropped, as the network might have (Raft resends).
+    /// behind, the message is dropped, as the network might have (Raft
+    /// resends). A message for another node is dropped with a log line.
     pub fn step(&self, msg: Message) {
+        if msg.to != self.shared.id.0 {
+            tracing::warn!(node = %self.shared.id, to = msg.to, from = msg.from, "raft message for another node dropped");
+            return;
+        }
         if self.shared.tx.try_send(Input::Raft(msg)).is_err() {
             tracing::debug!(node = %self.shared.id, "raft message dropped: intake full or node stopped");
         }
@@ -373,6 +401,7 @@ struct Runner<S: LogStore> {
     reads: HashMap<u64, PendingRead>,
     next_read: u64,
     heartbeat_in_flight: Arc<AtomicBool>,
+    last_ack: Arc<Mutex<Option<Instant>>>,
 }
 
 impl<S: LogStore + Send + 'static> Runner<S> {
@@ -434,7 +463,14 @@ impl<S: LogStore + Send + 'static> Runner<S> {
             }
             Input::Propose { command, reply } => {
                 let proposal = Proposal { request: self.core.next_request(), command };
-                let _ = self.core.propose(&proposal);
+                // Only NoLeader is worth a retry; the rest will not change.
+                match self.core.propose(&proposal) {
+                    Ok(()) | Err(MetaError::NoLeader) => {}
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
                 let request = proposal.request;
                 self.pending.insert(
                     request,
@@ -527,16 +563,29 @@ impl<S: LogStore + Send + 'static> Runner<S> {
     fn heartbeat(&mut self) {
         let me = self.core.id();
         match self.core.leader() {
-            Some(l) if l == me => self.core.on_heartbeat(self.report.clone()),
+            Some(l) if l == me => {
+                self.core.on_heartbeat(self.report.clone());
+                *self.last_ack.lock().unwrap() = Some(Instant::now());
+            }
             Some(l) => {
                 if self.heartbeat_in_flight.swap(true, Ordering::AcqRel) {
                     return;
                 }
+                let sent = Instant::now();
                 let fut = self.transport.forward(l, MetaRequest::Heartbeat(self.report.clone()));
                 let flag = Arc::clone(&self.heartbeat_in_flight);
+                let last_ack = Arc::clone(&self.last_ack);
                 tokio::spawn(async move {
-                    if let Err(e) = fut.await {
-                        tracing::debug!(leader = %l, error = %e, "heartbeat to the metadata leader failed");
+                    match fut.await {
+                        // The lease runs from when the heartbeat left, not
+                        // from when the answer came back.
+                        Ok(MetaResponse::HeartbeatAck) => *last_ack.lock().unwrap() = Some(sent),
+                        Ok(MetaResponse::NotLeader { leader }) => {
+                            tracing::debug!(asked = %l, ?leader, "heartbeat reached a node that no longer leads")
+                        }
+                        Err(e) => {
+                            tracing::debug!(leader = %l, error = %e, "heartbeat to the metadata leader failed")
+                        }
                     }
                     flag.store(false, Ordering::Release);
                 });
@@ -547,7 +596,8 @@ impl<S: LogStore + Send + 'static> Runner<S> {
 
     fn drain_ready(&mut self) -> Result<(), MetaError> {
         while self.core.has_ready() {
-            let out = self.core.handle_ready()?;
+            let transport = &self.transport;
+            let out = self.core.handle_ready_with(&mut |m| transport.send(NodeId(m.to), m))?;
             // Published before any waiter hears back, so a caller whose
             // proposal resolved reads it here, even stale.
             if !out.applied.is_empty() || out.snapshot_installed.is_some() {

@@ -447,6 +447,14 @@ pub trait ReplicaCheck {
     fn may_hold_replicas(&self, state: &MetaState, node: NodeId) -> bool;
 }
 
+/// Any pure function of the state will do, e.g. one that runs the
+/// placement over every volume's extents and looks for `node`.
+impl<F: Fn(&MetaState, NodeId) -> bool> ReplicaCheck for F {
+    fn may_hold_replicas(&self, state: &MetaState, node: NodeId) -> bool {
+        self(state, node)
+    }
+}
+
 /// Until the placement function is wired in: a node with data directories
 /// may hold replicas as soon as any volume exists. (Placement never picks a
 /// node without data dirs.) Safe, and strict: such a node can be removed
@@ -1116,6 +1124,26 @@ mod tests {
         // Once the volumes are gone so is the placement objection.
         l.run(Command::DeleteVolume { volume: v }).unwrap();
         assert_eq!(l.run(Command::RemoveNode { node: NodeId(3) }), Ok(ApplyOutcome::NodeRemoved(NodeId(3))));
+    }
+
+    #[test]
+    fn remove_node_asks_the_given_placement() {
+        let mut l = Log::booted();
+        l.create("a");
+        let only_node_2 = |_: &MetaState, n: NodeId| n == NodeId(2);
+        let p = |seq| Proposal {
+            request: RequestId { origin: NodeId(1), seq },
+            command: Command::RemoveNode { node: NodeId(3) },
+        };
+        assert_eq!(l.s.apply(100, &p(100), &only_node_2), Ok(ApplyOutcome::NodeRemoved(NodeId(3))));
+        let p2 = Proposal {
+            request: RequestId { origin: NodeId(1), seq: 101 },
+            command: Command::RemoveNode { node: NodeId(2) },
+        };
+        assert_eq!(
+            l.s.apply(101, &p2, &only_node_2),
+            Err(Rejection::NodeHoldsReplicas { node: NodeId(2), reason: HoldReason::Placement })
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!
 //! Never: interprets entries (that is `state`'s), or sends anything.
 
+// raft's protobuf messages are built field by field, as raft-rs does;
+// redb's error type is large, and is boxed where it leaves this module.
+#![allow(clippy::field_reassign_with_default, clippy::result_large_err)]
+
 use raft::eraftpb::{Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 use redb::{Database, TableDefinition};
@@ -39,7 +43,7 @@ pub enum StoreError {
         path: PathBuf,
         op: &'static str,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     #[error("metadata store record {0} is corrupt")]
     Corrupt(&'static str),
@@ -365,7 +369,7 @@ impl RedbStore {
         let db = Database::create(&path).map_err(|e| StoreError::Db {
             path: path.clone(),
             op: "open",
-            source: e.into(),
+            source: Box::new(e.into()),
         })?;
         let mut s = RedbStore { db, path, image: Image::default(), incarnation: 0 };
         s.load()?;
@@ -388,7 +392,7 @@ impl RedbStore {
 
     fn db_err(&self, op: &'static str) -> impl Fn(redb::Error) -> StoreError + use<> {
         let path = self.path.clone();
-        move |source| StoreError::Db { path: path.clone(), op, source }
+        move |source| StoreError::Db { path: path.clone(), op, source: Box::new(source) }
     }
 
     fn load(&mut self) -> Result<(), StoreError> {
@@ -421,15 +425,15 @@ impl RedbStore {
             self.incarnation = u64::from_le_bytes(b);
         }
         let log = txn.open_table(LOG).map_err(|e| err(e.into()))?;
-        let mut next = image.truncated.0 + 1;
-        for row in log.range(next..).map_err(|e| err(e.into()))? {
+        let first = image.truncated.0 + 1;
+        for (next, row) in (first..).zip(log.range(first..).map_err(|e| err(e.into()))?) {
             let (k, v) = row.map_err(|e| err(e.into()))?;
             let e: Entry = decode(v.value(), "log entry")?;
+            // The log is contiguous from the truncation point on.
             if k.value() != next || e.index != next {
                 return Err(StoreError::Corrupt("log entry"));
             }
             image.entries.push(e);
-            next += 1;
         }
         self.image = image;
         Ok(())
