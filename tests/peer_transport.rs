@@ -468,7 +468,7 @@ async fn one_way_messages_to_a_peer_that_stops_reading_are_dropped_at_the_budget
 async fn a_node_of_another_cluster_is_refused_with_the_reason() {
     let (srv, st) = server().await;
     let mut cfg = client_cfg();
-    cfg.cluster = ClusterId(0xdead_beef);
+    cfg.cluster = ClusterId(0xdead_beef).into();
     let c = PeerClient::new(srv.local_addr(), cfg);
     match c.request(Message::Ping).await {
         Err(PeerError::Refused { code: RefuseCode::WrongCluster, message, .. }) => {
