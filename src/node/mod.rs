@@ -225,6 +225,11 @@ pub enum NodeError {
     Exists(String),
     #[error("catalog copy {path} belongs to node {its_node}, not to this node ({node})")]
     CatalogOfOtherNode { path: PathBuf, its_node: NodeId, node: NodeId },
+    #[error(
+        "the data directories {dirs:?} belong to node {dirs_node}, but this node is {node}: give this \
+         node its own data directories"
+    )]
+    DirsOfOtherNode { dirs_node: NodeId, node: NodeId, dirs: Vec<PathBuf> },
     #[error("no sound copy of the volume catalog ({0}); restore one from a backup")]
     NoCatalog(String),
     #[error(
@@ -278,12 +283,30 @@ impl Node {
         store_opts: StoreOptions,
         payload_budget: u64,
     ) -> Result<Arc<Node>, NodeError> {
+        Node::open_as(store_cfg, store_opts, payload_budget, None).await
+    }
+
+    /// [`Node::open_with`] for the node `node_id` (as the control plane
+    /// knows it): new data directories are stamped with it, and data
+    /// directories of any other node are refused.
+    pub async fn open_as(
+        store_cfg: StoreConfig,
+        store_opts: StoreOptions,
+        payload_budget: u64,
+        node_id: Option<NodeId>,
+    ) -> Result<Arc<Node>, NodeError> {
         let catalog_dirs = match store_cfg.engine {
             crate::storage::EngineKind::Mem => Vec::new(),
             _ => store_cfg.data_dirs.clone(),
         };
-        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id);
+        let known = node_id.or_else(|| newest_catalog(&catalog_dirs).map(|b| b.node_id));
+        let dirs = store_cfg.data_dirs.clone();
         let store = Store::open_as(store_cfg, store_opts, known).await?;
+        if let Some(n) = node_id
+            && store.node_id() != n
+        {
+            return Err(NodeError::DirsOfOtherNode { dirs_node: store.node_id(), node: n, dirs });
+        }
         let catalog = if catalog_dirs.is_empty() {
             Stored { seq: 0, catalog: Catalog::default() }
         } else {
