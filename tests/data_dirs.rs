@@ -370,3 +370,33 @@ fn half_stamped_node_completes_its_stamping() {
     assert_eq!(std::fs::read(b.join("basalt-dir.json.bak")).unwrap(), ident);
     assert!(!b.join("basalt-dir.json.tmp").exists());
 }
+
+/// The node id the control plane knows is the one new data directories
+/// are stamped with; a later start as another node is refused, and one
+/// without an id keeps the stamped one. (Real files, psync engine.)
+#[tokio::test]
+async fn node_id_from_the_control_plane_stamps_new_dirs() {
+    use basalt::node::{Node, NodeError};
+    use basalt::storage::{EngineKind, StoreConfig, StoreOptions};
+    use basalt::types::NodeId;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = || StoreConfig {
+        data_dirs: vec![tmp.path().join("a"), tmp.path().join("b")],
+        engine: EngineKind::Psync,
+    };
+    let open = |id: Option<u64>| Node::open_as(cfg(), StoreOptions::default(), 1 << 30, id.map(NodeId));
+    let node = open(Some(77)).await.unwrap();
+    assert_eq!(node.node_id(), NodeId(77));
+    drop(node);
+    for d in ["a", "b"] {
+        assert_eq!(json(&tmp.path().join(d).join("basalt-dir.json"))["node_id"], 77);
+    }
+    match open(Some(78)).await {
+        Err(e @ NodeError::DirsOfOtherNode { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("belong to node n77, but this node is n78"), "{msg}");
+        }
+        other => panic!("expected DirsOfOtherNode, got {other:?}"),
+    }
+    assert_eq!(open(None).await.unwrap().node_id(), NodeId(77));
+}

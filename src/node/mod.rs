@@ -24,8 +24,8 @@
 
 mod budget;
 pub mod identity;
-pub mod systemd;
 mod sync;
+pub mod systemd;
 pub mod volume;
 
 use crate::layout::Layout;
@@ -229,10 +229,10 @@ pub enum NodeError {
     #[error("catalog copy {path} belongs to node {its_node}, not to this node ({node})")]
     CatalogOfOtherNode { path: PathBuf, its_node: NodeId, node: NodeId },
     #[error(
-        "data directories {dirs} belong to node {found}, but the state directory says this is node {expected}: \
-         point state_dir and data_dirs at the same node's directories"
+        "the data directories {dirs:?} belong to node {dirs_node}, but this node is {node}: give this \
+         node its own data directories"
     )]
-    OtherNode { dirs: String, found: NodeId, expected: NodeId },
+    DirsOfOtherNode { dirs_node: NodeId, node: NodeId, dirs: Vec<PathBuf> },
     #[error("no sound copy of the volume catalog ({0}); restore one from a backup")]
     NoCatalog(String),
     #[error(
@@ -289,27 +289,26 @@ impl Node {
         Node::open_as(store_cfg, store_opts, payload_budget, None).await
     }
 
-    /// [`Node::open_with`] for the node `expected` (its identity in the
-    /// state directory): data directories of another node are refused, and
-    /// fresh ones are stamped with `expected`.
+    /// [`Node::open_with`] for the node `node_id` (as the control plane
+    /// knows it): new data directories are stamped with it, and data
+    /// directories of any other node are refused.
     pub async fn open_as(
         store_cfg: StoreConfig,
         store_opts: StoreOptions,
         payload_budget: u64,
-        expected: Option<NodeId>,
+        node_id: Option<NodeId>,
     ) -> Result<Arc<Node>, NodeError> {
         let catalog_dirs = match store_cfg.engine {
             crate::storage::EngineKind::Mem => Vec::new(),
             _ => store_cfg.data_dirs.clone(),
         };
-        let known = newest_catalog(&catalog_dirs).map(|b| b.node_id).or(expected);
+        let known = node_id.or_else(|| newest_catalog(&catalog_dirs).map(|b| b.node_id));
         let dirs = store_cfg.data_dirs.clone();
         let store = Store::open_as(store_cfg, store_opts, known).await?;
-        if let Some(e) = expected
-            && store.engine_kind() != crate::storage::EngineKind::Mem
-            && store.node_id() != e
+        if let Some(n) = node_id
+            && store.node_id() != n
         {
-            return Err(NodeError::OtherNode { dirs: format!("{dirs:?}"), found: store.node_id(), expected: e });
+            return Err(NodeError::DirsOfOtherNode { dirs_node: store.node_id(), node: n, dirs });
         }
         let catalog = if catalog_dirs.is_empty() {
             Stored { seq: 0, catalog: Catalog::default() }

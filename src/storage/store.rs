@@ -292,8 +292,11 @@ impl Store {
         Store::open_as(cfg, opts, None).await
     }
 
-    /// [`Store::open_with`] for a node whose other records (its catalog)
-    /// name it `known`: the node id used if no identity file is sound.
+    /// [`Store::open_with`] for a node whose other records (the control
+    /// plane's identity, or its catalog) name it `known`: the node id
+    /// stamped into new directories and used if no identity file is sound
+    /// (directories that name another node keep theirs: compare
+    /// [`Store::node_id`]).
     pub async fn open_as(cfg: StoreConfig, opts: StoreOptions, known: Option<NodeId>) -> Result<Arc<Store>> {
         if cfg.data_dirs.is_empty() {
             return Err(StoreError::Config("no data directories".into()));
@@ -304,7 +307,10 @@ impl Store {
         // Whose directories these are, before any extent in them is opened
         // (opening recovers, which writes). The mem engine's live in memory.
         let identities = if cfg.engine == EngineKind::Mem {
-            let node_id = NodeId(identity::random_u64()?);
+            let node_id = match known {
+                Some(n) => n,
+                None => NodeId(identity::random_u64()?),
+            };
             let ids = cfg.data_dirs.iter().map(|_| {
                 let dir_id = DirId(identity::random_u64()?);
                 Ok(DirIdentity { format: identity::IDENTITY_FORMAT, node_id, dir_id, cluster_id: None })
