@@ -183,7 +183,9 @@ pub enum ConfigError {
     Zone(String),
     #[error("log_filter: {0}")]
     LogFilter(String),
-    #[error("iscsi: chap_user and chap_secret go together, and mutual CHAP needs both of its fields and one-way CHAP")]
+    #[error(
+        "iscsi: chap_user and chap_secret go together, and mutual CHAP needs both of its fields and one-way CHAP"
+    )]
     Chap,
     #[error("capacity: must be at least 1GiB when set (got {0})")]
     Capacity(ByteSize),
@@ -526,9 +528,6 @@ mod tests {
     #[test]
     fn liveness() {
         assert_eq!(err(|c| c.liveness.heartbeat_ms = 1), ConfigError::HeartbeatMs(1));
-        assert_eq!(
-            err(|c| c.liveness.down_after_ms = 1000),
-            ConfigError::DownAfter { down: 1000, hb: 500 }
-        );
+        assert_eq!(err(|c| c.liveness.down_after_ms = 1000), ConfigError::DownAfter { down: 1000, hb: 500 });
     }
 }

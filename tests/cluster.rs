@@ -8,7 +8,8 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 fn names(v: &Value) -> Vec<String> {
-    let mut n: Vec<String> = v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    let mut n: Vec<String> =
+        v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     n.sort();
     n
 }
@@ -60,10 +61,26 @@ fn crud_on(n: usize) {
         assert_eq!(ids.len(), 3, "distinct nodes: {v}");
         assert_eq!(e["state"], "healthy");
     }
-    let v2 = c.cli_json((leader + 2) % n, &[
-        "volume", "create", "vol-b", "--size", "64M", "--replicas", "2", "--min-replicas", "1",
-        "--extent-size", "16M", "--stripe-unit", "1M", "--stripe-width", "4",
-    ]);
+    let v2 = c.cli_json(
+        (leader + 2) % n,
+        &[
+            "volume",
+            "create",
+            "vol-b",
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+            "--min-replicas",
+            "1",
+            "--extent-size",
+            "16M",
+            "--stripe-unit",
+            "1M",
+            "--stripe-width",
+            "4",
+        ],
+    );
     assert_eq!(v2["stripe_width"], 4);
     assert_eq!(v2["extent_size"], 16u64 << 20);
     // Reads from any node see both (linearizable by default).
@@ -101,7 +118,11 @@ fn crud_on(n: usize) {
     let id = s["nodes"][0]["id"].as_u64().unwrap().to_string();
     let out = c.cli(follower, &["node", "remove", &id]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("replica"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replica"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -137,7 +158,8 @@ fn leader_kill9_new_leader_then_catch_up_from_log_and_by_snapshot() {
     c.wait_ready(old);
     wait_for("the restarted node to list every volume", || {
         let v = c.cli(old, &["--json", "--stale", "volume", "list"]);
-        v.status.success() && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 5).unwrap_or(false)
+        v.status.success()
+            && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 5).unwrap_or(false)
     });
     // Kill it again and write past a compaction (snapshot every 40 entries).
     c.kill9(old);
@@ -148,7 +170,8 @@ fn leader_kill9_new_leader_then_catch_up_from_log_and_by_snapshot() {
     c.wait_ready(old);
     wait_for("the restarted node to catch up by snapshot", || {
         let v = c.cli(old, &["--json", "--stale", "volume", "list"]);
-        v.status.success() && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 65).unwrap_or(false)
+        v.status.success()
+            && serde_json::from_slice::<Value>(&v.stdout).map(|v| names(&v).len() == 65).unwrap_or(false)
     });
     assert!(
         c.log(old).contains("restore snapshot") || c.log(old).contains("restored snapshot"),
@@ -197,7 +220,8 @@ fn kill9_of_every_node_keeps_cluster_id_volumes_node_ids_and_term() {
     let after = c.cli_json(0, &["cluster", "status"]);
     assert_eq!(after["id"], before["id"]);
     let ids = |s: &Value| {
-        let mut v: Vec<u64> = s["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+        let mut v: Vec<u64> =
+            s["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
         v.sort();
         v
     };
@@ -211,7 +235,11 @@ fn check_config_prints_the_effective_file_or_names_the_bad_field() {
     let t = tempfile::tempdir().unwrap();
     let good = t.path().join("good.toml");
     std::fs::write(&good, "state_dir = \"/var/lib/basalt/state\"\nzone = \"r1\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd")).arg("check-config").arg(&good).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("zone = \"r1\"") && text.contains("election_ticks = 10"), "{text}");
@@ -223,8 +251,11 @@ fn check_config_prints_the_effective_file_or_names_the_bad_field() {
     ] {
         let bad = t.path().join("bad.toml");
         std::fs::write(&bad, body).unwrap();
-        let out =
-            std::process::Command::new(env!("CARGO_BIN_EXE_basaltd")).arg("check-config").arg(&bad).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd"))
+            .arg("check-config")
+            .arg(&bad)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{body}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(field), "{body}: {err}");

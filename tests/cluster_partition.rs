@@ -58,7 +58,8 @@ impl Drop for Net {
 }
 
 fn names(v: &Value) -> Vec<String> {
-    let mut n: Vec<String> = v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    let mut n: Vec<String> =
+        v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
     n.sort();
     n
 }

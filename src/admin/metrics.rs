@@ -86,7 +86,11 @@ impl Metrics {
         };
         {
             let mut r = m.registry.lock().unwrap();
-            r.register("volume_operations", "Volume operations finished, failed ones included", m.ops.clone());
+            r.register(
+                "volume_operations",
+                "Volume operations finished, failed ones included",
+                m.ops.clone(),
+            );
             r.register_with_unit(
                 "volume_operation_duration",
                 "Time from a volume operation's start to its end",
@@ -131,9 +135,13 @@ impl Metrics {
     pub fn volume(&self, name: &str) -> VolumeMetrics {
         let per_op = |op: Op| {
             let l = VolumeOp { volume: name.to_string(), op };
-            OpMetrics { ops: self.ops.get_or_create(&l).clone(), latency: self.latency.get_or_create(&l).clone() }
+            OpMetrics {
+                ops: self.ops.get_or_create(&l).clone(),
+                latency: self.latency.get_or_create(&l).clone(),
+            }
         };
-        let bytes = |f: &Family<VolumeLabel, Counter>| f.get_or_create(&VolumeLabel { volume: name.into() }).clone();
+        let bytes =
+            |f: &Family<VolumeLabel, Counter>| f.get_or_create(&VolumeLabel { volume: name.into() }).clone();
         VolumeMetrics {
             name: name.into(),
             per_op: OPS.map(per_op),
@@ -232,8 +240,14 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("basalt_volume_write_bytes_total{volume=\"vol1\"} 8192"), "{text}");
         assert!(text.contains("basalt_volume_operations_total{volume=\"vol1\",op=\"write\"} 2"), "{text}");
-        assert!(text.contains("basalt_volume_errors_total{volume=\"vol1\",op=\"read\",kind=\"checksum\"} 1"), "{text}");
-        assert!(text.contains("basalt_volume_read_bytes_total{volume=\"vol1\"} 0"), "failed reads add no bytes: {text}");
+        assert!(
+            text.contains("basalt_volume_errors_total{volume=\"vol1\",op=\"read\",kind=\"checksum\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("basalt_volume_read_bytes_total{volume=\"vol1\"} 0"),
+            "failed reads add no bytes: {text}"
+        );
         assert!(text.contains("basalt_volume_operation_duration_seconds_bucket{le=\"0.000016\",volume=\"vol1\",op=\"write\"} 2"), "{text}");
         assert!(text.contains("# TYPE basalt_volume_operation_duration_seconds histogram"), "{text}");
         m.remove_volume("vol1");

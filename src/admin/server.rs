@@ -100,7 +100,11 @@ async fn volumes(State(c): State<Ctl>, Query(q): Query<ReadOpts>) -> Answer<Resp
     Ok(json(StatusCode::OK, c.volumes(q.stale).await?))
 }
 
-async fn volume(State(c): State<Ctl>, Path(name): Path<String>, Query(q): Query<ReadOpts>) -> Answer<Response> {
+async fn volume(
+    State(c): State<Ctl>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadOpts>,
+) -> Answer<Response> {
     Ok(json(StatusCode::OK, c.volume(name, q.stale).await?))
 }
 

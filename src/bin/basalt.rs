@@ -203,7 +203,10 @@ impl Client {
         format!("{}{path}{q}", self.base)
     }
 
-    fn answer<T: serde::de::DeserializeOwned>(&self, r: Result<ureq::Response, ureq::Error>) -> Result<T, String> {
+    fn answer<T: serde::de::DeserializeOwned>(
+        &self,
+        r: Result<ureq::Response, ureq::Error>,
+    ) -> Result<T, String> {
         match r {
             Ok(resp) => {
                 let text = resp.into_string().map_err(|e| format!("reading the answer: {e}"))?;
@@ -228,7 +231,11 @@ impl Client {
         self.answer(self.agent.get(&self.url(path, true)).call())
     }
 
-    fn post<T: serde::de::DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T, String> {
+    fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, String> {
         self.answer(self.agent.post(&self.url(path, false)).send_json(body))
     }
 
@@ -352,8 +359,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 print_json(&s);
             } else {
                 let leader = s.leader.map_or("none".into(), |l| l.to_string());
-                println!("cluster {} ({}), leader {leader}, term {}, commit {}, applied {} (on node {})",
-                    s.id, s.name, s.term, s.commit_index, s.applied_index, s.this_node);
+                println!(
+                    "cluster {} ({}), leader {leader}, term {}, commit {}, applied {} (on node {})",
+                    s.id, s.name, s.term, s.commit_index, s.applied_index, s.this_node
+                );
                 print!("{}", node_rows(&s.nodes, s.leader));
             }
         }
@@ -373,13 +382,19 @@ fn run(cli: Cli) -> Result<(), String> {
             let url = c.url("/readyz", false);
             match c.agent.get(&url).call() {
                 Ok(r) => print!("{}", r.into_string().unwrap_or_default()),
-                Err(ureq::Error::Status(_, r)) => return Err(r.into_string().unwrap_or_default().trim().to_string()),
+                Err(ureq::Error::Status(_, r)) => {
+                    return Err(r.into_string().unwrap_or_default().trim().to_string());
+                }
                 Err(e) => return Err(format!("cannot reach the admin API at {}: {e}", c.base)),
             }
         }
         Cmd::Node(NodeCmd::Remove { id }) => {
             c.delete(&format!("/v1/nodes/{id}"))?;
-            if cli.json { print_json(&serde_json::json!({"removed": id})) } else { println!("removed node {id}") }
+            if cli.json {
+                print_json(&serde_json::json!({"removed": id}))
+            } else {
+                println!("removed node {id}")
+            }
         }
         Cmd::Volume(VolumeCmd::Create {
             name,
@@ -426,7 +441,11 @@ fn run(cli: Cli) -> Result<(), String> {
         },
         Cmd::Volume(VolumeCmd::Delete { name }) => {
             c.delete(&format!("/v1/volumes/{name}"))?;
-            if cli.json { print_json(&serde_json::json!({"deleted": name})) } else { println!("deleted volume {name}") }
+            if cli.json {
+                print_json(&serde_json::json!({"deleted": name}))
+            } else {
+                println!("deleted volume {name}")
+            }
         }
         Cmd::Volume(VolumeCmd::Import { name, file, io }) => {
             transfer(&c, Direction::Import, name, file, io, cli.json)?

@@ -380,8 +380,11 @@ async fn handshake(
     let sock = TcpStream::connect(addr).await.map_err(io)?;
     let _ = sock.set_nodelay(true);
     let (mut rd, mut wr) = sock.into_split();
-    let hello =
-        Message::Hello(Hello { version: ProtocolVersion::CURRENT, cluster: cfg.cluster.get(), node: cfg.node });
+    let hello = Message::Hello(Hello {
+        version: ProtocolVersion::CURRENT,
+        cluster: cfg.cluster.get(),
+        node: cfg.node,
+    });
     wr.write_all(&encode_to_bytes(0, FrameFlags::NONE, &hello)?).await.map_err(io)?;
     let dec = wire::decoder(wire::HANDSHAKE_FRAME);
     let mut buf = BytesMut::new();
@@ -389,7 +392,11 @@ async fn handshake(
     match wire::read_frame(&mut rd, &mut buf, &dec).await {
         Ok(Some(Frame { message: Message::HelloAck(h), .. })) => {
             if !cfg.cluster.accepts(h.cluster) {
-                return Err(broke(format!("peer is in cluster {}, this node in {}", h.cluster, cfg.cluster.get())));
+                return Err(broke(format!(
+                    "peer is in cluster {}, this node in {}",
+                    h.cluster,
+                    cfg.cluster.get()
+                )));
             }
             Ok((rd, wr, buf, h.node))
         }

@@ -242,13 +242,17 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
         let why = format!(
             "wrong cluster: this node ({}) belongs to cluster {}, the connecting node {} to cluster {}; \
              is its data directory from another cluster?",
-            shared.cfg.node, shared.cfg.cluster.get(), hello.node, hello.cluster
+            shared.cfg.node,
+            shared.cfg.cluster.get(),
+            hello.node,
+            hello.cluster
         );
         refuse(&mut wr, shared, RefuseCode::WrongCluster, why).await?;
         return Ok(());
     }
     tracing::Span::current().record("node", tracing::field::display(hello.node));
-    let ack = Message::HelloAck(Hello { version: ours, cluster: shared.cfg.cluster.get(), node: shared.cfg.node });
+    let ack =
+        Message::HelloAck(Hello { version: ours, cluster: shared.cfg.cluster.get(), node: shared.cfg.node });
     wr.write_all(&crate::proto::peer::encode_to_bytes(0, FrameFlags::NONE, &ack).expect("fits")).await?;
     debug!("peer connected");
 

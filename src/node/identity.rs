@@ -6,6 +6,7 @@
 //! time the node is a member, so a state directory of another cluster is
 //! refused instead of silently joining two histories.
 
+use crate::storage::identity::{create_dir_durably, random_u64};
 use crate::types::NodeId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -31,12 +32,16 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is corrupt; restore it from a backup or move the state directory away to start as a new node")]
+    #[error(
+        "{path} is corrupt; restore it from a backup or move the state directory away to start as a new node"
+    )]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+    #[error("drawing a node id: {0}")]
+    Random(String),
     #[error("{path} has format {found}; this basaltd reads format {FORMAT}")]
     Format { path: PathBuf, found: u32 },
     #[error("{path} belongs to node {found}, but the config says node_id = {configured}")]
@@ -46,19 +51,10 @@ pub enum IdentityError {
          point state_dir at this cluster's directory"
     )]
     OtherClusterName { path: PathBuf, found: String, configured: String },
-    #[error("{path} belongs to cluster {found}, not to cluster {joining}: this node is a member of another cluster")]
+    #[error(
+        "{path} belongs to cluster {found}, not to cluster {joining}: this node is a member of another cluster"
+    )]
     OtherCluster { path: PathBuf, found: String, joining: String },
-}
-
-fn random_id() -> u64 {
-    // Not a clock or counter: two nodes started at once must differ.
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    let id = u64::from_le_bytes(b) >> 1;
-    id.max(1)
 }
 
 impl Identity {
@@ -98,9 +94,13 @@ impl Identity {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 create_dir_durably(state_dir).map_err(io)?;
+                let random = || random_u64().map(NodeId).map_err(|e| IdentityError::Random(e.to_string()));
                 let id = Identity {
                     format: FORMAT,
-                    node_id: configured.unwrap_or_else(|| NodeId(random_id())),
+                    node_id: match configured {
+                        Some(n) => n,
+                        None => random()?,
+                    },
                     cluster_id: None,
                     cluster_name: cluster_name.into(),
                 };
@@ -132,27 +132,6 @@ impl Identity {
         let bytes = serde_json::to_vec_pretty(self).expect("identity serializes");
         super::write_atomically(&path, &bytes).map_err(|source| IdentityError::Io { path, source })
     }
-}
-
-/// `mkdir -p`, then fsync of the parent of every directory it created, so
-/// the new directory survives a crash.
-pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
-    let mut missing = Vec::new();
-    let mut d = dir;
-    while !d.exists() {
-        missing.push(d.to_path_buf());
-        match d.parent() {
-            Some(p) if !p.as_os_str().is_empty() => d = p,
-            _ => break,
-        }
-    }
-    std::fs::create_dir_all(dir)?;
-    for m in missing.iter().rev() {
-        if let Some(p) = m.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::File::open(p)?.sync_all()?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

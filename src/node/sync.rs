@@ -32,7 +32,8 @@ impl Node {
             let mut vols = self.volumes.lock().unwrap();
             let mut removed = Vec::new();
             vols.retain(|name, v| {
-                let keep = owned.contains(&v.spec().id) && all.iter().any(|s| s.id == v.spec().id && s.name == *name);
+                let keep = owned.contains(&v.spec().id)
+                    && all.iter().any(|s| s.id == v.spec().id && s.name == *name);
                 if !keep {
                     removed.push(name.clone());
                 }
@@ -50,7 +51,8 @@ impl Node {
             tracing::info!(volume = %name, "no longer serving volume");
         }
         let local = self.catalog_specs();
-        let deleted: Vec<&VolumeSpec> = local.iter().filter(|v| v.id < next_id && !known.contains(&v.id)).collect();
+        let deleted: Vec<&VolumeSpec> =
+            local.iter().filter(|v| v.id < next_id && !known.contains(&v.id)).collect();
         let mut dropped = BTreeSet::new();
         for v in deleted {
             let left = self.store.remove_volume(v.id).await?;
@@ -71,7 +73,12 @@ impl Node {
         }
         cat.next_id = cat.next_id.max(next_id.0.saturating_sub(1));
         if cat != stored.catalog && !self.catalog_dirs.is_empty() {
-            let body = CatalogBody { format: CATALOG_FORMAT, node_id: self.node_id(), seq: stored.seq + 1, catalog: cat };
+            let body = CatalogBody {
+                format: CATALOG_FORMAT,
+                node_id: self.node_id(),
+                seq: stored.seq + 1,
+                catalog: cat,
+            };
             write_catalog(&self.catalog_dirs, &body)?;
             stored.seq = body.seq;
             stored.catalog = body.catalog;

@@ -23,7 +23,9 @@ use tokio::sync::oneshot;
 /// 45 us for one, so a database doing random writes with frequent fsyncs
 /// over a large volume would pay per extent touched. `syncfs` commits the
 /// whole filesystem (journal included) once, whatever the number of files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum FlushBarrier {
     /// One fdatasync per file.
     #[value(name = "file")]
@@ -463,7 +465,8 @@ impl Store {
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                     Err(err) => return Err(StoreError::io(format!("remove {}", path.display()), err)),
                 }
-                identity::sync_parent(&path).map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
+                identity::sync_parent(&path)
+                    .map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
             }
         }
         tracing::info!(%volume, removed = gone.len(), "deleted the replicas of a deleted volume");

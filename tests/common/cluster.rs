@@ -172,11 +172,7 @@ impl Cluster {
             c.args(&wrap[1..]).arg(exe);
             c
         };
-        cmd.arg("--admin")
-            .arg(self.nodes[k].admin.to_string())
-            .args(args)
-            .output()
-            .expect("run basalt")
+        cmd.arg("--admin").arg(self.nodes[k].admin.to_string()).args(args).output().expect("run basalt")
     }
 
     /// Runs `basalt --json ...` against node `k`, expecting success.
@@ -200,7 +196,8 @@ impl Cluster {
         let s = self.cli_json(via, &["cluster", "status"]);
         let id = s["leader"].as_u64()?;
         let nodes = s["nodes"].as_array()?;
-        let admin = nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
+        let admin =
+            nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
         self.nodes.iter().position(|n| n.admin.to_string() == admin)
     }
 
@@ -224,7 +221,8 @@ impl Cluster {
         let s: serde_json::Value = serde_json::from_slice(json).ok()?;
         let id = s["leader"].as_u64()?;
         let nodes = s["nodes"].as_array()?;
-        let admin = nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
+        let admin =
+            nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
         self.nodes.iter().position(|n| n.admin.to_string() == admin)
     }
 }

@@ -5,12 +5,14 @@
 use crate::run::{AddrBook, DemoVolume, ShellRequest, ShellResponse, shell_request};
 use basalt::admin::metrics::Metrics;
 use basalt::admin::{
-    ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo, Owner,
-    VolumeInfo,
+    ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo,
+    Owner, VolumeInfo,
 };
 use basalt::config::Config;
 use basalt::layout::Layout;
-use basalt::meta::state::{Command, MetaState, NodeState, Rejection, Role, VolumeRecord, VolumeSpec as MetaVolumeSpec};
+use basalt::meta::state::{
+    Command, MetaState, NodeState, Rejection, Role, VolumeRecord, VolumeSpec as MetaVolumeSpec,
+};
 use basalt::meta::{ApplyOutcome, Consistency, MetaError, MetaNode};
 use basalt::net::{ClusterCell, PeerPool};
 use basalt::node::systemd::Notifier;
@@ -50,12 +52,14 @@ fn meta_error(e: MetaError) -> ControlError {
             "{msg}; metadata writes are refused until a majority of the voters can talk to each other"
         )),
         MetaError::Rejected(r) => match r {
-            Rejection::VolumeNameExists(_) | Rejection::NodeExists(_) | Rejection::GenerationMismatch { .. } => {
-                ControlError::Conflict(msg)
+            Rejection::VolumeNameExists(_)
+            | Rejection::NodeExists(_)
+            | Rejection::GenerationMismatch { .. } => ControlError::Conflict(msg),
+            Rejection::NodeHoldsReplicas { .. } | Rejection::NodeOwnsVolumes { .. } => {
+                ControlError::Conflict(format!(
+                    "{msg}; delete or move its volumes first (draining a node comes with a later release)"
+                ))
             }
-            Rejection::NodeHoldsReplicas { .. } | Rejection::NodeOwnsVolumes { .. } => ControlError::Conflict(format!(
-                "{msg}; delete or move its volumes first (draining a node comes with a later release)"
-            )),
             Rejection::VolumeNotFound(_) | Rejection::NodeNotFound(_) => ControlError::NotFound(msg),
             Rejection::InvalidVolume(_) | Rejection::InvalidNode(_) | Rejection::InvalidReplicas(_) => {
                 ControlError::Invalid(msg)
@@ -150,7 +154,9 @@ impl Daemon {
                 tracing::info!(%cluster, "invited into a cluster; waiting for the leader's snapshot");
                 Ok(ShellResponse::Invited { spec: crate::run::node_spec_of(&self.cfg, self.me) })
             }
-            ShellRequest::Meta(req) => self.meta.handle_request(req).await.map(ShellResponse::Meta).map_err(chain),
+            ShellRequest::Meta(req) => {
+                self.meta.handle_request(req).await.map(ShellResponse::Meta).map_err(chain)
+            }
         }
     }
 
@@ -246,7 +252,8 @@ impl Daemon {
     async fn sync_volumes(&self, state: &MetaState) {
         let Some(node) = &self.node else { return };
         let all: Vec<VolumeSpec> = state.volumes().map(node_spec).collect();
-        let owned: BTreeSet<VolumeId> = state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect();
+        let owned: BTreeSet<VolumeId> =
+            state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect();
         let _one_at_a_time = self.syncing.lock().await;
         match node.sync_catalog(&all, &owned, state.next_volume_id()).await {
             Ok(removed) => {
@@ -254,7 +261,9 @@ impl Daemon {
                     self.metrics.remove_volume(&name);
                 }
             }
-            Err(e) => tracing::error!(error = %basalt::units::error_chain(&e), "following the metadata failed"),
+            Err(e) => {
+                tracing::error!(error = %basalt::units::error_chain(&e), "following the metadata failed")
+            }
         }
     }
 
@@ -272,7 +281,9 @@ impl Daemon {
                 if m.name != v.name {
                     anyhow::bail!(
                         "local volume {:?} ({}) is {:?} in the cluster's metadata: this data directory belongs to another cluster",
-                        v.name, v.id, m.name
+                        v.name,
+                        v.id,
+                        m.name
                     );
                 }
                 continue;
@@ -284,7 +295,9 @@ impl Daemon {
                 anyhow::bail!(
                     "local volume {:?} ({}) is not in the cluster's metadata and cannot keep its id there \
                      (next id {}); export it with an older basaltd or move its data directory away",
-                    v.name, v.id, state.next_volume_id()
+                    v.name,
+                    v.id,
+                    state.next_volume_id()
                 );
             }
             let spec = MetaVolumeSpec {
@@ -302,7 +315,11 @@ impl Daemon {
                 other => anyhow::bail!("adopting local volume {:?}: the metadata answered {other:?}", v.name),
             }
             self.meta
-                .propose(Command::SetOwner { volume: v.id, owner: Some(self.me), expected: basalt::meta::Generation(0) })
+                .propose(Command::SetOwner {
+                    volume: v.id,
+                    owner: Some(self.me),
+                    expected: basalt::meta::Generation(0),
+                })
                 .await?;
             tracing::info!(volume = %v.name, id = %v.id, "adopted a local volume into the cluster's metadata");
         }
@@ -357,7 +374,8 @@ impl Daemon {
         let extent_size = req.extent_size.unwrap_or(Layout::DEFAULT_EXTENT_SIZE);
         let stripe_unit = req.stripe_unit.unwrap_or(extent_size);
         let stripe_width = req.stripe_width.unwrap_or(1);
-        Layout::new(extent_size, stripe_unit, stripe_width).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        Layout::new(extent_size, stripe_unit, stripe_width)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
         if replicas > data_nodes {
             return Err(ControlError::Invalid(format!(
                 "{replicas} replicas need {replicas} nodes with data directories that are up; the cluster has {data_nodes}"
@@ -390,7 +408,11 @@ impl Daemon {
         };
         let outcome = self
             .meta
-            .propose(Command::SetOwner { volume: id, owner: Some(owner), expected: basalt::meta::Generation(0) })
+            .propose(Command::SetOwner {
+                volume: id,
+                owner: Some(owner),
+                expected: basalt::meta::Generation(0),
+            })
             .await
             .map_err(meta_error)?;
         tracing::info!(volume = %req.name, %id, %owner, ?outcome, "volume created");
@@ -469,7 +491,13 @@ impl Control for Daemon {
             let state = self.state(false).await?;
             let cluster = self.cluster.get();
             let members = state.nodes().map(|n| (n.spec.id, n.spec.addrs.peer.clone())).collect();
-            let spec = match shell_request(&self.pool, peer, &ShellRequest::Invite { cluster: cluster.0, members }).await {
+            let spec = match shell_request(
+                &self.pool,
+                peer,
+                &ShellRequest::Invite { cluster: cluster.0, members },
+            )
+            .await
+            {
                 Ok(ShellResponse::Invited { spec }) => spec,
                 Ok(other) => return Err(ControlError::Internal(format!("unexpected answer {other:?}"))),
                 Err(e) => {

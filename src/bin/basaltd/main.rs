@@ -128,7 +128,8 @@ enum LogFormat {
 }
 
 /// Changes the log filter of a running daemon (SIGHUP).
-pub type LogReload = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+pub type LogReload =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 fn init_logging(format: LogFormat) -> LogReload {
     use tracing_subscriber::prelude::*;
@@ -182,7 +183,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => rt.block_on(demo(args)),
         Cmd::Run { config } => {
             let cfg = load_config(&config)?;
-            let opts = run::RunOptions { config_path: Some(config), log_reload: Some(log_reload), ..Default::default() };
+            let opts = run::RunOptions {
+                config_path: Some(config),
+                log_reload: Some(log_reload),
+                ..Default::default()
+            };
             rt.block_on(run::run(cfg, opts))
         }
         Cmd::CheckConfig { .. } => unreachable!("handled before the runtime starts"),
@@ -191,7 +196,8 @@ fn main() -> anyhow::Result<()> {
 
 fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let cfg = Config::from_toml(&text).with_context(|| format!("{}: not a valid configuration", path.display()))?;
+    let cfg =
+        Config::from_toml(&text).with_context(|| format!("{}: not a valid configuration", path.display()))?;
     cfg.validate().with_context(|| format!("{}", path.display()))?;
     Ok(cfg)
 }

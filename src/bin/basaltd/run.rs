@@ -97,7 +97,11 @@ impl meta::MetaTransport for PeerTransport {
         }
     }
 
-    fn forward(&self, to: NodeId, req: MetaRequest) -> BoxFuture<'static, Result<MetaResponse, meta::MetaError>> {
+    fn forward(
+        &self,
+        to: NodeId,
+        req: MetaRequest,
+    ) -> BoxFuture<'static, Result<MetaResponse, meta::MetaError>> {
         let addr = self.book.get(to);
         let pool = self.pool.clone();
         Box::pin(async move {
@@ -117,7 +121,10 @@ pub enum ShellRequest {
     Join(meta::state::NodeSpec),
     /// A member invites a fresh node (`basalt node add`), telling it the
     /// cluster and every member's peer address.
-    Invite { cluster: u128, members: Vec<(NodeId, String)> },
+    Invite {
+        cluster: u128,
+        members: Vec<(NodeId, String)>,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -144,7 +151,11 @@ fn decode_wire<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
 }
 
 /// One membership or metadata request to the peer at `addr`.
-pub async fn shell_request(pool: &PeerPool, addr: SocketAddr, req: &ShellRequest) -> Result<ShellResponse, String> {
+pub async fn shell_request(
+    pool: &PeerPool,
+    addr: SocketAddr,
+    req: &ShellRequest,
+) -> Result<ShellResponse, String> {
     match pool.request(addr, Message::MetaRequest(encode_wire(req))).await {
         Ok(Message::MetaResponse(b)) => decode_wire(&b),
         Ok(Message::Error(e)) => Err(e.message),
@@ -194,9 +205,11 @@ impl PeerHandler for Handler {
                     };
                     let answer = match (&daemon, &meta, req) {
                         (Some(d), _, req) => d.handle_shell_request(req).await,
-                        (None, Some(m), ShellRequest::Meta(req)) => {
-                            m.handle_request(req).await.map(ShellResponse::Meta).map_err(|e| basalt::units::error_chain(&e))
-                        }
+                        (None, Some(m), ShellRequest::Meta(req)) => m
+                            .handle_request(req)
+                            .await
+                            .map(ShellResponse::Meta)
+                            .map_err(|e| basalt::units::error_chain(&e)),
                         _ => Err("this node is still starting".into()),
                     };
                     match answer {
@@ -219,7 +232,9 @@ impl PeerHandler for Handler {
                 (Ok(_), None) => {}
                 (Err(e), _) => tracing::warn!(peer = %peer.addr, error = %e, "bad raft message"),
             },
-            other => tracing::warn!(peer = %peer.addr, kind = ?other.kind(), "unexpected one-way peer message"),
+            other => {
+                tracing::warn!(peer = %peer.addr, kind = ?other.kind(), "unexpected one-way peer message")
+            }
         }
     }
 }
@@ -253,7 +268,11 @@ pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
             admin: cfg.listen.admin.to_string(),
         },
         zone: cfg.zone.clone(),
-        capacity: if has_data { cfg.capacity.map_or_else(|| filesystem_capacity(&cfg.data_dirs), |c| c.0) } else { 0 },
+        capacity: if has_data {
+            cfg.capacity.map_or_else(|| filesystem_capacity(&cfg.data_dirs), |c| c.0)
+        } else {
+            0
+        },
         has_data,
         pid: std::process::id(),
     }
@@ -334,9 +353,10 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let pool = Arc::new(PeerPool::new(ClientConfig::new(cluster_cell.clone(), me)));
     let book = Arc::new(AddrBook::default());
     let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
-    let peer_server = PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
-        .await
-        .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
+    let peer_server =
+        PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
+            .await
+            .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
 
     let store = RedbStore::open(&cfg.state_dir.join("meta.redb")).context("opening the metadata store")?;
     let fresh = !meta::LogStore::is_initialized(&store);
@@ -360,7 +380,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     mcfg.request_timeout = (mcfg.tick * (cfg.raft.election_ticks as u32) * 4).max(Duration::from_secs(5));
     let transport = Arc::new(PeerTransport { pool: pool.clone(), book: book.clone() });
     let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
-    let meta = MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
+    let meta =
+        MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
     let _ = handler.meta.set(meta.clone());
 
     let daemon = Arc::new(Daemon::new(
@@ -423,7 +444,13 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             });
             let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
             icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
-            servers.spawn(basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg));
+            servers.spawn(basalt::export::iscsi::serve(
+                l,
+                node.clone(),
+                cancel.clone(),
+                tracker.clone(),
+                icfg,
+            ));
         }
     } else if cfg.listen.nbd.is_some() || cfg.listen.iscsi.is_some() {
         tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");

@@ -107,24 +107,34 @@ pub async fn run(
     result
 }
 
-async fn serve(nodes: &[DemoNode], children: &mut [Option<Child>], volume: CreateVolume) -> anyhow::Result<()> {
+async fn serve(
+    nodes: &[DemoNode],
+    children: &mut [Option<Child>],
+    volume: CreateVolume,
+) -> anyhow::Result<()> {
     let admin = nodes[0].config.listen.admin;
     let name = volume.name.clone();
     let vol = tokio::task::spawn_blocking(move || ensure_volume(admin, volume)).await??;
-    let status: ClusterStatus = tokio::task::spawn_blocking(move || http_get(admin, "/v1/cluster?stale=true"))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    let status: ClusterStatus =
+        tokio::task::spawn_blocking(move || http_get(admin, "/v1/cluster?stale=true"))
+            .await?
+            .map_err(anyhow::Error::msg)?;
     println!("basaltd demo: cluster {} of {} nodes, leader {:?}", status.id, nodes.len(), status.leader);
     println!("volume {name:?} ({} bytes, {} replicas)", vol.size, vol.replicas);
     for node in nodes {
         let c = &node.config;
-        let owner = vol.owner.as_ref().is_some_and(|o| status.nodes.iter().any(|n| n.id == o.node
-            && n.addresses.admin == c.listen.admin));
+        let owner = vol.owner.as_ref().is_some_and(|o| {
+            status.nodes.iter().any(|n| n.id == o.node && n.addresses.admin == c.listen.admin)
+        });
         let log = node.dir.join("basaltd.log");
         match c.listen.nbd {
             Some(nbd) if owner => {
-                println!("  node {} (owner): nbd://{nbd}/{name}  admin {}  log {}", node.index + 1, c.listen.admin,
-                    log.display());
+                println!(
+                    "  node {} (owner): nbd://{nbd}/{name}  admin {}  log {}",
+                    node.index + 1,
+                    c.listen.admin,
+                    log.display()
+                );
             }
             _ => println!(
                 "  node {}: admin {}  log {} (serves the volume once the replicated data path lands)",
@@ -172,7 +182,10 @@ fn ensure_volume(admin: SocketAddr, volume: CreateVolume) -> anyhow::Result<Volu
         match http_get::<VolumeInfo>(admin, &format!("/v1/volumes/{}", volume.name)) {
             Ok(v) => return Ok(v),
             Err(e) if e.starts_with("not_found") => {
-                match ureq::post(&format!("http://{admin}/v1/volumes")).timeout(Duration::from_secs(10)).send_json(&volume) {
+                match ureq::post(&format!("http://{admin}/v1/volumes"))
+                    .timeout(Duration::from_secs(10))
+                    .send_json(&volume)
+                {
                     Ok(r) => return Ok(r.into_json()?),
                     Err(ureq::Error::Status(_, r)) => {
                         last = r.into_json::<ApiError>().map(|e| e.message).unwrap_or_default();
