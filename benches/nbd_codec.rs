@@ -21,6 +21,7 @@ fn session(size: u64) -> Session {
         structured: true,
         meta_context: Some(META_BASE_ALLOCATION_ID),
         sizes: BlockSizes::default(),
+        sizes_agreed: true,
     }
 }
 

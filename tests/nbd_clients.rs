@@ -568,3 +568,61 @@ def check(what):
         ),
     );
 }
+
+/// A libnbd client that does not ask for NBD_INFO_BLOCK_SIZE (and does not
+/// check alignment itself) is held to no block size: writes, zeroes and
+/// reads at odd bytes land exactly, the bytes around them untouched, and
+/// the same client asking for block sizes gets EINVAL for them.
+#[test]
+fn nbdsh_without_block_sizes_reads_and_writes_at_any_byte() {
+    if !require("nbdsh") {
+        return;
+    }
+    let d = Daemon::start("64M", &[]);
+    let out = nbdsh_cmd()
+        .args([
+            "-c",
+            &format!(
+                r#"
+import errno
+h.set_request_block_size(False)
+h.set_strict_mode(0)
+h.connect_uri("{uri}")
+base = bytes(range(256)) * 64
+h.pwrite(base, 0)
+h.pwrite(b"hello", 511)
+h.zero(3, 1000, nbd.CMD_FLAG_NO_HOLE)
+h.pwrite(b"\xff" * 5000, 4093)
+want = bytearray(base)
+want[511:516] = b"hello"
+want[1000:1003] = bytes(3)
+want[4093:9093] = b"\xff" * 5000
+got = h.pread(9100, 0)
+assert got == bytes(want[:9100]), "bytes differ"
+assert h.pread(7, 509) == bytes(want[509:516])
+h.shutdown()
+
+g = nbd.NBD()
+g.set_strict_mode(0)
+g.connect_uri("{uri}")
+try:
+    g.pwrite(b"x", 3)
+except nbd.Error as e:
+    assert e.errnum == errno.EINVAL, e
+else:
+    raise AssertionError("a client that asked for block sizes wrote at byte 3")
+assert g.pread(1024, 0)[:516] == bytes(want[:516])
+print("ok")
+"#,
+                uri = d.uri()
+            ),
+        ])
+        .output()
+        .expect("nbdsh");
+    assert!(
+        out.status.success() && stdout(&out).contains("ok"),
+        "nbdsh failed:\n{}\n{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -946,7 +946,7 @@ mod unaligned {
             assert_eq!(span(100, 1), 0..512);
             assert_eq!(span(511, 2), 0..1024);
             assert_eq!(span(512, 512), 512..1024);
-            assert_eq!(inner(100, 200), 512..0, "empty");
+            assert!(inner(100, 200).is_empty());
             assert_eq!(inner(100, 1100), 512..1024);
             assert_eq!(inner(512, 1024), 512..1024);
             assert_eq!(edges(100, 200), vec![0]);
