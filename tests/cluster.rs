@@ -261,3 +261,66 @@ fn check_config_prints_the_effective_file_or_names_the_bad_field() {
         assert!(err.contains(field), "{body}: {err}");
     }
 }
+
+#[test]
+fn nodes_join_by_config_and_by_invitation_and_are_promoted_to_voters() {
+    let mut c = Cluster::configure(5, 5, None);
+    for k in 0..3 {
+        c.set_membership(k, &[0, 1, 2], None);
+    }
+    c.set_membership(3, &[], Some(1));
+    c.set_membership(4, &[], None);
+    for k in 0..5 {
+        c.spawn(k);
+    }
+    for k in 0..4 {
+        c.wait_ready(k);
+    }
+    // Node 4 waits for an invitation, and says so.
+    let out = c.cli(4, &["node", "ready"]);
+    assert_eq!(out.status.code(), Some(1), "not ready before it is invited");
+    let peer4 = c.nodes[4].peer.to_string();
+    let added = c.cli_json(2, &["node", "add", &peer4]);
+    assert_eq!(added["addresses"]["peer"], peer4.as_str());
+    c.wait_ready(4);
+    wait_for("five voters", || {
+        let s = c.cli(0, &["--json", "cluster", "status"]);
+        let Ok(v) = serde_json::from_slice::<Value>(&s.stdout) else { return false };
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        nodes.len() == 5 && nodes.iter().all(|n| n["role"] == "voter" && n["state"] == "up")
+    });
+    // Every node, the joined ones included, serves metadata.
+    c.cli_json(4, &["volume", "create", "after-join", "--size", "16M", "--extent-size", "16M"]);
+    for k in 0..5 {
+        assert_eq!(names(&c.cli_json(k, &["volume", "list"])), ["after-join"], "node {k}");
+    }
+    // Inviting a node of this cluster again changes nothing; an address
+    // where nothing listens is a clear error.
+    let out = c.cli(0, &["node", "add", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
+}
+
+#[test]
+fn a_silent_node_is_committed_down_and_up_again_when_it_returns() {
+    let mut c = Cluster::start(3, 3);
+    let leader = c.wait_leader(0, None);
+    let victim = (leader + 1) % 3;
+    let id = c.cli_json(victim, &["cluster", "status"])["this_node"].as_u64().unwrap();
+    let state_of = |c: &Cluster| {
+        let s = c.cli_json(leader, &["cluster", "status"]);
+        s["nodes"].as_array().unwrap().iter().find(|n| n["id"].as_u64() == Some(id)).unwrap()["state"].clone()
+    };
+    assert_eq!(state_of(&c), "up");
+    let commit0 = c.cli_json(leader, &["cluster", "status"])["commit_index"].as_u64().unwrap();
+    c.kill9(victim);
+    wait_for("the node to be committed down", || state_of(&c) == "down");
+    // Liveness costs log entries only when it changes, not with time.
+    let commit1 = c.cli_json(leader, &["cluster", "status"])["commit_index"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let commit2 = c.cli_json(leader, &["cluster", "status"])["commit_index"].as_u64().unwrap();
+    assert_eq!(commit1, commit2, "an idle cluster with a down node writes nothing ({commit0} -> {commit1})");
+    c.spawn(victim);
+    c.wait_ready(victim);
+    wait_for("the node to be committed up", || state_of(&c) == "up");
+}

@@ -75,6 +75,27 @@ impl Cluster {
         Cluster { nodes, tmp }
     }
 
+    /// Rewrites node `k`'s cluster section: initial members are the nodes
+    /// `members` (empty: none), and it joins through node `join`'s peer
+    /// address if given.
+    pub fn set_membership(&mut self, k: usize, members: &[usize], join: Option<usize>) {
+        let text = std::fs::read_to_string(&self.nodes[k].config).unwrap();
+        let list: Vec<String> = members.iter().map(|&m| format!("\"{}\"", self.nodes[m].peer)).collect();
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with("initial_members") {
+                out += &format!("initial_members = [{}]\n", list.join(", "));
+                if let Some(j) = join {
+                    out += &format!("join = \"{}\"\n", self.nodes[j].peer);
+                }
+            } else {
+                out += line;
+                out += "\n";
+            }
+        }
+        std::fs::write(&self.nodes[k].config, out).unwrap();
+    }
+
     /// Starts `n` nodes and waits until every one is ready.
     pub fn start(n: usize, voters: u8) -> Cluster {
         let mut c = Cluster::configure(n, voters, None);
