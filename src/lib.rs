@@ -15,10 +15,13 @@
 //! placement   placement::                    pure: cluster map + (volume, extent) -> replica set (rendezvous)
 //! metadata    meta::                         Raft group (raft-rs, redb log) + pure state machine (meta::state)
 //! ```
-//! Replication (`replication::`), the peer transport (`net::`) and the Raft
-//! metadata group (`meta::`) slot in between `node::volume` and `storage::`
-//! in later work: the volume already talks to extents through one narrow
-//! API, so a remote replica is just another implementation of it.
+//! Control: `admin::` (HTTP admin API, metrics), `config` (the node's TOML
+//! file), `client::` (the CLI's NBD client for import/export). The daemon
+//! shell that ties metadata, transport, store and front ends together is
+//! `src/bin/basaltd/`. Replication (`replication::`) slots in between
+//! `node::volume` and `storage::` next: the volume already talks to extents
+//! through one narrow API, so a remote replica is just another
+//! implementation of it, carried by `proto::peer`'s extent messages.
 //!
 //! Beside the layers, `poll` keeps a runtime worker polling for a moment
 //! after client activity instead of sleeping (low-queue-depth latency).
