@@ -276,6 +276,9 @@ fn first_version_dir_is_adopted() {
     for f in ["catalog-a.json", "catalog-b.json", "basalt-dir.json", "basalt-dir.json.bak"] {
         std::fs::remove_file(d.data.join(f)).unwrap();
     }
+    // The single-node slice had no state directory (node identity, Raft
+    // store) either: its volumes are adopted into the cluster it bootstraps.
+    std::fs::remove_dir_all(d.data.join("state")).unwrap();
     std::fs::write(d.data.join("volumes.json"), serde_json::to_vec_pretty(&legacy).unwrap()).unwrap();
     d.restart();
     nbdsh(&d.uri(), "assert h.pread(4096, 1 << 20) == b'\\x0f' * 4096");
@@ -307,6 +310,8 @@ fn new_data_dir_parents_are_fsynced() {
         .arg("demo")
         .arg(format!("--data={}", dir.display()))
         .args(["--volume=bad name", "--nbd=127.0.0.1:0", "--iscsi=off"])
+        .arg(format!("--peer=127.0.0.1:{}", common::free_port()))
+        .arg(format!("--admin=127.0.0.1:{}", common::free_port()))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));

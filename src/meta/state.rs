@@ -528,7 +528,9 @@ fn check_node_spec(spec: &NodeSpec) -> Result<(), Rejection> {
         (AddrKind::Iscsi, &a.iscsi),
         (AddrKind::Admin, &a.admin),
     ] {
-        if v.is_empty() || v.len() > MAX_ADDR_LEN {
+        // NBD and iSCSI may be off (empty); peer and admin never are.
+        let optional = matches!(name, AddrKind::Nbd | AddrKind::Iscsi);
+        if (v.is_empty() && !optional) || v.len() > MAX_ADDR_LEN {
             return bad(NodeSpecError::Address(name));
         }
     }
@@ -1018,7 +1020,7 @@ mod tests {
             (
                 {
                     let mut s = spec(5, true);
-                    s.addrs.iscsi.clear();
+                    s.addrs.iscsi = "x".repeat(257);
                     s
                 },
                 NodeSpecError::Address(AddrKind::Iscsi),

@@ -214,8 +214,19 @@ impl Daemon {
                         "not a member of any cluster: waiting for `basalt node add {}` on a member", self.cfg.listen.peer);
                 }
             }
-            if w.changed().await.is_err() {
-                anyhow::bail!("the metadata group stopped");
+            match tokio::time::timeout(std::time::Duration::from_secs(15), w.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => anyhow::bail!("the metadata group stopped"),
+                Err(_) => {
+                    let s = w.borrow().clone();
+                    tracing::warn!(
+                        cluster = s.cluster().is_some(),
+                        member = s.role(self.me).is_some(),
+                        registered = s.node(self.me).is_some(),
+                        leader = ?self.meta.status().leader,
+                        "still not a registered member of the metadata group"
+                    );
+                }
             }
         }
     }

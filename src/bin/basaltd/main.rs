@@ -214,8 +214,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         a => Some(a.parse::<SocketAddr>().with_context(|| format!("--iscsi {a}"))?),
     };
     let root = args.data[0].clone();
+    // The node's state (identity, Raft store) sits in one of its data
+    // directories: the one that has it already, whatever the --data order.
+    let state_dir = args
+        .data
+        .iter()
+        .map(|d| d.join("state"))
+        .find(|s| s.join("node.json").exists())
+        .unwrap_or_else(|| root.join("state"));
     let mut base = Config {
-        state_dir: root.join("state"),
+        state_dir,
         data_dirs: args.data.clone(),
         engine: args.engine,
         flush_barrier: args.flush_barrier,
