@@ -349,6 +349,10 @@ mod tests {
         ]
     }
 
+    /// A simulated waiter: request index, its future, its wake counter,
+    /// and whether it was polled yet.
+    type Waiting<'a> = (usize, Pin<Box<Acquire<'a>>>, Arc<Count>, bool);
+
     /// The oracle's record of one request.
     #[derive(Debug, Clone, PartialEq)]
     enum Oracle {
@@ -372,7 +376,7 @@ mod tests {
             let lock = RangeLock::default();
             let mut reqs: Vec<(Range<u64>, bool)> = Vec::new();
             let mut oracle: Vec<Oracle> = Vec::new();
-            let mut waiting: Vec<(usize, Pin<Box<Acquire<'_>>>, Arc<Count>, bool)> = Vec::new();
+            let mut waiting: Vec<Waiting<'_>> = Vec::new();
             let mut held: Vec<(usize, RangeGuard<'_>)> = Vec::new();
             for s in steps {
                 match s {
