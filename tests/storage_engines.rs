@@ -849,6 +849,9 @@ async fn discard_fresh_volume(kind: EngineKind) {
 /// that base.
 async fn caw_is_atomic(kind: EngineKind) {
     let d = Dirs::new(kind, 1);
+    if let Some(disk) = &d.opts.mem_disk {
+        disk.defer_completions(true); // so requests really interleave
+    }
     let cfg = StoreConfig { data_dirs: d.paths.clone(), engine: kind };
     let node = Node::open_with(cfg, d.opts.clone(), 1 << 30).await.unwrap();
     let v = node.create_volume("caw", volume_opts(4 * MIB, MIB)).unwrap();
@@ -861,11 +864,19 @@ async fn caw_is_atomic(kind: EngineKind) {
         for t in 0..6u64 {
             let (v, log) = (v.clone(), log.clone());
             tasks.push(tokio::spawn(async move {
-                for i in 0..40u64 {
-                    if t == 0 && i % 4 == 0 {
-                        // A plain write: a reset to a fresh base.
+                for i in 0..200u64 {
+                    if t == 0 && i % 2 == 0 {
+                        // A plain write: a reset to a fresh base. Once it
+                        // is acknowledged, every read sees its base (until
+                        // the next reset): a CAW that compared an older
+                        // value must not land after it.
                         let base = (i + 2) << 40;
                         v.write(at, versioned(base, sectors), false).await.unwrap();
+                        let now = read_volume(&v, at, len as u64).await.unwrap();
+                        for s in now.chunks(512) {
+                            let got = version_of(s).expect("whole sectors");
+                            assert_eq!(got & !((1 << 40) - 1), base, "{got:#x} after the write of {base:#x}");
+                        }
                         continue;
                     }
                     let cur = read_volume(&v, at, len as u64).await.unwrap();
