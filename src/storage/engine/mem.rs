@@ -39,6 +39,9 @@ pub struct MemDisk {
     defer: std::sync::atomic::AtomicBool,
     /// Errno for every file creation, if set (see [`MemDisk::fail_creates`]).
     fail_creates: Mutex<Option<i32>>,
+    /// Seed for delaying each op by a few scheduler rounds before it takes
+    /// effect (see [`MemDisk::reorder_ops`]).
+    reorder: Mutex<Option<SplitMix>>,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +172,14 @@ impl MemDisk {
         let f = files.get(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         f.inner.lock().unwrap().fault = Some(errno);
         Ok(())
+    }
+
+    /// With `Some(seed)`, every op takes effect and completes only after
+    /// a random number (0 to 3) of scheduler rounds, so ops in flight
+    /// together land in any order, as in a disk's queue: an op submitted
+    /// first may land after one submitted later. Needs a tokio runtime.
+    pub fn reorder_ops(&self, seed: Option<u64>) {
+        *self.reorder.lock().unwrap() = seed.map(SplitMix);
     }
 
     /// True while a scheduled crash has not happened yet.
@@ -321,6 +332,21 @@ impl Engine for MemEngine {
     }
 
     fn submit(&self, mut req: Request) {
+        let delay = self.disk.reorder.lock().unwrap().as_mut().map(|r| r.next() % 4);
+        if let Some(rounds) = delay {
+            let disk = self.disk.clone();
+            tokio::spawn(async move {
+                for _ in 0..rounds {
+                    tokio::task::yield_now().await;
+                }
+                let res = execute(&mut req.op);
+                if res.is_ok() {
+                    disk.tick();
+                }
+                req.complete(res);
+            });
+            return;
+        }
         let res = execute(&mut req.op);
         if res.is_ok() {
             self.disk.tick();
