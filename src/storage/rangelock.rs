@@ -12,14 +12,16 @@
 //! writes a read. Requests that do not conflict never wait for each other.
 //!
 //! Cost: each request records the earlier ones it waits for (its
-//! dependencies) and each of those records it back. A release or an
-//! abandoned wait touches only its own dependents and wakes exactly the
-//! ones it admits. (A first version woke every waiter on every release and
-//! each rescanned all holders: 16,000 pipelined writes to one block cost
-//! 20 s of CPU through basaltd.) Arrival scans the live requests from the
-//! newest and stops at the first exclusive one that covers its whole range:
-//! every older request it conflicts with conflicts with that one too, which
-//! is granted only after them. So writes queued on one block cost O(1) each.
+//! dependencies) and each of those records it back. A release touches only
+//! its own dependents and wakes exactly the ones it admits. (A first
+//! version woke every waiter on every release and each rescanned all
+//! holders: 16,000 pipelined writes to one block cost 20 s of CPU through
+//! basaltd.) Arrival scans the live requests from the newest and stops
+//! once the exclusive ones it must wait for cover its whole range, leaving
+//! out shared ones that a recorded exclusive one waits for anyway (see
+//! `State::dependencies`). So writes queued on one block cost O(1) each
+//! and dependency lists stay short. An abandoned wait (rare) has its dependents work out their
+//! lists again, as it stood in for the requests it waited for.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,19 +61,52 @@ impl Entry {
 }
 
 impl State {
+    /// The requests older than `below` that a request for `range` must
+    /// wait for, newest first. A shared request that conflicts with one
+    /// already recorded is left out: that one waits for it anyway (every
+    /// live request waits for all older ones it conflicts with, directly or
+    /// through its own list, which it keeps up to date). Exclusive ones are
+    /// always recorded, and the scan stops once they cover `range`: every
+    /// older request that overlaps it conflicts with one of them. (Leaving
+    /// out more, through requests that are not recorded, would not survive
+    /// one of those abandoning its wait.)
+    fn dependencies(&self, below: u64, range: &Range<u64>, exclusive: bool) -> Vec<u64> {
+        let mut deps: Vec<(u64, Range<u64>, bool)> = Vec::new();
+        let mut cover: Vec<Range<u64>> = Vec::new();
+        for (&other, e) in self.live.range(..below).rev() {
+            if !e.conflicts(range, exclusive) {
+                continue;
+            }
+            if !e.exclusive {
+                let shadowed =
+                    deps.iter().any(|(_, r, x)| *x && r.start < e.range.end && e.range.start < r.end);
+                if !shadowed {
+                    deps.push((other, e.range.clone(), false));
+                }
+                continue;
+            }
+            deps.push((other, e.range.clone(), true));
+            cover.push(e.range.start.max(range.start)..e.range.end.min(range.end));
+            cover.sort_unstable_by_key(|r| r.start);
+            let mut reach = range.start;
+            for r in &cover {
+                if r.start > reach {
+                    break;
+                }
+                reach = reach.max(r.end);
+            }
+            if reach >= range.end {
+                break;
+            }
+        }
+        deps.into_iter().map(|(id, _, _)| id).collect()
+    }
+
     /// Registers a request; returns its id and whether it is granted at once.
     fn arrive(&mut self, range: Range<u64>, exclusive: bool) -> (u64, bool) {
         let id = self.next;
         self.next += 1;
-        let mut waits_on = Vec::new();
-        for (&other, e) in self.live.iter().rev() {
-            if e.conflicts(&range, exclusive) {
-                waits_on.push(other);
-                if e.exclusive && e.range.start <= range.start && range.end <= e.range.end {
-                    break;
-                }
-            }
-        }
+        let waits_on = self.dependencies(id, &range, exclusive);
         for other in &waits_on {
             self.live.get_mut(other).expect("live").dependents.push(id);
         }
@@ -92,19 +127,20 @@ impl State {
         }
         for d in gone.dependents {
             let Some(mut e) = self.live.remove(&d) else { continue };
-            e.waits_on.retain(|&p| p != id);
-            // An abandoned waiter may have stood in for older requests its
-            // dependents did not record (see the module docs): they inherit
-            // whichever of its own dependencies they conflict with.
-            for &p in &gone.waits_on {
-                if e.waits_on.contains(&p) {
-                    continue;
+            if gone.granted {
+                e.waits_on.retain(|&p| p != id);
+            } else {
+                // An abandoned waiter stood in for the older requests it
+                // waited for (its dependents left those out): work out the
+                // dependent's list again. Rare, so a full scan is fine.
+                for p in std::mem::take(&mut e.waits_on) {
+                    if let Some(pe) = self.live.get_mut(&p) {
+                        pe.dependents.retain(|&x| x != d);
+                    }
                 }
-                if let Some(pe) = self.live.get_mut(&p)
-                    && pe.conflicts(&e.range, e.exclusive)
-                {
-                    pe.dependents.push(d);
-                    e.waits_on.push(p);
+                e.waits_on = self.dependencies(d, &e.range, e.exclusive);
+                for p in &e.waits_on {
+                    self.live.get_mut(p).expect("live").dependents.push(d);
                 }
             }
             if e.waits_on.is_empty() && !e.granted {
