@@ -9,17 +9,17 @@
 //!
 //! Ordering: the NBD and SCSI contracts let concurrent requests complete in
 //! any order, and the store serializes overlapping block writes, so no
-//! request queue is needed here yet. COMPARE AND WRITE is atomic against
-//! every other change because it runs under the store's exclusive range
-//! locks, not a frontend's mutex.
+//! request queue is needed here yet. FLUSH covers every write *completed*
+//! before it on any connection because all connections share this one
+//! `Volume` and the extents' flush is a device-wide barrier. COMPARE AND
+//! WRITE is atomic against every other change because it runs under the
+//! store's exclusive range locks, not a frontend's mutex.
 //!
 //! Cancel safety: a change over several extents waits for all its pieces
 //! before it reports the first error, and once its pieces have started it
 //! runs to its end even if its caller goes away (the store's pieces do so
 //! anyway; here it keeps [`Volume::changes`] from counting a change as
-//! finished while one of its pieces still writes). FLUSH covers every write *completed*
-//! before it on any connection because all connections share this one
-//! `Volume` and the extents' flush is a device-wide barrier.
+//! finished while one of its pieces still writes).
 
 use super::VolumeSpec;
 use crate::poll::LongOp;
@@ -230,14 +230,15 @@ impl Volume {
 
     /// COMPARE AND WRITE (SBC-4 5.3). `buf` is laid out as SCSI's Data-Out
     /// buffer: the bytes to compare, then as many to write. If the range at
-    /// `offset` holds the first half, writes the second half there, as one uninterrupted read-compare-write: the range's
-    /// blocks stay locked exclusive in the store from the read to the end
-    /// of the write, so no write, zeroing or trim from any frontend comes
-    /// between. On a miscompare nothing is written and the offset (from
-    /// `offset`) of the first byte that differs is returned. A range over
-    /// several extents locks each extent's part in extent order, so two
-    /// such requests cannot deadlock. Extents never written are created
-    /// (their zeros may match).
+    /// `offset` holds the first half, writes the second half there, as one
+    /// uninterrupted read-compare-write: the range's blocks stay locked
+    /// exclusive in the store from the read to the end of the write, so no
+    /// write, zeroing or trim from any frontend comes between. On a
+    /// miscompare nothing is written and the offset (from `offset`) of the
+    /// first byte that differs is returned. A range over several extents
+    /// locks each extent's part in extent order, so two such requests
+    /// cannot deadlock. Extents never written are created (their zeros may
+    /// match).
     pub async fn compare_and_write(&self, offset: u64, buf: Bytes, fua: bool) -> Result<Option<u64>> {
         let len = buf.len() as u64 / 2;
         if len * 2 != buf.len() as u64 {

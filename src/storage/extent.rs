@@ -586,8 +586,8 @@ impl Extent {
     async fn settle(&self, meta: &mut Meta) {
         while let Some((what, rx)) = meta.outstanding.front_mut() {
             let done = rx.await;
-            tracing::debug!(extent = %self.key, what = *what, ok = matches!(done, Ok(Completion { result: Ok(_), .. })),
-                "a write left by a dropped flush completed");
+            let ok = matches!(done, Ok(Completion { result: Ok(_), .. }));
+            tracing::debug!(extent = %self.key, what = *what, ok, "a write left by a dropped flush completed");
             meta.outstanding.pop_front();
         }
     }
