@@ -1218,3 +1218,37 @@ async fn volume_enospc_psync() {
 async fn volume_enospc_uring() {
     volume_enospc(EngineKind::Uring).await
 }
+
+/// `mkfs`'s discard of a fresh volume on a full disk: TRIM and
+/// WRITE_ZEROES of the whole never-written volume succeed and create no
+/// extent file (they used to create one per extent, and fail with ENOSPC).
+async fn discard_on_full_disk(kind: EngineKind) {
+    let Some(fs) = LoopFs::mount(16) else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must be able to loop-mount");
+        return;
+    };
+    let data = fs.dir.join("data");
+    let node = Node::open(StoreConfig { data_dirs: vec![data.clone()], engine: kind }).await.unwrap();
+    let v = node.create_volume("v", volume_opts(256 * MIB, 16 * MIB)).unwrap();
+    fill_up(&fs.dir);
+    v.trim(0, 256 * MIB, false).await.unwrap();
+    v.write_zeroes(0, 32 * MIB, true, true).await.unwrap();
+    v.write_zeroes(32 * MIB, 64 * MIB, false, false).await.unwrap();
+    v.flush().await.unwrap();
+    let files: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(files.iter().all(|f| !f.to_string_lossy().contains(".ext")), "{files:?}");
+    assert_eq!(v.read(100 * MIB, 4 * MIB).await.unwrap(), vec![ReadChunk::Hole(4 * MIB as u32)]);
+    drop(v);
+    drop(node);
+    drop(fs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_on_full_disk_psync() {
+    discard_on_full_disk(EngineKind::Psync).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discard_on_full_disk_uring() {
+    discard_on_full_disk(EngineKind::Uring).await
+}
