@@ -47,7 +47,7 @@ async fn rig(kind: EngineKind) -> Rig {
 }
 
 /// Runs `n` 4 KiB ops at random block offsets, `QD` at a time.
-async fn run(ext: &Extent, n: u64, write: bool, seed: &mut u64) -> Duration {
+async fn run(ext: &Arc<Extent>, n: u64, write: bool, seed: &mut u64) -> Duration {
     let data = Bytes::from(vec![0x5au8; 4096]);
     let mut next = || {
         *seed ^= *seed << 13;

@@ -26,7 +26,7 @@ async fn rig(kind: EngineKind) -> (Arc<Store>, Arc<Extent>) {
     store.close().await.unwrap();
     (store, ext)
 }
-async fn run(ext: &Extent, n: u64, write: bool, seed: &mut u64) -> f64 {
+async fn run(ext: &Arc<Extent>, n: u64, write: bool, seed: &mut u64) -> f64 {
     let data = Bytes::from(vec![1u8; 4096]);
     let mut next = || {
         *seed ^= *seed << 13;

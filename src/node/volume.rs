@@ -11,10 +11,19 @@
 //! any order, and the store serializes overlapping block writes, so no
 //! request queue is needed here yet. FLUSH covers every write *completed*
 //! before it on any connection because all connections share this one
-//! `Volume` and the extents' flush is a device-wide barrier.
+//! `Volume` and the extents' flush is a device-wide barrier. COMPARE AND
+//! WRITE is atomic against every other change because it runs under the
+//! store's exclusive range locks, not a frontend's mutex.
+//!
+//! Cancel safety: a change over several extents waits for all its pieces
+//! before it reports the first error, and once its pieces have started it
+//! runs to its end even if its caller goes away (the store's pieces do so
+//! anyway; here it keeps [`Volume::changes`] from counting a change as
+//! finished while one of its pieces still writes).
 
 use super::VolumeSpec;
 use crate::poll::LongOp;
+use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
 use bytes::Bytes;
@@ -68,16 +77,30 @@ pub struct Volume {
     extents: Vec<OnceCell<Arc<Extent>>>,
     /// Counts finished changes of the data (writes, zeroes, trims, failed
     /// ones included): see [`Volume::changes`].
-    changes: AtomicU64,
+    changes: Arc<AtomicU64>,
 }
 
 /// Counts a change as finished when dropped, however its future ends.
-struct Change<'a>(&'a AtomicU64);
+struct Change(Arc<AtomicU64>);
 
-impl Drop for Change<'_> {
+impl Drop for Change {
     fn drop(&mut self) {
         self.0.fetch_add(1, Ordering::Release);
     }
+}
+
+/// Waits for every piece of a change, then reports the first error (in
+/// address order). Dropping a piece that has begun (as `try_join_all` did
+/// when a sibling failed) left the store to finish it alone; waiting also
+/// means the caller's error comes after every piece is settled.
+async fn all_pieces<F>(pieces: Vec<F>) -> Result<(), StoreError>
+where
+    F: std::future::Future<Output = Result<(), StoreError>>,
+{
+    if pieces.len() == 1 {
+        return pieces.into_iter().next().expect("one").await;
+    }
+    futures::future::join_all(pieces).await.into_iter().collect()
 }
 
 impl Volume {
@@ -87,7 +110,7 @@ impl Volume {
             extents: (0..n).map(|_| OnceCell::new()).collect(),
             spec,
             store,
-            changes: AtomicU64::new(0),
+            changes: Arc::default(),
         })
     }
 
@@ -188,17 +211,101 @@ impl Volume {
         }
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
-        let _change = Change(&self.changes);
-        let pieces = self.spec.layout.split(offset, len);
-        let writes = pieces.iter().map(|p| {
+        let change = Change(self.changes.clone());
+        // Every extent first (creating one may fail, e.g. on a full disk),
+        // so a failure there leaves nothing half written.
+        let mut writes = Vec::new();
+        for p in self.spec.layout.split(offset, len) {
+            let ext = self.extent(p.extent).await?.clone();
             let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
-            async move {
-                let ext = self.extent(p.extent).await?;
-                Ok::<_, VolumeError>(ext.write(p.offset, part, fua).await?)
-            }
-        });
-        futures::future::try_join_all(writes).await?;
+            writes.push(async move { ext.write(p.offset, part, fua).await });
+        }
+        RunToEnd::new(async move {
+            let _change = change;
+            all_pieces(writes).await
+        })
+        .await?;
         Ok(())
+    }
+
+    /// COMPARE AND WRITE (SBC-4 5.3). `buf` is laid out as SCSI's Data-Out
+    /// buffer: the bytes to compare, then as many to write. If the range at
+    /// `offset` holds the first half, writes the second half there, as one
+    /// uninterrupted read-compare-write: the range's blocks stay locked
+    /// exclusive in the store from the read to the end of the write, so no
+    /// write, zeroing or trim from any frontend comes between. On a
+    /// miscompare nothing is written and the offset (from `offset`) of the
+    /// first byte that differs is returned. A range over several extents
+    /// locks each extent's part in extent order, so two such requests
+    /// cannot deadlock. Extents never written are created (their zeros may
+    /// match).
+    pub async fn compare_and_write(&self, offset: u64, buf: Bytes, fua: bool) -> Result<Option<u64>> {
+        let len = buf.len() as u64 / 2;
+        if len * 2 != buf.len() as u64 {
+            return Err(VolumeError::Misaligned { offset, len: buf.len() as u64 });
+        }
+        let (compare, data) = (buf.slice(..len as usize), buf.slice(len as usize..));
+        if len > MAX_PAYLOAD {
+            return Err(VolumeError::TooLarge(len));
+        }
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        let _long = LongOp::for_transfer(len, fua);
+        let pieces = self.spec.layout.split(offset, len);
+        if let [p] = &pieces[..] {
+            let ext = self.extent(p.extent).await?;
+            let _change = Change(self.changes.clone());
+            return Ok(ext.compare_and_write(p.offset, compare, data, fua).await?);
+        }
+        // Per extent, the span of its pieces (striping may give one extent
+        // two pieces), locked once: two holds of one holder in one extent
+        // could deadlock behind a request queued between them.
+        let mut spans: Vec<(u64, Arc<Extent>, u64, u64)> = Vec::new();
+        for p in &pieces {
+            let ext = self.extent(p.extent).await?;
+            match spans.iter_mut().find(|s| s.0 == p.extent.0) {
+                Some(s) => {
+                    let end = (s.2 + s.3).max(p.offset + p.len);
+                    s.2 = s.2.min(p.offset);
+                    s.3 = end - s.2;
+                }
+                None => spans.push((p.extent.0, ext.clone(), p.offset, p.len)),
+            }
+        }
+        spans.sort_by_key(|s| s.0);
+        let mut holds: Vec<(u64, WriteHold)> = Vec::with_capacity(spans.len());
+        for (index, ext, at, n) in &spans {
+            holds.push((*index, ext.hold_range(*at, *n).await?));
+        }
+        let extents: Vec<(u64, Arc<Extent>)> = spans.iter().map(|s| (s.0, s.1.clone())).collect();
+        let change = Change(self.changes.clone());
+        let found = RunToEnd::new(async move {
+            let _change = change;
+            let hold = |i: u64| &holds.iter().find(|h| h.0 == i).expect("one hold per extent").1;
+            let ext = |i: u64| &extents.iter().find(|e| e.0 == i).expect("one per extent").1;
+            for p in &pieces {
+                let got = ext(p.extent.0).read_held(hold(p.extent.0), p.offset, p.len as u32).await?;
+                let got = crate::types::flatten_chunks(&got);
+                let want = &compare[p.range_offset as usize..(p.range_offset + p.len) as usize];
+                if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
+                    return Ok(Some(p.range_offset + at as u64));
+                }
+            }
+            let writes = pieces.iter().map(|p| {
+                let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+                ext(p.extent.0).write_held(hold(p.extent.0), p.offset, part)
+            });
+            all_pieces(writes.collect()).await.map(|()| None)
+        })
+        .await?;
+        if fua && found.is_none() {
+            for (_, ext, _, _) in &spans {
+                ext.flush().await?;
+            }
+        }
+        Ok(found)
     }
 
     /// Makes the range read as zeros. `deallocate` lets the store turn it
@@ -206,13 +313,19 @@ impl Volume {
     pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
-        let _change = Change(&self.changes);
-        let pieces = self.spec.layout.split(offset, len);
-        let ops = pieces.iter().map(|p| async move {
-            let ext = self.extent(p.extent).await?;
-            Ok::<_, VolumeError>(ext.write_zeroes(p.offset, p.len, deallocate, fua).await?)
-        });
-        futures::future::try_join_all(ops).await?;
+        let change = Change(self.changes.clone());
+        let mut ops = Vec::new();
+        for p in self.spec.layout.split(offset, len) {
+            // An extent never written reads as zeros already: nothing to
+            // do, and no file to create (a full disk does not fail it).
+            let Some(ext) = self.existing_extent(p.extent).await?.cloned() else { continue };
+            ops.push(async move { ext.write_zeroes(p.offset, p.len, deallocate, fua).await });
+        }
+        RunToEnd::new(async move {
+            let _change = change;
+            all_pieces(ops).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -220,13 +333,18 @@ impl Volume {
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
-        let _change = Change(&self.changes);
-        let pieces = self.spec.layout.split(offset, len);
-        let ops = pieces.iter().map(|p| async move {
-            let ext = self.extent(p.extent).await?;
-            Ok::<_, VolumeError>(ext.trim(p.offset, p.len, fua).await?)
-        });
-        futures::future::try_join_all(ops).await?;
+        let change = Change(self.changes.clone());
+        let mut ops = Vec::new();
+        for p in self.spec.layout.split(offset, len) {
+            // Never written: already reads as zeros (see `write_zeroes`).
+            let Some(ext) = self.existing_extent(p.extent).await?.cloned() else { continue };
+            ops.push(async move { ext.trim(p.offset, p.len, fua).await });
+        }
+        RunToEnd::new(async move {
+            let _change = change;
+            all_pieces(ops).await
+        })
+        .await?;
         Ok(())
     }
 

@@ -59,19 +59,45 @@
 //! Lock order: region marking (`meta`, briefly `regions`) before the block
 //! range lock; flush takes `meta` and never a range lock, so it cannot
 //! deadlock with writers.
+//!
+//! # Cancel safety
+//!
+//! Any future of this module may be dropped at any await (a client that
+//! goes away, a replica's timeout) and the extent stays consistent:
+//!
+//! - A change of data (write, read-modify-write, zeroing, trim, compare and
+//!   write) that holds its range lock runs to its end even if its caller
+//!   goes away: from there on it is a [`RunToEnd`] that owns the extent, the
+//!   lock and the regions ([`WriteHold`]), and that moves into a task of its
+//!   own when dropped. Its disk write and table update therefore happen
+//!   together, or a failure re-takes the crcs of what is on disk
+//!   (`resync_crcs`), before the range and its regions are released. (Only
+//!   repairing the table on drop would not do: the fix-up needs I/O, and a
+//!   reader admitted meanwhile would see new data under an old crc.) A drop
+//!   before the lock is granted changes nothing.
+//! - Writes issued under `meta` (headers, table pages) are recorded in
+//!   `Meta::outstanding` until they complete; whoever takes `meta` next
+//!   waits for any a dropped holder left behind before it writes, so an
+//!   old header can never land after a newer one in the same slot.
+//!   (Flushes and header marks need no task of their own: a dropped flush
+//!   puts its pages back, and nothing else is left half done.)
 
-use super::engine::{self, AlignedBuf, Engine, FallocMode, FileRef, Op, WriteData};
+use super::engine::{self, AlignedBuf, Completion, Engine, FallocMode, FileRef, Op, Request, WriteData};
 use super::format::{self, BLOCK, ENTRIES_PER_PAGE, Entry, FormatError, Geometry, HEADER_SIZE, Header};
-use super::rangelock::RangeLock;
+use super::rangelock::{RangeLock, Ticket};
 use super::{Result, StoreError};
-use crate::types::{BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId};
+use crate::types::{BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId, flatten_chunks};
 use bytes::Bytes;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
 use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::oneshot;
 
 /// One extent replica. All offsets are relative to the extent and must be
 /// 512-byte aligned; the range must lie inside the extent.
@@ -158,6 +184,10 @@ struct Meta {
     /// The flush interval that flush ended: table entries of writes that
     /// completed in it or earlier are on stable storage.
     synced_interval: u64,
+    /// Writes submitted under `meta` (headers, table pages) not yet known
+    /// complete: a holder dropped while waiting leaves them here, and the
+    /// next holder waits for them before it writes (see `Extent::settle`).
+    outstanding: VecDeque<(&'static str, oneshot::Receiver<Completion>)>,
 }
 
 /// Holds regions as "write in flight"; releases them as touched now.
@@ -168,11 +198,88 @@ struct RegionGuard<'a> {
 
 impl Drop for RegionGuard<'_> {
     fn drop(&mut self) {
-        let mut r = self.ext.regions.lock().unwrap();
-        let now = r.interval;
-        for i in self.regions.clone() {
-            r.inflight[i as usize] -= 1;
-            r.last_touch[i as usize] = now;
+        self.ext.release_regions(self.regions.clone());
+    }
+}
+
+impl RegionGuard<'_> {
+    /// The regions, held until [`Extent::release_regions`] (see [`WriteHold`]).
+    fn into_regions(self) -> Range<u64> {
+        let r = self.regions.clone();
+        std::mem::forget(self);
+        r
+    }
+}
+
+/// An owned hold on blocks about to change: their regions marked dirty
+/// and held as written-to, and their range lock taken exclusive. Owned (no
+/// borrow of the extent), so the change can finish in a task of its own;
+/// dropping it releases the lock, then the regions.
+#[derive(Debug)]
+pub(crate) struct WriteHold {
+    ext: Arc<Extent>,
+    blocks: Range<u64>,
+    regions: Range<u64>,
+    lock: Option<Ticket>,
+}
+
+impl Drop for WriteHold {
+    fn drop(&mut self) {
+        if let Some(t) = self.lock.take() {
+            self.ext.locks.release(t);
+        }
+        self.ext.release_regions(self.regions.clone());
+    }
+}
+
+impl WriteHold {
+    /// True if the hold covers the bytes `[offset, offset+len)`.
+    fn covers(&self, offset: u64, len: u64) -> bool {
+        self.blocks.start * BLOCK <= offset && offset + len <= self.blocks.end * BLOCK
+    }
+}
+
+/// A future that runs to its end once started: dropped before it is done,
+/// it moves to a task of its own and finishes there (its output dropped).
+/// Used for every piece of work that has changed or is changing the disk
+/// and must finish its bookkeeping before it releases what it holds.
+///
+/// Outside a tokio runtime (a future dropped from a plain thread) it
+/// finishes on a thread of its own. When the runtime itself shuts down, its
+/// tasks are dropped without running: the process is going away, and the
+/// regions it wrote are durably dirty, so the next open re-takes their crcs.
+pub(crate) struct RunToEnd<T: Send + 'static> {
+    fut: Option<Pin<Box<dyn Future<Output = T> + Send + 'static>>>,
+}
+
+impl<T: Send + 'static> RunToEnd<T> {
+    pub(crate) fn new(fut: impl Future<Output = T> + Send + 'static) -> Self {
+        RunToEnd { fut: Some(Box::pin(fut)) }
+    }
+}
+
+impl<T: Send + 'static> Future for RunToEnd<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let fut = self.fut.as_mut().expect("RunToEnd polled after it completed");
+        let out = fut.as_mut().poll(cx);
+        if out.is_ready() {
+            self.fut = None;
+        }
+        out
+    }
+}
+
+impl<T: Send + 'static> Drop for RunToEnd<T> {
+    fn drop(&mut self) {
+        let Some(fut) = self.fut.take() else { return };
+        let rest = async move {
+            let _ = fut.await;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(rest)),
+            Err(_) => drop(std::thread::spawn(move || futures::executor::block_on(rest))),
         }
     }
 }
@@ -243,6 +350,7 @@ impl Extent {
                 pending_slot: None,
                 flushed_ok: 0,
                 synced_interval: 0,
+                outstanding: VecDeque::new(),
             }),
             locks: RangeLock::default(),
             closed,
@@ -518,6 +626,77 @@ impl Extent {
         self.io("fdatasync", Op::Sync { file: self.file.clone() }).await.map(drop)
     }
 
+    /// Submits writes under `meta` and waits for all of them (all, also when
+    /// one fails, so none is left in flight); the first error, if any. Each
+    /// stays in `meta.outstanding` until it completed, so a caller dropped
+    /// meanwhile leaves them for the next holder to wait for.
+    async fn meta_io(&self, meta: &mut Meta, ops: Vec<(&'static str, Op)>) -> Result<()> {
+        debug_assert!(meta.outstanding.is_empty(), "settled when `meta` was taken");
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        for (what, op) in ops {
+            let (reply, rx) = oneshot::channel();
+            let user_data = self.next_tag.fetch_add(1, Ordering::Relaxed);
+            self.engine.submit(Request { op, user_data, reply });
+            meta.outstanding.push_back((what, rx));
+        }
+        let mut first = None;
+        while let Some((what, rx)) = meta.outstanding.front_mut() {
+            let what = *what;
+            let result = rx.await.map_or_else(|_| Err(io::Error::other("I/O engine stopped")), |c| c.result);
+            meta.outstanding.pop_front();
+            if let Err(e) = result {
+                first.get_or_insert_with(|| StoreError::io(format!("{what} extent {}", self.key), e));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Waits for writes a dropped holder of `meta` left in flight. Their
+    /// outcome does not matter: a header went to the slot not trusted, and
+    /// the table pages of a flush that did not finish went back to the next.
+    async fn settle(&self, meta: &mut Meta) {
+        while let Some((what, rx)) = meta.outstanding.front_mut() {
+            let done = rx.await;
+            let ok = matches!(done, Ok(Completion { result: Ok(_), .. }));
+            tracing::debug!(extent = %self.key, what = *what, ok, "a write left by a dropped flush completed");
+            meta.outstanding.pop_front();
+        }
+    }
+
+    /// Releases regions held by a [`RegionGuard`] or a [`WriteHold`], as touched now.
+    fn release_regions(&self, regions: Range<u64>) {
+        let mut r = self.regions.lock().unwrap();
+        let now = r.interval;
+        for i in regions {
+            r.inflight[i as usize] -= 1;
+            r.last_touch[i as usize] = now;
+        }
+    }
+
+    /// Marks the regions of `blocks` dirty and takes their range lock
+    /// exclusive, owned. Dropped before it returns, it holds nothing.
+    async fn hold(self: &Arc<Self>, blocks: Range<u64>) -> Result<WriteHold> {
+        let regions = self.mark_dirty(blocks.clone()).await?;
+        let lock = self.locks.lock(blocks.clone(), true).await;
+        Ok(WriteHold {
+            ext: self.clone(),
+            blocks,
+            regions: regions.into_regions(),
+            lock: Some(lock.into_ticket()),
+        })
+    }
+
+    /// A [`WriteHold`] over the blocks of `[offset, offset+len)` (`len > 0`),
+    /// for a change of several steps (a compare and write over several
+    /// extents takes one per extent, in key order).
+    pub(crate) async fn hold_range(self: &Arc<Self>, offset: u64, len: u64) -> Result<WriteHold> {
+        self.check(offset, len)?;
+        assert!(len > 0, "an empty range holds no blocks");
+        self.hold(offset / BLOCK..(offset + len).div_ceil(BLOCK)).await
+    }
+
     /// Reads whole blocks without verifying them.
     async fn read_data(&self, blocks: Range<u64>) -> Result<AlignedBuf> {
         let buf = AlignedBuf::for_overwrite(((blocks.end - blocks.start) * BLOCK) as usize);
@@ -560,6 +739,7 @@ impl Extent {
                 r.want[range()].fill(true);
             }
             let mut meta = self.meta.lock().await;
+            self.settle(&mut meta).await;
             let bits = {
                 let r = self.regions.lock().unwrap();
                 if r.durable[range()].iter().all(|&d| d) {
@@ -581,7 +761,7 @@ impl Extent {
     async fn write_header(&self, meta: &mut Meta, dirty: Vec<bool>) -> Result<()> {
         let flush_counter = meta.flush_counter;
         let op = self.header_op(meta, dirty, flush_counter);
-        self.io("write header of", op).await.map(drop)
+        self.meta_io(meta, vec![("write header of", op)]).await
     }
 
     /// The write of the next header (generation bumped) into the slot not
@@ -677,9 +857,16 @@ impl Extent {
         if len == 0 {
             return Ok(Vec::new());
         }
+        let blocks = offset / BLOCK..(offset + len as u64).div_ceil(BLOCK);
+        let _lock = self.locks.lock(blocks, false).await;
+        self.read_locked(offset, len).await
+    }
+
+    /// [`Extent::read`] of a checked, non-empty range whose blocks the
+    /// caller holds locked (shared or exclusive).
+    async fn read_locked(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>> {
         let end = offset + len as u64;
         let blocks = offset / BLOCK..end.div_ceil(BLOCK);
-        let _lock = self.locks.lock(blocks.clone(), false).await;
         let entries: Vec<Entry> =
             self.table.lock().unwrap().entries[blocks.start as usize..blocks.end as usize].to_vec();
         if let Some(i) = entries.iter().position(Entry::is_lost) {
@@ -724,7 +911,7 @@ impl Extent {
     }
 
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    pub async fn write(self: &Arc<Self>, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.check(offset, data.len() as u64)?;
         if !data.is_empty() {
             self.write_range(offset, data).await?;
@@ -738,11 +925,64 @@ impl Extent {
     /// Writes whole or partial blocks; partial ones are read-modify-write.
     /// Block-aligned data that already lies in aligned memory (a frontend's
     /// large payload) goes to disk as it is, without a copy.
-    async fn write_range(&self, offset: u64, data: Bytes) -> Result<()> {
+    async fn write_range(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let hold = self.hold(offset / BLOCK..end.div_ceil(BLOCK)).await?;
+        let ext = self.clone();
+        RunToEnd::new(async move { ext.write_held(&hold, offset, data).await }).await
+    }
+
+    /// COMPARE AND WRITE: if `[offset, offset+compare.len())` holds
+    /// `compare`, writes `data` (as long) there. The read, the compare and
+    /// the write happen under one exclusive lock of the range, so no other
+    /// write, trim or zeroing of those blocks comes between them. On a
+    /// miscompare nothing is written and the offset (from `offset`) of the
+    /// first byte that differs is returned.
+    pub async fn compare_and_write(
+        self: &Arc<Self>,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Option<u64>> {
+        assert_eq!(compare.len(), data.len(), "the caller checks the two halves");
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let hold = self.hold_range(offset, data.len() as u64).await?;
+        let ext = self.clone();
+        let miscompare = RunToEnd::new(async move {
+            let current = flatten_chunks(&ext.read_held(&hold, offset, compare.len() as u32).await?);
+            if let Some(at) = current.iter().zip(compare.iter()).position(|(a, b)| a != b) {
+                return Ok(Some(at as u64));
+            }
+            ext.write_held(&hold, offset, data).await.map(|()| None)
+        })
+        .await?;
+        if fua && miscompare.is_none() {
+            self.flush().await?;
+        }
+        Ok(miscompare)
+    }
+
+    /// Reads `[offset, offset+len)` (`len > 0`) under `hold`.
+    pub(crate) async fn read_held(&self, hold: &WriteHold, offset: u64, len: u32) -> Result<Vec<ReadChunk>> {
+        assert!(std::ptr::eq(&*hold.ext, self) && hold.covers(offset, len as u64), "read outside its hold");
+        self.read_locked(offset, len).await
+    }
+
+    /// Writes `data` (non-empty) at `offset` under `hold`: the write and
+    /// its table update, or after a failure the crcs of what the disk holds.
+    /// Once it has begun it must not be dropped (callers run it in a
+    /// [`RunToEnd`] that owns `hold`).
+    pub(crate) async fn write_held(&self, hold: &WriteHold, offset: u64, data: Bytes) -> Result<()> {
+        assert!(
+            std::ptr::eq(&*hold.ext, self) && hold.covers(offset, data.len() as u64),
+            "write outside its hold"
+        );
         let end = offset + data.len() as u64;
         let blocks = offset / BLOCK..end.div_ceil(BLOCK);
-        let _regions = self.mark_dirty(blocks.clone()).await?;
-        let _lock = self.locks.lock(blocks.clone(), true).await;
         let buf = if offset % BLOCK == 0 && end % BLOCK == 0 {
             WriteData::shared(data).unwrap_or_else(|d| AlignedBuf::from_slice(&d).into())
         } else {
@@ -823,7 +1063,13 @@ impl Extent {
     /// Makes `[offset, offset+len)` read as zeros. With `deallocate` whole
     /// blocks become holes (punched); without, they stay allocated and are
     /// reported as allocated zeros. Partial blocks are written with zeros.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
+    pub async fn write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<()> {
         self.check(offset, len)?;
         let end = offset + len;
         let whole = offset.div_ceil(BLOCK)..end / BLOCK;
@@ -849,19 +1095,35 @@ impl Extent {
     }
 
     /// TRIM: the range reads as zeros afterwards (this store deallocates it).
-    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+    pub async fn trim(self: &Arc<Self>, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.write_zeroes(offset, len, true, fua).await
     }
 
-    async fn zero_blocks(&self, blocks: Range<u64>, deallocate: bool) -> Result<()> {
+    async fn zero_blocks(self: &Arc<Self>, blocks: Range<u64>, deallocate: bool) -> Result<()> {
         let target = if deallocate { Entry::HOLE } else { Entry::ZEROED };
         let span = blocks.start as usize..blocks.end as usize;
         if self.table.lock().unwrap().entries[span.clone()].iter().all(|e| *e == target) {
             return Ok(()); // nothing to change, nothing to mark dirty
         }
-        let _regions = self.mark_dirty(blocks.clone()).await?;
-        let _lock = self.locks.lock(blocks.clone(), true).await;
-        self.clear_data(blocks.clone(), deallocate).await?;
+        let hold = self.hold(blocks.clone()).await?;
+        let ext = self.clone();
+        RunToEnd::new(async move {
+            let _hold = hold;
+            ext.zero_held(blocks, target, deallocate).await
+        })
+        .await
+    }
+
+    /// The body of `zero_blocks` under its hold: like `write_held`, it
+    /// must run to its end once begun.
+    async fn zero_held(&self, blocks: Range<u64>, target: Entry, deallocate: bool) -> Result<()> {
+        if let Err(e) = self.clear_data(blocks.clone(), deallocate).await {
+            // Part of the range may be zeros already (a punch or a
+            // write of zeros that stopped half way): what each block
+            // holds now must match its crc.
+            self.resync_crcs(blocks).await;
+            return Err(e);
+        }
         let mut t = self.table.lock().unwrap();
         for b in blocks {
             if t.entries[b as usize] != target {
@@ -951,7 +1213,9 @@ impl Extent {
         // Group commit: callers that queue up behind a running flush share
         // the next one instead of each running their own.
         let need = self.flushes_started.load(Ordering::SeqCst) + 1;
-        Ok(FlushLock { ext: self, need, meta: self.meta.lock().await })
+        let mut meta = self.meta.lock().await;
+        self.settle(&mut meta).await;
+        Ok(FlushLock { ext: self, need, meta })
     }
 
     /// The file a flush barrier must sync.
@@ -1052,15 +1316,15 @@ impl<'a> FlushLock<'a> {
         let header = ext.header_op(&mut meta, bits, next);
         // From here on, dropping the flush (an error below, or a caller
         // that goes away) puts the pages back for the next one.
-        let prepared = PreparedFlush { ext, meta: Some(meta), this, ended, pages };
+        let mut prepared = PreparedFlush { ext, meta: Some(meta), this, ended, pages };
         let pages = prepared.pages.iter().map(|&p| {
             let mut buf = AlignedBuf::zeroed(BLOCK as usize);
             format::encode_table_page(&ext.table.lock().unwrap().entries, p, buf.as_mut_slice());
             let op = Op::Write { file: ext.file.clone(), offset: ext.geo.table_page_pos(p), buf: buf.into() };
             ("write table of", op)
         });
-        let ops = pages.chain([("write header of", header)]).map(|(what, op)| ext.io(what, op));
-        futures::future::try_join_all(ops).await?;
+        let ops: Vec<_> = pages.chain([("write header of", header)]).collect();
+        ext.meta_io(prepared.meta.as_mut().expect("held until finished"), ops).await?;
         Ok(Some(prepared))
     }
 }

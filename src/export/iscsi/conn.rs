@@ -438,7 +438,7 @@ async fn full_feature(
             uid: 0x0ba5_a170_0000_0000 ^ spec.id.0,
             target_name: target_iqn(name),
         };
-        Some(Arc::new(Lun { caw_lock: shared.caw_lock(name), vol, info }))
+        Some(Arc::new(Lun { vol, info }))
     });
     if !p.discovery && lun.is_none() {
         tracing::warn!("target volume vanished after login; closing");

@@ -14,9 +14,6 @@ use std::sync::Arc;
 pub(crate) struct Lun {
     pub vol: Arc<Volume>,
     pub info: LunInfo,
-    /// Serializes COMPARE AND WRITE on this volume across connections so
-    /// the compare and the write are atomic with respect to each other.
-    pub caw_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Maps a volume error to the sense data the initiator gets.
@@ -143,14 +140,16 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             if blocks == 0 {
                 return Ok(Bytes::new());
             }
-            let half = blocks as usize * BLOCK as usize;
-            let _guard = lun.caw_lock.lock().await;
-            let current = read(lun, lba, blocks).await?;
-            if let Some(at) = first_difference(&current, &data[..half]) {
-                return Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u64));
+            // Atomic against every other change of these blocks, from any
+            // frontend: the volume compares and writes under the store's
+            // exclusive range lock.
+            if data.len() != 2 * blocks as usize * BLOCK as usize {
+                return Err(Sense::INVALID_FIELD_IN_CDB);
             }
-            lun.vol.write(off(lba), data.slice(half..), fua).await.map_err(wr_err)?;
-            Ok(Bytes::new())
+            match lun.vol.compare_and_write(off(lba), data, fua).await.map_err(wr_err)? {
+                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at)),
+                None => Ok(Bytes::new()),
+            }
         }
         Command::Verify { lba, blocks, bytchk } => {
             scsi::check_range(lba, blocks as u64, cap)?;

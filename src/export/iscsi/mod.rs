@@ -94,7 +94,6 @@ pub(crate) struct Shared {
     pub node: Arc<Node>,
     pub cfg: IscsiConfig,
     next_tsih: AtomicU16,
-    caw_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Shared {
@@ -105,10 +104,6 @@ impl Shared {
                 return t;
             }
         }
-    }
-
-    pub fn caw_lock(&self, volume: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.caw_locks.lock().unwrap().entry(volume.to_string()).or_default().clone()
     }
 }
 
@@ -121,7 +116,7 @@ pub async fn serve(
     cfg: IscsiConfig,
 ) -> std::io::Result<()> {
     cfg.validate().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let shared = Arc::new(Shared { node, cfg, next_tsih: AtomicU16::new(1), caw_locks: Default::default() });
+    let shared = Arc::new(Shared { node, cfg, next_tsih: AtomicU16::new(1) });
     let mut conn_id = 0u64;
     loop {
         let accepted = tokio::select! {

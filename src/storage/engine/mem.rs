@@ -10,6 +10,11 @@
 //!
 //! Not modelled: file creation and size changes are durable at once (the
 //! store makes them durable with fdatasync + directory fsync before use).
+//!
+//! Faults for tests: [`MemDisk::fail_creates`] makes file creation fail
+//! (a full disk), [`MemDisk::fail_next_change`] makes one write or
+//! punch of a file fail after it changed half its range (a disk that
+//! fills up part way).
 
 use super::{Engine, FallocMode, FileRef, Op, Request};
 use crate::storage::EngineKind;
@@ -32,6 +37,11 @@ pub struct MemDisk {
     /// Deliver completions from a spawned task after a yield, instead of
     /// inline (see [`MemDisk::defer_completions`]).
     defer: std::sync::atomic::AtomicBool,
+    /// Errno for every file creation, if set (see [`MemDisk::fail_creates`]).
+    fail_creates: Mutex<Option<i32>>,
+    /// Seed for delaying each op by a few scheduler rounds before it takes
+    /// effect (see [`MemDisk::reorder_ops`]).
+    reorder: Mutex<Option<SplitMix>>,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +57,8 @@ struct Inner {
     cur: HashMap<u64, Box<[u8]>>,
     durable: HashMap<u64, Box<[u8]>>,
     dirty: BTreeSet<u64>,
+    /// Errno for the next write or punch, after half of it took effect.
+    fault: Option<i32>,
 }
 
 /// splitmix64: a small seeded generator, so the library needs no RNG crate.
@@ -146,6 +158,30 @@ impl MemDisk {
         self.defer.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// With `Some(errno)`, creating a file fails with it from now on (a
+    /// full disk: ENOSPC); `None` lets creation succeed again.
+    pub fn fail_creates(&self, errno: Option<i32>) {
+        *self.fail_creates.lock().unwrap() = errno;
+    }
+
+    /// The next write, punch or zeroing of the file at `path` changes the
+    /// first half of its range (whole sectors) and then fails with `errno`,
+    /// as a write to a disk that fills up part way may.
+    pub fn fail_next_change(&self, path: &Path, errno: i32) -> io::Result<()> {
+        let files = self.files.lock().unwrap();
+        let f = files.get(path).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        f.inner.lock().unwrap().fault = Some(errno);
+        Ok(())
+    }
+
+    /// With `Some(seed)`, every op takes effect and completes only after
+    /// a random number (0 to 3) of scheduler rounds, so ops in flight
+    /// together land in any order, as in a disk's queue: an op submitted
+    /// first may land after one submitted later. Needs a tokio runtime.
+    pub fn reorder_ops(&self, seed: Option<u64>) {
+        *self.reorder.lock().unwrap() = seed.map(SplitMix);
+    }
+
     /// True while a scheduled crash has not happened yet.
     pub fn crash_pending(&self) -> bool {
         self.crash_point.lock().unwrap().is_some()
@@ -196,6 +232,7 @@ impl MemDisk {
                 cur: after.clone(),
                 durable: after,
                 dirty: BTreeSet::new(),
+                fault: None,
             };
             files.insert(name, Arc::new(MemFile { inner: Mutex::new(fresh) }));
         }
@@ -259,6 +296,11 @@ fn execute(op: &mut Op) -> io::Result<usize> {
         Op::Write { file, offset, buf } => {
             let mut inner = mem_file(file)?.inner.lock().unwrap();
             inner.check()?;
+            if let Some(errno) = inner.fault.take() {
+                let half = (buf.len() as u64 / 2) / SECTOR * SECTOR;
+                inner.write(*offset, half, Some(&buf.as_slice()[..half as usize]));
+                return Err(io::Error::from_raw_os_error(errno));
+            }
             inner.write(*offset, buf.len() as u64, Some(buf.as_slice()));
             inner.len = inner.len.max(*offset + buf.len() as u64);
             Ok(buf.len())
@@ -273,6 +315,10 @@ fn execute(op: &mut Op) -> io::Result<usize> {
             let mut inner = mem_file(file)?.inner.lock().unwrap();
             inner.check()?;
             if matches!(mode, FallocMode::PunchHole | FallocMode::ZeroRange) {
+                if let Some(errno) = inner.fault.take() {
+                    inner.write(*offset, *len / 2 / SECTOR * SECTOR, None);
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
                 inner.write(*offset, *len, None);
             }
             Ok(0)
@@ -286,6 +332,21 @@ impl Engine for MemEngine {
     }
 
     fn submit(&self, mut req: Request) {
+        let delay = self.disk.reorder.lock().unwrap().as_mut().map(|r| r.next() % 4);
+        if let Some(rounds) = delay {
+            let disk = self.disk.clone();
+            tokio::spawn(async move {
+                for _ in 0..rounds {
+                    tokio::task::yield_now().await;
+                }
+                let res = execute(&mut req.op);
+                if res.is_ok() {
+                    disk.tick();
+                }
+                req.complete(res);
+            });
+            return;
+        }
         let res = execute(&mut req.op);
         if res.is_ok() {
             self.disk.tick();
@@ -361,6 +422,9 @@ impl Engine for MemEngine {
             (Some(f), false) => Ok(FileRef::Mem(f.clone())),
             (None, false) => Err(io::Error::from(io::ErrorKind::NotFound)),
             (None, true) => {
+                if let Some(errno) = *self.disk.fail_creates.lock().unwrap() {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
                 let f = Arc::new(MemFile::default());
                 files.insert(path.to_path_buf(), f.clone());
                 Ok(FileRef::Mem(f))
