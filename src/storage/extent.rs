@@ -86,7 +86,9 @@ use super::engine::{self, AlignedBuf, Completion, Engine, FallocMode, FileRef, O
 use super::format::{self, BLOCK, ENTRIES_PER_PAGE, Entry, FormatError, Geometry, HEADER_SIZE, Header};
 use super::rangelock::{RangeLock, Ticket};
 use super::{Result, StoreError};
-use crate::types::{BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId, flatten_chunks};
+use crate::types::{
+    BlockState, Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk, VolumeId, flatten_chunks,
+};
 use bytes::Bytes;
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
