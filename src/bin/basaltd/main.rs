@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start a demo cluster with one volume and serve it over NBD and iSCSI: no setup needed.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
     /// Run a node from its configuration file.
     Run {
         /// The TOML configuration (README "Configuration" lists every field).
@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
         basalt::poll::install(std::time::Duration::from_micros(cli.idle_poll_us));
     }
     match cli.cmd {
-        Cmd::Demo(args) => rt.block_on(demo(args)),
+        Cmd::Demo(args) => rt.block_on(demo(*args)),
         Cmd::Run { config } => {
             let cfg = load_config(&config)?;
             let opts = run::RunOptions {
