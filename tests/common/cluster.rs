@@ -214,12 +214,8 @@ impl Cluster {
 
     /// The index of the node the cluster names as leader, asking node `via`.
     pub fn leader(&self, via: usize) -> Option<usize> {
-        let s = self.cli_json(via, &["cluster", "status"]);
-        let id = s["leader"].as_u64()?;
-        let nodes = s["nodes"].as_array()?;
-        let admin =
-            nodes.iter().find(|n| n["id"].as_u64() == Some(id))?["addresses"]["admin"].as_str()?.to_string();
-        self.nodes.iter().position(|n| n.admin.to_string() == admin)
+        let out = self.cli(via, &["--json", "cluster", "status"]);
+        self.leader_from(&out.stdout)
     }
 
     /// Waits until node `via` names a leader other than `not`, and returns it.
