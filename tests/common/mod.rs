@@ -43,6 +43,8 @@ pub struct Daemon {
     pub iscsi_port: u16,
     pub admin_port: u16,
     pub peer_port: u16,
+    /// Started once: later starts keep their ports.
+    started: bool,
     pub data: PathBuf,
     pub volume: String,
     args: Vec<String>,
@@ -67,6 +69,7 @@ impl Daemon {
             iscsi_port: free_port(),
             admin_port: free_port(),
             peer_port: free_port(),
+            started: false,
             data,
             volume: "demo".into(),
             args: std::iter::once(format!("--size={size}"))
@@ -83,6 +86,33 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        // A port free when picked can be taken before basaltd binds it (by
+        // any process's outgoing connection): on the first start only, when
+        // that is why it failed, pick new ports and try again. A restart
+        // keeps its ports, since the test's clients know them.
+        for attempt in 0..3 {
+            let before = self.log_text().len();
+            match self.try_spawn() {
+                Ok(child) => {
+                    self.child = Some(child);
+                    self.started = true;
+                    return;
+                }
+                Err(()) => {
+                    let new_log = self.log_text()[before..].to_string();
+                    if self.started || attempt == 2 || !new_log.contains("Address already in use") {
+                        panic!("basaltd did not become ready; log:\n{}", self.log_text());
+                    }
+                    self.nbd_port = free_port();
+                    self.iscsi_port = free_port();
+                    self.admin_port = free_port();
+                    self.peer_port = free_port();
+                }
+            }
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<Child, ()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_basaltd"))
             .arg("demo")
@@ -110,11 +140,15 @@ impl Daemon {
                 }
             }
         });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("basaltd did not become ready; log:\n{}", self.log_text());
+        // Ready, or gone (stdout closes and the sender drops), or 30 s.
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(child),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(())
+            }
         }
-        self.child = Some(child);
     }
 
     pub fn uri(&self) -> String {
