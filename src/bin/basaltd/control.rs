@@ -43,6 +43,8 @@ pub struct Daemon {
     phase: AtomicU8,
     /// One catalog sync at a time (the follower task and admin requests).
     syncing: tokio::sync::Mutex<()>,
+    /// Volumes seen without an owner, and since when (on the leader).
+    ownerless: std::sync::Mutex<std::collections::HashMap<VolumeId, std::time::Instant>>,
 }
 
 fn meta_error(e: MetaError) -> ControlError {
@@ -110,6 +112,7 @@ impl Daemon {
             cluster,
             phase: AtomicU8::new(STARTING),
             syncing: tokio::sync::Mutex::new(()),
+            ownerless: Default::default(),
         }
     }
 
@@ -408,24 +411,17 @@ impl Daemon {
         };
         // Until the replicated data path lands, a volume lives on its
         // owner: this node if it stores data, else extent 0's first replica.
-        let owner = if self.node.is_some() {
-            self.me
-        } else {
-            let st = self.state(true).await?;
-            placer(&st)
-                .and_then(|p| p.place(id, ExtentIndex(0), 1))
-                .map(|s| s.primary())
-                .map_err(|e| ControlError::Unavailable(e.to_string()))?
+        // Should this future be dropped or this node crash right here, the
+        // leader gives the volume an owner (`adopt_orphans`).
+        let st = self.state(true).await?;
+        let owner = owner_for(self, &st, id)
+            .ok_or_else(|| ControlError::Unavailable("no node with data directories is up".into()))?;
+        let set = Command::SetOwner { volume: id, owner: Some(owner), expected: basalt::meta::Generation(0) };
+        let outcome = match self.meta.propose(set).await {
+            // The leader gave it an owner first.
+            Err(MetaError::Rejected(Rejection::GenerationMismatch { .. })) => None,
+            r => Some(r.map_err(meta_error)?),
         };
-        let outcome = self
-            .meta
-            .propose(Command::SetOwner {
-                volume: id,
-                owner: Some(owner),
-                expected: basalt::meta::Generation(0),
-            })
-            .await
-            .map_err(meta_error)?;
         tracing::info!(volume = %req.name, %id, %owner, ?outcome, "volume created");
         let state = self.state(true).await?;
         self.sync_volumes(&state).await;
@@ -583,7 +579,50 @@ impl Control for Daemon {
     }
 }
 
-/// Follows the applied metadata: peer addresses, and the volumes served here.
+/// The node a volume without an owner goes to: this node if it stores
+/// data, else extent 0's first replica.
+fn owner_for(d: &Daemon, state: &MetaState, volume: VolumeId) -> Option<NodeId> {
+    if d.node.is_some() {
+        return Some(d.me);
+    }
+    placer(state).ok()?.place(volume, ExtentIndex(0), 1).ok().map(|s| s.primary())
+}
+
+/// On the leader: a volume left without an owner (its creator crashed, or
+/// its admin request was dropped, between the create and the owner
+/// commits) gets one, so no volume stays unserved.
+fn adopt_orphans(d: &Arc<Daemon>, state: &MetaState) {
+    let mut seen = d.ownerless.lock().unwrap();
+    if d.meta.status().leader != Some(d.me) {
+        seen.clear();
+        return;
+    }
+    let now = std::time::Instant::now();
+    seen.retain(|id, _| state.volume(*id).is_some_and(|v| v.owner.is_none()));
+    // Left alone for a few seconds first: the creating node sets the owner
+    // itself right after the create commits.
+    let due: Vec<&VolumeRecord> = state
+        .volumes()
+        .filter(|v| v.owner.is_none())
+        .filter(|v| now.duration_since(*seen.entry(v.id).or_insert(now)) >= Duration::from_secs(5))
+        .collect();
+    for v in due {
+        let Some(owner) = owner_for(d, state, v.id) else { continue };
+        let (d, id, expected) = (d.clone(), v.id, v.generation);
+        tokio::spawn(async move {
+            let r = d.meta.propose(Command::SetOwner { volume: id, owner: Some(owner), expected }).await;
+            match r {
+                Ok(_) => tracing::info!(volume = %id, %owner, "gave an ownerless volume an owner"),
+                Err(e) => {
+                    tracing::debug!(volume = %id, error = %basalt::units::error_chain(&e), "owner not set")
+                }
+            }
+        });
+    }
+}
+
+/// Follows the applied metadata: peer addresses, the volumes served here,
+/// and (on the leader) owners for ownerless volumes.
 pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
     let mut w = d.meta.subscribe();
     loop {
@@ -591,10 +630,12 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
             let s = w.borrow_and_update().clone();
             d.book.refresh(&s);
             d.sync_volumes(&s).await;
+            adopt_orphans(&d, &s);
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = w.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }
