@@ -15,7 +15,7 @@
 use crate::LogReload;
 use crate::control::{self, Daemon};
 use anyhow::Context;
-use basalt::admin::metrics::Metrics;
+use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
@@ -333,7 +333,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let notifier = Arc::new(Notifier::from_env());
     spawn_watchdog(notifier.clone());
     notifier.status("opening the store");
-    let metrics = Arc::new(Metrics::new());
     let node = if cfg.data_dirs.is_empty() {
         tracing::info!("no data directories: a compute node (stores nothing)");
         None
@@ -345,12 +344,21 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             .context("opening the store")?;
         Some(node)
     };
+    // The volumes record into the node's registry; the collectors below
+    // add what is read at scrape time.
+    let metrics = node.as_ref().map_or_else(|| Arc::new(Metrics::new()), |n| n.metrics().clone());
+    if let Some(n) = &node {
+        metrics.register_collector(Box::new(NodeCollector(n.clone())));
+    }
 
     // The peer protocol: a node that belongs to no cluster yet says so
     // with cluster id 0, which members accept only for joining.
     let cluster_id = ident.cluster_id.as_deref().and_then(|s| u128::from_str_radix(s, 16).ok()).unwrap_or(0);
     let cluster_cell = basalt::net::ClusterCell::new(ClusterId(cluster_id));
-    let pool = Arc::new(PeerPool::new(ClientConfig::new(cluster_cell.clone(), me)));
+    let client_cfg = ClientConfig::new(cluster_cell.clone(), me);
+    let peer_budget = client_cfg.peer_budget as u64;
+    let pool = Arc::new(PeerPool::new(client_cfg));
+    metrics.register_collector(Box::new(PeerCollector { pool: pool.clone(), peer_budget }));
     let book = Arc::new(AddrBook::default());
     let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
     let peer_server =
@@ -383,6 +391,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let meta =
         MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
     let _ = handler.meta.set(meta.clone());
+    metrics.register_collector(Box::new(RaftCollector(meta.clone())));
 
     let daemon = Arc::new(Daemon::new(
         cfg.clone(),
@@ -396,6 +405,19 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     ));
     let _ = handler.daemon.set(daemon.clone());
 
+    // The admin API answers from here on: /readyz says why the node does
+    // not serve yet, and `basalt node add` can reach a node that waits.
+    let cancel = CancellationToken::new();
+    // The admin API outlives the front ends, so /readyz can say "draining".
+    let admin_cancel = CancellationToken::new();
+    let mut servers = tokio::task::JoinSet::new();
+    let admin = tokio::net::TcpListener::bind(cfg.listen.admin)
+        .await
+        .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
+    let admin_addr = admin.local_addr()?;
+    let control: Arc<dyn basalt::admin::Control> = daemon.clone();
+    servers.spawn(basalt::admin::server::serve(admin, control, metrics.clone(), admin_cancel.clone()));
+
     if fresh && let Some(join) = cfg.cluster.join {
         notifier.status(&format!("joining the cluster through {join}"));
         daemon.join_through(join).await?;
@@ -407,7 +429,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     tracing::info!(cluster = %cluster, "member of the metadata group");
 
     // Keep the address book and the served volumes in step with the metadata.
-    let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()));
 
@@ -416,13 +437,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         daemon.ensure_demo_volume(demo).await?;
     }
 
-    let mut servers = tokio::task::JoinSet::new();
-    let admin = tokio::net::TcpListener::bind(cfg.listen.admin)
-        .await
-        .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
-    let admin_addr = admin.local_addr()?;
-    let control: Arc<dyn basalt::admin::Control> = daemon.clone();
-    servers.spawn(basalt::admin::server::serve(admin, control, metrics.clone(), cancel.clone()));
     let mut nbd_addr = None;
     let mut iscsi_addr = None;
     if let Some(node) = &node {
@@ -495,6 +509,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     if let Some(node) = &node {
         node.close().await.context("final flush")?;
     }
+    admin_cancel.cancel();
     meta.shutdown().await;
     peer_server.shutdown().await;
     tracing::info!("flushed; bye");
