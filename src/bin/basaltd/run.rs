@@ -322,6 +322,14 @@ async fn initial_member_ids(
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
+    // Logging started before the configuration was read: its filter
+    // applies from here (it used to wait for the first SIGHUP).
+    if let Some(handle) = &opts.log_reload
+        && std::env::var_os("RUST_LOG").is_none()
+        && cfg.log_filter.is_some()
+    {
+        apply_log_filter(&cfg, handle, "start");
+    }
     let ident = Identity::load_or_create(&cfg.state_dir, cfg.node_id.map(NodeId), &cfg.cluster_name)
         .context("node identity")?;
     let span = tracing::info_span!("node", node = %ident.node_id);
@@ -416,7 +424,9 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
     let admin_addr = admin.local_addr()?;
     let control: Arc<dyn basalt::admin::Control> = daemon.clone();
-    servers.spawn(basalt::admin::server::serve(admin, control, metrics.clone(), admin_cancel.clone()));
+    servers.spawn(
+        basalt::admin::server::serve(admin, control, metrics.clone(), admin_cancel.clone()).in_current_span(),
+    );
 
     if fresh && let Some(join) = cfg.cluster.join {
         notifier.status(&format!("joining the cluster through {join}"));
@@ -430,7 +440,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
 
     // Keep the address book and the served volumes in step with the metadata.
     let tracker = TaskTracker::new();
-    tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()));
+    tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()).in_current_span());
 
     daemon.adopt_local_volumes().await?;
     if let Some(demo) = &opts.demo {
@@ -443,7 +453,10 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         if let Some(a) = cfg.listen.nbd {
             let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.nbd {a}"))?;
             nbd_addr = Some(l.local_addr()?);
-            servers.spawn(basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone()));
+            servers.spawn(
+                basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone())
+                    .in_current_span(),
+            );
         }
         if let Some(a) = cfg.listen.iscsi {
             let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.iscsi {a}"))?;
@@ -458,13 +471,10 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             });
             let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
             icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
-            servers.spawn(basalt::export::iscsi::serve(
-                l,
-                node.clone(),
-                cancel.clone(),
-                tracker.clone(),
-                icfg,
-            ));
+            servers.spawn(
+                basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg)
+                    .in_current_span(),
+            );
         }
     } else if cfg.listen.nbd.is_some() || cfg.listen.iscsi.is_some() {
         tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");
@@ -532,13 +542,18 @@ fn reload(opts: &RunOptions) {
             return;
         }
     };
+    apply_log_filter(&cfg, handle, "SIGHUP");
+}
+
+/// The log filter of `cfg` (unless $RUST_LOG, which wins), applied now.
+fn apply_log_filter(cfg: &Config, handle: &LogReload, why: &str) {
     let filter = std::env::var("RUST_LOG").ok().or(cfg.log_filter.clone()).unwrap_or_else(|| "info".into());
     match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(f) => match handle.reload(f) {
-            Ok(()) => tracing::info!(%filter, "SIGHUP: log filter reloaded"),
-            Err(e) => tracing::warn!(error = %e, "SIGHUP: log filter not reloaded"),
+            Ok(()) => tracing::info!(%filter, "{why}: log filter set"),
+            Err(e) => tracing::warn!(error = %e, "{why}: log filter not set"),
         },
-        Err(e) => tracing::warn!(%filter, error = %e, "SIGHUP: bad log filter"),
+        Err(e) => tracing::warn!(%filter, error = %e, "{why}: bad log filter"),
     }
 }
 
