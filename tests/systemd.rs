@@ -42,7 +42,9 @@ struct Note {
 /// A `basaltd demo` whose notifications go to a socket of ours.
 struct Notified {
     child: Child,
-    sock: UnixDatagram,
+    /// Notifications, stamped by a thread that does nothing else (so a
+    /// slow check here never shifts the times).
+    rx: std::sync::mpsc::Receiver<Note>,
     admin: u16,
     log: std::path::PathBuf,
     _tmp: tempfile::TempDir,
@@ -53,7 +55,16 @@ impl Notified {
         let tmp = tempfile::tempdir().unwrap();
         let sock_path = tmp.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let note = Note { at: Instant::now(), msg: String::from_utf8_lossy(&buf[..n]).into_owned() };
+                if tx.send(note).is_err() {
+                    return;
+                }
+            }
+        });
         let admin = free_port();
         let log = tmp.path().join("basaltd.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_basaltd"));
@@ -76,33 +87,25 @@ impl Notified {
             cmd.env("BASALT_DEBUG_STALL_RUNTIME_MS", ms.to_string());
         }
         let child = cmd.spawn().unwrap();
-        Notified { child, sock, admin, log, _tmp: tmp }
+        Notified { child, rx, admin, log, _tmp: tmp }
     }
 
     /// Notifications until `until` says stop (or 60 s pass).
     fn collect(&mut self, mut until: impl FnMut(&[Note]) -> bool) -> Vec<Note> {
         let mut notes = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 4096];
         while !until(&notes) {
             assert!(Instant::now() < deadline, "gave up waiting; got {notes:?}\nlog:\n{}", self.log_text());
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("basaltd exited ({st}); got {notes:?}\nlog:\n{}", self.log_text());
             }
-            match self.sock.recv(&mut buf) {
-                Ok(n) => {
-                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let at = Instant::now();
-                    // READY=1 promises the node serves: ask it right away.
-                    if msg == "READY=1" {
-                        let ready = readyz(self.admin);
-                        assert_eq!(ready, Some(200), "READY=1 came before /readyz said ready");
-                    }
-                    notes.push(Note { at, msg });
+            if let Ok(note) = self.rx.recv_timeout(Duration::from_millis(100)) {
+                // READY=1 promises the node serves: ask it right away.
+                if note.msg == "READY=1" {
+                    let ready = readyz(self.admin);
+                    assert_eq!(ready, Some(200), "READY=1 came before /readyz said ready");
                 }
-                Err(e)
-                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => panic!("notify socket: {e}"),
+                notes.push(note);
             }
         }
         notes
@@ -169,18 +172,23 @@ fn ready_status_and_watchdog_reach_the_notify_socket() {
 #[test]
 fn a_stalled_runtime_misses_its_watchdog() {
     let mut d = Notified::start(Some(2000));
-    // READY=1, then pings until one comes 1.5 s or more after the one
-    // before it (the planted 2 s stall), then two more to see them resume.
+    // Pings until one comes 1.5 s or more after the one before it (the
+    // planted 2 s stall, which starts as READY=1 is sent), then three more
+    // to see them resume.
+    let pings =
+        |n: &[Note]| -> Vec<Instant> { n.iter().filter(|x| x.msg == "WATCHDOG=1").map(|x| x.at).collect() };
     let gap = |n: &[Note]| -> Option<usize> {
-        let r = position(n, "READY=1")?;
-        let pings: Vec<&Note> = n[r..].iter().filter(|x| x.msg == "WATCHDOG=1").collect();
-        let i = pings.windows(2).position(|w| w[1].at - w[0].at >= Duration::from_millis(1500))?;
-        (pings.len() >= i + 4).then_some(i)
+        position(n, "READY=1")?;
+        let p = pings(n);
+        let i = p.windows(2).position(|w| w[1] - w[0] >= Duration::from_millis(1500))?;
+        (p.len() >= i + 4).then_some(i)
     };
     let notes = d.collect(|n| gap(n).is_some());
-    let r = position(&notes, "READY=1").unwrap();
-    let pings: Vec<&Note> = notes[r..].iter().filter(|x| x.msg == "WATCHDOG=1").collect();
-    let longest = pings.windows(2).map(|w| w[1].at - w[0].at).max().unwrap();
+    let p = pings(&notes);
+    let longest = p.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     assert!(longest >= Duration::from_millis(1500), "longest gap {longest:?}");
+    let ready = notes[position(&notes, "READY=1").unwrap()].at;
+    let i = gap(&notes).unwrap();
+    assert!(p[i + 1] > ready, "the gap is the stall after READY=1, not a slow start");
     assert!(d.log_text().contains("stalling the runtime on purpose"));
 }
