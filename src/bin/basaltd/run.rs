@@ -8,8 +8,9 @@
 //!    and bootstraps with all of them as voters; a fresh node with `join`
 //!    asks a member to add it; a fresh node with neither waits for
 //!    `basalt node add` to invite it; a restart just restarts;
-//! 3. once the node is a member and the cluster id is known: the front
-//!    ends, serving the volumes this node owns, and the admin API;
+//! 3. the admin API, as soon as the metadata node runs (`/readyz` says
+//!    why the node does not serve yet); once the node is a member and the
+//!    cluster id is known: the front ends, serving the volumes it owns;
 //! 4. READY=1. SIGTERM/SIGINT drain and flush; SIGHUP re-reads log_filter.
 
 use crate::LogReload;
