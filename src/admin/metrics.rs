@@ -9,12 +9,16 @@
 //! budget in use, Raft indexes) are read at scrape time by collectors and
 //! cost the I/O path nothing.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
-use std::sync::Mutex;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A volume operation, as the `op` label spells it.
@@ -64,6 +68,9 @@ pub struct Metrics {
     write_bytes: Family<VolumeLabel, Counter>,
     trim_bytes: Family<VolumeLabel, Counter>,
     zero_bytes: Family<VolumeLabel, Counter>,
+    /// False with `BASALT_METRICS=off` (hidden; for measuring what the
+    /// metrics cost): volume operations record nothing.
+    enabled: bool,
 }
 
 impl Default for Metrics {
@@ -83,6 +90,7 @@ impl Metrics {
             write_bytes: Family::default(),
             trim_bytes: Family::default(),
             zero_bytes: Family::default(),
+            enabled: std::env::var("BASALT_METRICS").as_deref() != Ok("off"),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -127,7 +135,7 @@ impl Metrics {
     }
 
     /// Adds a collector read at scrape time (node, Raft, peer gauges).
-    pub fn register_collector(&self, c: Box<dyn prometheus_client::collector::Collector>) {
+    pub fn register_collector(&self, c: Box<dyn Collector>) {
         self.registry.lock().unwrap().register_collector(c);
     }
 
@@ -150,6 +158,7 @@ impl Metrics {
             trim_bytes: bytes(&self.trim_bytes),
             zero_bytes: bytes(&self.zero_bytes),
             errors: self.errors.clone(),
+            enabled: self.enabled,
         }
     }
 
@@ -191,9 +200,24 @@ pub struct VolumeMetrics {
     trim_bytes: Counter,
     zero_bytes: Counter,
     errors: Family<VolumeError, Counter>,
+    enabled: bool,
 }
 
 impl VolumeMetrics {
+    /// The start time of an operation, if metrics are on.
+    #[inline]
+    pub fn start(&self) -> Option<Instant> {
+        self.enabled.then(Instant::now)
+    }
+
+    /// [`VolumeMetrics::record`] for an operation timed by [`VolumeMetrics::start`].
+    #[inline]
+    pub fn finish(&self, op: Op, bytes: u64, start: Option<Instant>, error: Option<&'static str>) {
+        if let Some(t) = start {
+            self.record(op, bytes, t, error);
+        }
+    }
+
     /// Handles that record into a registry nobody scrapes (tests, tools).
     pub fn detached(name: &str) -> VolumeMetrics {
         Metrics::new().volume(name)
@@ -222,6 +246,249 @@ impl VolumeMetrics {
                 self.errors.get_or_create(&l).inc();
             }
         }
+    }
+}
+
+/// Writes one unlabelled gauge.
+fn gauge(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: i64,
+) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, unit, MetricType::Gauge)?)
+}
+
+/// Writes one unlabelled counter (`_total` is appended).
+fn counter(e: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    ConstCounter::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// Writes a gauge with one series per label set.
+fn gauges<L: EncodeLabelSet>(
+    e: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: &[(L, i64)],
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Capacity, used and free bytes of the filesystems holding `dirs`, each
+/// filesystem counted once (statvfs(3); used is what nobody may write).
+pub fn filesystems(dirs: &[&std::path::Path]) -> (u64, u64, u64) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut cap, mut free) = (0u64, 0u64);
+    for d in dirs {
+        let Ok(c) = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()) else { continue };
+        // SAFETY: statvfs(3) writes into the zeroed struct we own; the path
+        // is a valid NUL-terminated string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 && seen.insert(st.f_fsid) {
+            let frsize = st.f_frsize as u64;
+            cap = cap.saturating_add((st.f_blocks as u64).saturating_mul(frsize));
+            free = free.saturating_add((st.f_bavail as u64).saturating_mul(frsize));
+        }
+    }
+    (cap, cap.saturating_sub(free), free)
+}
+
+/// The node's store, payload budget and front-end connections, read at
+/// scrape time.
+#[derive(Debug)]
+pub struct NodeCollector(pub Arc<crate::node::Node>);
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let node = &self.0;
+        let dirs: Vec<&std::path::Path> = node.store().data_dirs().map(|(p, _)| p).collect();
+        let (cap, used, free) = filesystems(&dirs);
+        let b = Some(&Unit::Bytes);
+        gauge(
+            &mut e,
+            "store_capacity",
+            "Size of the filesystems holding the data directories",
+            b,
+            clamp(cap),
+        )?;
+        gauge(&mut e, "store_used", "Bytes in use on those filesystems (by anyone)", b, clamp(used))?;
+        gauge(&mut e, "store_free", "Bytes free for basaltd on those filesystems", b, clamp(free))?;
+        let budget = node.payload_budget();
+        gauge(
+            &mut e,
+            "payload_budget",
+            "The node-wide budget for client payload in flight",
+            b,
+            clamp(budget.total()),
+        )?;
+        let in_use = budget.total().saturating_sub(budget.available());
+        gauge(
+            &mut e,
+            "payload_budget_in_use",
+            "Client payload bytes in flight now (budget taken)",
+            b,
+            clamp(in_use),
+        )?;
+        let c = node.connections();
+        let open: Vec<_> = crate::node::Frontend::ALL
+            .iter()
+            .map(|&f| ([("frontend", f.label())], clamp(c.open(f))))
+            .collect();
+        gauges(&mut e, "frontend_connections", "Client connections open now, per front end", None, &open)?;
+        let mut m = e.encode_descriptor(
+            "frontend_connections_accepted",
+            "Client connections accepted since start, per front end",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in crate::node::Frontend::ALL {
+            ConstCounter::new(c.accepted(f)).encode(m.encode_family(&[("frontend", f.label())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metadata group as this node sees it: Raft term, leader, indexes,
+/// and the extents with fewer replicas than their volume asks for.
+#[derive(Debug)]
+pub struct RaftCollector(pub crate::meta::MetaNode);
+
+impl Collector for RaftCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let st = self.0.status();
+        gauge(&mut e, "raft_term", "Current Raft term", None, clamp(st.term))?;
+        // Node ids are 64-bit: labels, not sample values (a float loses them).
+        let me = [([("node", st.id.0.to_string())], 1)];
+        gauges(&mut e, "node_info", "This node (its id in the label)", None, &me)?;
+        let has = i64::from(st.leader.is_some());
+        gauge(&mut e, "raft_has_leader", "1 if this node knows a Raft leader", None, has)?;
+        let leader: Vec<_> = st.leader.iter().map(|l| ([("node", l.0.to_string())], 1)).collect();
+        gauges(
+            &mut e,
+            "raft_leader",
+            "The leader this node knows, by node id (no series: none)",
+            None,
+            &leader,
+        )?;
+        let is = i64::from(st.leader == Some(st.id));
+        gauge(&mut e, "raft_is_leader", "1 if this node is the Raft leader", None, is)?;
+        gauge(
+            &mut e,
+            "raft_commit_index",
+            "Highest log index known committed",
+            None,
+            clamp(st.commit_index),
+        )?;
+        gauge(&mut e, "raft_applied_index", "Highest log index applied here", None, clamp(st.applied_index))?;
+        gauge(&mut e, "raft_voters", "Voters in the Raft configuration", None, st.voters.len() as i64)?;
+        counter(
+            &mut e,
+            "raft_proposals",
+            "Commands this node proposed to the metadata group",
+            self.0.proposals(),
+        )?;
+        let state = self.0.subscribe().borrow().clone();
+        let mut total = 0u64;
+        let mut per_volume = Vec::new();
+        for v in state.volumes() {
+            let n = state
+                .exceptions_of(v.id)
+                .filter(|(_, x)| x.replicas.as_ref().is_some_and(|r| r.len() < v.replicas as usize))
+                .count() as u64;
+            if n > 0 {
+                per_volume.push(([("volume", v.name.clone())], clamp(n)));
+            }
+            total += n;
+        }
+        gauge(
+            &mut e,
+            "degraded_extents",
+            "Extents with fewer replicas than their volume asks for",
+            None,
+            clamp(total),
+        )?;
+        gauges(
+            &mut e,
+            "volume_degraded_extents",
+            "Degraded extents per volume (only volumes that have some)",
+            None,
+            &per_volume,
+        )
+    }
+}
+
+/// The peer protocol's clients: per peer, requests and bytes in flight;
+/// over all peers, the pool's counters.
+#[derive(Debug)]
+pub struct PeerCollector {
+    pub pool: Arc<crate::net::PeerPool>,
+    /// The per-peer byte budget (`ClientConfig::peer_budget`).
+    pub peer_budget: u64,
+}
+
+impl Collector for PeerCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut clients = self.pool.clients();
+        clients.sort_by_key(|c| c.addr());
+        let label = |c: &crate::net::PeerClient| [("peer", c.addr().to_string())];
+        let series = |f: &dyn Fn(&crate::net::PeerClient) -> u64| -> Vec<_> {
+            clients.iter().map(|c| (label(c), clamp(f(c)))).collect()
+        };
+        gauges(
+            &mut e,
+            "peer_requests_in_flight",
+            "Requests to the peer awaiting their reply",
+            None,
+            &series(&|c| c.in_flight() as u64),
+        )?;
+        gauges(
+            &mut e,
+            "peer_in_flight",
+            "Bytes of the peer's budget held by frames in flight",
+            Some(&Unit::Bytes),
+            &series(&|c| self.peer_budget.saturating_sub(c.budget_available() as u64)),
+        )?;
+        gauges(
+            &mut e,
+            "peer_connections",
+            "Live connections to the peer",
+            None,
+            &series(&|c| c.connections() as u64),
+        )?;
+        let s = self.pool.stats();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(&mut e, "peer_requests", "Requests sent to peers", get(&s.requests))?;
+        counter(&mut e, "peer_timeouts", "Peer requests that timed out", get(&s.timeouts))?;
+        counter(&mut e, "peer_connects", "Peer connections made", get(&s.connects))?;
+        counter(
+            &mut e,
+            "peer_connect_failures",
+            "Peer connection attempts that failed",
+            get(&s.connect_failures),
+        )?;
+        counter(&mut e, "peer_connections_lost", "Peer connections lost", get(&s.connections_lost))?;
+        counter(&mut e, "peer_messages_sent", "One-way messages sent to peers (Raft)", get(&s.sent_one_way))?;
+        let mut m = e.encode_descriptor(
+            "peer_messages_dropped",
+            "One-way messages dropped, by why",
+            None,
+            MetricType::Counter,
+        )?;
+        for (why, v) in [("unreachable", &s.dropped_unreachable), ("budget_full", &s.dropped_full)] {
+            ConstCounter::new(get(v)).encode(m.encode_family(&[("reason", why)])?)?;
+        }
+        Ok(())
     }
 }
 

@@ -154,6 +154,7 @@ enum Closed {
 }
 
 async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken, sectors: Arc<SectorLocks>) {
+    let _open = node.open_connection(crate::node::Frontend::Nbd);
     if let Err(e) = sock.set_nodelay(true) {
         debug!(error = %e, "TCP_NODELAY");
     }
@@ -213,7 +214,10 @@ async fn run(
     debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");
     let sectors = (!session.sizes_agreed).then(|| sectors.of(&session.export));
     let target = Target { volume, sectors };
-    transmission(sock, buf, target, node.payload_budget(), session, cancel).await
+    // Every line of the transmission phase names its volume (JSON logs
+    // carry it as a span field).
+    let span = tracing::info_span!("volume", volume = %session.export);
+    transmission(sock, buf, target, node.payload_budget(), session, cancel).instrument(span).await
 }
 
 /// Option haggling: the agreed session plus any bytes already read past
@@ -601,10 +605,26 @@ fn dispatch(
         }
         Err(errno) => {
             info!(handle, kind, offset, len, ?errno, "request refused");
+            count_refused(&target.volume, kind, offset, len);
             let msg = format!("{errno:?}: command {kind} at {offset}+{len}");
             out.push(error_reply(handle, errno, session.structured, msg), permit);
         }
     }
+}
+
+/// A refused READ, WRITE, FLUSH, TRIM or WRITE_ZEROES counts in the
+/// volume's error metrics like one the volume failed.
+fn count_refused(volume: &Volume, kind: u16, offset: u64, len: u32) {
+    use crate::admin::metrics::Op;
+    let op = match kind {
+        CMD_READ => Op::read,
+        CMD_WRITE => Op::write,
+        CMD_FLUSH => Op::flush,
+        crate::proto::nbd::CMD_TRIM => Op::trim,
+        crate::proto::nbd::CMD_WRITE_ZEROES => Op::write_zeroes,
+        _ => return,
+    };
+    volume.count_refused(op, offset, len as u64);
 }
 
 fn errno_of(e: &VolumeError, writes: bool) -> Errno {

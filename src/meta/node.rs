@@ -139,6 +139,8 @@ struct Shared {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// When the leader last acknowledged this node's heartbeat.
     last_ack: Arc<Mutex<Option<Instant>>>,
+    /// Commands proposed through [`MetaNode::propose`] (for metrics).
+    proposals: std::sync::atomic::AtomicU64,
 }
 
 /// A running metadata node. Cheap to clone; every clone talks to one task.
@@ -225,6 +227,7 @@ impl MetaNode {
             status: status_rx,
             task: Mutex::new(None),
             last_ack: Arc::clone(&last_ack),
+            proposals: Default::default(),
         });
         let runner = Runner {
             cfg,
@@ -254,6 +257,7 @@ impl MetaNode {
     /// and waits until this node has applied it. Dropping the future does
     /// not withdraw the command: it may still apply, once.
     pub async fn propose(&self, command: Command) -> Result<ApplyOutcome, MetaError> {
+        self.shared.proposals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
         self.send(Input::Propose { command, reply }).await?;
         rx.await.map_err(|_| MetaError::Stopped)?
@@ -274,6 +278,11 @@ impl MetaNode {
     /// A watch of the applied state (changes after every applied batch).
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
         self.shared.state.clone()
+    }
+
+    /// How many commands [`MetaNode::propose`] was asked to propose here.
+    pub fn proposals(&self) -> u64 {
+        self.shared.proposals.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn status(&self) -> MetaStatus {

@@ -522,4 +522,9 @@ impl PeerPool {
     pub fn stats(&self) -> &ClientStats {
         &self.stats
     }
+
+    /// The client of every peer known (for metrics).
+    pub fn clients(&self) -> Vec<PeerClient> {
+        self.peers.lock().unwrap().values().cloned().collect()
+    }
 }

@@ -58,6 +58,11 @@ impl PayloadBudget {
         }
     }
 
+    /// The budget's size in bytes.
+    pub fn total(&self) -> u64 {
+        self.units as u64 * UNIT
+    }
+
     /// Bytes free right now (for tests and logs).
     pub fn available(&self) -> u64 {
         self.sem.available_permits() as u64 * UNIT

@@ -264,6 +264,54 @@ pub struct Node {
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     /// Client payload memory, shared by every frontend connection.
     payload_budget: PayloadBudget,
+    /// Where every volume of this node records its metrics.
+    metrics: Arc<crate::admin::metrics::Metrics>,
+    connections: Arc<Connections>,
+}
+
+/// A client front end, as the `frontend` metric label spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    Nbd,
+    Iscsi,
+}
+
+impl Frontend {
+    pub const ALL: [Frontend; 2] = [Frontend::Nbd, Frontend::Iscsi];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Frontend::Nbd => "nbd",
+            Frontend::Iscsi => "iscsi",
+        }
+    }
+}
+
+/// Client connections per front end: open now, and accepted since start.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: [std::sync::atomic::AtomicU64; 2],
+    accepted: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl Connections {
+    pub fn open(&self, f: Frontend) -> u64 {
+        self.open[f as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn accepted(&self, f: Frontend) -> u64 {
+        self.accepted[f as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// One open client connection, counted until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Connections>, Frontend);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open[self.1 as usize].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Default for the node-wide client payload budget ([`Node::payload_budget`]).
@@ -341,12 +389,37 @@ impl Node {
             catalog: Mutex::new(catalog),
             volumes: Mutex::new(BTreeMap::new()),
             payload_budget: PayloadBudget::new(payload_budget),
+            metrics: Arc::new(crate::admin::metrics::Metrics::new()),
+            connections: Arc::default(),
         };
         let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().catalog.volumes.values().cloned().collect();
         for spec in specs {
-            node.volumes.lock().unwrap().insert(spec.name.clone(), Volume::new(spec, node.store.clone()));
+            node.volumes.lock().unwrap().insert(spec.name.clone(), node.new_volume(spec));
         }
         Ok(Arc::new(node))
+    }
+
+    /// The registry this node's volumes record into (`/metrics`).
+    pub fn metrics(&self) -> &Arc<crate::admin::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Client connections per front end.
+    pub fn connections(&self) -> &Connections {
+        &self.connections
+    }
+
+    /// Counts a client connection of `f` until the guard is dropped.
+    pub fn open_connection(&self, f: Frontend) -> OpenConnection {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.connections.open[f as usize].fetch_add(1, Relaxed);
+        self.connections.accepted[f as usize].fetch_add(1, Relaxed);
+        OpenConnection(self.connections.clone(), f)
+    }
+
+    fn new_volume(&self, spec: VolumeSpec) -> Arc<Volume> {
+        let m = self.metrics.volume(&spec.name);
+        Volume::new(spec, self.store.clone(), m)
     }
 
     /// The node-wide cap on client payload memory (READ and WRITE data in
@@ -412,7 +485,7 @@ impl Node {
                 return Err(e);
             }
         }
-        let vol = Volume::new(spec, self.store.clone());
+        let vol = self.new_volume(spec);
         self.volumes.lock().unwrap().insert(name.to_string(), vol.clone());
         Ok(vol)
     }

@@ -2,7 +2,7 @@
 //! (its catalog copies, so a restart recognises every extent it holds),
 //! which it serves, and which were deleted.
 
-use super::{CATALOG_FORMAT, CatalogBody, Node, NodeError, Volume, VolumeSpec, write_catalog};
+use super::{CATALOG_FORMAT, CatalogBody, Node, NodeError, VolumeSpec, write_catalog};
 use crate::types::VolumeId;
 use std::collections::BTreeSet;
 
@@ -42,7 +42,7 @@ impl Node {
             for s in all.iter().filter(|s| owned.contains(&s.id)) {
                 if !vols.contains_key(&s.name) {
                     tracing::info!(volume = %s.name, id = %s.id, "serving volume");
-                    vols.insert(s.name.clone(), Volume::new(s.clone(), self.store.clone()));
+                    vols.insert(s.name.clone(), self.new_volume(s.clone()));
                 }
             }
             removed

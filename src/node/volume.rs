@@ -22,6 +22,7 @@
 //! finished while one of its pieces still writes).
 
 use super::VolumeSpec;
+use crate::admin::metrics::{Op, VolumeMetrics};
 use crate::poll::LongOp;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
@@ -58,6 +59,22 @@ pub enum VolumeError {
     Io(#[source] StoreError),
 }
 
+impl VolumeError {
+    /// The `kind` label of `basalt_volume_errors_total` (stable: dashboards
+    /// and alerts match on it).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VolumeError::OutOfRange { .. } => "out_of_range",
+            VolumeError::Misaligned { .. } => "misaligned",
+            VolumeError::TooLarge(_) => "too_large",
+            VolumeError::ReadOnly => "read_only",
+            VolumeError::NoSpace(_) => "no_space",
+            VolumeError::Checksum { .. } => "checksum",
+            VolumeError::Io(_) => "io",
+        }
+    }
+}
+
 impl From<StoreError> for VolumeError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -78,6 +95,7 @@ pub struct Volume {
     /// Counts finished changes of the data (writes, zeroes, trims, failed
     /// ones included): see [`Volume::changes`].
     changes: Arc<AtomicU64>,
+    metrics: VolumeMetrics,
 }
 
 /// Counts a change as finished when dropped, however its future ends.
@@ -104,13 +122,14 @@ where
 }
 
 impl Volume {
-    pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>) -> Arc<Volume> {
+    pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>, metrics: VolumeMetrics) -> Arc<Volume> {
         let n = spec.layout.extent_count(spec.size) as usize;
         Arc::new(Volume {
             extents: (0..n).map(|_| OnceCell::new()).collect(),
             spec,
             store,
             changes: Arc::default(),
+            metrics,
         })
     }
 
@@ -179,7 +198,7 @@ impl Volume {
     }
 
     /// Reads `len` bytes at `offset`, as data and holes in address order.
-    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<ReadChunk>> {
+    async fn read_io(&self, offset: u64, len: u64) -> Result<Vec<ReadChunk>> {
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
         }
@@ -204,7 +223,7 @@ impl Volume {
     }
 
     /// Writes `data` at `offset`. With `fua` the data is durable on return.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    async fn write_io(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let len = data.len() as u64;
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
@@ -310,7 +329,7 @@ impl Volume {
 
     /// Makes the range read as zeros. `deallocate` lets the store turn it
     /// into holes (NBD WRITE_ZEROES without NO_HOLE; SCSI WRITE SAME with UNMAP).
-    pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
+    async fn write_zeroes_io(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
@@ -330,7 +349,7 @@ impl Volume {
     }
 
     /// Discards the range; it reads back as zeros afterwards.
-    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+    async fn trim_io(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
@@ -355,7 +374,7 @@ impl Volume {
     /// looks clean may be so only because a flush still running took its
     /// pages, and its flush lock is what waits for that flush's barrier.
     /// (Untouched extents cost a lock each, no I/O.)
-    pub async fn flush(&self) -> Result<()> {
+    async fn flush_io(&self) -> Result<()> {
         let _long = LongOp::begin();
         self.store.flush_extents(self.extents.iter().filter_map(|c| c.get()).cloned()).await?;
         Ok(())
@@ -379,5 +398,68 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+}
+
+/// The public I/O calls: each is the operation above plus its metrics (an
+/// atomic add or two and one histogram observation; nothing when metrics
+/// are off). An operation whose future is dropped before it ends is not
+/// counted: it never finished.
+impl Volume {
+    /// Reads `len` bytes at `offset`, as data and holes in address order.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<ReadChunk>> {
+        let t = self.metrics.start();
+        let r = self.read_io(offset, len).await;
+        self.metrics.finish(Op::read, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// Writes `data` at `offset`. With `fua` the data is durable on return.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let (t, len) = (self.metrics.start(), data.len() as u64);
+        let r = self.write_io(offset, data, fua).await;
+        self.metrics.finish(Op::write, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// Makes the range read as zeros. `deallocate` lets the store turn it
+    /// into holes (NBD WRITE_ZEROES without NO_HOLE; SCSI WRITE SAME with UNMAP).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
+        let t = self.metrics.start();
+        let r = self.write_zeroes_io(offset, len, deallocate, fua).await;
+        self.metrics.finish(Op::write_zeroes, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// Discards the range; it reads back as zeros afterwards.
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let t = self.metrics.start();
+        let r = self.trim_io(offset, len, fua).await;
+        self.metrics.finish(Op::trim, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// Every write completed before this call, on any connection, is on
+    /// stable storage when it returns (see `flush_io`).
+    pub async fn flush(&self) -> Result<()> {
+        let t = self.metrics.start();
+        let r = self.flush_io().await;
+        self.metrics.finish(Op::flush, 0, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// Counts a request a front end refused by its own protocol checks
+    /// before it reached the volume, under the kind of the volume check it
+    /// fails (`invalid` if it passes them all: bad flags, say).
+    pub fn count_refused(&self, op: Op, offset: u64, len: u64) {
+        let check = match op {
+            Op::read if len > MAX_PAYLOAD => Err(VolumeError::TooLarge(len)),
+            Op::write if len > MAX_PAYLOAD => Err(VolumeError::TooLarge(len)),
+            Op::read => self.check_range(offset, len),
+            Op::write | Op::trim | Op::write_zeroes => self.check_write(offset, len),
+            Op::flush => Ok(()),
+        };
+        let t = self.metrics.start();
+        self.metrics.finish(op, 0, t, Some(check.err().map_or("invalid", |e| e.kind())));
     }
 }

@@ -8,14 +8,15 @@
 //!    and bootstraps with all of them as voters; a fresh node with `join`
 //!    asks a member to add it; a fresh node with neither waits for
 //!    `basalt node add` to invite it; a restart just restarts;
-//! 3. once the node is a member and the cluster id is known: the front
-//!    ends, serving the volumes this node owns, and the admin API;
+//! 3. the admin API, as soon as the metadata node runs (`/readyz` says
+//!    why the node does not serve yet); once the node is a member and the
+//!    cluster id is known: the front ends, serving the volumes it owns;
 //! 4. READY=1. SIGTERM/SIGINT drain and flush; SIGHUP re-reads log_filter.
 
 use crate::LogReload;
 use crate::control::{self, Daemon};
 use anyhow::Context;
-use basalt::admin::metrics::Metrics;
+use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
@@ -322,6 +323,14 @@ async fn initial_member_ids(
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
+    // Logging started before the configuration was read: its filter
+    // applies from here (it used to wait for the first SIGHUP).
+    if let Some(handle) = &opts.log_reload
+        && std::env::var_os("RUST_LOG").is_none()
+        && cfg.log_filter.is_some()
+    {
+        apply_log_filter(&cfg, handle, "start");
+    }
     let ident = Identity::load_or_create(&cfg.state_dir, cfg.node_id.map(NodeId), &cfg.cluster_name)
         .context("node identity")?;
     let span = tracing::info_span!("node", node = %ident.node_id);
@@ -333,7 +342,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let notifier = Arc::new(Notifier::from_env());
     spawn_watchdog(notifier.clone());
     notifier.status("opening the store");
-    let metrics = Arc::new(Metrics::new());
     let node = if cfg.data_dirs.is_empty() {
         tracing::info!("no data directories: a compute node (stores nothing)");
         None
@@ -345,12 +353,21 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             .context("opening the store")?;
         Some(node)
     };
+    // The volumes record into the node's registry; the collectors below
+    // add what is read at scrape time.
+    let metrics = node.as_ref().map_or_else(|| Arc::new(Metrics::new()), |n| n.metrics().clone());
+    if let Some(n) = &node {
+        metrics.register_collector(Box::new(NodeCollector(n.clone())));
+    }
 
     // The peer protocol: a node that belongs to no cluster yet says so
     // with cluster id 0, which members accept only for joining.
     let cluster_id = ident.cluster_id.as_deref().and_then(|s| u128::from_str_radix(s, 16).ok()).unwrap_or(0);
     let cluster_cell = basalt::net::ClusterCell::new(ClusterId(cluster_id));
-    let pool = Arc::new(PeerPool::new(ClientConfig::new(cluster_cell.clone(), me)));
+    let client_cfg = ClientConfig::new(cluster_cell.clone(), me);
+    let peer_budget = client_cfg.peer_budget as u64;
+    let pool = Arc::new(PeerPool::new(client_cfg));
+    metrics.register_collector(Box::new(PeerCollector { pool: pool.clone(), peer_budget }));
     let book = Arc::new(AddrBook::default());
     let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
     let peer_server =
@@ -383,6 +400,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let meta =
         MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
     let _ = handler.meta.set(meta.clone());
+    metrics.register_collector(Box::new(RaftCollector(meta.clone())));
 
     let daemon = Arc::new(Daemon::new(
         cfg.clone(),
@@ -396,6 +414,21 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     ));
     let _ = handler.daemon.set(daemon.clone());
 
+    // The admin API answers from here on: /readyz says why the node does
+    // not serve yet, and `basalt node add` can reach a node that waits.
+    let cancel = CancellationToken::new();
+    // The admin API outlives the front ends, so /readyz can say "draining".
+    let admin_cancel = CancellationToken::new();
+    let mut servers = tokio::task::JoinSet::new();
+    let admin = tokio::net::TcpListener::bind(cfg.listen.admin)
+        .await
+        .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
+    let admin_addr = admin.local_addr()?;
+    let control: Arc<dyn basalt::admin::Control> = daemon.clone();
+    servers.spawn(
+        basalt::admin::server::serve(admin, control, metrics.clone(), admin_cancel.clone()).in_current_span(),
+    );
+
     if fresh && let Some(join) = cfg.cluster.join {
         notifier.status(&format!("joining the cluster through {join}"));
         daemon.join_through(join).await?;
@@ -407,29 +440,24 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     tracing::info!(cluster = %cluster, "member of the metadata group");
 
     // Keep the address book and the served volumes in step with the metadata.
-    let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()));
+    tokio::spawn(control::follow_metadata(daemon.clone(), cancel.clone()).in_current_span());
 
     daemon.adopt_local_volumes().await?;
     if let Some(demo) = &opts.demo {
         daemon.ensure_demo_volume(demo).await?;
     }
 
-    let mut servers = tokio::task::JoinSet::new();
-    let admin = tokio::net::TcpListener::bind(cfg.listen.admin)
-        .await
-        .with_context(|| format!("listen.admin {}", cfg.listen.admin))?;
-    let admin_addr = admin.local_addr()?;
-    let control: Arc<dyn basalt::admin::Control> = daemon.clone();
-    servers.spawn(basalt::admin::server::serve(admin, control, metrics.clone(), cancel.clone()));
     let mut nbd_addr = None;
     let mut iscsi_addr = None;
     if let Some(node) = &node {
         if let Some(a) = cfg.listen.nbd {
             let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.nbd {a}"))?;
             nbd_addr = Some(l.local_addr()?);
-            servers.spawn(basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone()));
+            servers.spawn(
+                basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone())
+                    .in_current_span(),
+            );
         }
         if let Some(a) = cfg.listen.iscsi {
             let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.iscsi {a}"))?;
@@ -444,13 +472,10 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             });
             let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
             icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
-            servers.spawn(basalt::export::iscsi::serve(
-                l,
-                node.clone(),
-                cancel.clone(),
-                tracker.clone(),
-                icfg,
-            ));
+            servers.spawn(
+                basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg)
+                    .in_current_span(),
+            );
         }
     } else if cfg.listen.nbd.is_some() || cfg.listen.iscsi.is_some() {
         tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");
@@ -495,6 +520,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     if let Some(node) = &node {
         node.close().await.context("final flush")?;
     }
+    admin_cancel.cancel();
     meta.shutdown().await;
     peer_server.shutdown().await;
     tracing::info!("flushed; bye");
@@ -517,13 +543,18 @@ fn reload(opts: &RunOptions) {
             return;
         }
     };
+    apply_log_filter(&cfg, handle, "SIGHUP");
+}
+
+/// The log filter of `cfg` (unless $RUST_LOG, which wins), applied now.
+fn apply_log_filter(cfg: &Config, handle: &LogReload, why: &str) {
     let filter = std::env::var("RUST_LOG").ok().or(cfg.log_filter.clone()).unwrap_or_else(|| "info".into());
     match tracing_subscriber::EnvFilter::try_new(&filter) {
         Ok(f) => match handle.reload(f) {
-            Ok(()) => tracing::info!(%filter, "SIGHUP: log filter reloaded"),
-            Err(e) => tracing::warn!(error = %e, "SIGHUP: log filter not reloaded"),
+            Ok(()) => tracing::info!(%filter, "{why}: log filter set"),
+            Err(e) => tracing::warn!(error = %e, "{why}: log filter not set"),
         },
-        Err(e) => tracing::warn!(%filter, error = %e, "SIGHUP: bad log filter"),
+        Err(e) => tracing::warn!(%filter, error = %e, "{why}: bad log filter"),
     }
 }
 

@@ -137,7 +137,12 @@ pub async fn serve(
         let span = tracing::info_span!("iscsi", conn = conn_id, %peer);
         let shared = shared.clone();
         let cancel = cancel.clone();
-        tracker.spawn(tracing::Instrument::instrument(conn::run(stream, shared, cancel), span));
+        let open = shared.node.open_connection(crate::node::Frontend::Iscsi);
+        let conn = async move {
+            let _open = open;
+            conn::run(stream, shared, cancel).await
+        };
+        tracker.spawn(tracing::Instrument::instrument(conn, span));
     }
     Ok(())
 }
