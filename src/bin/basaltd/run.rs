@@ -240,23 +240,6 @@ impl PeerHandler for Handler {
     }
 }
 
-/// Total bytes of the filesystems holding `dirs` (each counted once).
-fn filesystem_capacity(dirs: &[PathBuf]) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    for d in dirs {
-        let Ok(c) = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()) else { continue };
-        // SAFETY: statvfs(3) writes into the zeroed struct we own; the path
-        // is a valid NUL-terminated string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 && seen.insert(st.f_fsid) {
-            total = total.saturating_add((st.f_blocks as u64).saturating_mul(st.f_frsize as u64));
-        }
-    }
-    total
-}
-
 pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
     let opt = |a: Option<SocketAddr>| a.map_or(String::new(), |a| a.to_string());
     let has_data = !cfg.data_dirs.is_empty();
@@ -270,7 +253,13 @@ pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
         },
         zone: cfg.zone.clone(),
         capacity: if has_data {
-            cfg.capacity.map_or_else(|| filesystem_capacity(&cfg.data_dirs), |c| c.0)
+            cfg.capacity.map_or_else(
+                || {
+                    let dirs: Vec<&std::path::Path> = cfg.data_dirs.iter().map(|d| d.as_path()).collect();
+                    basalt::admin::metrics::filesystems(&dirs).0
+                },
+                |c| c.0,
+            )
         } else {
             0
         },
