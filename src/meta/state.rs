@@ -844,7 +844,8 @@ impl MetaState {
                         return Err(Rejection::ShrinkNotAllowed { volume: *volume, current, size: *size });
                     }
                     let keep = v.layout.extent_count(*size);
-                    let listed = self.exceptions_of(*volume).find(|(e, x)| e.0 >= keep && x.replicas.is_some());
+                    let listed =
+                        self.exceptions_of(*volume).find(|(e, x)| e.0 >= keep && x.replicas.is_some());
                     if let Some((extent, _)) = listed {
                         return Err(Rejection::ExtentPastEnd { volume: *volume, extent });
                     }

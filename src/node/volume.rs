@@ -26,10 +26,10 @@
 //! is connected ([`Volume::begin_shrink`]).
 
 use super::VolumeSpec;
+use crate::layout::Layout;
 use crate::poll::LongOp;
 use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
-use crate::layout::Layout;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -344,7 +344,11 @@ impl Volume {
 
     /// The extent for a read or a map: `None` if it was never written (so a
     /// read does not create files).
-    async fn existing_extent<'g>(&self, g: &'g Geometry, index: ExtentIndex) -> Result<Option<&'g Arc<Extent>>> {
+    async fn existing_extent<'g>(
+        &self,
+        g: &'g Geometry,
+        index: ExtentIndex,
+    ) -> Result<Option<&'g Arc<Extent>>> {
         if let Some(e) = Self::cell(g, index)?.get() {
             return Ok(Some(e));
         }
@@ -472,7 +476,8 @@ impl Volume {
     /// (Untouched extents cost a lock each, no I/O.)
     pub async fn flush(&self) -> Result<()> {
         let _long = LongOp::begin();
-        let opened: Vec<Arc<Extent>> = self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
+        let opened: Vec<Arc<Extent>> =
+            self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
         self.store.flush_extents(opened).await?;
         Ok(())
     }
@@ -506,7 +511,9 @@ mod tests {
     /// `filled` against the byte-by-unit truth of `Layout::locate`.
     #[test]
     fn filled_matches_locate() {
-        for (extent, unit, width) in [(1u64 << 20, 1u64 << 20, 1u64), (1 << 20, 64 << 10, 3), (1 << 20, 4096, 4)] {
+        for (extent, unit, width) in
+            [(1u64 << 20, 1u64 << 20, 1u64), (1 << 20, 64 << 10, 3), (1 << 20, 4096, 4)]
+        {
             let l = Layout::new(extent, unit, width).unwrap();
             let total = 3 * extent * width;
             for end in (0..=total).step_by(4096) {

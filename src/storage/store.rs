@@ -489,7 +489,8 @@ impl Store {
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => return Err(StoreError::io(format!("remove {}", path.display()), err)),
             }
-            identity::sync_parent(&path).map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
+            identity::sync_parent(&path)
+                .map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
         }
         tracing::info!(%key, "removed a replica past the end of its volume");
         Ok(true)

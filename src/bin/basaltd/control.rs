@@ -442,7 +442,8 @@ impl Daemon {
                     .map_err(|e| ControlError::Conflict(format!("cannot shrink volume {name:?}: {e}")))?,
             ),
             (_, Some(owner)) => {
-                let admin = state.node(owner).map_or_else(|| "unknown".into(), |n| n.spec.addrs.admin.clone());
+                let admin =
+                    state.node(owner).map_or_else(|| "unknown".into(), |n| n.spec.addrs.admin.clone());
                 return Err(ControlError::Conflict(format!(
                     "volume {name:?} is served by node {owner}: shrink it through that node's admin API \
                      (basalt --admin {admin}), which knows the clients connected to it"
@@ -455,7 +456,8 @@ impl Daemon {
         tracing::info!(volume = %name, %id, ?outcome, "volume resize committed");
         let state = self.state(true).await?;
         self.sync_volumes(&state).await;
-        let v = state.volume(id).ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))?;
+        let v =
+            state.volume(id).ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))?;
         if let Some(vol) = served.as_ref().filter(|_| v.owner == Some(self.me))
             && vol.size() != v.size
         {

@@ -766,7 +766,9 @@ impl Session {
         // ATTENTION, on its first command other than INQUIRY, REPORT LUNS
         // and REQUEST SENSE; REQUEST SENSE reports it as its data instead.
         let resizes = lun.vol.resizes();
-        if resizes != self.capacity_seen && !matches!(cmd, Command::Inquiry { .. } | Command::ReportLuns { .. }) {
+        if resizes != self.capacity_seen
+            && !matches!(cmd, Command::Inquiry { .. } | Command::ReportLuns { .. })
+        {
             self.capacity_seen = resizes;
             tracing::info!(blocks = lun.blocks(), "capacity changed: UNIT ATTENTION");
             let r = match cmd {

@@ -88,7 +88,9 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
     match cmd {
         Command::TestUnitReady | Command::NoOp => Ok(Bytes::new()),
         Command::RequestSense { desc, alloc } => Ok(scsi::request_sense(desc, alloc).into()),
-        Command::Inquiry { evpd, page, alloc } => Ok(scsi::inquiry(&lun.info_now(), evpd, page, alloc)?.into()),
+        Command::Inquiry { evpd, page, alloc } => {
+            Ok(scsi::inquiry(&lun.info_now(), evpd, page, alloc)?.into())
+        }
         Command::ModeSense(m) => Ok(scsi::mode_sense(&lun.info_now(), m)?.into()),
         Command::ReadCapacity10 => Ok(scsi::read_capacity10(&lun.info_now()).into()),
         Command::ReadCapacity16 { alloc } => Ok(scsi::read_capacity16(&lun.info_now(), alloc).into()),
