@@ -334,3 +334,39 @@ fn resize_through_a_non_owner_node() {
     assert_eq!(v["size"].as_u64(), Some(8 * MIB));
     assert_eq!(nbd_size(&uri), 8 * MIB);
 }
+
+/// A shrink dropped part way (after it took effect, while its clean-up
+/// runs) still finishes the clean-up, and a later grow waits for it: the
+/// space past the shrunk end reads zeros, never old data or a checksum
+/// error. (A trim cut short by a drop left blocks whose checksums no
+/// longer matched their data before the clean-up got a task of its own.)
+#[tokio::test]
+async fn shrink_dropped_part_way_then_grow_reads_zeros() {
+    use futures::FutureExt;
+    let tmp = common::scratch();
+    let data = tmp.path().join("data");
+    let node =
+        Node::open(StoreConfig { data_dirs: vec![data.clone()], engine: EngineKind::Auto }).await.unwrap();
+    let opts = VolumeOptions {
+        size: 4 * MIB,
+        layout: Layout::contiguous(MIB).unwrap(),
+        replicas: 1,
+        min_replicas: 1,
+        read_only: false,
+    };
+    let vol = node.create_volume("v", opts).unwrap();
+    let id = vol.spec().id;
+    let pat = Bytes::from(pattern(3, (4 * MIB) as usize));
+    vol.write(0, pat.clone(), true).await.unwrap();
+    let small = MIB + MIB / 2;
+    // Polled once, then dropped: the new size is served, but the tail of
+    // extent 1 is still being trimmed (its I/O in flight).
+    assert!(set_size(&node, id, small).now_or_never().is_none(), "the shrink finished in one poll");
+    assert_eq!(vol.size(), small);
+    set_size(&node, id, 4 * MIB).await;
+    let got = flatten_chunks(&vol.read(0, 4 * MIB).await.unwrap());
+    assert!(got[..small as usize] == pat[..small as usize], "data below the shrunk size changed");
+    let nonzero = got[small as usize..].iter().position(|&b| b != 0);
+    assert_eq!(nonzero.map(|i| i as u64 + small), None, "old data reappeared past the shrunk end");
+    assert_eq!(node.catalog_specs()[0].size, 4 * MIB);
+}

@@ -109,7 +109,7 @@ pub struct Volume {
     resizes: AtomicU64,
     clients: Mutex<Clients>,
     /// One resize at a time.
-    resizing: tokio::sync::Mutex<()>,
+    resizing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why [`Volume::begin_shrink`] refused.
@@ -143,6 +143,31 @@ impl Drop for ShrinkHold<'_> {
     fn drop(&mut self) {
         self.0.clients.lock().unwrap().shrink_to = None;
     }
+}
+
+/// Makes everything of volume `spec`'s extents at or past volume byte
+/// `end` go: extents wholly past it are removed, the part of a partial one
+/// past it is trimmed (durably). No request may address past `end`.
+async fn clear_past(store: &Store, spec: &VolumeSpec, end: u64) -> Result<()> {
+    let l = &spec.layout;
+    let keys = store.extent_keys().into_iter().filter(|k| k.volume == spec.id);
+    for key in keys {
+        let fill = filled(l, end, key.index.0);
+        if fill == 0 {
+            if !store.remove_extent(key).await? {
+                tracing::warn!(%key, "an unavailable replica past the volume's end stays on disk");
+            }
+        } else if fill < l.extent_size {
+            match store.extent(key, l.extent_size, Epoch(1)).await {
+                Ok(ext) => ext.trim(fill, l.extent_size - fill, true).await?,
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    tracing::warn!(%key, error = %e, "cannot clear the tail of an unavailable replica");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bytes of extent `index` below volume byte `end`. Always a prefix of the
@@ -182,7 +207,7 @@ impl Volume {
             changes: AtomicU64::new(0),
             resizes: AtomicU64::new(0),
             clients: Mutex::new(Clients::default()),
-            resizing: tokio::sync::Mutex::new(()),
+            resizing: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -243,7 +268,7 @@ impl Volume {
     /// rest of a partial last one. Idempotent: a shrink interrupted by a
     /// crash is finished by the same call after the restart.
     pub(crate) async fn resize(&self, size: u64) -> Result<()> {
-        let _one = self.resizing.lock().await;
+        let one = self.resizing.clone().lock_owned().await;
         let old = self.geometry();
         if size == old.size {
             return Ok(());
@@ -251,10 +276,36 @@ impl Volume {
         // Read-ahead must not serve data from before a resize.
         let _change = Change(&self.changes);
         let keep = self.spec.layout.extent_count(size) as usize;
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        // The clean-up runs in a task of its own that holds the resize
+        // lock: a caller going away (an admin client hanging up) must not
+        // cut a trim short, nor let another resize start under it.
+        let task = |end, old: Option<Arc<Geometry>>| {
+            tokio::spawn(async move {
+                if let Some(old) = old {
+                    // Requests that took the old geometry may still write
+                    // past the new end; they finish (or are dropped) first.
+                    let mut waited = 0u32;
+                    while Arc::strong_count(&old) > 1 {
+                        waited += 1;
+                        if waited % 5000 == 0 {
+                            tracing::info!(volume = %spec.name, "shrink waits for requests still running against the old size");
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                let r = clear_past(&store, &spec, end).await;
+                (one, r)
+            })
+        };
+        let joined = |j: std::result::Result<_, tokio::task::JoinError>| {
+            j.map_err(|e| VolumeError::Io(StoreError::io("resize clean-up task", std::io::Error::other(e))))
+        };
         if size > old.size {
             // Anything past the old end (left by an interrupted shrink) goes
             // before a client can address it.
-            self.clear_past(old.size).await?;
+            let (_one, r) = joined(task(old.size, None).await)?;
+            r?;
             let mut extents = old.extents.clone();
             extents.resize_with(keep, Cell::default);
             *self.geometry.write().unwrap() = Arc::new(Geometry { size, extents });
@@ -263,45 +314,10 @@ impl Volume {
             let extents = old.extents[..keep.min(old.extents.len())].to_vec();
             *self.geometry.write().unwrap() = Arc::new(Geometry { size, extents });
             self.resizes.fetch_add(1, Ordering::AcqRel);
-            // Requests that took the old geometry may still write past the
-            // new end; they finish (or are dropped) before it is cleared.
-            let mut waited = 0u32;
-            while Arc::strong_count(&old) > 1 {
-                waited += 1;
-                if waited % 5000 == 0 {
-                    tracing::info!(volume = %self.spec.name, "shrink waits for requests still running against the old size");
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            drop(old);
-            self.clear_past(size).await?;
+            let (_one, r) = joined(task(size, Some(old)).await)?;
+            r?;
         }
         tracing::info!(volume = %self.spec.name, size, "volume resized");
-        Ok(())
-    }
-
-    /// Makes everything of this volume's extents at or past volume byte
-    /// `end` go: extents wholly past it are removed, the part of a partial
-    /// one past it is trimmed (durably). No request may address past `end`.
-    async fn clear_past(&self, end: u64) -> Result<()> {
-        let l = &self.spec.layout;
-        let keys = self.store.extent_keys().into_iter().filter(|k| k.volume == self.spec.id);
-        for key in keys {
-            let fill = filled(l, end, key.index.0);
-            if fill == 0 {
-                if !self.store.remove_extent(key).await? {
-                    tracing::warn!(%key, "an unavailable replica past the volume's end stays on disk");
-                }
-            } else if fill < l.extent_size {
-                match self.store.extent(key, l.extent_size, Epoch(1)).await {
-                    Ok(ext) => ext.trim(fill, l.extent_size - fill, true).await?,
-                    Err(e @ StoreError::Unavailable { .. }) => {
-                        tracing::warn!(%key, error = %e, "cannot clear the tail of an unavailable replica");
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
         Ok(())
     }
 
