@@ -72,6 +72,16 @@ pub struct CreateVolume {
     pub read_only: bool,
 }
 
+/// `POST /v1/volumes/{name}/resize`: the new size in bytes (a multiple of
+/// 4096). Shrinking needs `allow_shrink`, and is refused while NBD clients
+/// are connected to the volume (NBD cannot tell them).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ResizeVolume {
+    pub size: u64,
+    #[serde(default)]
+    pub allow_shrink: bool,
+}
+
 /// One volume: its spec, owner and (in `show`) every extent's replica set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeInfo {

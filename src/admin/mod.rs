@@ -60,6 +60,10 @@ pub trait Control: Send + Sync + 'static {
     fn volume(&self, name: String, stale: bool) -> ControlResult<'_, VolumeInfo>;
     fn create_volume(&self, req: CreateVolume) -> ControlResult<'_, VolumeInfo>;
     fn delete_volume(&self, name: String) -> ControlResult<'_, ()>;
+    /// Through the volume's owner: answers once it serves the new size.
+    /// Through another node: once the change is committed; the owner
+    /// applies it as it follows the metadata.
+    fn resize_volume(&self, name: String, req: ResizeVolume) -> ControlResult<'_, VolumeInfo>;
     /// Serving clients: `Err(why)` while starting or draining.
     fn ready(&self) -> Result<(), String>;
 }

@@ -12,6 +12,7 @@
 //! | POST | `/v1/volumes` | [`CreateVolume`] -> [`VolumeInfo`] (201) |
 //! | GET | `/v1/volumes/{name}` | [`VolumeInfo`] with extents |
 //! | DELETE | `/v1/volumes/{name}` | 204 |
+//! | POST | `/v1/volumes/{name}/resize` | [`ResizeVolume`] -> [`VolumeInfo`] (200); 409 for a shrink without `allow_shrink` or with NBD clients connected |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when serving, else 503 and why |
 //! | GET | `/metrics` | Prometheus text format |
@@ -20,7 +21,7 @@
 //! read-index round to the leader.
 
 use super::metrics::Metrics;
-use super::{AddNode, ApiError, Control, ControlError, CreateVolume};
+use super::{AddNode, ApiError, Control, ControlError, CreateVolume, ResizeVolume};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -118,6 +119,11 @@ async fn delete_volume(State(c): State<Ctl>, Path(name): Path<String>) -> Answer
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn resize_volume(State(c): State<Ctl>, Path(name): Path<String>, b: Bytes) -> Answer<Response> {
+    let req: ResizeVolume = body(&b)?;
+    Ok(json(StatusCode::OK, c.resize_volume(name, req).await?))
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -147,6 +153,7 @@ pub fn router(control: Ctl, m: Arc<Metrics>) -> Router {
         .route("/v1/nodes/{id}", get(node).delete(remove_node))
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", axum::routing::post(resize_volume))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(unknown_route)

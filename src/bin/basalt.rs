@@ -5,7 +5,7 @@
 //! bodies (field names in README, kept stable); without it, aligned
 //! tables for people.
 
-use basalt::admin::{AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, VolumeInfo};
+use basalt::admin::{AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, ResizeVolume, VolumeInfo};
 use basalt::client::transfer::{Direction, Job, Options};
 use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
@@ -98,6 +98,22 @@ enum VolumeCmd {
     },
     /// Delete a volume and its data.
     Delete { name: String },
+    /// Change a volume's size online. Growing is always allowed: the new
+    /// space reads as zeros; new NBD connections see the new size
+    /// (connected NBD clients keep the size of their handshake: NBD cannot
+    /// tell them), and every connected iSCSI initiator gets a UNIT
+    /// ATTENTION (CAPACITY DATA HAS CHANGED) on its next command. Shrinking
+    /// needs --allow-shrink, goes through the volume's owner node, and is
+    /// refused while any NBD client is connected to the volume; data past
+    /// the new size is lost.
+    Resize {
+        name: String,
+        /// New size: 20G, 512MiB, or bytes (a multiple of 4096).
+        size: ByteSize,
+        /// Allow a size below the current one.
+        #[arg(long)]
+        allow_shrink: bool,
+    },
     /// Copy the raw image FILE into the volume over NBD. Sparse: file holes
     /// and zero blocks are not sent; the volume reads as the image after
     /// it (zeros past its end). A file larger than the volume is refused.
@@ -446,6 +462,11 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 println!("deleted volume {name}")
             }
+        }
+        Cmd::Volume(VolumeCmd::Resize { name, size, allow_shrink }) => {
+            let req = ResizeVolume { size: size.0, allow_shrink };
+            let v: VolumeInfo = c.post(&format!("/v1/volumes/{name}/resize"), &req)?;
+            if cli.json { print_json(&v) } else { print!("{}", volume_rows(&[v])) }
         }
         Cmd::Volume(VolumeCmd::Import { name, file, io }) => {
             transfer(&c, Direction::Import, name, file, io, cli.json)?

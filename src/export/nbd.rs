@@ -140,6 +140,8 @@ enum ConnError {
     UnknownExport(String),
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(std::time::Duration),
+    #[error("export {export:?} shrank below the {told} bytes the client was told during its handshake")]
+    ShrankInHandshake { export: String, told: u64 },
 }
 
 /// How a connection ended normally.
@@ -176,10 +178,12 @@ fn exports(node: &Node) -> Vec<Export> {
             description: format!(
                 "Basalt volume {} ({} bytes{})",
                 v.name(),
-                v.size(),
+                v.nbd_size(),
                 if v.read_only() { ", read-only" } else { "" }
             ),
-            size: v.size(),
+            // NBD cannot tell a connected client of a new size: a client
+            // sees the size of its handshake for the whole connection.
+            size: v.nbd_size(),
             read_only: v.read_only(),
         })
         .collect()
@@ -209,6 +213,10 @@ async fn run(
     };
     let Some(volume) = node.volume(&session.export) else {
         return Err(ConnError::UnknownExport(session.export));
+    };
+    // Counted while connected: a shrink is refused meanwhile.
+    let Some(_client) = volume.attach_nbd(session.size) else {
+        return Err(ConnError::ShrankInHandshake { export: session.export, told: session.size });
     };
     tracing::Span::current().record("export", session.export.as_str());
     debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");

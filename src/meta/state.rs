@@ -232,6 +232,15 @@ pub enum Command {
         extent: ExtentIndex,
         epoch: Epoch,
     },
+    /// Changes a volume's size. A shrink needs `allow_shrink`, and no
+    /// extent wholly past the new end may have a recorded replica set.
+    /// Cleared exception records past the end stay, so an extent that
+    /// comes back with a later grow keeps its epoch rising.
+    ResizeVolume {
+        volume: VolumeId,
+        size: u64,
+        allow_shrink: bool,
+    },
 }
 
 /// One proposal as it travels in a log entry.
@@ -383,6 +392,15 @@ pub enum Rejection {
     Undecodable,
     #[error("raft refused the membership change: {0}")]
     ConfChange(String),
+    #[error("size {0} must be a positive multiple of 4096 up to 64 PiB")]
+    ResizeSize(u64),
+    #[error("{volume} would shrink from {current} to {size} bytes; a shrink needs allow_shrink")]
+    ShrinkNotAllowed { volume: VolumeId, current: u64, size: u64 },
+    #[error(
+        "extent {extent} of {volume} lies past the new end but has a recorded replica set; \
+         wait until it is back on the computed placement"
+    )]
+    ExtentPastEnd { volume: VolumeId, extent: ExtentIndex },
 }
 
 /// Why [`Rejection::NodeHoldsReplicas`] was given.
@@ -433,6 +451,12 @@ pub enum ApplyOutcome {
         volume: VolumeId,
         extent: ExtentIndex,
         epoch: Epoch,
+    },
+    /// `old_size` is the size before (equal to `size`: nothing changed).
+    VolumeResized {
+        volume: VolumeId,
+        old_size: u64,
+        size: u64,
     },
     /// A Raft membership change took effect.
     MembershipChanged(Members),
@@ -810,6 +834,27 @@ impl MetaState {
                 self.check_extent_epoch(*volume, *extent, *epoch)?;
                 self.exceptions.insert((*volume, *extent), ExtentException { epoch: *epoch, replicas: None });
                 Ok(ApplyOutcome::ExtentReplicasCleared { volume: *volume, extent: *extent, epoch: *epoch })
+            }
+            Command::ResizeVolume { volume, size, allow_shrink } => {
+                let v = self.volumes.get(volume).ok_or(Rejection::VolumeNotFound(*volume))?;
+                if *size == 0 || *size % 4096 != 0 || *size > MAX_VOLUME_SIZE {
+                    return Err(Rejection::ResizeSize(*size));
+                }
+                let current = v.size;
+                if *size < current {
+                    if !allow_shrink {
+                        return Err(Rejection::ShrinkNotAllowed { volume: *volume, current, size: *size });
+                    }
+                    let keep = v.layout.extent_count(*size);
+                    let listed =
+                        self.exceptions_of(*volume).find(|(e, x)| e.0 >= keep && x.replicas.is_some());
+                    if let Some((extent, _)) = listed {
+                        return Err(Rejection::ExtentPastEnd { volume: *volume, extent });
+                    }
+                }
+                let v = self.volumes.get_mut(volume).expect("looked up above");
+                v.size = *size;
+                Ok(ApplyOutcome::VolumeResized { volume: *volume, old_size: current, size: *size })
             }
         }
     }
@@ -1417,6 +1462,98 @@ mod tests {
     }
 
     #[test]
+    fn resize_volume() {
+        let mut l = Log::booted();
+        let v = l.create("a"); // 1 GiB, 64 MiB extents: 16
+        let resize = |size, allow_shrink| Command::ResizeVolume { volume: v, size, allow_shrink };
+        assert_eq!(
+            l.run(resize(2 << 30, false)),
+            Ok(ApplyOutcome::VolumeResized { volume: v, old_size: 1 << 30, size: 2 << 30 })
+        );
+        assert_eq!(l.s.volume(v).unwrap().extent_count(), 32);
+        // The same size again changes nothing and is no error.
+        assert_eq!(
+            l.run(resize(2 << 30, false)),
+            Ok(ApplyOutcome::VolumeResized { volume: v, old_size: 2 << 30, size: 2 << 30 })
+        );
+        assert_eq!(
+            l.run(resize((1 << 30) + 4096, true)),
+            Ok(ApplyOutcome::VolumeResized { volume: v, old_size: 2 << 30, size: (1 << 30) + 4096 })
+        );
+        // A partial last extent counts.
+        assert_eq!(l.s.volume(v).unwrap().extent_count(), 17);
+        // Extents wholly past the end may be named no more.
+        assert_eq!(
+            l.run(Command::ClearExtentReplicas { volume: v, extent: ExtentIndex(17), epoch: Epoch(2) }),
+            Err(Rejection::ExtentOutOfRange { volume: v, extent: ExtentIndex(17), extents: 17 })
+        );
+    }
+
+    #[test]
+    fn resize_rejections() {
+        let mut l = Log::booted();
+        let v = l.create("a");
+        let resize = |size, allow_shrink| Command::ResizeVolume { volume: v, size, allow_shrink };
+        for bad in [0, 4097, (1 << 30) + 512, MAX_VOLUME_SIZE + 4096] {
+            assert_eq!(l.run(resize(bad, true)), Err(Rejection::ResizeSize(bad)));
+        }
+        assert_eq!(
+            l.run(Command::ResizeVolume { volume: VolumeId(9), size: 4096, allow_shrink: true }),
+            Err(Rejection::VolumeNotFound(VolumeId(9)))
+        );
+        assert_eq!(
+            l.run(resize(1 << 20, false)),
+            Err(Rejection::ShrinkNotAllowed { volume: v, current: 1 << 30, size: 1 << 20 })
+        );
+        assert_eq!(l.s.volume(v).unwrap().size, 1 << 30);
+        // The largest size is fine.
+        assert!(l.run(resize(MAX_VOLUME_SIZE, false)).is_ok());
+        assert!(l.run(resize(1 << 30, true)).is_ok());
+    }
+
+    #[test]
+    fn shrink_refused_over_a_recorded_replica_set_past_the_end() {
+        let mut l = Log::booted();
+        let v = l.create("a"); // 16 extents
+        l.run(Command::SetExtentReplicas {
+            volume: v,
+            extent: ExtentIndex(10),
+            epoch: Epoch(4),
+            replicas: vec![NodeId(1)],
+        })
+        .unwrap();
+        let shrink = |size| Command::ResizeVolume { volume: v, size, allow_shrink: true };
+        // Extent 10 starts at 640 MiB: a shrink to there drops it.
+        assert_eq!(
+            l.run(shrink(640 << 20)),
+            Err(Rejection::ExtentPastEnd { volume: v, extent: ExtentIndex(10) })
+        );
+        // One that keeps a byte of it is fine.
+        assert!(l.run(shrink((640 << 20) + 4096)).is_ok());
+        // Once cleared, the record stays past the end with its epoch, and
+        // an extent brought back by a grow goes on from it.
+        l.run(Command::ResizeVolume { volume: v, size: 1 << 30, allow_shrink: false }).unwrap();
+        l.run(Command::ClearExtentReplicas { volume: v, extent: ExtentIndex(10), epoch: Epoch(5) }).unwrap();
+        assert!(l.run(shrink(64 << 20)).is_ok());
+        assert_eq!(l.s.epoch(v, ExtentIndex(10)), Epoch(5));
+        l.run(Command::ResizeVolume { volume: v, size: 1 << 30, allow_shrink: false }).unwrap();
+        assert_eq!(
+            l.run(Command::SetExtentReplicas {
+                volume: v,
+                extent: ExtentIndex(10),
+                epoch: Epoch(5),
+                replicas: vec![NodeId(2)]
+            }),
+            Err(Rejection::EpochNotIncreasing {
+                volume: v,
+                extent: ExtentIndex(10),
+                current: Epoch(5),
+                proposed: Epoch(5)
+            })
+        );
+    }
+
+    #[test]
     fn duplicate_request_answers_first_outcome() {
         let mut l = Log::booted();
         let p = Proposal {
@@ -1525,10 +1662,13 @@ mod tests {
                     }
                 }
             ),
-            (vid, 0u64..20, 0u64..6).prop_map(|(volume, e, ep)| Command::ClearExtentReplicas {
+            (vid.clone(), 0u64..20, 0u64..6).prop_map(|(volume, e, ep)| Command::ClearExtentReplicas {
                 volume,
                 extent: ExtentIndex(e),
                 epoch: Epoch(ep)
+            }),
+            (vid, 0u64..(1 << 19), any::<bool>()).prop_map(|(volume, pages, allow_shrink)| {
+                Command::ResizeVolume { volume, size: pages * 4096, allow_shrink }
             }),
         ]
     }

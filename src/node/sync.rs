@@ -1,6 +1,6 @@
 //! Following the metadata: which volumes this node keeps a local record of
 //! (its catalog copies, so a restart recognises every extent it holds),
-//! which it serves, and which were deleted.
+//! which it serves, and which were deleted, and the size of each it serves.
 
 use super::{CATALOG_FORMAT, CatalogBody, Node, NodeError, VolumeSpec, write_catalog};
 use crate::types::VolumeId;
@@ -19,6 +19,10 @@ impl Node {
     /// metadata never had (ids from `next_id` up) are kept, untouched: the
     /// daemon refuses to start over those before it gets here.
     ///
+    /// A served volume whose size differs from the metadata's is resized
+    /// (`Volume::resize`) before its catalog record takes the new size, so
+    /// a resize cut short by a crash is done again after the restart.
+    ///
     /// Returns the names no longer served.
     pub async fn sync_catalog(
         &self,
@@ -28,9 +32,10 @@ impl Node {
     ) -> Result<Vec<String>, NodeError> {
         let known: BTreeSet<VolumeId> = all.iter().map(|v| v.id).collect();
         // Stop serving first, so no new I/O reaches what is deleted below.
-        let removed = {
+        let (removed, resize) = {
             let mut vols = self.volumes.lock().unwrap();
             let mut removed = Vec::new();
+            let mut resize = Vec::new();
             vols.retain(|name, v| {
                 let keep = owned.contains(&v.spec().id)
                     && all.iter().any(|s| s.id == v.spec().id && s.name == *name);
@@ -40,15 +45,28 @@ impl Node {
                 keep
             });
             for s in all.iter().filter(|s| owned.contains(&s.id)) {
-                if !vols.contains_key(&s.name) {
-                    tracing::info!(volume = %s.name, id = %s.id, "serving volume");
-                    vols.insert(s.name.clone(), self.new_volume(s.clone()));
+                match vols.get(&s.name) {
+                    Some(v) if v.size() != s.size => resize.push((v.clone(), s.size)),
+                    Some(_) => {}
+                    None => {
+                        tracing::info!(volume = %s.name, id = %s.id, "serving volume");
+                        vols.insert(s.name.clone(), self.new_volume(s.clone()));
+                    }
                 }
             }
-            removed
+            (removed, resize)
         };
         for name in &removed {
             tracing::info!(volume = %name, "no longer serving volume");
+        }
+        let mut unresized = BTreeSet::new();
+        for (vol, size) in resize {
+            tracing::info!(volume = %vol.name(), from = vol.size(), to = size, "resizing volume");
+            if let Err(e) = vol.resize(size).await {
+                tracing::error!(volume = %vol.name(), size, error = %crate::units::error_chain(&e),
+                    "resize failed; it is tried again at the next metadata change or restart");
+                unresized.insert(vol.spec().id);
+            }
         }
         let local = self.catalog_specs();
         let deleted: Vec<&VolumeSpec> =
@@ -68,7 +86,7 @@ impl Node {
         let mut stored = self.catalog.lock().unwrap();
         let mut cat = stored.catalog.clone();
         cat.volumes.retain(|_, v| !dropped.contains(&v.id));
-        for s in all.iter().filter(|s| owned.contains(&s.id)) {
+        for s in all.iter().filter(|s| owned.contains(&s.id) && !unresized.contains(&s.id)) {
             cat.volumes.insert(s.name.clone(), s.clone());
         }
         cat.next_id = cat.next_id.max(next_id.0.saturating_sub(1));

@@ -21,15 +21,30 @@
 //! anyway; here it keeps [`Volume::changes`] from counting a change as
 //! finished while one of its pieces still writes).
 
+//!
+//! Resizing: the size and the extent table form one [`Geometry`], swapped
+//! whole by [`Volume::resize`] while requests run. A request takes the
+//! current geometry once (a read lock held for an `Arc` clone, never across
+//! an await) and runs against it, so it is checked and served by one size.
+//! A grow makes the new space read as zeros before it is visible; a shrink
+//! makes the new size visible first, waits for the requests that started
+//! against the old one, then removes the extents wholly past the end and
+//! zeroes the tail of a partial last extent (so a later grow shows zeros
+//! there, never old data). Connected NBD clients are counted here: NBD
+//! cannot tell a client its export shrank, so a shrink is refused while one
+//! is connected ([`Volume::begin_shrink`]).
+
 use super::VolumeSpec;
 use crate::admin::metrics::{Op, VolumeMetrics};
+use crate::layout::Layout;
 use crate::poll::LongOp;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
 use bytes::Bytes;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// Logical block size: the smallest alignment a request may have.
@@ -87,15 +102,117 @@ impl From<StoreError> for VolumeError {
 
 pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
 
+/// One extent's replica, opened on first use. Shared by every geometry
+/// that covers the extent, so one opened during a resize is not lost.
+type Cell = Arc<OnceCell<Arc<Extent>>>;
+
+/// The size and the extents that cover it.
+#[derive(Debug)]
+struct Geometry {
+    size: u64,
+    /// `layout.extent_count(size)` cells.
+    extents: Vec<Cell>,
+}
+
+/// Front-end clients of the volume, as far as a resize cares.
+#[derive(Debug, Default)]
+struct Clients {
+    nbd: usize,
+    /// A shrink in progress: new NBD clients are told this size already.
+    shrink_to: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct Volume {
+    /// `spec.size` is the size the volume was opened with; [`Volume::size`]
+    /// is the current one.
     spec: VolumeSpec,
     store: Arc<Store>,
-    extents: Vec<OnceCell<Arc<Extent>>>,
+    geometry: RwLock<Arc<Geometry>>,
     /// Counts finished changes of the data (writes, zeroes, trims, failed
     /// ones included): see [`Volume::changes`].
     changes: Arc<AtomicU64>,
     metrics: VolumeMetrics,
+    /// Counts size changes (see [`Volume::resizes`]).
+    resizes: AtomicU64,
+    clients: Mutex<Clients>,
+    /// One resize at a time.
+    resizing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Why [`Volume::begin_shrink`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShrinkBlocked {
+    #[error(
+        "{0} NBD client(s) are connected, and NBD cannot tell a connected client that its export shrank: \
+         disconnect them and retry (iSCSI initiators are told by a UNIT ATTENTION)"
+    )]
+    NbdClients(usize),
+    #[error("another shrink of this volume is in progress")]
+    Busy,
+}
+
+/// A connected NBD client, counted until dropped.
+#[derive(Debug)]
+pub struct NbdClient(Arc<Volume>);
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        self.0.clients.lock().unwrap().nbd -= 1;
+    }
+}
+
+/// Held from the check that no NBD client is connected until the shrink
+/// is served (or abandoned): meanwhile new NBD clients are told the new size.
+#[derive(Debug)]
+pub struct ShrinkHold<'a>(&'a Volume);
+
+impl Drop for ShrinkHold<'_> {
+    fn drop(&mut self) {
+        self.0.clients.lock().unwrap().shrink_to = None;
+    }
+}
+
+/// Makes everything of volume `spec`'s extents at or past volume byte
+/// `end` go: extents wholly past it are removed, the part of a partial one
+/// past it is trimmed (durably). No request may address past `end`.
+async fn clear_past(store: &Store, spec: &VolumeSpec, end: u64) -> Result<()> {
+    let l = &spec.layout;
+    let keys = store.extent_keys().into_iter().filter(|k| k.volume == spec.id);
+    for key in keys {
+        let fill = filled(l, end, key.index.0);
+        if fill == 0 {
+            if !store.remove_extent(key).await? {
+                tracing::warn!(%key, "an unavailable replica past the volume's end stays on disk");
+            }
+        } else if fill < l.extent_size {
+            match store.extent(key, l.extent_size, Epoch(1)).await {
+                Ok(ext) => ext.trim(fill, l.extent_size - fill, true).await?,
+                Err(e @ StoreError::Unavailable { .. }) => {
+                    tracing::warn!(%key, error = %e, "cannot clear the tail of an unavailable replica");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of extent `index` below volume byte `end`. Always a prefix of the
+/// extent: consecutive stripe units of one extent are in address order.
+fn filled(l: &Layout, end: u64, index: u64) -> u64 {
+    let (su, w) = (l.stripe_unit, l.stripe_width);
+    let per_extent = l.extent_size / su;
+    // Saturating: `index` may come from a file name.
+    let first_unit = (index / w).saturating_mul(per_extent * w).saturating_add(index % w);
+    let first = first_unit.saturating_mul(su);
+    if end <= first {
+        return 0;
+    }
+    let rel = end - first;
+    let row = w * su; // volume bytes from one unit of this extent to its next
+    let rows = rel.div_ceil(row).min(per_extent);
+    (rows - 1) * su + (rel - (rows - 1) * row).min(su)
 }
 
 /// Counts a change as finished when dropped, however its future ends.
@@ -124,13 +241,127 @@ where
 impl Volume {
     pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>, metrics: VolumeMetrics) -> Arc<Volume> {
         let n = spec.layout.extent_count(spec.size) as usize;
+        let geometry = Geometry { size: spec.size, extents: (0..n).map(|_| Cell::default()).collect() };
         Arc::new(Volume {
-            extents: (0..n).map(|_| OnceCell::new()).collect(),
+            geometry: RwLock::new(Arc::new(geometry)),
             spec,
             store,
             changes: Arc::default(),
             metrics,
+            resizes: AtomicU64::new(0),
+            clients: Mutex::new(Clients::default()),
+            resizing: Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    fn geometry(&self) -> Arc<Geometry> {
+        self.geometry.read().unwrap().clone()
+    }
+
+    /// How many times the size changed since the volume was opened. Read
+    /// before [`Volume::size`], a count that moved means the size may have
+    /// (iSCSI's CAPACITY DATA HAS CHANGED relies on it).
+    pub fn resizes(&self) -> u64 {
+        self.resizes.load(Ordering::Acquire)
+    }
+
+    /// The size a new NBD client is told: the current one, or the smaller
+    /// one a shrink in progress is about to serve.
+    pub fn nbd_size(&self) -> u64 {
+        let c = self.clients.lock().unwrap();
+        let size = self.size();
+        c.shrink_to.map_or(size, |s| s.min(size))
+    }
+
+    /// Counts an NBD client that was told `told` bytes, until the guard
+    /// drops. `None` if the volume is smaller than that by now (it shrank
+    /// during the handshake): the client must reconnect.
+    pub fn attach_nbd(self: &Arc<Self>, told: u64) -> Option<NbdClient> {
+        let mut c = self.clients.lock().unwrap();
+        if told > self.size() || c.shrink_to.is_some_and(|s| told > s) {
+            return None;
+        }
+        c.nbd += 1;
+        Some(NbdClient(self.clone()))
+    }
+
+    /// NBD clients connected now.
+    pub fn nbd_clients(&self) -> usize {
+        self.clients.lock().unwrap().nbd
+    }
+
+    /// Starts a shrink to `size`: refused while NBD clients are connected
+    /// (they could still address the space that goes, and NBD has no way
+    /// to warn them). Until the hold drops, new NBD clients are told `size`.
+    pub fn begin_shrink(&self, size: u64) -> Result<ShrinkHold<'_>, ShrinkBlocked> {
+        let mut c = self.clients.lock().unwrap();
+        if c.shrink_to.is_some() {
+            return Err(ShrinkBlocked::Busy);
+        }
+        if c.nbd > 0 {
+            return Err(ShrinkBlocked::NbdClients(c.nbd));
+        }
+        c.shrink_to = Some(size);
+        Ok(ShrinkHold(self))
+    }
+
+    /// Serves `size` bytes from now on (see the module docs). Data below
+    /// both sizes is untouched; a grow reads as zeros past the old end; a
+    /// shrink removes the extents wholly past the new end and zeroes the
+    /// rest of a partial last one. Idempotent: a shrink interrupted by a
+    /// crash is finished by the same call after the restart.
+    pub(crate) async fn resize(&self, size: u64) -> Result<()> {
+        let one = self.resizing.clone().lock_owned().await;
+        let old = self.geometry();
+        if size == old.size {
+            return Ok(());
+        }
+        // Read-ahead must not serve data from before a resize.
+        let _change = Change(self.changes.clone());
+        let keep = self.spec.layout.extent_count(size) as usize;
+        let (store, spec) = (self.store.clone(), self.spec.clone());
+        // The clean-up runs in a task of its own that holds the resize
+        // lock: a caller going away (an admin client hanging up) must not
+        // cut a trim short, nor let another resize start under it.
+        let task = |end, old: Option<Arc<Geometry>>| {
+            tokio::spawn(async move {
+                if let Some(old) = old {
+                    // Requests that took the old geometry may still write
+                    // past the new end; they finish (or are dropped) first.
+                    let mut waited = 0u32;
+                    while Arc::strong_count(&old) > 1 {
+                        waited += 1;
+                        if waited % 5000 == 0 {
+                            tracing::info!(volume = %spec.name, "shrink waits for requests still running against the old size");
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                let r = clear_past(&store, &spec, end).await;
+                (one, r)
+            })
+        };
+        let joined = |j: std::result::Result<_, tokio::task::JoinError>| {
+            j.map_err(|e| VolumeError::Io(StoreError::io("resize clean-up task", std::io::Error::other(e))))
+        };
+        if size > old.size {
+            // Anything past the old end (left by an interrupted shrink) goes
+            // before a client can address it.
+            let (_one, r) = joined(task(old.size, None).await)?;
+            r?;
+            let mut extents = old.extents.clone();
+            extents.resize_with(keep, Cell::default);
+            *self.geometry.write().unwrap() = Arc::new(Geometry { size, extents });
+            self.resizes.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let extents = old.extents[..keep.min(old.extents.len())].to_vec();
+            *self.geometry.write().unwrap() = Arc::new(Geometry { size, extents });
+            self.resizes.fetch_add(1, Ordering::AcqRel);
+            let (_one, r) = joined(task(size, Some(old)).await)?;
+            r?;
+        }
+        tracing::info!(volume = %self.spec.name, size, "volume resized");
+        Ok(())
     }
 
     /// How many changes of the data have finished. A read issued after
@@ -151,16 +382,17 @@ impl Volume {
         &self.spec
     }
 
+    /// The current size.
     pub fn size(&self) -> u64 {
-        self.spec.size
+        self.geometry.read().unwrap().size
     }
 
     pub fn read_only(&self) -> bool {
         self.spec.read_only
     }
 
-    async fn extent(&self, index: ExtentIndex) -> Result<&Arc<Extent>> {
-        let cell = &self.extents[index.0 as usize];
+    async fn extent<'g>(&self, g: &'g Geometry, index: ExtentIndex) -> Result<&'g Arc<Extent>> {
+        let cell = Self::cell(g, index)?;
         cell.get_or_try_init(|| async {
             let key = ExtentKey { volume: self.spec.id, index };
             self.store.extent(key, self.spec.layout.extent_size, Epoch(1)).await
@@ -171,30 +403,44 @@ impl Volume {
 
     /// The extent for a read or a map: `None` if it was never written (so a
     /// read does not create files).
-    async fn existing_extent(&self, index: ExtentIndex) -> Result<Option<&Arc<Extent>>> {
-        if let Some(e) = self.extents[index.0 as usize].get() {
+    async fn existing_extent<'g>(
+        &self,
+        g: &'g Geometry,
+        index: ExtentIndex,
+    ) -> Result<Option<&'g Arc<Extent>>> {
+        if let Some(e) = Self::cell(g, index)?.get() {
             return Ok(Some(e));
         }
         let key = ExtentKey { volume: self.spec.id, index };
-        if self.store.contains(key) { self.extent(index).await.map(Some) } else { Ok(None) }
+        if self.store.contains(key) { self.extent(g, index).await.map(Some) } else { Ok(None) }
+    }
+
+    /// The cell of an extent of a range already checked against `g`.
+    fn cell(g: &Geometry, index: ExtentIndex) -> Result<&Cell> {
+        let i = usize::try_from(index.0).unwrap_or(usize::MAX);
+        g.extents.get(i).ok_or(VolumeError::OutOfRange { offset: 0, len: 0, size: g.size })
     }
 
     /// Bounds and alignment check shared by every operation.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        Self::check_in(&self.geometry(), offset, len)
+    }
+
+    fn check_in(g: &Geometry, offset: u64, len: u64) -> Result<()> {
         if offset % MIN_BLOCK != 0 || len % MIN_BLOCK != 0 {
             return Err(VolumeError::Misaligned { offset, len });
         }
         match offset.checked_add(len) {
-            Some(end) if end <= self.spec.size => Ok(()),
-            _ => Err(VolumeError::OutOfRange { offset, len, size: self.spec.size }),
+            Some(end) if end <= g.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size: g.size }),
         }
     }
 
-    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+    fn check_write(&self, g: &Geometry, offset: u64, len: u64) -> Result<()> {
         if self.spec.read_only {
             return Err(VolumeError::ReadOnly);
         }
-        self.check_range(offset, len)
+        Self::check_in(g, offset, len)
     }
 
     /// Reads `len` bytes at `offset`, as data and holes in address order.
@@ -202,11 +448,13 @@ impl Volume {
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
         }
-        self.check_range(offset, len)?;
+        let g = self.geometry();
+        Self::check_in(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, false);
         let pieces = self.spec.layout.split(offset, len);
+        let g = &*g;
         let reads = pieces.iter().map(|p| async move {
-            match self.existing_extent(p.extent).await? {
+            match self.existing_extent(g, p.extent).await? {
                 Some(ext) => Ok::<_, VolumeError>(ext.read(p.offset, p.len as u32).await?),
                 None => Ok(vec![ReadChunk::Hole(p.len as u32)]),
             }
@@ -228,14 +476,15 @@ impl Volume {
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
         }
-        self.check_write(offset, len)?;
+        let g = self.geometry();
+        self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
         // Every extent first (creating one may fail, e.g. on a full disk),
         // so a failure there leaves nothing half written.
         let mut writes = Vec::new();
         for p in self.spec.layout.split(offset, len) {
-            let ext = self.extent(p.extent).await?.clone();
+            let ext = self.extent(&g, p.extent).await?.clone();
             let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
             writes.push(async move { ext.write(p.offset, part, fua).await });
         }
@@ -267,14 +516,15 @@ impl Volume {
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
         }
-        self.check_write(offset, len)?;
+        let g = self.geometry();
+        self.check_write(&g, offset, len)?;
         if len == 0 {
             return Ok(None);
         }
         let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
         if let [p] = &pieces[..] {
-            let ext = self.extent(p.extent).await?;
+            let ext = self.extent(&g, p.extent).await?;
             let _change = Change(self.changes.clone());
             return Ok(ext.compare_and_write(p.offset, compare, data, fua).await?);
         }
@@ -283,7 +533,7 @@ impl Volume {
         // could deadlock behind a request queued between them.
         let mut spans: Vec<(u64, Arc<Extent>, u64, u64)> = Vec::new();
         for p in &pieces {
-            let ext = self.extent(p.extent).await?;
+            let ext = self.extent(&g, p.extent).await?;
             match spans.iter_mut().find(|s| s.0 == p.extent.0) {
                 Some(s) => {
                     let end = (s.2 + s.3).max(p.offset + p.len);
@@ -330,14 +580,15 @@ impl Volume {
     /// Makes the range read as zeros. `deallocate` lets the store turn it
     /// into holes (NBD WRITE_ZEROES without NO_HOLE; SCSI WRITE SAME with UNMAP).
     async fn write_zeroes_io(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
-        self.check_write(offset, len)?;
+        let g = self.geometry();
+        self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // An extent never written reads as zeros already: nothing to
             // do, and no file to create (a full disk does not fail it).
-            let Some(ext) = self.existing_extent(p.extent).await?.cloned() else { continue };
+            let Some(ext) = self.existing_extent(&g, p.extent).await?.cloned() else { continue };
             ops.push(async move { ext.write_zeroes(p.offset, p.len, deallocate, fua).await });
         }
         RunToEnd::new(async move {
@@ -350,13 +601,14 @@ impl Volume {
 
     /// Discards the range; it reads back as zeros afterwards.
     async fn trim_io(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.check_write(offset, len)?;
+        let g = self.geometry();
+        self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // Never written: already reads as zeros (see `write_zeroes`).
-            let Some(ext) = self.existing_extent(p.extent).await?.cloned() else { continue };
+            let Some(ext) = self.existing_extent(&g, p.extent).await?.cloned() else { continue };
             ops.push(async move { ext.trim(p.offset, p.len, fua).await });
         }
         RunToEnd::new(async move {
@@ -376,17 +628,20 @@ impl Volume {
     /// (Untouched extents cost a lock each, no I/O.)
     async fn flush_io(&self) -> Result<()> {
         let _long = LongOp::begin();
-        self.store.flush_extents(self.extents.iter().filter_map(|c| c.get()).cloned()).await?;
+        let opened: Vec<Arc<Extent>> =
+            self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
+        self.store.flush_extents(opened).await?;
         Ok(())
     }
 
     /// Allocation map of the range, covering it in order. Extents never
     /// opened are holes without touching the store.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
-        self.check_range(offset, len)?;
+        let g = self.geometry();
+        Self::check_in(&g, offset, len)?;
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {
-            let parts = match self.existing_extent(p.extent).await? {
+            let parts = match self.existing_extent(&g, p.extent).await? {
                 Some(ext) => ext.map(p.offset, p.len)?,
                 None => vec![MapExtent { len: p.len, state: crate::types::BlockState::HOLE }],
             };
@@ -456,10 +711,38 @@ impl Volume {
             Op::read if len > MAX_PAYLOAD => Err(VolumeError::TooLarge(len)),
             Op::write if len > MAX_PAYLOAD => Err(VolumeError::TooLarge(len)),
             Op::read => self.check_range(offset, len),
-            Op::write | Op::trim | Op::write_zeroes => self.check_write(offset, len),
+            Op::write | Op::trim | Op::write_zeroes => self.check_write(&self.geometry(), offset, len),
             Op::flush => Ok(()),
         };
         let t = self.metrics.start();
         self.metrics.finish(op, 0, t, Some(check.err().map_or("invalid", |e| e.kind())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `filled` against the byte-by-unit truth of `Layout::locate`.
+    #[test]
+    fn filled_matches_locate() {
+        for (extent, unit, width) in
+            [(1u64 << 20, 1u64 << 20, 1u64), (1 << 20, 64 << 10, 3), (1 << 20, 4096, 4)]
+        {
+            let l = Layout::new(extent, unit, width).unwrap();
+            let total = 3 * extent * width;
+            for end in (0..=total).step_by(4096) {
+                let n = l.extent_count(total) as usize;
+                let mut want = vec![0u64; n];
+                for off in (0..end).step_by(4096) {
+                    let (e, o, _) = l.locate(off);
+                    want[e.0 as usize] = want[e.0 as usize].max(o + 4096);
+                }
+                for (i, w) in want.iter().enumerate() {
+                    assert_eq!(filled(&l, end, i as u64), *w, "layout {l:?} end {end} extent {i}");
+                }
+            }
+            assert_eq!(filled(&l, total, u64::MAX), 0);
+        }
     }
 }

@@ -473,6 +473,29 @@ impl Store {
         Ok(self.unavailable.keys().filter(|k| k.volume == volume).count())
     }
 
+    /// Deletes the open replica of one extent (past the end of a volume
+    /// that shrank). The caller guarantees no request uses it any more.
+    /// `false` if there is none open: absent, or unavailable (its file
+    /// stays for whoever may restore it).
+    pub async fn remove_extent(&self, key: ExtentKey) -> Result<bool> {
+        let _creating = self.creating.lock().await;
+        let Some(e) = self.extents.lock().unwrap().remove(&key) else {
+            return Ok(false);
+        };
+        if self.engine_kind() != EngineKind::Mem {
+            let path = e.path().to_path_buf();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(StoreError::io(format!("remove {}", path.display()), err)),
+            }
+            identity::sync_parent(&path)
+                .map_err(|err| StoreError::io(format!("sync {}", path.display()), err))?;
+        }
+        tracing::info!(%key, "removed a replica past the end of its volume");
+        Ok(true)
+    }
+
     /// The replica of extent `key`, created empty (all holes) with `size`
     /// bytes if it does not exist yet.
     pub async fn extent(&self, key: ExtentKey, size: u64, epoch: Epoch) -> Result<Arc<Extent>> {

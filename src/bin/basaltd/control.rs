@@ -6,7 +6,7 @@ use crate::run::{AddrBook, DemoVolume, ShellRequest, ShellResponse, shell_reques
 use basalt::admin::metrics::Metrics;
 use basalt::admin::{
     ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo,
-    Owner, VolumeInfo,
+    Owner, ResizeVolume, VolumeInfo,
 };
 use basalt::config::Config;
 use basalt::layout::Layout;
@@ -62,6 +62,12 @@ fn meta_error(e: MetaError) -> ControlError {
                     "{msg}; delete or move its volumes first (draining a node comes with a later release)"
                 ))
             }
+            Rejection::ShrinkNotAllowed { .. } => ControlError::Conflict(format!(
+                "{msg}: the data past the new size would be lost; to shrink anyway, pass --allow-shrink \
+                 (\"allow_shrink\": true)"
+            )),
+            Rejection::ExtentPastEnd { .. } => ControlError::Conflict(msg),
+            Rejection::ResizeSize(_) => ControlError::Invalid(msg),
             Rejection::VolumeNotFound(_) | Rejection::NodeNotFound(_) => ControlError::NotFound(msg),
             Rejection::InvalidVolume(_) | Rejection::InvalidNode(_) | Rejection::InvalidReplicas(_) => {
                 ControlError::Invalid(msg)
@@ -429,6 +435,49 @@ impl Daemon {
         Ok(self.volume_info(&state, v, true))
     }
 
+    async fn resize(&self, name: String, req: ResizeVolume) -> Result<VolumeInfo, ControlError> {
+        let state = self.state(false).await?;
+        let v = Self::volume_by_name(&state, &name)?;
+        let id = v.id;
+        let served = self.node.as_ref().and_then(|n| n.volume(&name)).filter(|vol| vol.spec().id == id);
+        // A shrink is checked against the clients where they connect: the
+        // owner (today the only node serving the volume).
+        let _hold = match (&served, v.owner) {
+            _ if req.size >= v.size || !req.allow_shrink => None,
+            (Some(vol), Some(owner)) if owner == self.me => Some(
+                vol.begin_shrink(req.size)
+                    .map_err(|e| ControlError::Conflict(format!("cannot shrink volume {name:?}: {e}")))?,
+            ),
+            (_, Some(owner)) => {
+                let admin =
+                    state.node(owner).map_or_else(|| "unknown".into(), |n| n.spec.addrs.admin.clone());
+                return Err(ControlError::Conflict(format!(
+                    "volume {name:?} is served by node {owner}: shrink it through that node's admin API \
+                     (basalt --admin {admin}), which knows the clients connected to it"
+                )));
+            }
+            (_, None) => None,
+        };
+        let command = Command::ResizeVolume { volume: id, size: req.size, allow_shrink: req.allow_shrink };
+        let outcome = self.meta.propose(command).await.map_err(meta_error)?;
+        tracing::info!(volume = %name, %id, ?outcome, "volume resize committed");
+        let state = self.state(true).await?;
+        self.sync_volumes(&state).await;
+        let v =
+            state.volume(id).ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))?;
+        if let Some(vol) = served.as_ref().filter(|_| v.owner == Some(self.me))
+            && vol.size() != v.size
+        {
+            return Err(ControlError::Internal(format!(
+                "the metadata has volume {name:?} at {} bytes, but this node still serves {}: see its log; \
+                 it tries again at the next metadata change or restart",
+                v.size,
+                vol.size()
+            )));
+        }
+        Ok(self.volume_info(&state, v, false))
+    }
+
     fn volume_by_name<'a>(state: &'a MetaState, name: &str) -> Result<&'a VolumeRecord, ControlError> {
         state.volume_by_name(name).ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))
     }
@@ -563,6 +612,10 @@ impl Control for Daemon {
             self.sync_volumes(&state).await;
             Ok(())
         })
+    }
+
+    fn resize_volume(&self, name: String, req: ResizeVolume) -> ControlResult<'_, VolumeInfo> {
+        Box::pin(self.resize(name, req))
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -401,6 +401,9 @@ struct Session {
     /// CmdSNs past ExpCmdSN taken as received without a command (ABORT
     /// TASK of one that never came); at most a window's worth.
     received_ahead: Vec<u32>,
+    /// The volume's resize count this I_T nexus was last told of (at login,
+    /// or by the UNIT ATTENTION CAPACITY DATA HAS CHANGED).
+    capacity_seen: u64,
 }
 
 /// What to do after handling a PDU.
@@ -428,8 +431,11 @@ async fn full_feature(
     let win = Arc::new(Window::new(p.exp_cmd_sn));
     let (tx, rx) = mpsc::channel::<Out>(64);
     let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
+    let mut capacity_seen = 0;
     let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
         let vol = shared.node.volume(name)?;
+        // Before the size: a resize in between then still gets its UNIT ATTENTION.
+        capacity_seen = vol.resizes();
         let spec = vol.spec();
         let info = LunInfo {
             blocks: vol.size() / BLOCK,
@@ -461,6 +467,7 @@ async fn full_feature(
         barriers: Vec::new(),
         dropped: 0,
         received_ahead: Vec::new(),
+        capacity_seen,
     };
     let nop_interval = shared.cfg.nop_interval;
     let mut last_rx = Instant::now();
@@ -755,6 +762,30 @@ impl Session {
             self.send(r.pdus(Bytes::new(), &self.p)).await?;
             return Ok(Flow::Continue);
         }
+        // SPC-4 5.14: after a resize every I_T nexus gets one UNIT
+        // ATTENTION, on its first command other than INQUIRY, REPORT LUNS
+        // and REQUEST SENSE; REQUEST SENSE reports it as its data instead.
+        let resizes = lun.vol.resizes();
+        if resizes != self.capacity_seen
+            && !matches!(cmd, Command::Inquiry { .. } | Command::ReportLuns { .. })
+        {
+            self.capacity_seen = resizes;
+            tracing::info!(blocks = lun.blocks(), "capacity changed: UNIT ATTENTION");
+            let r = match cmd {
+                Command::RequestSense { desc, alloc } => {
+                    let s = exec::CAPACITY_DATA_HAS_CHANGED;
+                    let mut d = if desc { s.descriptor() } else { s.fixed() };
+                    d.truncate(alloc as usize);
+                    drop(slot);
+                    self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
+                    return Ok(Flow::Continue);
+                }
+                _ => respond(Status::Check(exec::CAPACITY_DATA_HAS_CHANGED, Residual::None)),
+            };
+            drop(slot);
+            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            return Ok(Flow::Continue);
+        }
         let attr = pdu.task_attr();
         if attr == TaskAttr::Aca {
             // We never establish an ACA condition (INQUIRY says NORMACA 0),
@@ -770,7 +801,7 @@ impl Session {
         let mut cmd = cmd;
         let mut presented = 0u64;
         if let Command::Read { lba, blocks, fua } = cmd {
-            if let Err(sense) = scsi::check_range(lba, blocks as u64, lun.info.blocks) {
+            if let Err(sense) = scsi::check_range(lba, blocks as u64, lun.blocks()) {
                 drop(slot);
                 self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
                 return Ok(Flow::Continue);
@@ -872,7 +903,7 @@ impl Session {
         let res = if write_f && edtl > 0 { Residual::Under(edtl) } else { residual };
         let hit = match cmd {
             Command::Read { lba, blocks, .. }
-                if blocks > 0 && scsi::check_range(lba, blocks as u64, lun.info.blocks).is_ok() =>
+                if blocks > 0 && scsi::check_range(lba, blocks as u64, lun.blocks()).is_ok() =>
             {
                 let budget = self.shared.node.payload_budget();
                 self.readahead.on_read(lba * BLOCK, blocks as u64 * BLOCK, &lun.vol, budget)

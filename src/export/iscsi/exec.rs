@@ -9,11 +9,28 @@ use crate::types::flatten_chunks;
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 
+/// SPC-4: the UNIT ATTENTION every I_T nexus gets once after a resize.
+pub(crate) const CAPACITY_DATA_HAS_CHANGED: Sense = Sense::new(scsi::key::UNIT_ATTENTION, 0x2a, 0x09);
+
 /// One LUN: the volume plus what the response builders need.
 #[derive(Debug)]
 pub(crate) struct Lun {
     pub vol: Arc<Volume>,
+    /// As at login; `blocks` goes stale when the volume is resized: use
+    /// [`Lun::blocks`] and [`Lun::info_now`].
     pub info: LunInfo,
+}
+
+impl Lun {
+    /// The capacity now, in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.vol.size() / BLOCK
+    }
+
+    /// `info` with the capacity now (READ CAPACITY, MODE SENSE, INQUIRY).
+    pub fn info_now(&self) -> LunInfo {
+        LunInfo { blocks: self.blocks(), ..self.info.clone() }
+    }
 }
 
 /// Maps a volume error to the sense data the initiator gets.
@@ -61,17 +78,19 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Runs `cmd` with its Data-Out payload; returns the Data-In payload.
 pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Bytes, Sense> {
-    let cap = lun.info.blocks;
+    let cap = lun.blocks();
     if cmd.writes() && lun.info.read_only {
         return Err(Sense::WRITE_PROTECTED);
     }
     match cmd {
         Command::TestUnitReady | Command::NoOp => Ok(Bytes::new()),
         Command::RequestSense { desc, alloc } => Ok(scsi::request_sense(desc, alloc).into()),
-        Command::Inquiry { evpd, page, alloc } => Ok(scsi::inquiry(&lun.info, evpd, page, alloc)?.into()),
-        Command::ModeSense(m) => Ok(scsi::mode_sense(&lun.info, m)?.into()),
-        Command::ReadCapacity10 => Ok(scsi::read_capacity10(&lun.info).into()),
-        Command::ReadCapacity16 { alloc } => Ok(scsi::read_capacity16(&lun.info, alloc).into()),
+        Command::Inquiry { evpd, page, alloc } => {
+            Ok(scsi::inquiry(&lun.info_now(), evpd, page, alloc)?.into())
+        }
+        Command::ModeSense(m) => Ok(scsi::mode_sense(&lun.info_now(), m)?.into()),
+        Command::ReadCapacity10 => Ok(scsi::read_capacity10(&lun.info_now()).into()),
+        Command::ReadCapacity16 { alloc } => Ok(scsi::read_capacity16(&lun.info_now(), alloc).into()),
         Command::ReportLuns { alloc } => Ok(scsi::report_luns(alloc).into()),
         Command::ReportSupportedOpcodes { rctd, options, opcode, sa, alloc } => {
             Ok(scsi::report_opcodes(rctd, options, opcode, sa, alloc)?.into())
