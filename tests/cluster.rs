@@ -324,3 +324,30 @@ fn a_silent_node_is_committed_down_and_up_again_when_it_returns() {
     c.wait_ready(victim);
     wait_for("the node to be committed up", || state_of(&c) == "up");
 }
+
+#[test]
+fn volume_show_watch_refreshes_until_interrupted() {
+    let c = Cluster::start(1, 1);
+    c.wait_leader(0, None);
+    c.cli_json(0, &["volume", "create", "w", "--size", "16M", "--extent-size", "16M"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .args(["--admin", &c.nodes[0].admin.to_string(), "--json", "volume", "show", "w", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    // Two refreshes, each one JSON document on a line of its own.
+    for _ in 0..2 {
+        let line = lines.next().unwrap().unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["name"], "w");
+        assert_eq!(v["extents"].as_array().unwrap().len(), 1);
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still watching");
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "interrupted, not finished: {status}");
+}
