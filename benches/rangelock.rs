@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let start = x % 64;
-                (start..start + 1 + (x >> 8) % 16, (x >> 20) % 4 == 0)
+                (start..start + 1 + (x >> 8) % 16, (x >> 20).is_multiple_of(4))
             })
             .collect();
         g.bench_with_input(BenchmarkId::new("overlapping_mixed", n), &mixed, |b, reqs| {

@@ -448,13 +448,13 @@ impl Model {
 }
 
 fn engine(cycle: usize) -> &'static str {
-    if cycle % 2 == 0 { "--engine=uring" } else { "--engine=psync" }
+    if cycle.is_multiple_of(2) { "--engine=uring" } else { "--engine=psync" }
 }
 
 /// Both flush barriers (one syncfs, or one fdatasync per extent file) with
 /// both engines: a FLUSH here spans several 8 MiB extents.
 fn barrier(cycle: usize) -> &'static str {
-    if cycle / 2 % 2 == 0 { "--flush-barrier=fs" } else { "--flush-barrier=file" }
+    if (cycle / 2).is_multiple_of(2) { "--flush-barrier=fs" } else { "--flush-barrier=file" }
 }
 
 fn daemon_args(cycle: usize) -> [&'static str; 3] {

@@ -221,11 +221,12 @@ impl Sim {
             return;
         }
         let delay = if self.faults { self.rng.gen_range(1..=6) } else { 1 };
-        if self.faults && self.rng.gen_bool(0.03) {
-            if let Packet::Raft(m) = &packet {
-                let again = self.rng.gen_range(1..=10);
-                self.net.push(InFlight { at: self.now + again, from, to, packet: Packet::Raft(m.clone()) });
-            }
+        if self.faults
+            && self.rng.gen_bool(0.03)
+            && let Packet::Raft(m) = &packet
+        {
+            let again = self.rng.gen_range(1..=10);
+            self.net.push(InFlight { at: self.now + again, from, to, packet: Packet::Raft(m.clone()) });
         }
         self.net.push(InFlight { at: self.now + delay, from, to, packet });
     }
@@ -346,10 +347,11 @@ impl Sim {
             }
         }
         for (ctx, index) in out.reads {
-            if let Some(r) = self.reads.get_mut(&ctx) {
-                if r.node == id && r.index.is_none() {
-                    r.index = Some(index);
-                }
+            if let Some(r) = self.reads.get_mut(&ctx)
+                && r.node == id
+                && r.index.is_none()
+            {
+                r.index = Some(index);
             }
         }
         let applied = self.node(id).applied;
@@ -474,7 +476,7 @@ impl Sim {
         // Learners join: registered, then added to Raft (again if the
         // requests died with their origin); the leader promotes them while
         // there are fewer voters than max_voters.
-        if self.now >= 150 && self.now % 50 == 0 {
+        if self.now >= 150 && self.now.is_multiple_of(50) {
             let origin = alive[0];
             let s = std::sync::Arc::clone(self.node(origin).core.as_ref().unwrap().state());
             for j in self.joiners.clone() {
@@ -503,7 +505,7 @@ impl Sim {
         let alive_set: BTreeSet<NodeId> = alive.iter().copied().collect();
         self.pending.retain(|p| alive_set.contains(&p.origin));
         self.reads.retain(|_, r| alive_set.contains(&r.node));
-        if now % 5 == 0 {
+        if now.is_multiple_of(5) {
             for id in alive {
                 let core = self.node(id).core.as_ref().unwrap();
                 if let Some(l) = core.leader() {

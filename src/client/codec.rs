@@ -267,7 +267,7 @@ pub fn check_chunk(h: &ChunkHeader, expect: &Expect) -> Result<usize, ProtocolEr
         (REPLY_TYPE_BLOCK_STATUS, Expect::BlockStatus { len: rl, min_block, .. }) => {
             // At most one descriptor per minimum block of the request.
             let cap = 4 + 8 * (*rl as u64 / (*min_block).max(1) as u64).max(1);
-            len >= 12 && (len - 4) % 8 == 0 && len <= cap
+            len >= 12 && (len - 4).is_multiple_of(8) && len <= cap
         }
         _ => false,
     };

@@ -394,7 +394,7 @@ struct Sizes {
 fn sizes(client: &NbdClient, opts: &Options) -> Result<Sizes> {
     let info = client.info();
     let min = info.min_block.max(1) as u64;
-    if ZERO_BLOCK % min != 0 {
+    if !ZERO_BLOCK.is_multiple_of(min) {
         return Err(TransferError::BlockSize(info.min_block));
     }
     let max = align_down(info.max_payload as u64, ZERO_BLOCK).max(ZERO_BLOCK);
@@ -618,10 +618,10 @@ fn read_err(path: &Path, offset: u64, source: std::io::Error) -> TransferError {
 }
 
 fn create_image(path: &Path, size: u64) -> Result<File> {
-    if let Ok(m) = std::fs::metadata(path) {
-        if !m.is_file() {
-            return Err(TransferError::NotAFile(path.to_path_buf()));
-        }
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+    {
+        return Err(TransferError::NotAFile(path.to_path_buf()));
     }
     let open = |source| TransferError::Open { path: path.to_path_buf(), source };
     let file =

@@ -436,14 +436,15 @@ async fn transmission(
         }
         // Replies go out from this task, without a hop to another one, as
         // far as the socket takes them; the rest waits for writability.
-        if !write_failed && !out.is_empty() {
-            if let Err(e) = out.try_flush(&wr) {
-                write_failed = true;
-                reading = false;
-                out.discard();
-                if outcome.is_ok() {
-                    outcome = Err(e.into());
-                }
+        if !write_failed
+            && !out.is_empty()
+            && let Err(e) = out.try_flush(&wr)
+        {
+            write_failed = true;
+            reading = false;
+            out.discard();
+            if outcome.is_ok() {
+                outcome = Err(e.into());
             }
         }
         if !reading && pending.is_none() && inflight.is_empty() && out.is_empty() {
@@ -815,7 +816,7 @@ mod unaligned {
     const SECTOR: u64 = MIN_BLOCK;
 
     pub(super) fn aligned(offset: u64, len: u64) -> bool {
-        offset % SECTOR == 0 && len % SECTOR == 0
+        offset.is_multiple_of(SECTOR) && len.is_multiple_of(SECTOR)
     }
 
     /// The whole sectors covering `[offset, offset+len)`, in bytes. Within
@@ -834,10 +835,10 @@ mod unaligned {
     /// lies within one sector).
     fn edges(offset: u64, end: u64) -> Vec<u64> {
         let mut v = Vec::with_capacity(2);
-        if offset % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) {
             v.push(offset / SECTOR * SECTOR);
         }
-        if end % SECTOR != 0 && v.last() != Some(&(end / SECTOR * SECTOR)) {
+        if !end.is_multiple_of(SECTOR) && v.last() != Some(&(end / SECTOR * SECTOR)) {
             v.push(end / SECTOR * SECTOR);
         }
         v

@@ -441,11 +441,11 @@ impl<S: LogStore> MetaCore<S> {
         let every = self.cfg.election_ticks as u64;
         let state = Arc::clone(&self.state);
         if state.cluster().is_none() {
-            if let Some((cluster, name)) = self.bootstrap.clone() {
-                if self.last_bootstrap == 0 || now >= self.last_bootstrap + every {
-                    self.last_bootstrap = now;
-                    self.propose_internal(Command::Bootstrap { cluster, name });
-                }
+            if let Some((cluster, name)) = self.bootstrap.clone()
+                && (self.last_bootstrap == 0 || now >= self.last_bootstrap + every)
+            {
+                self.last_bootstrap = now;
+                self.propose_internal(Command::Bootstrap { cluster, name });
             }
             return;
         }

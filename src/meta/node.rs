@@ -208,13 +208,13 @@ impl MetaNode {
         store_prepare(&mut store, &id, &startup)?;
         let logger = raft_logger(id);
         let mut core = MetaCore::open(cfg.core.clone(), store, check, &logger)?;
-        if let Startup::Initial { cluster_name, cluster_id, members } = &startup {
-            if members.contains(&id) {
-                core.set_bootstrap_candidate(
-                    cluster_id.unwrap_or_else(|| fresh_cluster_id(id)),
-                    cluster_name.clone(),
-                );
-            }
+        if let Startup::Initial { cluster_name, cluster_id, members } = &startup
+            && members.contains(&id)
+        {
+            core.set_bootstrap_candidate(
+                cluster_id.unwrap_or_else(|| fresh_cluster_id(id)),
+                cluster_name.clone(),
+            );
         }
         let (tx, rx) = mpsc::channel(4096);
         let (state_tx, state_rx) = watch::channel(Arc::clone(core.state()));
@@ -641,10 +641,10 @@ impl<S: LogStore + Send + 'static> Runner<S> {
             self.transport.send(NodeId(msg.to), msg);
         }
         for a in out.applied {
-            if let Some(req) = a.request {
-                if let Some(p) = self.pending.remove(&req) {
-                    let _ = p.reply.send(a.outcome.map_err(MetaError::Rejected));
-                }
+            if let Some(req) = a.request
+                && let Some(p) = self.pending.remove(&req)
+            {
+                let _ = p.reply.send(a.outcome.map_err(MetaError::Rejected));
             }
         }
         for (ctx, index) in out.reads {

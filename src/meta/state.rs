@@ -571,7 +571,7 @@ fn check_volume_spec(spec: &VolumeSpec) -> Result<Layout, VolumeSpecError> {
     if !valid_volume_name(&spec.name) {
         return Err(VolumeSpecError::Name(spec.name.clone()));
     }
-    if spec.size == 0 || spec.size % 4096 != 0 || spec.size > MAX_VOLUME_SIZE {
+    if spec.size == 0 || !spec.size.is_multiple_of(4096) || spec.size > MAX_VOLUME_SIZE {
         return Err(VolumeSpecError::Size(spec.size));
     }
     if spec.replicas == 0 || spec.replicas > MAX_REPLICAS {
@@ -803,10 +803,10 @@ impl MetaState {
                 Ok(ApplyOutcome::VolumeDeleted(*volume))
             }
             Command::SetOwner { volume, owner, expected } => {
-                if let Some(n) = owner {
-                    if !self.nodes.contains_key(n) {
-                        return Err(Rejection::NodeNotFound(*n));
-                    }
+                if let Some(n) = owner
+                    && !self.nodes.contains_key(n)
+                {
+                    return Err(Rejection::NodeNotFound(*n));
                 }
                 let v = self.volumes.get_mut(volume).ok_or(Rejection::VolumeNotFound(*volume))?;
                 if v.generation != *expected {

@@ -476,10 +476,10 @@ impl LogStore for RedbStore {
         let first = entries.first().map(|e| e.index);
         let old_last = self.image.last_index();
         self.write("append", |log, meta| {
-            if let Some(first) = first {
-                if first <= old_last {
-                    log.retain_in(first.., |_, _| false)?;
-                }
+            if let Some(first) = first
+                && first <= old_last
+            {
+                log.retain_in(first.., |_, _| false)?;
             }
             for (i, b) in &rows {
                 log.insert(*i, b.as_slice())?;

@@ -452,7 +452,7 @@ impl Node {
         if !valid_volume_name(name) {
             return Err(NodeError::BadName(name.to_string()));
         }
-        if opts.size == 0 || opts.size % 4096 != 0 {
+        if opts.size == 0 || !opts.size.is_multiple_of(4096) {
             return Err(NodeError::BadSize(opts.size));
         }
         let mut stored = self.catalog.lock().unwrap();

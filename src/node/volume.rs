@@ -331,7 +331,7 @@ impl Volume {
                     let mut waited = 0u32;
                     while Arc::strong_count(&old) > 1 {
                         waited += 1;
-                        if waited % 5000 == 0 {
+                        if waited.is_multiple_of(5000) {
                             tracing::info!(volume = %spec.name, "shrink waits for requests still running against the old size");
                         }
                         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -427,7 +427,7 @@ impl Volume {
     }
 
     fn check_in(g: &Geometry, offset: u64, len: u64) -> Result<()> {
-        if offset % MIN_BLOCK != 0 || len % MIN_BLOCK != 0 {
+        if !offset.is_multiple_of(MIN_BLOCK) || !len.is_multiple_of(MIN_BLOCK) {
             return Err(VolumeError::Misaligned { offset, len });
         }
         match offset.checked_add(len) {

@@ -600,7 +600,7 @@ impl Extent {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset % format::SECTOR != 0 || len % format::SECTOR != 0 {
+        if !offset.is_multiple_of(format::SECTOR) || !len.is_multiple_of(format::SECTOR) {
             return Err(StoreError::Misaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.geo.extent_size) {
@@ -985,7 +985,7 @@ impl Extent {
         );
         let end = offset + data.len() as u64;
         let blocks = offset / BLOCK..end.div_ceil(BLOCK);
-        let buf = if offset % BLOCK == 0 && end % BLOCK == 0 {
+        let buf = if offset.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK) {
             WriteData::shared(data).unwrap_or_else(|d| AlignedBuf::from_slice(&d).into())
         } else {
             self.read_modify(offset, blocks.clone(), &data).await?.into()
@@ -1013,10 +1013,10 @@ impl Extent {
         let end = offset + data.len() as u64;
         let mut buf = AlignedBuf::for_overwrite(((blocks.end - blocks.start) * BLOCK) as usize);
         let mut partial = Vec::with_capacity(2);
-        if offset % BLOCK != 0 {
+        if !offset.is_multiple_of(BLOCK) {
             partial.push(blocks.start);
         }
-        if end % BLOCK != 0 && partial.last() != Some(&(blocks.end - 1)) {
+        if !end.is_multiple_of(BLOCK) && partial.last() != Some(&(blocks.end - 1)) {
             partial.push(blocks.end - 1);
         }
         for b in partial {

@@ -164,7 +164,7 @@ pub struct Geometry {
 
 impl Geometry {
     pub fn new(extent_size: u64, region_size: u32) -> Result<Geometry, FormatError> {
-        if extent_size == 0 || extent_size % BLOCK != 0 || extent_size > (1 << 45) {
+        if extent_size == 0 || !extent_size.is_multiple_of(BLOCK) || extent_size > (1 << 45) {
             return Err(FormatError::BadExtentSize(extent_size));
         }
         if !region_size.is_power_of_two() || (region_size as u64) < BLOCK {

@@ -744,17 +744,17 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
-        if lun_field != 0 {
-            if let Command::Inquiry { evpd: false, alloc, .. } = cmd {
-                // SPC-4 6.6.2: no logical unit here, peripheral qualifier 011b.
-                let mut d = scsi::inquiry(&lun.info, false, 0, alloc).unwrap_or_default();
-                if let Some(b) = d.first_mut() {
-                    *b = 0x7f;
-                }
-                drop(slot);
-                self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
-                return Ok(Flow::Continue);
+        if lun_field != 0
+            && let Command::Inquiry { evpd: false, alloc, .. } = cmd
+        {
+            // SPC-4 6.6.2: no logical unit here, peripheral qualifier 011b.
+            let mut d = scsi::inquiry(&lun.info, false, 0, alloc).unwrap_or_default();
+            if let Some(b) = d.first_mut() {
+                *b = 0x7f;
             }
+            drop(slot);
+            self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
+            return Ok(Flow::Continue);
         }
         if lun_field != 0 && !matches!(cmd, Command::ReportLuns { .. }) {
             let r = respond(Status::Check(Sense::LUN_NOT_SUPPORTED, Residual::None));

@@ -76,12 +76,12 @@ impl IscsiConfig {
             if c.user.is_empty() || c.secret.len() < 12 {
                 return Err("chap: user must be set and the secret at least 12 bytes".into());
             }
-            if let Some((u, s)) = &c.mutual {
-                if u.is_empty() || s.len() < 12 || s == &c.secret {
-                    return Err(
-                        "chap mutual: user set, secret of 12+ bytes differing from the initiator's".into()
-                    );
-                }
+            if let Some((u, s)) = &c.mutual
+                && (u.is_empty() || s.len() < 12 || s == &c.secret)
+            {
+                return Err(
+                    "chap mutual: user set, secret of 12+ bytes differing from the initiator's".into()
+                );
             }
         }
         Ok(())

@@ -325,7 +325,7 @@ pub fn decode(buf: &mut BytesMut, cfg: &CodecConfig) -> Result<Option<Pdu>, PduE
 /// the data is over 2^24-1 bytes: those are bugs in the caller, never
 /// input from the wire.
 pub fn encode(pdu: &Pdu, cfg: &CodecConfig, out: &mut BytesMut) {
-    assert!(pdu.ahs.len() % 4 == 0 && pdu.ahs.len() <= 255 * 4, "bad AHS length");
+    assert!(pdu.ahs.len().is_multiple_of(4) && pdu.ahs.len() <= 255 * 4, "bad AHS length");
     assert!(pdu.data.len() < 1 << 24, "data segment too long");
     let mut bhs = pdu.bhs;
     bhs[4] = (pdu.ahs.len() / 4) as u8;

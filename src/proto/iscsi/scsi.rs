@@ -512,7 +512,7 @@ pub fn inquiry(lun: &LunInfo, evpd: bool, page: u8, alloc: u32) -> Result<Vec<u8
             // SCSI name string (type 8), UTF-8, target device association, iSCSI.
             let mut name = lun.target_name.as_bytes().to_vec();
             name.push(0);
-            while name.len() % 4 != 0 {
+            while !name.len().is_multiple_of(4) {
                 name.push(0);
             }
             name.truncate(252);
@@ -752,7 +752,7 @@ pub fn parse_unmap(param: &[u8], capacity: u64) -> Result<Vec<UnmapRange>, Sense
     }
     let bd_len = u16b(param, 2) as usize;
     let avail = param.len() - 8;
-    if bd_len % 16 != 0 || bd_len > avail {
+    if !bd_len.is_multiple_of(16) || bd_len > avail {
         return Err(Sense::PARAMETER_LIST_LENGTH_ERROR);
     }
     let n = bd_len / 16;

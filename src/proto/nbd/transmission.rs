@@ -217,7 +217,7 @@ pub fn validate(req: Request, s: &Session) -> Result<Command, Errno> {
     // A client that did not agree to the advertised sizes has the spec's
     // minimum block size of 1 (the server read-modify-writes for it).
     let min = if s.sizes_agreed { s.sizes.min as u64 } else { 1 };
-    if offset % min != 0 || len as u64 % min != 0 {
+    if offset % min != 0 || !(len as u64).is_multiple_of(min) {
         return Err(Errno::Inval);
     }
     if offset.checked_add(len as u64).is_none_or(|end| end > s.size) {

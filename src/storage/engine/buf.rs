@@ -276,7 +276,7 @@ impl WriteData {
     /// Wraps `data` without copying if its address and length are multiples
     /// of [`BUF_ALIGN`]; otherwise hands it back.
     pub fn shared(data: Bytes) -> Result<WriteData, Bytes> {
-        if (data.as_ptr() as usize) % BUF_ALIGN == 0 && data.len() % BUF_ALIGN == 0 {
+        if (data.as_ptr() as usize).is_multiple_of(BUF_ALIGN) && data.len().is_multiple_of(BUF_ALIGN) {
             Ok(WriteData::Shared(data))
         } else {
             Err(data)
