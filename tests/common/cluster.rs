@@ -1,7 +1,7 @@
 //! A cluster of real `basaltd run` processes on 127.0.0.x, driven through
 //! the real `basalt` CLI.
 
-use super::free_port;
+use super::free_port_on;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -30,6 +30,12 @@ pub struct Cluster {
 pub const TIMINGS: &str = "[raft]\ntick_ms = 50\nelection_ticks = 20\nheartbeat_ticks = 3\nsnapshot_entries = 40\n\
                            [liveness]\nheartbeat_ms = 200\ndown_after_ms = 2000\n";
 
+/// A free port on `ip`; inside a network namespace (an address not on this
+/// host) any port is free.
+fn port_on(ip: &str) -> u16 {
+    if ip.starts_with("127.") { free_port_on(ip) } else { free_port_on("127.0.0.1") }
+}
+
 fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().unwrap()
 }
@@ -46,10 +52,10 @@ impl Cluster {
                 ClusterNode {
                     config: dir.join("basaltd.toml"),
                     log: dir.join("basaltd.log"),
-                    peer: addr(&ips[k], free_port()),
-                    nbd: addr(&ips[k], free_port()),
-                    iscsi: addr(&ips[k], free_port()),
-                    admin: addr(&ips[k], free_port()),
+                    peer: addr(&ips[k], port_on(&ips[k])),
+                    nbd: addr(&ips[k], port_on(&ips[k])),
+                    iscsi: addr(&ips[k], port_on(&ips[k])),
+                    admin: addr(&ips[k], port_on(&ips[k])),
                     dir,
                     wrap: Vec::new(),
                     child: None,

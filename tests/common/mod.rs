@@ -33,7 +33,19 @@ pub fn require(tool: &str) -> bool {
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_port_on("127.0.0.1")
+}
+
+/// A port that was free a moment ago on `ip`, chosen below the kernel's
+/// ephemeral range (32768 and up), so the outgoing connections of other
+/// daemons and clients cannot take it before the daemon binds it.
+pub fn free_port_on(ip: &str) -> u16 {
+    loop {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..32_000);
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running `basaltd demo` on free loopback ports, with its own data dir.
