@@ -39,10 +39,20 @@ pub fn free_port() -> u16 {
 /// A port that was free a moment ago on `ip`, chosen below the kernel's
 /// ephemeral range (32768 and up), so the outgoing connections of other
 /// daemons and clients cannot take it before the daemon binds it.
+///
+/// No port is handed out twice by one test process: two picks in a row can
+/// otherwise both find the same port free (nothing holds it between them),
+/// and a daemon then gets it for two listeners.
 pub fn free_port_on(ip: &str) -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), 20_000..32_000);
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.contains(&port) {
+            continue;
+        }
         if TcpListener::bind((ip, port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
