@@ -9,11 +9,10 @@ use basalt::meta::MetaNode;
 use basalt::meta::state::{Command, MetaState, NodeState};
 use basalt::net::{PeerError, PeerPool};
 use basalt::node::VolumeSpec;
-use basalt::node::replica::ReplicaService;
 use basalt::node::replicated::{BoxFuture, CallError, ClusterIo, Replicated};
 use basalt::node::volume::Route;
 use basalt::proto::peer::Message;
-use basalt::types::{Epoch, ExtentIndex, NodeId, VolumeId};
+use basalt::types::{Epoch, ExtentIndex, Generation, NodeId, VolumeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -22,11 +21,15 @@ use std::time::Duration;
 /// the replica leaves the extent's set.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// Answers one extent request with this node's replica service.
+pub type LocalReplica = Arc<dyn Fn(NodeId, Message) -> BoxFuture<Message> + Send + Sync>;
+
 pub struct DaemonIo {
     pub me: NodeId,
     pub pool: Arc<PeerPool>,
     pub book: Arc<AddrBook>,
-    pub replica: Arc<ReplicaService>,
+    /// This node's replica service, called in process.
+    pub local: LocalReplica,
     pub meta: MetaNode,
     /// The metadata as last applied here.
     pub latest: Arc<RwLock<Arc<MetaState>>>,
@@ -55,9 +58,8 @@ impl ClusterIo for DaemonIo {
 
     fn call(&self, node: NodeId, request: Message) -> BoxFuture<Result<Message, CallError>> {
         if node == self.me {
-            let r = self.replica.clone();
-            let me = self.me;
-            return Box::pin(async move { Ok(r.handle(me, request).await) });
+            let r = (self.local)(self.me, request);
+            return Box::pin(async move { Ok(r.await) });
         }
         let Some(addr) = self.book.get(node) else {
             return Box::pin(async { Err(CallError::Unreachable) });
@@ -103,6 +105,12 @@ pub struct Router {
     owners: Mutex<HashMap<VolumeId, Arc<Replicated>>>,
 }
 
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("owned", &self.owners.lock().unwrap().len()).finish()
+    }
+}
+
 impl Router {
     pub fn new(io: Arc<DaemonIo>) -> Arc<Router> {
         Arc::new(Router { io, owners: Mutex::default() })
@@ -136,12 +144,18 @@ impl Router {
             return Route::Local;
         }
         if let Some(r) = owners.get(&v.id)
-            && r.generation() == v.generation
+            && r.generation() == Generation(v.generation.0)
             && r.fenced().is_none()
         {
             return Route::Owner(r.clone());
         }
-        let r = Replicated::new(v.id, v.generation, v.layout, v.min_replicas as usize, self.io.clone());
+        let r = Replicated::new(
+            v.id,
+            Generation(v.generation.0),
+            v.layout,
+            v.min_replicas as usize,
+            self.io.clone(),
+        );
         tracing::info!(volume = %v.name, generation = %v.generation, "owning the volume: serving it from its replicas");
         owners.insert(v.id, r.clone());
         Route::Owner(r)

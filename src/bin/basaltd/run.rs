@@ -240,6 +240,13 @@ impl PeerHandler for Handler {
     }
 }
 
+/// This node's replica service as the owner calls it in process.
+fn local_replica(_node: &Arc<Node>) -> crate::replicas::LocalReplica {
+    Arc::new(|_, _| {
+        Box::pin(async { error_reply(ErrorCode::Unsupported, "the replica service is not built in yet") })
+    })
+}
+
 pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
     let opt = |a: Option<SocketAddr>| a.map_or(String::new(), |a| a.to_string());
     let has_data = !cfg.data_dirs.is_empty();
@@ -427,6 +434,24 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     ident.set_cluster(&cfg.state_dir, &cluster.to_string()).context("recording the cluster id")?;
     cluster_cell.set(cluster);
     tracing::info!(cluster = %cluster, "member of the metadata group");
+
+    // The replicated data path: this node owns volumes and serves them
+    // from their replicas (its own through the replica service in process).
+    if let Some(node) = &node {
+        let local = local_replica(node);
+        let io = Arc::new(crate::replicas::DaemonIo {
+            me,
+            pool: pool.clone(),
+            book: book.clone(),
+            local,
+            meta: meta.clone(),
+            latest: Arc::new(std::sync::RwLock::new(meta.subscribe().borrow().clone())),
+            lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
+        });
+        let router = crate::replicas::Router::new(io);
+        let _ = daemon.router.set(router.clone());
+        node.set_router(Arc::new(move |spec| router.route(spec)));
+    }
 
     // Keep the address book and the served volumes in step with the metadata.
     let tracker = TaskTracker::new();
