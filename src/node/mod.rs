@@ -23,7 +23,9 @@
 //! and removed.
 
 mod budget;
+pub mod fence;
 pub mod identity;
+pub mod replica;
 pub mod replicated;
 mod sync;
 pub mod systemd;

@@ -642,6 +642,10 @@ impl Replicated {
 
 /// The reconcile report of one replica's status reply.
 fn report_of(node: NodeId, s: &crate::proto::peer::ExtentState, extent_size: u64) -> Report {
-    // Until replicas report dirty regions, a dirty replica reports its whole extent.
-    Report { node, exists: true, dirty: if s.dirty { vec![(0, extent_size)] } else { Vec::new() } }
+    let size = u64::from(s.region_size);
+    let dirty = s.dirty_regions.iter().map(|&r| (u64::from(r) * size, size)).collect();
+    // A region list that cannot be used (a zero region size with regions)
+    // costs a whole copy, never a skipped one.
+    let dirty = if size == 0 && !s.dirty_regions.is_empty() { vec![(0, extent_size)] } else { dirty };
+    Report { node, exists: s.exists, dirty }
 }
