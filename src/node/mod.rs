@@ -23,6 +23,7 @@
 //! and removed.
 
 mod budget;
+pub mod forward;
 pub mod identity;
 mod sync;
 pub mod systemd;

@@ -40,7 +40,7 @@ use crate::layout::Layout;
 use crate::poll::LongOp;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
-use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
+use crate::types::{Epoch, ExtentIndex, ExtentKey, Generation, MapExtent, ReadChunk};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -72,6 +72,14 @@ pub enum VolumeError {
     Checksum { key: ExtentKey, block: u64 },
     #[error("I/O error")]
     Io(#[source] StoreError),
+    /// A forwarded request reached a node that does not own the volume at
+    /// the generation asked (`generation` is the one that node knows): the
+    /// forwarder must look up the owner again.
+    #[error("this node does not own the volume (it knows owner generation {generation})")]
+    NotOwner { generation: Generation },
+    /// The volume's owner could not be reached, or did not answer in time.
+    #[error("the volume's owner is unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl VolumeError {
@@ -86,6 +94,8 @@ impl VolumeError {
             VolumeError::NoSpace(_) => "no_space",
             VolumeError::Checksum { .. } => "checksum",
             VolumeError::Io(_) => "io",
+            VolumeError::NotOwner { .. } => "not_owner",
+            VolumeError::Unavailable(_) => "unavailable",
         }
     }
 }

@@ -34,6 +34,11 @@ pub use message::{
     ExtentReadReply, ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Hello, Kind,
     MAX_TEXT, Message, RefuseCode, Refused,
 };
+// Volume-level forwarding.
+pub use message::{
+    MAX_MAP_EXTENTS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr, VolumeFault,
+    VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim, VolumeWrite, VolumeWriteZeroes,
+};
 
 #[cfg(test)]
 mod tests;
