@@ -32,7 +32,7 @@
 use super::volume::{MAX_PAYLOAD, Result, Volume, VolumeError};
 use crate::net::{PeerClient, PeerError};
 use crate::proto::peer::{
-    ErrorCode, MAX_DATA, MAX_MAP_EXTENTS, Message, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite,
+    ErrorCode, MAX_DATA, MAX_MAP_EXTENTS, MAX_READ_RUNS, Message, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite,
     VolumeErr, VolumeFault, VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim,
     VolumeWrite, VolumeWriteZeroes,
 };
@@ -255,6 +255,11 @@ async fn run(v: &Volume, request: Message) -> Result<Message> {
             let mut chunks = v.read(r.offset, r.len.into()).await?;
             // The wire has no empty run.
             chunks.retain(|c| !c.is_empty());
+            if chunks.len() > MAX_READ_RUNS {
+                // Not from a block-aligned read; one copy rather than a
+                // reply the forwarder would refuse.
+                chunks = vec![ReadChunk::Data(crate::types::flatten_chunks(&chunks))];
+            }
             Message::VolumeReadReply(VolumeReadReply { chunks })
         }
         Message::VolumeWrite(w) => {

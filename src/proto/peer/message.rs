@@ -41,9 +41,9 @@
 //! VolumeBlockStatus   vtarget, offset u64, len u64
 //! VolumeCompareAndWrite vtarget, offset u64, flags u32 (FUA), buf (the
 //!                     bytes to compare, then as many to write)
-//! VolumeReadReply     count u32, count x run u32 (bit 31: hole, bits 0-30:
-//!                     length, never 0), then the data of the non-hole
-//!                     runs in order
+//! VolumeReadReply     count u32 (at most MAX_READ_RUNS), count x run u32
+//!                     (bit 31: hole, bits 0-30: length, never 0), then
+//!                     the data of the non-hole runs in order
 //! VolumeMapReply      count u32 (at most MAX_MAP_EXTENTS), count x
 //!                     (len u64, flags u32 (ALLOCATED, ZERO))
 //! VolumeCawReply      flags u32 (MISCOMPARE), offset u64 (0 without it)
@@ -951,6 +951,10 @@ impl Fields<'_> {
 /// is longer answers with a prefix of it (block status answers may cover
 /// less than was asked, in NBD and in SCSI GET LBA STATUS).
 pub const MAX_MAP_EXTENTS: usize = 64 << 10;
+/// Most runs a `VolumeReadReply` carries: one per 512-byte block of the
+/// largest read (an owner's runs are whole blocks of a block-aligned read).
+/// It bounds what decoding a hostile reply allocates.
+pub const MAX_READ_RUNS: usize = MAX_DATA / 512;
 /// Bytes of one extent of a `VolumeMapReply`.
 const MAP_EXTENT_LEN: usize = 8 + 4;
 /// The shortest extent a volume's map reports (its logical block).
@@ -1264,6 +1268,13 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
         }
         Kind::VolumeReadReply => {
             let raw = f.u32("run count")?;
+            if raw as usize > MAX_READ_RUNS {
+                return Err(BodyError::InvalidField {
+                    field: "run count",
+                    value: raw.into(),
+                    why: "over the cap on read runs",
+                });
+            }
             let count = need_items(f, "runs", raw, 4)?;
             let mut runs = Vec::with_capacity(count);
             let (mut total, mut data_len) = (0usize, 0usize);

@@ -36,7 +36,7 @@ pub use message::{
 };
 // Volume-level forwarding.
 pub use message::{
-    MAX_MAP_EXTENTS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr, VolumeFault,
+    MAX_MAP_EXTENTS, MAX_READ_RUNS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr, VolumeFault,
     VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim, VolumeWrite, VolumeWriteZeroes,
 };
 
