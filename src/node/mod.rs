@@ -24,6 +24,7 @@
 
 mod budget;
 pub mod fence;
+pub mod forward;
 pub mod identity;
 pub mod replica;
 pub mod replicated;

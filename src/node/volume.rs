@@ -42,7 +42,7 @@ use crate::poll::LongOp;
 use crate::replication::Change as ReplChange;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
-use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
+use crate::types::{Epoch, ExtentIndex, ExtentKey, Generation, MapExtent, ReadChunk};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -74,8 +74,14 @@ pub enum VolumeError {
     Checksum { key: ExtentKey, block: u64 },
     #[error("I/O error")]
     Io(#[source] StoreError),
-    /// The cluster could not serve it: no replica or owner reachable, a
-    /// replica set below `min_replicas`, or this node no longer the owner.
+    /// A forwarded request reached a node that does not own the volume at
+    /// the generation asked (`generation` is the one that node knows): the
+    /// forwarder must look up the owner again.
+    #[error("this node does not own the volume (it knows owner generation {generation})")]
+    NotOwner { generation: Generation },
+    /// The volume's owner could not be reached, or did not answer in time.
+    /// Also: no replica reachable, a replica set below `min_replicas`, or
+    /// this node no longer the owner.
     #[error("volume unavailable: {0}")]
     Unavailable(String),
 }
@@ -92,6 +98,7 @@ impl VolumeError {
             VolumeError::NoSpace(_) => "no_space",
             VolumeError::Checksum { .. } => "checksum",
             VolumeError::Io(_) => "io",
+            VolumeError::NotOwner { .. } => "not_owner",
             VolumeError::Unavailable(_) => "unavailable",
         }
     }
