@@ -35,6 +35,7 @@
 //! is connected ([`Volume::begin_shrink`]).
 
 use super::VolumeSpec;
+use super::forward::Forwarder;
 use super::replicated::Replicated;
 use crate::admin::metrics::{Op, VolumeMetrics};
 use crate::layout::Layout;
@@ -128,6 +129,18 @@ struct Geometry {
     extents: Vec<Cell>,
 }
 
+/// Where one request goes (see [`Volume::via`]).
+enum Via {
+    Owner(Arc<Replicated>),
+    Forward(Arc<Forwarder>),
+}
+
+/// What a forwarded attempt came to.
+enum Retry<T> {
+    Done(T),
+    Again,
+}
+
 /// Front-end clients of the volume, as far as a resize cares.
 #[derive(Debug, Default)]
 struct Clients {
@@ -145,6 +158,8 @@ pub enum Route {
     Local,
     /// This node owns the volume and replicates every extent.
     Owner(Arc<Replicated>),
+    /// Another node owns it: every request is forwarded there.
+    Forward(Arc<Forwarder>),
     /// Not served from here now, and why.
     Unavailable(String),
 }
@@ -481,19 +496,20 @@ impl Volume {
         Self::check_in(&self.geometry(), offset, len)
     }
 
-    /// The replicated owner, `None` for a local volume. Without a route
-    /// (or with a fenced owner) waits up to [`ROUTE_WAIT`] for one, then
-    /// says why there is none.
-    async fn replicated(&self) -> Result<Option<Arc<Replicated>>> {
+    /// Where a request goes now: `None` for the local store. Without a
+    /// route (or with a fenced owner) waits up to [`ROUTE_WAIT`] for one,
+    /// then says why there is none.
+    async fn via(&self) -> Result<Option<Via>> {
         let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
         loop {
             let changed = self.rerouted.notified();
             let why = match self.route() {
                 Route::Local => return Ok(None),
                 Route::Owner(r) => match r.fenced() {
-                    None => return Ok(Some(r)),
+                    None => return Ok(Some(Via::Owner(r))),
                     Some(g) => format!("this node's ownership was fenced by generation {g}"),
                 },
+                Route::Forward(f) => return Ok(Some(Via::Forward(f))),
                 Route::Unavailable(why) => why,
             };
             *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
@@ -501,6 +517,39 @@ impl Volume {
                 tracing::warn!(volume = %self.spec.name, reason = %why, "no route to the volume: the request fails");
                 return Err(VolumeError::Unavailable(why));
             }
+        }
+    }
+
+    /// After a forwarded request found its owner gone or moved: waits (up
+    /// to [`ROUTE_WAIT`]) until the route no longer forwards to that owner
+    /// generation, and says whether to try again.
+    async fn rerouted_from(&self, old: &Forwarder) -> bool {
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let changed = self.rerouted.notified();
+            match self.route() {
+                Route::Forward(f) if f.generation() == old.generation() && f.owner().addr() == old.owner().addr() => {}
+                _ => return true,
+            }
+            *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Runs `op` through `f`, and once more through the new route if the
+    /// owner was gone or moved (safe for writes: a fenced old owner can no
+    /// longer apply one; not used for COMPARE AND WRITE).
+    async fn forwarded<T, Fut>(&self, f: Arc<Forwarder>, op: impl Fn(Arc<Forwarder>) -> Fut) -> Result<Retry<T>>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match op(f.clone()).await {
+            Err(VolumeError::NotOwner { .. } | VolumeError::Unavailable(_)) if self.rerouted_from(&f).await => {
+                Ok(Retry::Again)
+            }
+            r => r.map(Retry::Done),
         }
     }
 
@@ -530,9 +579,18 @@ impl Volume {
         Self::check_in(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, false);
         let pieces = self.spec.layout.split(offset, len);
-        if let Some(r) = self.replicated().await? {
-            let reads = pieces.iter().map(|p| r.read(p.extent, p.offset, p.len));
-            return Ok(futures::future::try_join_all(reads).await?.into_iter().flatten().collect());
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let reads = pieces.iter().map(|p| r.read(p.extent, p.offset, p.len));
+                return Ok(futures::future::try_join_all(reads).await?.into_iter().flatten().collect());
+            }
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.read(offset, len).await }).await? {
+                    Retry::Done(r) => Ok(r),
+                    Retry::Again => Box::pin(self.read_io(offset, len)).await,
+                };
+            }
         }
         let g = &*g;
         let reads = pieces.iter().map(|p| async move {
@@ -562,12 +620,27 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
-        if let Some(r) = self.replicated().await? {
-            let pieces = self.spec.layout.split(offset, len).into_iter().map(|p| {
-                let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
-                (p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part))
-            });
-            return r.change(pieces.collect()).await;
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let pieces = self.spec.layout.split(offset, len).into_iter().map(|p| {
+                    let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+                    (p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part))
+                });
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                let d = data.clone();
+                return match self.forwarded(f, |f| {
+                    let d = d.clone();
+                    async move { f.write(offset, d, fua).await }
+                })
+                .await?
+                {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.write_io(offset, data, fua)).await,
+                };
+            }
         }
         // Every extent first (creating one may fail, e.g. on a full disk),
         // so a failure there leaves nothing half written.
@@ -612,7 +685,12 @@ impl Volume {
         }
         let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
-        if let Some(r) = self.replicated().await? {
+        let via = self.via().await?;
+        if let Some(Via::Forward(f)) = via {
+            // Not retried on another route: a compare may have been applied.
+            return f.compare_and_write(offset, buf, fua).await;
+        }
+        if let Some(Via::Owner(r)) = via {
             let [p] = &pieces[..] else {
                 return Err(VolumeError::Unavailable(
                     "COMPARE AND WRITE across an extent boundary of a replicated volume is not supported"
@@ -683,11 +761,21 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
-        if let Some(r) = self.replicated().await? {
-            let c = ReplChange::WriteZeroes { deallocate, fua };
-            let pieces =
-                self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
-            return r.change(pieces.collect()).await;
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let c = ReplChange::WriteZeroes { deallocate, fua };
+                let pieces =
+                    self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                let op = |f: Arc<Forwarder>| async move { f.write_zeroes(offset, len, deallocate, fua).await };
+                return match self.forwarded(f, op).await? {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.write_zeroes_io(offset, len, deallocate, fua)).await,
+                };
+            }
         }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
@@ -710,11 +798,20 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
-        if let Some(r) = self.replicated().await? {
-            let c = ReplChange::Trim { fua };
-            let pieces =
-                self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
-            return r.change(pieces.collect()).await;
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let c = ReplChange::Trim { fua };
+                let pieces =
+                    self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.trim(offset, len, fua).await }).await? {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.trim_io(offset, len, fua)).await,
+                };
+            }
         }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
@@ -739,8 +836,12 @@ impl Volume {
     /// (Untouched extents cost a lock each, no I/O.)
     async fn flush_io(&self) -> Result<()> {
         let _long = LongOp::begin();
-        if let Some(r) = self.replicated().await? {
-            return r.flush().await;
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => return r.flush().await,
+            // A FLUSH through another route cannot cover writes the old
+            // owner acknowledged and did not flush: not retried.
+            Some(Via::Forward(f)) => return f.flush().await,
         }
         let opened: Vec<Arc<Extent>> =
             self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
@@ -753,9 +854,11 @@ impl Volume {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         let g = self.geometry();
         Self::check_in(&g, offset, len)?;
-        if self.replicated().await?.is_some() {
+        match self.via().await? {
+            None => {}
             // Allocation is not tracked across replicas yet: all data.
-            return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]);
+            Some(Via::Owner(_)) => return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]),
+            Some(Via::Forward(f)) => return f.block_status(offset, len).await,
         }
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {
