@@ -728,6 +728,12 @@ impl Owner {
             }
         }
         let r = self.round.take().expect("checked");
+        if error.is_some() {
+            // What this round did not make durable, the next one must.
+            for extent in &r.failed {
+                self.extents.get_mut(extent).expect("installed extent").dirty = true;
+            }
+        }
         for op in r.ops {
             out.push(Action::Complete { op, result: error.map_or(Ok(()), Err) });
         }
