@@ -192,6 +192,13 @@ pub struct Planted {
     pub no_overlap_order: bool,
     /// Take a replica's refusal by newer generation as an applied change.
     pub no_fencing: bool,
+    /// Bugs the simulator found (fixed; planted back to show it finds them):
+    /// send a round's flush at once, past changes of the extent in flight.
+    pub flush_passes_changes: bool,
+    /// After a failed commit, do not propose again for the next request.
+    pub no_repropose: bool,
+    /// A round that failed does not mark its extents dirty again.
+    pub forget_failed_flush: bool,
 }
 
 /// One volume's replication state at its owner, for one generation.
@@ -370,7 +377,10 @@ impl Owner {
                 o.state = State::Held;
                 out.push(Action::Grant { op, extent, epoch, replicas: members });
             }
-            Pending::Change(_) if self.round.as_ref().is_some_and(|r| r.deferred.contains(&extent)) => {
+            Pending::Change(_)
+                if self.round.as_ref().is_some_and(|r| r.deferred.contains(&extent))
+                    && !self.planted.flush_passes_changes =>
+            {
                 // Waits for the extent's flush to go out (see `Round::deferred`).
             }
             Pending::Change(change) => {
@@ -565,7 +575,9 @@ impl Owner {
         if ext.removal_pending() {
             // The commit that removes the failed member decides; after a
             // failed commit, this request proposes again.
-            self.maybe_propose(extent, out);
+            if !self.planted.no_repropose {
+                self.maybe_propose(extent, out);
+            }
             return;
         }
         let result = if ext.set.len() < min {
@@ -636,6 +648,12 @@ impl Owner {
             round.deferred.insert(extent);
         }
         self.round = Some(round);
+        for &extent in &dirty {
+            if !self.planted.no_repropose {
+                // A member failed and its commit failed: this FLUSH proposes again.
+                self.maybe_propose(extent, out);
+            }
+        }
         for extent in dirty {
             self.release_flush(extent, out);
         }
@@ -648,18 +666,20 @@ impl Owner {
     fn release_flush(&mut self, extent: ExtentIndex, out: &mut Vec<Action>) {
         let Some(r) = &mut self.round else { return };
         let Some(ext) = self.extents.get_mut(&extent) else { return };
-        if !r.deferred.contains(&extent) || ext.ops.values().any(|o| matches!(o.state, State::Sent { .. })) {
+        let in_flight = ext.ops.values().any(|o| matches!(o.state, State::Sent { .. }));
+        if !r.deferred.contains(&extent) || (in_flight && !self.planted.flush_passes_changes) {
             return;
         }
+        let forget = self.planted.forget_failed_flush;
         if ext.lost {
             r.error.get_or_insert(OpError::NoReplica(extent));
-            ext.dirty = true;
-        } else if ext.removal_pending() {
+            ext.dirty = !forget;
+        } else if ext.removal_pending() && !self.planted.flush_passes_changes {
             if ext.proposing.is_some() {
                 return; // the commit decides
             }
             r.error.get_or_insert(OpError::Metadata(extent));
-            ext.dirty = true;
+            ext.dirty = !forget;
         } else {
             for node in ext.members() {
                 r.pending.insert((extent, node));
@@ -728,7 +748,7 @@ impl Owner {
             }
         }
         let r = self.round.take().expect("checked");
-        if error.is_some() {
+        if error.is_some() && !self.planted.forget_failed_flush {
             // What this round did not make durable, the next one must.
             for extent in &r.failed {
                 self.extents.get_mut(extent).expect("installed extent").dirty = true;
@@ -960,6 +980,78 @@ mod tests {
         }
         assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
         assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 2, .. })).count(), 3);
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_extents_changes_in_flight() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        for n in 1..=3 {
+            ok(&mut o, 1, n, &mut out);
+        }
+        o.step(Event::Submit { op: OpId(2), extent: E, offset: 4096, len: 4096, change: W }, &mut out);
+        out.clear();
+        o.step(Event::Flush { op: OpId(3) }, &mut out);
+        assert!(out.is_empty(), "op 2 is in flight: the flush would clear dirty bits over it: {out:?}");
+        o.step(Event::Submit { op: OpId(4), extent: E, offset: 8192, len: 4096, change: W }, &mut out);
+        assert!(sends(&out).is_empty(), "a new change waits behind the flush");
+        for n in 1..=3 {
+            ok(&mut o, 2, n, &mut out);
+        }
+        let flush_at = out.iter().position(|a| matches!(a, Action::SendFlush { .. })).expect("flush sent");
+        let send_at = out.iter().position(|a| matches!(a, Action::Send { op: OpId(4), .. })).expect("op 4 sent");
+        assert!(flush_at < send_at, "{out:?}");
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 1, .. })).count(), 3);
+        assert_eq!(sends(&out).len(), 3);
+    }
+
+    #[test]
+    fn a_request_after_a_failed_commit_proposes_again() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        ok(&mut o, 1, 1, &mut out);
+        ok(&mut o, 1, 2, &mut out);
+        o.step(Event::Reply { op: OpId(1), node: NodeId(3), result: Err(Failure::Timeout) }, &mut out);
+        out.clear();
+        o.step(Event::CommitFailed { extent: E, epoch: Epoch(2) }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(1), Err(OpError::Metadata(E)))]);
+        out.clear();
+        o.step(Event::Submit { op: OpId(2), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        ok(&mut o, 2, 1, &mut out);
+        ok(&mut o, 2, 2, &mut out);
+        let propose = Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] };
+        assert!(out.contains(&propose), "{out:?}");
+        out.clear();
+        o.step(Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_its_extent_to_the_next_one() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        for n in 1..=3 {
+            ok(&mut o, 1, n, &mut out);
+        }
+        o.step(Event::Flush { op: OpId(2) }, &mut out);
+        for n in 1..=2 {
+            o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(3), result: Err(Failure::Io) }, &mut out);
+        out.clear();
+        o.step(Event::CommitFailed { extent: E, epoch: Epoch(2) }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(2), Err(OpError::Metadata(E)))]);
+        out.clear();
+        // Node 3 never flushed op 1: the next FLUSH must not succeed without it.
+        o.step(Event::Flush { op: OpId(3) }, &mut out);
+        assert_eq!(out, vec![Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }]);
+        out.clear();
+        o.step(Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }, &mut out);
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 2, .. })).count(), 2);
+        for n in 1..=2 {
+            o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        assert_eq!(completes(&out), vec![(OpId(3), Ok(()))]);
     }
 
     #[test]
