@@ -42,10 +42,17 @@
 //!   fences the old owner there), runs `reconcile::plan`, copies the ranges
 //!   (read from the source, write to each target), flushes every member,
 //!   and then serves. A failed step restarts the extent's reconciliation.
+//!   Before it, a degraded set may get a fresh, empty member by a commit (a
+//!   stand-in for rebuild, a later issue): reconcile copies it the whole
+//!   extent, and until that copy is flushed the member reports that it does
+//!   not hold the extent (see `partial_copy_taken_as_the_source_loses_flushed_writes`).
+//!   Replicas crash at random, and more often right after applying a copy.
 //! - **Workload**: writes, write-zeroes and trims (some FUA) of 1-6 blocks
 //!   over three 16-block extents (overlapping on purpose), and FLUSHes.
 //!
 //! The oracle:
+//! - Same order everywhere: no replica applies a change over a later
+//!   overlapping one (checked at every apply).
 //! - A change acknowledged Ok was applied by every member of the extent's
 //!   then-committed set, none of which had seen a newer generation.
 //! - A FLUSH acknowledged Ok: every change its owner acknowledged before it
@@ -60,7 +67,12 @@
 //! - Liveness: after quiesce every request to a live owner has completed.
 //!
 //! Seeds: `SIM_SEEDS` (default 300) from 1, or `SIM_SEED=N` for one. A
-//! failure prints its seed and the last events.
+//! failure prints its seed and the last events (`SIM_TRACE=N` keeps more).
+//!
+//! Each bug planted in `Owner` ([`Planted`]) or here ([`SimPlant`]) has a
+//! test that the simulator finds it, on a seed that holds without it. Three
+//! of the owner's were real, found by this simulator and fixed: see
+//! `finds_a_flush_sent_past_changes_in_flight` and the two after it.
 
 use basalt::replication::owner::Planted;
 use basalt::replication::reconcile::{self, Report};
@@ -278,14 +290,45 @@ struct Conn {
 
 #[derive(Debug)]
 enum Ev {
-    ToReplica { node: NodeId, conn: u64, msg: ReqMsg },
-    Apply { node: NodeId, incarnation: u64, msg: ReqMsg },
-    ToOwner { owner: usize, node: NodeId, conn: u64, rid: u64, resp: Resp },
-    Timeout { rid: u64 },
-    MetaDecide { owner: usize, generation: Generation, extent: ExtentIndex, epoch: Epoch, replicas: Vec<NodeId> },
-    OwnerEvent { owner: usize, event: Event },
-    Restart { node: NodeId },
-    TakeRetry { owner: usize, extent: ExtentIndex, attempt: u64 },
+    ToReplica {
+        node: NodeId,
+        conn: u64,
+        msg: ReqMsg,
+    },
+    Apply {
+        node: NodeId,
+        incarnation: u64,
+        msg: ReqMsg,
+    },
+    ToOwner {
+        owner: usize,
+        node: NodeId,
+        conn: u64,
+        rid: u64,
+        resp: Resp,
+    },
+    Timeout {
+        rid: u64,
+    },
+    MetaDecide {
+        owner: usize,
+        generation: Generation,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        replicas: Vec<NodeId>,
+    },
+    OwnerEvent {
+        owner: usize,
+        event: Event,
+    },
+    Restart {
+        node: NodeId,
+    },
+    TakeRetry {
+        owner: usize,
+        extent: ExtentIndex,
+        attempt: u64,
+    },
     Tick,
 }
 
@@ -569,11 +612,15 @@ impl Sim {
                 **old != 0 && pos(**old) > pos(op.0)
             });
             if let Some((i, old)) = later {
-                let v = format!("{node} applied {op:?} over the later op {old} at {extent} block {}", first + i);
+                let v =
+                    format!("{node} applied {op:?} over the later op {old} at {extent} block {}", first + i);
                 self.violate(v);
             }
         }
-        self.log(format!("{node} applies rid {} {:?} from o{} {} -> {resp:?}", msg.rid, msg.req, msg.owner, msg.generation));
+        self.log(format!(
+            "{node} applies rid {} {:?} from o{} {} -> {resp:?}",
+            msg.rid, msg.req, msg.owner, msg.generation
+        ));
         if matches!(msg.req, Req::Copy { .. }) && !self.quiet && self.rng.gen_bool(self.p_crash * 50.0) {
             // Crashes in the middle of reconciliation, where they hurt most.
             self.crash(node);
@@ -689,12 +736,17 @@ impl Sim {
                     rec.sent = true;
                     let (first, count) = ((offset / BS) as usize, (len / BS) as usize);
                     let h = self.history.get_mut(&extent).expect("extent");
-                    for b in first..first + count {
-                        h[b].push(op.0);
+                    for b in &mut h[first..first + count] {
+                        b.push(op.0);
                     }
                 }
                 let (first, count) = ((offset / BS) as usize, (len / BS) as usize);
-                self.send(ix, node, Req::Change { op, extent, epoch, first, count, change }, Waiter::Change { op });
+                self.send(
+                    ix,
+                    node,
+                    Req::Change { op, extent, epoch, first, count, change },
+                    Waiter::Change { op },
+                );
             }
             Action::SendFlush { round, extent, epoch, node } => {
                 self.send(ix, node, Req::Flush { extent, epoch }, Waiter::Flush { round, extent });
@@ -803,7 +855,9 @@ impl Sim {
             Waiter::Flush { round, extent } => {
                 self.owner_step(p.owner, Event::FlushReply { round, extent, node: p.node, result })
             }
-            Waiter::Take { extent, attempt, step } => self.take_answer(p.owner, p.node, extent, attempt, step, resp),
+            Waiter::Take { extent, attempt, step } => {
+                self.take_answer(p.owner, p.node, extent, attempt, step, resp)
+            }
         }
     }
 
@@ -815,7 +869,10 @@ impl Sim {
         if let Some(old) = self.serving {
             let crash = self.rng.gen_bool(0.5);
             self.owners[old].dead = crash;
-            self.log(format!("o{old} {}", if crash { "crashes" } else { "is partitioned from the metadata" }));
+            self.log(format!(
+                "o{old} {}",
+                if crash { "crashes" } else { "is partitioned from the metadata" }
+            ));
         }
         let ix = self.owners.len();
         let node = NodeId(self.rng.gen_range(0..NODES));
@@ -837,7 +894,14 @@ impl Sim {
         for (extent, (epoch, members)) in self.meta_sets.clone() {
             self.owners[ix].take.insert(
                 extent,
-                ExtTake { epoch, members, attempt: 0, reports: Vec::new(), outstanding: 0, phase: Phase::Status },
+                ExtTake {
+                    epoch,
+                    members,
+                    attempt: 0,
+                    reports: Vec::new(),
+                    outstanding: 0,
+                    phase: Phase::Status,
+                },
             );
             self.take_status(ix, extent);
         }
@@ -1091,7 +1155,13 @@ impl Sim {
             };
             self.ops.insert(
                 op.0,
-                OpRec { owner: ix, change: Some((extent, first, count, change)), submitted, sent: false, done: None },
+                OpRec {
+                    owner: ix,
+                    change: Some((extent, first, count, change)),
+                    submitted,
+                    sent: false,
+                    done: None,
+                },
             );
             Event::Submit { op, extent, offset: first as u64 * BS, len: count as u64 * BS, change }
         };

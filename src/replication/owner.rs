@@ -999,7 +999,8 @@ mod tests {
             ok(&mut o, 2, n, &mut out);
         }
         let flush_at = out.iter().position(|a| matches!(a, Action::SendFlush { .. })).expect("flush sent");
-        let send_at = out.iter().position(|a| matches!(a, Action::Send { op: OpId(4), .. })).expect("op 4 sent");
+        let send_at =
+            out.iter().position(|a| matches!(a, Action::Send { op: OpId(4), .. })).expect("op 4 sent");
         assert!(flush_at < send_at, "{out:?}");
         assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 1, .. })).count(), 3);
         assert_eq!(sends(&out).len(), 3);
@@ -1022,7 +1023,10 @@ mod tests {
         let propose = Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] };
         assert!(out.contains(&propose), "{out:?}");
         out.clear();
-        o.step(Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }, &mut out);
+        o.step(
+            Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] },
+            &mut out,
+        );
         assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
     }
 
@@ -1037,16 +1041,25 @@ mod tests {
         for n in 1..=2 {
             o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
         }
-        o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(3), result: Err(Failure::Io) }, &mut out);
+        o.step(
+            Event::FlushReply { round: 1, extent: E, node: NodeId(3), result: Err(Failure::Io) },
+            &mut out,
+        );
         out.clear();
         o.step(Event::CommitFailed { extent: E, epoch: Epoch(2) }, &mut out);
         assert_eq!(completes(&out), vec![(OpId(2), Err(OpError::Metadata(E)))]);
         out.clear();
         // Node 3 never flushed op 1: the next FLUSH must not succeed without it.
         o.step(Event::Flush { op: OpId(3) }, &mut out);
-        assert_eq!(out, vec![Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }]);
+        assert_eq!(
+            out,
+            vec![Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }]
+        );
         out.clear();
-        o.step(Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }, &mut out);
+        o.step(
+            Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] },
+            &mut out,
+        );
         assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 2, .. })).count(), 2);
         for n in 1..=2 {
             o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
