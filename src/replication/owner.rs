@@ -172,13 +172,40 @@ struct Round {
     pending: BTreeSet<(ExtentIndex, NodeId)>,
     /// Extents where a member failed this round's flush.
     failed: BTreeSet<ExtentIndex>,
+    /// Extents whose flush is not sent yet: it waits for the extent's sent
+    /// changes to finish, and its new changes wait for it. A replica's flush
+    /// clears its dirty regions, so a flush that passed a change which then
+    /// failed on another member would hide the difference from reconcile.
+    deferred: BTreeSet<ExtentIndex>,
     error: Option<OpError>,
+}
+
+/// Bugs `tests/replication_sim.rs` plants to show that it finds them
+/// (each is checked at the one line that keeps its rule). Never set
+/// outside that test.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Planted {
+    /// Acknowledge a change once `min_replicas` members applied it.
+    pub ack_before_all: bool,
+    /// Start a change without waiting for earlier overlapping ones.
+    pub no_overlap_order: bool,
+    /// Take a replica's refusal by newer generation as an applied change.
+    pub no_fencing: bool,
+    /// Bugs the simulator found (fixed; planted back to show it finds them):
+    /// send a round's flush at once, past changes of the extent in flight.
+    pub flush_passes_changes: bool,
+    /// After a failed commit, do not propose again for the next request.
+    pub no_repropose: bool,
+    /// A round that failed does not mark its extents dirty again.
+    pub forget_failed_flush: bool,
 }
 
 /// One volume's replication state at its owner, for one generation.
 #[derive(Debug)]
 pub struct Owner {
     generation: Generation,
+    planted: Planted,
     min_replicas: usize,
     extents: HashMap<ExtentIndex, Ext>,
     /// Which extent holds each unfinished range request.
@@ -197,6 +224,7 @@ impl Owner {
     pub fn new(generation: Generation, min_replicas: usize) -> Owner {
         Owner {
             generation,
+            planted: Planted::default(),
             min_replicas: min_replicas.max(1),
             extents: HashMap::new(),
             index: HashMap::new(),
@@ -206,6 +234,13 @@ impl Owner {
             acked_in_round: false,
             fenced: None,
         }
+    }
+
+    /// Plants bugs (for the simulator only).
+    #[doc(hidden)]
+    pub fn with_planted(mut self, planted: Planted) -> Owner {
+        self.planted = planted;
+        self
     }
 
     pub fn generation(&self) -> Generation {
@@ -295,6 +330,7 @@ impl Owner {
         }
         self.settle_extent(extent, out);
         self.maybe_propose(extent, out);
+        self.release_flush(extent, out);
         self.try_finish_round(out);
     }
 
@@ -316,7 +352,7 @@ impl Owner {
             return;
         };
         let end = offset.saturating_add(len);
-        let blocked = ext.ops.values().any(|o| o.overlaps(offset, end));
+        let blocked = ext.ops.values().any(|o| o.overlaps(offset, end)) && !self.planted.no_overlap_order;
         let change = match what {
             Pending::Change(c) => Some(c),
             Pending::Exclusive => None,
@@ -340,6 +376,12 @@ impl Owner {
             Pending::Exclusive => {
                 o.state = State::Held;
                 out.push(Action::Grant { op, extent, epoch, replicas: members });
+            }
+            Pending::Change(_)
+                if self.round.as_ref().is_some_and(|r| r.deferred.contains(&extent))
+                    && !self.planted.flush_passes_changes =>
+            {
+                // Waits for the extent's flush to go out (see `Round::deferred`).
             }
             Pending::Change(change) => {
                 let refuse = if members.is_empty() {
@@ -406,6 +448,9 @@ impl Owner {
         }
         match result {
             Ok(()) => {
+                ok.insert(node);
+            }
+            Err(Failure::StaleGeneration(_)) if self.planted.no_fencing => {
                 ok.insert(node);
             }
             Err(f) => {
@@ -483,6 +528,7 @@ impl Owner {
         for op in waiting {
             self.finish(extent, op, Err(OpError::Metadata(extent)), out);
         }
+        self.release_flush(extent, out);
         if let Some(r) = &mut self.round
             && r.failed.contains(&extent)
         {
@@ -516,11 +562,23 @@ impl Owner {
             self.finish(extent, op, Err(OpError::NoReplica(extent)), out);
             return;
         }
+        if self.planted.ack_before_all && ok.len() >= min {
+            let ext = self.extents.get_mut(&extent).expect("installed extent");
+            ext.dirty = true;
+            self.acked_in_round = true;
+            self.finish(extent, op, Ok(()), out);
+            return;
+        }
         if sent.iter().any(|n| ext.set.contains(n) && !ok.contains(n) && !ext.failed.contains(n)) {
             return; // a member has not answered (one that left the set no longer counts)
         }
         if ext.removal_pending() {
-            return; // the commit that removes the failed member decides
+            // The commit that removes the failed member decides; after a
+            // failed commit, this request proposes again.
+            if !self.planted.no_repropose {
+                self.maybe_propose(extent, out);
+            }
+            return;
         }
         let result = if ext.set.len() < min {
             Err(OpError::BelowMinReplicas { extent, have: ext.set.len(), min })
@@ -558,6 +616,7 @@ impl Owner {
         for id in ready {
             self.start(extent, id, out);
         }
+        self.release_flush(extent, out);
     }
 
     fn flush(&mut self, op: OpId, out: &mut Vec<Action>) {
@@ -584,15 +643,62 @@ impl Owner {
         let mut dirty: Vec<ExtentIndex> =
             self.extents.iter().filter(|(_, e)| e.dirty).map(|(i, _)| *i).collect();
         dirty.sort();
-        for extent in dirty {
-            let ext = self.extents.get_mut(&extent).expect("listed extent");
-            ext.dirty = false;
-            for node in ext.members() {
-                round.pending.insert((extent, node));
-                out.push(Action::SendFlush { round: round.id, extent, epoch: ext.epoch, node });
-            }
+        for &extent in &dirty {
+            self.extents.get_mut(&extent).expect("listed extent").dirty = false;
+            round.deferred.insert(extent);
         }
         self.round = Some(round);
+        for &extent in &dirty {
+            if !self.planted.no_repropose {
+                // A member failed and its commit failed: this FLUSH proposes again.
+                self.maybe_propose(extent, out);
+            }
+        }
+        for extent in dirty {
+            self.release_flush(extent, out);
+        }
+        self.try_finish_round(out);
+    }
+
+    /// Sends the round's flush of `extent` once none of its changes is in
+    /// flight, then starts the changes that waited behind it. A failed
+    /// member still in the set fails it (once the commit has decided).
+    fn release_flush(&mut self, extent: ExtentIndex, out: &mut Vec<Action>) {
+        let Some(r) = &mut self.round else { return };
+        let Some(ext) = self.extents.get_mut(&extent) else { return };
+        let in_flight = ext.ops.values().any(|o| matches!(o.state, State::Sent { .. }));
+        if !r.deferred.contains(&extent) || (in_flight && !self.planted.flush_passes_changes) {
+            return;
+        }
+        let forget = self.planted.forget_failed_flush;
+        if ext.lost {
+            r.error.get_or_insert(OpError::NoReplica(extent));
+            ext.dirty = !forget;
+        } else if ext.removal_pending() && !self.planted.flush_passes_changes {
+            if ext.proposing.is_some() {
+                return; // the commit decides
+            }
+            r.error.get_or_insert(OpError::Metadata(extent));
+            ext.dirty = !forget;
+        } else {
+            for node in ext.members() {
+                r.pending.insert((extent, node));
+                out.push(Action::SendFlush { round: r.id, extent, epoch: ext.epoch, node });
+            }
+        }
+        r.deferred.remove(&extent);
+        let ready: Vec<OpId> = ext
+            .ops
+            .iter()
+            .filter(|(id, o)| {
+                matches!(o.state, State::Waiting(_))
+                    && !ext.ops.range(..**id).any(|(_, e)| e.overlaps(o.offset, o.end))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.start(extent, id, out);
+        }
         self.try_finish_round(out);
     }
 
@@ -608,7 +714,9 @@ impl Owner {
         if r.id != round || !r.pending.remove(&(extent, node)) {
             return;
         }
-        if let Err(f) = result {
+        if let Err(f) = result
+            && !(self.planted.no_fencing && matches!(f, Failure::StaleGeneration(_)))
+        {
             r.failed.insert(extent);
             if self.failure(extent, node, f, out) {
                 return;
@@ -619,7 +727,7 @@ impl Owner {
 
     fn try_finish_round(&mut self, out: &mut Vec<Action>) {
         let Some(r) = &self.round else { return };
-        if !r.pending.is_empty() {
+        if !r.pending.is_empty() || !r.deferred.is_empty() {
             return;
         }
         let mut error = r.error;
@@ -640,6 +748,12 @@ impl Owner {
             }
         }
         let r = self.round.take().expect("checked");
+        if error.is_some() && !self.planted.forget_failed_flush {
+            // What this round did not make durable, the next one must.
+            for extent in &r.failed {
+                self.extents.get_mut(extent).expect("installed extent").dirty = true;
+            }
+        }
         for op in r.ops {
             out.push(Action::Complete { op, result: error.map_or(Ok(()), Err) });
         }
@@ -866,6 +980,91 @@ mod tests {
         }
         assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
         assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 2, .. })).count(), 3);
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_extents_changes_in_flight() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        for n in 1..=3 {
+            ok(&mut o, 1, n, &mut out);
+        }
+        o.step(Event::Submit { op: OpId(2), extent: E, offset: 4096, len: 4096, change: W }, &mut out);
+        out.clear();
+        o.step(Event::Flush { op: OpId(3) }, &mut out);
+        assert!(out.is_empty(), "op 2 is in flight: the flush would clear dirty bits over it: {out:?}");
+        o.step(Event::Submit { op: OpId(4), extent: E, offset: 8192, len: 4096, change: W }, &mut out);
+        assert!(sends(&out).is_empty(), "a new change waits behind the flush");
+        for n in 1..=3 {
+            ok(&mut o, 2, n, &mut out);
+        }
+        let flush_at = out.iter().position(|a| matches!(a, Action::SendFlush { .. })).expect("flush sent");
+        let send_at =
+            out.iter().position(|a| matches!(a, Action::Send { op: OpId(4), .. })).expect("op 4 sent");
+        assert!(flush_at < send_at, "{out:?}");
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 1, .. })).count(), 3);
+        assert_eq!(sends(&out).len(), 3);
+    }
+
+    #[test]
+    fn a_request_after_a_failed_commit_proposes_again() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        ok(&mut o, 1, 1, &mut out);
+        ok(&mut o, 1, 2, &mut out);
+        o.step(Event::Reply { op: OpId(1), node: NodeId(3), result: Err(Failure::Timeout) }, &mut out);
+        out.clear();
+        o.step(Event::CommitFailed { extent: E, epoch: Epoch(2) }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(1), Err(OpError::Metadata(E)))]);
+        out.clear();
+        o.step(Event::Submit { op: OpId(2), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        ok(&mut o, 2, 1, &mut out);
+        ok(&mut o, 2, 2, &mut out);
+        let propose = Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] };
+        assert!(out.contains(&propose), "{out:?}");
+        out.clear();
+        o.step(
+            Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] },
+            &mut out,
+        );
+        assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_its_extent_to_the_next_one() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        for n in 1..=3 {
+            ok(&mut o, 1, n, &mut out);
+        }
+        o.step(Event::Flush { op: OpId(2) }, &mut out);
+        for n in 1..=2 {
+            o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        o.step(
+            Event::FlushReply { round: 1, extent: E, node: NodeId(3), result: Err(Failure::Io) },
+            &mut out,
+        );
+        out.clear();
+        o.step(Event::CommitFailed { extent: E, epoch: Epoch(2) }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(2), Err(OpError::Metadata(E)))]);
+        out.clear();
+        // Node 3 never flushed op 1: the next FLUSH must not succeed without it.
+        o.step(Event::Flush { op: OpId(3) }, &mut out);
+        assert_eq!(
+            out,
+            vec![Action::Propose { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] }]
+        );
+        out.clear();
+        o.step(
+            Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2)] },
+            &mut out,
+        );
+        assert_eq!(out.iter().filter(|a| matches!(a, Action::SendFlush { round: 2, .. })).count(), 2);
+        for n in 1..=2 {
+            o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        assert_eq!(completes(&out), vec![(OpId(3), Ok(()))]);
     }
 
     #[test]
