@@ -46,13 +46,15 @@ pub struct MapNode {
 }
 
 /// One version's candidates, sorted by node id, prepared for placing (the
-/// [`Placer`] is built once, when the map is made or decoded, and shared
-/// by clones of the state).
+/// [`Placer`] is built once, when the map is made or decoded). Immutable
+/// and shared: the state is cloned on every applied batch, a map is not.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(try_from = "Vec<MapNode>", into = "Vec<MapNode>")]
-pub struct PlacementMap {
+pub struct PlacementMap(Arc<Prepared>);
+
+struct Prepared {
     nodes: Vec<MapNode>,
-    placer: Arc<Placer>,
+    placer: Placer,
 }
 
 impl PlacementMap {
@@ -65,22 +67,22 @@ impl PlacementMap {
                 .map(|n| Candidate { id: n.id, zone: n.zone.clone(), weight: n.weight, eligible: true })
                 .collect(),
         };
-        let placer = Arc::new(Placer::new(&map)?);
-        Ok(PlacementMap { nodes, placer })
+        let placer = Placer::new(&map)?;
+        Ok(PlacementMap(Arc::new(Prepared { nodes, placer })))
     }
 
     /// The candidates, by node id.
     pub fn nodes(&self) -> &[MapNode] {
-        &self.nodes
+        &self.0.nodes
     }
 
     pub fn contains(&self, node: NodeId) -> bool {
-        self.nodes.binary_search_by_key(&node, |n| n.id).is_ok()
+        self.0.nodes.binary_search_by_key(&node, |n| n.id).is_ok()
     }
 
     /// The prepared map, for callers placing many extents.
     pub fn placer(&self) -> &Placer {
-        &self.placer
+        &self.0.placer
     }
 
     /// The computed replica set of one extent with `r` replicas.
@@ -90,20 +92,20 @@ impl PlacementMap {
         extent: ExtentIndex,
         r: usize,
     ) -> Result<ReplicaSet, PlacementError> {
-        self.placer.place(volume, extent, r)
+        self.0.placer.place(volume, extent, r)
     }
 }
 
 impl fmt::Debug for PlacementMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The placer is derived from the nodes: printing it says nothing new.
-        f.debug_struct("PlacementMap").field("nodes", &self.nodes).finish()
+        f.debug_struct("PlacementMap").field("nodes", &self.0.nodes).finish()
     }
 }
 
 impl PartialEq for PlacementMap {
     fn eq(&self, other: &Self) -> bool {
-        self.nodes == other.nodes
+        self.0.nodes == other.0.nodes
     }
 }
 
@@ -118,7 +120,7 @@ impl TryFrom<Vec<MapNode>> for PlacementMap {
 
 impl From<PlacementMap> for Vec<MapNode> {
     fn from(m: PlacementMap) -> Self {
-        m.nodes
+        m.0.nodes.clone()
     }
 }
 

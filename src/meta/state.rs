@@ -5,8 +5,9 @@
 //! placement maps (`maps.rs`: each volume is placed with the map version it
 //! was created with) and the placement exceptions (extents whose replica
 //! set differs from the computed one) with their epochs. Every replica set
-//! anyone uses comes from [`MetaState::replicas`]. Every change is a typed [`Command`] inside a versioned
-//! [`Envelope`]; [`MetaState::apply`] validates and applies it.
+//! anyone uses comes from [`MetaState::replicas`]. Every change is a typed
+//! [`Command`] inside a versioned [`Envelope`]; [`MetaState::apply`]
+//! validates and applies it.
 //!
 //! Pure: no tokio, no files, no sockets, no clock, no randomness. `apply` is
 //! a function of the state and the log entry only, so every node that
@@ -846,6 +847,7 @@ impl MetaState {
         }
         Ok(())
     }
+
     /// Index of the last log entry applied.
     pub fn applied_index(&self) -> u64 {
         self.applied
