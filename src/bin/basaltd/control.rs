@@ -17,7 +17,6 @@ use basalt::meta::{ApplyOutcome, Consistency, MetaError, MetaNode};
 use basalt::net::{ClusterCell, PeerPool};
 use basalt::node::systemd::Notifier;
 use basalt::node::{Node, VolumeSpec};
-use basalt::placement::{Candidate, ClusterMap, Placer};
 use basalt::types::{ClusterId, ExtentIndex, NodeId, VolumeId};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -80,22 +79,6 @@ fn meta_error(e: MetaError) -> ControlError {
         },
         _ => ControlError::Internal(msg),
     }
-}
-
-pub(crate) fn placer(state: &MetaState) -> Result<Placer, basalt::placement::PlacementError> {
-    let nodes = state
-        .nodes()
-        .map(|n| Candidate {
-            id: n.spec.id,
-            zone: n.spec.zone.clone(),
-            weight: n.spec.capacity,
-            // Liveness is not part of placement: a down node keeps its replicas
-            // (the data path degrades the extents it fails), or every set would
-            // move the moment a node stops answering.
-            eligible: n.spec.has_data,
-        })
-        .collect();
-    Placer::new(&ClusterMap { nodes })
 }
 
 fn parse_addr(s: &str) -> Option<SocketAddr> {
@@ -362,21 +345,14 @@ impl Daemon {
 
     fn volume_info(&self, state: &MetaState, v: &VolumeRecord, extents: bool) -> VolumeInfo {
         let extents = extents.then(|| {
-            let placer = placer(state).ok();
             (0..v.extent_count())
                 .map(|i| {
                     let idx = ExtentIndex(i);
-                    let exc = state.exception(v.id, idx);
-                    let replicas: Vec<u64> = match exc.and_then(|e| e.replicas.clone()) {
-                        Some(r) => r.iter().map(|n| n.0).collect(),
-                        None => placer
-                            .as_ref()
-                            .and_then(|p| p.place(v.id, idx, v.replicas as usize).ok())
-                            .map(|s| s.nodes().iter().map(|n| n.0).collect())
-                            .unwrap_or_default(),
-                    };
+                    let (epoch, nodes) =
+                        state.replicas(v.id, idx).unwrap_or((state.epoch(v.id, idx), Vec::new()));
+                    let replicas: Vec<u64> = nodes.iter().map(|n| n.0).collect();
                     let state_s = if replicas.len() < v.replicas as usize { "degraded" } else { "healthy" };
-                    ExtentInfo { index: i, epoch: state.epoch(v.id, idx).0, replicas, state: state_s.into() }
+                    ExtentInfo { index: i, epoch: epoch.0, replicas, state: state_s.into() }
                 })
                 .collect()
         });
@@ -647,12 +623,13 @@ impl Control for Daemon {
 }
 
 /// The node a volume without an owner goes to: this node if it stores
-/// data, else extent 0's first replica.
+/// data, else extent 0's first replica that is up.
 fn owner_for(d: &Daemon, state: &MetaState, volume: VolumeId) -> Option<NodeId> {
     if d.node.is_some() {
         return Some(d.me);
     }
-    placer(state).ok()?.place(volume, ExtentIndex(0), 1).ok().map(|s| s.primary())
+    let (_, replicas) = state.replicas(volume, ExtentIndex(0)).ok()?;
+    replicas.into_iter().find(|n| state.node(*n).is_some_and(|r| r.state == NodeState::Up))
 }
 
 /// On the leader: a volume left without an owner (its creator crashed, or

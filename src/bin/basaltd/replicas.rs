@@ -3,7 +3,6 @@
 //! the peer pool), reads replica sets from the metadata and commits new
 //! ones, keeps its liveness lease; and which route each volume takes.
 
-use crate::control::placer;
 use crate::run::AddrBook;
 use basalt::meta::MetaNode;
 use basalt::meta::state::{Command, MetaState, NodeState};
@@ -40,15 +39,15 @@ pub struct DaemonIo {
 }
 
 /// The committed replica set of an extent: the recorded exception, else
-/// the computed placement.
+/// the placement of the volume's map version.
 pub fn replica_set(state: &MetaState, volume: VolumeId, extent: ExtentIndex) -> Option<(Epoch, Vec<NodeId>)> {
-    let v = state.volume(volume)?;
-    let epoch = state.epoch(volume, extent);
-    if let Some(r) = state.exception(volume, extent).and_then(|e| e.replicas.clone()) {
-        return Some((epoch, r));
+    match state.replicas(volume, extent) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(%volume, %extent, error = %e, "no replica set for the extent");
+            None
+        }
     }
-    let set = placer(state).ok()?.place(volume, extent, v.replicas as usize).ok()?;
-    Some((epoch, set.nodes().to_vec()))
 }
 
 impl ClusterIo for DaemonIo {
