@@ -366,6 +366,18 @@ impl Replicated {
                 gone.push(copy.target);
             }
         }
+        // The source's version is now everyone's: make it durable there too
+        // (a crash of the source must not take back what the others keep).
+        let sources: std::collections::BTreeSet<NodeId> = plan.iter().map(|c| c.source).collect();
+        for node in sources {
+            let flush =
+                Message::ExtentFlush(ExtentFlush { target: self.target(extent, epoch), flush_number: 0 });
+            if let Err(f) = self.call_retrying(node, flush).await {
+                tracing::warn!(volume = %self.volume, %extent, %node, failure = ?f,
+                    "reconciliation could not flush its source: it leaves the set");
+                gone.push(node);
+            }
+        }
         if !gone.is_empty() {
             let keep: Vec<NodeId> = set.iter().copied().filter(|n| !gone.contains(n)).collect();
             if keep.is_empty() {

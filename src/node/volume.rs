@@ -528,7 +528,8 @@ impl Volume {
         loop {
             let changed = self.rerouted.notified();
             match self.route() {
-                Route::Forward(f) if f.generation() == old.generation() && f.owner().addr() == old.owner().addr() => {}
+                Route::Forward(f)
+                    if f.generation() == old.generation() && f.owner().addr() == old.owner().addr() => {}
                 _ => return true,
             }
             *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
@@ -541,12 +542,18 @@ impl Volume {
     /// Runs `op` through `f`, and once more through the new route if the
     /// owner was gone or moved (safe for writes: a fenced old owner can no
     /// longer apply one; not used for COMPARE AND WRITE).
-    async fn forwarded<T, Fut>(&self, f: Arc<Forwarder>, op: impl Fn(Arc<Forwarder>) -> Fut) -> Result<Retry<T>>
+    async fn forwarded<T, Fut>(
+        &self,
+        f: Arc<Forwarder>,
+        op: impl Fn(Arc<Forwarder>) -> Fut,
+    ) -> Result<Retry<T>>
     where
         Fut: std::future::Future<Output = Result<T>>,
     {
         match op(f.clone()).await {
-            Err(VolumeError::NotOwner { .. } | VolumeError::Unavailable(_)) if self.rerouted_from(&f).await => {
+            Err(VolumeError::NotOwner { .. } | VolumeError::Unavailable(_))
+                if self.rerouted_from(&f).await =>
+            {
                 Ok(Retry::Again)
             }
             r => r.map(Retry::Done),
@@ -631,11 +638,12 @@ impl Volume {
             }
             Some(Via::Forward(f)) => {
                 let d = data.clone();
-                return match self.forwarded(f, |f| {
-                    let d = d.clone();
-                    async move { f.write(offset, d, fua).await }
-                })
-                .await?
+                return match self
+                    .forwarded(f, |f| {
+                        let d = d.clone();
+                        async move { f.write(offset, d, fua).await }
+                    })
+                    .await?
                 {
                     Retry::Done(()) => Ok(()),
                     Retry::Again => Box::pin(self.write_io(offset, data, fua)).await,
@@ -765,12 +773,17 @@ impl Volume {
             None => {}
             Some(Via::Owner(r)) => {
                 let c = ReplChange::WriteZeroes { deallocate, fua };
-                let pieces =
-                    self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+                let pieces = self
+                    .spec
+                    .layout
+                    .split(offset, len)
+                    .into_iter()
+                    .map(|p| (p.extent, p.offset, p.len, c, None));
                 return r.change(pieces.collect()).await;
             }
             Some(Via::Forward(f)) => {
-                let op = |f: Arc<Forwarder>| async move { f.write_zeroes(offset, len, deallocate, fua).await };
+                let op =
+                    |f: Arc<Forwarder>| async move { f.write_zeroes(offset, len, deallocate, fua).await };
                 return match self.forwarded(f, op).await? {
                     Retry::Done(()) => Ok(()),
                     Retry::Again => Box::pin(self.write_zeroes_io(offset, len, deallocate, fua)).await,
@@ -802,8 +815,12 @@ impl Volume {
             None => {}
             Some(Via::Owner(r)) => {
                 let c = ReplChange::Trim { fua };
-                let pieces =
-                    self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+                let pieces = self
+                    .spec
+                    .layout
+                    .split(offset, len)
+                    .into_iter()
+                    .map(|p| (p.extent, p.offset, p.len, c, None));
                 return r.change(pieces.collect()).await;
             }
             Some(Via::Forward(f)) => {

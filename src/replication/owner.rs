@@ -453,6 +453,16 @@ impl Owner {
             Err(Failure::StaleGeneration(_)) if self.planted.no_fencing => {
                 ok.insert(node);
             }
+            // Sent at an older epoch, and the replica applied a change of a
+            // newer one (of this owner) first: it is still a member, so send
+            // it again at the current epoch. Only a newer epoch than this
+            // owner knows means another writer.
+            Err(Failure::StaleEpoch(current)) if current <= ext.epoch && ext.set.contains(&node) => {
+                let change = o.change.expect("a sent request has its change");
+                let (offset, len) = (o.offset, o.end - o.offset);
+                out.push(Action::Send { op, extent, epoch: ext.epoch, node, offset, len, change });
+                return;
+            }
             Err(f) => {
                 if self.failure(extent, node, f, out) {
                     return; // fenced: everything is finished
@@ -712,6 +722,16 @@ impl Owner {
     ) {
         let Some(r) = &mut self.round else { return };
         if r.id != round || !r.pending.remove(&(extent, node)) {
+            return;
+        }
+        if let Err(Failure::StaleEpoch(current)) = result
+            && let Some(ext) = self.extents.get(&extent)
+            && current <= ext.epoch
+            && ext.set.contains(&node)
+        {
+            // As for a change (see `reply`): the member is current, the flush was not.
+            r.pending.insert((extent, node));
+            out.push(Action::SendFlush { round, extent, epoch: ext.epoch, node });
             return;
         }
         if let Err(f) = result
@@ -1065,6 +1085,40 @@ mod tests {
             o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
         }
         assert_eq!(completes(&out), vec![(OpId(3), Ok(()))]);
+    }
+
+    #[test]
+    fn a_stale_epoch_of_this_owner_is_sent_again_not_fenced() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Submit { op: OpId(1), extent: E, offset: 0, len: 4096, change: W }, &mut out);
+        o.step(
+            Event::Committed { extent: E, epoch: Epoch(2), replicas: vec![NodeId(1), NodeId(2), NodeId(3)] },
+            &mut out,
+        );
+        out.clear();
+        o.step(
+            Event::Reply { op: OpId(1), node: NodeId(2), result: Err(Failure::StaleEpoch(Epoch(2))) },
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![Action::Send {
+                op: OpId(1),
+                extent: E,
+                epoch: Epoch(2),
+                node: NodeId(2),
+                offset: 0,
+                len: 4096,
+                change: W
+            }]
+        );
+        assert_eq!(o.fenced(), None);
+        out.clear();
+        o.step(
+            Event::Reply { op: OpId(1), node: NodeId(2), result: Err(Failure::StaleEpoch(Epoch(3))) },
+            &mut out,
+        );
+        assert!(o.fenced().is_some(), "an epoch newer than this owner knows is another writer");
     }
 
     #[test]

@@ -454,7 +454,14 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         let view = latest.clone();
         let layout_of: basalt::node::replica::LayoutOf =
             Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
-        let service = basalt::node::replica::ReplicaService::new(node.store().clone(), fences, layout_of);
+        let crashed = take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")?;
+        if crashed {
+            tracing::warn!(
+                "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
+            );
+        }
+        let service =
+            basalt::node::replica::ReplicaService::after(node.store().clone(), fences, layout_of, crashed);
         let _ = handler.replica.set(service.clone());
         let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
             let s = service.clone();
@@ -554,12 +561,36 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     notifier.status("flushing");
     if let Some(node) = &node {
         node.close().await.context("final flush")?;
+        set_clean_mark(&cfg.state_dir).context("recording the clean shutdown")?;
     }
     admin_cancel.cancel();
     meta.shutdown().await;
     peer_server.shutdown().await;
     tracing::info!("flushed; bye");
     Ok(())
+}
+
+/// The mark a clean shutdown leaves in the state dir: every acknowledged
+/// write was flushed. Absent at start means the last run crashed.
+const CLEAN_MARK: &str = "clean-shutdown";
+
+/// Whether the last run crashed; removes the mark (durably) so a crash of
+/// this run is seen by the next.
+fn take_clean_mark(state: &std::path::Path) -> std::io::Result<bool> {
+    let p = state.join(CLEAN_MARK);
+    match std::fs::remove_file(&p) {
+        Ok(()) => {
+            std::fs::File::open(state)?.sync_all()?;
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+fn set_clean_mark(state: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(state.join(CLEAN_MARK))?.sync_all()?;
+    std::fs::File::open(state)?.sync_all()
 }
 
 fn reload(opts: &RunOptions) {
