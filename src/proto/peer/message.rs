@@ -1387,6 +1387,22 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
     })
 }
 
+impl Kind {
+    /// A volume-level request: one a node forwards to a volume's owner.
+    pub fn is_volume_request(self) -> bool {
+        matches!(
+            self,
+            Kind::VolumeRead
+                | Kind::VolumeWrite
+                | Kind::VolumeWriteZeroes
+                | Kind::VolumeTrim
+                | Kind::VolumeFlush
+                | Kind::VolumeBlockStatus
+                | Kind::VolumeCompareAndWrite
+        )
+    }
+}
+
 impl Fields<'_> {
     fn vtarget(&mut self) -> Result<VolumeTarget, BodyError> {
         Ok(VolumeTarget {
