@@ -7,7 +7,10 @@
 //! gives directly; every error comes back as the same kind with the same
 //! fields; a forwarded write whose caller goes away leaves the range old or
 //! new and the connection usable; an owner that is gone or silent gives
-//! `Unavailable`, not a hang.
+//! `Unavailable`, not a hang. And a real `basaltd` serves forwarded
+//! requests for the volume it owns, at its generation only.
+
+mod common;
 
 use basalt::layout::Layout;
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
@@ -354,4 +357,50 @@ async fn an_owner_that_vanished_or_is_silent_gives_unavailable() {
     }
     // The write before the owner went away is there; the failed ones are not.
     assert_eq!(flatten_chunks(&o.rw.read(0, 4096).await.unwrap()), pattern(12, 4096));
+}
+
+/// `basaltd demo` serves forwarded requests for the volume it owns (its
+/// peer handler calls `forward::serve` with the metadata's owner and
+/// generation): a write forwarded to it is what its NBD clients read, and a
+/// request at another generation is told the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basaltd_serves_forwarded_requests_for_the_volume_it_owns() {
+    if !common::require("nbdsh") {
+        return;
+    }
+    let d = common::Daemon::start("16M", &[]);
+    let url = format!("http://127.0.0.1:{}/v1/volumes/{}", d.admin_port, d.volume);
+    let info: basalt::admin::api::VolumeInfo =
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_json().unwrap()).await.unwrap();
+    let owner = info.owner.expect("the demo volume has an owner");
+    let generation = Generation(owner.generation);
+    // A node outside the cluster says cluster 0, which a member accepts.
+    let pool = PeerPool::new(ClientConfig::new(ClusterId(0), NodeId(77)));
+    let peer = format!("127.0.0.1:{}", d.peer_port).parse().unwrap();
+    let f = Forwarder::new(pool.client(peer), VolumeId(info.id), generation);
+
+    let data = pattern(20, 8192);
+    f.write(MIB, data.clone(), true).await.unwrap();
+    assert_eq!(flatten_chunks(&f.read(MIB, 8192).await.unwrap()), data);
+    let uri = d.uri();
+    let hex = tokio::task::spawn_blocking(move || common::nbdsh(&uri, &format!("print(h.pread(8192, {MIB}).hex())")))
+        .await
+        .unwrap();
+    assert_eq!(hex.trim(), data.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    // Out of range on the daemon's volume, as for its own clients.
+    match f.read(16 * MIB, 4096).await {
+        Err(VolumeError::OutOfRange { offset, len, size }) => assert_eq!((offset, len, size), (16 * MIB, 4096, 16 * MIB)),
+        other => panic!("expected OutOfRange, got {other:?}"),
+    }
+
+    let stale = Forwarder::new(pool.client(peer), VolumeId(info.id), Generation(owner.generation + 1));
+    match stale.read(0, 4096).await {
+        Err(VolumeError::NotOwner { generation: g }) => assert_eq!(g, generation),
+        other => panic!("expected NotOwner, got {other:?}"),
+    }
+    let unknown = Forwarder::new(pool.client(peer), VolumeId(info.id + 1000), generation);
+    match unknown.flush().await {
+        Err(VolumeError::NotOwner { generation: g }) => assert_eq!(g, Generation(0)),
+        other => panic!("expected NotOwner, got {other:?}"),
+    }
 }
