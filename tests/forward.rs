@@ -98,10 +98,13 @@ async fn owner() -> Owner {
         volumes: Mutex::new([(rw.spec().id, rw.clone()), (ro.spec().id, ro.clone())].into_iter().collect()),
         generation: AtomicU64::new(GENERATION.0),
     });
-    let server =
-        PeerServer::bind("127.0.0.1:0".parse().unwrap(), ServerConfig::new(CLUSTER, NodeId(1)), handler.clone())
-            .await
-            .unwrap();
+    let server = PeerServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        ServerConfig::new(CLUSTER, NodeId(1)),
+        handler.clone(),
+    )
+    .await
+    .unwrap();
     Owner { _tmp: tmp, _node: node, rw, ro, handler, server: Some(server) }
 }
 
@@ -230,18 +233,58 @@ async fn every_error_comes_back_as_the_same_kind_with_the_same_fields() {
     let w = pattern(6, 4096);
 
     let cases: Vec<(&str, VolumeError, VolumeError)> = vec![
-        ("read past the end", f.read(SIZE - 512, 1024).await.unwrap_err(), v.read(SIZE - 512, 1024).await.unwrap_err()),
-        ("write past the end", f.write(SIZE, w.clone(), false).await.unwrap_err(), v.write(SIZE, w.clone(), false).await.unwrap_err()),
-        ("offset overflows", f.trim(u64::MAX - 511, 512, false).await.unwrap_err(), v.trim(u64::MAX - 511, 512, false).await.unwrap_err()),
+        (
+            "read past the end",
+            f.read(SIZE - 512, 1024).await.unwrap_err(),
+            v.read(SIZE - 512, 1024).await.unwrap_err(),
+        ),
+        (
+            "write past the end",
+            f.write(SIZE, w.clone(), false).await.unwrap_err(),
+            v.write(SIZE, w.clone(), false).await.unwrap_err(),
+        ),
+        (
+            "offset overflows",
+            f.trim(u64::MAX - 511, 512, false).await.unwrap_err(),
+            v.trim(u64::MAX - 511, 512, false).await.unwrap_err(),
+        ),
         ("misaligned read", f.read(1, 512).await.unwrap_err(), v.read(1, 512).await.unwrap_err()),
-        ("misaligned zeroes", f.write_zeroes(0, 100, false, false).await.unwrap_err(), v.write_zeroes(0, 100, false, false).await.unwrap_err()),
-        ("misaligned status", f.block_status(7, 512).await.unwrap_err(), v.block_status(7, 512).await.unwrap_err()),
-        ("odd compare and write", f.compare_and_write(0, pattern(7, 1023), false).await.unwrap_err(), v.compare_and_write(0, pattern(7, 1023), false).await.unwrap_err()),
-        ("read-only write", ro.write(0, w.clone(), false).await.unwrap_err(), rov.write(0, w.clone(), false).await.unwrap_err()),
-        ("read-only trim", ro.trim(0, 4096, false).await.unwrap_err(), rov.trim(0, 4096, false).await.unwrap_err()),
-        ("read-only compare and write", ro.compare_and_write(0, pattern(8, 1024), false).await.unwrap_err(), rov.compare_and_write(0, pattern(8, 1024), false).await.unwrap_err()),
+        (
+            "misaligned zeroes",
+            f.write_zeroes(0, 100, false, false).await.unwrap_err(),
+            v.write_zeroes(0, 100, false, false).await.unwrap_err(),
+        ),
+        (
+            "misaligned status",
+            f.block_status(7, 512).await.unwrap_err(),
+            v.block_status(7, 512).await.unwrap_err(),
+        ),
+        (
+            "odd compare and write",
+            f.compare_and_write(0, pattern(7, 1023), false).await.unwrap_err(),
+            v.compare_and_write(0, pattern(7, 1023), false).await.unwrap_err(),
+        ),
+        (
+            "read-only write",
+            ro.write(0, w.clone(), false).await.unwrap_err(),
+            rov.write(0, w.clone(), false).await.unwrap_err(),
+        ),
+        (
+            "read-only trim",
+            ro.trim(0, 4096, false).await.unwrap_err(),
+            rov.trim(0, 4096, false).await.unwrap_err(),
+        ),
+        (
+            "read-only compare and write",
+            ro.compare_and_write(0, pattern(8, 1024), false).await.unwrap_err(),
+            rov.compare_and_write(0, pattern(8, 1024), false).await.unwrap_err(),
+        ),
         // Refused before it is sent (it cannot be encoded): the same kind.
-        ("read too large", f.read(0, 32 * MIB + 512).await.unwrap_err(), v.read(0, 32 * MIB + 512).await.unwrap_err()),
+        (
+            "read too large",
+            f.read(0, 32 * MIB + 512).await.unwrap_err(),
+            v.read(0, 32 * MIB + 512).await.unwrap_err(),
+        ),
     ];
     for (what, forwarded, direct) in &cases {
         assert_eq!(shape(forwarded), shape(direct), "{what}");
@@ -313,8 +356,10 @@ async fn a_dropped_forwarded_write_leaves_old_or_new_and_the_connection_usable()
     }
     drop(write);
     assert_eq!(client.in_flight(), 0, "the dropped request left its entry");
-    eventually("the late reply of the dropped write", || client.stats().late_replies.load(Ordering::Relaxed) == 1)
-        .await;
+    eventually("the late reply of the dropped write", || {
+        client.stats().late_replies.load(Ordering::Relaxed) == 1
+    })
+    .await;
 
     let got = flatten_chunks(&f.read(2 * MIB, MIB).await.unwrap());
     for (i, (g, (o, n))) in got.chunks(4096).zip(old.chunks(4096).zip(new.chunks(4096))).enumerate() {
@@ -338,7 +383,8 @@ async fn an_owner_that_vanished_or_is_silent_gives_unavailable() {
     f.write(0, pattern(12, 4096), false).await.unwrap();
 
     // Silent: the request is taken and never answered.
-    let silent = Forwarder::new(pool.client(o.addr()), SILENT, GENERATION).with_timeout(Duration::from_millis(300));
+    let silent =
+        Forwarder::new(pool.client(o.addr()), SILENT, GENERATION).with_timeout(Duration::from_millis(300));
     let r = tokio::time::timeout(HANG, silent.read(0, 4096)).await.expect("hung past the timeout");
     match r {
         Err(VolumeError::Unavailable(why)) => assert!(why.contains("timed out"), "{why}"),
@@ -371,7 +417,9 @@ async fn basaltd_serves_forwarded_requests_for_the_volume_it_owns() {
     let d = common::Daemon::start("16M", &[]);
     let url = format!("http://127.0.0.1:{}/v1/volumes/{}", d.admin_port, d.volume);
     let info: basalt::admin::api::VolumeInfo =
-        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_json().unwrap()).await.unwrap();
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_json().unwrap())
+            .await
+            .unwrap();
     let owner = info.owner.expect("the demo volume has an owner");
     let generation = Generation(owner.generation);
     // A node outside the cluster says cluster 0, which a member accepts.
@@ -383,13 +431,17 @@ async fn basaltd_serves_forwarded_requests_for_the_volume_it_owns() {
     f.write(MIB, data.clone(), true).await.unwrap();
     assert_eq!(flatten_chunks(&f.read(MIB, 8192).await.unwrap()), data);
     let uri = d.uri();
-    let hex = tokio::task::spawn_blocking(move || common::nbdsh(&uri, &format!("print(h.pread(8192, {MIB}).hex())")))
-        .await
-        .unwrap();
+    let hex = tokio::task::spawn_blocking(move || {
+        common::nbdsh(&uri, &format!("print(h.pread(8192, {MIB}).hex())"))
+    })
+    .await
+    .unwrap();
     assert_eq!(hex.trim(), data.iter().map(|b| format!("{b:02x}")).collect::<String>());
     // Out of range on the daemon's volume, as for its own clients.
     match f.read(16 * MIB, 4096).await {
-        Err(VolumeError::OutOfRange { offset, len, size }) => assert_eq!((offset, len, size), (16 * MIB, 4096, 16 * MIB)),
+        Err(VolumeError::OutOfRange { offset, len, size }) => {
+            assert_eq!((offset, len, size), (16 * MIB, 4096, 16 * MIB))
+        }
         other => panic!("expected OutOfRange, got {other:?}"),
     }
 

@@ -32,9 +32,9 @@
 use super::volume::{MAX_PAYLOAD, Result, Volume, VolumeError};
 use crate::net::{PeerClient, PeerError};
 use crate::proto::peer::{
-    ErrorCode, MAX_DATA, MAX_MAP_EXTENTS, MAX_READ_RUNS, Message, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite,
-    VolumeErr, VolumeFault, VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim,
-    VolumeWrite, VolumeWriteZeroes,
+    ErrorCode, MAX_DATA, MAX_MAP_EXTENTS, MAX_READ_RUNS, Message, VolumeBlockStatus, VolumeCawReply,
+    VolumeCompareAndWrite, VolumeErr, VolumeFault, VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget,
+    VolumeTrim, VolumeWrite, VolumeWriteZeroes,
 };
 use crate::storage::StoreError;
 use crate::types::{ExtentKey, Generation, MapExtent, ReadChunk, VolumeId};
@@ -236,7 +236,10 @@ pub fn serve(
     let volume = target.map(|t| (t, volume_of(t.volume, t.generation)));
     async move {
         let Some((target, volume)) = volume else {
-            return Message::error(ErrorCode::Unsupported, format!("{:?} is not a volume request", request.kind()));
+            return Message::error(
+                ErrorCode::Unsupported,
+                format!("{:?} is not a volume request", request.kind()),
+            );
         };
         let reply = match volume {
             Ok(v) => run(&v, request).await,
@@ -287,7 +290,9 @@ async fn run(v: &Volume, request: Message) -> Result<Message> {
             let miscompare = v.compare_and_write(c.offset, c.buf, c.fua).await?;
             Message::VolumeCawReply(VolumeCawReply { miscompare })
         }
-        other => Message::error(ErrorCode::Unsupported, format!("{:?} is not a volume request", other.kind())),
+        other => {
+            Message::error(ErrorCode::Unsupported, format!("{:?} is not a volume request", other.kind()))
+        }
     })
 }
 
@@ -313,7 +318,8 @@ pub fn fault_of(e: &VolumeError) -> VolumeFault {
 /// The error an owner's `VolumeErr` stands for: the same kind as on the
 /// owner, with the owner's text as the cause of the store-level ones.
 pub fn error_of(e: VolumeErr) -> VolumeError {
-    let remote = |source: std::io::Error| StoreError::io(format!("the volume's owner ({})", e.message), source);
+    let remote =
+        |source: std::io::Error| StoreError::io(format!("the volume's owner ({})", e.message), source);
     match e.fault {
         VolumeFault::OutOfRange { offset, len, size } => VolumeError::OutOfRange { offset, len, size },
         VolumeFault::Misaligned { offset, len } => VolumeError::Misaligned { offset, len },

@@ -53,7 +53,9 @@
 //! ```
 
 use super::frame::{MAX_DATA, ProtocolVersion};
-use crate::types::{BlockState, ClusterId, Epoch, ExtentIndex, Generation, MapExtent, NodeId, ReadChunk, VolumeId};
+use crate::types::{
+    BlockState, ClusterId, Epoch, ExtentIndex, Generation, MapExtent, NodeId, ReadChunk, VolumeId,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Longest text (reasons, error messages) a body carries; longer text is
@@ -1049,16 +1051,31 @@ pub struct VolumeCawReply {
 /// `node::VolumeError`, with the fields a forwarder needs to rebuild it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeFault {
-    OutOfRange { offset: u64, len: u64, size: u64 },
-    Misaligned { offset: u64, len: u64 },
-    TooLarge { len: u64 },
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    Misaligned {
+        offset: u64,
+        len: u64,
+    },
+    TooLarge {
+        len: u64,
+    },
     ReadOnly,
     NoSpace,
-    Checksum { volume: VolumeId, extent: ExtentIndex, block: u64 },
+    Checksum {
+        volume: VolumeId,
+        extent: ExtentIndex,
+        block: u64,
+    },
     Io,
     /// The node does not own the volume; `generation` is the owner
     /// generation it knows (the forwarder looks the owner up again).
-    NotOwner { generation: Generation },
+    NotOwner {
+        generation: Generation,
+    },
     /// The node could not serve the volume now (not opened yet, its own
     /// replicas unreachable).
     Unavailable,

@@ -36,8 +36,9 @@ pub use message::{
 };
 // Volume-level forwarding.
 pub use message::{
-    MAX_MAP_EXTENTS, MAX_READ_RUNS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr, VolumeFault,
-    VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim, VolumeWrite, VolumeWriteZeroes,
+    MAX_MAP_EXTENTS, MAX_READ_RUNS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr,
+    VolumeFault, VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim, VolumeWrite,
+    VolumeWriteZeroes,
 };
 
 #[cfg(test)]

@@ -571,7 +571,13 @@ fn every_volume_message() -> Vec<Message> {
             deallocate: true,
             fua: false,
         }),
-        Message::VolumeWriteZeroes(VolumeWriteZeroes { target: t, offset: 0, len: 512, deallocate: false, fua: true }),
+        Message::VolumeWriteZeroes(VolumeWriteZeroes {
+            target: t,
+            offset: 0,
+            len: 512,
+            deallocate: false,
+            fua: true,
+        }),
         Message::VolumeTrim(VolumeTrim { target: t, offset: 4096, len: 4096, fua: true }),
         Message::VolumeFlush(t),
         Message::VolumeBlockStatus(VolumeBlockStatus { target: t, offset: 512, len: 1 << 30 }),
@@ -609,7 +615,10 @@ fn every_volume_message() -> Vec<Message> {
             fault: VolumeFault::OutOfRange { offset: 1, len: 2, size: 3 },
             message: "past the end".into(),
         }),
-        Message::VolumeErr(VolumeErr { fault: VolumeFault::Misaligned { offset: 7, len: 9 }, message: "m".into() }),
+        Message::VolumeErr(VolumeErr {
+            fault: VolumeFault::Misaligned { offset: 7, len: 9 },
+            message: "m".into(),
+        }),
         Message::VolumeErr(VolumeErr { fault: VolumeFault::TooLarge { len: 1 << 40 }, message: "t".into() }),
         Message::VolumeErr(VolumeErr { fault: VolumeFault::ReadOnly, message: String::new() }),
         Message::VolumeErr(VolumeErr { fault: VolumeFault::NoSpace, message: "full".into() }),
@@ -718,13 +727,9 @@ fn volume_read_reply_runs_over_the_largest_payload() {
 #[test]
 fn volume_read_reply_data_disagrees_with_the_runs() {
     let hole = (1u32 << 31) | 512;
-    for (runs, data) in [
-        (vec![512u32], 511usize),
-        (vec![512], 513),
-        (vec![hole], 1),
-        (vec![hole, 1024], 512),
-        (vec![], 1),
-    ] {
+    for (runs, data) in
+        [(vec![512u32], 511usize), (vec![512], 513), (vec![hole], 1), (vec![hole, 1024], 512), (vec![], 1)]
+    {
         assert_eq!(
             invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&runs, data))),
             "data",
