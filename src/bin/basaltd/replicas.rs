@@ -8,6 +8,7 @@ use basalt::meta::MetaNode;
 use basalt::meta::state::{Command, MetaState, NodeState};
 use basalt::net::{PeerError, PeerPool};
 use basalt::node::VolumeSpec;
+use basalt::node::forward::Forwarder;
 use basalt::node::replicated::{BoxFuture, CallError, ClusterIo, Replicated};
 use basalt::node::volume::Route;
 use basalt::proto::peer::Message;
@@ -125,13 +126,23 @@ impl Router {
         let mut owners = self.owners.lock().unwrap();
         if v.owner != Some(me) {
             owners.remove(&v.id);
-            return Route::Unavailable(match v.owner {
-                Some(o) => match state.node(o).map(|n| n.state) {
-                    Some(NodeState::Up) => format!("volume {} is owned by node {o}", v.name),
-                    _ => format!("volume {}'s owner {o} is down: waiting for a takeover", v.name),
+            return match v.owner {
+                Some(o) => match (state.node(o).map(|n| n.state), self.io.book.get(o)) {
+                    (Some(NodeState::Up), Some(addr)) => Route::Forward(Arc::new(Forwarder::new(
+                        self.io.pool.client(addr),
+                        v.id,
+                        Generation(v.generation.0),
+                    ))),
+                    (Some(NodeState::Up), None) => {
+                        Route::Unavailable(format!("volume {}'s owner {o} has no known address", v.name))
+                    }
+                    _ => Route::Unavailable(format!(
+                        "volume {}'s owner {o} is down: waiting for a takeover",
+                        v.name
+                    )),
                 },
-                None => format!("volume {} has no owner yet", v.name),
-            });
+                None => Route::Unavailable(format!("volume {} has no owner yet", v.name)),
+            };
         }
         // The single-node slice: one data node, this one, holds everything.
         let mut data_nodes = state.nodes().filter(|n| n.spec.has_data);

@@ -22,7 +22,7 @@ use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbSt
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
 use basalt::node::identity::Identity;
 use basalt::node::systemd::{Notifier, spawn_watchdog};
-use basalt::node::{Node, VolumeOptions};
+use basalt::node::{Node, VolumeOptions, forward};
 use basalt::proto::peer::{ErrorCode, ErrorReply, Message};
 use basalt::storage::{StoreConfig, StoreOptions};
 use basalt::types::{ClusterId, NodeId};
@@ -180,6 +180,8 @@ struct Handler {
     meta: OnceLock<MetaNode>,
     /// Answers extent requests once the store is open and the node routed.
     replica: OnceLock<Arc<basalt::node::replica::ReplicaService>>,
+    /// Serves the volume requests other nodes forward to this one.
+    node: Option<Arc<Node>>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -192,8 +194,33 @@ fn error_reply(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error(ErrorReply { code, message: message.into() })
 }
 
+/// The local volume `id` if the metadata says this node owns it at
+/// `generation`; else `NotOwner` with the generation this node knows.
+fn owned_volume(
+    meta: Option<&MetaNode>,
+    node: Option<&Node>,
+    id: basalt::types::VolumeId,
+    generation: basalt::types::Generation,
+) -> Result<Arc<basalt::node::Volume>, basalt::node::VolumeError> {
+    use basalt::node::VolumeError;
+    let meta = meta.ok_or_else(|| VolumeError::Unavailable("this node is still starting".into()))?;
+    let state = meta.subscribe().borrow().clone();
+    let record = state.volume(id);
+    let known = basalt::types::Generation(record.map_or(0, |v| v.generation.0));
+    let Some(v) = record.filter(|v| v.owner == Some(meta.id()) && known == generation) else {
+        return Err(VolumeError::NotOwner { generation: known });
+    };
+    node.and_then(|n| n.volume(&v.name))
+        .filter(|vol| vol.spec().id == id)
+        .ok_or_else(|| VolumeError::Unavailable(format!("volume {id} is not open on this node yet")))
+}
+
 impl PeerHandler for Handler {
     fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
+        if request.kind().is_volume_request() {
+            let (meta, node) = (self.meta.get(), self.node.as_deref());
+            return Box::pin(forward::serve(&|id, g| owned_volume(meta, node, id, g), request));
+        }
         let daemon = self.daemon.get().cloned();
         let meta = self.meta.get().cloned();
         let replica = self.replica.get().cloned();
@@ -374,8 +401,12 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let pool = Arc::new(PeerPool::new(client_cfg));
     metrics.register_collector(Box::new(PeerCollector { pool: pool.clone(), peer_budget }));
     let book = Arc::new(AddrBook::default());
-    let handler =
-        Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new(), replica: OnceLock::new() });
+    let handler = Arc::new(Handler {
+        daemon: OnceLock::new(),
+        meta: OnceLock::new(),
+        replica: OnceLock::new(),
+        node: node.clone(),
+    });
     let peer_server =
         PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
             .await

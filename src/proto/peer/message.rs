@@ -1396,6 +1396,10 @@ fn need_items(f: &Fields<'_>, field: &'static str, count: u32, size: usize) -> R
     Ok(count)
 }
 
+/// Ranges are not checked here: the owner's `Volume` checks them (with
+/// checked arithmetic) and answers `OutOfRange`, which is what a client of
+/// the owner gets for the same range; a decode error would close the
+/// connection instead.
 fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Message, BodyError> {
     Ok(match kind {
         Kind::VolumeRead => {
@@ -1409,7 +1413,6 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
                     why: "over the largest data payload",
                 });
             }
-            check_range(offset, len.into())?;
             Message::VolumeRead(VolumeRead { target, offset, len })
         }
         Kind::VolumeWrite | Kind::VolumeCompareAndWrite => {
@@ -1418,7 +1421,6 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             let fua = f.flags("flags", WRITE_FUA)? & WRITE_FUA != 0;
             let data = f.rest(payload);
             check_data_len(data.len())?;
-            check_range(offset, data.len() as u64)?;
             if kind == Kind::VolumeWrite {
                 Message::VolumeWrite(VolumeWrite { target, offset, fua, data })
             } else {
@@ -1430,7 +1432,6 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             let offset = f.u64("offset")?;
             let len = f.u64("len")?;
             let flags = f.flags("flags", ZEROES_FUA | ZEROES_DEALLOCATE)?;
-            check_range(offset, len)?;
             Message::VolumeWriteZeroes(VolumeWriteZeroes {
                 target,
                 offset,
@@ -1444,7 +1445,6 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             let offset = f.u64("offset")?;
             let len = f.u64("len")?;
             let fua = f.flags("flags", TRIM_FUA)? & TRIM_FUA != 0;
-            check_range(offset, len)?;
             Message::VolumeTrim(VolumeTrim { target, offset, len, fua })
         }
         Kind::VolumeFlush => Message::VolumeFlush(f.vtarget()?),
@@ -1452,7 +1452,6 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             let target = f.vtarget()?;
             let offset = f.u64("offset")?;
             let len = f.u64("len")?;
-            check_range(offset, len)?;
             Message::VolumeBlockStatus(VolumeBlockStatus { target, offset, len })
         }
         Kind::VolumeReadReply => {
@@ -1575,6 +1574,22 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             });
         }
     })
+}
+
+impl Kind {
+    /// A volume-level request: one a node forwards to a volume's owner.
+    pub fn is_volume_request(self) -> bool {
+        matches!(
+            self,
+            Kind::VolumeRead
+                | Kind::VolumeWrite
+                | Kind::VolumeWriteZeroes
+                | Kind::VolumeTrim
+                | Kind::VolumeFlush
+                | Kind::VolumeBlockStatus
+                | Kind::VolumeCompareAndWrite
+        )
+    }
 }
 
 impl Fields<'_> {
