@@ -3,6 +3,7 @@
 mod control;
 mod run;
 mod supervise;
+mod verify;
 
 use anyhow::Context;
 use basalt::config::Config;

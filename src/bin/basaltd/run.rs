@@ -20,7 +20,9 @@ use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollecto
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
+use basalt::node::fence::Fences;
 use basalt::node::identity::Identity;
+use basalt::node::replica::ReplicaService;
 use basalt::node::systemd::{Notifier, spawn_watchdog};
 use basalt::node::{Node, VolumeOptions};
 use basalt::proto::peer::{ErrorCode, ErrorReply, Message};
@@ -178,6 +180,9 @@ async fn meta_request(pool: &PeerPool, addr: SocketAddr, req: MetaRequest) -> Re
 struct Handler {
     daemon: OnceLock<Arc<Daemon>>,
     meta: OnceLock<MetaNode>,
+    /// The extent messages, on a node with data directories (set once the
+    /// metadata runs: it answers the volumes' layouts).
+    replica: OnceLock<Arc<ReplicaService>>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -194,8 +199,26 @@ impl PeerHandler for Handler {
     fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
         let daemon = self.daemon.get().cloned();
         let meta = self.meta.get().cloned();
+        let replica = self.replica.get().cloned();
         Box::pin(async move {
             match request {
+                Message::ExtentWrite(_)
+                | Message::ExtentRead(_)
+                | Message::ExtentWriteZeroes(_)
+                | Message::ExtentTrim(_)
+                | Message::ExtentFlush(_)
+                | Message::ExtentStatus(_)
+                | Message::ExtentCrcs(_) => match replica {
+                    Some(r) => r.handle(peer.node, request).await,
+                    None if meta.is_none() => error_reply(ErrorCode::Internal, "this node is still starting"),
+                    None => {
+                        tracing::debug!(peer = %peer.addr, kind = ?request.kind(), "extent request to a node without data");
+                        error_reply(
+                            ErrorCode::Unsupported,
+                            "this node stores no replicas (no data directories)",
+                        )
+                    }
+                },
                 Message::MetaRequest(b) => {
                     let req = match decode_wire::<ShellRequest>(&b) {
                         Ok(r) => r,
@@ -358,7 +381,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let pool = Arc::new(PeerPool::new(client_cfg));
     metrics.register_collector(Box::new(PeerCollector { pool: pool.clone(), peer_budget }));
     let book = Arc::new(AddrBook::default());
-    let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
+    let handler =
+        Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new(), replica: OnceLock::new() });
     let peer_server =
         PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
             .await
@@ -388,6 +412,12 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
     let meta =
         MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
+    if let Some(n) = &node {
+        let fences = Fences::open(&cfg.state_dir.join("fences")).context("opening the owner fences")?;
+        let view = meta.subscribe();
+        let layout_of = Arc::new(move |v| view.borrow().volume(v).map(|r| r.layout));
+        let _ = handler.replica.set(ReplicaService::new(n.store().clone(), fences, layout_of));
+    }
     let _ = handler.meta.set(meta.clone());
     metrics.register_collector(Box::new(RaftCollector(meta.clone())));
 
