@@ -268,3 +268,61 @@ fn counted_bodies_with_hostile_counts_are_errors_without_allocating() {
     let mut buf = BytesMut::from(&fb.to_bytes()[..]);
     assert!(Decoder::new(CAP).decode(&mut buf).is_err());
 }
+
+// --- volume-level forwarding ---
+
+/// A read reply body from `runs` (raw u32s) and `data` bytes.
+fn read_reply_body(runs: &[u32], data: usize) -> Vec<u8> {
+    let mut b = (runs.len() as u32).to_le_bytes().to_vec();
+    for r in runs {
+        b.extend_from_slice(&r.to_le_bytes());
+    }
+    b.resize(b.len() + data, 0x5a);
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Read replies whose runs and data length nearly agree (so decoding
+    /// reaches every check): never a panic, never an allocation past the
+    /// cap, and one accepted is exactly runs in order with the data of the
+    /// data runs.
+    #[test]
+    fn volume_read_replies_decode_exactly_or_are_refused(
+        runs in proptest::collection::vec(
+            (any::<bool>(), prop_oneof![Just(0u32), 1u32..2048, Just(0x7fff_ffff), any::<u32>()]),
+            0..40,
+        ),
+        skew in prop_oneof![Just(0i64), -2i64..3],
+    ) {
+        use basalt::types::ReadChunk;
+        let raw: Vec<u32> = runs.iter().map(|(hole, len)| (len & 0x7fff_ffff) | if *hole { 1 << 31 } else { 0 }).collect();
+        let data: u64 = raw.iter().filter(|r| *r & (1 << 31) == 0).map(|r| u64::from(*r)).sum();
+        let data = (data as i64 + skew).clamp(0, 6000) as usize;
+        let body = read_reply_body(&raw, data);
+        let frame = framed(Kind::VolumeReadReply as u16, 0, 1, &body);
+        let (_, biggest, peak) = decode_all(&frame);
+        prop_assert!(biggest <= CAP);
+        prop_assert!(peak <= CAP as isize);
+        let mut buf = BytesMut::from(&frame[..]);
+        if let Ok(Some(f)) = Decoder::new(CAP).decode(&mut buf) {
+            let Message::VolumeReadReply(r) = f.message else { panic!("{:?}", f.message) };
+            prop_assert_eq!(r.chunks.len(), raw.len());
+            let mut at = 4 + 4 * raw.len();
+            for (c, run) in r.chunks.iter().zip(&raw) {
+                let len = (run & 0x7fff_ffff) as usize;
+                prop_assert!(len > 0);
+                match c {
+                    ReadChunk::Hole(n) => prop_assert!(run & (1 << 31) != 0 && *n as usize == len),
+                    ReadChunk::Data(d) => {
+                        prop_assert!(run & (1 << 31) == 0);
+                        prop_assert_eq!(&d[..], &body[at..at + len]);
+                        at += len;
+                    }
+                }
+            }
+            prop_assert_eq!(at, body.len());
+        }
+    }
+}

@@ -129,7 +129,7 @@ pub struct VolumeVerify {
     /// Extents whose replicas differ somewhere.
     pub mismatched: u64,
     /// Extents with a replica that could not be compared (unreachable, or
-    /// it answered with an error).
+    /// it answered with an error), or without a replica set.
     pub incomplete: u64,
 }
 

@@ -645,6 +645,10 @@ fn errno_of(e: &VolumeError, writes: bool) -> Errno {
         VolumeError::ReadOnly => Errno::Perm,
         VolumeError::NoSpace(_) => Errno::NoSpc,
         VolumeError::Checksum { .. } | VolumeError::Io(_) => Errno::Io,
+        // The owner of a forwarded request is gone or moved: NBD has no
+        // "try again" errno a client acts on, and EIO is what a client
+        // reconnecting through another node recovers from.
+        VolumeError::NotOwner { .. } | VolumeError::Unavailable(_) => Errno::Io,
     }
 }
 

@@ -2,6 +2,7 @@
 //! voters plus learners, and the state machine it drives.
 //!
 //! - [`state`]: the pure state machine (commands, validation, snapshots).
+//! - [`maps`]: the versioned placement maps the state keeps (pure).
 //! - [`store`]: the durable Raft log, hard state and snapshots (redb).
 //! - [`core`]: the Ready cycle and the leader's duties, driven by calls and
 //!   ticks, no I/O of its own (the simulator drives it directly).
@@ -18,6 +19,7 @@
 //! [`Generation`]) live in `state` for now.
 
 pub mod core;
+pub mod maps;
 pub mod node;
 pub mod state;
 pub mod store;

@@ -1,10 +1,13 @@
 //! The metadata state machine: what the Raft log means.
 //!
 //! Owns the cluster's shared truth: the cluster id, the node registry, the
-//! volume catalog, volume owners with their generations, and the placement
-//! exceptions (extents whose replica set differs from the computed one)
-//! with their epochs. Every change is a typed [`Command`] inside a versioned
-//! [`Envelope`]; [`MetaState::apply`] validates and applies it.
+//! volume catalog, volume owners with their generations, the versioned
+//! placement maps (`maps.rs`: each volume is placed with the map version it
+//! was created with) and the placement exceptions (extents whose replica
+//! set differs from the computed one) with their epochs. Every replica set
+//! anyone uses comes from [`MetaState::replicas`]. Every change is a typed
+//! [`Command`] inside a versioned [`Envelope`]; [`MetaState::apply`]
+//! validates and applies it.
 //!
 //! Pure: no tokio, no files, no sockets, no clock, no randomness. `apply` is
 //! a function of the state and the log entry only, so every node that
@@ -20,9 +23,12 @@
 //! outcome without executing it again.
 //!
 //! Growth: the state grows with nodes, volumes and extents that ever had an
-//! exception; never with time or with healthy extents.
+//! exception, and with map versions still in use (one per change of the
+//! placement candidates); never with time or with healthy extents.
 
+use super::maps::{FIRST_MAP, MapNode, MapVersion, Maps, MapsError, PlacementMap};
 use crate::layout::{Layout, LayoutError};
+use crate::placement::PlacementError;
 use crate::types::{Epoch, ExtentIndex, NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -144,6 +150,9 @@ pub struct VolumeRecord {
     pub owner: Option<NodeId>,
     /// Bumped by every owner change (starts at 0: never owned).
     pub generation: Generation,
+    /// The placement map its extents are placed with, for its whole life:
+    /// the latest when it was created.
+    pub map_version: MapVersion,
 }
 
 impl VolumeRecord {
@@ -257,10 +266,101 @@ pub enum Envelope {
     V1(Proposal),
 }
 
-/// The versioned wrapper of a snapshot's data.
+/// The versioned wrapper of a snapshot's data. Bump (add a variant) when
+/// the state's shape changes, and upgrade the older ones in
+/// [`MetaState::decode_snapshot`].
+///
+/// - V1: before placement maps. Upgraded on decode: every volume is placed
+///   with one map of the nodes that have data (all of them, up or down).
+/// - V2: placement maps, and each volume's map version.
 #[derive(Debug, Deserialize)]
 enum SnapshotEnvelope {
-    V1(MetaState),
+    V1(v1::MetaState),
+    V2(MetaState),
+}
+
+/// The snapshot envelope, borrowed for encoding: only the newest version
+/// is ever written.
+#[derive(Serialize)]
+enum SnapshotEnvelopeRef<'a> {
+    // Holds V2's place in the encoding (postcard writes the variant index).
+    #[allow(dead_code)]
+    V1(()),
+    V2(&'a MetaState),
+}
+
+/// The state as snapshot version 1 laid it out (before placement maps).
+mod v1 {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    pub(super) struct VolumeRecord {
+        pub id: VolumeId,
+        pub name: String,
+        pub size: u64,
+        pub layout: Layout,
+        pub replicas: u32,
+        pub min_replicas: u32,
+        pub read_only: bool,
+        pub owner: Option<NodeId>,
+        pub generation: Generation,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub(super) struct MetaState {
+        pub cluster: Option<ClusterInfo>,
+        pub nodes: BTreeMap<NodeId, NodeRecord>,
+        pub members: Members,
+        pub volumes: BTreeMap<VolumeId, VolumeRecord>,
+        pub names: BTreeMap<String, VolumeId>,
+        pub next_volume_id: u64,
+        pub exceptions: BTreeMap<(VolumeId, ExtentIndex), ExtentException>,
+        pub sessions: BTreeMap<NodeId, Session>,
+        pub applied: u64,
+    }
+
+    /// Version 1 placed extents over the nodes that had data and were up,
+    /// at the time of asking. The upgrade fixes the map at every node with
+    /// data: a node that was down at the snapshot is in it, as it would be
+    /// had the maps existed when it went down.
+    pub(super) fn upgrade(old: MetaState) -> super::MetaState {
+        let mut s = super::MetaState {
+            cluster: old.cluster,
+            nodes: old.nodes,
+            members: old.members,
+            volumes: BTreeMap::new(),
+            names: old.names,
+            next_volume_id: old.next_volume_id,
+            exceptions: old.exceptions,
+            sessions: old.sessions,
+            applied: old.applied,
+            maps: Maps::default(),
+        };
+        if let Ok(map) = PlacementMap::new(s.candidates()) {
+            s.maps = Maps::starting_with(FIRST_MAP, map);
+        }
+        let version = s.maps.latest().0;
+        s.volumes = old
+            .volumes
+            .into_iter()
+            .map(|(id, v)| {
+                let r = super::VolumeRecord {
+                    id: v.id,
+                    name: v.name,
+                    size: v.size,
+                    layout: v.layout,
+                    replicas: v.replicas,
+                    min_replicas: v.min_replicas,
+                    read_only: v.read_only,
+                    owner: v.owner,
+                    generation: v.generation,
+                    map_version: version,
+                };
+                (id, r)
+            })
+            .collect();
+        s
+    }
 }
 
 /// The same wire form as the owned envelopes, borrowed for encoding.
@@ -401,6 +501,8 @@ pub enum Rejection {
          wait until it is back on the computed placement"
     )]
     ExtentPastEnd { volume: VolumeId, extent: ExtentIndex },
+    #[error("placement map versions are exhausted")]
+    MapVersionsExhausted,
 }
 
 /// Why [`Rejection::NodeHoldsReplicas`] was given.
@@ -408,8 +510,10 @@ pub enum Rejection {
 pub enum HoldReason {
     /// An exception lists it (volume, extent).
     Exception(VolumeId, ExtentIndex),
-    /// The computed placement may choose it.
+    /// The caller's [`ReplicaCheck`] says placement may choose it.
     Placement,
+    /// A placement map some volume is placed with lists it (the oldest such).
+    Map(MapVersion),
 }
 
 impl fmt::Display for HoldReason {
@@ -417,6 +521,7 @@ impl fmt::Display for HoldReason {
         match self {
             HoldReason::Exception(v, e) => write!(f, "the replica set of {v}/{e} lists it"),
             HoldReason::Placement => write!(f, "placement may choose it while volumes exist"),
+            HoldReason::Map(v) => write!(f, "placement {v}, which volumes are placed with, lists it"),
         }
     }
 }
@@ -465,8 +570,10 @@ pub enum ApplyOutcome {
 }
 
 /// Whether a node may hold a replica of some volume under the computed
-/// placement. `RemoveNode` asks it; it must be a pure function of the state
-/// (the same answer on every node), or nodes would diverge.
+/// placement, beyond what the state itself checks (a node listed by a map
+/// version some volume uses is always refused). `RemoveNode` asks it; it
+/// must be a pure function of the state (the same answer on every node),
+/// or nodes would diverge.
 pub trait ReplicaCheck {
     fn may_hold_replicas(&self, state: &MetaState, node: NodeId) -> bool;
 }
@@ -479,17 +586,36 @@ impl<F: Fn(&MetaState, NodeId) -> bool> ReplicaCheck for F {
     }
 }
 
-/// Until the placement function is wired in: a node with data directories
-/// may hold replicas as soon as any volume exists. (Placement never picks a
-/// node without data dirs.) Safe, and strict: such a node can be removed
-/// only from a cluster without volumes.
+/// Adds nothing to the state's own rule, which is what placement needs: a
+/// volume's extents are placed only on the nodes of its map version, so a
+/// node that no map in use lists holds no computed replica (exceptions are
+/// checked separately). The rule errs on the safe side: a listed node is
+/// refused even if no extent happens to land on it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ConservativeReplicaCheck;
 
 impl ReplicaCheck for ConservativeReplicaCheck {
-    fn may_hold_replicas(&self, state: &MetaState, node: NodeId) -> bool {
-        state.node(node).is_some_and(|n| n.spec.has_data) && !state.volumes.is_empty()
+    fn may_hold_replicas(&self, _state: &MetaState, _node: NodeId) -> bool {
+        false
     }
+}
+
+/// Why [`MetaState::replicas`] has no replica set for an extent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicasError {
+    #[error("volume {0} does not exist")]
+    VolumeNotFound(VolumeId),
+    #[error("extent {extent} of {volume} is out of range (it has {extents})")]
+    ExtentOutOfRange { volume: VolumeId, extent: ExtentIndex, extents: u64 },
+    #[error("{volume} is placed with {version}, which the metadata does not have")]
+    MapMissing { volume: VolumeId, version: MapVersion },
+    #[error("{volume} cannot be placed with {version}")]
+    Placement {
+        volume: VolumeId,
+        version: MapVersion,
+        #[source]
+        source: PlacementError,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -512,6 +638,8 @@ pub struct MetaState {
     sessions: BTreeMap<NodeId, Session>,
     /// Index of the last log entry applied.
     applied: u64,
+    /// The latest placement map and every older one a volume uses.
+    maps: Maps,
 }
 
 impl Default for MetaState {
@@ -526,14 +654,19 @@ impl Default for MetaState {
             exceptions: BTreeMap::new(),
             sessions: BTreeMap::new(),
             applied: 0,
+            maps: Maps::default(),
         }
     }
 }
 
 /// A snapshot's data did not decode.
 #[derive(Debug, thiserror::Error)]
-#[error("snapshot data is not a metadata state this version understands")]
-pub struct SnapshotDecodeError(#[source] postcard::Error);
+pub enum SnapshotDecodeError {
+    #[error("snapshot data is not a metadata state this version understands")]
+    Decode(#[source] postcard::Error),
+    #[error("the snapshot's placement maps do not match its volumes")]
+    Maps(#[source] MapsError),
+}
 
 fn valid_volume_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -645,6 +778,76 @@ impl MetaState {
     pub fn epoch(&self, volume: VolumeId, extent: ExtentIndex) -> Epoch {
         self.exception(volume, extent).map_or(BASE_EPOCH, |x| x.epoch)
     }
+
+    /// The placement map versions kept: the latest and every one in use.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The map a volume is placed with (for callers placing many of its
+    /// extents; [`MetaState::replicas`] is the rule).
+    pub fn placement_map(&self, volume: VolumeId) -> Option<&PlacementMap> {
+        self.volumes.get(&volume).and_then(|v| self.maps.get(v.map_version))
+    }
+
+    /// The replica set an extent uses now, preferred node first, with its
+    /// epoch: the recorded exception if it has one, else the placement of
+    /// the volume's map version. The one rule every caller uses (admin
+    /// answers, owners, the data path): liveness plays no part, a down node
+    /// stays in the set until a metadata commit takes it out.
+    pub fn replicas(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+    ) -> Result<(Epoch, Vec<NodeId>), ReplicasError> {
+        let v = self.volumes.get(&volume).ok_or(ReplicasError::VolumeNotFound(volume))?;
+        let extents = v.extent_count();
+        if extent.0 >= extents {
+            return Err(ReplicasError::ExtentOutOfRange { volume, extent, extents });
+        }
+        let exception = self.exception(volume, extent);
+        if let Some(ExtentException { epoch, replicas: Some(r) }) = exception {
+            return Ok((*epoch, r.clone()));
+        }
+        let epoch = exception.map_or(BASE_EPOCH, |x| x.epoch);
+        let version = v.map_version;
+        let map = self.maps.get(version).ok_or(ReplicasError::MapMissing { volume, version })?;
+        let set = map
+            .place(volume, extent, v.replicas as usize)
+            .map_err(|source| ReplicasError::Placement { volume, version, source })?;
+        Ok((epoch, set.into()))
+    }
+
+    /// The placement candidates the node records give now: nodes with data
+    /// directories, weighted by capacity, whatever their liveness.
+    fn candidates(&self) -> Vec<MapNode> {
+        self.nodes
+            .values()
+            .filter(|n| n.spec.has_data && n.spec.capacity > 0)
+            .map(|n| MapNode { id: n.spec.id, zone: n.spec.zone.clone(), weight: n.spec.capacity })
+            .collect()
+    }
+
+    /// After a node change: a new map version if the candidates changed.
+    fn refresh_map(&mut self) {
+        let candidates = self.candidates();
+        if self.maps.latest().1.nodes() == candidates.as_slice() {
+            return;
+        }
+        // Node ids are the keys of `nodes`: a candidate list has no duplicate.
+        if let Ok(map) = PlacementMap::new(candidates) {
+            self.maps.update(map);
+        }
+    }
+
+    /// Before a node change: refused when no map version is left for it.
+    fn check_map_versions(&self) -> Result<(), Rejection> {
+        if self.maps.exhausted() {
+            return Err(Rejection::MapVersionsExhausted);
+        }
+        Ok(())
+    }
+
     /// Index of the last log entry applied.
     pub fn applied_index(&self) -> u64 {
         self.applied
@@ -724,13 +927,20 @@ impl MetaState {
                 if self.nodes.contains_key(&spec.id) {
                     return Err(Rejection::NodeExists(spec.id));
                 }
+                self.check_map_versions()?;
                 self.nodes.insert(spec.id, NodeRecord { spec: spec.clone(), used: 0, state: NodeState::Up });
+                self.refresh_map();
                 Ok(ApplyOutcome::NodeAdded(spec.id))
             }
             Command::UpdateNode { spec } => {
                 check_node_spec(spec)?;
-                let n = self.nodes.get_mut(&spec.id).ok_or(Rejection::NodeNotFound(spec.id))?;
+                if !self.nodes.contains_key(&spec.id) {
+                    return Err(Rejection::NodeNotFound(spec.id));
+                }
+                self.check_map_versions()?;
+                let n = self.nodes.get_mut(&spec.id).expect("looked up above");
                 n.spec = spec.clone();
+                self.refresh_map();
                 Ok(ApplyOutcome::NodeUpdated(spec.id))
             }
             Command::SetNodeUsed { node, used } => {
@@ -758,6 +968,12 @@ impl MetaState {
                         reason: HoldReason::Exception(*v, *e),
                     });
                 }
+                if let Some(version) = self.maps.first_listing(*node) {
+                    return Err(Rejection::NodeHoldsReplicas {
+                        node: *node,
+                        reason: HoldReason::Map(version),
+                    });
+                }
                 if check.may_hold_replicas(self, *node) {
                     return Err(Rejection::NodeHoldsReplicas { node: *node, reason: HoldReason::Placement });
                 }
@@ -765,7 +981,9 @@ impl MetaState {
                 if owned > 0 {
                     return Err(Rejection::NodeOwnsVolumes { node: *node, count: owned });
                 }
+                self.check_map_versions()?;
                 self.nodes.remove(node);
+                self.refresh_map();
                 Ok(ApplyOutcome::NodeRemoved(*node))
             }
             Command::CreateVolume { spec } => {
@@ -777,6 +995,7 @@ impl MetaState {
                 self.next_volume_id =
                     self.next_volume_id.checked_add(1).ok_or(Rejection::VolumeIdsExhausted)?;
                 self.names.insert(spec.name.clone(), id);
+                let map_version = self.maps.acquire();
                 self.volumes.insert(
                     id,
                     VolumeRecord {
@@ -789,6 +1008,7 @@ impl MetaState {
                         read_only: spec.read_only,
                         owner: None,
                         generation: Generation(0),
+                        map_version,
                     },
                 );
                 Ok(ApplyOutcome::VolumeCreated(id))
@@ -796,6 +1016,7 @@ impl MetaState {
             Command::DeleteVolume { volume } => {
                 let v = self.volumes.remove(volume).ok_or(Rejection::VolumeNotFound(*volume))?;
                 self.names.remove(&v.name);
+                self.maps.release(v.map_version);
                 let keys: Vec<_> = self.exceptions_of(*volume).map(|(e, _)| (*volume, e)).collect();
                 for k in keys {
                     self.exceptions.remove(&k);
@@ -898,13 +1119,21 @@ impl MetaState {
 
     /// The snapshot form of the whole state: a version, then postcard.
     pub fn encode_snapshot(&self) -> Vec<u8> {
-        postcard::to_allocvec(&EnvelopeRef::V1(self)).expect("postcard encode of the state")
+        postcard::to_allocvec(&SnapshotEnvelopeRef::V2(self)).expect("postcard encode of the state")
     }
 
+    /// Decodes a snapshot of any version (an older one is upgraded, see
+    /// [`SnapshotEnvelope`]) and checks that its maps and volumes agree.
     pub fn decode_snapshot(data: &[u8]) -> Result<MetaState, SnapshotDecodeError> {
-        match postcard::from_bytes::<SnapshotEnvelope>(data).map_err(SnapshotDecodeError)? {
-            SnapshotEnvelope::V1(s) => Ok(s),
-        }
+        let mut s =
+            match postcard::from_bytes::<SnapshotEnvelope>(data).map_err(SnapshotDecodeError::Decode)? {
+                SnapshotEnvelope::V1(old) => v1::upgrade(old),
+                SnapshotEnvelope::V2(s) => s,
+            };
+        s.maps
+            .recount(s.volumes.values().map(|v| (v.id, v.map_version)))
+            .map_err(SnapshotDecodeError::Maps)?;
+        Ok(s)
     }
 }
 
@@ -1139,10 +1368,17 @@ mod tests {
         assert_eq!(l.run(Command::RemoveNode { node: NodeId(3) }), Ok(ApplyOutcome::NodeRemoved(NodeId(3))));
         l.run(Command::AddNode { spec: spec(3, true) }).unwrap();
         let v = l.create("a");
-        // With a volume, placement may choose any data node.
+        // With a volume, placement may choose any data node of its map.
+        let version = l.s.volume(v).unwrap().map_version;
         assert_eq!(
             l.run(Command::RemoveNode { node: NodeId(3) }),
-            Err(Rejection::NodeHoldsReplicas { node: NodeId(3), reason: HoldReason::Placement })
+            Err(Rejection::NodeHoldsReplicas { node: NodeId(3), reason: HoldReason::Map(version) })
+        );
+        // Down changes nothing: the map still lists it.
+        l.run(Command::SetNodeState { node: NodeId(3), state: NodeState::Down }).unwrap();
+        assert_eq!(
+            l.run(Command::RemoveNode { node: NodeId(3) }),
+            Err(Rejection::NodeHoldsReplicas { node: NodeId(3), reason: HoldReason::Map(version) })
         );
         // A node without data dirs is never placed on, but it may be listed
         // by an exception or own a volume.
@@ -1174,23 +1410,284 @@ mod tests {
     }
 
     #[test]
-    fn remove_node_asks_the_given_placement() {
+    fn remove_node_asks_the_given_check_too() {
         let mut l = Log::booted();
         l.create("a");
-        let only_node_2 = |_: &MetaState, n: NodeId| n == NodeId(2);
+        // Node 5 joins after the volume: no map in use lists it.
+        l.run(Command::AddNode { spec: spec(5, true) }).unwrap();
+        let only_node_5 = |_: &MetaState, n: NodeId| n == NodeId(5);
         let p = |seq| Proposal {
             request: RequestId { origin: NodeId(1), seq },
-            command: Command::RemoveNode { node: NodeId(3) },
-        };
-        assert_eq!(l.s.apply(100, &p(100), &only_node_2), Ok(ApplyOutcome::NodeRemoved(NodeId(3))));
-        let p2 = Proposal {
-            request: RequestId { origin: NodeId(1), seq: 101 },
-            command: Command::RemoveNode { node: NodeId(2) },
+            command: Command::RemoveNode { node: NodeId(5) },
         };
         assert_eq!(
-            l.s.apply(101, &p2, &only_node_2),
-            Err(Rejection::NodeHoldsReplicas { node: NodeId(2), reason: HoldReason::Placement })
+            l.s.apply(100, &p(100), &only_node_5),
+            Err(Rejection::NodeHoldsReplicas { node: NodeId(5), reason: HoldReason::Placement })
         );
+        assert_eq!(l.s.apply(101, &p(101), &CHECK), Ok(ApplyOutcome::NodeRemoved(NodeId(5))));
+    }
+
+    /// Six data nodes in three zones, then volume "a" (16 extents, R=3).
+    fn six_nodes_and_a_volume() -> (Log, VolumeId) {
+        let mut l = Log::booted();
+        for i in 4..=6 {
+            l.run(Command::AddNode { spec: spec(i, true) }).unwrap();
+        }
+        let v = l.create("a");
+        (l, v)
+    }
+
+    fn all_sets(s: &MetaState, v: VolumeId) -> Vec<(Epoch, Vec<NodeId>)> {
+        let n = s.volume(v).unwrap().extent_count();
+        (0..n).map(|e| s.replicas(v, ExtentIndex(e)).unwrap()).collect()
+    }
+
+    /// The maps kept are exactly the latest and those in use, with the
+    /// right counts.
+    fn self_check(s: &MetaState) {
+        let mut recounted = s.maps.clone();
+        recounted.recount(s.volumes.values().map(|v| (v.id, v.map_version))).unwrap();
+        assert_eq!(&recounted, s.maps());
+        for (version, _, users) in s.maps().iter() {
+            assert!(users > 0 || version == s.maps().latest().0, "{version} kept with no user");
+        }
+    }
+
+    #[test]
+    fn a_node_going_down_changes_no_replica_set() {
+        let (mut l, v) = six_nodes_and_a_volume();
+        let before = all_sets(&l.s, v);
+        assert!(before.iter().all(|(e, r)| *e == BASE_EPOCH && r.len() == 3), "{before:?}");
+        let versions = l.s.maps().len();
+        let victim = before[0].1[0];
+        l.run(Command::SetNodeState { node: victim, state: NodeState::Down }).unwrap();
+        assert_eq!(all_sets(&l.s, v), before);
+        assert_eq!(l.s.maps().len(), versions);
+        // A volume created while it is down is still placed over it: down
+        // is the data path's business, not placement's.
+        let w = l.create("w");
+        assert_eq!(l.s.volume(w).unwrap().map_version, l.s.volume(v).unwrap().map_version);
+        l.run(Command::SetNodeState { node: victim, state: NodeState::Up }).unwrap();
+        assert_eq!(all_sets(&l.s, v), before);
+        self_check(&l.s);
+    }
+
+    #[test]
+    fn a_node_added_later_moves_nothing_of_older_volumes_and_serves_newer_ones() {
+        let (mut l, a) = six_nodes_and_a_volume();
+        let before = all_sets(&l.s, a);
+        let va = l.s.volume(a).unwrap().map_version;
+        for i in 7..=12 {
+            l.run(Command::AddNode { spec: spec(i, true) }).unwrap();
+        }
+        assert_eq!(all_sets(&l.s, a), before);
+        let b = l.create("b");
+        let vb = l.s.volume(b).unwrap().map_version;
+        assert!(vb > va, "{vb} after {va}");
+        assert_eq!(l.s.maps().len(), 2);
+        let newcomers: usize =
+            all_sets(&l.s, b).iter().map(|(_, r)| r.iter().filter(|n| n.0 >= 7).count()).sum();
+        assert!(newcomers > 0, "volume b uses none of the new nodes");
+        // Same extents with a's map would not use them: the map, not the
+        // volume id, is what differs.
+        let old = l.s.maps().get(va).unwrap();
+        for e in 0..16 {
+            let set = old.place(b, ExtentIndex(e), 3).unwrap();
+            assert!(set.nodes().iter().all(|n| n.0 <= 6));
+        }
+        // A capacity or zone change is a new version too, and moves
+        // nothing either.
+        let mut s3 = spec(3, true);
+        s3.capacity *= 4;
+        l.run(Command::UpdateNode { spec: s3.clone() }).unwrap();
+        let vc = l.s.maps().latest().0;
+        assert!(vc > vb);
+        assert_eq!(all_sets(&l.s, a), before);
+        // The same spec again (a restart re-registering): no new version.
+        s3.pid = 99;
+        l.run(Command::UpdateNode { spec: s3 }).unwrap();
+        assert_eq!(l.s.maps().latest().0, vc);
+        // A node without data dirs is no candidate: no new version.
+        l.run(Command::AddNode { spec: spec(20, false) }).unwrap();
+        assert_eq!(l.s.maps().latest().0, vc);
+        self_check(&l.s);
+    }
+
+    #[test]
+    fn unused_maps_are_dropped() {
+        let (mut l, a) = six_nodes_and_a_volume();
+        let va = l.s.volume(a).unwrap().map_version;
+        // Only the latest: every map before it was used by no volume.
+        assert_eq!(l.s.maps().iter().map(|(v, _, n)| (v, n)).collect::<Vec<_>>(), [(va, 1)]);
+        l.run(Command::AddNode { spec: spec(7, true) }).unwrap();
+        let b = l.create("b");
+        let vb = l.s.volume(b).unwrap().map_version;
+        l.run(Command::AddNode { spec: spec(8, true) }).unwrap();
+        let latest = l.s.maps().latest().0;
+        let kept = |s: &MetaState| s.maps().iter().map(|(v, _, n)| (v, n)).collect::<Vec<_>>();
+        assert_eq!(kept(&l.s), [(va, 1), (vb, 1), (latest, 0)]);
+        l.run(Command::DeleteVolume { volume: a }).unwrap();
+        assert_eq!(kept(&l.s), [(vb, 1), (latest, 0)]);
+        assert!(l.s.maps().get(va).is_none());
+        l.run(Command::DeleteVolume { volume: b }).unwrap();
+        assert_eq!(kept(&l.s), [(latest, 0)]);
+        // A node no map in use lists may go while volumes exist.
+        let c = l.create("c");
+        l.run(Command::AddNode { spec: spec(9, true) }).unwrap();
+        assert_eq!(l.run(Command::RemoveNode { node: NodeId(9) }), Ok(ApplyOutcome::NodeRemoved(NodeId(9))));
+        assert_eq!(
+            l.run(Command::RemoveNode { node: NodeId(8) }),
+            Err(Rejection::NodeHoldsReplicas {
+                node: NodeId(8),
+                reason: HoldReason::Map(l.s.volume(c).unwrap().map_version)
+            })
+        );
+        self_check(&l.s);
+    }
+
+    #[test]
+    fn replicas_prefers_the_exception_and_explains_what_it_cannot_place() {
+        let (mut l, v) = six_nodes_and_a_volume();
+        let e = ExtentIndex(2);
+        let (epoch, computed) = l.s.replicas(v, e).unwrap();
+        assert_eq!(epoch, BASE_EPOCH);
+        assert_eq!(l.s.placement_map(v).unwrap().place(v, e, 3).unwrap().nodes(), computed.as_slice());
+        l.run(Command::SetExtentReplicas {
+            volume: v,
+            extent: e,
+            epoch: Epoch(4),
+            replicas: vec![NodeId(5)],
+        })
+        .unwrap();
+        assert_eq!(l.s.replicas(v, e), Ok((Epoch(4), vec![NodeId(5)])));
+        // Cleared: back on the computed set, at the new epoch.
+        l.run(Command::ClearExtentReplicas { volume: v, extent: e, epoch: Epoch(5) }).unwrap();
+        assert_eq!(l.s.replicas(v, e), Ok((Epoch(5), computed)));
+        assert_eq!(l.s.replicas(VolumeId(9), e), Err(ReplicasError::VolumeNotFound(VolumeId(9))));
+        assert_eq!(
+            l.s.replicas(v, ExtentIndex(16)),
+            Err(ReplicasError::ExtentOutOfRange { volume: v, extent: ExtentIndex(16), extents: 16 })
+        );
+        // A volume created before there were enough candidates stays
+        // unplaceable on its map (until a rebalance moves it).
+        let mut l = Log::new();
+        l.run(Command::Bootstrap { cluster: ClusterId(7), name: "c".into() }).unwrap();
+        l.run(Command::AddNode { spec: spec(1, true) }).unwrap();
+        let w = l.create("w");
+        let version = l.s.volume(w).unwrap().map_version;
+        for i in 2..=3 {
+            l.run(Command::AddNode { spec: spec(i, true) }).unwrap();
+        }
+        assert_eq!(
+            l.s.replicas(w, ExtentIndex(0)),
+            Err(ReplicasError::Placement {
+                volume: w,
+                version,
+                source: PlacementError::NotEnoughNodes { need: 3, eligible: 1 }
+            })
+        );
+    }
+
+    #[test]
+    fn snapshot_keeps_maps_and_map_versions() {
+        let (mut l, a) = six_nodes_and_a_volume();
+        l.run(Command::AddNode { spec: spec(7, true) }).unwrap();
+        let b = l.create("b");
+        l.run(Command::AddNode { spec: spec(8, true) }).unwrap();
+        assert_eq!(l.s.maps().len(), 3);
+        let back = MetaState::decode_snapshot(&l.s.encode_snapshot()).unwrap();
+        assert_eq!(back, l.s);
+        assert_eq!(
+            back.maps().iter().map(|(v, _, n)| (v, n)).collect::<Vec<_>>(),
+            l.s.maps().iter().map(|(v, _, n)| (v, n)).collect::<Vec<_>>()
+        );
+        for v in [a, b] {
+            assert_eq!(back.volume(v).unwrap().map_version, l.s.volume(v).unwrap().map_version);
+            assert_eq!(all_sets(&back, v), all_sets(&l.s, v));
+        }
+        // Deletes after a decode still drop maps (the counts came back).
+        let mut back = back;
+        let p = Proposal {
+            request: RequestId { origin: NodeId(1), seq: 1000 },
+            command: Command::DeleteVolume { volume: a },
+        };
+        back.apply(1000, &p, &CHECK).unwrap();
+        assert_eq!(back.maps().len(), 2);
+        self_check(&back);
+    }
+
+    #[test]
+    fn snapshot_with_inconsistent_maps_is_refused() {
+        let (mut l, a) = six_nodes_and_a_volume();
+        l.s.volumes.get_mut(&a).unwrap().map_version = MapVersion(77);
+        assert!(matches!(
+            MetaState::decode_snapshot(&l.s.encode_snapshot()),
+            Err(SnapshotDecodeError::Maps(MapsError::Missing { version: MapVersion(77), .. }))
+        ));
+    }
+
+    /// A snapshot written by the version before placement maps (commit
+    /// 2cb769c): nodes 1-3 with data in zones z1, z2, z0, node 2 down,
+    /// node 4 without data; volumes a (R=3, 16 extents) and b (R=1); a
+    /// owned by node 3; extent 2 of a on [1, 3] at epoch 3; members 1-3
+    /// voters, 4 a learner; 11 entries applied.
+    const SNAPSHOT_V1: &str = concat!(
+        "0001bc15036f6c640401010e3132372e302e302e313a373030300f3132372e302e302e313a3130383039000e3132",
+        "372e302e302e313a38303830027a318080808080200165000002020e3132372e302e302e323a373030300f313237",
+        "2e302e302e323a3130383039000e3132372e302e302e323a38303830027a328080808080400166000103030e3132",
+        "372e302e302e333a373030300f3132372e302e302e333a3130383039000e3132372e302e302e333a38303830027a",
+        "308080808080600167000004040e3132372e302e302e343a373030300f3132372e302e302e343a3130383039000e",
+        "3132372e302e302e343a38303830027a310000680000030102030104020101016180808080048080802080804004",
+        "030100010301020201628080808004808080208080400401010000000201610101620203010102030102010301010b",
+        "010000bc15020001010300010204000103050001040600030201010700060108000602090008010103010a0009010203",
+        "0b0106010001020b",
+    );
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn snapshot_v1_is_upgraded() {
+        let s = MetaState::decode_snapshot(&unhex(SNAPSHOT_V1)).unwrap();
+        assert_eq!(s.cluster().unwrap().id, ClusterId(0xabc));
+        assert_eq!(s.applied_index(), 11);
+        assert_eq!(s.node(NodeId(2)).unwrap().state, NodeState::Down);
+        assert_eq!(s.role(NodeId(4)), Some(Role::Learner));
+        // One map: every node with data, the down one included.
+        let kept: Vec<_> = s.maps().iter().map(|(v, m, n)| (v, m.nodes().to_vec(), n)).collect();
+        let node = |id: u64, zone: &str| MapNode { id: NodeId(id), zone: zone.into(), weight: id << 40 };
+        assert_eq!(kept, [(FIRST_MAP, vec![node(1, "z1"), node(2, "z2"), node(3, "z0")], 2)]);
+        let a = s.volume_by_name("a").unwrap();
+        assert_eq!(
+            (a.id, a.map_version, a.owner, a.generation),
+            (VolumeId(1), FIRST_MAP, Some(NodeId(3)), Generation(1))
+        );
+        assert_eq!(s.replicas(a.id, ExtentIndex(2)), Ok((Epoch(3), vec![NodeId(1), NodeId(3)])));
+        // Three zones, three nodes: every other extent is on all three.
+        let mut set = s.replicas(a.id, ExtentIndex(0)).unwrap().1;
+        set.sort();
+        assert_eq!(set, [NodeId(1), NodeId(2), NodeId(3)]);
+        let b = s.volume_by_name("b").unwrap();
+        assert_eq!(s.replicas(b.id, ExtentIndex(0)).unwrap().1.len(), 1);
+        // The remembered outcomes came along: a repeat gets the first answer.
+        let mut s2 = s.clone();
+        let repeat = Proposal {
+            request: RequestId { origin: NodeId(1), seq: 11 },
+            command: Command::RemoveNode { node: NodeId(1) },
+        };
+        assert_eq!(
+            s2.apply(12, &repeat, &CHECK),
+            Err(Rejection::NodeHoldsReplicas {
+                node: NodeId(1),
+                reason: HoldReason::Exception(VolumeId(1), ExtentIndex(2))
+            })
+        );
+        // Written back as the new version, it reads the same.
+        let again = s.encode_snapshot();
+        assert_eq!(again[0], 1, "the snapshot envelope is V2 now");
+        assert_eq!(MetaState::decode_snapshot(&again).unwrap(), s);
+        self_check(&s);
     }
 
     #[test]
@@ -1637,7 +2134,12 @@ mod tests {
         prop_oneof![
             (0u128..3).prop_map(|c| Command::Bootstrap { cluster: ClusterId(c), name: "c".into() }),
             ((0u64..6), any::<bool>()).prop_map(|(i, d)| Command::AddNode { spec: spec(i, d) }),
-            ((0u64..6), any::<bool>()).prop_map(|(i, d)| Command::UpdateNode { spec: spec(i, d) }),
+            ((0u64..6), any::<bool>(), 1u64..4, 0u64..3).prop_map(|(i, d, c, z)| {
+                let mut s = spec(i, d);
+                s.capacity *= c;
+                s.zone = format!("z{z}");
+                Command::UpdateNode { spec: s }
+            }),
             (node.clone(), any::<bool>()).prop_map(|(node, up)| Command::SetNodeState {
                 node,
                 state: if up { NodeState::Up } else { NodeState::Down }
@@ -1687,7 +2189,16 @@ mod tests {
                 prop_assert_eq!(ra, rb);
             }
             prop_assert_eq!(&a, &b);
-            prop_assert_eq!(MetaState::decode_snapshot(&a.encode_snapshot()).unwrap(), a);
+            self_check(&a);
+            let back = MetaState::decode_snapshot(&a.encode_snapshot()).unwrap();
+            for v in a.volumes() {
+                for e in 0..v.extent_count().min(20) {
+                    let x = a.replicas(v.id, ExtentIndex(e));
+                    prop_assert_eq!(&x, &b.replicas(v.id, ExtentIndex(e)));
+                    prop_assert_eq!(&x, &back.replicas(v.id, ExtentIndex(e)));
+                }
+            }
+            prop_assert_eq!(back, a);
         }
     }
 }

@@ -72,11 +72,17 @@ struct Slot {
     ext: Option<Arc<Extent>>,
     /// The highest epoch seen for the extent (from its header and requests).
     epoch: Epoch,
+    /// Found dirty at its first open after a crash: it may have lost writes
+    /// it acknowledged and never flushed, which its owner counts as applied
+    /// here. Refused (but for status and crcs) until a new owner's status
+    /// request begins reconciling it; a running owner that sends it more
+    /// sees an error and takes it out of the set.
+    suspect: bool,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot { ext: None, epoch: Epoch(0) }
+        Slot { ext: None, epoch: Epoch(0), suspect: false }
     }
 }
 
@@ -142,6 +148,8 @@ pub struct ReplicaService {
     extents: Mutex<HashMap<ExtentKey, Slot>>,
     throttle: Throttle,
     refused: AtomicU64,
+    /// The node did not shut down cleanly last time (see [`ReplicaService::new`]).
+    crashed: bool,
 }
 
 impl std::fmt::Debug for ReplicaService {
@@ -199,7 +207,20 @@ impl ReplicaService {
     /// metadata (None: the volume is unknown here, e.g. deleted or not yet
     /// synced).
     pub fn new(store: Arc<Store>, fences: Fences, layout_of: LayoutOf) -> Arc<ReplicaService> {
+        Self::after(store, fences, layout_of, false)
+    }
+
+    /// [`ReplicaService::new`] for a node that `crashed` (did not shut
+    /// down cleanly): every extent found dirty at its first open is
+    /// suspect until reconciled (see `Slot::suspect`).
+    pub fn after(
+        store: Arc<Store>,
+        fences: Fences,
+        layout_of: LayoutOf,
+        crashed: bool,
+    ) -> Arc<ReplicaService> {
         Arc::new(ReplicaService {
+            crashed,
             store,
             fences,
             layout_of,
@@ -257,6 +278,9 @@ impl ReplicaService {
         let key = ExtentKey { volume: t.volume, index: t.extent };
         let read_only = matches!(request, Message::ExtentCrcs(_));
         let guard = self.fences.admit(t.volume, t.generation, !read_only).await.map_err(Refusal::fence)?;
+        if self.crashed {
+            self.check_suspect(key, size, &request).await?;
+        }
         match request {
             Message::ExtentWrite(w) => {
                 check_range(size, w.offset, w.data.len() as u64, 512)?;
@@ -333,6 +357,43 @@ impl ReplicaService {
             }
             other => Err(Refusal::new(ExtentError::NotFound, format!("{:?} is not served", other.kind()))),
         }
+    }
+
+    /// After a crash: refuses data requests for an extent that was dirty
+    /// when first opened, until a status request (a new owner reconciling)
+    /// clears it.
+    async fn check_suspect(&self, key: ExtentKey, size: u64, request: &Message) -> Answer<()> {
+        let first_open = self.extents.lock().unwrap().get(&key).is_none_or(|s| s.ext.is_none());
+        if first_open && self.store.contains(key) {
+            // Opened here once, before anything can write into it.
+            if let Ok(e) = self.store.extent(key, size, Epoch(0)).await {
+                let dirty = !e.dirty_regions().is_empty();
+                let mut m = self.extents.lock().unwrap();
+                let slot = m.entry(key).or_default();
+                if slot.ext.is_none() {
+                    slot.suspect = dirty;
+                    if dirty {
+                        tracing::warn!(%key, "replica was dirty after a crash: refused until its owner reconciles it");
+                    }
+                }
+            }
+        }
+        let mut m = self.extents.lock().unwrap();
+        let Some(slot) = m.get_mut(&key) else { return Ok(()) };
+        match request {
+            Message::ExtentStatus(_) => slot.suspect = false,
+            Message::ExtentCrcs(_) => {}
+            _ if slot.suspect => {
+                return Err(Refusal::new(
+                    ExtentError::Io,
+                    format!(
+                        "extent {key} may have lost unflushed writes in a crash; it waits for reconciliation"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// The highest epoch known for `key` without opening it.

@@ -35,12 +35,15 @@
 //! is connected ([`Volume::begin_shrink`]).
 
 use super::VolumeSpec;
+use super::forward::Forwarder;
+use super::replicated::Replicated;
 use crate::admin::metrics::{Op, VolumeMetrics};
 use crate::layout::Layout;
 use crate::poll::LongOp;
+use crate::replication::Change as ReplChange;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
-use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
+use crate::types::{Epoch, ExtentIndex, ExtentKey, Generation, MapExtent, ReadChunk};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -72,6 +75,16 @@ pub enum VolumeError {
     Checksum { key: ExtentKey, block: u64 },
     #[error("I/O error")]
     Io(#[source] StoreError),
+    /// A forwarded request reached a node that does not own the volume at
+    /// the generation asked (`generation` is the one that node knows): the
+    /// forwarder must look up the owner again.
+    #[error("this node does not own the volume (it knows owner generation {generation})")]
+    NotOwner { generation: Generation },
+    /// The volume's owner could not be reached, or did not answer in time.
+    /// Also: no replica reachable, a replica set below `min_replicas`, or
+    /// this node no longer the owner.
+    #[error("volume unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl VolumeError {
@@ -86,6 +99,8 @@ impl VolumeError {
             VolumeError::NoSpace(_) => "no_space",
             VolumeError::Checksum { .. } => "checksum",
             VolumeError::Io(_) => "io",
+            VolumeError::NotOwner { .. } => "not_owner",
+            VolumeError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -114,12 +129,39 @@ struct Geometry {
     extents: Vec<Cell>,
 }
 
+/// Where one request goes (see [`Volume::via`]).
+enum Via {
+    Owner(Arc<Replicated>),
+    Forward(Arc<Forwarder>),
+}
+
+/// What a forwarded attempt came to.
+enum Retry<T> {
+    Done(T),
+    Again,
+}
+
 /// Front-end clients of the volume, as far as a resize cares.
 #[derive(Debug, Default)]
 struct Clients {
     nbd: usize,
     /// A shrink in progress: new NBD clients are told this size already.
     shrink_to: Option<u64>,
+}
+
+/// Where a volume's I/O goes from this node.
+#[derive(Debug, Clone, Default)]
+pub enum Route {
+    /// Every extent in this node's store, no peers: the single-node slice,
+    /// and a volume with one replica placed on this node that it owns.
+    #[default]
+    Local,
+    /// This node owns the volume and replicates every extent.
+    Owner(Arc<Replicated>),
+    /// Another node owns it: every request is forwarded there.
+    Forward(Arc<Forwarder>),
+    /// Not served from here now, and why.
+    Unavailable(String),
 }
 
 #[derive(Debug)]
@@ -138,7 +180,17 @@ pub struct Volume {
     clients: Mutex<Clients>,
     /// One resize at a time.
     resizing: Arc<tokio::sync::Mutex<()>>,
+    route: RwLock<Route>,
+    /// Wakes requests waiting for a route.
+    rerouted: tokio::sync::Notify,
+    /// When a request last found no route here (the daemon takes over a
+    /// volume without a live owner for the nodes its clients reach).
+    unserved: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a request waits for a volume without a route to get one (an
+/// owner taking over) before it fails.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(15);
 
 /// Why [`Volume::begin_shrink`] refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -251,7 +303,25 @@ impl Volume {
             resizes: AtomicU64::new(0),
             clients: Mutex::new(Clients::default()),
             resizing: Arc::new(tokio::sync::Mutex::new(())),
+            route: RwLock::new(Route::Local),
+            rerouted: tokio::sync::Notify::new(),
+            unserved: Mutex::new(None),
         })
+    }
+
+    /// Where this volume's I/O goes (the daemon sets it from the metadata).
+    pub fn set_route(&self, route: Route) {
+        *self.route.write().unwrap() = route;
+        self.rerouted.notify_waiters();
+    }
+
+    /// When a request last found no route (see [`Volume::set_route`]).
+    pub fn last_unserved(&self) -> Option<std::time::Instant> {
+        *self.unserved.lock().unwrap()
+    }
+
+    pub fn route(&self) -> Route {
+        self.route.read().unwrap().clone()
     }
 
     fn geometry(&self) -> Arc<Geometry> {
@@ -426,6 +496,70 @@ impl Volume {
         Self::check_in(&self.geometry(), offset, len)
     }
 
+    /// Where a request goes now: `None` for the local store. Without a
+    /// route (or with a fenced owner) waits up to [`ROUTE_WAIT`] for one,
+    /// then says why there is none.
+    async fn via(&self) -> Result<Option<Via>> {
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let changed = self.rerouted.notified();
+            let why = match self.route() {
+                Route::Local => return Ok(None),
+                Route::Owner(r) => match r.fenced() {
+                    None => return Ok(Some(Via::Owner(r))),
+                    Some(g) => format!("this node's ownership was fenced by generation {g}"),
+                },
+                Route::Forward(f) => return Ok(Some(Via::Forward(f))),
+                Route::Unavailable(why) => why,
+            };
+            *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!(volume = %self.spec.name, reason = %why, "no route to the volume: the request fails");
+                return Err(VolumeError::Unavailable(why));
+            }
+        }
+    }
+
+    /// After a forwarded request found its owner gone or moved: waits (up
+    /// to [`ROUTE_WAIT`]) until the route no longer forwards to that owner
+    /// generation, and says whether to try again.
+    async fn rerouted_from(&self, old: &Forwarder) -> bool {
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let changed = self.rerouted.notified();
+            match self.route() {
+                Route::Forward(f)
+                    if f.generation() == old.generation() && f.owner().addr() == old.owner().addr() => {}
+                _ => return true,
+            }
+            *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Runs `op` through `f`, and once more through the new route if the
+    /// owner was gone or moved (safe for writes: a fenced old owner can no
+    /// longer apply one; not used for COMPARE AND WRITE).
+    async fn forwarded<T, Fut>(
+        &self,
+        f: Arc<Forwarder>,
+        op: impl Fn(Arc<Forwarder>) -> Fut,
+    ) -> Result<Retry<T>>
+    where
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match op(f.clone()).await {
+            Err(VolumeError::NotOwner { .. } | VolumeError::Unavailable(_))
+                if self.rerouted_from(&f).await =>
+            {
+                Ok(Retry::Again)
+            }
+            r => r.map(Retry::Done),
+        }
+    }
+
     fn check_in(g: &Geometry, offset: u64, len: u64) -> Result<()> {
         if !offset.is_multiple_of(MIN_BLOCK) || !len.is_multiple_of(MIN_BLOCK) {
             return Err(VolumeError::Misaligned { offset, len });
@@ -452,6 +586,19 @@ impl Volume {
         Self::check_in(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, false);
         let pieces = self.spec.layout.split(offset, len);
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let reads = pieces.iter().map(|p| r.read(p.extent, p.offset, p.len));
+                return Ok(futures::future::try_join_all(reads).await?.into_iter().flatten().collect());
+            }
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.read(offset, len).await }).await? {
+                    Retry::Done(r) => Ok(r),
+                    Retry::Again => Box::pin(self.read_io(offset, len)).await,
+                };
+            }
+        }
         let g = &*g;
         let reads = pieces.iter().map(|p| async move {
             match self.existing_extent(g, p.extent).await? {
@@ -480,6 +627,29 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let pieces = self.spec.layout.split(offset, len).into_iter().map(|p| {
+                    let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+                    (p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part))
+                });
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                let d = data.clone();
+                return match self
+                    .forwarded(f, |f| {
+                        let d = d.clone();
+                        async move { f.write(offset, d, fua).await }
+                    })
+                    .await?
+                {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.write_io(offset, data, fua)).await,
+                };
+            }
+        }
         // Every extent first (creating one may fail, e.g. on a full disk),
         // so a failure there leaves nothing half written.
         let mut writes = Vec::new();
@@ -523,6 +693,21 @@ impl Volume {
         }
         let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
+        let via = self.via().await?;
+        if let Some(Via::Forward(f)) = via {
+            // Not retried on another route: a compare may have been applied.
+            return f.compare_and_write(offset, buf, fua).await;
+        }
+        if let Some(Via::Owner(r)) = via {
+            let [p] = &pieces[..] else {
+                return Err(VolumeError::Unavailable(
+                    "COMPARE AND WRITE across an extent boundary of a replicated volume is not supported"
+                        .into(),
+                ));
+            };
+            let _change = Change(self.changes.clone());
+            return r.compare_and_write(p.extent, p.offset, compare, data, fua).await;
+        }
         if let [p] = &pieces[..] {
             let ext = self.extent(&g, p.extent).await?;
             let _change = Change(self.changes.clone());
@@ -584,6 +769,27 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let c = ReplChange::WriteZeroes { deallocate, fua };
+                let pieces = self
+                    .spec
+                    .layout
+                    .split(offset, len)
+                    .into_iter()
+                    .map(|p| (p.extent, p.offset, p.len, c, None));
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                let op =
+                    |f: Arc<Forwarder>| async move { f.write_zeroes(offset, len, deallocate, fua).await };
+                return match self.forwarded(f, op).await? {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.write_zeroes_io(offset, len, deallocate, fua)).await,
+                };
+            }
+        }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // An extent never written reads as zeros already: nothing to
@@ -605,6 +811,25 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => {
+                let c = ReplChange::Trim { fua };
+                let pieces = self
+                    .spec
+                    .layout
+                    .split(offset, len)
+                    .into_iter()
+                    .map(|p| (p.extent, p.offset, p.len, c, None));
+                return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.trim(offset, len, fua).await }).await? {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.trim_io(offset, len, fua)).await,
+                };
+            }
+        }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // Never written: already reads as zeros (see `write_zeroes`).
@@ -628,6 +853,13 @@ impl Volume {
     /// (Untouched extents cost a lock each, no I/O.)
     async fn flush_io(&self) -> Result<()> {
         let _long = LongOp::begin();
+        match self.via().await? {
+            None => {}
+            Some(Via::Owner(r)) => return r.flush().await,
+            // A FLUSH through another route cannot cover writes the old
+            // owner acknowledged and did not flush: not retried.
+            Some(Via::Forward(f)) => return f.flush().await,
+        }
         let opened: Vec<Arc<Extent>> =
             self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
         self.store.flush_extents(opened).await?;
@@ -639,6 +871,12 @@ impl Volume {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         let g = self.geometry();
         Self::check_in(&g, offset, len)?;
+        match self.via().await? {
+            None => {}
+            // Allocation is not tracked across replicas yet: all data.
+            Some(Via::Owner(_)) => return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]),
+            Some(Via::Forward(f)) => return f.block_status(offset, len).await,
+        }
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             let parts = match self.existing_extent(&g, p.extent).await? {

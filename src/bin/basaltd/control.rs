@@ -17,7 +17,6 @@ use basalt::meta::{ApplyOutcome, Consistency, MetaError, MetaNode};
 use basalt::net::{ClusterCell, PeerPool};
 use basalt::node::systemd::Notifier;
 use basalt::node::{Node, VolumeSpec};
-use basalt::placement::{Candidate, ClusterMap, Placer};
 use basalt::types::{ClusterId, ExtentIndex, NodeId, VolumeId};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -45,6 +44,10 @@ pub struct Daemon {
     syncing: tokio::sync::Mutex<()>,
     /// Volumes seen without an owner, and since when (on the leader).
     ownerless: std::sync::Mutex<std::collections::HashMap<VolumeId, std::time::Instant>>,
+    /// Routes volumes to their owner (set once the replica service runs).
+    pub router: std::sync::OnceLock<Arc<crate::replicas::Router>>,
+    /// Takeovers proposed and not yet settled.
+    taking: std::sync::Mutex<BTreeSet<VolumeId>>,
 }
 
 fn meta_error(e: MetaError) -> ControlError {
@@ -78,19 +81,6 @@ fn meta_error(e: MetaError) -> ControlError {
     }
 }
 
-pub(crate) fn placer(state: &MetaState) -> Result<Placer, basalt::placement::PlacementError> {
-    let nodes = state
-        .nodes()
-        .map(|n| Candidate {
-            id: n.spec.id,
-            zone: n.spec.zone.clone(),
-            weight: n.spec.capacity,
-            eligible: n.spec.has_data && n.state == NodeState::Up,
-        })
-        .collect();
-    Placer::new(&ClusterMap { nodes })
-}
-
 fn parse_addr(s: &str) -> Option<SocketAddr> {
     s.parse().ok()
 }
@@ -119,6 +109,8 @@ impl Daemon {
             phase: AtomicU8::new(STARTING),
             syncing: tokio::sync::Mutex::new(()),
             ownerless: Default::default(),
+            router: std::sync::OnceLock::new(),
+            taking: Default::default(),
         }
     }
 
@@ -272,8 +264,13 @@ impl Daemon {
     async fn sync_volumes(&self, state: &MetaState) {
         let Some(node) = &self.node else { return };
         let all: Vec<VolumeSpec> = state.volumes().map(node_spec).collect();
-        let owned: BTreeSet<VolumeId> =
-            state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect();
+        // Every node serves every volume: as its owner, or by waiting for
+        // (or taking) ownership when the owner is gone.
+        let owned: BTreeSet<VolumeId> = if self.router.get().is_some() {
+            state.volumes().map(|v| v.id).collect()
+        } else {
+            state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect()
+        };
         let _one_at_a_time = self.syncing.lock().await;
         match node.sync_catalog(&all, &owned, state.next_volume_id()).await {
             Ok(removed) => {
@@ -348,21 +345,14 @@ impl Daemon {
 
     fn volume_info(&self, state: &MetaState, v: &VolumeRecord, extents: bool) -> VolumeInfo {
         let extents = extents.then(|| {
-            let placer = placer(state).ok();
             (0..v.extent_count())
                 .map(|i| {
                     let idx = ExtentIndex(i);
-                    let exc = state.exception(v.id, idx);
-                    let replicas: Vec<u64> = match exc.and_then(|e| e.replicas.clone()) {
-                        Some(r) => r.iter().map(|n| n.0).collect(),
-                        None => placer
-                            .as_ref()
-                            .and_then(|p| p.place(v.id, idx, v.replicas as usize).ok())
-                            .map(|s| s.nodes().iter().map(|n| n.0).collect())
-                            .unwrap_or_default(),
-                    };
+                    let (epoch, nodes) =
+                        state.replicas(v.id, idx).unwrap_or((state.epoch(v.id, idx), Vec::new()));
+                    let replicas: Vec<u64> = nodes.iter().map(|n| n.0).collect();
                     let state_s = if replicas.len() < v.replicas as usize { "degraded" } else { "healthy" };
-                    ExtentInfo { index: i, epoch: state.epoch(v.id, idx).0, replicas, state: state_s.into() }
+                    ExtentInfo { index: i, epoch: epoch.0, replicas, state: state_s.into() }
                 })
                 .collect()
         });
@@ -640,12 +630,13 @@ impl Control for Daemon {
 }
 
 /// The node a volume without an owner goes to: this node if it stores
-/// data, else extent 0's first replica.
+/// data, else extent 0's first replica that is up.
 fn owner_for(d: &Daemon, state: &MetaState, volume: VolumeId) -> Option<NodeId> {
     if d.node.is_some() {
         return Some(d.me);
     }
-    placer(state).ok()?.place(volume, ExtentIndex(0), 1).ok().map(|s| s.primary())
+    let (_, replicas) = state.replicas(volume, ExtentIndex(0)).ok()?;
+    replicas.into_iter().find(|n| state.node(*n).is_some_and(|r| r.state == NodeState::Up))
 }
 
 /// On the leader: a volume left without an owner (its creator crashed, or
@@ -681,6 +672,46 @@ fn adopt_orphans(d: &Arc<Daemon>, state: &MetaState) {
     }
 }
 
+/// A volume whose owner is down (or that has none) and that clients reach
+/// through this node becomes this node's: the owner record moves here with
+/// generation + 1. The leader marks a node down only after its liveness
+/// timeout, and a node stops serving when half of that has passed without
+/// an acknowledged heartbeat, so the old owner has stopped by now; the
+/// replicas refuse its generation from the new owner's first request on.
+fn take_over(d: &Arc<Daemon>, state: &MetaState) {
+    let Some(node) = &d.node else { return };
+    if d.router.get().is_none() {
+        return;
+    }
+    let recent = |v: &basalt::node::volume::Volume| {
+        v.nbd_clients() > 0 || v.last_unserved().is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+    };
+    for vol in node.volumes() {
+        let Some(rec) = state.volume(vol.spec().id) else { continue };
+        let owner_live = rec.owner.is_some_and(|o| state.node(o).is_some_and(|n| n.state == NodeState::Up));
+        if rec.owner == Some(d.me) || owner_live || !recent(&vol) {
+            continue;
+        }
+        if !d.taking.lock().unwrap().insert(rec.id) {
+            continue;
+        }
+        let (d, id, expected, old) = (d.clone(), rec.id, rec.generation, rec.owner);
+        tokio::spawn(async move {
+            let r = d.meta.propose(Command::SetOwner { volume: id, owner: Some(d.me), expected }).await;
+            match r {
+                Ok(_) => {
+                    tracing::warn!(volume = %id, old_owner = ?old.map(|o| o.0), generation = expected.0 + 1,
+                    "took over a volume whose owner is down")
+                }
+                Err(e) => {
+                    tracing::info!(volume = %id, error = %basalt::units::error_chain(&e), "takeover not committed")
+                }
+            }
+            d.taking.lock().unwrap().remove(&id);
+        });
+    }
+}
+
 /// Follows the applied metadata: peer addresses, the volumes served here,
 /// and (on the leader) owners for ownerless volumes.
 pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
@@ -689,7 +720,14 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
         {
             let s = w.borrow_and_update().clone();
             d.book.refresh(&s);
+            if let Some(r) = d.router.get() {
+                *r.io.latest.write().unwrap() = s.clone();
+            }
             d.sync_volumes(&s).await;
+            if let Some(node) = &d.node {
+                node.reroute();
+            }
+            take_over(&d, &s);
             adopt_orphans(&d, &s);
         }
         tokio::select! {

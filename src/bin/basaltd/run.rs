@@ -20,9 +20,7 @@ use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollecto
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
-use basalt::node::fence::Fences;
 use basalt::node::identity::Identity;
-use basalt::node::replica::ReplicaService;
 use basalt::node::systemd::{Notifier, spawn_watchdog};
 use basalt::node::{Node, VolumeOptions};
 use basalt::proto::peer::{ErrorCode, ErrorReply, Message};
@@ -180,9 +178,8 @@ async fn meta_request(pool: &PeerPool, addr: SocketAddr, req: MetaRequest) -> Re
 struct Handler {
     daemon: OnceLock<Arc<Daemon>>,
     meta: OnceLock<MetaNode>,
-    /// The extent messages, on a node with data directories (set once the
-    /// metadata runs: it answers the volumes' layouts).
-    replica: OnceLock<Arc<ReplicaService>>,
+    /// Answers extent requests once the store is open and the node routed.
+    replica: OnceLock<Arc<basalt::node::replica::ReplicaService>>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -202,22 +199,18 @@ impl PeerHandler for Handler {
         let replica = self.replica.get().cloned();
         Box::pin(async move {
             match request {
-                Message::ExtentWrite(_)
+                m @ (Message::ExtentWrite(_)
                 | Message::ExtentRead(_)
                 | Message::ExtentWriteZeroes(_)
                 | Message::ExtentTrim(_)
                 | Message::ExtentFlush(_)
                 | Message::ExtentStatus(_)
-                | Message::ExtentCrcs(_) => match replica {
-                    Some(r) => r.handle(peer.node, request).await,
-                    None if meta.is_none() => error_reply(ErrorCode::Internal, "this node is still starting"),
-                    None => {
-                        tracing::debug!(peer = %peer.addr, kind = ?request.kind(), "extent request to a node without data");
-                        error_reply(
-                            ErrorCode::Unsupported,
-                            "this node stores no replicas (no data directories)",
-                        )
-                    }
+                | Message::ExtentCrcs(_)) => match replica {
+                    Some(r) => r.handle(peer.node, m).await,
+                    None => error_reply(
+                        ErrorCode::ShuttingDown,
+                        "this node stores no replicas (or is still starting)",
+                    ),
                 },
                 Message::MetaRequest(b) => {
                     let req = match decode_wire::<ShellRequest>(&b) {
@@ -412,12 +405,6 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
     let meta =
         MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
-    if let Some(n) = &node {
-        let fences = Fences::open(&cfg.state_dir.join("fences")).context("opening the owner fences")?;
-        let view = meta.subscribe();
-        let layout_of = Arc::new(move |v| view.borrow().volume(v).map(|r| r.layout));
-        let _ = handler.replica.set(ReplicaService::new(n.store().clone(), fences, layout_of));
-    }
     let _ = handler.meta.set(meta.clone());
     metrics.register_collector(Box::new(RaftCollector(meta.clone())));
 
@@ -457,6 +444,42 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     ident.set_cluster(&cfg.state_dir, &cluster.to_string()).context("recording the cluster id")?;
     cluster_cell.set(cluster);
     tracing::info!(cluster = %cluster, "member of the metadata group");
+
+    // The replicated data path: this node owns volumes and serves them
+    // from their replicas (its own through the replica service in process).
+    if let Some(node) = &node {
+        let latest = Arc::new(std::sync::RwLock::new(meta.subscribe().borrow().clone()));
+        let fences =
+            basalt::node::fence::Fences::open(&cfg.state_dir.join("fences")).context("opening the fences")?;
+        let view = latest.clone();
+        let layout_of: basalt::node::replica::LayoutOf =
+            Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
+        let crashed = take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")?;
+        if crashed {
+            tracing::warn!(
+                "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
+            );
+        }
+        let service =
+            basalt::node::replica::ReplicaService::after(node.store().clone(), fences, layout_of, crashed);
+        let _ = handler.replica.set(service.clone());
+        let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
+            let s = service.clone();
+            Box::pin(async move { s.handle(from, m).await })
+        });
+        let io = Arc::new(crate::replicas::DaemonIo {
+            me,
+            pool: pool.clone(),
+            book: book.clone(),
+            local,
+            meta: meta.clone(),
+            latest,
+            lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
+        });
+        let router = crate::replicas::Router::new(io);
+        let _ = daemon.router.set(router.clone());
+        node.set_router(Arc::new(move |spec| router.route(spec)));
+    }
 
     // Keep the address book and the served volumes in step with the metadata.
     let tracker = TaskTracker::new();
@@ -538,12 +561,36 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     notifier.status("flushing");
     if let Some(node) = &node {
         node.close().await.context("final flush")?;
+        set_clean_mark(&cfg.state_dir).context("recording the clean shutdown")?;
     }
     admin_cancel.cancel();
     meta.shutdown().await;
     peer_server.shutdown().await;
     tracing::info!("flushed; bye");
     Ok(())
+}
+
+/// The mark a clean shutdown leaves in the state dir: every acknowledged
+/// write was flushed. Absent at start means the last run crashed.
+const CLEAN_MARK: &str = "clean-shutdown";
+
+/// Whether the last run crashed; removes the mark (durably) so a crash of
+/// this run is seen by the next.
+fn take_clean_mark(state: &std::path::Path) -> std::io::Result<bool> {
+    let p = state.join(CLEAN_MARK);
+    match std::fs::remove_file(&p) {
+        Ok(()) => {
+            std::fs::File::open(state)?.sync_all()?;
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+fn set_clean_mark(state: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(state.join(CLEAN_MARK))?.sync_all()?;
+    std::fs::File::open(state)?.sync_all()
 }
 
 fn reload(opts: &RunOptions) {

@@ -2,16 +2,15 @@
 //! per-block crc32c tables (`ExtentCrcs` over the peer protocol), chunk by
 //! chunk, so memory stays bounded by a chunk whatever the extent size.
 //!
-//! The replica set of each extent is the metadata's: its exception if it
-//! has one, else the placement function's, exactly as `volume show` prints
-//! it. Every replica is asked through the node's peer pool (this node's own
+//! The replica set of each extent is the metadata's (`MetaState::replicas`:
+//! its exception if it has one, else placement with the volume's map), as
+//! `volume show` prints it. Every replica is asked through the node's peer pool (this node's own
 //! replica too, over loopback: verify is not a hot path). Requests carry
 //! the extent's epoch and the volume's owner generation from this node's
 //! metadata; the replicas check but do not raise them, so verify never
 //! fences the owner. A replica that cannot answer (unreachable, or an
 //! error such as a stale epoch) is listed and left out of the comparison.
 
-use crate::control::placer;
 use basalt::admin::{
     ByteRange, ControlError, ExtentVerify, MAX_LISTED_MISMATCHES, UnreachableReplica, VolumeVerify,
 };
@@ -33,34 +32,30 @@ pub async fn verify(state: &MetaState, pool: &PeerPool, name: &str) -> Result<Vo
     let v = state
         .volume_by_name(name)
         .ok_or_else(|| ControlError::NotFound(format!("no volume named {name:?}")))?;
-    let placer = placer(state).ok();
     let jobs: Vec<_> = (0..v.extent_count())
         .map(|i| {
             let idx = ExtentIndex(i);
-            let set: Vec<NodeId> = match state.exception(v.id, idx).and_then(|e| e.replicas.clone()) {
-                Some(r) => r,
-                None => placer
-                    .as_ref()
-                    .and_then(|p| p.place(v.id, idx, v.replicas as usize).ok())
-                    .map(|s| s.nodes().to_vec())
-                    .unwrap_or_default(),
+            let (epoch, set) = match state.replicas(v.id, idx) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, extent = %idx, error = %e, "verify: no replica set");
+                    (state.epoch(v.id, idx), Vec::new())
+                }
             };
             let members: Vec<(NodeId, Option<SocketAddr>)> = set
                 .iter()
                 .map(|&n| (n, state.node(n).and_then(|r| r.spec.addrs.peer.parse().ok())))
                 .collect();
-            let target = ExtentTarget {
-                volume: v.id,
-                extent: idx,
-                epoch: state.epoch(v.id, idx),
-                generation: Generation(v.generation.0),
-            };
+            let target =
+                ExtentTarget { volume: v.id, extent: idx, epoch, generation: Generation(v.generation.0) };
             verify_extent(pool, v, target, members)
         })
         .collect();
     let extents: Vec<ExtentVerify> = futures::stream::iter(jobs).buffered(PARALLEL_EXTENTS).collect().await;
     let mismatched = extents.iter().filter(|e| e.mismatched_blocks > 0).count() as u64;
-    let incomplete = extents.iter().filter(|e| !e.unreachable.is_empty()).count() as u64;
+    // An extent without a replica set (placement found no nodes) was not compared either.
+    let incomplete =
+        extents.iter().filter(|e| !e.unreachable.is_empty() || e.replicas.is_empty()).count() as u64;
     if mismatched > 0 || incomplete > 0 {
         tracing::warn!(volume = %v.name, mismatched, incomplete, "verify found differences or could not compare");
     } else {

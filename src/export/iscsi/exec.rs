@@ -43,8 +43,16 @@ pub(crate) fn sense_of(e: &VolumeError, writing: bool) -> Sense {
         VolumeError::Checksum { .. } => Sense::UNRECOVERED_READ_ERROR,
         VolumeError::Io(_) if writing => Sense::WRITE_ERROR,
         VolumeError::Io(_) => Sense::UNRECOVERED_READ_ERROR,
+        // The medium is fine and the target did not fail: the logical unit
+        // is not accessible through this node right now (its owner is
+        // unreachable or moved). SPC-4 has NOT READY for that; HARDWARE
+        // ERROR would tell the initiator a device broke.
+        VolumeError::NotOwner { .. } | VolumeError::Unavailable(_) => OWNER_UNAVAILABLE,
     }
 }
+
+/// NOT READY, LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE (02/04/00).
+const OWNER_UNAVAILABLE: Sense = Sense::new(crate::proto::iscsi::scsi::key::NOT_READY, 0x04, 0x00);
 
 fn off(lba: u64) -> u64 {
     lba * BLOCK

@@ -356,15 +356,14 @@ impl FrameBuf {
         self.hdr.put_bytes(0, HEADER_LEN);
         message.encode_fields(&mut self.hdr);
         let fields = self.hdr.len() - start - HEADER_LEN;
-        let data = message.data();
-        let data_len = data.map_or(0, Bytes::len);
+        let data_len: usize = message.data_parts().map(Bytes::len).sum();
         let len = (fields + data_len) as u64;
         if HEADER_LEN as u64 + len > MAX_FRAME as u64 {
             self.hdr.truncate(start);
             return Err(EncodeError::TooLarge { kind, len: HEADER_LEN as u64 + len, max: MAX_FRAME });
         }
         let mut crc = crc32c::crc32c(&self.hdr[start + HEADER_LEN..]);
-        if let Some(d) = data {
+        for d in message.data_parts() {
             crc = crc32c::crc32c_append(crc, d);
         }
         let h = &mut self.hdr[start..start + HEADER_LEN];
@@ -378,7 +377,7 @@ impl FrameBuf {
         let hcrc = crc32c::crc32c(&h[..28]);
         h[28..32].copy_from_slice(&hcrc.to_le_bytes());
         self.len += HEADER_LEN + fields;
-        if let Some(d) = data.filter(|d| !d.is_empty()) {
+        for d in message.data_parts().filter(|d| !d.is_empty()) {
             self.len += d.len();
             if d.len() < INLINE_DATA {
                 self.hdr.extend_from_slice(d);

@@ -31,9 +31,35 @@
 //! ExtentCrcs          target, offset u64, len u64
 //! ExtentCrcsReply     block size u32, count u32, count x crc32c u32
 //! ```
+//!
+//! Volume-level requests (forwarded by a node that does not own the volume
+//! to its owner; see [`VolumeTarget`]):
+//!
+//! ```text
+//! vtarget             volume u64, generation u64
+//! VolumeRead          vtarget, offset u64, len u32
+//! VolumeWrite         vtarget, offset u64, flags u32 (FUA), data
+//! VolumeWriteZeroes   vtarget, offset u64, len u64, flags u32 (FUA, DEALLOCATE)
+//! VolumeTrim          vtarget, offset u64, len u64, flags u32 (FUA)
+//! VolumeFlush         vtarget
+//! VolumeBlockStatus   vtarget, offset u64, len u64
+//! VolumeCompareAndWrite vtarget, offset u64, flags u32 (FUA), buf (the
+//!                     bytes to compare, then as many to write)
+//! VolumeReadReply     count u32 (at most MAX_READ_RUNS), count x run u32
+//!                     (bit 31: hole, bits 0-30: length, never 0), then
+//!                     the data of the non-hole runs in order
+//! VolumeMapReply      count u32 (at most MAX_MAP_EXTENTS), count x
+//!                     (len u64, flags u32 (ALLOCATED, ZERO))
+//! VolumeCawReply      flags u32 (MISCOMPARE), offset u64 (0 without it)
+//! VolumeOk            (empty)
+//! VolumeErr           code u16, a u64, b u64, c u64 (per code, 0 where
+//!                     unused), text
+//! ```
 
 use super::frame::{MAX_DATA, ProtocolVersion};
-use crate::types::{ClusterId, Epoch, ExtentIndex, Generation, NodeId, VolumeId};
+use crate::types::{
+    BlockState, ClusterId, Epoch, ExtentIndex, Generation, MapExtent, NodeId, ReadChunk, VolumeId,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Longest text (reasons, error messages) a body carries; longer text is
@@ -65,10 +91,24 @@ pub enum Kind {
     ExtentErr = 41,
     ExtentCrcs = 42,
     ExtentCrcsReply = 43,
+    // --- volume-level forwarding (64..=75) ---
+    VolumeRead = 64,
+    VolumeWrite = 65,
+    VolumeWriteZeroes = 66,
+    VolumeTrim = 67,
+    VolumeFlush = 68,
+    VolumeBlockStatus = 69,
+    VolumeCompareAndWrite = 70,
+    VolumeReadReply = 71,
+    VolumeMapReply = 72,
+    VolumeCawReply = 73,
+    VolumeOk = 74,
+    VolumeErr = 75,
+    // --- end of volume-level forwarding ---
 }
 
 impl Kind {
-    pub const ALL: [Kind; 21] = [
+    pub const ALL: [Kind; 33] = [
         Kind::Hello,
         Kind::HelloAck,
         Kind::Refused,
@@ -90,6 +130,20 @@ impl Kind {
         Kind::ExtentErr,
         Kind::ExtentCrcs,
         Kind::ExtentCrcsReply,
+        // --- volume-level forwarding ---
+        Kind::VolumeRead,
+        Kind::VolumeWrite,
+        Kind::VolumeWriteZeroes,
+        Kind::VolumeTrim,
+        Kind::VolumeFlush,
+        Kind::VolumeBlockStatus,
+        Kind::VolumeCompareAndWrite,
+        Kind::VolumeReadReply,
+        Kind::VolumeMapReply,
+        Kind::VolumeCawReply,
+        Kind::VolumeOk,
+        Kind::VolumeErr,
+        // --- end of volume-level forwarding ---
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -110,6 +164,12 @@ impl Kind {
                 | Kind::ExtentOk
                 | Kind::ExtentErr
                 | Kind::ExtentCrcsReply
+                // --- volume-level forwarding ---
+                | Kind::VolumeReadReply
+                | Kind::VolumeMapReply
+                | Kind::VolumeCawReply
+                | Kind::VolumeOk
+                | Kind::VolumeErr
         )
     }
 }
@@ -361,6 +421,20 @@ pub enum Message {
     ExtentErr(ExtentErr),
     ExtentCrcs(ExtentCrcs),
     ExtentCrcsReply(BlockCrcs),
+    // --- volume-level forwarding ---
+    VolumeRead(VolumeRead),
+    VolumeWrite(VolumeWrite),
+    VolumeWriteZeroes(VolumeWriteZeroes),
+    VolumeTrim(VolumeTrim),
+    VolumeFlush(VolumeTarget),
+    VolumeBlockStatus(VolumeBlockStatus),
+    VolumeCompareAndWrite(VolumeCompareAndWrite),
+    VolumeReadReply(VolumeReadReply),
+    VolumeMapReply(VolumeMapReply),
+    VolumeCawReply(VolumeCawReply),
+    VolumeOk,
+    VolumeErr(VolumeErr),
+    // --- end of volume-level forwarding ---
 }
 
 const TARGET_LEN: usize = 32;
@@ -486,6 +560,19 @@ impl Message {
             Message::ExtentErr(_) => Kind::ExtentErr,
             Message::ExtentCrcs(_) => Kind::ExtentCrcs,
             Message::ExtentCrcsReply(_) => Kind::ExtentCrcsReply,
+            // --- volume-level forwarding ---
+            Message::VolumeRead(_) => Kind::VolumeRead,
+            Message::VolumeWrite(_) => Kind::VolumeWrite,
+            Message::VolumeWriteZeroes(_) => Kind::VolumeWriteZeroes,
+            Message::VolumeTrim(_) => Kind::VolumeTrim,
+            Message::VolumeFlush(_) => Kind::VolumeFlush,
+            Message::VolumeBlockStatus(_) => Kind::VolumeBlockStatus,
+            Message::VolumeCompareAndWrite(_) => Kind::VolumeCompareAndWrite,
+            Message::VolumeReadReply(_) => Kind::VolumeReadReply,
+            Message::VolumeMapReply(_) => Kind::VolumeMapReply,
+            Message::VolumeCawReply(_) => Kind::VolumeCawReply,
+            Message::VolumeOk => Kind::VolumeOk,
+            Message::VolumeErr(_) => Kind::VolumeErr,
         }
     }
 
@@ -494,14 +581,31 @@ impl Message {
         Message::Error(ErrorReply { code, message: message.into() })
     }
 
-    /// The raw data that follows the fixed fields, if this kind has any.
+    /// The raw data that follows the fixed fields, if this kind has any
+    /// as one buffer (a `VolumeReadReply` has several: [`Self::data_parts`]).
     pub fn data(&self) -> Option<&Bytes> {
         match self {
             Message::Raft(b) | Message::MetaRequest(b) | Message::MetaResponse(b) => Some(b),
             Message::ExtentWrite(w) => Some(&w.data),
             Message::ExtentReadReply(r) => Some(&r.data),
+            Message::VolumeWrite(w) => Some(&w.data),
+            Message::VolumeCompareAndWrite(c) => Some(&c.buf),
             _ => None,
         }
+    }
+
+    /// The raw data that follows the fixed fields, in wire order, as the
+    /// buffers it is held in (each sent as it is, never copied together).
+    pub fn data_parts(&self) -> impl Iterator<Item = &Bytes> {
+        let chunks: &[ReadChunk] = match self {
+            Message::VolumeReadReply(r) => &r.chunks,
+            _ => &[],
+        };
+        let chunk_data = chunks.iter().filter_map(|c| match c {
+            ReadChunk::Data(b) => Some(b),
+            ReadChunk::Hole(_) => None,
+        });
+        self.data().into_iter().chain(chunk_data)
     }
 
     /// Bytes of the fixed fields (everything but [`Self::data`]).
@@ -522,12 +626,24 @@ impl Message {
             Message::ExtentErr(e) => 2 + 8 + text_len(&e.message),
             Message::ExtentCrcs(_) => TARGET_LEN + 8 + 8,
             Message::ExtentCrcsReply(c) => 4 + 4 + 4 * c.crcs.len(),
+            m @ (Message::VolumeRead(_)
+            | Message::VolumeWrite(_)
+            | Message::VolumeWriteZeroes(_)
+            | Message::VolumeTrim(_)
+            | Message::VolumeFlush(_)
+            | Message::VolumeBlockStatus(_)
+            | Message::VolumeCompareAndWrite(_)
+            | Message::VolumeReadReply(_)
+            | Message::VolumeMapReply(_)
+            | Message::VolumeCawReply(_)
+            | Message::VolumeOk
+            | Message::VolumeErr(_)) => volume_fields_len(m),
         }
     }
 
     /// The whole payload length of this message's frame.
     pub fn body_len(&self) -> usize {
-        self.fields_len() + self.data().map_or(0, Bytes::len)
+        self.fields_len() + self.data_parts().map(Bytes::len).sum::<usize>()
     }
 
     /// Bytes the answer to this request may take, beyond a small reply: the
@@ -540,6 +656,11 @@ impl Message {
                 (c.len.div_ceil(u64::from(MIN_CRC_BLOCK)).min(MAX_CRC_COUNT as u64) * 4) as usize
             }
             Message::ExtentStatus(_) => 4 * MAX_DIRTY_REGIONS,
+            Message::VolumeRead(r) => r.len as usize,
+            Message::VolumeBlockStatus(b) => {
+                let most = (b.len / MIN_MAP_LEN).min(MAX_MAP_EXTENTS as u64) as usize;
+                4 + most * MAP_EXTENT_LEN
+            }
             _ => 0,
         }
     }
@@ -632,6 +753,18 @@ impl Message {
                     out.put_u32_le(*crc);
                 }
             }
+            m @ (Message::VolumeRead(_)
+            | Message::VolumeWrite(_)
+            | Message::VolumeWriteZeroes(_)
+            | Message::VolumeTrim(_)
+            | Message::VolumeFlush(_)
+            | Message::VolumeBlockStatus(_)
+            | Message::VolumeCompareAndWrite(_)
+            | Message::VolumeReadReply(_)
+            | Message::VolumeMapReply(_)
+            | Message::VolumeCawReply(_)
+            | Message::VolumeOk
+            | Message::VolumeErr(_)) => encode_volume_fields(m, out),
         }
     }
 
@@ -837,6 +970,18 @@ impl Message {
                 }
                 Message::ExtentErr(ExtentErr { error, message: f.text("message")? })
             }
+            Kind::VolumeRead
+            | Kind::VolumeWrite
+            | Kind::VolumeWriteZeroes
+            | Kind::VolumeTrim
+            | Kind::VolumeFlush
+            | Kind::VolumeBlockStatus
+            | Kind::VolumeCompareAndWrite
+            | Kind::VolumeReadReply
+            | Kind::VolumeMapReply
+            | Kind::VolumeCawReply
+            | Kind::VolumeOk
+            | Kind::VolumeErr => decode_volume(kind, &mut f, &payload)?,
         };
         if f.at != payload.len() {
             return Err(BodyError::TrailingBytes { extra: payload.len() - f.at });
@@ -968,3 +1113,476 @@ impl Fields<'_> {
         r
     }
 }
+
+// --- volume-level forwarding ----------------------------------------------
+//
+// A node that serves a volume it does not own forwards each request to the
+// owner as one of these; the owner runs it on its `Volume` and answers with
+// the result or the error, so a client sees the same data and the same
+// error through any node.
+
+/// Most extents a `VolumeMapReply` carries; an owner whose map of the range
+/// is longer answers with a prefix of it (block status answers may cover
+/// less than was asked, in NBD and in SCSI GET LBA STATUS).
+pub const MAX_MAP_EXTENTS: usize = 64 << 10;
+/// Most runs a `VolumeReadReply` carries: one per 512-byte block of the
+/// largest read (an owner's runs are whole blocks of a block-aligned read).
+/// It bounds what decoding a hostile reply allocates.
+pub const MAX_READ_RUNS: usize = MAX_DATA / 512;
+/// Bytes of one extent of a `VolumeMapReply`.
+const MAP_EXTENT_LEN: usize = 8 + 4;
+/// The shortest extent a volume's map reports (its logical block).
+const MIN_MAP_LEN: u64 = 512;
+const VTARGET_LEN: usize = 16;
+const RUN_HOLE: u32 = 1 << 31;
+const MAP_ALLOCATED: u32 = 1;
+const MAP_ZERO: u32 = 2;
+const CAW_MISCOMPARE: u32 = 1;
+
+/// (volume, owner generation): which volume a forwarded request is for,
+/// and the owner generation the forwarder believes current. A node that
+/// does not own the volume at that generation answers `NotOwner`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VolumeTarget {
+    pub volume: VolumeId,
+    pub generation: Generation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeRead {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeWrite {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub fua: bool,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeWriteZeroes {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub len: u64,
+    pub deallocate: bool,
+    pub fua: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeTrim {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub len: u64,
+    pub fua: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeBlockStatus {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// COMPARE AND WRITE: `buf` is the bytes to compare, then as many to write
+/// (as `Volume::compare_and_write` takes it; an odd length is the owner's
+/// to refuse, so the error is the same as on the owner).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeCompareAndWrite {
+    pub target: VolumeTarget,
+    pub offset: u64,
+    pub fua: bool,
+    pub buf: Bytes,
+}
+
+/// A read's data and holes in address order. On the wire the runs come
+/// first and the data of the data runs after them; decoded, each data run
+/// is a slice of the received payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeReadReply {
+    pub chunks: Vec<ReadChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMapReply {
+    /// At most [`MAX_MAP_EXTENTS`], covering a prefix of the range asked.
+    pub extents: Vec<MapExtent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeCawReply {
+    /// Offset (from the request's) of the first byte that differed;
+    /// `None`: it matched and was written.
+    pub miscompare: Option<u64>,
+}
+
+/// Why an owner did not serve a forwarded request: one code per kind of
+/// `node::VolumeError`, with the fields a forwarder needs to rebuild it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeFault {
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    Misaligned {
+        offset: u64,
+        len: u64,
+    },
+    TooLarge {
+        len: u64,
+    },
+    ReadOnly,
+    NoSpace,
+    Checksum {
+        volume: VolumeId,
+        extent: ExtentIndex,
+        block: u64,
+    },
+    Io,
+    /// The node does not own the volume; `generation` is the owner
+    /// generation it knows (the forwarder looks the owner up again).
+    NotOwner {
+        generation: Generation,
+    },
+    /// The node could not serve the volume now (not opened yet, its own
+    /// replicas unreachable).
+    Unavailable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeErr {
+    pub fault: VolumeFault,
+    pub message: String,
+}
+
+impl VolumeFault {
+    fn wire(self) -> (u16, [u64; 3]) {
+        match self {
+            VolumeFault::OutOfRange { offset, len, size } => (1, [offset, len, size]),
+            VolumeFault::Misaligned { offset, len } => (2, [offset, len, 0]),
+            VolumeFault::TooLarge { len } => (3, [len, 0, 0]),
+            VolumeFault::ReadOnly => (4, [0; 3]),
+            VolumeFault::NoSpace => (5, [0; 3]),
+            VolumeFault::Checksum { volume, extent, block } => (6, [volume.0, extent.0, block]),
+            VolumeFault::Io => (7, [0; 3]),
+            VolumeFault::NotOwner { generation } => (8, [generation.0, 0, 0]),
+            VolumeFault::Unavailable => (9, [0; 3]),
+        }
+    }
+
+    fn from_wire(code: u16, [a, b, c]: [u64; 3]) -> Option<VolumeFault> {
+        Some(match code {
+            1 => VolumeFault::OutOfRange { offset: a, len: b, size: c },
+            2 => VolumeFault::Misaligned { offset: a, len: b },
+            3 => VolumeFault::TooLarge { len: a },
+            4 => VolumeFault::ReadOnly,
+            5 => VolumeFault::NoSpace,
+            6 => VolumeFault::Checksum { volume: VolumeId(a), extent: ExtentIndex(b), block: c },
+            7 => VolumeFault::Io,
+            8 => VolumeFault::NotOwner { generation: Generation(a) },
+            9 => VolumeFault::Unavailable,
+            _ => return None,
+        })
+    }
+}
+
+fn put_vtarget(out: &mut BytesMut, t: &VolumeTarget) {
+    out.put_u64_le(t.volume.0);
+    out.put_u64_le(t.generation.0);
+}
+
+fn run_of(c: &ReadChunk) -> u32 {
+    match c {
+        // Lengths are at most MAX_DATA (checked by the decoder; a volume
+        // read is at most that long), well under bit 31.
+        ReadChunk::Data(b) => b.len() as u32,
+        ReadChunk::Hole(n) => *n | RUN_HOLE,
+    }
+}
+
+fn volume_fields_len(m: &Message) -> usize {
+    match m {
+        Message::VolumeRead(_) => VTARGET_LEN + 8 + 4,
+        Message::VolumeWrite(_) | Message::VolumeCompareAndWrite(_) => VTARGET_LEN + 8 + 4,
+        Message::VolumeWriteZeroes(_) | Message::VolumeTrim(_) => VTARGET_LEN + 8 + 8 + 4,
+        Message::VolumeFlush(_) => VTARGET_LEN,
+        Message::VolumeBlockStatus(_) => VTARGET_LEN + 8 + 8,
+        Message::VolumeReadReply(r) => 4 + 4 * r.chunks.len(),
+        Message::VolumeMapReply(r) => 4 + MAP_EXTENT_LEN * r.extents.len(),
+        Message::VolumeCawReply(_) => 4 + 8,
+        Message::VolumeErr(e) => 2 + 3 * 8 + text_len(&e.message),
+        _ => 0,
+    }
+}
+
+fn encode_volume_fields(m: &Message, out: &mut BytesMut) {
+    match m {
+        Message::VolumeRead(r) => {
+            put_vtarget(out, &r.target);
+            out.put_u64_le(r.offset);
+            out.put_u32_le(r.len);
+        }
+        Message::VolumeWrite(w) => {
+            put_vtarget(out, &w.target);
+            out.put_u64_le(w.offset);
+            out.put_u32_le(flag(w.fua, WRITE_FUA));
+        }
+        Message::VolumeCompareAndWrite(c) => {
+            put_vtarget(out, &c.target);
+            out.put_u64_le(c.offset);
+            out.put_u32_le(flag(c.fua, WRITE_FUA));
+        }
+        Message::VolumeWriteZeroes(z) => {
+            put_vtarget(out, &z.target);
+            out.put_u64_le(z.offset);
+            out.put_u64_le(z.len);
+            out.put_u32_le(flag(z.fua, ZEROES_FUA) | flag(z.deallocate, ZEROES_DEALLOCATE));
+        }
+        Message::VolumeTrim(t) => {
+            put_vtarget(out, &t.target);
+            out.put_u64_le(t.offset);
+            out.put_u64_le(t.len);
+            out.put_u32_le(flag(t.fua, TRIM_FUA));
+        }
+        Message::VolumeFlush(t) => put_vtarget(out, t),
+        Message::VolumeBlockStatus(b) => {
+            put_vtarget(out, &b.target);
+            out.put_u64_le(b.offset);
+            out.put_u64_le(b.len);
+        }
+        Message::VolumeReadReply(r) => {
+            out.put_u32_le(r.chunks.len() as u32);
+            for c in &r.chunks {
+                out.put_u32_le(run_of(c));
+            }
+        }
+        Message::VolumeMapReply(r) => {
+            out.put_u32_le(r.extents.len() as u32);
+            for e in &r.extents {
+                out.put_u64_le(e.len);
+                out.put_u32_le(flag(e.state.allocated, MAP_ALLOCATED) | flag(e.state.zero, MAP_ZERO));
+            }
+        }
+        Message::VolumeCawReply(c) => {
+            out.put_u32_le(flag(c.miscompare.is_some(), CAW_MISCOMPARE));
+            out.put_u64_le(c.miscompare.unwrap_or(0));
+        }
+        Message::VolumeErr(e) => {
+            let (code, fields) = e.fault.wire();
+            out.put_u16_le(code);
+            for v in fields {
+                out.put_u64_le(v);
+            }
+            put_text(out, &e.message);
+        }
+        _ => {}
+    }
+}
+
+/// `count` fixed-size items of `size` bytes each must be in the body
+/// before anything is allocated for them.
+fn need_items(f: &Fields<'_>, field: &'static str, count: u32, size: usize) -> Result<usize, BodyError> {
+    let count = count as usize;
+    let bytes = count.checked_mul(size).ok_or(BodyError::InvalidField {
+        field,
+        value: count as u64,
+        why: "overflows",
+    })?;
+    f.need(field, bytes)?;
+    Ok(count)
+}
+
+fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Message, BodyError> {
+    Ok(match kind {
+        Kind::VolumeRead => {
+            let target = f.vtarget()?;
+            let offset = f.u64("offset")?;
+            let len = f.u32("len")?;
+            if len as usize > MAX_DATA {
+                return Err(BodyError::InvalidField {
+                    field: "len",
+                    value: len.into(),
+                    why: "over the largest data payload",
+                });
+            }
+            check_range(offset, len.into())?;
+            Message::VolumeRead(VolumeRead { target, offset, len })
+        }
+        Kind::VolumeWrite | Kind::VolumeCompareAndWrite => {
+            let target = f.vtarget()?;
+            let offset = f.u64("offset")?;
+            let fua = f.flags("flags", WRITE_FUA)? & WRITE_FUA != 0;
+            let data = f.rest(payload);
+            check_data_len(data.len())?;
+            check_range(offset, data.len() as u64)?;
+            if kind == Kind::VolumeWrite {
+                Message::VolumeWrite(VolumeWrite { target, offset, fua, data })
+            } else {
+                Message::VolumeCompareAndWrite(VolumeCompareAndWrite { target, offset, fua, buf: data })
+            }
+        }
+        Kind::VolumeWriteZeroes => {
+            let target = f.vtarget()?;
+            let offset = f.u64("offset")?;
+            let len = f.u64("len")?;
+            let flags = f.flags("flags", ZEROES_FUA | ZEROES_DEALLOCATE)?;
+            check_range(offset, len)?;
+            Message::VolumeWriteZeroes(VolumeWriteZeroes {
+                target,
+                offset,
+                len,
+                deallocate: flags & ZEROES_DEALLOCATE != 0,
+                fua: flags & ZEROES_FUA != 0,
+            })
+        }
+        Kind::VolumeTrim => {
+            let target = f.vtarget()?;
+            let offset = f.u64("offset")?;
+            let len = f.u64("len")?;
+            let fua = f.flags("flags", TRIM_FUA)? & TRIM_FUA != 0;
+            check_range(offset, len)?;
+            Message::VolumeTrim(VolumeTrim { target, offset, len, fua })
+        }
+        Kind::VolumeFlush => Message::VolumeFlush(f.vtarget()?),
+        Kind::VolumeBlockStatus => {
+            let target = f.vtarget()?;
+            let offset = f.u64("offset")?;
+            let len = f.u64("len")?;
+            check_range(offset, len)?;
+            Message::VolumeBlockStatus(VolumeBlockStatus { target, offset, len })
+        }
+        Kind::VolumeReadReply => {
+            let raw = f.u32("run count")?;
+            if raw as usize > MAX_READ_RUNS {
+                return Err(BodyError::InvalidField {
+                    field: "run count",
+                    value: raw.into(),
+                    why: "over the cap on read runs",
+                });
+            }
+            let count = need_items(f, "runs", raw, 4)?;
+            let mut runs = Vec::with_capacity(count);
+            let (mut total, mut data_len) = (0usize, 0usize);
+            for _ in 0..count {
+                let run = f.u32("runs")?;
+                let len = (run & !RUN_HOLE) as usize;
+                if len == 0 {
+                    return Err(BodyError::InvalidField {
+                        field: "runs",
+                        value: run.into(),
+                        why: "a run of length 0",
+                    });
+                }
+                // Runs and data are each at most one largest payload, so
+                // neither sum can overflow before it is refused.
+                total = total.checked_add(len).filter(|t| *t <= MAX_DATA).ok_or(BodyError::InvalidField {
+                    field: "runs",
+                    value: total as u64,
+                    why: "runs add up to more than the largest data payload",
+                })?;
+                if run & RUN_HOLE == 0 {
+                    data_len += len;
+                }
+                runs.push(run);
+            }
+            let data = f.rest(payload);
+            if data.len() != data_len {
+                return Err(BodyError::InvalidField {
+                    field: "data",
+                    value: data.len() as u64,
+                    why: "not the length of the data runs",
+                });
+            }
+            let mut at = 0usize;
+            let chunks = runs
+                .into_iter()
+                .map(|run| {
+                    let len = (run & !RUN_HOLE) as usize;
+                    if run & RUN_HOLE != 0 {
+                        ReadChunk::Hole(len as u32)
+                    } else {
+                        at += len;
+                        ReadChunk::Data(data.slice(at - len..at))
+                    }
+                })
+                .collect();
+            Message::VolumeReadReply(VolumeReadReply { chunks })
+        }
+        Kind::VolumeMapReply => {
+            let raw = f.u32("extent count")?;
+            if raw as usize > MAX_MAP_EXTENTS {
+                return Err(BodyError::InvalidField {
+                    field: "extent count",
+                    value: raw.into(),
+                    why: "over the cap on map extents",
+                });
+            }
+            let count = need_items(f, "extents", raw, MAP_EXTENT_LEN)?;
+            let mut extents = Vec::with_capacity(count);
+            for _ in 0..count {
+                let len = f.u64("extent len")?;
+                let flags = f.flags("extent flags", MAP_ALLOCATED | MAP_ZERO)?;
+                extents.push(MapExtent {
+                    len,
+                    state: BlockState { allocated: flags & MAP_ALLOCATED != 0, zero: flags & MAP_ZERO != 0 },
+                });
+            }
+            Message::VolumeMapReply(VolumeMapReply { extents })
+        }
+        Kind::VolumeCawReply => {
+            let flags = f.flags("flags", CAW_MISCOMPARE)?;
+            let offset = f.u64("offset")?;
+            if flags & CAW_MISCOMPARE == 0 && offset != 0 {
+                return Err(BodyError::InvalidField {
+                    field: "offset",
+                    value: offset,
+                    why: "must be 0 without a miscompare",
+                });
+            }
+            Message::VolumeCawReply(VolumeCawReply {
+                miscompare: (flags & CAW_MISCOMPARE != 0).then_some(offset),
+            })
+        }
+        Kind::VolumeOk => Message::VolumeOk,
+        Kind::VolumeErr => {
+            let code = f.u16("code")?;
+            let fields = [f.u64("a")?, f.u64("b")?, f.u64("c")?];
+            let fault = VolumeFault::from_wire(code, fields).ok_or(BodyError::InvalidField {
+                field: "code",
+                value: code.into(),
+                why: "unknown volume error code",
+            })?;
+            // One message, one encoding: a value the code does not use is refused.
+            if let Some(i) = (0..3).find(|&i| fault.wire().1[i] != fields[i]) {
+                return Err(BodyError::InvalidField {
+                    field: ["a", "b", "c"][i],
+                    value: fields[i],
+                    why: "must be 0 for this error code",
+                });
+            }
+            Message::VolumeErr(VolumeErr { fault, message: f.text("message")? })
+        }
+        // Called for the volume kinds only.
+        other => {
+            return Err(BodyError::InvalidField {
+                field: "kind",
+                value: other as u64,
+                why: "not a volume-level kind",
+            });
+        }
+    })
+}
+
+impl Fields<'_> {
+    fn vtarget(&mut self) -> Result<VolumeTarget, BodyError> {
+        Ok(VolumeTarget {
+            volume: VolumeId(self.u64("volume")?),
+            generation: Generation(self.u64("generation")?),
+        })
+    }
+}
+// --- end of volume-level forwarding ----------------------------------------

@@ -34,6 +34,12 @@ pub use message::{
     ExtentReadReply, ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Hello, Kind,
     MAX_CRC_COUNT, MAX_CRCS_RANGE, MAX_DIRTY_REGIONS, MAX_TEXT, Message, RefuseCode, Refused,
 };
+// Volume-level forwarding.
+pub use message::{
+    MAX_MAP_EXTENTS, MAX_READ_RUNS, VolumeBlockStatus, VolumeCawReply, VolumeCompareAndWrite, VolumeErr,
+    VolumeFault, VolumeMapReply, VolumeRead, VolumeReadReply, VolumeTarget, VolumeTrim, VolumeWrite,
+    VolumeWriteZeroes,
+};
 
 #[cfg(test)]
 mod tests;

@@ -96,6 +96,9 @@ fn every_message() -> Vec<Message> {
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: vec![0xdead_beef, 1, 2, 3] }),
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: Vec::new() }),
     ]
+    .into_iter()
+    .chain(every_volume_message())
+    .collect()
 }
 
 /// A frame with correct crcs around an arbitrary header and payload.
@@ -343,7 +346,9 @@ fn every_kind_with_fields_refuses_a_truncated_body() {
 
 #[test]
 fn trailing_bytes_after_the_fields() {
-    for m in every_message().into_iter().filter(|m| m.data().is_none()) {
+    // A read reply's data ends the body too (its extra byte is refused as
+    // data the runs do not account for: `volume_read_reply_data_disagrees`).
+    for m in every_message().into_iter().filter(|m| m.data().is_none() && m.kind() != Kind::VolumeReadReply) {
         let mut b = body_of(&m);
         b.push(0);
         assert_eq!(body_error(body(m.kind(), &b)), BodyError::TrailingBytes { extra: 1 }, "{m:?}");
@@ -531,7 +536,14 @@ fn reply_kinds_are_marked_as_replies() {
             Kind::ExtentTrim,
             Kind::ExtentFlush,
             Kind::ExtentStatus,
-            Kind::ExtentCrcs
+            Kind::ExtentCrcs,
+            Kind::VolumeRead,
+            Kind::VolumeWrite,
+            Kind::VolumeWriteZeroes,
+            Kind::VolumeTrim,
+            Kind::VolumeFlush,
+            Kind::VolumeBlockStatus,
+            Kind::VolumeCompareAndWrite,
         ]
     );
     for k in Kind::ALL {
@@ -638,3 +650,281 @@ fn crcs_reply_count_over_the_cap_or_past_the_body() {
         assert_eq!(invalid_field(body(Kind::ExtentCrcsReply, &body_of(&r))), "block size");
     }
 }
+
+// --- volume-level forwarding ------------------------------------------------
+
+fn vtarget() -> VolumeTarget {
+    VolumeTarget { volume: VolumeId(7), generation: Generation(5) }
+}
+
+fn every_volume_message() -> Vec<Message> {
+    use crate::types::{BlockState, MapExtent, ReadChunk};
+    let t = vtarget();
+    vec![
+        Message::VolumeRead(VolumeRead { target: t, offset: 4096, len: 1 << 20 }),
+        Message::VolumeWrite(VolumeWrite { target: t, offset: 1 << 30, fua: true, data: pattern(64 << 10) }),
+        Message::VolumeWrite(VolumeWrite { target: t, offset: 0, fua: false, data: pattern(512) }),
+        Message::VolumeWriteZeroes(VolumeWriteZeroes {
+            target: t,
+            offset: 8192,
+            len: 1 << 40,
+            deallocate: true,
+            fua: false,
+        }),
+        Message::VolumeWriteZeroes(VolumeWriteZeroes {
+            target: t,
+            offset: 0,
+            len: 512,
+            deallocate: false,
+            fua: true,
+        }),
+        Message::VolumeTrim(VolumeTrim { target: t, offset: 4096, len: 4096, fua: true }),
+        Message::VolumeFlush(t),
+        Message::VolumeBlockStatus(VolumeBlockStatus { target: t, offset: 512, len: 1 << 30 }),
+        Message::VolumeCompareAndWrite(VolumeCompareAndWrite {
+            target: t,
+            offset: 4096,
+            fua: true,
+            buf: pattern(8192),
+        }),
+        Message::VolumeReadReply(VolumeReadReply {
+            chunks: vec![
+                ReadChunk::Hole(4096),
+                ReadChunk::Data(pattern(8192)),
+                ReadChunk::Data(pattern(512)),
+                ReadChunk::Hole(1 << 20),
+                ReadChunk::Data(pattern(100)),
+            ],
+        }),
+        Message::VolumeReadReply(VolumeReadReply { chunks: vec![] }),
+        Message::VolumeReadReply(VolumeReadReply { chunks: vec![ReadChunk::Hole(512)] }),
+        Message::VolumeMapReply(VolumeMapReply {
+            extents: vec![
+                MapExtent { len: 4096, state: BlockState::DATA },
+                MapExtent { len: 1 << 40, state: BlockState::HOLE },
+                MapExtent { len: 512, state: BlockState { allocated: true, zero: true } },
+                MapExtent { len: 512, state: BlockState { allocated: false, zero: false } },
+            ],
+        }),
+        Message::VolumeMapReply(VolumeMapReply { extents: vec![] }),
+        Message::VolumeCawReply(VolumeCawReply { miscompare: None }),
+        Message::VolumeCawReply(VolumeCawReply { miscompare: Some(0) }),
+        Message::VolumeCawReply(VolumeCawReply { miscompare: Some(4097) }),
+        Message::VolumeOk,
+        Message::VolumeErr(VolumeErr {
+            fault: VolumeFault::OutOfRange { offset: 1, len: 2, size: 3 },
+            message: "past the end".into(),
+        }),
+        Message::VolumeErr(VolumeErr {
+            fault: VolumeFault::Misaligned { offset: 7, len: 9 },
+            message: "m".into(),
+        }),
+        Message::VolumeErr(VolumeErr { fault: VolumeFault::TooLarge { len: 1 << 40 }, message: "t".into() }),
+        Message::VolumeErr(VolumeErr { fault: VolumeFault::ReadOnly, message: String::new() }),
+        Message::VolumeErr(VolumeErr { fault: VolumeFault::NoSpace, message: "full".into() }),
+        Message::VolumeErr(VolumeErr {
+            fault: VolumeFault::Checksum { volume: VolumeId(3), extent: ExtentIndex(4), block: 5 },
+            message: "crc".into(),
+        }),
+        Message::VolumeErr(VolumeErr { fault: VolumeFault::Io, message: "io".into() }),
+        Message::VolumeErr(VolumeErr {
+            fault: VolumeFault::NotOwner { generation: Generation(9) },
+            message: "moved".into(),
+        }),
+        Message::VolumeErr(VolumeErr { fault: VolumeFault::Unavailable, message: "gone".into() }),
+    ]
+}
+
+/// A read reply body: `runs` as raw u32s, then `data` bytes.
+fn read_reply_body(runs: &[u32], data: usize) -> Vec<u8> {
+    let mut b = (runs.len() as u32).to_le_bytes().to_vec();
+    for r in runs {
+        b.extend_from_slice(&r.to_le_bytes());
+    }
+    b.resize(b.len() + data, 0xab);
+    b
+}
+
+#[test]
+fn every_volume_error_code_is_in_the_round_trip_set() {
+    let codes: std::collections::BTreeSet<u16> = every_volume_message()
+        .iter()
+        .filter_map(|m| match m {
+            Message::VolumeErr(_) => {
+                let b = body_of(m);
+                Some(u16::from_le_bytes([b[0], b[1]]))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(codes, (1..=9).collect());
+}
+
+#[test]
+fn volume_read_reply_data_is_not_copied() {
+    use crate::types::ReadChunk;
+    let (a, b) = (pattern(8192), pattern(64 << 10));
+    let m = Message::VolumeReadReply(VolumeReadReply {
+        chunks: vec![ReadChunk::Data(a.clone()), ReadChunk::Hole(4096), ReadChunk::Data(b.clone())],
+    });
+    let mut fb = FrameBuf::new();
+    fb.encode(1, FrameFlags::NONE, &m).unwrap();
+    let segs = fb.segments().to_vec();
+    // Both data runs are referenced as they are, in order.
+    assert!(segs.iter().any(|s| s.as_ptr() == a.as_ptr() && s.len() == a.len()));
+    assert!(segs.iter().any(|s| s.as_ptr() == b.as_ptr() && s.len() == b.len()));
+    // Decoded, the data runs are slices of the received payload.
+    let mut buf = BytesMut::new();
+    for s in &segs {
+        buf.extend_from_slice(s);
+    }
+    let received = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+    let f = Decoder::default().decode(&mut buf).unwrap().unwrap();
+    let Message::VolumeReadReply(r) = f.message else { panic!("{:?}", f.message) };
+    assert_eq!(r.chunks.len(), 3);
+    assert_eq!(r.chunks[1], ReadChunk::Hole(4096));
+    for (i, want) in [(0, &a), (2, &b)] {
+        let ReadChunk::Data(got) = &r.chunks[i] else { panic!("{:?}", r.chunks[i]) };
+        assert_eq!(got, want);
+        assert!(received.contains(&(got.as_ptr() as usize)), "run {i} was copied out of the receive buffer");
+    }
+}
+
+#[test]
+fn volume_read_reply_run_count_larger_than_the_body_allocates_nothing() {
+    let b = (MAX_READ_RUNS as u32).to_le_bytes();
+    assert_eq!(
+        body_error(body(Kind::VolumeReadReply, &b)),
+        BodyError::Truncated { field: "runs", need: MAX_READ_RUNS * 4, have: 0 }
+    );
+}
+
+#[test]
+fn volume_read_reply_run_count_over_the_cap() {
+    let b = (MAX_READ_RUNS as u32 + 1).to_le_bytes();
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &b)), "run count");
+    let b = u32::MAX.to_le_bytes();
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &b)), "run count");
+}
+
+#[test]
+fn volume_read_reply_run_of_length_zero() {
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&[0], 0))), "runs");
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&[1 << 31], 0))), "runs");
+}
+
+#[test]
+fn volume_read_reply_runs_over_the_largest_payload() {
+    // Two holes that together pass MAX_DATA (no data bytes needed to say so).
+    let h = (1u32 << 31) | (MAX_DATA as u32 / 2 + 512);
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&[h, h], 0))), "runs");
+    // Holes of the largest length the field holds, many times: refused at
+    // the first sum past the cap, never an overflow.
+    let big = (1u32 << 31) | 0x7fff_ffff;
+    assert_eq!(invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&[big; 4], 0))), "runs");
+}
+
+#[test]
+fn volume_read_reply_data_disagrees_with_the_runs() {
+    let hole = (1u32 << 31) | 512;
+    for (runs, data) in
+        [(vec![512u32], 511usize), (vec![512], 513), (vec![hole], 1), (vec![hole, 1024], 512), (vec![], 1)]
+    {
+        assert_eq!(
+            invalid_field(body(Kind::VolumeReadReply, &read_reply_body(&runs, data))),
+            "data",
+            "{runs:?} with {data} bytes"
+        );
+    }
+    assert!(decode_one(body(Kind::VolumeReadReply, &read_reply_body(&[hole, 1024], 1024))).is_ok());
+}
+
+#[test]
+fn volume_map_reply_hostile_counts_and_flags() {
+    let b = (MAX_MAP_EXTENTS as u32 + 1).to_le_bytes();
+    assert_eq!(invalid_field(body(Kind::VolumeMapReply, &b)), "extent count");
+    let b = (MAX_MAP_EXTENTS as u32).to_le_bytes();
+    assert_eq!(
+        body_error(body(Kind::VolumeMapReply, &b)),
+        BodyError::Truncated { field: "extents", need: MAX_MAP_EXTENTS * 12, have: 0 }
+    );
+    let mut b = 1u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&512u64.to_le_bytes());
+    b.extend_from_slice(&4u32.to_le_bytes());
+    assert_eq!(invalid_field(body(Kind::VolumeMapReply, &b)), "extent flags");
+}
+
+#[test]
+fn volume_caw_reply_offset_without_a_miscompare() {
+    let mut b = 0u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&7u64.to_le_bytes());
+    assert_eq!(invalid_field(body(Kind::VolumeCawReply, &b)), "offset");
+    let mut b = 2u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&0u64.to_le_bytes());
+    assert_eq!(invalid_field(body(Kind::VolumeCawReply, &b)), "flags");
+}
+
+#[test]
+fn volume_error_unknown_code_and_unused_fields() {
+    let err = |code: u16, f: [u64; 3]| {
+        let mut b = code.to_le_bytes().to_vec();
+        for v in f {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&0u16.to_le_bytes());
+        body(Kind::VolumeErr, &b)
+    };
+    for code in [0u16, 10, u16::MAX] {
+        assert_eq!(invalid_field(err(code, [0; 3])), "code", "code {code}");
+    }
+    // ReadOnly, NoSpace, Io, Unavailable use none; Misaligned not c;
+    // TooLarge and NotOwner not b or c.
+    for code in [4u16, 5, 7, 9] {
+        assert_eq!(invalid_field(err(code, [1, 0, 0])), "a", "code {code}");
+        assert_eq!(invalid_field(err(code, [0, 0, 1])), "c", "code {code}");
+    }
+    assert_eq!(invalid_field(err(2, [1, 1, 1])), "c");
+    assert_eq!(invalid_field(err(3, [1, 1, 0])), "b");
+    assert_eq!(invalid_field(err(8, [1, 0, 1])), "c");
+}
+
+#[test]
+fn volume_requests_with_hostile_ranges_and_flags() {
+    let t = vtarget();
+    let r = Message::VolumeRead(VolumeRead { target: t, offset: 0, len: MAX_DATA as u32 + 1 });
+    assert_eq!(invalid_field(body(Kind::VolumeRead, &body_of(&r))), "len");
+    let r = Message::VolumeRead(VolumeRead { target: t, offset: u64::MAX, len: 1 });
+    assert_eq!(invalid_field(body(Kind::VolumeRead, &body_of(&r))), "len");
+    let w =
+        Message::VolumeWrite(VolumeWrite { target: t, offset: u64::MAX - 1, fua: false, data: pattern(2) });
+    assert_eq!(invalid_field(body(Kind::VolumeWrite, &body_of(&w))), "len");
+    let w = Message::VolumeWrite(VolumeWrite { target: t, offset: 0, fua: false, data: pattern(2) });
+    let mut b = body_of(&w);
+    put_u32(&mut b, 24, 2);
+    assert_eq!(invalid_field(body(Kind::VolumeWrite, &b)), "flags");
+    let c = Message::VolumeCompareAndWrite(VolumeCompareAndWrite {
+        target: t,
+        offset: 0,
+        fua: false,
+        buf: Bytes::from(vec![0; MAX_DATA + 1]),
+    });
+    assert_eq!(invalid_field(body(Kind::VolumeCompareAndWrite, &body_of(&c))), "data");
+    let z = VolumeWriteZeroes { target: t, offset: u64::MAX, len: 2, deallocate: false, fua: false };
+    assert_eq!(invalid_field(body(Kind::VolumeWriteZeroes, &body_of(&Message::VolumeWriteZeroes(z)))), "len");
+    let mut b = body_of(&Message::VolumeWriteZeroes(VolumeWriteZeroes { offset: 0, ..z }));
+    put_u32(&mut b, 32, 4);
+    assert_eq!(invalid_field(body(Kind::VolumeWriteZeroes, &b)), "flags");
+    let tr = VolumeTrim { target: t, offset: 2, len: u64::MAX, fua: false };
+    assert_eq!(invalid_field(body(Kind::VolumeTrim, &body_of(&Message::VolumeTrim(tr)))), "len");
+    let s = VolumeBlockStatus { target: t, offset: u64::MAX, len: 1 };
+    assert_eq!(invalid_field(body(Kind::VolumeBlockStatus, &body_of(&Message::VolumeBlockStatus(s)))), "len");
+}
+
+#[test]
+fn a_volume_read_hints_its_reply_and_a_block_status_its_map() {
+    let r = Message::VolumeRead(VolumeRead { target: vtarget(), offset: 0, len: 1 << 20 });
+    assert_eq!(r.reply_hint(), 1 << 20);
+    let s = Message::VolumeBlockStatus(VolumeBlockStatus { target: vtarget(), offset: 0, len: 1 << 40 });
+    assert_eq!(s.reply_hint(), 4 + MAX_MAP_EXTENTS * 12);
+}
+// --- end of volume-level forwarding ------------------------------------------
