@@ -16,7 +16,7 @@ use basalt::proto::peer::{
 use basalt::storage::{EngineKind, Store, StoreConfig, StoreOptions};
 use basalt::types::{ClusterId, Epoch, ExtentIndex, ExtentKey, Generation, NodeId, VolumeId};
 use bytes::Bytes;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 const EXTENT: u64 = 4 << 20;
@@ -59,11 +59,11 @@ impl Replica {
     async fn new(kind: EngineKind) -> Replica {
         let dir =
             tempfile::Builder::new().prefix("replica-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let (store, svc) = Replica::start(kind, &dir.path().to_path_buf()).await;
+        let (store, svc) = Replica::start(kind, dir.path()).await;
         Replica { kind, dir, store, svc }
     }
 
-    async fn start(kind: EngineKind, dir: &PathBuf) -> (Arc<Store>, Arc<ReplicaService>) {
+    async fn start(kind: EngineKind, dir: &Path) -> (Arc<Store>, Arc<ReplicaService>) {
         let cfg = StoreConfig { data_dirs: vec![dir.join("data")], engine: kind };
         let opts = StoreOptions { region_size: REGION, clean_after_flushes: 1, ..Default::default() };
         let store = Store::open_with(cfg, opts).await.unwrap();
@@ -78,7 +78,7 @@ impl Replica {
     /// A restart: the store and the fences opened again from disk.
     async fn reopen(&mut self) {
         self.store.close().await.unwrap();
-        let (store, svc) = Replica::start(self.kind, &self.dir.path().to_path_buf()).await;
+        let (store, svc) = Replica::start(self.kind, self.dir.path()).await;
         self.store = store;
         self.svc = svc;
     }

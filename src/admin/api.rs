@@ -116,6 +116,53 @@ pub struct ExtentInfo {
     pub state: String,
 }
 
+/// `POST /v1/volumes/{name}/verify`: every extent's replicas compared by
+/// their per-block crc32c tables (read from each replica's block table,
+/// not its data; a hole and a block of zeros compare equal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeVerify {
+    pub name: String,
+    pub id: u64,
+    pub extent_size: u64,
+    /// Every extent of the volume, in order.
+    pub extents: Vec<ExtentVerify>,
+    /// Extents whose replicas differ somewhere.
+    pub mismatched: u64,
+    /// Extents with a replica that could not be compared (unreachable, or
+    /// it answered with an error), or without a replica set.
+    pub incomplete: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentVerify {
+    pub index: u64,
+    pub epoch: u64,
+    /// The extent's current replica set (node ids), as compared.
+    pub replicas: Vec<u64>,
+    /// Byte ranges inside the extent where the compared replicas differ,
+    /// merged, in order; at most [`MAX_LISTED_MISMATCHES`] are listed.
+    pub mismatches: Vec<ByteRange>,
+    /// 4 KiB blocks that differ (all of them, listed or not).
+    pub mismatched_blocks: u64,
+    /// Replicas that could not be compared, and why.
+    pub unreachable: Vec<UnreachableReplica>,
+}
+
+/// Most mismatching ranges one extent lists.
+pub const MAX_LISTED_MISMATCHES: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreachableReplica {
+    pub node: u64,
+    pub error: String,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {

@@ -64,6 +64,8 @@ pub trait Control: Send + Sync + 'static {
     /// Through another node: once the change is committed; the owner
     /// applies it as it follows the metadata.
     fn resize_volume(&self, name: String, req: ResizeVolume) -> ControlResult<'_, VolumeInfo>;
+    /// Compares every extent's replicas (their per-block crc tables).
+    fn verify_volume(&self, name: String) -> ControlResult<'_, VolumeVerify>;
     /// Serving clients: `Err(why)` while starting or draining.
     fn ready(&self) -> Result<(), String>;
 }

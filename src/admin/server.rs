@@ -12,6 +12,7 @@
 //! | POST | `/v1/volumes` | [`CreateVolume`] -> [`VolumeInfo`] (201) |
 //! | GET | `/v1/volumes/{name}` | [`VolumeInfo`] with extents |
 //! | DELETE | `/v1/volumes/{name}` | 204 |
+//! | POST | `/v1/volumes/{name}/verify` | [`VolumeVerify`] (200): every extent's replicas compared |
 //! | POST | `/v1/volumes/{name}/resize` | [`ResizeVolume`] -> [`VolumeInfo`] (200); 409 for a shrink without `allow_shrink` or with NBD clients connected |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when serving, else 503 and why |
@@ -124,6 +125,10 @@ async fn resize_volume(State(c): State<Ctl>, Path(name): Path<String>, b: Bytes)
     Ok(json(StatusCode::OK, c.resize_volume(name, req).await?))
 }
 
+async fn verify_volume(State(c): State<Ctl>, Path(name): Path<String>) -> Answer<Response> {
+    Ok(json(StatusCode::OK, c.verify_volume(name).await?))
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -154,6 +159,7 @@ pub fn router(control: Ctl, m: Arc<Metrics>) -> Router {
         .route("/v1/volumes", get(volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", axum::routing::post(resize_volume))
+        .route("/v1/volumes/{name}/verify", axum::routing::post(verify_volume))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(unknown_route)

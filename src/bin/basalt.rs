@@ -1,11 +1,15 @@
 //! `basalt`: the operator CLI, a client of the admin API.
 //!
 //! Exit status: 0 on success, 1 on an error (its message on stderr),
-//! 2 on a usage error (clap's own). `--json` prints the admin API's JSON
+//! 2 on a usage error (clap's own). `volume verify` answers as cmp(1)
+//! does: 0 if every replica matches, 1 if some differ, 2 if it could not
+//! compare everything (a replica unreachable, or an error). `--json` prints the admin API's JSON
 //! bodies (field names in README, kept stable); without it, aligned
 //! tables for people.
 
-use basalt::admin::{AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, ResizeVolume, VolumeInfo};
+use basalt::admin::{
+    AddNode, ApiError, ClusterStatus, CreateVolume, NodeInfo, ResizeVolume, VolumeInfo, VolumeVerify,
+};
 use basalt::client::transfer::{Direction, Job, Options};
 use basalt::units::ByteSize;
 use clap::{Parser, Subcommand};
@@ -98,6 +102,10 @@ enum VolumeCmd {
     },
     /// Delete a volume and its data.
     Delete { name: String },
+    /// Compare every extent's replicas (their per-block crc32c tables) and
+    /// list where they differ. Exit 0 if they all match, 1 if some differ,
+    /// 2 if a replica could not be compared.
+    Verify { name: String },
     /// Change a volume's size online. Growing is always allowed: the new
     /// space reads as zeros; new NBD connections see the new size
     /// (connected NBD clients keep the size of their handshake: NBD cannot
@@ -362,13 +370,74 @@ fn show_volume(v: &VolumeInfo, json: bool) {
     print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], rows));
 }
 
+fn show_verify(v: &VolumeVerify) {
+    println!(
+        "volume {} (id {}): {} extents, {} with replicas that differ, {} not fully compared",
+        v.name,
+        v.id,
+        v.extents.len(),
+        v.mismatched,
+        v.incomplete
+    );
+    let rows = v
+        .extents
+        .iter()
+        .map(|e| {
+            let set: Vec<String> = e.replicas.iter().map(u64::to_string).collect();
+            let mut result = Vec::new();
+            if e.mismatched_blocks > 0 {
+                let ranges: Vec<String> =
+                    e.mismatches.iter().map(|r| format!("{}+{}", r.offset, r.len)).collect();
+                let more = if e.mismatched_blocks > e.mismatches.iter().map(|r| r.len / 4096).sum::<u64>() {
+                    " ..."
+                } else {
+                    ""
+                };
+                result.push(format!("{} blocks differ at {}{more}", e.mismatched_blocks, ranges.join(" ")));
+            }
+            for u in &e.unreachable {
+                result.push(format!("node {} not compared: {}", u.node, u.error));
+            }
+            if result.is_empty() {
+                result.push("match".into());
+            }
+            vec![e.index.to_string(), e.epoch.to_string(), set.join(","), result.join("; ")]
+        })
+        .collect();
+    print!("{}", table(&["EXTENT", "EPOCH", "REPLICAS", "RESULT"], rows));
+}
+
+/// `volume verify`: its own exit status (see the module docs).
+fn verify(c: &Client, name: &str, json: bool) -> ExitCode {
+    let v: VolumeVerify = match c.post(&format!("/v1/volumes/{name}/verify"), &serde_json::json!({})) {
+        Ok(v) => v,
+        Err(msg) => {
+            eprintln!("basalt: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        print_json(&v);
+    } else {
+        show_verify(&v);
+    }
+    if v.incomplete > 0 {
+        ExitCode::from(2)
+    } else if v.mismatched > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("admin bodies serialize"));
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn run(cli: Cli) -> Result<ExitCode, String> {
     let c = Client::new(&cli.admin, cli.stale);
     match cli.cmd {
+        Cmd::Volume(VolumeCmd::Verify { name }) => return Ok(verify(&c, &name, cli.json)),
         Cmd::Cluster(ClusterCmd::Status) => {
             let s: ClusterStatus = c.get("/v1/cluster")?;
             if cli.json {
@@ -475,13 +544,13 @@ fn run(cli: Cli) -> Result<(), String> {
             transfer(&c, Direction::Export, name, file, io, cli.json)?
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(msg) => {
             eprintln!("basalt: {msg}");
             ExitCode::from(1)

@@ -227,6 +227,57 @@ impl Fences {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    const V: VolumeId = VolumeId(3);
+
+    async fn idle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// A raise waits for the requests of the older generation already
+    /// admitted; a request arriving meanwhile waits behind it and is then
+    /// refused; a raiser that goes away still persists.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raise_waits_for_admitted_requests_and_fences_later_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = Fences::open(tmp.path()).unwrap();
+        let admitted = f.admit(V, Generation(1), true).await.unwrap();
+        assert_eq!(admitted.current(), Generation(1));
+        let f2 = f.clone();
+        let raise = tokio::spawn(async move { f2.admit(V, Generation(2), true).await.map(|g| g.current()) });
+        idle().await;
+        assert!(!raise.is_finished(), "the raise must wait for the admitted request");
+        assert_eq!(f.current(V), Generation(1));
+        let f3 = f.clone();
+        let late = tokio::spawn(async move { f3.admit(V, Generation(1), true).await.map(drop) });
+        idle().await;
+        assert!(!late.is_finished(), "a request after the raise waits for it");
+        drop(admitted);
+        assert_eq!(raise.await.unwrap().unwrap(), Generation(2));
+        match late.await.unwrap() {
+            Err(FenceError::Stale { current, .. }) => assert_eq!(current, Generation(2)),
+            other => panic!("{other:?}"),
+        }
+        // Read-only admission of a newer generation raises nothing.
+        assert_eq!(f.admit(V, Generation(9), false).await.unwrap().current(), Generation(9));
+        assert_eq!(f.current(V), Generation(2));
+        // A raiser dropped after its first poll: the persist still happens.
+        let mut dropped = Box::pin(f.admit(V, Generation(3), true));
+        let _ = futures::poll!(dropped.as_mut());
+        drop(dropped);
+        for _ in 0..500 {
+            if f.current(V) == Generation(3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(f.current(V), Generation(3));
+        assert_eq!(Fences::open(tmp.path()).unwrap().current(V), Generation(3));
+    }
 
     #[test]
     fn a_fence_file_round_trips_and_rot_is_refused() {

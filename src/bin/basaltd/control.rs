@@ -6,7 +6,7 @@ use crate::run::{AddrBook, DemoVolume, ShellRequest, ShellResponse, shell_reques
 use basalt::admin::metrics::Metrics;
 use basalt::admin::{
     ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo,
-    Owner, ResizeVolume, VolumeInfo,
+    Owner, ResizeVolume, VolumeInfo, VolumeVerify,
 };
 use basalt::config::Config;
 use basalt::layout::Layout;
@@ -606,6 +606,13 @@ impl Control for Daemon {
 
     fn resize_volume(&self, name: String, req: ResizeVolume) -> ControlResult<'_, VolumeInfo> {
         Box::pin(self.resize(name, req))
+    }
+
+    fn verify_volume(&self, name: String) -> ControlResult<'_, VolumeVerify> {
+        Box::pin(async move {
+            let state = self.state(false).await?;
+            crate::verify::verify(&state, &self.pool, &name).await
+        })
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -4,6 +4,7 @@ mod control;
 mod replicas;
 mod run;
 mod supervise;
+mod verify;
 
 use anyhow::Context;
 use basalt::config::Config;
