@@ -351,3 +351,86 @@ fn volume_show_watch_refreshes_until_interrupted() {
     let status = child.wait().unwrap();
     assert!(!status.success(), "interrupted, not finished: {status}");
 }
+
+/// The URIs the demo printed under the node it names as the volume's
+/// owner: (nbd://..., nbd+unix://...).
+fn owner_uris(lines: &[String]) -> (String, String) {
+    let at = lines.iter().rposition(|l| l.contains("the volume's owner")).expect("an owner line");
+    let uri = |scheme: &str| {
+        lines[at + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("    "))
+            .find(|l| l.trim().starts_with(scheme))
+            .map(|l| l.trim().to_string())
+            .unwrap_or_else(|| panic!("no {scheme} line for the owner in {lines:?}"))
+    };
+    (uri("nbd://"), uri("nbd+unix://"))
+}
+
+/// `basaltd demo` with no node or replica flags: three `basaltd run`
+/// processes, a volume of 3 replicas, every node's URIs printed; data
+/// written with qemu-io survives a SIGTERM of the demo and a new start.
+#[test]
+fn demo_defaults_to_three_nodes_and_three_replicas_and_keeps_data_across_restarts() {
+    if !common::require("qemu-io") {
+        return;
+    }
+    let mut d = common::Daemon::start("64M", &["--nodes=3", "--extent-size=16MiB"]);
+    let printed = d.printed();
+    let text = printed.join("\n");
+    assert!(text.contains("of 3 nodes") && text.contains("3 replicas"), "{text}");
+    for k in 0..3u16 {
+        let node = d.data.join(format!("node{}", k + 1));
+        assert!(text.contains(&format!("nbd://127.0.0.1:{}/demo", d.nbd_port + k)), "node {k}: {text}");
+        let sock = node.join("nbd.sock");
+        assert!(text.contains(&format!("nbd+unix:///demo?socket={}", sock.display())), "node {k}: {text}");
+        assert!(text.contains(&format!("admin 127.0.0.1:{}", d.admin_port + k)), "node {k}: {text}");
+        assert!(node.join("basaltd.toml").exists() && node.join("state").exists(), "node {k} has its own files");
+    }
+    let admin = format!("127.0.0.1:{}", d.admin_port);
+    let basalt = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+            .args(["--admin", &admin, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let s = basalt(&["cluster", "status"]);
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
+    let v = basalt(&["volume", "show", "demo"]);
+    assert_eq!(v["replicas"], 3, "{v}");
+    assert_eq!(v["min_replicas"], 2, "{v}");
+
+    let (tcp, unix) = owner_uris(&printed);
+    common::run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x6d 0 2M", "-c", "write -P 0x2e 40M 1M", &tcp]);
+    common::run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x91 20M 64k", &unix]);
+    assert_eq!(d.terminate(), Some(0), "the demo stops its nodes and exits 0");
+    for k in 1..=3 {
+        assert!(!d.data.join(format!("node{k}/nbd.sock")).exists(), "node {k} removed its socket");
+    }
+
+    d.restart();
+    let again = d.printed();
+    let (tcp2, unix2) = owner_uris(&again);
+    assert_eq!((&tcp2, &unix2), (&tcp, &unix), "the same owner serves the volume");
+    let v2 = basalt(&["volume", "show", "demo"]);
+    assert_eq!(v2["id"], v["id"], "the volume was found, not created again");
+    common::run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x6d 0 2M",
+            "-c",
+            "read -P 0x91 20M 64k",
+            "-c",
+            "read -P 0x2e 40M 1M",
+            "-c",
+            "read -P 0 2M 1M",
+            &unix2,
+        ],
+    );
+}

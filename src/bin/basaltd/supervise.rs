@@ -139,6 +139,10 @@ async fn serve(
     let admin = nodes[0].config.listen.admin;
     let name = volume.name.clone();
     let vol = tokio::task::spawn_blocking(move || ensure_volume(admin, volume)).await??;
+    // Print only once every node serves: its listeners are open once its
+    // /readyz says so.
+    let admins: Vec<SocketAddr> = nodes.iter().map(|n| n.config.listen.admin).collect();
+    tokio::task::spawn_blocking(move || wait_ready(&admins)).await?;
     let status: ClusterStatus =
         tokio::task::spawn_blocking(move || http_get(admin, "/v1/cluster?stale=true"))
             .await?
@@ -221,6 +225,25 @@ fn ensure_volume(admin: SocketAddr, volume: CreateVolume) -> anyhow::Result<Volu
         std::thread::sleep(Duration::from_millis(200));
     }
     anyhow::bail!("the demo cluster did not come up in 60 s (last: {last}); see the node logs")
+}
+
+/// Waits up to 60 s for every node's /readyz; a node still not ready then
+/// is reported (its log says why) and the others are served anyway.
+fn wait_ready(admins: &[SocketAddr]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (k, admin) in admins.iter().enumerate() {
+        loop {
+            let url = format!("http://{admin}/readyz");
+            if ureq::get(&url).timeout(Duration::from_secs(2)).call().is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(node = k + 1, %admin, "demo node not ready after 60 s; see its log");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// SIGTERM to every live node, then SIGKILL after 30 s.
