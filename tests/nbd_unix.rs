@@ -63,7 +63,10 @@ fn qemu_io_nbdinfo_and_nbdcopy_over_the_unix_socket_match_tcp_byte_for_byte() {
     run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 1M 3M", &d.unix_uri()]);
     run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x5a 1M 3M", "-c", "read -P 0 0 1M", &d.uri()]);
     run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0xc3 5M 512", &d.uri()]);
-    run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0xc3 5M 512", "-c", "read -P 0x5a 4193792 512", &d.unix_uri()]);
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0xc3 5M 512", "-c", "read -P 0x5a 4193792 512", &d.unix_uri()],
+    );
 
     // nbdcopy with 4 connections (multi-conn) each way.
     let tmp = scratch();
@@ -149,10 +152,8 @@ fn socket_is_removed_at_a_clean_stop_and_a_stale_one_does_not_stop_a_restart() {
 
     // A second daemon on the same socket path is refused: the socket is live.
     let other = scratch();
-    let (code, err) = run_to_exit(demo_cmd(
-        &other.path().join("data"),
-        &[&format!("--nbd-unix={}", sock.display())],
-    ));
+    let (code, err) =
+        run_to_exit(demo_cmd(&other.path().join("data"), &[&format!("--nbd-unix={}", sock.display())]));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("another server is listening"), "{err}");
     assert!(is_socket(&sock));

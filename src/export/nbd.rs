@@ -60,12 +60,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::IoSlice;
 use std::ops::Range;
-use std::sync::Arc;
-use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -269,7 +269,12 @@ pub async fn serve_unix(
     Ok(())
 }
 
-async fn accept_loop<L: Listener>(listener: &L, node: Arc<Node>, cancel: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop<L: Listener>(
+    listener: &L,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let sectors = Arc::new(SectorLocks::default());
     loop {
         let accepted = tokio::select! {
@@ -322,7 +327,12 @@ enum Closed {
     Drained,
 }
 
-async fn connection<S: Stream>(sock: S, node: Arc<Node>, cancel: CancellationToken, sectors: Arc<SectorLocks>) {
+async fn connection<S: Stream>(
+    sock: S,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    sectors: Arc<SectorLocks>,
+) {
     let _open = node.open_connection(crate::node::Frontend::Nbd);
     sock.tune();
     match run(sock, &node, &cancel, &sectors).await {
@@ -355,7 +365,11 @@ fn exports(node: &Node) -> Vec<Export> {
 }
 
 /// Reads more bytes into `buf`; `Ok(false)` on EOF or cancellation.
-async fn fill<S: Stream>(sock: &mut S, buf: &mut BytesMut, cancel: &CancellationToken) -> std::io::Result<bool> {
+async fn fill<S: Stream>(
+    sock: &mut S,
+    buf: &mut BytesMut,
+    cancel: &CancellationToken,
+) -> std::io::Result<bool> {
     buf.reserve(4096);
     tokio::select! {
         _ = cancel.cancelled() => Ok(false),

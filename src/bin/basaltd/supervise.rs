@@ -284,7 +284,8 @@ mod tests {
         assert_eq!(nodes[0].config.cluster.voters, 3);
         assert_eq!(nodes[1].config.state_dir, PathBuf::from("/d/node2/state"));
         assert_eq!(nodes[2].config.listen.nbd_unix, Some(PathBuf::from("/d/node3/nbd.sock")));
-        let named = plan(Path::new("/d"), 2, &Config::default(), &UnixSocket::Path("/r/n.sock".into())).unwrap();
+        let named =
+            plan(Path::new("/d"), 2, &Config::default(), &UnixSocket::Path("/r/n.sock".into())).unwrap();
         assert_eq!(named[1].config.listen.nbd_unix, Some(PathBuf::from("/r/n.sock.2")));
         let off = plan(Path::new("/d"), 2, &Config::default(), &UnixSocket::Off).unwrap();
         assert_eq!(off[0].config.listen.nbd_unix, None);
