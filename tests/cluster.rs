@@ -375,7 +375,7 @@ fn demo_defaults_to_three_nodes_and_three_replicas_and_keeps_data_across_restart
     if !common::require("qemu-io") {
         return;
     }
-    let mut d = common::Daemon::start("64M", &["--nodes=3", "--extent-size=16MiB"]);
+    let mut d = common::Daemon::start_demo_defaults("64M", &["--extent-size=16MiB"]);
     let printed = d.printed();
     let text = printed.join("\n");
     assert!(text.contains("of 3 nodes") && text.contains("3 replicas"), "{text}");

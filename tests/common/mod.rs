@@ -112,15 +112,26 @@ impl Daemon {
     /// [`Daemon::start`] with its data directory under `parent` (another
     /// filesystem, say).
     pub fn start_in(parent: &Path, size: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_as(parent, size, extra, true)
+    }
+
+    /// `basaltd demo` with its own defaults for nodes and replicas (3 and
+    /// 3), which [`Daemon::start`] replaces with the single-node slice.
+    pub fn start_demo_defaults(size: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_as(&std::env::temp_dir(), size, extra, false)
+    }
+
+    fn start_as(parent: &Path, size: &str, extra: &[&str], single_by_default: bool) -> Daemon {
         let tmp = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(parent).unwrap();
         let data = tmp.path().join("data");
         let mut args: Vec<String> =
             std::iter::once(format!("--size={size}")).chain(extra.iter().map(|s| s.to_string())).collect();
         let nodes = args.iter().find_map(|a| a.strip_prefix("--nodes=")).map(|n| n.parse::<u16>().unwrap());
-        if nodes.is_none() {
+        if nodes.is_none() && single_by_default {
             args.splice(1..1, ["--nodes=1".to_string(), "--replicas=1".to_string()]);
         }
-        let nodes = nodes.unwrap_or(1);
+        // The demo's own default is 3 nodes.
+        let nodes = nodes.unwrap_or(if single_by_default { 1 } else { 3 });
         let mut d = Daemon {
             child: None,
             nbd_port: free_port_run(nodes),
