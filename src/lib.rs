@@ -71,6 +71,7 @@ pub mod node;
 pub mod placement;
 pub mod poll;
 pub mod proto;
+pub mod replication;
 pub mod storage;
 pub mod types;
 pub mod units;

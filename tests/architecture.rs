@@ -13,6 +13,7 @@ const PURE: &[&str] = &[
     "src/units.rs",
     "src/storage/format.rs",
     "src/meta/state.rs",
+    "src/replication",
 ];
 const FORBIDDEN: &[&str] =
     &["tokio::", "std::net", "std::fs", "std::time::Instant", "SystemTime::now", "thread_rng", "std::thread"];

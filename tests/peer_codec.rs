@@ -155,7 +155,7 @@ proptest! {
 
     #[test]
     fn corrupting_a_valid_frame_never_panics(
-        pick in 0usize..6,
+        pick in 0usize..7,
         at in any::<prop::sample::Index>(),
         xor in 1u8..=255,
         cut in any::<prop::sample::Index>(),
@@ -165,10 +165,14 @@ proptest! {
             Message::Raft(vec![7; 100].into()),
             Message::error(basalt::proto::peer::ErrorCode::Internal, "boom"),
             Message::ExtentStatusReply(basalt::proto::peer::ExtentState {
+                exists: true,
                 flush_number: 1,
                 generation: basalt::types::Generation(2),
-                dirty: true,
+                epoch: basalt::types::Epoch(3),
+                region_size: 1 << 20,
+                dirty_regions: vec![0, 4, 9],
             }),
+            Message::ExtentCrcsReply(basalt::proto::peer::BlockCrcs { block_size: 4096, crcs: vec![7; 300] }),
             Message::ExtentReadReply(basalt::proto::peer::ExtentReadReply {
                 crcs: Some(basalt::proto::peer::BlockCrcs { block_size: 512, crcs: vec![1, 2] }),
                 data: vec![3; 1000].into(),
@@ -202,4 +206,65 @@ fn the_allocation_counter_sees_a_big_allocation() {
     TRACK.set(false);
     drop(v);
     assert_eq!(BIGGEST.get(), CAP + 1);
+}
+
+/// The counted bodies (crc replies, status replies): a count far past the
+/// body, every cut of a valid body, and a range that overflows are errors,
+/// and none allocates for what it claims.
+#[test]
+fn counted_bodies_with_hostile_counts_are_errors_without_allocating() {
+    use basalt::proto::peer::{BlockCrcs, ExtentCrcs, ExtentState, ExtentTarget};
+    use basalt::types::{Epoch, ExtentIndex, Generation, VolumeId};
+    let mut crcs = Vec::new();
+    crcs.extend_from_slice(&4096u32.to_le_bytes());
+    crcs.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut status = Vec::new();
+    for v in [1u64, 2, 3] {
+        status.extend_from_slice(&v.to_le_bytes());
+    }
+    status.extend_from_slice(&1u32.to_le_bytes());
+    status.extend_from_slice(&4096u32.to_le_bytes());
+    status.extend_from_slice(&((1u32 << 16) - 1).to_le_bytes());
+    for (kind, body) in [(Kind::ExtentCrcsReply, &crcs), (Kind::ExtentStatusReply, &status)] {
+        let input = framed(kind as u16, 0, 5, body);
+        let mut buf = BytesMut::from(&input[..]);
+        assert!(Decoder::new(CAP).decode(&mut buf).is_err(), "{kind:?}");
+        let (frames, biggest, _) = decode_all(&input);
+        assert_eq!(frames, 0);
+        assert!(biggest <= CAP, "{kind:?}: one allocation of {biggest} bytes");
+    }
+    let target = ExtentTarget {
+        volume: VolumeId(1),
+        extent: ExtentIndex(2),
+        epoch: Epoch(3),
+        generation: Generation(4),
+    };
+    let valid = [
+        Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: (0..50).collect() }),
+        Message::ExtentStatusReply(ExtentState {
+            exists: true,
+            flush_number: 9,
+            generation: Generation(4),
+            epoch: Epoch(3),
+            region_size: 1 << 20,
+            dirty_regions: vec![1, 5, 80],
+        }),
+        Message::ExtentCrcs(ExtentCrcs { target, offset: 4096, len: 1 << 20 }),
+    ];
+    for m in &valid {
+        let mut fb = FrameBuf::new();
+        fb.encode(3, Default::default(), m).unwrap();
+        let bytes = fb.to_bytes();
+        let body = &bytes[32..];
+        for cut in 0..body.len() {
+            let input = framed(m.kind() as u16, 0, 5, &body[..cut]);
+            let mut buf = BytesMut::from(&input[..]);
+            assert!(Decoder::new(CAP).decode(&mut buf).is_err(), "{:?} cut at {cut}", m.kind());
+        }
+    }
+    let overflow = Message::ExtentCrcs(ExtentCrcs { target, offset: u64::MAX - 10, len: 4096 });
+    let mut fb = FrameBuf::new();
+    fb.encode(3, Default::default(), &overflow).unwrap();
+    let mut buf = BytesMut::from(&fb.to_bytes()[..]);
+    assert!(Decoder::new(CAP).decode(&mut buf).is_err());
 }

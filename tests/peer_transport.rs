@@ -125,16 +125,14 @@ impl PeerHandler for TestHandler {
                     }
                     Message::ExtentStatusReply(ExtentState {
                         flush_number: crc32c::crc32c(&w.data) as u64 + (w.offset << 32),
-                        generation: w.target.generation,
-                        dirty: w.fua,
+                        ..ExtentState::absent(w.target.generation, Epoch(w.fua.into()))
                     })
                 }
                 Message::ExtentFlush(f) => {
                     st.gate.acquire().await.unwrap().forget();
                     Message::ExtentStatusReply(ExtentState {
                         flush_number: f.flush_number,
-                        generation: f.target.generation,
-                        dirty: false,
+                        ..ExtentState::absent(f.target.generation, Epoch(1))
                     })
                 }
                 Message::ExtentTrim(t) => Message::ExtentErr(ExtentErr {
@@ -216,8 +214,7 @@ async fn many_concurrent_requests_round_trip_with_the_right_answers() {
                     let r = c.request(Message::ExtentWrite(w)).await.unwrap();
                     let want = ExtentState {
                         flush_number: crc32c::crc32c(&data) as u64 + (i << 32),
-                        generation: Generation(9),
-                        dirty: i % 8 == 1,
+                        ..ExtentState::absent(Generation(9), Epoch((i % 8 == 1).into()))
                     };
                     assert_eq!(r, Message::ExtentStatusReply(want), "write {i}");
                 }
@@ -282,7 +279,10 @@ async fn a_slow_request_times_out_and_its_late_reply_is_discarded() {
     st.gate.add_permits(1);
     assert_eq!(
         c.request(flush(2)).await.unwrap(),
-        Message::ExtentStatusReply(ExtentState { flush_number: 2, generation: Generation(9), dirty: false })
+        Message::ExtentStatusReply(ExtentState {
+            flush_number: 2,
+            ..ExtentState::absent(Generation(9), Epoch(1))
+        })
     );
     assert_eq!(srv.stats().accepted.load(Ordering::SeqCst), 1);
     eventually("budget back", || c.budget_available() == client_cfg().peer_budget).await;

@@ -823,7 +823,7 @@ fn errno_of(e: &VolumeError, writes: bool) -> Errno {
         }
         VolumeError::ReadOnly => Errno::Perm,
         VolumeError::NoSpace(_) => Errno::NoSpc,
-        VolumeError::Checksum { .. } | VolumeError::Io(_) => Errno::Io,
+        VolumeError::Checksum { .. } | VolumeError::Io(_) | VolumeError::Unavailable(_) => Errno::Io,
     }
 }
 

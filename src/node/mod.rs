@@ -23,7 +23,10 @@
 //! and removed.
 
 mod budget;
+pub mod fence;
 pub mod identity;
+pub mod replica;
+pub mod replicated;
 mod sync;
 pub mod systemd;
 pub mod volume;
@@ -267,7 +270,22 @@ pub struct Node {
     /// Where every volume of this node records its metrics.
     metrics: Arc<crate::admin::metrics::Metrics>,
     connections: Arc<Connections>,
+    /// Gives each volume opened from now on its route (see [`Node::set_router`]).
+    router: RouterSlot,
 }
+
+#[derive(Default)]
+struct RouterSlot(Mutex<Option<Router>>);
+
+impl std::fmt::Debug for RouterSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.lock().unwrap().is_some() { "RouterSlot(set)" } else { "RouterSlot(none)" })
+    }
+}
+
+/// Decides where a volume's I/O goes from this node (the daemon's view of
+/// the metadata: owner here, elsewhere, or nobody).
+pub type Router = Arc<dyn Fn(&VolumeSpec) -> volume::Route + Send + Sync>;
 
 /// A client front end, as the `frontend` metric label spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,6 +409,7 @@ impl Node {
             payload_budget: PayloadBudget::new(payload_budget),
             metrics: Arc::new(crate::admin::metrics::Metrics::new()),
             connections: Arc::default(),
+            router: RouterSlot::default(),
         };
         let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().catalog.volumes.values().cloned().collect();
         for spec in specs {
@@ -419,7 +438,27 @@ impl Node {
 
     fn new_volume(&self, spec: VolumeSpec) -> Arc<Volume> {
         let m = self.metrics.volume(&spec.name);
-        Volume::new(spec, self.store.clone(), m)
+        let route = self.router.0.lock().unwrap().as_ref().map(|r| r(&spec));
+        let v = Volume::new(spec, self.store.clone(), m);
+        if let Some(route) = route {
+            v.set_route(route);
+        }
+        v
+    }
+
+    /// Every volume opened from now on, and every one open now, takes its
+    /// route from `router`; call [`Node::reroute`] when the answer changes.
+    pub fn set_router(&self, router: Router) {
+        *self.router.0.lock().unwrap() = Some(router);
+        self.reroute();
+    }
+
+    /// Asks the router again for every open volume.
+    pub fn reroute(&self) {
+        let Some(r) = self.router.0.lock().unwrap().clone() else { return };
+        for v in self.volumes() {
+            v.set_route(r(v.spec()));
+        }
     }
 
     /// The node-wide cap on client payload memory (READ and WRITE data in

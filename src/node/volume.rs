@@ -35,9 +35,11 @@
 //! is connected ([`Volume::begin_shrink`]).
 
 use super::VolumeSpec;
+use super::replicated::Replicated;
 use crate::admin::metrics::{Op, VolumeMetrics};
 use crate::layout::Layout;
 use crate::poll::LongOp;
+use crate::replication::Change as ReplChange;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
 use crate::types::{Epoch, ExtentIndex, ExtentKey, MapExtent, ReadChunk};
@@ -72,6 +74,10 @@ pub enum VolumeError {
     Checksum { key: ExtentKey, block: u64 },
     #[error("I/O error")]
     Io(#[source] StoreError),
+    /// The cluster could not serve it: no replica or owner reachable, a
+    /// replica set below `min_replicas`, or this node no longer the owner.
+    #[error("volume unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl VolumeError {
@@ -86,6 +92,7 @@ impl VolumeError {
             VolumeError::NoSpace(_) => "no_space",
             VolumeError::Checksum { .. } => "checksum",
             VolumeError::Io(_) => "io",
+            VolumeError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -122,6 +129,19 @@ struct Clients {
     shrink_to: Option<u64>,
 }
 
+/// Where a volume's I/O goes from this node.
+#[derive(Debug, Clone, Default)]
+pub enum Route {
+    /// Every extent in this node's store, no peers: the single-node slice,
+    /// and a volume with one replica placed on this node that it owns.
+    #[default]
+    Local,
+    /// This node owns the volume and replicates every extent.
+    Owner(Arc<Replicated>),
+    /// Not served from here now, and why.
+    Unavailable(String),
+}
+
 #[derive(Debug)]
 pub struct Volume {
     /// `spec.size` is the size the volume was opened with; [`Volume::size`]
@@ -138,7 +158,17 @@ pub struct Volume {
     clients: Mutex<Clients>,
     /// One resize at a time.
     resizing: Arc<tokio::sync::Mutex<()>>,
+    route: RwLock<Route>,
+    /// Wakes requests waiting for a route.
+    rerouted: tokio::sync::Notify,
+    /// When a request last found no route here (the daemon takes over a
+    /// volume without a live owner for the nodes its clients reach).
+    unserved: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a request waits for a volume without a route to get one (an
+/// owner taking over) before it fails.
+pub const ROUTE_WAIT: Duration = Duration::from_secs(15);
 
 /// Why [`Volume::begin_shrink`] refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -251,7 +281,25 @@ impl Volume {
             resizes: AtomicU64::new(0),
             clients: Mutex::new(Clients::default()),
             resizing: Arc::new(tokio::sync::Mutex::new(())),
+            route: RwLock::new(Route::Local),
+            rerouted: tokio::sync::Notify::new(),
+            unserved: Mutex::new(None),
         })
+    }
+
+    /// Where this volume's I/O goes (the daemon sets it from the metadata).
+    pub fn set_route(&self, route: Route) {
+        *self.route.write().unwrap() = route;
+        self.rerouted.notify_waiters();
+    }
+
+    /// When a request last found no route (see [`Volume::set_route`]).
+    pub fn last_unserved(&self) -> Option<std::time::Instant> {
+        *self.unserved.lock().unwrap()
+    }
+
+    pub fn route(&self) -> Route {
+        self.route.read().unwrap().clone()
     }
 
     fn geometry(&self) -> Arc<Geometry> {
@@ -426,6 +474,29 @@ impl Volume {
         Self::check_in(&self.geometry(), offset, len)
     }
 
+    /// The replicated owner, `None` for a local volume. Without a route
+    /// (or with a fenced owner) waits up to [`ROUTE_WAIT`] for one, then
+    /// says why there is none.
+    async fn replicated(&self) -> Result<Option<Arc<Replicated>>> {
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        loop {
+            let changed = self.rerouted.notified();
+            let why = match self.route() {
+                Route::Local => return Ok(None),
+                Route::Owner(r) => match r.fenced() {
+                    None => return Ok(Some(r)),
+                    Some(g) => format!("this node's ownership was fenced by generation {g}"),
+                },
+                Route::Unavailable(why) => why,
+            };
+            *self.unserved.lock().unwrap() = Some(std::time::Instant::now());
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!(volume = %self.spec.name, reason = %why, "no route to the volume: the request fails");
+                return Err(VolumeError::Unavailable(why));
+            }
+        }
+    }
+
     fn check_in(g: &Geometry, offset: u64, len: u64) -> Result<()> {
         if !offset.is_multiple_of(MIN_BLOCK) || !len.is_multiple_of(MIN_BLOCK) {
             return Err(VolumeError::Misaligned { offset, len });
@@ -452,6 +523,10 @@ impl Volume {
         Self::check_in(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, false);
         let pieces = self.spec.layout.split(offset, len);
+        if let Some(r) = self.replicated().await? {
+            let reads = pieces.iter().map(|p| r.read(p.extent, p.offset, p.len));
+            return Ok(futures::future::try_join_all(reads).await?.into_iter().flatten().collect());
+        }
         let g = &*g;
         let reads = pieces.iter().map(|p| async move {
             match self.existing_extent(g, p.extent).await? {
@@ -480,6 +555,13 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        if let Some(r) = self.replicated().await? {
+            let pieces = self.spec.layout.split(offset, len).into_iter().map(|p| {
+                let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+                (p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part))
+            });
+            return r.change(pieces.collect()).await;
+        }
         // Every extent first (creating one may fail, e.g. on a full disk),
         // so a failure there leaves nothing half written.
         let mut writes = Vec::new();
@@ -523,6 +605,16 @@ impl Volume {
         }
         let _long = LongOp::for_transfer(len, fua);
         let pieces = self.spec.layout.split(offset, len);
+        if let Some(r) = self.replicated().await? {
+            let [p] = &pieces[..] else {
+                return Err(VolumeError::Unavailable(
+                    "COMPARE AND WRITE across an extent boundary of a replicated volume is not supported"
+                        .into(),
+                ));
+            };
+            let _change = Change(self.changes.clone());
+            return r.compare_and_write(p.extent, p.offset, compare, data, fua).await;
+        }
         if let [p] = &pieces[..] {
             let ext = self.extent(&g, p.extent).await?;
             let _change = Change(self.changes.clone());
@@ -584,6 +676,12 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        if let Some(r) = self.replicated().await? {
+            let c = ReplChange::WriteZeroes { deallocate, fua };
+            let pieces =
+                self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+            return r.change(pieces.collect()).await;
+        }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // An extent never written reads as zeros already: nothing to
@@ -605,6 +703,12 @@ impl Volume {
         self.check_write(&g, offset, len)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        if let Some(r) = self.replicated().await? {
+            let c = ReplChange::Trim { fua };
+            let pieces =
+                self.spec.layout.split(offset, len).into_iter().map(|p| (p.extent, p.offset, p.len, c, None));
+            return r.change(pieces.collect()).await;
+        }
         let mut ops = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             // Never written: already reads as zeros (see `write_zeroes`).
@@ -628,6 +732,9 @@ impl Volume {
     /// (Untouched extents cost a lock each, no I/O.)
     async fn flush_io(&self) -> Result<()> {
         let _long = LongOp::begin();
+        if let Some(r) = self.replicated().await? {
+            return r.flush().await;
+        }
         let opened: Vec<Arc<Extent>> =
             self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
         self.store.flush_extents(opened).await?;
@@ -639,6 +746,10 @@ impl Volume {
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         let g = self.geometry();
         Self::check_in(&g, offset, len)?;
+        if self.replicated().await?.is_some() {
+            // Allocation is not tracked across replicas yet: all data.
+            return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]);
+        }
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {
             let parts = match self.existing_extent(&g, p.extent).await? {

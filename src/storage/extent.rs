@@ -1245,6 +1245,45 @@ impl Extent {
         self.clean_after.store(flushes.max(1), Ordering::Relaxed);
     }
 
+    /// Bytes per dirty region (the activity log's unit; see the module docs).
+    pub fn region_size(&self) -> u32 {
+        self.geo.region_size
+    }
+
+    /// Indexes of the regions whose dirty bit is set in every header a
+    /// crash could leave as the current one: every region that may hold a
+    /// write no flush covered is among them (a write starts only once its
+    /// region's bit is durable, and a bit clears only after a flush synced
+    /// the region's last write). Reconciliation copies these regions.
+    pub fn dirty_regions(&self) -> Vec<u64> {
+        let r = self.regions.lock().unwrap();
+        r.durable.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| i as u64).collect()
+    }
+
+    /// The stored crc32c of every 4 KiB block of `[offset, offset+len)`
+    /// (both multiples of 4 KiB), from the block table without reading the
+    /// data. A block without data (a hole, zeroed or trimmed) reports the
+    /// crc32c of a block of zeros, as a block written with zeros does; a
+    /// block whose table entry was lost to rot is a checksum error.
+    pub fn block_crcs(&self, offset: u64, len: u64) -> Result<Vec<u32>> {
+        self.check(offset, len)?;
+        if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) {
+            return Err(StoreError::Misaligned { offset, len });
+        }
+        let blocks = offset / BLOCK..(offset + len) / BLOCK;
+        let t = self.table.lock().unwrap();
+        let zero = zero_block_crc();
+        let mut out = Vec::with_capacity((blocks.end - blocks.start) as usize);
+        for b in blocks {
+            let e = t.entries[b as usize];
+            if e.is_lost() {
+                return Err(StoreError::Checksum { key: self.key, block: b });
+            }
+            out.push(if e.has_data() { e.crc } else { zero });
+        }
+        Ok(out)
+    }
+
     /// Allocation map of `[offset, offset+len)`, in order, covering the range.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         self.check(offset, len)?;
@@ -1375,6 +1414,12 @@ impl Drop for PreparedFlush<'_> {
             self.ext.restore_pages(std::mem::take(&mut self.pages));
         }
     }
+}
+
+/// The crc32c of a block of zeros (what a block without data reads as).
+pub(crate) fn zero_block_crc() -> u32 {
+    static ZERO: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| format::block_crc(&[0; BLOCK as usize]))
 }
 
 /// Reads raw bytes at a 4 KiB-aligned position, before an `Extent` exists.

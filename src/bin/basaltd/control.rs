@@ -45,6 +45,10 @@ pub struct Daemon {
     syncing: tokio::sync::Mutex<()>,
     /// Volumes seen without an owner, and since when (on the leader).
     ownerless: std::sync::Mutex<std::collections::HashMap<VolumeId, std::time::Instant>>,
+    /// Routes volumes to their owner (set once the replica service runs).
+    pub router: std::sync::OnceLock<Arc<crate::replicas::Router>>,
+    /// Takeovers proposed and not yet settled.
+    taking: std::sync::Mutex<BTreeSet<VolumeId>>,
 }
 
 fn meta_error(e: MetaError) -> ControlError {
@@ -78,14 +82,17 @@ fn meta_error(e: MetaError) -> ControlError {
     }
 }
 
-fn placer(state: &MetaState) -> Result<Placer, basalt::placement::PlacementError> {
+pub(crate) fn placer(state: &MetaState) -> Result<Placer, basalt::placement::PlacementError> {
     let nodes = state
         .nodes()
         .map(|n| Candidate {
             id: n.spec.id,
             zone: n.spec.zone.clone(),
             weight: n.spec.capacity,
-            eligible: n.spec.has_data && n.state == NodeState::Up,
+            // Liveness is not part of placement: a down node keeps its replicas
+            // (the data path degrades the extents it fails), or every set would
+            // move the moment a node stops answering.
+            eligible: n.spec.has_data,
         })
         .collect();
     Placer::new(&ClusterMap { nodes })
@@ -119,6 +126,8 @@ impl Daemon {
             phase: AtomicU8::new(STARTING),
             syncing: tokio::sync::Mutex::new(()),
             ownerless: Default::default(),
+            router: std::sync::OnceLock::new(),
+            taking: Default::default(),
         }
     }
 
@@ -272,8 +281,13 @@ impl Daemon {
     async fn sync_volumes(&self, state: &MetaState) {
         let Some(node) = &self.node else { return };
         let all: Vec<VolumeSpec> = state.volumes().map(node_spec).collect();
-        let owned: BTreeSet<VolumeId> =
-            state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect();
+        // Every node serves every volume: as its owner, or by waiting for
+        // (or taking) ownership when the owner is gone.
+        let owned: BTreeSet<VolumeId> = if self.router.get().is_some() {
+            state.volumes().map(|v| v.id).collect()
+        } else {
+            state.volumes().filter(|v| v.owner == Some(self.me)).map(|v| v.id).collect()
+        };
         let _one_at_a_time = self.syncing.lock().await;
         match node.sync_catalog(&all, &owned, state.next_volume_id()).await {
             Ok(removed) => {
@@ -680,6 +694,46 @@ fn adopt_orphans(d: &Arc<Daemon>, state: &MetaState) {
     }
 }
 
+/// A volume whose owner is down (or that has none) and that clients reach
+/// through this node becomes this node's: the owner record moves here with
+/// generation + 1. The leader marks a node down only after its liveness
+/// timeout, and a node stops serving when half of that has passed without
+/// an acknowledged heartbeat, so the old owner has stopped by now; the
+/// replicas refuse its generation from the new owner's first request on.
+fn take_over(d: &Arc<Daemon>, state: &MetaState) {
+    let Some(node) = &d.node else { return };
+    if d.router.get().is_none() {
+        return;
+    }
+    let recent = |v: &basalt::node::volume::Volume| {
+        v.nbd_clients() > 0 || v.last_unserved().is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+    };
+    for vol in node.volumes() {
+        let Some(rec) = state.volume(vol.spec().id) else { continue };
+        let owner_live = rec.owner.is_some_and(|o| state.node(o).is_some_and(|n| n.state == NodeState::Up));
+        if rec.owner == Some(d.me) || owner_live || !recent(&vol) {
+            continue;
+        }
+        if !d.taking.lock().unwrap().insert(rec.id) {
+            continue;
+        }
+        let (d, id, expected, old) = (d.clone(), rec.id, rec.generation, rec.owner);
+        tokio::spawn(async move {
+            let r = d.meta.propose(Command::SetOwner { volume: id, owner: Some(d.me), expected }).await;
+            match r {
+                Ok(_) => {
+                    tracing::warn!(volume = %id, old_owner = ?old.map(|o| o.0), generation = expected.0 + 1,
+                    "took over a volume whose owner is down")
+                }
+                Err(e) => {
+                    tracing::info!(volume = %id, error = %basalt::units::error_chain(&e), "takeover not committed")
+                }
+            }
+            d.taking.lock().unwrap().remove(&id);
+        });
+    }
+}
+
 /// Follows the applied metadata: peer addresses, the volumes served here,
 /// and (on the leader) owners for ownerless volumes.
 pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
@@ -688,7 +742,14 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
         {
             let s = w.borrow_and_update().clone();
             d.book.refresh(&s);
+            if let Some(r) = d.router.get() {
+                *r.io.latest.write().unwrap() = s.clone();
+            }
             d.sync_volumes(&s).await;
+            if let Some(node) = &d.node {
+                node.reroute();
+            }
+            take_over(&d, &s);
             adopt_orphans(&d, &s);
         }
         tokio::select! {

@@ -1,6 +1,7 @@
 //! `basaltd`: the Basalt node daemon.
 
 mod control;
+mod replicas;
 mod run;
 mod supervise;
 

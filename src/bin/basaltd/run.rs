@@ -178,6 +178,8 @@ async fn meta_request(pool: &PeerPool, addr: SocketAddr, req: MetaRequest) -> Re
 struct Handler {
     daemon: OnceLock<Arc<Daemon>>,
     meta: OnceLock<MetaNode>,
+    /// Answers extent requests once the store is open and the node routed.
+    replica: OnceLock<Arc<basalt::node::replica::ReplicaService>>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -194,8 +196,22 @@ impl PeerHandler for Handler {
     fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
         let daemon = self.daemon.get().cloned();
         let meta = self.meta.get().cloned();
+        let replica = self.replica.get().cloned();
         Box::pin(async move {
             match request {
+                m @ (Message::ExtentWrite(_)
+                | Message::ExtentRead(_)
+                | Message::ExtentWriteZeroes(_)
+                | Message::ExtentTrim(_)
+                | Message::ExtentFlush(_)
+                | Message::ExtentStatus(_)
+                | Message::ExtentCrcs(_)) => match replica {
+                    Some(r) => r.handle(peer.node, m).await,
+                    None => error_reply(
+                        ErrorCode::ShuttingDown,
+                        "this node stores no replicas (or is still starting)",
+                    ),
+                },
                 Message::MetaRequest(b) => {
                     let req = match decode_wire::<ShellRequest>(&b) {
                         Ok(r) => r,
@@ -358,7 +374,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let pool = Arc::new(PeerPool::new(client_cfg));
     metrics.register_collector(Box::new(PeerCollector { pool: pool.clone(), peer_budget }));
     let book = Arc::new(AddrBook::default());
-    let handler = Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new() });
+    let handler =
+        Arc::new(Handler { daemon: OnceLock::new(), meta: OnceLock::new(), replica: OnceLock::new() });
     let peer_server =
         PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
             .await
@@ -427,6 +444,35 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     ident.set_cluster(&cfg.state_dir, &cluster.to_string()).context("recording the cluster id")?;
     cluster_cell.set(cluster);
     tracing::info!(cluster = %cluster, "member of the metadata group");
+
+    // The replicated data path: this node owns volumes and serves them
+    // from their replicas (its own through the replica service in process).
+    if let Some(node) = &node {
+        let latest = Arc::new(std::sync::RwLock::new(meta.subscribe().borrow().clone()));
+        let fences =
+            basalt::node::fence::Fences::open(&cfg.state_dir.join("fences")).context("opening the fences")?;
+        let view = latest.clone();
+        let layout_of: basalt::node::replica::LayoutOf =
+            Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
+        let service = basalt::node::replica::ReplicaService::new(node.store().clone(), fences, layout_of);
+        let _ = handler.replica.set(service.clone());
+        let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
+            let s = service.clone();
+            Box::pin(async move { s.handle(from, m).await })
+        });
+        let io = Arc::new(crate::replicas::DaemonIo {
+            me,
+            pool: pool.clone(),
+            book: book.clone(),
+            local,
+            meta: meta.clone(),
+            latest,
+            lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
+        });
+        let router = crate::replicas::Router::new(io);
+        let _ = daemon.router.set(router.clone());
+        node.set_router(Arc::new(move |spec| router.route(spec)));
+    }
 
     // Keep the address book and the served volumes in step with the metadata.
     let tracker = TaskTracker::new();

@@ -43,6 +43,9 @@ pub(crate) fn sense_of(e: &VolumeError, writing: bool) -> Sense {
         VolumeError::Checksum { .. } => Sense::UNRECOVERED_READ_ERROR,
         VolumeError::Io(_) if writing => Sense::WRITE_ERROR,
         VolumeError::Io(_) => Sense::UNRECOVERED_READ_ERROR,
+        // The target cannot reach the data now; the initiator may retry.
+        VolumeError::Unavailable(_) if writing => Sense::WRITE_ERROR,
+        VolumeError::Unavailable(_) => Sense::UNRECOVERED_READ_ERROR,
     }
 }
 

@@ -23,9 +23,13 @@
 //! ExtentTrim          target, offset u64, len u64, flags u32 (FUA)
 //! ExtentFlush         target, flush number u64
 //! ExtentStatus        target
-//! ExtentStatusReply   flush number u64, generation u64, flags u32 (DIRTY)
+//! ExtentStatusReply   flush number u64, generation u64, epoch u64,
+//!                     flags u32 (EXISTS), region size u32, count u32,
+//!                     count x dirty region index u32 (strictly increasing)
 //! ExtentOk            (empty)
 //! ExtentErr           code u16, current u64 (epoch or generation), text
+//! ExtentCrcs          target, offset u64, len u64
+//! ExtentCrcsReply     block size u32, count u32, count x crc32c u32
 //! ```
 
 use super::frame::{MAX_DATA, ProtocolVersion};
@@ -59,10 +63,12 @@ pub enum Kind {
     ExtentStatusReply = 39,
     ExtentOk = 40,
     ExtentErr = 41,
+    ExtentCrcs = 42,
+    ExtentCrcsReply = 43,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 21] = [
         Kind::Hello,
         Kind::HelloAck,
         Kind::Refused,
@@ -82,6 +88,8 @@ impl Kind {
         Kind::ExtentStatusReply,
         Kind::ExtentOk,
         Kind::ExtentErr,
+        Kind::ExtentCrcs,
+        Kind::ExtentCrcsReply,
     ];
 
     pub fn from_u16(v: u16) -> Option<Kind> {
@@ -101,6 +109,7 @@ impl Kind {
                 | Kind::ExtentStatusReply
                 | Kind::ExtentOk
                 | Kind::ExtentErr
+                | Kind::ExtentCrcsReply
         )
     }
 }
@@ -231,15 +240,72 @@ pub struct ExtentFlush {
     pub flush_number: u64,
 }
 
-/// What a replica reports for reconciliation: its last flush number, the
-/// highest owner generation it has seen, and whether it may hold writes
-/// not covered by that flush.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a replica reports for reconciliation (owner takeover): whether it
+/// holds the extent, its flush count, the highest owner generation it has
+/// seen for the volume, the epoch it knows, and the regions that may hold
+/// a write no flush covered (every region whose dirty bit is durably set:
+/// a superset of the regions written since the last flush, so copying
+/// those regions from one replica to the others makes them identical).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtentState {
+    /// The replica has the extent (it was written at least once). When
+    /// false, `flush_number` and `region_size` are 0 and no region is dirty.
+    pub exists: bool,
+    /// Flushes the replica completed on this extent (its own count).
     pub flush_number: u64,
     pub generation: Generation,
-    pub dirty: bool,
+    pub epoch: Epoch,
+    /// Bytes per dirty region: a power of two of at least 4 KiB (0 when
+    /// the extent does not exist).
+    pub region_size: u32,
+    /// Indexes of the dirty regions, strictly increasing.
+    pub dirty_regions: Vec<u32>,
 }
+
+impl ExtentState {
+    /// The state of an extent the replica does not hold.
+    pub fn absent(generation: Generation, epoch: Epoch) -> ExtentState {
+        ExtentState {
+            exists: false,
+            flush_number: 0,
+            generation,
+            epoch,
+            region_size: 0,
+            dirty_regions: Vec::new(),
+        }
+    }
+
+    /// May hold a write no flush covered.
+    pub fn dirty(&self) -> bool {
+        !self.dirty_regions.is_empty()
+    }
+
+    /// The dirty regions as byte ranges (offset, len) inside the extent;
+    /// the last may reach past the extent's end (callers clip).
+    pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
+        let size = u64::from(self.region_size);
+        self.dirty_regions.iter().map(|&r| (u64::from(r) * size, size)).collect()
+    }
+}
+
+/// Asks a replica for the stored crc32c of every block of a range, without
+/// reading the data (`basalt volume verify` compares replicas with it).
+/// A block never written, trimmed or zeroed reports the crc32c of a block
+/// of zeros, so a hole and a block written with zeros compare equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentCrcs {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Longest range one [`ExtentCrcs`] may ask for.
+pub const MAX_CRCS_RANGE: u64 = 4 << 30;
+/// Most crcs one reply carries (4 MiB of them).
+pub const MAX_CRC_COUNT: usize = 1 << 20;
+/// Most dirty regions one [`ExtentState`] lists (an extent header holds
+/// at most 31,744).
+pub const MAX_DIRTY_REGIONS: usize = 1 << 16;
 
 /// Why a replica did not apply a data request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,6 +322,11 @@ pub enum ExtentError {
     Io,
     /// Stored data failed its checksum.
     Checksum,
+    /// An offset or length is not a multiple of the sector size (512 bytes;
+    /// a block, 4096, for [`ExtentCrcs`]).
+    Misaligned,
+    /// The replica's disk is full.
+    NoSpace,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +359,8 @@ pub enum Message {
     ExtentStatusReply(ExtentState),
     ExtentOk,
     ExtentErr(ExtentErr),
+    ExtentCrcs(ExtentCrcs),
+    ExtentCrcsReply(BlockCrcs),
 }
 
 const TARGET_LEN: usize = 32;
@@ -296,7 +369,8 @@ const ZEROES_FUA: u32 = 1;
 const ZEROES_DEALLOCATE: u32 = 2;
 const TRIM_FUA: u32 = 1;
 const READ_REPLY_CRCS: u32 = 1;
-const STATUS_DIRTY: u32 = 1;
+const STATUS_EXISTS: u32 = 1;
+const MIN_REGION: u32 = 4096;
 const MIN_CRC_BLOCK: u32 = 512;
 
 fn text_len(s: &str) -> usize {
@@ -341,6 +415,8 @@ impl ExtentError {
             ExtentError::OutOfRange => (4, 0),
             ExtentError::Io => (5, 0),
             ExtentError::Checksum => (6, 0),
+            ExtentError::Misaligned => (7, 0),
+            ExtentError::NoSpace => (8, 0),
         }
     }
 
@@ -352,6 +428,8 @@ impl ExtentError {
             4 => ExtentError::OutOfRange,
             5 => ExtentError::Io,
             6 => ExtentError::Checksum,
+            7 => ExtentError::Misaligned,
+            8 => ExtentError::NoSpace,
             _ => return None,
         })
     }
@@ -406,6 +484,8 @@ impl Message {
             Message::ExtentStatusReply(_) => Kind::ExtentStatusReply,
             Message::ExtentOk => Kind::ExtentOk,
             Message::ExtentErr(_) => Kind::ExtentErr,
+            Message::ExtentCrcs(_) => Kind::ExtentCrcs,
+            Message::ExtentCrcsReply(_) => Kind::ExtentCrcsReply,
         }
     }
 
@@ -438,8 +518,10 @@ impl Message {
             Message::ExtentWriteZeroes(_) | Message::ExtentTrim(_) => TARGET_LEN + 8 + 8 + 4,
             Message::ExtentFlush(_) => TARGET_LEN + 8,
             Message::ExtentStatus(_) => TARGET_LEN,
-            Message::ExtentStatusReply(_) => 8 + 8 + 4,
+            Message::ExtentStatusReply(s) => 8 + 8 + 8 + 4 + 4 + 4 + 4 * s.dirty_regions.len(),
             Message::ExtentErr(e) => 2 + 8 + text_len(&e.message),
+            Message::ExtentCrcs(_) => TARGET_LEN + 8 + 8,
+            Message::ExtentCrcsReply(c) => 4 + 4 + 4 * c.crcs.len(),
         }
     }
 
@@ -453,6 +535,11 @@ impl Message {
     pub fn reply_hint(&self) -> usize {
         match self {
             Message::ExtentRead(r) => r.len as usize,
+            // At most one crc per 512 bytes, and never more than a reply carries.
+            Message::ExtentCrcs(c) => {
+                (c.len.div_ceil(u64::from(MIN_CRC_BLOCK)).min(MAX_CRC_COUNT as u64) * 4) as usize
+            }
+            Message::ExtentStatus(_) => 4 * MAX_DIRTY_REGIONS,
             _ => 0,
         }
     }
@@ -519,13 +606,31 @@ impl Message {
             Message::ExtentStatusReply(s) => {
                 out.put_u64_le(s.flush_number);
                 out.put_u64_le(s.generation.0);
-                out.put_u32_le(flag(s.dirty, STATUS_DIRTY));
+                out.put_u64_le(s.epoch.0);
+                out.put_u32_le(flag(s.exists, STATUS_EXISTS));
+                out.put_u32_le(s.region_size);
+                out.put_u32_le(s.dirty_regions.len() as u32);
+                for r in &s.dirty_regions {
+                    out.put_u32_le(*r);
+                }
             }
             Message::ExtentErr(e) => {
                 let (code, current) = e.error.wire();
                 out.put_u16_le(code);
                 out.put_u64_le(current);
                 put_text(out, &e.message);
+            }
+            Message::ExtentCrcs(c) => {
+                put_target(out, &c.target);
+                out.put_u64_le(c.offset);
+                out.put_u64_le(c.len);
+            }
+            Message::ExtentCrcsReply(c) => {
+                out.put_u32_le(c.block_size);
+                out.put_u32_le(c.crcs.len() as u32);
+                for crc in &c.crcs {
+                    out.put_u32_le(*crc);
+                }
             }
         }
     }
@@ -596,29 +701,9 @@ impl Message {
                 let flags = f.flags("flags", READ_REPLY_CRCS)?;
                 let crcs = if flags & READ_REPLY_CRCS != 0 {
                     let block_size = f.u32("block size")?;
-                    if !block_size.is_power_of_two()
-                        || block_size < MIN_CRC_BLOCK
-                        || block_size as usize > MAX_DATA
-                    {
-                        return Err(BodyError::InvalidField {
-                            field: "block size",
-                            value: block_size.into(),
-                            why: "not a power of two from 512 bytes to the largest data payload",
-                        });
-                    }
+                    check_crc_block(block_size)?;
                     let count = f.u32("crc count")? as usize;
-                    // Check the bytes are there before allocating for them.
-                    let need = count.checked_mul(4).ok_or(BodyError::InvalidField {
-                        field: "crc count",
-                        value: count as u64,
-                        why: "overflows",
-                    })?;
-                    f.need("crcs", need)?;
-                    let mut crcs = Vec::with_capacity(count);
-                    for _ in 0..count {
-                        crcs.push(f.u32("crcs")?);
-                    }
-                    Some(BlockCrcs { block_size, crcs })
+                    Some(BlockCrcs { block_size, crcs: f.crcs(count)? })
                 } else {
                     None
                 };
@@ -666,12 +751,73 @@ impl Message {
             Kind::ExtentStatusReply => {
                 let flush_number = f.u64("flush number")?;
                 let generation = Generation(f.u64("generation")?);
-                let flags = f.flags("flags", STATUS_DIRTY)?;
+                let epoch = Epoch(f.u64("epoch")?);
+                let exists = f.flags("flags", STATUS_EXISTS)? & STATUS_EXISTS != 0;
+                let region_size = f.u32("region size")?;
+                let valid_size = region_size.is_power_of_two() && region_size >= MIN_REGION;
+                if exists != valid_size || (!exists && region_size != 0) {
+                    return Err(BodyError::InvalidField {
+                        field: "region size",
+                        value: region_size.into(),
+                        why: "a power of two of at least 4096 for an extent that exists, else 0",
+                    });
+                }
+                let count = f.u32("region count")? as usize;
+                if count > MAX_DIRTY_REGIONS || (!exists && count > 0) {
+                    return Err(BodyError::InvalidField {
+                        field: "region count",
+                        value: count as u64,
+                        why: "over the cap, or dirty regions of an extent that does not exist",
+                    });
+                }
+                f.need("dirty regions", count * 4)?;
+                let mut dirty_regions = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let r = f.u32("dirty regions")?;
+                    if dirty_regions.last().is_some_and(|&last| r <= last) {
+                        return Err(BodyError::InvalidField {
+                            field: "dirty regions",
+                            value: r.into(),
+                            why: "region indexes must be strictly increasing",
+                        });
+                    }
+                    dirty_regions.push(r);
+                }
                 Message::ExtentStatusReply(ExtentState {
+                    exists,
                     flush_number,
                     generation,
-                    dirty: flags & STATUS_DIRTY != 0,
+                    epoch,
+                    region_size,
+                    dirty_regions,
                 })
+            }
+            Kind::ExtentCrcs => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let len = f.u64("len")?;
+                if len > MAX_CRCS_RANGE {
+                    return Err(BodyError::InvalidField {
+                        field: "len",
+                        value: len,
+                        why: "over the longest range one crc request may ask for",
+                    });
+                }
+                check_range(offset, len)?;
+                Message::ExtentCrcs(ExtentCrcs { target, offset, len })
+            }
+            Kind::ExtentCrcsReply => {
+                let block_size = f.u32("block size")?;
+                check_crc_block(block_size)?;
+                let count = f.u32("crc count")? as usize;
+                if count > MAX_CRC_COUNT {
+                    return Err(BodyError::InvalidField {
+                        field: "crc count",
+                        value: count as u64,
+                        why: "over the most crcs a reply carries",
+                    });
+                }
+                Message::ExtentCrcsReply(BlockCrcs { block_size, crcs: f.crcs(count)? })
             }
             Kind::ExtentErr => {
                 let code = f.u16("code")?;
@@ -705,6 +851,17 @@ fn check_data_len(len: usize) -> Result<(), BodyError> {
             field: "data",
             value: len as u64,
             why: "over the largest data payload",
+        });
+    }
+    Ok(())
+}
+
+fn check_crc_block(block_size: u32) -> Result<(), BodyError> {
+    if !block_size.is_power_of_two() || block_size < MIN_CRC_BLOCK || block_size as usize > MAX_DATA {
+        return Err(BodyError::InvalidField {
+            field: "block size",
+            value: block_size.into(),
+            why: "not a power of two from 512 bytes to the largest data payload",
         });
     }
     Ok(())
@@ -762,6 +919,21 @@ impl Fields<'_> {
             return Err(BodyError::InvalidField { field, value: v.into(), why: "unknown flag bits" });
         }
         Ok(v)
+    }
+
+    /// `count` crcs, checked to be there before anything is allocated for them.
+    fn crcs(&mut self, count: usize) -> Result<Vec<u32>, BodyError> {
+        let need = count.checked_mul(4).ok_or(BodyError::InvalidField {
+            field: "crc count",
+            value: count as u64,
+            why: "overflows",
+        })?;
+        self.need("crcs", need)?;
+        let mut crcs = Vec::with_capacity(count);
+        for _ in 0..count {
+            crcs.push(self.u32("crcs")?);
+        }
+        Ok(crcs)
     }
 
     fn target(&mut self) -> Result<ExtentTarget, BodyError> {

@@ -68,7 +68,15 @@ fn every_message() -> Vec<Message> {
         Message::ExtentTrim(ExtentTrim { target: target(), offset: 4096, len: 4096, fua: true }),
         Message::ExtentFlush(ExtentFlush { target: target(), flush_number: 99 }),
         Message::ExtentStatus(target()),
-        Message::ExtentStatusReply(ExtentState { flush_number: 98, generation: Generation(4), dirty: true }),
+        Message::ExtentStatusReply(ExtentState {
+            exists: true,
+            flush_number: 98,
+            generation: Generation(4),
+            epoch: Epoch(3),
+            region_size: 1 << 20,
+            dirty_regions: vec![0, 7, 255],
+        }),
+        Message::ExtentStatusReply(ExtentState::absent(Generation(9), Epoch(1))),
         Message::ExtentOk,
         Message::ExtentErr(ExtentErr {
             error: ExtentError::StaleEpoch { current: Epoch(13) },
@@ -82,6 +90,11 @@ fn every_message() -> Vec<Message> {
         Message::ExtentErr(ExtentErr { error: ExtentError::OutOfRange, message: "r".into() }),
         Message::ExtentErr(ExtentErr { error: ExtentError::Io, message: "io".into() }),
         Message::ExtentErr(ExtentErr { error: ExtentError::Checksum, message: "crc".into() }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::Misaligned, message: "m".into() }),
+        Message::ExtentErr(ExtentErr { error: ExtentError::NoSpace, message: "full".into() }),
+        Message::ExtentCrcs(ExtentCrcs { target: target(), offset: 1 << 20, len: 256 << 20 }),
+        Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: vec![0xdead_beef, 1, 2, 3] }),
+        Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: Vec::new() }),
     ]
 }
 
@@ -413,10 +426,9 @@ fn zeroes_trim_and_status_flags_unknown_bits() {
     let mut b = body_of(&t);
     put_u32(&mut b, 48, 2);
     assert_eq!(invalid_field(body(Kind::ExtentTrim, &b)), "flags");
-    let s =
-        Message::ExtentStatusReply(ExtentState { flush_number: 0, generation: Generation(0), dirty: false });
+    let s = Message::ExtentStatusReply(ExtentState::absent(Generation(0), Epoch(0)));
     let mut b = body_of(&s);
-    put_u32(&mut b, 16, 0x8000_0000);
+    put_u32(&mut b, 24, 0x8000_0000);
     assert_eq!(invalid_field(body(Kind::ExtentStatusReply, &b)), "flags");
     let r = Message::ExtentReadReply(ExtentReadReply { crcs: None, data: pattern(10) });
     let mut b = body_of(&r);
@@ -518,7 +530,8 @@ fn reply_kinds_are_marked_as_replies() {
             Kind::ExtentWriteZeroes,
             Kind::ExtentTrim,
             Kind::ExtentFlush,
-            Kind::ExtentStatus
+            Kind::ExtentStatus,
+            Kind::ExtentCrcs
         ]
     );
     for k in Kind::ALL {
@@ -531,10 +544,97 @@ fn reply_kinds_are_marked_as_replies() {
 /// decoded to one message.
 #[test]
 fn extent_error_current_must_be_zero_when_the_code_has_none() {
-    for code in [3u16, 4, 5, 6] {
+    for code in [3u16, 4, 5, 6, 7, 8] {
         let mut b = code.to_le_bytes().to_vec();
         b.extend_from_slice(&4096u64.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
         assert_eq!(invalid_field(body(Kind::ExtentErr, &b)), "current", "code {code}");
+    }
+}
+
+// --- the status and crc messages
+
+/// A status reply body: flags, region size, then the region indexes.
+fn status_body(flags: u32, region_size: u32, regions: &[u32]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&5u64.to_le_bytes());
+    b.extend_from_slice(&6u64.to_le_bytes());
+    b.extend_from_slice(&7u64.to_le_bytes());
+    b.extend_from_slice(&flags.to_le_bytes());
+    b.extend_from_slice(&region_size.to_le_bytes());
+    b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    for r in regions {
+        b.extend_from_slice(&r.to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn status_reply_with_a_bad_region_size() {
+    // Exists with size 0, 4095 or 2048; absent with a size.
+    for (flags, size) in [(1, 0), (1, 4095), (1, 2048), (0, 4096)] {
+        assert_eq!(
+            invalid_field(body(Kind::ExtentStatusReply, &status_body(flags, size, &[]))),
+            "region size"
+        );
+    }
+    let ok = status_body(1, 4096, &[1, 2]);
+    let f = decode_one(body(Kind::ExtentStatusReply, &ok)).unwrap().unwrap();
+    let Message::ExtentStatusReply(s) = f.message else { panic!() };
+    assert_eq!(s.dirty_ranges(), vec![(4096, 4096), (8192, 4096)]);
+    assert!(s.dirty());
+}
+
+#[test]
+fn status_reply_regions_out_of_order_or_of_an_absent_extent() {
+    for regions in [&[3u32, 3][..], &[4, 2]] {
+        assert_eq!(
+            invalid_field(body(Kind::ExtentStatusReply, &status_body(1, 4096, regions))),
+            "dirty regions"
+        );
+    }
+    let mut b = status_body(0, 0, &[]);
+    put_u32(&mut b, 32, 1); // a count on an extent that does not exist
+    assert_eq!(invalid_field(body(Kind::ExtentStatusReply, &b)), "region count");
+}
+
+#[test]
+fn status_reply_region_count_over_the_cap_allocates_nothing() {
+    let mut b = status_body(1, 4096, &[]);
+    put_u32(&mut b, 32, u32::MAX);
+    assert_eq!(invalid_field(body(Kind::ExtentStatusReply, &b)), "region count");
+    put_u32(&mut b, 32, MAX_DIRTY_REGIONS as u32);
+    assert_eq!(
+        body_error(body(Kind::ExtentStatusReply, &b)),
+        BodyError::Truncated { field: "dirty regions", need: 4 * MAX_DIRTY_REGIONS, have: 0 }
+    );
+}
+
+#[test]
+fn crcs_request_range_overflows_or_is_too_long() {
+    let c = ExtentCrcs { target: target(), offset: u64::MAX - 4095, len: 8192 };
+    assert_eq!(invalid_field(body(Kind::ExtentCrcs, &body_of(&Message::ExtentCrcs(c)))), "len");
+    let c = ExtentCrcs { target: target(), offset: 0, len: MAX_CRCS_RANGE + 1 };
+    assert_eq!(invalid_field(body(Kind::ExtentCrcs, &body_of(&Message::ExtentCrcs(c)))), "len");
+    // The reply room a sender reserves covers the largest reply.
+    let c = Message::ExtentCrcs(ExtentCrcs { target: target(), offset: 0, len: MAX_CRCS_RANGE });
+    assert_eq!(c.reply_hint(), 4 * MAX_CRC_COUNT);
+}
+
+#[test]
+fn crcs_reply_count_over_the_cap_or_past_the_body() {
+    let mut b = Vec::new();
+    b.extend_from_slice(&4096u32.to_le_bytes());
+    b.extend_from_slice(&(MAX_CRC_COUNT as u32 + 1).to_le_bytes());
+    assert_eq!(invalid_field(body(Kind::ExtentCrcsReply, &b)), "crc count");
+    b[4..8].copy_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&[0; 8]);
+    assert_eq!(
+        body_error(body(Kind::ExtentCrcsReply, &b)),
+        BodyError::Truncated { field: "crcs", need: 12, have: 8 }
+    );
+    for bad in [0u32, 100, 256, 1 << 30] {
+        let r = Message::ExtentCrcsReply(BlockCrcs { block_size: bad, crcs: vec![1] });
+        assert_eq!(invalid_field(body(Kind::ExtentCrcsReply, &body_of(&r))), "block size");
     }
 }

@@ -1,0 +1,163 @@
+//! The daemon's side of the replicated data path: how an owner here reaches
+//! replicas (this node's own replica service in process, the others over
+//! the peer pool), reads replica sets from the metadata and commits new
+//! ones, keeps its liveness lease; and which route each volume takes.
+
+use crate::control::placer;
+use crate::run::AddrBook;
+use basalt::meta::MetaNode;
+use basalt::meta::state::{Command, MetaState, NodeState};
+use basalt::net::{PeerError, PeerPool};
+use basalt::node::VolumeSpec;
+use basalt::node::replicated::{BoxFuture, CallError, ClusterIo, Replicated};
+use basalt::node::volume::Route;
+use basalt::proto::peer::Message;
+use basalt::types::{Epoch, ExtentIndex, Generation, NodeId, VolumeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// A request to a replica that takes longer than this counts as failed:
+/// the replica leaves the extent's set.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Answers one extent request with this node's replica service.
+pub type LocalReplica = Arc<dyn Fn(NodeId, Message) -> BoxFuture<Message> + Send + Sync>;
+
+pub struct DaemonIo {
+    pub me: NodeId,
+    pub pool: Arc<PeerPool>,
+    pub book: Arc<AddrBook>,
+    /// This node's replica service, called in process.
+    pub local: LocalReplica,
+    pub meta: MetaNode,
+    /// The metadata as last applied here.
+    pub latest: Arc<RwLock<Arc<MetaState>>>,
+    /// How long after its last acknowledged heartbeat this node may still
+    /// serve: half the time after which the leader marks it down, so it
+    /// stops well before another node may take its volumes.
+    pub lease: Duration,
+}
+
+/// The committed replica set of an extent: the recorded exception, else
+/// the computed placement.
+pub fn replica_set(state: &MetaState, volume: VolumeId, extent: ExtentIndex) -> Option<(Epoch, Vec<NodeId>)> {
+    let v = state.volume(volume)?;
+    let epoch = state.epoch(volume, extent);
+    if let Some(r) = state.exception(volume, extent).and_then(|e| e.replicas.clone()) {
+        return Some((epoch, r));
+    }
+    let set = placer(state).ok()?.place(volume, extent, v.replicas as usize).ok()?;
+    Some((epoch, set.nodes().to_vec()))
+}
+
+impl ClusterIo for DaemonIo {
+    fn me(&self) -> NodeId {
+        self.me
+    }
+
+    fn call(&self, node: NodeId, request: Message) -> BoxFuture<Result<Message, CallError>> {
+        if node == self.me {
+            let r = (self.local)(self.me, request);
+            return Box::pin(async move { Ok(r.await) });
+        }
+        let Some(addr) = self.book.get(node) else {
+            return Box::pin(async { Err(CallError::Unreachable) });
+        };
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            match pool.client(addr).request_timeout(request, REPLICA_TIMEOUT).await {
+                Ok(m) => Ok(m),
+                Err(PeerError::Timeout { .. }) => Err(CallError::Timeout),
+                Err(_) => Err(CallError::Unreachable),
+            }
+        })
+    }
+
+    fn view(&self, volume: VolumeId, extent: ExtentIndex) -> Option<(Epoch, Vec<NodeId>)> {
+        replica_set(&self.latest.read().unwrap(), volume, extent)
+    }
+
+    fn propose(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        replicas: Vec<NodeId>,
+    ) -> BoxFuture<Result<(), String>> {
+        let meta = self.meta.clone();
+        Box::pin(async move {
+            meta.propose(Command::SetExtentReplicas { volume, extent, epoch, replicas })
+                .await
+                .map(|_| ())
+                .map_err(|e| basalt::units::error_chain(&e))
+        })
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.meta.last_liveness_ack().is_some_and(|t| t.elapsed() < self.lease)
+    }
+}
+
+/// Which route each volume takes from this node, from the metadata.
+pub struct Router {
+    pub io: Arc<DaemonIo>,
+    owners: Mutex<HashMap<VolumeId, Arc<Replicated>>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("owned", &self.owners.lock().unwrap().len()).finish()
+    }
+}
+
+impl Router {
+    pub fn new(io: Arc<DaemonIo>) -> Arc<Router> {
+        Arc::new(Router { io, owners: Mutex::default() })
+    }
+
+    /// The route of `spec` now.
+    pub fn route(&self, spec: &VolumeSpec) -> Route {
+        let state = self.io.latest.read().unwrap().clone();
+        let me = self.io.me;
+        let Some(v) = state.volume(spec.id) else {
+            return Route::Unavailable(format!("volume {} is not in the metadata", spec.name));
+        };
+        let mut owners = self.owners.lock().unwrap();
+        if v.owner != Some(me) {
+            owners.remove(&v.id);
+            return Route::Unavailable(match v.owner {
+                Some(o) => match state.node(o).map(|n| n.state) {
+                    Some(NodeState::Up) => format!("volume {} is owned by node {o}", v.name),
+                    _ => format!("volume {}'s owner {o} is down: waiting for a takeover", v.name),
+                },
+                None => format!("volume {} has no owner yet", v.name),
+            });
+        }
+        // The single-node slice: one data node, this one, holds everything.
+        let mut data_nodes = state.nodes().filter(|n| n.spec.has_data);
+        if let (Some(only), None) = (data_nodes.next(), data_nodes.next())
+            && only.spec.id == me
+            && v.replicas == 1
+        {
+            owners.remove(&v.id);
+            return Route::Local;
+        }
+        if let Some(r) = owners.get(&v.id)
+            && r.generation() == Generation(v.generation.0)
+            && r.fenced().is_none()
+        {
+            return Route::Owner(r.clone());
+        }
+        let r = Replicated::new(
+            v.id,
+            Generation(v.generation.0),
+            v.layout,
+            v.min_replicas as usize,
+            self.io.clone(),
+        );
+        tracing::info!(volume = %v.name, generation = %v.generation, "owning the volume: serving it from its replicas");
+        owners.insert(v.id, r.clone());
+        Route::Owner(r)
+    }
+}

@@ -1,0 +1,424 @@
+//! The replica side of the replicated data path: answers the peer
+//! protocol's extent messages against this node's [`Store`], after the
+//! fencing checks.
+//!
+//! Owns: admission of every data message (owner generation through
+//! [`Fences`], replica-set epoch per extent), the range checks, and the
+//! mapping of store errors to the protocol's [`ExtentError`]s. Must never:
+//! apply a request of a stale generation or epoch, create an extent for
+//! anything but a write, copy a payload, or panic on anything a peer sends.
+//! It decides nothing about replica sets or owners: the owner does, and
+//! calls [`ReplicaService::handle`] over the peer protocol or, for its own
+//! replica, directly.
+//!
+//! Rules, per message:
+//! - Every one carries (volume, extent, epoch, generation). An unknown
+//!   volume (deleted, or not yet in this node's metadata) is `NotFound`.
+//!   A generation older than the one persisted for the volume is
+//!   `StaleGeneration`; a newer one is persisted before the request is
+//!   applied (see `fence` for the ordering this gives). An epoch older
+//!   than the one the replica knows for the extent is `StaleEpoch`; a
+//!   newer one is observed (recorded in the extent's header at its next
+//!   write: the generation, not the epoch, is the fence that must survive
+//!   a restart). `ExtentCrcs` is read-only and raises neither.
+//! - Ranges: non-empty, inside the extent, with checked arithmetic
+//!   (`OutOfRange`), 512-byte aligned (4 KiB for `ExtentCrcs`;
+//!   `Misaligned`). The extent index is bounded by the largest volume the
+//!   metadata allows (`NotFound` past it); the volume's current size is
+//!   not checked here, since this node's view of it lags a resize.
+//! - `ExtentWrite` creates the extent on first write (thin); nothing else
+//!   does. A read of an extent never written returns zeros, `ExtentCrcs`
+//!   the crc of zero blocks, `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush`
+//!   succeed without creating it.
+//! - `ExtentFlush` makes every write this replica acknowledged for the
+//!   extent durable. The owner's flush number is not stored: the status
+//!   reports the replica's own count, and reconciliation goes by the dirty
+//!   regions, which cover every unflushed write.
+//! - A change of data that has begun runs to its end even if the caller
+//!   goes away, holding the volume's fence until then, so a newer owner is
+//!   never admitted while an older owner's write is still landing.
+//!
+//! Refusals are logged with volume and extent: at debug each, and a warn
+//! at most once a second with the number of refusals since the last one
+//! (an old owner may flood its replicas with stale requests).
+
+use super::fence::{FenceError, FenceGuard, Fences};
+use crate::layout::Layout;
+use crate::proto::peer::{
+    BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentReadReply, ExtentState, ExtentTarget,
+    MAX_DATA, Message,
+};
+use crate::storage::extent::{RunToEnd, zero_block_crc};
+use crate::storage::format::BLOCK;
+use crate::storage::{Extent, Store, StoreError};
+use crate::types::{Epoch, ExtentKey, NodeId, ReadChunk, VolumeId, flatten_chunks};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Answers a volume's layout from this node's view of the metadata.
+pub type LayoutOf = Arc<dyn Fn(VolumeId) -> Option<Layout> + Send + Sync>;
+
+/// Holes are answered from here: zero pages of the binary's bss, never
+/// touched by a write, so they cost no memory per read.
+static ZEROS: [u8; MAX_DATA] = [0; MAX_DATA];
+
+/// What the service knows of one extent replica.
+#[derive(Debug)]
+struct Slot {
+    /// The open replica, once a request needed it.
+    ext: Option<Arc<Extent>>,
+    /// The highest epoch seen for the extent (from its header and requests).
+    epoch: Epoch,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot { ext: None, epoch: Epoch(0) }
+    }
+}
+
+/// Why a request was refused: the protocol's error and a message for people.
+#[derive(Debug)]
+struct Refusal {
+    error: ExtentError,
+    message: String,
+}
+
+impl Refusal {
+    fn new(error: ExtentError, message: impl Into<String>) -> Refusal {
+        Refusal { error, message: message.into() }
+    }
+
+    fn store(e: StoreError) -> Refusal {
+        let error = match &e {
+            StoreError::Checksum { .. } => ExtentError::Checksum,
+            StoreError::OutOfRange { .. } => ExtentError::OutOfRange,
+            StoreError::Misaligned { .. } => ExtentError::Misaligned,
+            e if e.is_no_space() => ExtentError::NoSpace,
+            _ => ExtentError::Io,
+        };
+        Refusal::new(error, crate::units::error_chain(&e))
+    }
+
+    fn fence(e: FenceError) -> Refusal {
+        let error = match &e {
+            FenceError::Stale { current, .. } => ExtentError::StaleGeneration { current: *current },
+            _ => ExtentError::Io,
+        };
+        Refusal::new(error, crate::units::error_chain(&e))
+    }
+}
+
+type Answer<T> = Result<T, Refusal>;
+
+/// A warn line at most once a second; refusals in between are counted.
+#[derive(Debug, Default)]
+struct Throttle {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttle {
+    /// `Some(refusals suppressed since the last line)` if a line may go out now.
+    fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        if s.0.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            s.1 += 1;
+            return None;
+        }
+        s.0 = Some(now);
+        Some(std::mem::take(&mut s.1))
+    }
+}
+
+/// The replica service of one node (see the module docs).
+pub struct ReplicaService {
+    store: Arc<Store>,
+    fences: Fences,
+    layout_of: LayoutOf,
+    extents: Mutex<HashMap<ExtentKey, Slot>>,
+    throttle: Throttle,
+    refused: AtomicU64,
+}
+
+impl std::fmt::Debug for ReplicaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaService").field("refused", &self.refused).finish_non_exhaustive()
+    }
+}
+
+/// The target of a data message, if it is one.
+fn target_of(m: &Message) -> Option<ExtentTarget> {
+    Some(match m {
+        Message::ExtentWrite(w) => w.target,
+        Message::ExtentRead(r) => r.target,
+        Message::ExtentWriteZeroes(z) => z.target,
+        Message::ExtentTrim(t) => t.target,
+        Message::ExtentFlush(f) => f.target,
+        Message::ExtentStatus(t) => *t,
+        Message::ExtentCrcs(c) => c.target,
+        _ => return None,
+    })
+}
+
+/// Checks `[offset, offset+len)` against an extent of `size` bytes and the alignment.
+fn check_range(size: u64, offset: u64, len: u64, align: u64) -> Answer<()> {
+    let out = |why: &str| Refusal::new(ExtentError::OutOfRange, format!("range {offset}+{len}: {why}"));
+    if len == 0 {
+        return Err(out("empty"));
+    }
+    match offset.checked_add(len) {
+        None => return Err(out("offset + len overflows")),
+        Some(end) if end > size => return Err(out(&format!("past the end of the {size}-byte extent"))),
+        Some(_) => {}
+    }
+    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+        return Err(Refusal::new(
+            ExtentError::Misaligned,
+            format!("range {offset}+{len} is not {align}-byte aligned"),
+        ));
+    }
+    Ok(())
+}
+
+/// The data of a read as one buffer: a single data run as it is, holes
+/// from [`ZEROS`], a mix copied together.
+fn read_data(chunks: Vec<ReadChunk>, len: usize) -> Bytes {
+    match &chunks[..] {
+        [ReadChunk::Data(b)] => b.clone(),
+        c if c.iter().all(|c| matches!(c, ReadChunk::Hole(_))) => Bytes::from_static(&ZEROS[..len]),
+        c => flatten_chunks(c),
+    }
+}
+
+impl ReplicaService {
+    /// `layout_of` answers a volume's layout from this node's view of the
+    /// metadata (None: the volume is unknown here, e.g. deleted or not yet
+    /// synced).
+    pub fn new(store: Arc<Store>, fences: Fences, layout_of: LayoutOf) -> Arc<ReplicaService> {
+        Arc::new(ReplicaService {
+            store,
+            fences,
+            layout_of,
+            extents: Mutex::new(HashMap::new()),
+            throttle: Throttle::default(),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Requests refused so far (every [`ExtentErr`] answered).
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn fences(&self) -> &Fences {
+        &self.fences
+    }
+
+    /// Answers one extent request (any other kind: `Message::Error`
+    /// `Unsupported`). Never panics.
+    pub async fn handle(&self, from: NodeId, request: Message) -> Message {
+        let kind = request.kind();
+        let Some(target) = target_of(&request) else {
+            tracing::warn!(peer = %from, ?kind, "not an extent request; refused");
+            return Message::error(ErrorCode::Unsupported, format!("{kind:?} is not an extent request"));
+        };
+        match self.serve(target, request).await {
+            Ok(reply) => reply,
+            Err(r) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                let (volume, extent) = (target.volume, target.extent);
+                tracing::debug!(peer = %from, %volume, %extent, ?kind, error = ?r.error, message = %r.message,
+                    "extent request refused");
+                if let Some(suppressed) = self.throttle.allow() {
+                    tracing::warn!(peer = %from, %volume, %extent, ?kind, error = ?r.error, message = %r.message,
+                        suppressed, "extent request refused (at most one line a second; the rest at debug)");
+                }
+                Message::ExtentErr(ExtentErr { error: r.error, message: r.message })
+            }
+        }
+    }
+
+    async fn serve(&self, t: ExtentTarget, request: Message) -> Answer<Message> {
+        let layout = (self.layout_of)(t.volume).ok_or_else(|| {
+            Refusal::new(ExtentError::NotFound, format!("volume {} is not known on this node", t.volume))
+        })?;
+        let size = layout.extent_size;
+        let limit = crate::meta::state::MAX_VOLUME_SIZE / size;
+        if t.extent.0 >= limit {
+            return Err(Refusal::new(
+                ExtentError::NotFound,
+                format!("extent {} is past the end of any volume of {size}-byte extents", t.extent),
+            ));
+        }
+        let key = ExtentKey { volume: t.volume, index: t.extent };
+        let read_only = matches!(request, Message::ExtentCrcs(_));
+        let guard = self.fences.admit(t.volume, t.generation, !read_only).await.map_err(Refusal::fence)?;
+        match request {
+            Message::ExtentWrite(w) => {
+                check_range(size, w.offset, w.data.len() as u64, 512)?;
+                let ext = self
+                    .extent(key, size, t.epoch, true, true)
+                    .await?
+                    .ok_or_else(|| Refusal::new(ExtentError::Io, format!("extent {key} was not created")))?;
+                run_held(guard, async move { ext.write(w.offset, w.data, w.fua).await }).await?;
+                Ok(Message::ExtentOk)
+            }
+            Message::ExtentRead(r) => {
+                check_range(size, r.offset, r.len.into(), 512)?;
+                let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
+                    return Ok(Message::ExtentReadReply(ExtentReadReply {
+                        crcs: None,
+                        data: Bytes::from_static(&ZEROS[..r.len as usize]),
+                    }));
+                };
+                let chunks = ext.read(r.offset, r.len).await.map_err(Refusal::store)?;
+                drop(guard);
+                Ok(Message::ExtentReadReply(ExtentReadReply {
+                    crcs: None,
+                    data: read_data(chunks, r.len as usize),
+                }))
+            }
+            Message::ExtentWriteZeroes(z) => {
+                check_range(size, z.offset, z.len, 512)?;
+                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                    run_held(
+                        guard,
+                        async move { ext.write_zeroes(z.offset, z.len, z.deallocate, z.fua).await },
+                    )
+                    .await?;
+                }
+                Ok(Message::ExtentOk)
+            }
+            Message::ExtentTrim(tr) => {
+                check_range(size, tr.offset, tr.len, 512)?;
+                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                    run_held(guard, async move { ext.trim(tr.offset, tr.len, tr.fua).await }).await?;
+                }
+                Ok(Message::ExtentOk)
+            }
+            Message::ExtentFlush(_) => {
+                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                    let store = self.store.clone();
+                    run_held(guard, async move { store.flush_extents([ext]).await }).await?;
+                }
+                Ok(Message::ExtentOk)
+            }
+            Message::ExtentStatus(_) => {
+                let generation = guard.current();
+                let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
+                    let epoch = self.known_epoch(key).max(t.epoch);
+                    return Ok(Message::ExtentStatusReply(ExtentState::absent(generation, epoch)));
+                };
+                let dirty_regions = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
+                Ok(Message::ExtentStatusReply(ExtentState {
+                    exists: true,
+                    flush_number: ext.flush_counter().await,
+                    generation,
+                    epoch: ext.epoch().await,
+                    region_size: ext.region_size(),
+                    dirty_regions,
+                }))
+            }
+            Message::ExtentCrcs(ExtentCrcs { offset, len, .. }) => {
+                check_range(size, offset, len, BLOCK)?;
+                let crcs = match self.extent(key, size, t.epoch, false, false).await? {
+                    Some(ext) => ext.block_crcs(offset, len).map_err(Refusal::store)?,
+                    None => vec![zero_block_crc(); (len / BLOCK) as usize],
+                };
+                Ok(Message::ExtentCrcsReply(BlockCrcs { block_size: BLOCK as u32, crcs }))
+            }
+            other => Err(Refusal::new(ExtentError::NotFound, format!("{:?} is not served", other.kind()))),
+        }
+    }
+
+    /// The highest epoch known for `key` without opening it.
+    fn known_epoch(&self, key: ExtentKey) -> Epoch {
+        self.extents.lock().unwrap().get(&key).map_or(Epoch(0), |s| s.epoch)
+    }
+
+    /// The replica of `key` after the epoch check: opened if it exists,
+    /// created if `create`; `None` if it does not exist. With `raise`, a
+    /// newer epoch than the one known is recorded.
+    async fn extent(
+        &self,
+        key: ExtentKey,
+        size: u64,
+        epoch: Epoch,
+        create: bool,
+        raise: bool,
+    ) -> Answer<Option<Arc<Extent>>> {
+        let cached = {
+            let mut m = self.extents.lock().unwrap();
+            let slot = m.entry(key).or_default();
+            // Removed by the store (a deleted volume, or past the end of a
+            // shrunk one): never write into an unlinked file.
+            if slot.ext.is_some() && !self.store.contains(key) {
+                slot.ext = None;
+            }
+            slot.ext.clone()
+        };
+        let ext = match cached {
+            Some(e) => Some(e),
+            None if create || self.store.contains(key) => {
+                // A new extent is created with the request's epoch once it
+                // passed the check below; an existing one keeps its own.
+                let known = self.known_epoch(key);
+                if epoch < known {
+                    return Err(stale_epoch(key, epoch, known));
+                }
+                // Epoch 0 for one that exists: the check below decides
+                // whether this request's epoch is recorded.
+                let first = if create { epoch } else { Epoch(0) };
+                let e = self.store.extent(key, size, first).await.map_err(Refusal::store)?;
+                let on_disk = e.epoch().await;
+                let mut m = self.extents.lock().unwrap();
+                let slot = m.entry(key).or_default();
+                slot.epoch = slot.epoch.max(on_disk);
+                Some(slot.ext.get_or_insert(e).clone())
+            }
+            None => None,
+        };
+        let raised = {
+            let mut m = self.extents.lock().unwrap();
+            let slot = m.entry(key).or_default();
+            if epoch < slot.epoch {
+                return Err(stale_epoch(key, epoch, slot.epoch));
+            }
+            let raised = raise && epoch > slot.epoch;
+            if raised {
+                slot.epoch = epoch;
+            }
+            raised
+        };
+        if let (true, Some(e)) = (raised, &ext) {
+            e.observe_epoch(epoch).await;
+        }
+        Ok(ext)
+    }
+}
+
+fn stale_epoch(key: ExtentKey, asked: Epoch, current: Epoch) -> Refusal {
+    Refusal::new(
+        ExtentError::StaleEpoch { current },
+        format!("{asked} of extent {key} is older than {current}, which this replica has seen"),
+    )
+}
+
+/// Runs a change of data to its end even if the caller goes away, holding
+/// the volume's fence until it is done.
+async fn run_held<F>(guard: FenceGuard, change: F) -> Answer<()>
+where
+    F: std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+{
+    RunToEnd::new(async move {
+        let r = change.await;
+        drop(guard);
+        r
+    })
+    .await
+    .map_err(Refusal::store)
+}

@@ -1,0 +1,651 @@
+//! The I/O shell around `replication::Owner`: how this node, as a volume's
+//! owner, serves it from replicas on several nodes.
+//!
+//! Owns: carrying out the core's actions (peer requests to replicas,
+//! metadata proposals, completing callers), reads (one replica, the next on
+//! a checksum or I/O error, and a repair of the bad copy), and
+//! reconciliation of each extent before its first request in this owner's
+//! lifetime (`replication::reconcile`).
+//!
+//! Cancel safety: once a request is submitted to the core, its replica
+//! requests run in tasks of their own; a caller that goes away only drops
+//! the receiver of its completion. Reconciliation runs in a task too, so a
+//! dropped first request does not leave an extent half copied (and a later
+//! one reconciles again from the replicas' dirty bits, which copying keeps).
+//!
+//! Never: decides ordering or acknowledgement itself (the core does), or
+//! reads a replica outside the committed set less its failed members.
+
+use super::volume::{Result, VolumeError};
+use crate::layout::Layout;
+use crate::proto::peer::{
+    ExtentError, ExtentFlush, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Message,
+};
+use crate::replication::reconcile::{self, Report};
+use crate::replication::{Action, Change, Event, Failure, OpError, OpId, Owner, Then};
+use crate::types::{Epoch, ExtentIndex, Generation, NodeId, ReadChunk, VolumeId};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OnceCell, oneshot};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why a replica request got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallError {
+    Timeout,
+    Unreachable,
+}
+
+/// What the shell needs from the node around it (the daemon implements it
+/// over its peer pool, its replica service and its metadata node).
+pub trait ClusterIo: Send + Sync + 'static {
+    /// This node.
+    fn me(&self) -> NodeId;
+    /// One request to `node`'s replica service (this node's own, in
+    /// process, when `node` is [`ClusterIo::me`]), within the request timeout.
+    fn call(&self, node: NodeId, request: Message) -> BoxFuture<std::result::Result<Message, CallError>>;
+    /// The extent's committed replica set and epoch, as the metadata has it.
+    fn view(&self, volume: VolumeId, extent: ExtentIndex) -> Option<(Epoch, Vec<NodeId>)>;
+    /// Commits a new replica set for the extent.
+    fn propose(
+        &self,
+        volume: VolumeId,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        replicas: Vec<NodeId>,
+    ) -> BoxFuture<std::result::Result<(), String>>;
+    /// False once this node may no longer presume itself live (its
+    /// liveness lease ran out): it must not serve.
+    fn lease_valid(&self) -> bool;
+}
+
+/// Counters of one replicated volume (exported as metrics).
+#[derive(Debug, Default)]
+pub struct ReplicationStats {
+    /// Reads served from another replica after a checksum or I/O error.
+    pub read_failovers: AtomicU64,
+    /// Bad copies rewritten from a good one.
+    pub repairs: AtomicU64,
+    /// Replica sets shrunk by a failure.
+    pub degraded: AtomicU64,
+    /// Bytes copied by reconciliation.
+    pub reconciled_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slot {
+    done: Option<oneshot::Sender<std::result::Result<(), OpError>>>,
+    grant: Option<oneshot::Sender<(Epoch, Vec<NodeId>)>>,
+    data: Option<Bytes>,
+}
+
+struct Inner {
+    core: Owner,
+    next_op: u64,
+    slots: HashMap<OpId, Slot>,
+}
+
+/// One volume served by this node as its owner, at one generation.
+pub struct Replicated {
+    volume: VolumeId,
+    generation: Generation,
+    layout: Layout,
+    io: Arc<dyn ClusterIo>,
+    inner: Mutex<Inner>,
+    /// Extents reconciled (and installed in the core) by this owner.
+    ready: Mutex<HashMap<ExtentIndex, Arc<OnceCell<()>>>>,
+    reads: AtomicU64,
+    pub stats: ReplicationStats,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicated")
+            .field("volume", &self.volume)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> VolumeError {
+    VolumeError::Unavailable(e.to_string())
+}
+
+/// A replica's answer as the core sees it.
+fn failure_of(reply: std::result::Result<Message, CallError>) -> std::result::Result<Message, Failure> {
+    match reply {
+        Err(CallError::Timeout) => Err(Failure::Timeout),
+        Err(CallError::Unreachable) => Err(Failure::Unreachable),
+        Ok(Message::ExtentErr(e)) => Err(match e.error {
+            ExtentError::StaleGeneration { current } => Failure::StaleGeneration(current),
+            ExtentError::StaleEpoch { current } => Failure::StaleEpoch(current),
+            _ => Failure::Io,
+        }),
+        Ok(Message::Error(_)) => Err(Failure::Io),
+        Ok(m) => Ok(m),
+    }
+}
+
+impl Replicated {
+    pub fn new(
+        volume: VolumeId,
+        generation: Generation,
+        layout: Layout,
+        min_replicas: usize,
+        io: Arc<dyn ClusterIo>,
+    ) -> Arc<Replicated> {
+        Arc::new(Replicated {
+            volume,
+            generation,
+            layout,
+            io,
+            inner: Mutex::new(Inner {
+                core: Owner::new(generation, min_replicas),
+                next_op: 1,
+                slots: HashMap::new(),
+            }),
+            ready: Mutex::default(),
+            reads: AtomicU64::new(0),
+            stats: ReplicationStats::default(),
+        })
+    }
+
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The generation that fenced this owner, if a replica has seen a newer one.
+    pub fn fenced(&self) -> Option<Generation> {
+        self.inner.lock().unwrap().core.fenced()
+    }
+
+    fn target(&self, extent: ExtentIndex, epoch: Epoch) -> ExtentTarget {
+        ExtentTarget { volume: self.volume, extent, epoch, generation: self.generation }
+    }
+
+    fn check_serving(&self) -> Result<()> {
+        if let Some(g) = self.fenced() {
+            return Err(VolumeError::Unavailable(format!(
+                "this node no longer owns the volume (generation {g})"
+            )));
+        }
+        if !self.io.lease_valid() {
+            return Err(unavailable(
+                "this node's liveness lease ran out: it cannot serve until it renews it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Steps the core under its lock and carries out what it asks.
+    fn step_all(self: &Arc<Self>, events: impl IntoIterator<Item = Event>) {
+        let mut out = Vec::new();
+        let mut ready = Vec::new();
+        {
+            let mut inner = self.inner.lock().unwrap();
+            for e in events {
+                inner.core.step(e, &mut out);
+            }
+            self.take_actions(&mut inner, &mut out, &mut ready);
+        }
+        for f in ready {
+            f();
+        }
+    }
+
+    /// Turns actions into work, under the lock: completions find their
+    /// slots here; network work is returned to run after the lock drops.
+    fn take_actions(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        out: &mut Vec<Action>,
+        later: &mut Vec<Box<dyn FnOnce() + Send>>,
+    ) {
+        for a in out.drain(..) {
+            match a {
+                Action::Complete { op, result } => {
+                    if let Some(tx) = inner.slots.remove(&op).and_then(|s| s.done) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Action::Grant { op, epoch, replicas, .. } => {
+                    if let Some(tx) = inner.slots.get_mut(&op).and_then(|s| s.grant.take()) {
+                        let _ = tx.send((epoch, replicas));
+                    }
+                }
+                Action::Send { op, extent, epoch, node, offset, len, change } => {
+                    let data = inner.slots.get(&op).and_then(|s| s.data.clone());
+                    let msg = self.change_message(extent, epoch, offset, len, change, data);
+                    let me = self.clone();
+                    later.push(Box::new(move || {
+                        tokio::spawn(async move {
+                            let r = me.call_retrying(node, msg).await.map(|_| ());
+                            me.step_all([Event::Reply { op, node, result: r }]);
+                        });
+                    }));
+                }
+                Action::SendFlush { round, extent, epoch, node } => {
+                    let msg = Message::ExtentFlush(ExtentFlush {
+                        target: self.target(extent, epoch),
+                        flush_number: round,
+                    });
+                    let me = self.clone();
+                    later.push(Box::new(move || {
+                        tokio::spawn(async move {
+                            let r = me.call_retrying(node, msg).await.map(|_| ());
+                            me.step_all([Event::FlushReply { round, extent, node, result: r }]);
+                        });
+                    }));
+                }
+                Action::Propose { extent, epoch, replicas } => {
+                    let me = self.clone();
+                    later.push(Box::new(move || {
+                        tokio::spawn(async move {
+                            tracing::warn!(volume = %me.volume, %extent, %epoch, ?replicas,
+                                "a replica failed: removing it from the extent's set");
+                            let r = me.io.propose(me.volume, extent, epoch, replicas.clone()).await;
+                            let ev = match r {
+                                Ok(()) => {
+                                    me.stats.degraded.fetch_add(1, Ordering::Relaxed);
+                                    Event::Committed { extent, epoch, replicas }
+                                }
+                                Err(e) => {
+                                    tracing::error!(volume = %me.volume, %extent, error = %e,
+                                        "could not commit the smaller replica set: the requests waiting on it fail");
+                                    Event::CommitFailed { extent, epoch }
+                                }
+                            };
+                            me.step_all([ev]);
+                        });
+                    }));
+                }
+                Action::Fenced { generation } => {
+                    tracing::error!(volume = %self.volume, ours = %self.generation, theirs = %generation,
+                        "a replica has seen a newer owner generation: this node stops serving the volume");
+                }
+            }
+        }
+    }
+
+    fn change_message(
+        &self,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        offset: u64,
+        len: u64,
+        change: Change,
+        data: Option<Bytes>,
+    ) -> Message {
+        let target = self.target(extent, epoch);
+        match change {
+            Change::Write { fua } => {
+                Message::ExtentWrite(ExtentWrite { target, offset, fua, data: data.unwrap_or_default() })
+            }
+            Change::WriteZeroes { deallocate, fua } => {
+                Message::ExtentWriteZeroes(ExtentWriteZeroes { target, offset, len, deallocate, fua })
+            }
+            Change::Trim { fua } => Message::ExtentTrim(ExtentTrim { target, offset, len, fua }),
+        }
+    }
+
+    /// One request, retried while the replica says it does not know the
+    /// volume yet (its copy of the metadata lags a just-created volume).
+    async fn call_retrying(&self, node: NodeId, msg: Message) -> std::result::Result<Message, Failure> {
+        let mut wait = Duration::from_millis(20);
+        for attempt in 0.. {
+            let r = self.io.call(node, msg.clone()).await;
+            if let Ok(Message::ExtentErr(e)) = &r
+                && e.error == ExtentError::NotFound
+                && attempt < 8
+            {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                continue;
+            }
+            return failure_of(r);
+        }
+        unreachable!()
+    }
+
+    /// Makes sure the extent is reconciled and installed in the core.
+    async fn ensure(self: &Arc<Self>, extent: ExtentIndex) -> Result<()> {
+        let cell = self.ready.lock().unwrap().entry(extent).or_default().clone();
+        cell.get_or_try_init(|| {
+            let me = self.clone();
+            async move {
+                // A task of its own: a dropped first request must not stop it half way.
+                tokio::spawn(async move { me.reconcile(extent).await })
+                    .await
+                    .map_err(|e| unavailable(format!("reconciliation task failed: {e}")))?
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Before this owner serves the extent: every member reports its dirty
+    /// regions; one member's version of them goes to the others.
+    async fn reconcile(self: Arc<Self>, extent: ExtentIndex) -> Result<()> {
+        let (mut epoch, mut set) = self.io.view(self.volume, extent).ok_or_else(|| {
+            unavailable(format!("extent {extent} of {} is not in the metadata", self.volume))
+        })?;
+        let size = self.layout.extent_size;
+        let mut reports = Vec::new();
+        let mut gone = Vec::new();
+        for &node in &set {
+            let msg = Message::ExtentStatus(self.target(extent, epoch));
+            match self.call_retrying(node, msg).await {
+                Ok(Message::ExtentStatusReply(s)) => reports.push(report_of(node, &s, size)),
+                Ok(other) => {
+                    tracing::warn!(volume = %self.volume, %extent, %node, reply = ?other.kind(), "odd status reply");
+                    gone.push(node);
+                }
+                Err(Failure::StaleGeneration(g)) => {
+                    return Err(VolumeError::Unavailable(format!(
+                        "a newer owner (generation {g}) took the volume"
+                    )));
+                }
+                Err(f) => {
+                    tracing::warn!(volume = %self.volume, %extent, %node, failure = ?f,
+                        "replica unreachable at takeover: it leaves the set");
+                    gone.push(node);
+                }
+            }
+        }
+        let plan = reconcile::plan(&reports, size, Some(self.io.me()));
+        for copy in &plan {
+            if let Err(f) = self.copy(extent, epoch, copy).await {
+                tracing::warn!(volume = %self.volume, %extent, target = %copy.target, failure = ?f,
+                    "reconciliation could not write a replica: it leaves the set");
+                gone.push(copy.target);
+            }
+        }
+        if !gone.is_empty() {
+            let keep: Vec<NodeId> = set.iter().copied().filter(|n| !gone.contains(n)).collect();
+            if keep.is_empty() {
+                return Err(unavailable(format!("no replica of extent {extent} answered")));
+            }
+            let next = Epoch(epoch.0 + 1);
+            self.io.propose(self.volume, extent, next, keep.clone()).await.map_err(unavailable)?;
+            self.stats.degraded.fetch_add(1, Ordering::Relaxed);
+            (epoch, set) = (next, keep);
+        }
+        self.step_all([Event::View { extent, epoch, replicas: set }]);
+        Ok(())
+    }
+
+    async fn copy(
+        &self,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        c: &reconcile::Copy,
+    ) -> std::result::Result<(), Failure> {
+        const CHUNK: u64 = 1 << 20;
+        let target = self.target(extent, epoch);
+        for &(start, len) in &c.ranges {
+            let mut at = start;
+            while at < start + len {
+                let n = CHUNK.min(start + len - at);
+                let read = Message::ExtentRead(ExtentRead { target, offset: at, len: n as u32 });
+                let data = match self.call_retrying(c.source, read).await? {
+                    Message::ExtentReadReply(r) => r.data,
+                    _ => return Err(Failure::Io),
+                };
+                let write = Message::ExtentWrite(ExtentWrite { target, offset: at, fua: false, data });
+                self.call_retrying(c.target, write).await?;
+                self.stats.reconciled_bytes.fetch_add(n, Ordering::Relaxed);
+                at += n;
+            }
+        }
+        let flush = Message::ExtentFlush(ExtentFlush { target, flush_number: 0 });
+        self.call_retrying(c.target, flush).await?;
+        tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
+            ranges = c.ranges.len(), "reconciled a replica");
+        Ok(())
+    }
+
+    fn new_op(inner: &mut Inner, slot: Slot) -> OpId {
+        let op = OpId(inner.next_op);
+        inner.next_op += 1;
+        inner.slots.insert(op, slot);
+        op
+    }
+
+    /// Changes of several extents (one request of the volume), submitted
+    /// together so they keep one order against other requests; waits for
+    /// all, then reports the first error.
+    pub async fn change(
+        self: &Arc<Self>,
+        pieces: Vec<(ExtentIndex, u64, u64, Change, Option<Bytes>)>,
+    ) -> Result<()> {
+        self.check_serving()?;
+        for p in &pieces {
+            self.ensure(p.0).await?;
+        }
+        let mut rx = Vec::with_capacity(pieces.len());
+        let mut events = Vec::with_capacity(pieces.len());
+        {
+            let mut inner = self.inner.lock().unwrap();
+            for (extent, offset, len, change, data) in pieces {
+                let (tx, r) = oneshot::channel();
+                let op = Self::new_op(&mut inner, Slot { done: Some(tx), grant: None, data });
+                events.push(Event::Submit { op, extent, offset, len, change });
+                rx.push(r);
+            }
+        }
+        self.step_all(events);
+        let mut first = Ok(());
+        for r in rx {
+            let res = r.await.unwrap_or_else(|_| Err(OpError::Metadata(ExtentIndex(u64::MAX))));
+            if let (Err(e), Ok(())) = (res, &first) {
+                first = Err(e);
+            }
+        }
+        first.map_err(|e| VolumeError::Unavailable(e.to_string()))
+    }
+
+    /// Every change acknowledged before this call is durable on every
+    /// member of its extent's set.
+    pub async fn flush(self: &Arc<Self>) -> Result<()> {
+        self.check_serving()?;
+        let (tx, rx) = oneshot::channel();
+        let op =
+            Self::new_op(&mut self.inner.lock().unwrap(), Slot { done: Some(tx), grant: None, data: None });
+        self.step_all([Event::Flush { op }]);
+        rx.await
+            .unwrap_or_else(|_| Err(OpError::Metadata(ExtentIndex(u64::MAX))))
+            .map_err(|e| VolumeError::Unavailable(e.to_string()))
+    }
+
+    /// Reads `[offset, offset + len)` of the extent from one member: this
+    /// node's if it is one, else the next in turn; on a checksum or I/O
+    /// error from the next one, and the bad copy is repaired.
+    pub async fn read(
+        self: &Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<ReadChunk>> {
+        self.check_serving()?;
+        self.ensure(extent).await?;
+        let (epoch, members) = self.read_order(extent)?;
+        let mut bad = Vec::new();
+        for node in members {
+            let msg = Message::ExtentRead(ExtentRead {
+                target: self.target(extent, epoch),
+                offset,
+                len: len as u32,
+            });
+            match self.io.call(node, msg).await {
+                Ok(Message::ExtentReadReply(r)) if r.data.len() as u64 == len => {
+                    if !bad.is_empty() {
+                        self.stats.read_failovers.fetch_add(1, Ordering::Relaxed);
+                        for b in bad {
+                            self.spawn_repair(extent, offset, len, b, node);
+                        }
+                    }
+                    return Ok(vec![ReadChunk::Data(r.data)]);
+                }
+                Ok(Message::ExtentErr(e)) if matches!(e.error, ExtentError::StaleGeneration { .. }) => {
+                    return Err(unavailable(format!("fenced: {}", e.message)));
+                }
+                Ok(Message::ExtentErr(e)) if matches!(e.error, ExtentError::Checksum | ExtentError::Io) => {
+                    tracing::warn!(volume = %self.volume, %extent, %node, offset, len, error = %e.message,
+                        "a replica failed a read: reading another and repairing this one");
+                    bad.push(node);
+                }
+                other => {
+                    tracing::warn!(volume = %self.volume, %extent, %node, reply = ?other.as_ref().map(|m| m.kind()),
+                        "a replica did not answer a read: trying another");
+                }
+            }
+        }
+        Err(VolumeError::Unavailable(format!("no replica of extent {extent} could serve the read")))
+    }
+
+    /// Members in read order: this node first, then the others rotated.
+    fn read_order(&self, extent: ExtentIndex) -> Result<(Epoch, Vec<NodeId>)> {
+        let (epoch, mut members) = self
+            .inner
+            .lock()
+            .unwrap()
+            .core
+            .read_set(extent)
+            .ok_or_else(|| unavailable(format!("extent {extent} is not installed")))?;
+        if members.is_empty() {
+            return Err(unavailable(format!("no replica of extent {extent} is left")));
+        }
+        let me = self.io.me();
+        if let Some(i) = members.iter().position(|n| *n == me) {
+            members.swap(0, i);
+            let k = members.len();
+            let turn = self.reads.fetch_add(1, Ordering::Relaxed) as usize;
+            if k > 2 {
+                members[1..].rotate_left(turn % (k - 1));
+            }
+        } else {
+            let turn = self.reads.fetch_add(1, Ordering::Relaxed) as usize;
+            let k = members.len();
+            members.rotate_left(turn % k);
+        }
+        Ok((epoch, members))
+    }
+
+    /// Rewrites `bad`'s copy of the range from `good`'s, holding the range
+    /// so no change of it runs between the read and the rewrite.
+    fn spawn_repair(self: &Arc<Self>, extent: ExtentIndex, offset: u64, len: u64, bad: NodeId, good: NodeId) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let held = me.hold(extent, offset, len).await;
+            let Ok((op, epoch, _)) = held else { return };
+            let msg =
+                Message::ExtentRead(ExtentRead { target: me.target(extent, epoch), offset, len: len as u32 });
+            let then = match me.io.call(good, msg).await {
+                Ok(Message::ExtentReadReply(r)) if r.data.len() as u64 == len => {
+                    if let Some(s) = me.inner.lock().unwrap().slots.get_mut(&op) {
+                        s.data = Some(r.data);
+                    }
+                    Then::Change { change: Change::Write { fua: true }, only: Some(bad) }
+                }
+                _ => Then::Release,
+            };
+            let rx = me.release(op, then);
+            if matches!(rx.await, Ok(Ok(()))) && then != Then::Release {
+                me.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(volume = %me.volume, %extent, node = %bad, offset, len, "repaired a bad copy");
+            }
+        });
+    }
+
+    /// Takes the range of the extent to itself (see `Event::SubmitExclusive`).
+    async fn hold(
+        self: &Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        len: u64,
+    ) -> Result<(OpId, Epoch, Vec<NodeId>)> {
+        let (gtx, grx) = oneshot::channel();
+        let op =
+            Self::new_op(&mut self.inner.lock().unwrap(), Slot { done: None, grant: Some(gtx), data: None });
+        self.step_all([Event::SubmitExclusive { op, extent, offset, len }]);
+        // The sender goes with the slot if the request fails before the grant.
+        let (epoch, members) =
+            grx.await.map_err(|_| unavailable("the range could not be held (owner fenced?)"))?;
+        Ok((op, epoch, members))
+    }
+
+    /// Ends a hold; the receiver reports the change's outcome.
+    fn release(
+        self: &Arc<Self>,
+        op: OpId,
+        then: Then,
+    ) -> oneshot::Receiver<std::result::Result<(), OpError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(s) = self.inner.lock().unwrap().slots.get_mut(&op) {
+            s.done = Some(tx);
+        }
+        self.step_all([Event::Held { op, then }]);
+        rx
+    }
+
+    /// COMPARE AND WRITE within one extent: the range is held from the read
+    /// to the end of the write.
+    pub async fn compare_and_write(
+        self: &Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Option<u64>> {
+        self.check_serving()?;
+        self.ensure(extent).await?;
+        let len = data.len() as u64;
+        let (op, epoch, members) = self.hold(extent, offset, len).await?;
+        let mut found: Option<Result<Option<u64>>> = None;
+        for node in &members {
+            let msg = Message::ExtentRead(ExtentRead {
+                target: self.target(extent, epoch),
+                offset,
+                len: len as u32,
+            });
+            if let Ok(Message::ExtentReadReply(r)) = self.io.call(*node, msg).await
+                && r.data.len() as u64 == len
+            {
+                found =
+                    Some(Ok(r.data.iter().zip(compare.iter()).position(|(a, b)| a != b).map(|p| p as u64)));
+                break;
+            }
+        }
+        let found = found.unwrap_or_else(|| Err(unavailable("no replica could serve the compare")));
+        let then = match &found {
+            Ok(None) => {
+                if let Some(s) = self.inner.lock().unwrap().slots.get_mut(&op) {
+                    s.data = Some(data);
+                }
+                Then::Change { change: Change::Write { fua }, only: None }
+            }
+            _ => Then::Release,
+        };
+        let r = self.release(op, then).await.unwrap_or(Err(OpError::Metadata(extent)));
+        let found = found?;
+        r.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+        Ok(found)
+    }
+}
+
+/// The reconcile report of one replica's status reply.
+fn report_of(node: NodeId, s: &crate::proto::peer::ExtentState, extent_size: u64) -> Report {
+    let size = u64::from(s.region_size);
+    let dirty = s.dirty_regions.iter().map(|&r| (u64::from(r) * size, size)).collect();
+    // A region list that cannot be used (a zero region size with regions)
+    // costs a whole copy, never a skipped one.
+    let dirty = if size == 0 && !s.dirty_regions.is_empty() { vec![(0, extent_size)] } else { dirty };
+    Report { node, exists: s.exists, dirty }
+}

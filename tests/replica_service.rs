@@ -1,0 +1,516 @@
+//! The replica service (`node::replica`) on a real store (io_uring and
+//! psync, files under the target dir), called directly and through a real
+//! peer server over TCP: data byte-exact, fencing by generation (across a
+//! restart) and epoch, dirty regions, crc tables, hostile requests.
+
+use basalt::layout::Layout;
+use basalt::net::{
+    ClientConfig, PeerError, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig,
+};
+use basalt::node::fence::Fences;
+use basalt::node::replica::ReplicaService;
+use basalt::proto::peer::{
+    BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentFlush, ExtentRead, ExtentReadReply,
+    ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Message,
+};
+use basalt::storage::{EngineKind, Store, StoreConfig, StoreOptions};
+use basalt::types::{ClusterId, Epoch, ExtentIndex, ExtentKey, Generation, NodeId, VolumeId};
+use bytes::Bytes;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const EXTENT: u64 = 4 << 20;
+const REGION: u32 = 256 << 10;
+const VOLUME: VolumeId = VolumeId(1);
+const OWNER: NodeId = NodeId(77);
+const ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Psync];
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn at(extent: u64, epoch: u64, generation: u64) -> ExtentTarget {
+    ExtentTarget {
+        volume: VOLUME,
+        extent: ExtentIndex(extent),
+        epoch: Epoch(epoch),
+        generation: Generation(generation),
+    }
+}
+
+/// One replica node: a store and fences under a temporary directory.
+struct Replica {
+    kind: EngineKind,
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    svc: Arc<ReplicaService>,
+}
+
+impl Replica {
+    async fn new(kind: EngineKind) -> Replica {
+        let dir =
+            tempfile::Builder::new().prefix("replica-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let (store, svc) = Replica::start(kind, &dir.path().to_path_buf()).await;
+        Replica { kind, dir, store, svc }
+    }
+
+    async fn start(kind: EngineKind, dir: &PathBuf) -> (Arc<Store>, Arc<ReplicaService>) {
+        let cfg = StoreConfig { data_dirs: vec![dir.join("data")], engine: kind };
+        let opts = StoreOptions { region_size: REGION, clean_after_flushes: 1, ..Default::default() };
+        let store = Store::open_with(cfg, opts).await.unwrap();
+        assert_eq!(store.engine_kind(), kind);
+        let fences = Fences::open(&dir.join("state/fences")).unwrap();
+        let layout = Layout::contiguous(EXTENT).unwrap();
+        let svc =
+            ReplicaService::new(store.clone(), fences, Arc::new(move |v| (v == VOLUME).then_some(layout)));
+        (store, svc)
+    }
+
+    /// A restart: the store and the fences opened again from disk.
+    async fn reopen(&mut self) {
+        self.store.close().await.unwrap();
+        let (store, svc) = Replica::start(self.kind, &self.dir.path().to_path_buf()).await;
+        self.store = store;
+        self.svc = svc;
+    }
+
+    async fn ask(&self, m: Message) -> Message {
+        self.svc.handle(OWNER, m).await
+    }
+
+    async fn write(&self, t: ExtentTarget, offset: u64, data: Bytes) -> Message {
+        self.ask(Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, data })).await
+    }
+
+    async fn read(&self, t: ExtentTarget, offset: u64, len: u32) -> Bytes {
+        match self.ask(Message::ExtentRead(ExtentRead { target: t, offset, len })).await {
+            Message::ExtentReadReply(ExtentReadReply { crcs: None, data }) => data,
+            other => panic!("read {offset}+{len}: {other:?}"),
+        }
+    }
+
+    async fn flush(&self, t: ExtentTarget) {
+        let m = self.ask(Message::ExtentFlush(ExtentFlush { target: t, flush_number: 1 })).await;
+        assert_eq!(m, Message::ExtentOk);
+    }
+
+    async fn status(&self, t: ExtentTarget) -> ExtentState {
+        match self.ask(Message::ExtentStatus(t)).await {
+            Message::ExtentStatusReply(s) => s,
+            other => panic!("status: {other:?}"),
+        }
+    }
+
+    async fn crcs(&self, t: ExtentTarget, offset: u64, len: u64) -> Message {
+        self.ask(Message::ExtentCrcs(ExtentCrcs { target: t, offset, len })).await
+    }
+}
+
+fn err(m: Message) -> ExtentError {
+    match m {
+        Message::ExtentErr(ExtentErr { error, .. }) => error,
+        other => panic!("expected an extent error, got {other:?}"),
+    }
+}
+
+fn zeros(n: usize) -> Bytes {
+    Bytes::from(vec![0u8; n])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_zeroes_trim_and_flush_are_byte_exact() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        let data = pattern(1, 64 << 10);
+        assert_eq!(r.write(t, 8192, data.clone()).await, Message::ExtentOk, "{kind:?}");
+        assert_eq!(r.read(t, 8192, 64 << 10).await, data);
+        // A read across written data and holes: zeros around the data.
+        let mut want = vec![0u8; 8192];
+        want.extend_from_slice(&data);
+        want.resize(128 << 10, 0);
+        assert_eq!(r.read(t, 0, 128 << 10).await, Bytes::from(want.clone()));
+        // A partial block (512 bytes inside one) keeps the rest of it.
+        let small = pattern(2, 512);
+        assert_eq!(r.write(t, 8192 + 1024, small.clone()).await, Message::ExtentOk);
+        want[8192 + 1024..8192 + 1536].copy_from_slice(&small);
+        // Zeroes (allocated) over [16K, 24K), trim over [40K, 48K), one FUA.
+        let z = ExtentWriteZeroes { target: t, offset: 16 << 10, len: 8 << 10, deallocate: false, fua: true };
+        assert_eq!(r.ask(Message::ExtentWriteZeroes(z)).await, Message::ExtentOk);
+        want[16 << 10..24 << 10].fill(0);
+        let tr = ExtentTrim { target: t, offset: 40 << 10, len: 8 << 10, fua: false };
+        assert_eq!(r.ask(Message::ExtentTrim(tr)).await, Message::ExtentOk);
+        want[40 << 10..48 << 10].fill(0);
+        r.flush(t).await;
+        assert_eq!(r.read(t, 0, 128 << 10).await, Bytes::from(want.clone()));
+        let fua = ExtentWrite { target: t, offset: EXTENT - 4096, fua: true, data: pattern(3, 4096) };
+        assert_eq!(r.ask(Message::ExtentWrite(fua)).await, Message::ExtentOk);
+        assert_eq!(r.read(t, EXTENT - 4096, 4096).await, pattern(3, 4096));
+        // A never-written extent reads as zeros and is not created by it,
+        // nor by zeroes, trim or flush.
+        let t2 = at(2, 1, 1);
+        assert_eq!(r.read(t2, 4096, 1 << 20).await, zeros(1 << 20));
+        let z = ExtentWriteZeroes { target: t2, offset: 0, len: 4096, deallocate: true, fua: true };
+        assert_eq!(r.ask(Message::ExtentWriteZeroes(z)).await, Message::ExtentOk);
+        let tr = ExtentTrim { target: t2, offset: 0, len: 4096, fua: true };
+        assert_eq!(r.ask(Message::ExtentTrim(tr)).await, Message::ExtentOk);
+        r.flush(t2).await;
+        let key2 = ExtentKey { volume: VOLUME, index: ExtentIndex(2) };
+        assert!(!r.store.contains(key2), "{kind:?}: nothing but a write creates an extent");
+        assert_eq!(r.status(t2).await, ExtentState::absent(Generation(1), Epoch(1)));
+        // Everything flushed survives a restart.
+        let mut r = r;
+        r.reopen().await;
+        assert_eq!(r.read(t, 0, 128 << 10).await, Bytes::from(want));
+        assert_eq!(r.svc.refused(), 0);
+    }
+}
+
+struct Served(Arc<ReplicaService>);
+
+impl PeerHandler for Served {
+    fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.handle(peer.node, request).await })
+    }
+
+    fn one_way(&self, _peer: PeerInfo, _message: Message) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_through_a_peer_server_over_tcp() {
+    const CLUSTER: ClusterId = ClusterId(0x5eed_0000_0000_0000_0000_0000_0000_0013);
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let srv = PeerServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            ServerConfig::new(CLUSTER, NodeId(1)),
+            Arc::new(Served(r.svc.clone())),
+        )
+        .await
+        .unwrap();
+        let pool = PeerPool::new(ClientConfig::new(CLUSTER, OWNER));
+        let c = pool.client(srv.local_addr());
+        let t = at(1, 2, 3);
+        // Many writes in flight at once, each to its own range.
+        let writes = (0..32u64).map(|i| {
+            let c = c.clone();
+            async move {
+                let w =
+                    ExtentWrite { target: t, offset: i * 65536, fua: i % 5 == 0, data: pattern(i, 65536) };
+                c.request(Message::ExtentWrite(w)).await.unwrap()
+            }
+        });
+        for reply in futures::future::join_all(writes).await {
+            assert_eq!(reply, Message::ExtentOk, "{kind:?}");
+        }
+        let read = c.request(Message::ExtentRead(ExtentRead { target: t, offset: 0, len: 32 * 65536 })).await;
+        let Message::ExtentReadReply(ExtentReadReply { data, .. }) = read.unwrap() else { panic!() };
+        let want: Vec<u8> = (0..32u64).flat_map(|i| pattern(i, 65536).to_vec()).collect();
+        assert_eq!(data, Bytes::from(want.clone()));
+        let flush = ExtentFlush { target: t, flush_number: 1 };
+        assert_eq!(c.request(Message::ExtentFlush(flush)).await.unwrap(), Message::ExtentOk);
+        let crcs = c.request(Message::ExtentCrcs(ExtentCrcs { target: t, offset: 0, len: 8192 })).await;
+        let expect: Vec<u32> = want[..8192].chunks(4096).map(crc32c::crc32c).collect();
+        assert_eq!(crcs.unwrap(), Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: expect }));
+        // A stale generation over the wire: the exact error.
+        let old = ExtentWrite { target: at(1, 2, 2), offset: 0, fua: false, data: pattern(9, 4096) };
+        let reply = c.request(Message::ExtentWrite(old)).await.unwrap();
+        assert_eq!(err(reply), ExtentError::StaleGeneration { current: Generation(3) });
+        // Not an extent request.
+        let reply = c.request(Message::MetaRequest(Bytes::from_static(b"x"))).await;
+        assert!(matches!(reply, Err(PeerError::Remote { code: ErrorCode::Unsupported, .. })), "{reply:?}");
+        srv.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_generation_is_refused_also_after_a_restart() {
+    for kind in ENGINES {
+        let mut r = Replica::new(kind).await;
+        assert_eq!(r.write(at(0, 1, 5), 0, pattern(1, 4096)).await, Message::ExtentOk);
+        for g in [0, 4] {
+            let m = r.write(at(0, 1, g), 0, pattern(2, 4096)).await;
+            assert_eq!(err(m), ExtentError::StaleGeneration { current: Generation(5) }, "{kind:?}");
+        }
+        // Every kind is fenced, reads included.
+        let m = r.ask(Message::ExtentRead(ExtentRead { target: at(0, 1, 4), offset: 0, len: 4096 })).await;
+        assert_eq!(err(m), ExtentError::StaleGeneration { current: Generation(5) });
+        let m = r.ask(Message::ExtentStatus(at(3, 1, 1))).await;
+        assert_eq!(err(m), ExtentError::StaleGeneration { current: Generation(5) });
+        r.reopen().await;
+        let m = r.write(at(0, 1, 4), 0, pattern(2, 4096)).await;
+        assert_eq!(
+            err(m),
+            ExtentError::StaleGeneration { current: Generation(5) },
+            "{kind:?} after a restart"
+        );
+        assert_eq!(r.read(at(0, 1, 5), 0, 4096).await, pattern(1, 4096), "the refused write left nothing");
+        assert_eq!(r.status(at(0, 1, 6)).await.generation, Generation(6));
+        r.reopen().await;
+        assert_eq!(r.svc.fences().current(VOLUME), Generation(6));
+        let file = std::fs::read(r.dir.path().join("state/fences/v1")).unwrap();
+        assert_eq!(&file[..4], b"BFEN");
+        assert_eq!(u64::from_le_bytes(file[4..12].try_into().unwrap()), 6);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_generation_is_persisted_before_the_request_applies() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        // The fence file cannot be replaced (a directory stands in its
+        // place): raising the generation fails, so the write must not happen.
+        let blocker = r.dir.path().join("state/fences/v1");
+        std::fs::create_dir(&blocker).unwrap();
+        std::fs::write(blocker.join("keep"), b"x").unwrap();
+        let m = r.write(at(0, 1, 7), 0, pattern(1, 4096)).await;
+        assert_eq!(err(m), ExtentError::Io, "{kind:?}");
+        let key = ExtentKey { volume: VOLUME, index: ExtentIndex(0) };
+        assert!(!r.store.contains(key), "{kind:?}: nothing applied without the fence on disk");
+        assert_eq!(r.svc.fences().current(VOLUME), Generation(0));
+        std::fs::remove_dir_all(&blocker).unwrap();
+        // Concurrent raisers: all admitted, one generation on disk.
+        let writes = (0..8u64).map(|i| r.write(at(0, 1, 9), i * 4096, pattern(i, 4096)));
+        for m in futures::future::join_all(writes).await {
+            assert_eq!(m, Message::ExtentOk);
+        }
+        assert_eq!(r.svc.fences().current(VOLUME), Generation(9));
+        let file = std::fs::read(r.dir.path().join("state/fences/v1")).unwrap();
+        assert_eq!(u64::from_le_bytes(file[4..12].try_into().unwrap()), 9);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_is_refused_and_a_newer_one_observed() {
+    for kind in ENGINES {
+        let mut r = Replica::new(kind).await;
+        assert_eq!(r.write(at(0, 3, 1), 0, pattern(1, 4096)).await, Message::ExtentOk);
+        let m = r.write(at(0, 2, 1), 0, pattern(2, 4096)).await;
+        assert_eq!(err(m), ExtentError::StaleEpoch { current: Epoch(3) }, "{kind:?}");
+        assert_eq!(r.write(at(0, 4, 1), 4096, pattern(3, 4096)).await, Message::ExtentOk);
+        let m = r.ask(Message::ExtentRead(ExtentRead { target: at(0, 3, 1), offset: 0, len: 4096 })).await;
+        assert_eq!(err(m), ExtentError::StaleEpoch { current: Epoch(4) });
+        assert_eq!(r.status(at(0, 4, 1)).await.epoch, Epoch(4));
+        // Epochs are per extent: extent 1 never saw one.
+        assert_eq!(r.write(at(1, 1, 1), 0, pattern(4, 4096)).await, Message::ExtentOk);
+        // Recorded in the header by the flush, so a restart keeps it.
+        r.flush(at(0, 4, 1)).await;
+        r.reopen().await;
+        let m = r.write(at(0, 3, 1), 0, pattern(2, 4096)).await;
+        assert_eq!(err(m), ExtentError::StaleEpoch { current: Epoch(4) }, "{kind:?} after a restart");
+        assert_eq!(r.read(at(0, 4, 1), 0, 8192).await, [pattern(1, 4096), pattern(3, 4096)].concat());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_regions_follow_the_extents_activity_log() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        let region = u64::from(REGION);
+        assert_eq!(r.write(t, 0, pattern(1, 4096)).await, Message::ExtentOk);
+        assert_eq!(r.write(t, 5 * region + 8192, pattern(2, 8192)).await, Message::ExtentOk);
+        let s = r.status(t).await;
+        assert_eq!(
+            s,
+            ExtentState {
+                exists: true,
+                flush_number: 0,
+                generation: Generation(1),
+                epoch: Epoch(1),
+                region_size: REGION,
+                dirty_regions: vec![0, 5],
+            },
+            "{kind:?}"
+        );
+        assert_eq!(s.dirty_ranges(), vec![(0, region), (5 * region, region)]);
+        // The first flush makes the writes durable, but a region is marked
+        // clean only by a later flush (never by the sync that made its
+        // table page durable) after a flush interval without writes.
+        r.flush(t).await;
+        let s = r.status(t).await;
+        assert_eq!((s.flush_number, s.dirty_regions), (1, vec![0, 5]), "{kind:?}");
+        assert_eq!(r.write(t, 9 * region, pattern(3, 4096)).await, Message::ExtentOk);
+        r.flush(t).await;
+        let s = r.status(t).await;
+        assert_eq!((s.flush_number, s.dirty_regions), (2, vec![9]), "{kind:?}");
+        // A clean shutdown clears every idle region.
+        r.store.close().await.unwrap();
+        assert_eq!(r.status(t).await.dirty_regions, Vec::<u32>::new());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crc_tables_of_two_replicas_match_until_one_differs() {
+    for kind in ENGINES {
+        let a = Replica::new(kind).await;
+        let b = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        for r in [&a, &b] {
+            assert_eq!(r.write(t, 0, pattern(1, 256 << 10)).await, Message::ExtentOk);
+            assert_eq!(r.write(t, 1 << 20, pattern(2, 4096)).await, Message::ExtentOk);
+        }
+        // Zeros written on one, a hole (trimmed) on the other: equal.
+        assert_eq!(a.write(t, 2 << 20, zeros(8192)).await, Message::ExtentOk);
+        assert_eq!(b.write(t, 2 << 20, pattern(5, 8192)).await, Message::ExtentOk);
+        let tr = ExtentTrim { target: t, offset: 2 << 20, len: 8192, fua: false };
+        assert_eq!(b.ask(Message::ExtentTrim(tr)).await, Message::ExtentOk);
+        let whole = |m: Message| match m {
+            Message::ExtentCrcsReply(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let ca = whole(a.crcs(t, 0, EXTENT).await);
+        let cb = whole(b.crcs(t, 0, EXTENT).await);
+        assert_eq!(ca.block_size, 4096);
+        assert_eq!(ca.crcs.len(), (EXTENT / 4096) as usize);
+        assert_eq!(ca, cb, "{kind:?}");
+        assert_eq!(ca.crcs[0], crc32c::crc32c(&pattern(1, 256 << 10)[..4096]));
+        assert_eq!(ca.crcs[100], crc32c::crc32c(&[0; 4096]), "a hole has the crc of zeros");
+        // One block differs on b: exactly that crc differs.
+        assert_eq!(b.write(t, 77 * 4096 + 512, pattern(9, 512)).await, Message::ExtentOk);
+        let cb = whole(b.crcs(t, 0, EXTENT).await);
+        let differ: Vec<usize> = (0..ca.crcs.len()).filter(|&i| ca.crcs[i] != cb.crcs[i]).collect();
+        assert_eq!(differ, vec![77], "{kind:?}");
+        // A never-written extent: zero crcs, nothing created.
+        let c = whole(a.crcs(at(3, 1, 1), 4096, 8192).await);
+        assert_eq!(c.crcs, vec![crc32c::crc32c(&[0; 4096]); 2]);
+        assert!(!a.store.contains(ExtentKey { volume: VOLUME, index: ExtentIndex(3) }));
+        // A crc query of a newer generation does not fence the owner.
+        assert!(matches!(a.crcs(at(0, 1, 8), 0, 4096).await, Message::ExtentCrcsReply(_)));
+        assert_eq!(a.svc.fences().current(VOLUME), Generation(1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_the_exact_error() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        let write = |offset: u64, len: usize| {
+            Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, data: pattern(1, len) })
+        };
+        let read = |offset: u64, len: u32| Message::ExtentRead(ExtentRead { target: t, offset, len });
+        let zeroes = |offset: u64, len: u64| {
+            Message::ExtentWriteZeroes(ExtentWriteZeroes {
+                target: t,
+                offset,
+                len,
+                deallocate: true,
+                fua: false,
+            })
+        };
+        let trim =
+            |offset: u64, len: u64| Message::ExtentTrim(ExtentTrim { target: t, offset, len, fua: false });
+        let crcs = |offset: u64, len: u64| Message::ExtentCrcs(ExtentCrcs { target: t, offset, len });
+        let cases = [
+            (write(u64::MAX - 511, 512), ExtentError::OutOfRange),
+            (write(0, 0), ExtentError::OutOfRange),
+            (write(EXTENT - 512, 1024), ExtentError::OutOfRange),
+            (write(EXTENT, 512), ExtentError::OutOfRange),
+            (write(100, 512), ExtentError::Misaligned),
+            (write(512, 100), ExtentError::Misaligned),
+            (read(u64::MAX - 4095, 4096), ExtentError::OutOfRange),
+            (read(0, 0), ExtentError::OutOfRange),
+            (read(EXTENT - 4096, 8192), ExtentError::OutOfRange),
+            (read(1, 512), ExtentError::Misaligned),
+            (zeroes(4096, u64::MAX), ExtentError::OutOfRange),
+            (zeroes(0, EXTENT + 512), ExtentError::OutOfRange),
+            (zeroes(0, 0), ExtentError::OutOfRange),
+            (trim(u64::MAX, 1), ExtentError::OutOfRange),
+            (trim(7, 512), ExtentError::Misaligned),
+            (crcs(0, 0), ExtentError::OutOfRange),
+            (crcs(512, 4096), ExtentError::Misaligned),
+            (crcs(0, EXTENT + 4096), ExtentError::OutOfRange),
+            (crcs(u64::MAX - 4095, 8192), ExtentError::OutOfRange),
+            (Message::ExtentStatus(ExtentTarget { volume: VolumeId(2), ..t }), ExtentError::NotFound),
+            (
+                Message::ExtentWrite(ExtentWrite {
+                    target: ExtentTarget { volume: VolumeId(99), ..t },
+                    offset: 0,
+                    fua: false,
+                    data: pattern(1, 512),
+                }),
+                ExtentError::NotFound,
+            ),
+            (Message::ExtentStatus(at(u64::MAX, 1, 1)), ExtentError::NotFound),
+            (Message::ExtentStatus(at((1 << 56) / EXTENT, 1, 1)), ExtentError::NotFound),
+        ];
+        let n = cases.len() as u64;
+        for (m, want) in cases {
+            let shown = format!("{m:?}");
+            assert_eq!(err(r.ask(m).await), want, "{kind:?}: {}", &shown[..shown.len().min(200)]);
+        }
+        assert_eq!(r.svc.refused(), n);
+        let m = r.ask(Message::Ping).await;
+        assert!(matches!(m, Message::Error(e) if e.code == ErrorCode::Unsupported));
+        // Nothing of it created a file, and the last extent index is fine.
+        assert!(r.store.extent_keys().is_empty());
+        assert!(!r.status(at((1 << 56) / EXTENT - 1, 1, 1)).await.exists);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checksum_error_names_the_block() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        assert_eq!(r.write(t, 0, pattern(1, 64 << 10)).await, Message::ExtentOk);
+        r.flush(t).await;
+        let key = ExtentKey { volume: VOLUME, index: ExtentIndex(0) };
+        let ext = r.store.extent(key, EXTENT, Epoch(1)).await.unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(ext.path()).unwrap();
+            let at = ext.file_offset(5 * 4096 + 10);
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+            f.sync_all().unwrap();
+        }
+        match r.ask(Message::ExtentRead(ExtentRead { target: t, offset: 0, len: 64 << 10 })).await {
+            Message::ExtentErr(ExtentErr { error: ExtentError::Checksum, message }) => {
+                assert!(message.contains("block 5"), "{kind:?}: {message}")
+            }
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        // Blocks around it still read.
+        assert_eq!(r.read(t, 0, 5 * 4096).await, pattern(1, 64 << 10).slice(..5 * 4096));
+    }
+}
+
+/// A write whose caller goes away either lands before a newer owner is
+/// admitted or not at all: after the newer owner's first answer the data
+/// never changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_write_lands_before_a_newer_owner_or_not_at_all() {
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let old = pattern(1, 1 << 20);
+        let new = pattern(2, 1 << 20);
+        assert_eq!(r.write(at(0, 1, 1), 0, old.clone()).await, Message::ExtentOk);
+        for polls in 0..4 {
+            let fut = r.write(at(0, 1, 1 + polls), 0, new.clone());
+            let mut fut = Box::pin(fut);
+            for _ in 0..polls {
+                let _ = futures::poll!(fut.as_mut());
+            }
+            drop(fut);
+            // The newer owner's first request.
+            let _ = r.status(at(0, 1, 2 + polls)).await;
+            let first = r.read(at(0, 1, 2 + polls), 0, 1 << 20).await;
+            assert!(first == old || first == new, "{kind:?}: torn after {polls} polls");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert_eq!(r.read(at(0, 1, 2 + polls), 0, 1 << 20).await, first, "{kind:?}: changed later");
+        }
+    }
+}
