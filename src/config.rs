@@ -71,6 +71,12 @@ pub struct Listen {
     /// NBD; `None` (omit, or "off") disables it.
     #[serde(with = "opt_addr")]
     pub nbd: Option<SocketAddr>,
+    /// NBD on a unix socket at this path, for clients on the same host
+    /// (`nbd+unix:///NAME?socket=PATH`); omit to disable. Created with
+    /// permissions 0660; a stale socket file from a crashed run is
+    /// replaced, any other file there is refused; removed at shutdown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_unix: Option<PathBuf>,
     /// iSCSI; `None` (omit, or "off") disables it.
     #[serde(with = "opt_addr")]
     pub iscsi: Option<SocketAddr>,
@@ -142,6 +148,7 @@ impl Default for Listen {
         Listen {
             peer: ([127, 0, 0, 1], 7400).into(),
             nbd: Some(([127, 0, 0, 1], 10809).into()),
+            nbd_unix: None,
             iscsi: Some(([127, 0, 0, 1], 3260).into()),
             admin: ([127, 0, 0, 1], 7480).into(),
         }
@@ -195,6 +202,8 @@ pub enum ConfigError {
     Unspecified { field: &'static str, addr: SocketAddr },
     #[error("listen.{a} and listen.{b} are both {addr}")]
     SameListenAddr { a: &'static str, b: &'static str, addr: SocketAddr },
+    #[error("listen.nbd_unix: {path:?} {why}")]
+    NbdUnix { path: String, why: &'static str },
     #[error("cluster.voters: must be 1, 3 or 5 (got {0})")]
     Voters(u8),
     #[error("cluster.initial_members: {0} is listed twice")]
@@ -214,6 +223,9 @@ pub enum ConfigError {
     #[error("liveness.heartbeat_ms: must be at least 10 (got {0})")]
     HeartbeatMs(u64),
 }
+
+/// The longest path a unix socket can bind (`sun_path` less its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
 
 fn valid_label(s: &str) -> bool {
     (1..=64).contains(&s.len())
@@ -290,6 +302,25 @@ impl Config {
                 if *o == Some(addr) {
                     return Err(ConfigError::SameListenAddr { a: other, b: field, addr });
                 }
+            }
+        }
+        if let Some(p) = &self.listen.nbd_unix {
+            let path = p.display().to_string();
+            let bytes = p.as_os_str().len();
+            // sun_path holds 108 bytes, the terminating NUL included.
+            let why = if bytes == 0 {
+                Some("is empty")
+            } else if bytes > MAX_UNIX_PATH {
+                Some("is longer than the 107 bytes a unix socket path can have")
+            } else if path.ends_with('/') {
+                Some("names a directory; give the socket file's path")
+            } else if self.data_dirs.contains(p) || *p == self.state_dir {
+                Some("is a data or state directory; give the socket file's path")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ConfigError::NbdUnix { path, why });
             }
         }
         if ![1, 3, 5].contains(&self.cluster.voters) {
@@ -386,6 +417,7 @@ mod tests {
             [listen]
             peer = "10.0.0.1:7400"
             nbd = "10.0.0.1:10809"
+            nbd_unix = "/run/basalt/nbd.sock"
             iscsi = "off"
             admin = "10.0.0.1:7480"
             [cluster]
@@ -401,6 +433,8 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(c.capacity, Some(ByteSize(2 << 40)));
         assert_eq!(c.listen.iscsi, None);
+        assert_eq!(c.listen.nbd_unix, Some(PathBuf::from("/run/basalt/nbd.sock")));
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c, "nbd_unix round-trips");
         assert_eq!(c.engine, EngineKind::Psync);
         assert_eq!(c.flush_barrier, FlushBarrier::PerFile);
         assert_eq!(c.raft.tick_ms, 50);
@@ -499,6 +533,21 @@ mod tests {
             err(|c| c.listen.admin = c.listen.peer),
             ConfigError::SameListenAddr { a: "peer", b: "admin", .. }
         ));
+    }
+
+    #[test]
+    fn nbd_unix() {
+        assert_eq!(Config::default().listen.nbd_unix, None, "off unless configured");
+        let bad = |p: &str| err(|c| c.listen.nbd_unix = Some(p.into()));
+        assert!(matches!(bad(""), ConfigError::NbdUnix { why: "is empty", .. }));
+        assert!(matches!(bad(&format!("/{}", "s".repeat(107))), ConfigError::NbdUnix { .. }));
+        assert!(matches!(bad("/run/basalt/"), ConfigError::NbdUnix { .. }));
+        assert!(matches!(bad("/a"), ConfigError::NbdUnix { .. }), "a data directory");
+        let mut c = base();
+        c.listen.nbd_unix = Some(format!("/{}", "s".repeat(106)).into());
+        assert_eq!(c.validate(), Ok(()), "107 bytes fit");
+        c.listen.nbd_unix = Some("./basalt-demo/nbd.sock".into());
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -288,6 +288,7 @@ fn extent_of_an_older_format_is_refused_by_name() {
     let before = std::fs::read(&path).unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_basaltd"));
     cmd.arg("demo")
+        .args(["--nodes=1", "--replicas=1"])
         .arg(format!("--data={}", d.data.display()))
         .arg(format!("--nbd=127.0.0.1:{}", d.nbd_port))
         .args(["--iscsi=off", "--size=4M", "--extent-size=1MiB"]);

@@ -37,6 +37,7 @@ fn read_export(uri: &str, tmp: &Path, name: &str) -> Vec<u8> {
 fn refused(dirs: &[&Path]) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_basaltd"));
     cmd.arg("demo")
+        .args(["--nodes=1", "--replicas=1"])
         .args(dirs.iter().map(|d| format!("--data={}", d.display())))
         .arg(format!("--nbd=127.0.0.1:{}", common::free_port()))
         .args(["--iscsi=off", "--size=8M", "--extent-size=1MiB"]);
@@ -308,6 +309,7 @@ fn new_data_dir_parents_are_fsynced() {
         .arg(&trace)
         .arg(env!("CARGO_BIN_EXE_basaltd"))
         .arg("demo")
+        .args(["--nodes=1", "--replicas=1"])
         .arg(format!("--data={}", dir.display()))
         .args(["--volume=bad name", "--nbd=127.0.0.1:0", "--iscsi=off"])
         .arg(format!("--peer=127.0.0.1:{}", common::free_port()))

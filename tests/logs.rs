@@ -45,7 +45,7 @@ fn json_lines_carry_node_connection_and_volume_fields() {
     let (nbd, admin) = (free_port(), free_port());
     let log = tmp.path().join("basaltd.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_basaltd"))
-        .args(["--log-format", "json", "demo", "--size=16M", "--volume=vol7"])
+        .args(["--log-format", "json", "demo", "--nodes=1", "--replicas=1", "--size=16M", "--volume=vol7"])
         .arg(format!("--iscsi=127.0.0.1:{}", free_port()))
         .arg(format!("--data={}", tmp.path().join("data").display()))
         .arg(format!("--nbd=127.0.0.1:{nbd}"))

@@ -69,6 +69,7 @@ impl Notified {
         let log = tmp.path().join("basaltd.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_basaltd"));
         cmd.arg("demo")
+            .args(["--nodes=1", "--replicas=1"])
             .arg(format!("--data={}", tmp.path().join("data").display()))
             .arg(format!("--nbd=127.0.0.1:{}", free_port()))
             // Not off: a node without an iSCSI address is refused by the

@@ -98,6 +98,29 @@ pub struct VolumeInfo {
     /// Present in `GET /v1/volumes/{name}`, absent in the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extents: Option<Vec<ExtentInfo>>,
+    /// How many of `extents` are in each state; with `extents` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<VolumeHealth>,
+}
+
+/// A volume's extents counted by state. Every extent of the volume is
+/// counted, written or not: the metadata does not know which exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeHealth {
+    /// `healthy` when every extent is, else `degraded`.
+    pub state: String,
+    pub healthy: u64,
+    pub degraded: u64,
+}
+
+impl VolumeHealth {
+    /// Counts `extents` by their `state`.
+    pub fn of(extents: &[ExtentInfo]) -> VolumeHealth {
+        let degraded = extents.iter().filter(|e| e.state != ExtentInfo::HEALTHY).count() as u64;
+        let healthy = extents.len() as u64 - degraded;
+        let state = if degraded == 0 { ExtentInfo::HEALTHY } else { ExtentInfo::DEGRADED };
+        VolumeHealth { state: state.into(), healthy, degraded }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +129,8 @@ pub struct Owner {
     pub generation: u64,
 }
 
+/// One extent: its replica set (the computed placement, or the set the
+/// metadata records for it when that differs), the set's epoch, and state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtentInfo {
     pub index: u64,
@@ -161,6 +186,11 @@ pub struct ByteRange {
 pub struct UnreachableReplica {
     pub node: u64,
     pub error: String,
+}
+
+impl ExtentInfo {
+    pub const HEALTHY: &'static str = "healthy";
+    pub const DEGRADED: &'static str = "degraded";
 }
 
 /// The body of every error response.

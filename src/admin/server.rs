@@ -10,7 +10,7 @@
 //! | DELETE | `/v1/nodes/{id}` | 204 |
 //! | GET | `/v1/volumes` | `[VolumeInfo]` |
 //! | POST | `/v1/volumes` | [`CreateVolume`] -> [`VolumeInfo`] (201) |
-//! | GET | `/v1/volumes/{name}` | [`VolumeInfo`] with extents |
+//! | GET | `/v1/volumes/{name}` | [`VolumeInfo`] with extents and health |
 //! | DELETE | `/v1/volumes/{name}` | 204 |
 //! | POST | `/v1/volumes/{name}/verify` | [`VolumeVerify`] (200): every extent's replicas compared |
 //! | POST | `/v1/volumes/{name}/resize` | [`ResizeVolume`] -> [`VolumeInfo`] (200); 409 for a shrink without `allow_shrink` or with NBD clients connected |

@@ -92,7 +92,10 @@ enum VolumeCmd {
     },
     /// Every volume.
     List,
-    /// One volume with its owner and every extent's replica set.
+    /// One volume with its owner, every extent's replica set, epoch and
+    /// state (healthy, or degraded: fewer members than the volume's
+    /// replicas), and the counts of each. Text shows a volume of more
+    /// than 16 extents as runs of alike extents; --json lists every one.
     Show {
         name: String,
         /// Refresh every 2 seconds until interrupted (with --json: one JSON
@@ -352,22 +355,69 @@ fn volume_rows(vols: &[VolumeInfo]) -> String {
     table(&["NAME", "ID", "SIZE", "MIN/R", "EXTENT", "STRIPE", "OWNER", "MODE"], rows)
 }
 
+/// A volume of more extents than this shows runs of alike extents (same
+/// state and epoch) as one row in text; `--json` always lists each.
+const SHOW_EACH_EXTENT: usize = 16;
+
+/// Rows of the extent table: one per extent, or for a long volume one per
+/// run of consecutive extents of the same state and epoch (a run of one
+/// still shows its replica set; a longer run shows which nodes it spans).
+fn extent_rows(v: &VolumeInfo) -> Vec<Vec<String>> {
+    let extents = v.extents.as_deref().unwrap_or_default();
+    let ids = |r: &[u64]| r.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    if extents.len() <= SHOW_EACH_EXTENT {
+        return extents
+            .iter()
+            .map(|e| vec![e.index.to_string(), e.epoch.to_string(), e.state.clone(), ids(&e.replicas)])
+            .collect();
+    }
+    let mut rows = Vec::new();
+    for run in extents.chunk_by(|a, b| a.state == b.state && a.epoch == b.epoch) {
+        let (first, last) = (&run[0], &run[run.len() - 1]);
+        if run.len() == 1 {
+            rows.push(vec![
+                first.index.to_string(),
+                first.epoch.to_string(),
+                first.state.clone(),
+                ids(&first.replicas),
+            ]);
+            continue;
+        }
+        let mut nodes: Vec<u64> = run.iter().flat_map(|e| e.replicas.iter().copied()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut sizes: Vec<usize> = run.iter().map(|e| e.replicas.len()).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let each = sizes.iter().map(usize::to_string).collect::<Vec<_>>().join("-");
+        rows.push(vec![
+            format!("{}-{}", first.index, last.index),
+            first.epoch.to_string(),
+            first.state.clone(),
+            format!("{each} each, over nodes {}", ids(&nodes)),
+        ]);
+    }
+    rows
+}
+
 fn show_volume(v: &VolumeInfo, json: bool) {
     if json {
         return print_json(v);
     }
     print!("{}", volume_rows(std::slice::from_ref(v)));
-    let rows = v
-        .extents
-        .iter()
-        .flatten()
-        .map(|e| {
-            let set: Vec<String> = e.replicas.iter().map(u64::to_string).collect();
-            vec![e.index.to_string(), e.epoch.to_string(), e.state.clone(), set.join(",")]
-        })
-        .collect();
     println!();
-    print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], rows));
+    if let Some(h) = &v.health {
+        println!(
+            "{}: {} extents of {}, {} healthy, {} degraded (fewer than {} replicas)",
+            h.state,
+            h.healthy + h.degraded,
+            ByteSize(v.extent_size),
+            h.healthy,
+            h.degraded,
+            v.replicas
+        );
+    }
+    print!("{}", table(&["EXTENT", "EPOCH", "STATE", "REPLICAS"], extent_rows(v)));
 }
 
 fn show_verify(v: &VolumeVerify) {
@@ -555,5 +605,61 @@ fn main() -> ExitCode {
             eprintln!("basalt: {msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt::admin::{ExtentInfo, VolumeHealth};
+
+    fn volume(extents: Vec<ExtentInfo>) -> VolumeInfo {
+        VolumeInfo {
+            id: 1,
+            name: "v".into(),
+            size: extents.len() as u64 * (16 << 20),
+            replicas: 3,
+            min_replicas: 2,
+            extent_size: 16 << 20,
+            stripe_unit: 16 << 20,
+            stripe_width: 1,
+            read_only: false,
+            owner: None,
+            health: Some(VolumeHealth::of(&extents)),
+            extents: Some(extents),
+        }
+    }
+
+    fn extent(index: u64, epoch: u64, replicas: &[u64]) -> ExtentInfo {
+        let state = if replicas.len() < 3 { ExtentInfo::DEGRADED } else { ExtentInfo::HEALTHY };
+        ExtentInfo { index, epoch, replicas: replicas.to_vec(), state: state.into() }
+    }
+
+    #[test]
+    fn a_short_volume_lists_every_extent() {
+        let v = volume(vec![extent(0, 0, &[1, 2, 3]), extent(1, 2, &[3, 1])]);
+        let rows = extent_rows(&v);
+        assert_eq!(rows, vec![vec!["0", "0", "healthy", "1,2,3"], vec!["1", "2", "degraded", "3,1"]]);
+        assert_eq!(v.health.unwrap(), VolumeHealth { state: "degraded".into(), healthy: 1, degraded: 1 });
+    }
+
+    #[test]
+    fn a_long_volume_collapses_runs_of_alike_extents() {
+        let mut e: Vec<ExtentInfo> =
+            (0..40).map(|i| extent(i, 0, &[i % 4 + 1, (i + 1) % 4 + 1, 9])).collect();
+        e[17] = extent(17, 1, &[2, 9]);
+        e[18] = extent(18, 1, &[3, 9]);
+        let rows = extent_rows(&volume(e));
+        assert_eq!(
+            rows,
+            vec![
+                vec!["0-16", "0", "healthy", "3 each, over nodes 1,2,3,4,9"],
+                vec!["17-18", "1", "degraded", "2 each, over nodes 2,3,9"],
+                vec!["19-39", "0", "healthy", "3 each, over nodes 1,2,3,4,9"],
+            ]
+        );
+        let one = extent_rows(&volume((0..20).map(|i| extent(i, i % 2, &[1, 2, 3])).collect()));
+        assert_eq!(one.len(), 20, "runs of one show their sets");
+        assert_eq!(one[1], vec!["1", "1", "healthy", "1,2,3"]);
     }
 }

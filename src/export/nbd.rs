@@ -1,5 +1,8 @@
 //! NBD server: one tokio task per connection running the sans-IO codec in
-//! `proto::nbd` over a TCP socket, and turning requests into `Volume` calls.
+//! `proto::nbd` over a TCP socket or a unix socket (clients on the same
+//! host: `nbd+unix:///NAME?socket=PATH`), and turning requests into
+//! `Volume` calls. Both kinds of socket run the same handshake and
+//! transmission code, generic over [`Stream`].
 //!
 //! Per connection, after the handshake, one task reads and frames requests,
 //! validates them, and runs them as futures in a `FuturesUnordered`, so many
@@ -57,12 +60,14 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::IoSlice;
 use std::ops::Range;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,6 +99,90 @@ const STATUS_WINDOW: u64 = 16 << 20;
 const STATUS_CHARGE: u64 = 2 * 8 * MAX_STATUS_DESCRIPTORS as u64
     + (STATUS_WINDOW / 4096 + 2) * std::mem::size_of::<crate::types::MapExtent>() as u64;
 
+/// A connected socket NBD runs over: split into a read half the request
+/// loop awaits and a write half it writes replies to without waiting.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: WriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+    /// Socket options for request/reply traffic.
+    fn tune(&self) {}
+}
+
+/// The write half of a [`Stream`]: non-blocking vectored writes, and a
+/// wait for room in the socket.
+trait WriteHalf: AsyncWrite + Unpin + Send + 'static {
+    fn ready_to_write(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn try_writev(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+}
+
+impl Stream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn tune(&self) {
+        if let Err(e) = self.set_nodelay(true) {
+            debug!(error = %e, "TCP_NODELAY");
+        }
+    }
+}
+
+impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
+    fn ready_to_write(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.writable()
+    }
+    fn try_writev(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.try_write_vectored(bufs)
+    }
+}
+
+impl Stream for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl WriteHalf for tokio::net::unix::OwnedWriteHalf {
+    fn ready_to_write(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        self.writable()
+    }
+    fn try_writev(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.try_write_vectored(bufs)
+    }
+}
+
+/// A listening socket: TCP or unix.
+trait Listener: Send {
+    type Conn: Stream;
+    /// The next connection and how to name its peer in logs.
+    fn next(&self) -> impl Future<Output = std::io::Result<(Self::Conn, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+    async fn next(&self) -> std::io::Result<(TcpStream, String)> {
+        let (sock, peer) = self.accept().await?;
+        Ok((sock, peer.to_string()))
+    }
+}
+
+impl Listener for UnixListener {
+    type Conn = UnixStream;
+    async fn next(&self) -> std::io::Result<(UnixStream, String)> {
+        let (sock, _) = self.accept().await?;
+        // A unix client has no address worth logging; its process has.
+        let peer = match sock.peer_cred() {
+            Ok(c) => format!("unix:pid={},uid={}", c.pid().unwrap_or(0), c.uid()),
+            Err(_) => "unix".to_string(),
+        };
+        Ok((sock, peer))
+    }
+}
+
 /// Serves every volume of `node` on `listener` until `cancel` fires.
 pub async fn serve(
     listener: TcpListener,
@@ -102,11 +191,95 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> std::io::Result<()> {
     info!(addr = ?listener.local_addr().ok(), "NBD server listening");
+    accept_loop(&listener, node, cancel, tracker).await;
+    Ok(())
+}
+
+/// Why a unix socket for NBD could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixSocketError {
+    #[error("{0} exists and is not a socket; not removing it (choose another path, or move the file)")]
+    NotASocket(PathBuf),
+    #[error("{0}: another server is listening on it")]
+    InUse(PathBuf),
+    #[error("{path}: {what}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A unix socket NBD listens on, removed when the server stops.
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl UnixSocket {
+    /// Binds `path` with permissions 0660 (the owner and its group may
+    /// connect). A socket file nothing listens on (left by a crashed run)
+    /// is removed first; any other file there is refused, never removed.
+    pub fn bind(path: &Path) -> Result<UnixSocket, UnixSocketError> {
+        let io = |what| move |source| UnixSocketError::Io { path: path.to_path_buf(), what, source };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                // Connecting tells a live server from a stale file.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => return Err(UnixSocketError::InUse(path.to_path_buf())),
+                    Err(_) => {
+                        std::fs::remove_file(path).map_err(io("removing the stale socket"))?;
+                        info!(path = %path.display(), "removed a stale NBD socket left by an earlier run");
+                    }
+                }
+            }
+            Ok(_) => return Err(UnixSocketError::NotASocket(path.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("inspecting")(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(io("binding"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(io("setting permissions 0660"))?;
+        Ok(UnixSocket { listener, path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Serves every volume of `node` on the unix socket until `cancel` fires,
+/// then removes the socket file.
+pub async fn serve_unix(
+    socket: UnixSocket,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) -> std::io::Result<()> {
+    info!(path = %socket.path.display(), "NBD server listening on a unix socket");
+    accept_loop(&socket.listener, node, cancel, tracker).await;
+    drop(socket.listener);
+    match std::fs::remove_file(&socket.path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %socket.path.display(), error = %e, "NBD socket file not removed"),
+    }
+    Ok(())
+}
+
+async fn accept_loop<L: Listener>(
+    listener: &L,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let sectors = Arc::new(SectorLocks::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = listener.accept() => r,
+            r = listener.next() => r,
         };
         match accepted {
             Ok((sock, peer)) => {
@@ -122,7 +295,6 @@ pub async fn serve(
         }
     }
     info!("NBD server stopped accepting");
-    Ok(())
 }
 
 /// Why a connection ended other than by the client's choice.
@@ -155,11 +327,14 @@ enum Closed {
     Drained,
 }
 
-async fn connection(sock: TcpStream, node: Arc<Node>, cancel: CancellationToken, sectors: Arc<SectorLocks>) {
+async fn connection<S: Stream>(
+    sock: S,
+    node: Arc<Node>,
+    cancel: CancellationToken,
+    sectors: Arc<SectorLocks>,
+) {
     let _open = node.open_connection(crate::node::Frontend::Nbd);
-    if let Err(e) = sock.set_nodelay(true) {
-        debug!(error = %e, "TCP_NODELAY");
-    }
+    sock.tune();
     match run(sock, &node, &cancel, &sectors).await {
         Ok(how) => debug!(?how, "connection closed"),
         Err(e) => {
@@ -190,7 +365,11 @@ fn exports(node: &Node) -> Vec<Export> {
 }
 
 /// Reads more bytes into `buf`; `Ok(false)` on EOF or cancellation.
-async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationToken) -> std::io::Result<bool> {
+async fn fill<S: Stream>(
+    sock: &mut S,
+    buf: &mut BytesMut,
+    cancel: &CancellationToken,
+) -> std::io::Result<bool> {
     buf.reserve(4096);
     tokio::select! {
         _ = cancel.cancelled() => Ok(false),
@@ -198,8 +377,8 @@ async fn fill(sock: &mut TcpStream, buf: &mut BytesMut, cancel: &CancellationTok
     }
 }
 
-async fn run(
-    mut sock: TcpStream,
+async fn run<S: Stream>(
+    mut sock: S,
     node: &Arc<Node>,
     cancel: &CancellationToken,
     sectors: &SectorLocks,
@@ -230,8 +409,8 @@ async fn run(
 
 /// Option haggling: the agreed session plus any bytes already read past
 /// it, or how the connection ended.
-async fn negotiate(
-    sock: &mut TcpStream,
+async fn negotiate<S: Stream>(
+    sock: &mut S,
     node: &Arc<Node>,
     cancel: &CancellationToken,
 ) -> Result<Result<(Session, BytesMut), Closed>, ConnError> {
@@ -377,15 +556,15 @@ fn cost(req: &Request) -> u32 {
     1 + (payload_len(req) / UNIT_BYTES) as u32
 }
 
-async fn transmission(
-    sock: TcpStream,
+async fn transmission<S: Stream>(
+    sock: S,
     mut buf: BytesMut,
     target: Target,
     node_budget: &PayloadBudget,
     session: Session,
     cancel: &CancellationToken,
 ) -> Result<Closed, ConnError> {
-    let (mut rd, wr) = sock.into_split();
+    let (mut rd, wr) = sock.into_halves();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let mut decoder = RequestDecoder::new(session.sizes.max_payload);
     let mut inflight: Inflight = FuturesUnordered::new();
@@ -468,7 +647,7 @@ async fn transmission(
                     }
                 }
             }
-            r = wr.writable(), if !out.is_empty() => {
+            r = wr.ready_to_write(), if !out.is_empty() => {
                 if let Err(e) = r {
                     write_failed = true;
                     reading = false;
@@ -525,8 +704,8 @@ async fn transmission(
 
 /// Reads from the socket: into the payload being gathered, if any, else
 /// into the frame buffer.
-async fn read_more(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+async fn read_more<R: AsyncRead + Unpin>(
+    rd: &mut R,
     buf: &mut BytesMut,
     gathering: Option<&mut Gathering>,
 ) -> std::io::Result<usize> {
@@ -1048,7 +1227,7 @@ impl Outbox {
     }
 
     /// Writes as much as the socket takes now (vectored, no waiting).
-    fn try_flush(&mut self, wr: &OwnedWriteHalf) -> std::io::Result<()> {
+    fn try_flush<W: WriteHalf>(&mut self, wr: &W) -> std::io::Result<()> {
         let (mut seg, mut off) = (self.seg, self.off);
         let segs = self.buf.segments();
         let result = loop {
@@ -1066,7 +1245,7 @@ impl Outbox {
                 iov[k] = IoSlice::new(s);
                 k += 1;
             }
-            let mut n = match wr.try_write_vectored(&iov[..k]) {
+            let mut n = match wr.try_writev(&iov[..k]) {
                 Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(false),

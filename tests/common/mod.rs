@@ -58,7 +58,32 @@ pub fn free_port_on(ip: &str) -> u16 {
     }
 }
 
-/// A running `basaltd demo` on free loopback ports, with its own data dir.
+/// `n` consecutive ports, each free a moment ago on 127.0.0.1 and none
+/// handed out before by this process: a demo of `n` nodes listens on a
+/// base port + k for node k.
+pub fn free_port_run(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if (1..n).all(|k| base + k < 32_000 && claim(base + k)) {
+            return base;
+        }
+    }
+}
+
+/// Marks `port` handed out if it is free and was not handed out before.
+fn claim(port: u16) -> bool {
+    static CLAIMED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut c = CLAIMED.lock().unwrap_or_else(|e| e.into_inner());
+    if c.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+        return false;
+    }
+    c.push(port);
+    true
+}
+
+/// A running `basaltd demo` on free loopback ports, with its own data dir:
+/// the single-node slice (`--nodes=1 --replicas=1`) unless the arguments
+/// name `--nodes`.
 pub struct Daemon {
     child: Option<Child>,
     pub nbd_port: u16,
@@ -70,6 +95,10 @@ pub struct Daemon {
     pub data: PathBuf,
     pub volume: String,
     args: Vec<String>,
+    /// Nodes of the demo (`--nodes`).
+    pub nodes: u16,
+    /// What the demo printed on stdout, line by line, over every start.
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _tmp: Option<tempfile::TempDir>,
     pub log: PathBuf,
 }
@@ -83,20 +112,38 @@ impl Daemon {
     /// [`Daemon::start`] with its data directory under `parent` (another
     /// filesystem, say).
     pub fn start_in(parent: &Path, size: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_as(parent, size, extra, true)
+    }
+
+    /// `basaltd demo` with its own defaults for nodes and replicas (3 and
+    /// 3), which [`Daemon::start`] replaces with the single-node slice.
+    pub fn start_demo_defaults(size: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_as(&std::env::temp_dir(), size, extra, false)
+    }
+
+    fn start_as(parent: &Path, size: &str, extra: &[&str], single_by_default: bool) -> Daemon {
         let tmp = tempfile::Builder::new().prefix("basalt-test-").tempdir_in(parent).unwrap();
         let data = tmp.path().join("data");
+        let mut args: Vec<String> =
+            std::iter::once(format!("--size={size}")).chain(extra.iter().map(|s| s.to_string())).collect();
+        let nodes = args.iter().find_map(|a| a.strip_prefix("--nodes=")).map(|n| n.parse::<u16>().unwrap());
+        if nodes.is_none() && single_by_default {
+            args.splice(1..1, ["--nodes=1".to_string(), "--replicas=1".to_string()]);
+        }
+        // The demo's own default is 3 nodes.
+        let nodes = nodes.unwrap_or(if single_by_default { 1 } else { 3 });
         let mut d = Daemon {
             child: None,
-            nbd_port: free_port(),
-            iscsi_port: free_port(),
-            admin_port: free_port(),
-            peer_port: free_port(),
+            nbd_port: free_port_run(nodes),
+            iscsi_port: free_port_run(nodes),
+            admin_port: free_port_run(nodes),
+            peer_port: free_port_run(nodes),
             started: false,
             data,
             volume: "demo".into(),
-            args: std::iter::once(format!("--size={size}"))
-                .chain(extra.iter().map(|s| s.to_string()))
-                .collect(),
+            args,
+            nodes,
+            stdout: Default::default(),
             log: tmp.path().join("basaltd.log"),
             _tmp: Some(tmp),
         };
@@ -125,10 +172,10 @@ impl Daemon {
                     if self.started || attempt == 2 || !new_log.contains("Address already in use") {
                         panic!("basaltd did not become ready; log:\n{}", self.log_text());
                     }
-                    self.nbd_port = free_port();
-                    self.iscsi_port = free_port();
-                    self.admin_port = free_port();
-                    self.peer_port = free_port();
+                    self.nbd_port = free_port_run(self.nodes);
+                    self.iscsi_port = free_port_run(self.nodes);
+                    self.admin_port = free_port_run(self.nodes);
+                    self.peer_port = free_port_run(self.nodes);
                 }
             }
         }
@@ -149,21 +196,28 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn basaltd");
-        // The daemon prints its URI on stdout once it listens.
+        // The daemon prints how to reach it on stdout once it serves,
+        // ending with the line that names `basalt --admin`.
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let seen = self.stdout.clone();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let mut sent = false;
             while let Some(Ok(line)) = lines.next() {
-                if !sent && line.contains("nbd://") {
+                let last = line.contains("basalt --admin");
+                seen.lock().unwrap().push(line);
+                if !sent && last {
                     let _ = tx.send(());
                     sent = true;
                 }
             }
         });
-        // Ready, or gone (stdout closes and the sender drops), or 30 s.
-        match rx.recv_timeout(Duration::from_secs(30)) {
+        // Ready, or gone (stdout closes and the sender drops), or 30 s
+        // (90 s for a cluster of processes to elect a leader and create
+        // the volume on a loaded machine).
+        let limit = Duration::from_secs(if self.nodes > 1 { 90 } else { 30 });
+        match rx.recv_timeout(limit) {
             Ok(()) => Ok(child),
             Err(_) => {
                 let _ = child.kill();
@@ -171,6 +225,21 @@ impl Daemon {
                 Err(())
             }
         }
+    }
+
+    /// Every line the demo printed on stdout so far, over every start.
+    pub fn printed(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// The NBD unix socket of the single-node demo (its default path).
+    pub fn socket(&self) -> PathBuf {
+        self.data.join("nbd.sock")
+    }
+
+    /// `nbd+unix:///VOLUME?socket=...` on [`Daemon::socket`].
+    pub fn unix_uri(&self) -> String {
+        format!("nbd+unix:///{}?socket={}", self.volume, self.socket().display())
     }
 
     pub fn uri(&self) -> String {
@@ -228,7 +297,9 @@ impl Daemon {
     /// after the size at start (another `--engine`, say). The volume stays
     /// the one named at start.
     pub fn restart_with(&mut self, extra: &[&str]) {
-        self.args.truncate(1); // --size
+        // --size, and --nodes=1 --replicas=1 when the helper added them.
+        let keep = if self.args.get(1).is_some_and(|a| a == "--nodes=1") { 3 } else { 1 };
+        self.args.truncate(keep);
         self.args.extend(extra.iter().map(|s| s.to_string()));
         self.restart();
     }

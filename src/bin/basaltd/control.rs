@@ -6,7 +6,7 @@ use crate::run::{AddrBook, DemoVolume, ShellRequest, ShellResponse, shell_reques
 use basalt::admin::metrics::Metrics;
 use basalt::admin::{
     ClusterStatus, Control, ControlError, ControlResult, CreateVolume, ExtentInfo, NodeAddresses, NodeInfo,
-    Owner, ResizeVolume, VolumeInfo, VolumeVerify,
+    Owner, ResizeVolume, VolumeHealth, VolumeInfo, VolumeVerify,
 };
 use basalt::config::Config;
 use basalt::layout::Layout;
@@ -351,11 +351,16 @@ impl Daemon {
                     let (epoch, nodes) =
                         state.replicas(v.id, idx).unwrap_or((state.epoch(v.id, idx), Vec::new()));
                     let replicas: Vec<u64> = nodes.iter().map(|n| n.0).collect();
-                    let state_s = if replicas.len() < v.replicas as usize { "degraded" } else { "healthy" };
+                    let state_s = if replicas.len() < v.replicas as usize {
+                        ExtentInfo::DEGRADED
+                    } else {
+                        ExtentInfo::HEALTHY
+                    };
                     ExtentInfo { index: i, epoch: epoch.0, replicas, state: state_s.into() }
                 })
-                .collect()
+                .collect::<Vec<_>>()
         });
+        let health = extents.as_deref().map(VolumeHealth::of);
         VolumeInfo {
             id: v.id.0,
             name: v.name.clone(),
@@ -368,6 +373,7 @@ impl Daemon {
             read_only: v.read_only,
             owner: v.owner.map(|o| Owner { node: o.0, generation: v.generation.0 }),
             extents,
+            health,
         }
     }
 

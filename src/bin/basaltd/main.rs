@@ -62,6 +62,12 @@ struct DemoArgs {
     /// NBD listen address.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd: SocketAddr,
+    /// NBD on a unix socket at PATH, for clients on this host
+    /// (`nbd+unix:///NAME?socket=PATH`); "off" to disable. Default:
+    /// DATA/nbd.sock, or DATA/nodeK/nbd.sock with several nodes (an
+    /// explicit PATH then gives node K the path PATH.K).
+    #[arg(long, value_name = "PATH")]
+    nbd_unix: Option<String>,
     /// iSCSI listen address ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:3260")]
     iscsi: String,
@@ -71,15 +77,15 @@ struct DemoArgs {
     /// Volume size: 512M, 1G, 1GiB or plain bytes.
     #[arg(long, default_value = "1GiB")]
     size: ByteSize,
-    /// Nodes in the demo cluster, each its own process (with more than
-    /// one, node k listens on every base port + k - 1 and keeps its files
-    /// under DATA/nodeK).
-    #[arg(long, default_value_t = 1)]
+    /// Nodes in the demo cluster, each its own process (node k listens on
+    /// every base port + k - 1 and keeps its files under DATA/nodeK). With
+    /// `--nodes 1` the node runs inside this process: the single-node slice.
+    #[arg(long, default_value_t = 3)]
     nodes: u32,
-    /// Copies of every extent the volume asks for. Until the replicated
-    /// data path lands, a volume's data lives on its owner node.
-    #[arg(long, default_value_t = 1)]
-    replicas: u32,
+    /// Copies of every extent of the volume (when creating it). Default: 3,
+    /// or --nodes if there are fewer.
+    #[arg(long)]
+    replicas: Option<u32>,
     /// Admin API (HTTP) listen address; `basalt` talks to it.
     #[arg(long, default_value = "127.0.0.1:7480")]
     admin: SocketAddr,
@@ -208,14 +214,20 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 9 {
         anyhow::bail!("--nodes {}: from 1 to 9", args.nodes);
     }
-    if args.replicas == 0 || args.replicas > args.nodes {
-        anyhow::bail!("--replicas {}: from 1 to --nodes ({})", args.replicas, args.nodes);
+    let replicas = args.replicas.unwrap_or(args.nodes.min(3));
+    if replicas == 0 || replicas > args.nodes {
+        anyhow::bail!("--replicas {replicas}: from 1 to --nodes ({})", args.nodes);
     }
     let iscsi = match args.iscsi.as_str() {
         "off" | "" => None,
         a => Some(a.parse::<SocketAddr>().with_context(|| format!("--iscsi {a}"))?),
     };
     let root = args.data[0].clone();
+    let unix = match args.nbd_unix.as_deref() {
+        Some("off" | "") => supervise::UnixSocket::Off,
+        Some(p) => supervise::UnixSocket::Path(PathBuf::from(p)),
+        None => supervise::UnixSocket::Default,
+    };
     // The node's state (identity, Raft store) sits in one of its data
     // directories: the one that has it already, whatever the --data order.
     let state_dir = args
@@ -247,15 +259,20 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     base.iscsi.chap_mutual_user = args.chap_mutual_user.clone();
     base.iscsi.chap_mutual_secret = args.chap_mutual_secret.clone();
     let layout = Layout::contiguous(args.extent_size.0).context("--extent-size")?;
-    let min_replicas = if args.replicas >= 3 { 2 } else { 1 };
+    let min_replicas = if replicas >= 3 { 2 } else { 1 };
     if args.nodes == 1 {
+        base.listen.nbd_unix = match unix {
+            supervise::UnixSocket::Off => None,
+            supervise::UnixSocket::Path(p) => Some(p),
+            supervise::UnixSocket::Default => Some(root.join("nbd.sock")),
+        };
         base.validate().context("demo configuration")?;
         let demo = run::DemoVolume {
             name: args.volume.clone(),
             opts: VolumeOptions {
                 size: args.size.0,
                 layout,
-                replicas: args.replicas,
+                replicas,
                 min_replicas,
                 read_only: args.read_only,
             },
@@ -265,12 +282,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let volume = basalt::admin::CreateVolume {
         name: args.volume.clone(),
         size: args.size.0,
-        replicas: Some(args.replicas),
+        replicas: Some(replicas),
         min_replicas: Some(min_replicas),
         extent_size: Some(layout.extent_size),
         stripe_unit: Some(layout.stripe_unit),
         stripe_width: Some(layout.stripe_width),
         read_only: args.read_only,
     };
-    supervise::run(&root, args.nodes as usize, &base, Vec::new(), volume).await
+    supervise::run(&root, args.nodes as usize, &base, &unix, Vec::new(), volume).await
 }

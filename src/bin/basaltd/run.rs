@@ -522,6 +522,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     }
 
     let mut nbd_addr = None;
+    let mut nbd_unix = None;
     let mut iscsi_addr = None;
     if let Some(node) = &node {
         if let Some(a) = cfg.listen.nbd {
@@ -529,6 +530,14 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             nbd_addr = Some(l.local_addr()?);
             servers.spawn(
                 basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone())
+                    .in_current_span(),
+            );
+        }
+        if let Some(path) = &cfg.listen.nbd_unix {
+            let sock = basalt::export::nbd::UnixSocket::bind(path).context("listen.nbd_unix")?;
+            nbd_unix = Some(sock.path().to_path_buf());
+            servers.spawn(
+                basalt::export::nbd::serve_unix(sock, node.clone(), cancel.clone(), tracker.clone())
                     .in_current_span(),
             );
         }
@@ -550,16 +559,16 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
                     .in_current_span(),
             );
         }
-    } else if cfg.listen.nbd.is_some() || cfg.listen.iscsi.is_some() {
+    } else if cfg.listen.nbd.is_some() || cfg.listen.nbd_unix.is_some() || cfg.listen.iscsi.is_some() {
         tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");
     }
     daemon.set_ready();
     notifier.notify("READY=1");
     notifier.status("serving");
     if let Some(demo) = &opts.demo {
-        print_demo(&demo.name, nbd_addr, iscsi_addr, admin_addr);
+        print_demo(&demo.name, nbd_addr, nbd_unix.as_deref(), iscsi_addr, admin_addr);
     }
-    tracing::info!(admin = %admin_addr, nbd = ?nbd_addr, iscsi = ?iscsi_addr, "ready");
+    tracing::info!(admin = %admin_addr, nbd = ?nbd_addr, nbd_unix = ?nbd_unix, iscsi = ?iscsi_addr, "ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -624,6 +633,13 @@ fn set_clean_mark(state: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::open(state)?.sync_all()
 }
 
+/// `nbd+unix:///NAME?socket=PATH`, the socket made absolute (a client
+/// may run from another directory).
+pub fn nbd_unix_uri(name: &str, path: &std::path::Path) -> String {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("nbd+unix:///{name}?socket={}", abs.display())
+}
+
 fn reload(opts: &RunOptions) {
     let (Some(path), Some(handle)) = (&opts.config_path, &opts.log_reload) else {
         tracing::info!("SIGHUP: nothing to reload (no configuration file)");
@@ -655,7 +671,13 @@ fn apply_log_filter(cfg: &Config, handle: &LogReload, why: &str) {
     }
 }
 
-fn print_demo(name: &str, nbd: Option<SocketAddr>, iscsi: Option<SocketAddr>, admin: SocketAddr) {
+fn print_demo(
+    name: &str,
+    nbd: Option<SocketAddr>,
+    nbd_unix: Option<&std::path::Path>,
+    iscsi: Option<SocketAddr>,
+    admin: SocketAddr,
+) {
     if let Some(nbd_addr) = nbd {
         let uri = format!("nbd://{nbd_addr}/{name}");
         println!("basaltd demo: volume {name:?} at {uri}");
@@ -663,6 +685,11 @@ fn print_demo(name: &str, nbd: Option<SocketAddr>, iscsi: Option<SocketAddr>, ad
         println!("  qemu-img info {uri}");
         println!("  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' {uri}");
         println!("  nbd-client -N {name} {} {} /dev/nbd0 -C 4", nbd_addr.ip(), nbd_addr.port());
+    }
+    if let Some(path) = nbd_unix {
+        let uri = nbd_unix_uri(name, path);
+        println!("NBD on a unix socket: {uri}");
+        println!("  nbdinfo '{uri}'");
     }
     if let Some(a) = iscsi {
         let iqn = format!("iqn.2026-11.io.basalt:{name}");

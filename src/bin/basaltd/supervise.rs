@@ -12,6 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where the demo's nodes put their NBD unix sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixSocket {
+    Off,
+    /// DATA/nodeK/nbd.sock for node K.
+    Default,
+    /// PATH.K for node K.
+    Path(PathBuf),
+}
+
 /// One demo node: where its files are and how to reach it.
 #[derive(Debug)]
 pub struct DemoNode {
@@ -27,7 +37,7 @@ fn bump(a: SocketAddr, by: usize) -> anyhow::Result<SocketAddr> {
 
 /// Configs for `n` demo nodes under `root`: node k (from 0) listens on the
 /// base ports plus k; every node is an initial member.
-pub fn plan(root: &Path, n: usize, base: &Config) -> anyhow::Result<Vec<DemoNode>> {
+pub fn plan(root: &Path, n: usize, base: &Config, unix: &UnixSocket) -> anyhow::Result<Vec<DemoNode>> {
     let peers: Vec<SocketAddr> = (0..n).map(|k| bump(base.listen.peer, k)).collect::<anyhow::Result<_>>()?;
     let voters = match n {
         1 | 2 => 1,
@@ -44,6 +54,15 @@ pub fn plan(root: &Path, n: usize, base: &Config) -> anyhow::Result<Vec<DemoNode
             c.listen.admin = bump(base.listen.admin, k)?;
             c.listen.nbd = base.listen.nbd.map(|a| bump(a, k)).transpose()?;
             c.listen.iscsi = base.listen.iscsi.map(|a| bump(a, k)).transpose()?;
+            c.listen.nbd_unix = match unix {
+                UnixSocket::Off => None,
+                UnixSocket::Default => Some(dir.join("nbd.sock")),
+                UnixSocket::Path(p) => {
+                    let mut s = p.clone().into_os_string();
+                    s.push(format!(".{}", k + 1));
+                    Some(PathBuf::from(s))
+                }
+            };
             c.cluster.initial_members = peers.clone();
             c.cluster.voters = voters;
             c.zone = format!("zone{}", k + 1);
@@ -73,11 +92,16 @@ pub async fn run(
     root: &Path,
     n: usize,
     base: &Config,
+    unix: &UnixSocket,
     extra_args: Vec<String>,
     volume: CreateVolume,
 ) -> anyhow::Result<()> {
     let root = absolute(root)?;
-    let nodes = plan(&root, n, base)?;
+    let unix = match unix {
+        UnixSocket::Path(p) => UnixSocket::Path(absolute(p)?),
+        other => other.clone(),
+    };
+    let nodes = plan(&root, n, base, &unix)?;
     let exe = std::env::current_exe().context("finding the basaltd binary")?;
     let mut children: Vec<Option<Child>> = Vec::new();
     for node in &nodes {
@@ -115,35 +139,38 @@ async fn serve(
     let admin = nodes[0].config.listen.admin;
     let name = volume.name.clone();
     let vol = tokio::task::spawn_blocking(move || ensure_volume(admin, volume)).await??;
+    // Print only once every node serves: its listeners are open once its
+    // /readyz says so.
+    let admins: Vec<SocketAddr> = nodes.iter().map(|n| n.config.listen.admin).collect();
+    tokio::task::spawn_blocking(move || wait_ready(&admins)).await?;
     let status: ClusterStatus =
         tokio::task::spawn_blocking(move || http_get(admin, "/v1/cluster?stale=true"))
             .await?
             .map_err(anyhow::Error::msg)?;
     println!("basaltd demo: cluster {} of {} nodes, leader {:?}", status.id, nodes.len(), status.leader);
-    println!("volume {name:?} ({} bytes, {} replicas)", vol.size, vol.replicas);
+    println!(
+        "volume {name:?} ({} bytes, {} replicas, at least {} to accept a write)",
+        vol.size, vol.replicas, vol.min_replicas
+    );
     for node in nodes {
         let c = &node.config;
         let owner = vol.owner.as_ref().is_some_and(|o| {
             status.nodes.iter().any(|n| n.id == o.node && n.addresses.admin == c.listen.admin)
         });
-        let log = node.dir.join("basaltd.log");
-        match c.listen.nbd {
-            Some(nbd) if owner => {
-                println!(
-                    "  node {} (owner): nbd://{nbd}/{name}  admin {}  log {}",
-                    node.index + 1,
-                    c.listen.admin,
-                    log.display()
-                );
-            }
-            _ => println!(
-                "  node {}: admin {}  log {} (serves the volume once the replicated data path lands)",
-                node.index + 1,
-                c.listen.admin,
-                log.display()
-            ),
+        let pid = children.get(node.index).and_then(|c| c.as_ref()).map_or(0, Child::id);
+        println!("  node {}{} (pid {pid}):", node.index + 1, if owner { ", the volume's owner" } else { "" });
+        if let Some(nbd) = c.listen.nbd {
+            println!("    nbd://{nbd}/{name}");
         }
+        if let Some(path) = &c.listen.nbd_unix {
+            println!("    {}", crate::run::nbd_unix_uri(&name, path));
+        }
+        if let Some(iscsi) = c.listen.iscsi {
+            println!("    iscsi://{iscsi}/iqn.2026-11.io.basalt:{name}/0");
+        }
+        println!("    admin {}  log {}", c.listen.admin, node.dir.join("basaltd.log").display());
     }
+    println!("  basalt --admin {admin} volume show {name}");
     println!("  basalt --admin {admin} cluster status");
     tracing::info!("demo cluster ready");
 
@@ -200,6 +227,25 @@ fn ensure_volume(admin: SocketAddr, volume: CreateVolume) -> anyhow::Result<Volu
     anyhow::bail!("the demo cluster did not come up in 60 s (last: {last}); see the node logs")
 }
 
+/// Waits up to 60 s for every node's /readyz; a node still not ready then
+/// is reported (its log says why) and the others are served anyway.
+fn wait_ready(admins: &[SocketAddr]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (k, admin) in admins.iter().enumerate() {
+        loop {
+            let url = format!("http://{admin}/readyz");
+            if ureq::get(&url).timeout(Duration::from_secs(2)).call().is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(node = k + 1, %admin, "demo node not ready after 60 s; see its log");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// SIGTERM to every live node, then SIGKILL after 30 s.
 fn stop(children: &mut [Option<Child>]) {
     for c in children.iter().flatten() {
@@ -229,7 +275,7 @@ mod tests {
 
     #[test]
     fn plan_gives_distinct_ports_and_one_member_list() {
-        let nodes = plan(Path::new("/d"), 3, &Config::default()).unwrap();
+        let nodes = plan(Path::new("/d"), 3, &Config::default(), &UnixSocket::Default).unwrap();
         assert_eq!(nodes.len(), 3);
         assert_eq!(nodes[2].config.listen.peer.port(), 7402);
         assert_eq!(nodes[1].config.listen.nbd.unwrap().port(), 10810);
@@ -237,5 +283,11 @@ mod tests {
         assert_eq!(nodes[0].config.cluster.initial_members, nodes[2].config.cluster.initial_members);
         assert_eq!(nodes[0].config.cluster.voters, 3);
         assert_eq!(nodes[1].config.state_dir, PathBuf::from("/d/node2/state"));
+        assert_eq!(nodes[2].config.listen.nbd_unix, Some(PathBuf::from("/d/node3/nbd.sock")));
+        let named =
+            plan(Path::new("/d"), 2, &Config::default(), &UnixSocket::Path("/r/n.sock".into())).unwrap();
+        assert_eq!(named[1].config.listen.nbd_unix, Some(PathBuf::from("/r/n.sock.2")));
+        let off = plan(Path::new("/d"), 2, &Config::default(), &UnixSocket::Off).unwrap();
+        assert_eq!(off[0].config.listen.nbd_unix, None);
     }
 }
