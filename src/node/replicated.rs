@@ -454,12 +454,15 @@ impl Replicated {
         self.step_all(events);
         let mut first = Ok(());
         for r in rx {
-            let res = r.await.unwrap_or_else(|_| Err(OpError::Metadata(ExtentIndex(u64::MAX))));
+            let res = match r.await {
+                Ok(r) => r.map_err(|e| VolumeError::Unavailable(e.to_string())),
+                Err(_) => Err(unavailable("the request was dropped by its owner")),
+            };
             if let (Err(e), Ok(())) = (res, &first) {
                 first = Err(e);
             }
         }
-        first.map_err(|e| VolumeError::Unavailable(e.to_string()))
+        first
     }
 
     /// Every change acknowledged before this call is durable on every
@@ -470,9 +473,10 @@ impl Replicated {
         let op =
             Self::new_op(&mut self.inner.lock().unwrap(), Slot { done: Some(tx), grant: None, data: None });
         self.step_all([Event::Flush { op }]);
-        rx.await
-            .unwrap_or_else(|_| Err(OpError::Metadata(ExtentIndex(u64::MAX))))
-            .map_err(|e| VolumeError::Unavailable(e.to_string()))
+        match rx.await {
+            Ok(r) => r.map_err(|e| VolumeError::Unavailable(e.to_string())),
+            Err(_) => Err(unavailable("the flush was dropped by its owner")),
+        }
     }
 
     /// Reads `[offset, offset + len)` of the extent from one member: this
