@@ -499,10 +499,13 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
     if !require("qemu-io") {
         return;
     }
-    let c = Cluster::start(1, 1);
+    // The hostile peer talks to node 1, a replica of every extent (R=3 of
+    // 3) but not the owner; the real client goes through node 1 as well
+    // (forwarded to the owner, node 0).
+    let c = Cluster::start(3, 3);
     c.wait_leader(0, None);
-    c.cli_json(0, &["volume", "create", "h", "--size", "16M", "--replicas", "1", "--extent-size", "4M"]);
-    let u = uri(&c, 0, "h");
+    create(&c, 0, "h", "16M");
+    let u = uri(&c, 1, "h");
     assert_ok(&qemu_io_in(&[], &u, &["write -P 5 0 1M".into(), "flush".into()]), "a real client");
     let show = volume(&c, 0, "h");
     let status = c.cli_json(0, &["cluster", "status"]);
@@ -511,8 +514,8 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
     let generation = Generation(show["owner"]["generation"].as_u64().unwrap());
     let epoch = Epoch(show["extents"][0]["epoch"].as_u64().unwrap());
     assert!(generation.0 >= 1 && epoch.0 >= 1, "{show}");
-    let peer = c.nodes[0].peer;
-    let pid = c.pid(0).unwrap();
+    let peer = c.nodes[1].peer;
+    let pid = c.pid(1).unwrap();
     let target = |volume: VolumeId, extent: u64, epoch: Epoch, generation: Generation| ExtentTarget {
         volume,
         extent: ExtentIndex(extent),
@@ -565,7 +568,7 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
     }
     // Still open, still answering.
     assert_eq!(r.request(300, &Message::Ping), Message::Pong);
-    let log = c.log(0);
+    let log = c.log(1);
     let refused = count(&log, &r.local, "extent request refused");
     assert_eq!(refused, cases.len(), "one warn line per refusal:\n{log}");
     drop(r);
@@ -592,7 +595,7 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
         let mut r = RawPeer::hello(peer, cluster);
         let why = r.expect_malformed_then_closed(bytes);
         eprintln!("{what}: {why}");
-        wait_for("the bad-frame log line", 30, || count(&c.log(0), &r.local, "bad frame from peer") == 1);
+        wait_for("the bad-frame log line", 30, || count(&c.log(1), &r.local, "bad frame from peer") == 1);
     }
     assert_ok(&qemu_io_in(&[], &u, &["read -P 5 0 1M".into()]), "a real client after the malformed frames");
 
@@ -630,6 +633,284 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
     const BOUND: u64 = 512 << 20;
     assert!(after < BOUND, "VmHWM {after} bytes over the {BOUND}-byte bound");
     assert_ok(&qemu_io_in(&[], &u, &["read -P 5 0 1M".into(), "read -P 6 1M 1M".into()]), "a real client at the end");
-    assert!(c.pid(0).is_some());
-    assert!(!c.log(0).contains("panicked"), "{}", c.log(0));
+    for k in 0..3 {
+        assert!(!c.log(k).contains("panicked"), "node {k}:\n{}", c.log(k));
+    }
+}
+
+// --- network partition (namespaces, as in tests/cluster_partition.rs)
+
+struct Net {
+    sw: String,
+    nodes: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Net {
+    /// Node k at 10.232.0.(k+1) in a namespace of its own, all on one bridge.
+    fn new(n: usize) -> Net {
+        let tag = std::process::id();
+        let net = Net { sw: format!("bsf{tag}sw"), nodes: (0..n).map(|k| format!("bsf{tag}n{k}")).collect() };
+        ip(&["netns", "add", &net.sw]);
+        ip(&["-n", &net.sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &net.sw, "link", "set", "br0", "up"]);
+        for (k, ns) in net.nodes.iter().enumerate() {
+            let port = format!("sw{k}");
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &net.sw]);
+            ip(&["-n", &net.sw, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &net.sw, "link", "set", &port, "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("10.232.0.{}/24", k + 1), "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn link(&self, k: usize, up: bool) {
+        ip(&["-n", &self.sw, "link", "set", &format!("sw{k}"), if up { "up" } else { "down" }]);
+    }
+
+    fn wrap(&self, k: usize) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.nodes[k].clone()]
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain(std::iter::once(&self.sw)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// One client connection kept open through the partition: writes block i
+/// (4 KiB, every 8 bytes = i + 1) one after another, logging `S i` before
+/// and `OK i` or `ERR i errno` after each, until the stop file appears.
+const WRITER: &str = r#"
+import nbd, os, struct, sys, time
+uri, log_path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+h = nbd.NBD(); h.connect_uri(uri)
+log = open(log_path, "w", buffering=1)
+i = 0
+while not os.path.exists(stop) and i < 2048:
+    log.write(f"S {i}\n"); log.flush()
+    try:
+        h.pwrite(struct.pack("<Q", i + 1) * 512, i * 4096)
+        log.write(f"OK {i}\n")
+    except nbd.Error as e:
+        log.write(f"ERR {i} {e.errno}\n")
+    log.flush()
+    i += 1
+    time.sleep(0.1)
+"#;
+
+/// Reads blocks 0..n: those in `ok` must hold their write, the others
+/// their write or zeros. Prints the blocks that do not.
+const WRITER_CHECK: &str = r#"
+import nbd, struct, sys, json
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+n, ok = int(sys.argv[2]), set(json.loads(sys.argv[3]))
+bad = []
+for i in range(n):
+    d = h.pread(4096, i * 4096)
+    mine = struct.pack("<Q", i + 1) * 512
+    if d != mine and (i in ok or d != bytes(4096)):
+        bad.append(i)
+print(json.dumps(bad))
+"#;
+
+/// Sends pre-encoded frames (a Hello, then one request) to a peer address
+/// and prints the two answers as hex: run inside a node's namespace, it
+/// speaks to the others as that node would.
+const RAW_PEER: &str = r#"
+import socket, struct, sys
+host, port, frames = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+hello_len = 32 + struct.unpack("<I", frames[12:16])[0]
+s = socket.create_connection((host, port), timeout=60)
+def frame():
+    h = b""
+    while len(h) < 32:
+        c = s.recv(32 - len(h)); assert c, "closed"; h += c
+    n = struct.unpack("<I", h[12:16])[0]; p = b""
+    while len(p) < n:
+        c = s.recv(n - len(p)); assert c, "closed"; p += c
+    return h + p
+s.sendall(frames[:hello_len]); a = frame()
+s.sendall(frames[hello_len:]); b = frame()
+print(a.hex()); print(b.hex())
+"#;
+
+fn decode_hex(s: &str) -> Frame {
+    let bytes: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+    Decoder::default().decode(&mut BytesMut::from(&bytes[..])).unwrap().unwrap()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The owner cut off from the other two nodes: its client's writes fail
+/// with EIO once its lease runs out; a client through another node gets
+/// the volume with a new generation and the data written before the cut;
+/// after the link heals, the replicas refuse the old generation, every
+/// write the old owner acknowledged reads back, and `volume verify` is
+/// clean.
+#[test]
+fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
+    if !require("ip") || !require("qemu-io") || !require("nbdsh") || !require("nbdcopy") {
+        return;
+    }
+    let net = Net::new(3);
+    let ips: Vec<String> = (0..3).map(|k| format!("10.232.0.{}", k + 1)).collect();
+    let mut c = Cluster::configure(3, 3, Some(ips));
+    for k in 0..3 {
+        c.nodes[k].wrap = net.wrap(k);
+    }
+    for k in 0..3 {
+        c.spawn(k);
+    }
+    for k in 0..3 {
+        c.wait_ready(k);
+    }
+    let leader = c.wait_leader(0, None);
+    // The owner is not the Raft leader: the majority keeps its leader.
+    let a = (leader + 1) % 3;
+    let b = leader;
+    let a_id = node_id(&c, a, a);
+    let b_id = node_id(&c, a, b);
+    let v = create(&c, a, "p", "16M");
+    assert_eq!(v["owner"]["node"].as_u64(), Some(a_id), "{v}");
+    let wa = net.wrap(a);
+    let wb = net.wrap(b);
+    let (ua, ub) = (uri(&c, a, "p"), uri(&c, b, "p"));
+    assert_ok(&qemu_io_in(&wa, &ua, &["write -P 21 8M 1M".into(), "flush".into()]), "through the owner");
+    let gen_before = volume(&c, a, "p")["owner"]["generation"].as_u64().unwrap();
+
+    let s = common::scratch();
+    let script = common::write_file(s.path(), "writer.py", WRITER.as_bytes());
+    let log = s.path().join("writer.log");
+    let stop = s.path().join("stop");
+    let mut writer = Command::new("ip")
+        .args(["netns", "exec", &net.nodes[a], "/usr/bin/python3"])
+        .arg(&script)
+        .arg(&ua)
+        .arg(&log)
+        .arg(&stop)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.path().join("writer.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("10 writes through the owner", 120, || read_log().matches("OK ").count() >= 10);
+
+    net.link(a, false);
+    let cut_at = read_log().lines().filter(|l| l.starts_with("S ")).count();
+    wait_for("a write through the cut-off owner to fail", 180, || read_log().contains("ERR "));
+    let first_err = read_log().lines().find(|l| l.starts_with("ERR ")).unwrap().to_string();
+    assert!(first_err.ends_with(" 5"), "the first failed write gets EIO: {first_err}\n{}", read_log());
+
+    // Through node b: it takes the volume over once a is marked down.
+    let mut last = None;
+    wait_for("node b to serve the volume", 180, || {
+        let o = qemu_io_in(&wb, &ub, &["read -P 21 8M 1M".into()]);
+        let ok = io_ok(&o);
+        last = Some(text(&o));
+        ok
+    });
+    assert_ok(&qemu_io_in(&wb, &ub, &["write -P 22 9M 1M".into(), "flush".into()]), "through b");
+    let v = volume(&c, b, "p");
+    assert_eq!(v["owner"]["node"].as_u64(), Some(b_id), "{v}");
+    assert_eq!(v["owner"]["generation"].as_u64(), Some(gen_before + 1), "{v}");
+
+    net.link(a, true);
+    wait_for("node a to see the new owner", 120, || {
+        let o = c.cli(a, &["--json", "volume", "show", "p"]);
+        o.status.success()
+            && serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["owner"]["node"].as_u64() == Some(b_id))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(&stop, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = writer.kill();
+    let _ = writer.wait();
+
+    // The replicas refuse a write of the old generation, sent from a's
+    // namespace as the old owner would send it.
+    let status = c.cli_json(b, &["cluster", "status"]);
+    let cluster = ClusterId(u128::from_str_radix(status["id"].as_str().unwrap(), 16).unwrap());
+    let raw = common::write_file(s.path(), "raw.py", RAW_PEER.as_bytes());
+    let e0 = &v["extents"][2]; // 8M: written by both owners
+    let t = ExtentTarget {
+        volume: VolumeId(v["id"].as_u64().unwrap()),
+        extent: ExtentIndex(e0["index"].as_u64().unwrap()),
+        epoch: Epoch(e0["epoch"].as_u64().unwrap()),
+        generation: Generation(gen_before),
+    };
+    let mut frames = encode_to_bytes(
+        0,
+        FrameFlags::NONE,
+        &Message::Hello(Hello { version: ProtocolVersion::V1, cluster, node: NodeId(a_id) }),
+    )
+    .unwrap()
+    .to_vec();
+    let w = ExtentWrite { target: t, offset: 0, fua: true, data: Bytes::from(vec![0x99; 4096]) };
+    frames.extend_from_slice(&encode_to_bytes(9, FrameFlags::NONE, &Message::ExtentWrite(w)).unwrap());
+    for k in (0..3).filter(|&k| k != a) {
+        let o = run_in(
+            &wa,
+            60,
+            "/usr/bin/python3",
+            &[raw.to_str().unwrap(), &c.nodes[k].peer.ip().to_string(), &c.nodes[k].peer.port().to_string(), &hex(&frames)],
+        );
+        assert!(o.status.success(), "raw peer to node {k}: {}", text(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mut lines = out.lines();
+        assert!(matches!(decode_hex(lines.next().unwrap()).message, Message::HelloAck(_)));
+        let reply = decode_hex(lines.next().unwrap()).message;
+        match &reply {
+            Message::ExtentErr(e) => {
+                assert_eq!(e.error, ExtentError::StaleGeneration { current: Generation(gen_before + 1) }, "node {k}")
+            }
+            other => panic!("node {k} took a write of the old generation: {other:?}"),
+        }
+    }
+
+    // Every write the old owner acknowledged reads back through b; the
+    // others read back as written or as zeros.
+    let wlog = read_log();
+    let sent = wlog.lines().filter(|l| l.starts_with("S ")).count();
+    let ok: Vec<usize> =
+        wlog.lines().filter_map(|l| l.strip_prefix("OK ")).map(|n| n.parse().unwrap()).collect();
+    let errs = wlog.lines().filter(|l| l.starts_with("ERR ")).count();
+    let oks_after_cut = ok.iter().filter(|&&i| i >= cut_at).count();
+    eprintln!("writer: {sent} sent, {} acknowledged ({oks_after_cut} after the cut), {errs} failed; first error: {first_err}", ok.len());
+    let check = common::write_file(s.path(), "check.py", WRITER_CHECK.as_bytes());
+    let o = run_in(
+        &wb,
+        300,
+        "/usr/bin/python3",
+        &[check.to_str().unwrap(), &ub, &sent.to_string(), &serde_json::to_string(&ok).unwrap()],
+    );
+    assert!(o.status.success(), "check: {}", text(&o));
+    let bad: Vec<usize> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(bad.is_empty(), "blocks that read back wrong through the new owner: {bad:?}\n{wlog}");
+    assert_ok(&qemu_io_in(&wb, &ub, &["read -P 21 8M 1M".into(), "read -P 22 9M 1M".into()]), "both owners' data");
+    // Every extent read once (reconciled), then the replicas compared.
+    let o = run_in(&wb, 300, "nbdcopy", &[&ub, "null:"]);
+    assert!(o.status.success(), "full read: {}", text(&o));
+    let (code, report) = verify(&c, b, "p");
+    assert_eq!(code, 0, "{report}");
+    assert_eq!((report["mismatched"].as_u64(), report["incomplete"].as_u64()), (Some(0), Some(0)), "{report}");
+    for k in 0..3 {
+        c.kill9(k);
+    }
+    drop(net);
 }
