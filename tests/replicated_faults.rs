@@ -772,6 +772,9 @@ impl Drop for Net {
 /// One client connection kept open through the partition: writes block i
 /// (4 KiB, every 8 bytes = i + 1) one after another, logging `S i` before
 /// and `OK i` or `ERR i ERRNO-NAME` after each, until the stop file appears.
+/// After each write it reads 4 KiB at 9 MiB, which the new owner writes
+/// (0x16 bytes) during the partition, and logs what it saw: `R new`,
+/// `R zero` (the old data), `R other` or `R err ERRNO-NAME`.
 const WRITER: &str = r#"
 import nbd, os, struct, sys, time
 uri, log_path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -785,6 +788,11 @@ while not os.path.exists(stop) and i < 2048:
         log.write(f"OK {i}\n")
     except nbd.Error as e:
         log.write(f"ERR {i} {e.errno}\n")
+    try:
+        d = h.pread(4096, 9 << 20)
+        log.write("R new\n" if d == b"\x16" * 4096 else "R zero\n" if d == bytes(4096) else "R other\n")
+    except nbd.Error as e:
+        log.write(f"R err {e.errno}\n")
     log.flush()
     i += 1
     time.sleep(0.1)
@@ -863,6 +871,8 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     // The owner is not the Raft leader: the majority keeps its leader.
     let a = (leader + 1) % 3;
     let b = leader;
+    // a names the leader too before it is asked to create the volume.
+    assert_eq!(c.wait_leader(a, None), leader);
     let a_id = node_id(&c, a, a);
     let b_id = node_id(&c, a, b);
     let v = create(&c, a, "p", "16M");
@@ -905,6 +915,8 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
         ok
     });
     assert_ok(&qemu_io_in(&wb, &ub, &["write -P 22 9M 1M".into(), "flush".into()]), "through b");
+    // From here on, no read through the old owner may return the old data.
+    let new_written_at = read_log().len();
     let v = volume(&c, b, "p");
     assert_eq!(v["owner"]["node"].as_u64(), Some(b_id), "{v}");
     assert_eq!(v["owner"]["generation"].as_u64(), Some(gen_before + 1), "{v}");
@@ -938,6 +950,12 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     let _ = writer.kill();
     let _ = writer.wait();
 
+    let wlog = read_log();
+    let stale: Vec<&str> =
+        wlog[new_written_at..].lines().filter(|l| *l == "R zero" || *l == "R other").collect();
+    let fresh = wlog[new_written_at..].lines().filter(|l| *l == "R new").count();
+    eprintln!("reads through the old owner after the new owner wrote: {fresh} new, {} stale", stale.len());
+    assert!(stale.is_empty(), "the old owner served data older than the new owner's write:\n{wlog}");
     // The replicas refuse a write of the old generation, sent from a's
     // namespace as the old owner would send it.
     let status = c.cli_json(b, &["cluster", "status"]);
