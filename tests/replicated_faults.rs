@@ -70,6 +70,21 @@ fn assert_ok(o: &Output, what: &str) {
     assert!(io_ok(o), "{what}: {}\n{}", o.status, text(o));
 }
 
+/// [`assert_ok`], with the last lines of every node's log (Raft lines
+/// left out) in the failure.
+fn assert_ok_in(c: &Cluster, o: &Output, what: &str) {
+    if !io_ok(o) {
+        let logs: Vec<String> = (0..c.nodes.len())
+            .map(|k| {
+                let log = c.log(k);
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("raft")).collect();
+                format!("--- node {k}\n{}", lines[lines.len().saturating_sub(60)..].join("\n"))
+            })
+            .collect();
+        panic!("{what}: {}\n{}\n{}", o.status, text(o), logs.join("\n"));
+    }
+}
+
 fn volume(c: &Cluster, k: usize, name: &str) -> Value {
     c.cli_json(k, &["volume", "show", name])
 }
@@ -880,7 +895,11 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     let wa = net.wrap(a);
     let wb = net.wrap(b);
     let (ua, ub) = (uri(&c, a, "p"), uri(&c, b, "p"));
-    assert_ok(&qemu_io_in(&wa, &ua, &["write -P 21 8M 1M".into(), "flush".into()]), "through the owner");
+    assert_ok_in(
+        &c,
+        &qemu_io_in(&wa, &ua, &["write -P 21 8M 1M".into(), "flush".into()]),
+        "through the owner",
+    );
     let gen_before = volume(&c, a, "p")["owner"]["generation"].as_u64().unwrap();
 
     let s = common::scratch();
