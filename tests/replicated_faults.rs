@@ -1128,3 +1128,53 @@ fn hostile_peer_connections_cannot_grow_memory_without_bound() {
     assert!(during < BOUND, "VmHWM {} MiB over the {} MiB bound", during >> 20, BOUND >> 20);
     drop(held);
 }
+
+/// An R=1 volume is served by its owner from its own store; the replica
+/// service on that node must still refuse a peer's write of an older
+/// owner generation (after a clean restart, so no crash recovery is in the
+/// way), and the volume's data must stay what its client wrote.
+#[test]
+fn stale_generation_write_to_an_r1_volume_is_refused() {
+    if !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(1, 1);
+    c.wait_leader(0, None);
+    c.cli_json(0, &["volume", "create", "one", "--size", "8M", "--replicas", "1", "--extent-size", "4M"]);
+    let u = uri(&c, 0, "one");
+    assert_ok_in(&c, &qemu_io_in(&[], &u, &["write -P 5 0 64k".into(), "flush".into()]), "a real client");
+    assert_eq!(c.terminate(0), Some(0));
+    c.spawn(0);
+    c.wait_ready(0);
+    c.wait_leader(0, None);
+    let show = volume(&c, 0, "one");
+    let status = c.cli_json(0, &["cluster", "status"]);
+    let cluster = ClusterId(u128::from_str_radix(status["id"].as_str().unwrap(), 16).unwrap());
+    let generation = Generation(show["owner"]["generation"].as_u64().unwrap());
+    assert!(generation.0 >= 1, "{show}");
+    let t = ExtentTarget {
+        volume: VolumeId(show["id"].as_u64().unwrap()),
+        extent: ExtentIndex(0),
+        epoch: Epoch(show["extents"][0]["epoch"].as_u64().unwrap()),
+        generation: Generation(generation.0 - 1),
+    };
+    let mut r = RawPeer::hello(c.nodes[0].peer, cluster);
+    let w = ExtentWrite { target: t, offset: 0, fua: true, data: Bytes::from(vec![0xee; 4096]) };
+    let reply = r.request(1, &Message::ExtentWrite(w));
+    let data = qemu_io_in(&[], &u, &["read -P 5 0 64k".into()]);
+    assert_eq!(
+        reply,
+        Message::ExtentErr(basalt::proto::peer::ExtentErr {
+            error: ExtentError::StaleGeneration { current: generation },
+            message: match &reply {
+                Message::ExtentErr(e) => e.message.clone(),
+                _ => String::new(),
+            },
+        }),
+        "a write of generation {} to an R=1 volume of generation {}; the client now reads: {}",
+        generation.0 - 1,
+        generation.0,
+        text(&data)
+    );
+    assert_ok_in(&c, &data, "the client's data is untouched");
+}
