@@ -159,7 +159,7 @@ impl std::fmt::Debug for ReplicaService {
 }
 
 /// The target of a data message, if it is one.
-fn target_of(m: &Message) -> Option<ExtentTarget> {
+pub fn target_of(m: &Message) -> Option<ExtentTarget> {
     Some(match m {
         Message::ExtentWrite(w) => w.target,
         Message::ExtentRead(r) => r.target,

@@ -233,7 +233,26 @@ impl PeerHandler for Handler {
                 | Message::ExtentFlush(_)
                 | Message::ExtentStatus(_)
                 | Message::ExtentCrcs(_)) => match replica {
-                    Some(r) => r.handle(peer.node, m).await,
+                    Some(r) => {
+                        // The metadata's owner generation is a floor too: a
+                        // volume served from the local store directly (the
+                        // single-node slice) never raises the replica's fence.
+                        let floor = basalt::node::replica::target_of(&m).and_then(|t| {
+                            let v = meta.as_ref()?.subscribe().borrow().volume(t.volume)?.generation.0;
+                            (t.generation.0 < v).then_some((t, v))
+                        });
+                        if let Some((t, current)) = floor {
+                            tracing::warn!(peer = %peer.addr, node = %peer.node, volume = %t.volume,
+                                asked = t.generation.0, current, "extent request of an old owner generation refused");
+                            return Message::ExtentErr(basalt::proto::peer::ExtentErr {
+                                error: basalt::proto::peer::ExtentError::StaleGeneration {
+                                    current: basalt::types::Generation(current),
+                                },
+                                message: format!("owner generation {} is older than {current}", t.generation.0),
+                            });
+                        }
+                        r.handle(peer.node, m).await
+                    }
                     None => error_reply(
                         ErrorCode::ShuttingDown,
                         "this node stores no replicas (or is still starting)",
@@ -485,7 +504,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         let view = latest.clone();
         let layout_of: basalt::node::replica::LayoutOf =
             Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
-        let crashed = take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")?;
+        // A fresh state dir has no mark and nothing to distrust.
+        let crashed = take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")? && !fresh;
         if crashed {
             tracing::warn!(
                 "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
