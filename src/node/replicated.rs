@@ -249,7 +249,7 @@ impl Replicated {
                         tokio::spawn(async move {
                             tracing::warn!(volume = %me.volume, %extent, %epoch, ?replicas,
                                 "a replica failed: removing it from the extent's set");
-                            let r = me.io.propose(me.volume, extent, epoch, replicas.clone()).await;
+                            let r = me.propose_patiently(extent, epoch, replicas.clone()).await;
                             let ev = match r {
                                 Ok(()) => {
                                     me.stats.degraded.fetch_add(1, Ordering::Relaxed);
@@ -268,6 +268,28 @@ impl Replicated {
                 Action::Fenced { generation } => {
                     tracing::error!(volume = %self.volume, ours = %self.generation, theirs = %generation,
                         "a replica has seen a newer owner generation: this node stops serving the volume");
+                }
+            }
+        }
+    }
+
+    /// Proposes a replica set, retrying for a while: a commit fails
+    /// while the metadata group elects a leader (the failed node may have
+    /// led it), and requests wait on it rather than fail.
+    async fn propose_patiently(
+        &self,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        replicas: Vec<NodeId>,
+    ) -> std::result::Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.io.propose(self.volume, extent, epoch, replicas.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::info!(volume = %self.volume, %extent, error = %e, "replica set not committed yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             }
         }
@@ -384,7 +406,7 @@ impl Replicated {
                 return Err(unavailable(format!("no replica of extent {extent} answered")));
             }
             let next = Epoch(epoch.0 + 1);
-            self.io.propose(self.volume, extent, next, keep.clone()).await.map_err(unavailable)?;
+            self.propose_patiently(extent, next, keep.clone()).await.map_err(unavailable)?;
             self.stats.degraded.fetch_add(1, Ordering::Relaxed);
             (epoch, set) = (next, keep);
         }
