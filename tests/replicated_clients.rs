@@ -273,3 +273,123 @@ fn three_nodes_r3_clients_write_through_the_owner_and_read_through_the_others() 
 fn five_nodes_r3_clients_write_through_the_owner_and_read_through_the_others() {
     write_through_the_owner_read_through_the_others(5);
 }
+
+const INI1: &str = "iqn.2026-11.io.basalt.test:rcu1";
+const INI2: &str = "iqn.2026-11.io.basalt.test:rcu2";
+
+/// The SCSI suites `tests/iscsi_compliance.rs` runs on one node.
+const SCSI_SUITES: &[&str] = &[
+    "TestUnitReady",
+    "Inquiry",
+    "ReadCapacity10",
+    "ReadCapacity16",
+    "Read6",
+    "Read10",
+    "Read12",
+    "Read16",
+    "Write10",
+    "Write12",
+    "Write16",
+    "ModeSense6",
+    "Mandatory",
+    "WriteSame10",
+    "WriteSame16",
+    "Unmap",
+    "CompareAndWrite",
+    "Verify10",
+    "Verify12",
+    "Verify16",
+    "WriteVerify10",
+    "WriteVerify12",
+    "WriteVerify16",
+    "GetLBAStatus",
+];
+
+/// One `iscsi-test-cu` suite's CUnit verdicts: tests run, and the names of
+/// those that failed. (The parse is the one of tests/iscsi_compliance.rs.)
+struct SuiteResult {
+    suite: String,
+    ran: u32,
+    failed: Vec<String>,
+}
+
+fn run_suite(url: &str, suite: &str) -> SuiteResult {
+    let out = Command::new("iscsi-test-cu")
+        .args(["--dataloss", "-i", INI1, "-I", INI2, "-t", suite, url])
+        .output()
+        .expect("run iscsi-test-cu");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let summary = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tests "))
+        .unwrap_or_else(|| panic!("{suite}: no CUnit summary in:\n{text}"));
+    // "tests  Total  Ran  Passed  Failed  Inactive"
+    let n: Vec<u32> = summary.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+    let mut failed = Vec::new();
+    let body = text.split_once("Suite: ").map(|(_, b)| b).unwrap_or("");
+    for chunk in body.split("  Test: ").skip(1) {
+        let (name, after) = chunk.split_once(" ...").unwrap_or((chunk, ""));
+        let verdict = after.lines().enumerate().find_map(|(i, l)| {
+            let l = if i == 0 { l.trim_start() } else { l };
+            if l.starts_with("passed") {
+                Some(true)
+            } else if l.starts_with("FAILED") {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        if verdict != Some(true) {
+            failed.push(name.to_string());
+        }
+    }
+    assert_eq!(n[1], n[0], "{suite}: not every test ran:\n{text}");
+    assert_eq!(failed.len() as u32, n[3], "{suite}: failure parse disagrees with CUnit:\n{text}");
+    assert!(n[1] > 0, "{suite}: no tests ran (unknown suite name?)");
+    if !failed.is_empty() {
+        eprintln!("--- {suite} on {url} ---\n{text}");
+    }
+    SuiteResult { suite: suite.to_string(), ran: n[1], failed }
+}
+
+/// Every suite through `k`, with none failing.
+fn suites_pass_through(c: &Cluster, k: usize, name: &str) {
+    let url = format!("iscsi://{}/iqn.2026-11.io.basalt:{name}/0", c.nodes[k].iscsi);
+    let mut results: Vec<SuiteResult> =
+        SCSI_SUITES.iter().map(|s| run_suite(&url, &format!("SCSI.{s}"))).collect();
+    results.push(run_suite(&url, "iSCSI"));
+    let ran: u32 = results.iter().map(|r| r.ran).sum();
+    assert_eq!(ran, 141, "the 24 SCSI suites and the iSCSI family have 141 tests in libiscsi 1.19");
+    let mut bad = Vec::new();
+    for r in &results {
+        eprintln!("node {k} {:<24} ran {:>3} failed {:?}", r.suite, r.ran, r.failed);
+        if !r.failed.is_empty() {
+            bad.push(format!("{}: {:?}", r.suite, r.failed));
+        }
+    }
+    assert!(bad.is_empty(), "through node {k}: {bad:?}\n{}", node_logs(c));
+}
+
+/// libiscsi's compliance suites on an R=3 volume, through the owner and
+/// through a node that forwards every command to it; the replicas agree
+/// afterwards.
+#[test]
+fn iscsi_compliance_suites_pass_on_r3_through_the_owner_and_a_forwarding_node() {
+    if !require("iscsi-test-cu") {
+        return;
+    }
+    let c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let ids = node_ids(&c);
+    let v = create(&c, "cu", "64M");
+    assert_eq!(v["owner"]["node"].as_u64(), Some(ids[0]), "{v}");
+    let t = std::time::Instant::now();
+    suites_pass_through(&c, 0, "cu");
+    eprintln!("through the owner: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    suites_pass_through(&c, 1, "cu");
+    eprintln!("through node B: {:?}", t.elapsed());
+    assert_eq!(c.cli_json(2, &["volume", "show", "cu"])["owner"]["node"].as_u64(), Some(ids[0]));
+    assert_verify_clean(&c, 2, "cu");
+    assert_no_panic(&c);
+}
