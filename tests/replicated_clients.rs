@@ -230,6 +230,14 @@ fn write_through_the_owner_read_through_the_others(n: usize) {
         assert!(stdout(&o).contains("Images are identical"), "{}", stdout(&o));
     }
 
+    // They forwarded: A still owns the volume, in the generation it had.
+    let owner = c.cli_json(2, &["volume", "show", "rc"])["owner"].clone();
+    assert_eq!(
+        (owner["node"].as_u64(), &owner["generation"]),
+        (Some(ids[0]), &v["owner"]["generation"]),
+        "{owner}"
+    );
+
     assert_verify_clean(&c, 1, "rc");
 
     // Extents 0-23 were written (64 KiB units over sets of four 4 MiB
