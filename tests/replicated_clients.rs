@@ -408,7 +408,13 @@ fn iscsi_compliance_suites_pass_on_r3_through_the_owner_and_a_forwarding_node() 
     let t = std::time::Instant::now();
     suites_pass_through(&c, 1, "cu");
     eprintln!("through node B: {:?}", t.elapsed());
-    assert_eq!(c.cli_json(2, &["volume", "show", "cu"])["owner"]["node"].as_u64(), Some(ids[0]));
+    // Node B forwarded: A still owns the volume, in the generation it had.
+    let owner = c.cli_json(2, &["volume", "show", "cu"])["owner"].clone();
+    assert_eq!(
+        (owner["node"].as_u64(), &owner["generation"]),
+        (Some(ids[0]), &v["owner"]["generation"]),
+        "{owner}"
+    );
     assert_verify_clean(&c, 2, "cu");
     assert_no_panic(&c);
 }
