@@ -1069,7 +1069,6 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     drop(net);
 }
 
-
 /// An R=1 volume is served by its owner from its own store; the replica
 /// service on that node must still refuse a peer's write of an older
 /// owner generation (after a clean restart, so no crash recovery is in the

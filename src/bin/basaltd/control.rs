@@ -293,7 +293,20 @@ impl Daemon {
         let mut local = node.catalog_specs();
         local.sort_by_key(|v| v.id);
         for v in local {
-            let state = self.meta.read(Consistency::Linearizable).await?;
+            // After every node restarted, the group may take a while to
+            // elect a leader: wait for one rather than exit.
+            let mut tries = 0;
+            let state = loop {
+                match self.meta.read(Consistency::Linearizable).await {
+                    Ok(s) => break s,
+                    Err(e) if tries < 24 => {
+                        tries += 1;
+                        tracing::info!(error = %basalt::units::error_chain(&e), "metadata not readable yet; waiting for a leader");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             if let Some(m) = state.volume(v.id) {
                 if m.name != v.name {
                     anyhow::bail!(

@@ -248,7 +248,10 @@ impl PeerHandler for Handler {
                                 error: basalt::proto::peer::ExtentError::StaleGeneration {
                                     current: basalt::types::Generation(current),
                                 },
-                                message: format!("owner generation {} is older than {current}", t.generation.0),
+                                message: format!(
+                                    "owner generation {} is older than {current}",
+                                    t.generation.0
+                                ),
                             });
                         }
                         r.handle(peer.node, m).await
