@@ -243,7 +243,7 @@ impl PeerHandler for Handler {
                         });
                         if let Some((t, current)) = floor {
                             tracing::warn!(peer = %peer.addr, node = %peer.node, volume = %t.volume,
-                                asked = t.generation.0, current, "extent request of an old owner generation refused");
+                                asked = t.generation.0, current, "extent request refused: its owner generation is older than the metadata's");
                             return Message::ExtentErr(basalt::proto::peer::ExtentErr {
                                 error: basalt::proto::peer::ExtentError::StaleGeneration {
                                     current: basalt::types::Generation(current),
