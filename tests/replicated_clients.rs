@@ -8,6 +8,7 @@
 mod common;
 
 use common::cluster::Cluster;
+use common::compliance::{SCSI_SUITES, SuiteResult, run_suite};
 use common::{pattern, require, run, run_ok, scratch, stdout, write_file};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -291,84 +292,6 @@ fn three_nodes_r3_clients_write_through_the_owner_and_read_through_the_others() 
 #[test]
 fn five_nodes_r3_clients_write_through_the_owner_and_read_through_the_others() {
     write_through_the_owner_read_through_the_others(5);
-}
-
-const INI1: &str = "iqn.2026-11.io.basalt.test:rcu1";
-const INI2: &str = "iqn.2026-11.io.basalt.test:rcu2";
-
-/// The SCSI suites `tests/iscsi_compliance.rs` runs on one node.
-const SCSI_SUITES: &[&str] = &[
-    "TestUnitReady",
-    "Inquiry",
-    "ReadCapacity10",
-    "ReadCapacity16",
-    "Read6",
-    "Read10",
-    "Read12",
-    "Read16",
-    "Write10",
-    "Write12",
-    "Write16",
-    "ModeSense6",
-    "Mandatory",
-    "WriteSame10",
-    "WriteSame16",
-    "Unmap",
-    "CompareAndWrite",
-    "Verify10",
-    "Verify12",
-    "Verify16",
-    "WriteVerify10",
-    "WriteVerify12",
-    "WriteVerify16",
-    "GetLBAStatus",
-];
-
-/// One `iscsi-test-cu` suite's CUnit verdicts: tests run, and the names of
-/// those that failed. (The parse is the one of tests/iscsi_compliance.rs.)
-struct SuiteResult {
-    suite: String,
-    ran: u32,
-    failed: Vec<String>,
-}
-
-fn run_suite(url: &str, suite: &str) -> SuiteResult {
-    let out = Command::new("iscsi-test-cu")
-        .args(["--dataloss", "-i", INI1, "-I", INI2, "-t", suite, url])
-        .output()
-        .expect("run iscsi-test-cu");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let summary = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("tests "))
-        .unwrap_or_else(|| panic!("{suite}: no CUnit summary in:\n{text}"));
-    // "tests  Total  Ran  Passed  Failed  Inactive"
-    let n: Vec<u32> = summary.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
-    let mut failed = Vec::new();
-    let body = text.split_once("Suite: ").map(|(_, b)| b).unwrap_or("");
-    for chunk in body.split("  Test: ").skip(1) {
-        let (name, after) = chunk.split_once(" ...").unwrap_or((chunk, ""));
-        let verdict = after.lines().enumerate().find_map(|(i, l)| {
-            let l = if i == 0 { l.trim_start() } else { l };
-            if l.starts_with("passed") {
-                Some(true)
-            } else if l.starts_with("FAILED") {
-                Some(false)
-            } else {
-                None
-            }
-        });
-        if verdict != Some(true) {
-            failed.push(name.to_string());
-        }
-    }
-    assert_eq!(n[1], n[0], "{suite}: not every test ran:\n{text}");
-    assert_eq!(failed.len() as u32, n[3], "{suite}: failure parse disagrees with CUnit:\n{text}");
-    assert!(n[1] > 0, "{suite}: no tests ran (unknown suite name?)");
-    if !failed.is_empty() {
-        eprintln!("--- {suite} on {url} ---\n{text}");
-    }
-    SuiteResult { suite: suite.to_string(), ran: n[1], failed }
 }
 
 /// Every suite through `k`, with none failing.
