@@ -6,53 +6,9 @@
 
 mod common;
 
-use common::{Daemon, require, run, run_ok};
+use common::attach::Attached;
+use common::{Daemon, require, run_ok};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::Duration;
-
-struct Attached {
-    fuse: Child,
-    mnt_fuse: std::path::PathBuf,
-    loopdev: Option<String>,
-    mnt: std::path::PathBuf,
-}
-
-impl Attached {
-    fn new(uri: &str, dir: &Path) -> Attached {
-        let mnt_fuse = dir.join("fuse");
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt_fuse).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let fuse = Command::new("nbdfuse").arg(mnt_fuse.join("disk")).arg(uri).spawn().unwrap();
-        for _ in 0..100 {
-            if mnt_fuse.join("disk").exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let disk = mnt_fuse.join("disk");
-        assert!(disk.exists(), "nbdfuse did not come up");
-        let out = run_ok("losetup", &["-f", "--show", disk.to_str().unwrap()]);
-        let loopdev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Attached { fuse, mnt_fuse, loopdev: Some(loopdev), mnt }
-    }
-
-    fn dev(&self) -> &str {
-        self.loopdev.as_deref().unwrap()
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = run("umount", &[self.mnt.to_str().unwrap()]);
-        if let Some(l) = self.loopdev.take() {
-            let _ = run("losetup", &["-d", &l]);
-        }
-        let _ = run("fusermount3", &["-u", self.mnt_fuse.to_str().unwrap()]);
-        let _ = self.fuse.wait();
-    }
-}
 
 #[test]
 fn ext4_on_a_volume_survives_fsck_remount_and_restart() {

@@ -7,14 +7,13 @@
 
 mod common;
 
+use common::attach::Attached;
 use common::cluster::Cluster;
 use common::compliance::{SCSI_SUITES, SuiteResult, run_suite};
 use common::{pattern, require, run, run_ok, scratch, stdout, write_file};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
@@ -342,63 +341,14 @@ fn iscsi_compliance_suites_pass_on_r3_through_the_owner_and_a_forwarding_node() 
     assert_no_panic(&c);
 }
 
-/// A volume attached as a block device: nbdfuse exposes it as a file, a
-/// loop device makes that a disk (the recipe of tests/filesystem.rs).
-struct Attached {
-    fuse: Child,
-    mnt_fuse: std::path::PathBuf,
-    loopdev: Option<String>,
-    mnt: std::path::PathBuf,
-}
-
-impl Attached {
-    fn new(uri: &str, dir: &Path) -> Attached {
-        let mnt_fuse = dir.join("fuse");
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt_fuse).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let fuse = Command::new("nbdfuse").arg(mnt_fuse.join("disk")).arg(uri).spawn().unwrap();
-        let disk = mnt_fuse.join("disk");
-        for _ in 0..100 {
-            if disk.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(disk.exists(), "nbdfuse did not come up");
-        let out = run_ok("losetup", &["-f", "--show", disk.to_str().unwrap()]);
-        let loopdev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Attached { fuse, mnt_fuse, loopdev: Some(loopdev), mnt }
-    }
-
-    fn dev(&self) -> &str {
-        self.loopdev.as_deref().unwrap()
-    }
-
-    fn mnt(&self) -> &str {
-        self.mnt.to_str().unwrap()
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = run("umount", &[self.mnt.to_str().unwrap()]);
-        if let Some(l) = self.loopdev.take() {
-            let _ = run("losetup", &["-d", &l]);
-        }
-        let _ = run("fusermount3", &["-u", self.mnt_fuse.to_str().unwrap()]);
-        let _ = self.fuse.wait();
-    }
-}
-
 /// Mounts, checks that f0-f2 equal `src` and f3 is gone, unmounts.
 fn mount_and_compare(a: &Attached, src: &Path) {
-    run_ok("mount", &[a.dev(), a.mnt()]);
+    run_ok("mount", &[a.dev(), a.mnt_str()]);
     for i in 0..3 {
         run_ok("cmp", &[src.to_str().unwrap(), a.mnt.join(format!("f{i}")).to_str().unwrap()]);
     }
     assert!(!a.mnt.join("f3").exists());
-    run_ok("umount", &[a.mnt()]);
+    run_ok("umount", &[a.mnt_str()]);
 }
 
 /// ext4 on an R=3 volume through nbdfuse and a loop device: mkfs, copy in,
@@ -427,15 +377,15 @@ fn ext4_on_r3_survives_fsck_remount_and_a_restart_of_every_node() {
     {
         let a = Attached::new(&uri(&c, 0, "fs"), dir.path());
         run_ok("mkfs.ext4", &["-q", "-F", "-E", "discard", a.dev()]);
-        run_ok("mount", &["-o", "discard", a.dev(), a.mnt()]);
+        run_ok("mount", &["-o", "discard", a.dev(), a.mnt_str()]);
         for i in 0..4 {
             run_ok("cp", &[src.to_str().unwrap(), a.mnt.join(format!("f{i}")).to_str().unwrap()]);
         }
         // A deleted file: its blocks are discarded (TRIM on every replica).
         std::fs::remove_file(a.mnt.join("f3")).unwrap();
-        run_ok("fstrim", &[a.mnt()]);
+        run_ok("fstrim", &[a.mnt_str()]);
         run_ok("sync", &[]);
-        run_ok("umount", &[a.mnt()]);
+        run_ok("umount", &[a.mnt_str()]);
         run_ok("e2fsck", &["-fn", a.dev()]);
         mount_and_compare(&a, &src);
     }

@@ -2,6 +2,7 @@
 //! external clients, run them and check their output.
 #![allow(dead_code)]
 
+pub mod attach;
 pub mod cluster;
 pub mod compliance;
 
