@@ -79,6 +79,9 @@ struct Ring {
     inflight: usize,
     /// The bulk ring's wake-up read completed (see `bulk_thread`).
     woken: bool,
+    /// Requests wait in the backlog for the submitter task (see
+    /// [`UringEngine::submit`]).
+    deferred: bool,
 }
 
 impl Ring {
@@ -91,6 +94,7 @@ impl Ring {
             backlog: VecDeque::new(),
             inflight: 0,
             woken: false,
+            deferred: false,
         }
     }
 
@@ -191,6 +195,8 @@ struct Shared {
     stop: AtomicBool,
     /// Wakes the reaper to notice `stop`.
     stopping: Notify,
+    /// Wakes the submitter: requests wait in the backlog (or `stop`).
+    deferred: Notify,
 }
 
 impl std::fmt::Debug for Shared {
@@ -352,6 +358,7 @@ impl UringEngine {
             ring: Mutex::new(Ring::new(ring)),
             stop: AtomicBool::new(false),
             stopping: Notify::new(),
+            deferred: Notify::new(),
         });
         let afd = {
             let _guard = handle.enter();
@@ -364,6 +371,7 @@ impl UringEngine {
         };
         // The task holds its own reference: the ring (and the ops in it)
         // outlives the engine until everything in flight has completed.
+        handle.spawn(submitter(shared.clone()));
         handle.spawn(reaper(afd));
         Ok(UringEngine { shared, bulk })
     }
@@ -402,6 +410,26 @@ async fn reaper(afd: AsyncFd<RingFd>) {
     }
 }
 
+/// Submits what waits in the backlog once the tasks that are ready now have
+/// run (they may add more): one `io_uring_enter`, and one doorbell of the
+/// disk's queue, for all of them.
+async fn submitter(shared: Arc<Shared>) {
+    let mut done = Vec::new();
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        shared.deferred.notified().await;
+        tokio::task::yield_now().await;
+        {
+            let mut r = shared.ring.lock().unwrap();
+            r.deferred = false;
+            r.pump(&mut done);
+        }
+        finish(&mut done);
+    }
+}
+
 /// Builds a ring and probes once for the ops we need, so a kernel or
 /// seccomp policy without them makes `Auto` fall back now rather than fail
 /// later.
@@ -424,6 +452,7 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.stopping.notify_one();
+        self.shared.deferred.notify_one();
     }
 }
 
@@ -482,7 +511,18 @@ impl Engine for UringEngine {
         {
             let mut r = self.shared.ring.lock().unwrap();
             r.backlog.push_back(req);
-            r.pump(&mut done);
+            if r.inflight == 0 {
+                // Nothing else in flight: a request alone (queue depth 1)
+                // goes to the disk now.
+                r.pump(&mut done);
+            } else if !r.deferred {
+                // Others are in flight, so more requests are likely coming
+                // from tasks that are ready now: submit them together (see
+                // `submitter`). Even if the submitter never ran, the next
+                // completion's reap would submit these.
+                r.deferred = true;
+                self.shared.deferred.notify_one();
+            }
         }
         finish(&mut done);
     }
@@ -568,6 +608,53 @@ mod tests {
             for rx in pending {
                 let c = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.unwrap().unwrap();
                 assert_eq!(c.result.unwrap(), MIB as usize);
+            }
+        });
+    }
+
+    /// Small requests submitted while others are in flight wait for the
+    /// submitter task and go to the kernel together: each completes with
+    /// its own data, and dropping the engine with some still deferred
+    /// completes them too.
+    #[test]
+    fn deferred_submissions_all_complete() {
+        use crate::storage::engine::{AlignedBuf, run};
+        use futures::future::join_all;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).unwrap();
+            // Fewer slots than requests: the backlog also drains on reaps.
+            let e = UringEngine::new(16).unwrap();
+            let f = e.open(&dir.path().join("f"), true).unwrap();
+            e.set_len(&f, 1 << 20).unwrap();
+            let pattern = |i: u64| AlignedBuf::from_slice(&[(i * 7 + 3) as u8; 4096]);
+            let writes = (0..200u64).map(|i| {
+                let op = Op::Write { file: f.clone(), offset: (i % 256) * 4096, buf: pattern(i).into() };
+                run(&e, op, i)
+            });
+            for (i, c) in join_all(writes).await.into_iter().enumerate() {
+                assert_eq!((c.user_data, c.result.unwrap()), (i as u64, 4096));
+            }
+            let reads = (0..200u64).map(|i| {
+                run(&e, Op::Read { file: f.clone(), offset: (i % 256) * 4096, buf: AlignedBuf::zeroed(4096) }, i)
+            });
+            for (i, c) in join_all(reads).await.into_iter().enumerate() {
+                assert_eq!(c.result.unwrap(), 4096);
+                assert!(c.buf.unwrap().iter().all(|&b| b == (i as u64 * 7 + 3) as u8), "block {i}");
+            }
+            // Deferred requests outstanding when the engine goes.
+            let pending: Vec<_> = (0..64u64)
+                .map(|i| {
+                    let (reply, rx) = tokio::sync::oneshot::channel();
+                    let op = Op::Read { file: f.clone(), offset: i * 4096, buf: AlignedBuf::zeroed(4096) };
+                    e.submit(Request { op, user_data: i, reply });
+                    rx
+                })
+                .collect();
+            drop(e);
+            for rx in pending {
+                let c = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.unwrap().unwrap();
+                assert_eq!(c.result.unwrap(), 4096);
             }
         });
     }
