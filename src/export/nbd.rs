@@ -615,6 +615,19 @@ async fn transmission<S: Stream>(
         }
         // Replies go out from this task, without a hop to another one, as
         // far as the socket takes them; the rest waits for writability.
+        if !write_failed && !out.is_empty() && !inflight.is_empty() && out.len() < MAX_BATCH {
+            // Others are in flight: let the tasks that are ready now finish
+            // theirs, so they share this write. On a replicated volume the
+            // replies complete one at a time, as the replicas' answers come
+            // in; this cut the owner's writev per 4 KiB write at QD32.
+            tokio::task::yield_now().await;
+            while out.len() < MAX_BATCH {
+                match inflight.next().now_or_never() {
+                    Some(Some((reply, permit))) => out.push(reply, permit),
+                    _ => break,
+                }
+            }
+        }
         if !write_failed
             && !out.is_empty()
             && let Err(e) = out.try_flush(&wr)

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -103,6 +103,7 @@ impl Conn {
             return Err(PeerError::ConnectionLost { addr });
         }
         m.map.insert(id, tx);
+        self.tx.busy().fetch_add(1, Ordering::Relaxed);
         Ok((id, rx))
     }
 
@@ -120,6 +121,7 @@ struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.conn.inflight.lock().unwrap().map.remove(&self.id);
+        self.conn.tx.busy().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -355,7 +357,7 @@ impl PeerClient {
             .map_err(|_| PeerError::HandshakeTimeout { addr, after })??;
         bump(&self.inner.stats.connects);
         *self.inner.remote.lock().unwrap() = Some(remote);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = wire::channel(1);
         let conn = Arc::new(Conn {
             tx,
             inflight: Mutex::new(InflightMap::default()),

@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -257,7 +256,7 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
     debug!("peer connected");
 
     let peer = PeerInfo { node: hello.node, addr };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = wire::channel(0);
     let dead = shared.cancel.child_token();
     shared.tracker.spawn(wire::writer(wr, rx, dead.clone()).in_current_span());
     let budget = ByteBudget::new(shared.cfg.connection_budget, shared.stats.held.clone());
@@ -341,9 +340,11 @@ async fn read_loop(
         let fut = shared.handler.request(peer, frame.message);
         let tx = tx.clone();
         let budget = budget.clone();
+        tx.busy().fetch_add(1, Ordering::Relaxed);
         shared.tracker.spawn(
             async move {
                 let answer = fut.await;
+                tx.busy().fetch_sub(1, Ordering::Relaxed);
                 let mut held = held;
                 // A reply bigger than was reserved takes the difference
                 // without waiting (it must not wait behind new requests).

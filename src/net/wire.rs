@@ -6,6 +6,7 @@ use crate::proto::peer::{DecodeError, Decoder, EncodeError, Frame, FrameBuf, Fra
 use bytes::{Bytes, BytesMut};
 use std::io::IoSlice;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
@@ -70,17 +71,52 @@ pub(crate) enum WriterCmd {
     Close,
 }
 
-pub(crate) type WriterTx = mpsc::UnboundedSender<WriterCmd>;
+/// The queue of a connection's writer task, and how much more is coming:
+/// requests in flight on the connection that will queue a frame later
+/// (replies to be written, on a server; replies awaited, on a client).
+#[derive(Debug, Clone)]
+pub(crate) struct WriterTx {
+    tx: mpsc::UnboundedSender<WriterCmd>,
+    busy: Arc<AtomicUsize>,
+}
+
+impl WriterTx {
+    pub(crate) fn send(&self, cmd: WriterCmd) -> Result<(), mpsc::error::SendError<WriterCmd>> {
+        self.tx.send(cmd)
+    }
+
+    /// The count of requests in flight that [`writer`] reads.
+    pub(crate) fn busy(&self) -> &AtomicUsize {
+        &self.busy
+    }
+}
+
+pub(crate) struct WriterRx {
+    rx: mpsc::UnboundedReceiver<WriterCmd>,
+    busy: Arc<AtomicUsize>,
+    /// More than this many in flight means others will queue frames soon.
+    floor: usize,
+}
+
+/// A writer queue. `floor`: how many of the requests counted in
+/// [`WriterTx::busy`] are the one that just queued a frame (1 on a client,
+/// whose request waits for its reply; 0 on a server, whose handler is done).
+pub(crate) fn channel(floor: usize) -> (WriterTx, WriterRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let busy = Arc::new(AtomicUsize::new(0));
+    (WriterTx { tx, busy: busy.clone() }, WriterRx { rx, busy, floor })
+}
 
 /// Drains `rx` into `wr`: whatever is queued when the socket is ready goes
 /// out in one vectored write, and each frame's budget comes back once it
 /// is written. Cancels `dead` when it stops, for whatever reason.
 pub(crate) async fn writer(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<WriterCmd>,
+    rx: WriterRx,
     dead: CancellationToken,
 ) -> std::io::Result<()> {
     let _dead = dead.clone().drop_guard();
+    let WriterRx { mut rx, busy, floor } = rx;
     let mut batch: Vec<Outgoing> = Vec::new();
     loop {
         let first = tokio::select! {
@@ -88,12 +124,15 @@ pub(crate) async fn writer(
             _ = dead.cancelled() => None,
         };
         let Some(first) = first else { break };
-        // Let the tasks that are ready now queue their frames too, so they
-        // share this write: the task that queued `first` woke this one
-        // into the runtime's next-to-run slot, and without the yield every
-        // reply went out in a write of its own (a `writev` per 4 KiB write
-        // on each replica at QD32).
-        tokio::task::yield_now().await;
+        // With other requests in flight, let the tasks that are ready now
+        // queue their frames too, so they share this write: the task that
+        // queued `first` woke this one into the runtime's next-to-run slot,
+        // and without the yield every reply went out in a write of its own
+        // (a `writev` per 4 KiB write on each replica at QD32). Alone (queue
+        // depth 1) the frame goes out at once.
+        if busy.load(Ordering::Relaxed) > floor {
+            tokio::task::yield_now().await;
+        }
         let mut close = false;
         let (mut bytes, mut iov) = (0, 0);
         let mut next = Some(first);
