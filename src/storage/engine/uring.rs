@@ -628,7 +628,7 @@ mod tests {
                 e.submit(Request { op, user_data: 0, reply });
                 (wr, rx)
             };
-            let wait = |rx| async move {
+            let wait = |rx: tokio::sync::oneshot::Receiver<Completion>| async move {
                 tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.unwrap().unwrap()
             };
             // Three small reads on the inline ring, one large on the bulk ring.
@@ -638,14 +638,14 @@ mod tests {
             assert_eq!(e.queue_depth(), Some(4));
             for (i, (mut wr, rx)) in small.into_iter().enumerate() {
                 wr.write_all(&[7u8; 4096]).unwrap();
-                let c: Completion = wait(rx).await;
+                let c = wait(rx).await;
                 assert_eq!(c.result.unwrap(), 4096);
                 assert_eq!(e.queue_depth(), Some(3 - i as u64), "after {} small reads", i + 1);
             }
             // The large read ends short (a pipe read returns what is
             // there): an error, but completed and counted out.
             large_wr.write_all(&[7u8; 4096]).unwrap();
-            let c: Completion = wait(large).await;
+            let c = wait(large).await;
             assert!(c.result.is_err());
             assert_eq!(e.queue_depth(), Some(0));
         });
