@@ -93,6 +93,94 @@ fn json_lines_carry_node_connection_and_volume_fields() {
     assert_eq!(ready["spans"][0]["node"], node);
 }
 
+/// iSCSI: a real initiator (iscsi-inq) and a raw one that writes and reads
+/// one block past the end. Every line of a normal session carries its
+/// connection and its volume, the lines of its command tasks included; each
+/// refusal is logged once.
+#[test]
+fn iscsi_session_lines_carry_connection_and_volume_fields() {
+    if !require("iscsi-inq") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (iscsi, admin) = (free_port(), free_port());
+    let log = tmp.path().join("basaltd.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_basaltd"))
+        .args(["--log-format", "json", "demo", "--nodes=1", "--replicas=1", "--size=16M", "--volume=vol7"])
+        .arg(format!("--iscsi=127.0.0.1:{iscsi}"))
+        .arg(format!("--data={}", tmp.path().join("data").display()))
+        .arg(format!("--nbd=127.0.0.1:{}", free_port()))
+        .arg(format!("--admin=127.0.0.1:{admin}"))
+        .arg(format!("--peer=127.0.0.1:{}", free_port()))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("ready", || readyz(admin) == Some(200), &log);
+    let iqn = "iqn.2026-11.io.basalt:vol7";
+    common::run_ok(
+        "iscsi-inq",
+        &["-i", "iqn.2026-11.io.basalt.test:logs", &format!("iscsi://127.0.0.1:{iscsi}/{iqn}/0")],
+    );
+    let mut raw = common::iscsi::RawIscsi::connect(iscsi);
+    raw.login(Some(iqn));
+    let past_end = (16u32 << 20) / 512;
+    // WRITE(10) is range-checked in its command task, READ(10) in the
+    // session's loop: both answer CHECK CONDITION, LBA OUT OF RANGE.
+    assert_eq!(raw.write10(past_end, &[1u8; 512]), 2, "WRITE(10) past the end");
+    let mut read = [0u8; 10];
+    read[0] = 0x28;
+    read[2..6].copy_from_slice(&past_end.to_be_bytes());
+    read[7..9].copy_from_slice(&1u16.to_be_bytes());
+    let (status, _, sense) = raw.run(&read, &[], 512);
+    assert_eq!(status, 2, "READ(10) past the end");
+    assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x21, 0x00), "{sense:02x?}");
+    raw.logout();
+    terminate(&mut child);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    let spans_of = |l: &serde_json::Value| l["spans"].as_array().cloned().unwrap_or_default();
+    let span = |l: &serde_json::Value, name: &str| spans_of(l).into_iter().find(|s| s["name"] == name);
+    // Lines of normal sessions: each names its connection and its volume.
+    let normal: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| span(l, "session").is_some_and(|s| s["kind"] == "normal")).collect();
+    for l in &normal {
+        let conn = span(l, "iscsi").unwrap_or_else(|| panic!("no iscsi span: {l}"));
+        assert!(conn["conn"].as_u64().is_some_and(|c| c >= 1), "{l}");
+        assert!(conn["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "{l}");
+        assert_eq!(span(l, "volume").map(|s| s["volume"].clone()), Some("vol7".into()), "{l}");
+        assert_eq!(l["span"]["name"], "volume", "the innermost span: {l}");
+    }
+    let conns_of = |msg: &str| -> Vec<u64> {
+        normal
+            .iter()
+            .filter(|l| l["fields"]["message"] == msg)
+            .map(|l| span(l, "iscsi").unwrap()["conn"].as_u64().unwrap())
+            .collect()
+    };
+    let sessions = conns_of("session in full feature phase");
+    assert_eq!(sessions.len(), 2, "iscsi-inq's session and the raw one: {text}");
+    assert_ne!(sessions[0], sessions[1]);
+    // Both refusals, once each, on the raw initiator's connection.
+    let refused: Vec<&&serde_json::Value> =
+        normal.iter().filter(|l| l["fields"]["message"] == "command refused: LBA out of range").collect();
+    assert_eq!(refused.len(), 2, "{text}");
+    for l in &refused {
+        assert_eq!(span(l, "iscsi").unwrap()["conn"].as_u64(), Some(sessions[1]), "{l}");
+        assert_eq!(l["fields"]["lba"], u64::from(past_end), "{l}");
+        assert_eq!(l["fields"]["capacity"], u64::from(past_end), "{l}");
+    }
+    // Every refusal line is in a session: none was logged outside the spans.
+    let all_refused =
+        lines.iter().filter(|l| l["fields"]["message"] == "command refused: LBA out of range").count();
+    assert_eq!(all_refused, 2, "{text}");
+}
+
 /// A one-node cluster from a configuration file (as `tests/common/cluster.rs`
 /// writes them), with `log_filter` set to `filter`.
 fn write_config(dir: &Path, filter: &str, peer: u16, nbd: u16, admin: u16) -> PathBuf {

@@ -4,14 +4,22 @@
 
 mod common;
 
+use common::cluster::Cluster;
 use common::{Daemon, nbdsh, require};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One HTTP/1.1 GET on 127.0.0.1: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_get_at(SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
 
 /// One HTTP/1.1 GET: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin API");
+fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin API");
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
@@ -74,7 +82,11 @@ print(json.dumps({"families": fams, "samples": samples}))
 /// Scrapes `/metrics` and parses it with prometheus_client (OpenMetrics:
 /// the parser also insists on the `# EOF` line).
 fn scrape(port: u16) -> (Families, Samples) {
-    let (status, body) = http_get(port, "/metrics");
+    scrape_at(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn scrape_at(addr: SocketAddr) -> (Families, Samples) {
+    let (status, body) = http_get_at(addr, "/metrics");
     assert_eq!(status, 200, "{body}");
     let mut py = Command::new("/usr/bin/python3")
         .args(["-c", PARSE])
@@ -186,6 +198,27 @@ fn counters_move_by_exactly_the_workload() {
         get(&after, "basalt_store_free_bytes{}"),
     );
     assert!(cap > 0.0 && used + free <= cap, "{cap} {used} {free}");
+    // The engine's queue depth: one series per data directory (io_uring
+    // counts its ops; a psync fallback has none), and nothing in flight
+    // once the client is done.
+    let depths: Vec<(&String, f64)> = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("basalt_engine_queue_depth{"))
+        .map(|(k, &x)| (k, x))
+        .collect();
+    assert_eq!(fams["basalt_engine_queue_depth"], "gauge");
+    if d.log_text().contains("io_uring unavailable") {
+        assert!(depths.is_empty(), "{depths:?}");
+    } else {
+        assert_eq!(depths.len(), 1, "one data directory: {depths:?}");
+        let dir = format!("basalt_engine_queue_depth{{dir=\"{}", d.data.display());
+        assert!(depths[0].0.starts_with(&dir), "{depths:?} under {dir}");
+        assert_eq!(depths[0].1, 0.0);
+    }
+    // The single-node slice serves from its store directly: no owner of a
+    // replicated volume, so the replication families have no series.
+    assert_eq!(fams["basalt_replication_read_failovers"], "counter");
+    assert!(!after.keys().any(|k| k.starts_with("basalt_replication_")), "{after:?}");
     // Raft: a group of one that leads itself.
     assert_eq!(get(&after, "basalt_raft_is_leader{}"), 1.0);
     assert_eq!(get(&after, "basalt_raft_has_leader{}"), 1.0);
@@ -254,6 +287,37 @@ fn grafana_dashboard_uses_exported_names() {
     if !require_parser() {
         return;
     }
+    let names = dashboard_names();
+    let d = Daemon::start("16M", &[]);
+    // One write and one read so every volume series has samples.
+    nbdsh(
+        &d.uri(),
+        "import nbd\nh.pwrite(b'x' * 4096, 0); h.pread(4096, 0)\nh.set_strict_mode(0)\ntry:\n    h.pread(4096, h.get_size())\nexcept nbd.Error:\n    pass\n",
+    );
+    let (fams, samples) = scrape(d.admin_port);
+    // A single node has no peers and owns no replicated volume: those
+    // families are declared (HELP and TYPE) without series. The R=3 test
+    // below checks every name against series of a cluster's owner.
+    let mut exported = sample_names(&samples);
+    for (name, kind) in &fams {
+        match kind.as_str() {
+            "histogram" => exported.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+            "counter" => exported.push(format!("{name}_total")),
+            _ => exported.push(name.clone()),
+        }
+    }
+    let missing: Vec<&String> = names.iter().filter(|n| !exported.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard uses names the daemon does not export: {missing:?}\nexported: {exported:?}"
+    );
+    // Histograms are queried through their series, never by the bare name.
+    assert!(!names.contains("basalt_volume_operation_duration_seconds"));
+    assert!(!names.contains("basalt_peer_request_duration_seconds"));
+}
+
+/// Every `basalt_*` name the dashboard's expressions use.
+fn dashboard_names() -> std::collections::BTreeSet<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/basalt.json");
     let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut exprs = Vec::new();
@@ -274,22 +338,161 @@ fn grafana_dashboard_uses_exported_names() {
         }
     }
     assert!(names.len() >= 10, "{names:?}");
-    let d = Daemon::start("16M", &[]);
-    // One write and one read so every volume series has samples.
+    names
+}
+
+/// The metric names that have series.
+fn sample_names(samples: &Samples) -> Vec<String> {
+    let mut v: Vec<String> =
+        samples.keys().map(|k| k.split_once('{').map_or(k.as_str(), |(n, _)| n).to_string()).collect();
+    v.dedup();
+    v
+}
+
+/// Three nodes, R=3, the volume owned by node 0: each of its N writes of
+/// 4 KiB sends one ExtentWrite to each other replica, and node 0's
+/// latency histogram of that peer's `extent` class counts exactly N more.
+/// (Heartbeats, metadata and membership requests go through the same
+/// client but count in the `control` class; Raft messages are one-way and
+/// not timed.) A replica killed then shrinks the extent's set once.
+#[test]
+fn r3_peer_latency_counts_every_replica_request() {
+    if !require("nbdsh") || !require_parser() {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    let leader = c.wait_leader(0, None);
+    let v = c.cli_json(
+        0,
+        &[
+            "volume",
+            "create",
+            "r3",
+            "--size",
+            "64M",
+            "--replicas",
+            "3",
+            "--extent-size",
+            "4M",
+            "--stripe-width",
+            "1",
+        ],
+    );
+    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let uri = format!("nbd://{}/r3", c.nodes[0].nbd);
+    // The first request of extent 0 reconciles it (status requests to
+    // every member); after that a write is one request per other member.
+    nbdsh(&uri, "h.pwrite(b'w' * 4096, 0)\nassert h.pread(4096, 0) == b'w' * 4096\n");
+    let admin = c.nodes[0].admin;
+    let peers: Vec<String> = [1, 2].map(|k| c.nodes[k].peer.to_string()).to_vec();
+    let count = |s: &Samples, peer: &str, class: &str| {
+        s.get(&format!("basalt_peer_request_duration_seconds_count{{class=\"{class}\",peer=\"{peer}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (fams, before) = scrape_at(admin);
+    assert_eq!(fams["basalt_peer_request_duration_seconds"], "histogram");
+    const N: u64 = 25;
+    // N writes inside extent 0, then N reads (served by node 0's own
+    // replica first: no peer request), then one read past the end.
     nbdsh(
-        &d.uri(),
-        "import nbd\nh.pwrite(b'x' * 4096, 0); h.pread(4096, 0)\nh.set_strict_mode(0)\ntry:\n    h.pread(4096, h.get_size())\nexcept nbd.Error:\n    pass\n",
+        &uri,
+        &format!(
+            "import nbd\n\
+             for i in range({N}):\n    h.pwrite(bytes([i + 1]) * 4096, (i + 1) * 8192)\n\
+             for i in range({N}):\n    assert h.pread(4096, (i + 1) * 8192) == bytes([i + 1]) * 4096\n\
+             h.set_strict_mode(0)\n\
+             try:\n    h.pread(4096, h.get_size())\nexcept nbd.Error:\n    pass\n"
+        ),
     );
-    let (_, samples) = scrape(d.admin_port);
-    let exported: std::collections::BTreeSet<&str> =
-        samples.keys().map(|k| k.split_once('{').map_or(k.as_str(), |(n, _)| n)).collect();
-    let missing: Vec<&String> = names.iter().filter(|n| !exported.contains(n.as_str())).collect();
+    // Every write is acknowledged once each member answered; still, wait
+    // for the counts to settle rather than presume when they do.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let (_, s) = scrape_at(admin);
+        let sent: f64 = peers.iter().map(|p| count(&s, p, "extent") - count(&before, p, "extent")).sum();
+        if sent >= (2 * N) as f64 || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for p in &peers {
+        assert_eq!(count(&after, p, "extent") - count(&before, p, "extent"), N as f64, "peer {p}");
+        let inf = format!(
+            "basalt_peer_request_duration_seconds_bucket{{class=\"extent\",le=\"+Inf\",peer=\"{p}\"}}"
+        );
+        assert_eq!(get(&after, &inf), count(&after, p, "extent"), "+Inf holds every observation");
+        let buckets = after
+            .keys()
+            .filter(|k| {
+                k.starts_with("basalt_peer_request_duration_seconds_bucket{class=\"extent\",")
+                    && k.ends_with(&format!("peer=\"{p}\"}}"))
+            })
+            .count();
+        assert_eq!(buckets, 21, "20 bounds and +Inf");
+        assert!(
+            get(
+                &after,
+                &format!("basalt_peer_request_duration_seconds_sum{{class=\"extent\",peer=\"{p}\"}}")
+            ) > 0.0
+        );
+        // No forwarded volume requests: node 0 owns the volume.
+        assert_eq!(count(&after, p, "volume"), 0.0, "peer {p}");
+        // Requests in flight to a peer that is not the leader: none now
+        // (to the leader, a liveness heartbeat may be on its way).
+        if c.nodes[leader].peer.to_string() != *p {
+            assert_eq!(
+                get(&after, &format!("basalt_peer_requests_in_flight{{peer=\"{p}\"}}")),
+                0.0,
+                "peer {p}"
+            );
+        }
+    }
+    let vol = "{volume=\"r3\"}";
+    for name in ["read_failovers", "repairs", "degraded", "reconciled_bytes"] {
+        assert_eq!(get(&after, &format!("basalt_replication_{name}_total{vol}")), 0.0, "{name}");
+    }
+    // The engine counts node 0's own replica I/O; nothing is in flight now.
+    let depths: Vec<f64> =
+        after.iter().filter(|(k, _)| k.starts_with("basalt_engine_queue_depth{")).map(|(_, &x)| x).collect();
+    if !c.log(0).contains("io_uring unavailable") {
+        assert_eq!(depths, vec![0.0], "one data directory, idle");
+    }
+    // The owner of a replicated volume exports a series for every name
+    // the dashboard uses.
+    let exported = sample_names(&after);
+    let uring = !c.log(0).contains("io_uring unavailable");
+    let missing: Vec<String> = dashboard_names()
+        .into_iter()
+        .filter(|n| !exported.contains(n) && (uring || n != "basalt_engine_queue_depth"))
+        .collect();
+    assert!(missing.is_empty(), "no series on the owner for {missing:?}");
+
+    // kill -9 of a replica that does not lead the metadata group: the next
+    // write to extent 0 fails there, and the owner shrinks the extent's
+    // set exactly once.
+    let victim = if leader == 2 { 1 } else { 2 };
+    c.kill9(victim);
+    nbdsh(&uri, "h.pwrite(b'k' * 4096, 0)\nassert h.pread(4096, 0) == b'k' * 4096\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (_, s) = loop {
+        let r = scrape_at(admin);
+        let seen = |k: &str| r.1.get(k).copied().unwrap_or(0.0) >= 1.0;
+        if (seen(&format!("basalt_replication_degraded_total{vol}")) && seen("basalt_degraded_extents{}"))
+            || Instant::now() > deadline
+        {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(get(&s, &format!("basalt_replication_degraded_total{vol}")), 1.0);
+    assert_eq!(get(&s, "basalt_degraded_extents{}"), 1.0);
+    assert_eq!(get(&s, &format!("basalt_volume_degraded_extents{vol}")), 1.0);
+    let dead = c.nodes[victim].peer.to_string();
     assert!(
-        missing.is_empty(),
-        "the dashboard uses names the daemon does not export: {missing:?}\nexported: {exported:?}"
+        count(&s, &dead, "extent") > count(&after, &dead, "extent"),
+        "the failed request is observed too"
     );
-    // Histograms are queried through their series, never by the bare name.
-    assert!(!names.contains("basalt_volume_operation_duration_seconds"));
 }
 
 fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {

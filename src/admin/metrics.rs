@@ -52,7 +52,8 @@ struct VolumeError {
     kind: String,
 }
 
-fn latency_histogram() -> Histogram {
+/// The buckets of every latency histogram (volumes and peers).
+pub fn latency_histogram() -> Histogram {
     // 16 µs .. ~8.4 s in doublings: block I/O latencies span that range.
     Histogram::new(exponential_buckets(16e-6, 2.0, 20))
 }
@@ -324,6 +325,18 @@ impl Collector for NodeCollector {
         )?;
         gauge(&mut e, "store_used", "Bytes in use on those filesystems (by anyone)", b, clamp(used))?;
         gauge(&mut e, "store_free", "Bytes free for basaltd on those filesystems", b, clamp(free))?;
+        let depths: Vec<_> = node
+            .store()
+            .queue_depths()
+            .map(|(dir, n)| ([("dir", dir.display().to_string())], clamp(n)))
+            .collect();
+        gauges(
+            &mut e,
+            "engine_queue_depth",
+            "Disk I/O ops submitted to the io_uring engine and not yet completed, per data directory",
+            None,
+            &depths,
+        )?;
         let budget = node.payload_budget();
         gauge(
             &mut e,
@@ -466,6 +479,18 @@ impl Collector for PeerCollector {
             None,
             &series(&|c| c.connections() as u64),
         )?;
+        let mut m = e.encode_descriptor(
+            "peer_request_duration",
+            "Time from a peer request's start to its reply, failure or timeout, by peer and class",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for c in &clients {
+            for class in crate::net::RequestClass::ALL {
+                let labels = [("peer", c.addr().to_string()), ("class", class.label().to_string())];
+                c.latency(class).encode(m.encode_family(&labels)?)?;
+            }
+        }
         let s = self.pool.stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(&mut e, "peer_requests", "Requests sent to peers", get(&s.requests))?;
@@ -487,6 +512,55 @@ impl Collector for PeerCollector {
         )?;
         for (why, v) in [("unreachable", &s.dropped_unreachable), ("budget_full", &s.dropped_full)] {
             ConstCounter::new(get(v)).encode(m.encode_family(&[("reason", why)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The volumes this node owns on the replicated data path: name and owner.
+pub type OwnedVolumes =
+    Box<dyn Fn() -> Vec<(String, Arc<crate::node::replicated::Replicated>)> + Send + Sync>;
+
+/// Per owned volume, the counters of its owner
+/// ([`crate::node::replicated::ReplicationStats`]), read at scrape time.
+/// They count from this node's taking the volume (or its newest
+/// generation); a volume this node stops owning loses its series.
+pub struct ReplicationCollector(pub OwnedVolumes);
+
+impl std::fmt::Debug for ReplicationCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ReplicationCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use crate::node::replicated::ReplicationStats;
+        let mut owned = (self.0)();
+        owned.sort_by(|a, b| a.0.cmp(&b.0));
+        type Field = fn(&ReplicationStats) -> &AtomicU64;
+        let families: [(&str, &str, Option<&Unit>, Field); 4] = [
+            (
+                "replication_read_failovers",
+                "Reads served by another replica after a checksum or I/O error",
+                None,
+                |s| &s.read_failovers,
+            ),
+            ("replication_repairs", "Bad copies rewritten from a good replica", None, |s| &s.repairs),
+            ("replication_degraded", "Replica sets shrunk because a replica failed", None, |s| &s.degraded),
+            (
+                "replication_reconciled",
+                "Bytes copied between replicas by reconciliation",
+                Some(&Unit::Bytes),
+                |s| &s.reconciled_bytes,
+            ),
+        ];
+        for (name, help, unit, field) in families {
+            let mut m = e.encode_descriptor(name, help, unit, MetricType::Counter)?;
+            for (volume, r) in &owned {
+                let v = field(&r.stats).load(Ordering::Relaxed);
+                ConstCounter::new(v).encode(m.encode_family(&[("volume", volume.as_str())])?)?;
+            }
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ use crate::proto::peer::{
 };
 use crate::types::NodeId;
 use bytes::BytesMut;
+use prometheus_client::metrics::histogram::Histogram;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -57,6 +58,51 @@ pub struct ClientStats {
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a request is for: the `class` label of the per-peer latency
+/// histograms (one histogram per peer and class, so a request observes
+/// one without a label lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestClass {
+    /// A replica request of the data path (`Extent*`).
+    Extent,
+    /// A volume request forwarded to its owner (`Volume*`).
+    Volume,
+    /// Everything else: pings, metadata and membership requests.
+    Control,
+}
+
+impl RequestClass {
+    pub const ALL: [RequestClass; 3] = [RequestClass::Extent, RequestClass::Volume, RequestClass::Control];
+
+    pub fn of(m: &Message) -> RequestClass {
+        match m {
+            Message::ExtentWrite(_)
+            | Message::ExtentRead(_)
+            | Message::ExtentWriteZeroes(_)
+            | Message::ExtentTrim(_)
+            | Message::ExtentFlush(_)
+            | Message::ExtentStatus(_)
+            | Message::ExtentCrcs(_) => RequestClass::Extent,
+            Message::VolumeRead(_)
+            | Message::VolumeWrite(_)
+            | Message::VolumeWriteZeroes(_)
+            | Message::VolumeTrim(_)
+            | Message::VolumeFlush(_)
+            | Message::VolumeBlockStatus(_)
+            | Message::VolumeCompareAndWrite(_) => RequestClass::Volume,
+            _ => RequestClass::Control,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestClass::Extent => "extent",
+            RequestClass::Volume => "volume",
+            RequestClass::Control => "control",
+        }
+    }
 }
 
 /// Why a one-way message was dropped (it is also counted).
@@ -140,6 +186,8 @@ struct Inner {
     stats: Arc<ClientStats>,
     connecting: AtomicBool,
     remote: Mutex<Option<NodeId>>,
+    /// Request latency (seconds) by [`RequestClass`], for metrics.
+    latency: [Histogram; 3],
     /// Cancelled when the last handle goes: every connection closes.
     closed: CancellationToken,
 }
@@ -181,6 +229,7 @@ impl PeerClient {
                 stats,
                 connecting: AtomicBool::new(false),
                 remote: Mutex::new(None),
+                latency: RequestClass::ALL.map(|_| crate::admin::metrics::latency_histogram()),
                 closed: CancellationToken::new(),
             }),
         }
@@ -192,6 +241,12 @@ impl PeerClient {
 
     pub fn stats(&self) -> &ClientStats {
         &self.inner.stats
+    }
+
+    /// Latency of this peer's requests of `class` that ended (answered,
+    /// failed or timed out; a request its caller dropped is not observed).
+    pub fn latency(&self, class: RequestClass) -> &Histogram {
+        &self.inner.latency[class as usize]
     }
 
     /// The node id the peer gave in its last `HelloAck`.
@@ -232,13 +287,16 @@ impl PeerClient {
     /// [`Self::request`] with its own timeout.
     pub async fn request_timeout(&self, request: Message, after: Duration) -> Result<Message, PeerError> {
         bump(&self.inner.stats.requests);
-        match tokio::time::timeout(after, self.exchange(request)).await {
+        let (class, start) = (RequestClass::of(&request), Instant::now());
+        let r = match tokio::time::timeout(after, self.exchange(request)).await {
             Ok(r) => r,
             Err(_) => {
                 bump(&self.inner.stats.timeouts);
                 Err(PeerError::Timeout { addr: self.inner.addr, after })
             }
-        }
+        };
+        self.inner.latency[class as usize].observe(start.elapsed().as_secs_f64());
+        r
     }
 
     async fn exchange(&self, request: Message) -> Result<Message, PeerError> {

@@ -22,7 +22,7 @@ mod server;
 mod wire;
 
 pub use budget::Gauge;
-pub use client::{ClientStats, PeerClient, PeerPool, SendError};
+pub use client::{ClientStats, PeerClient, PeerPool, RequestClass, SendError};
 pub use server::{PeerHandler, PeerServer, ReplyFuture, ServerStats};
 
 use crate::proto::peer::{DecodeError, EncodeError, ErrorCode, MAX_FRAME, RefuseCode};

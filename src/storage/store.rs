@@ -419,6 +419,12 @@ impl Store {
         self.disks.iter().map(|d| d.dir.as_path()).zip(&self.identities)
     }
 
+    /// Per data directory, the engine's ops submitted and not yet
+    /// completed (only directories whose engine counts them).
+    pub fn queue_depths(&self) -> impl Iterator<Item = (&Path, u64)> {
+        self.disks.iter().filter_map(|d| d.engine.queue_depth().map(|n| (d.dir.as_path(), n)))
+    }
+
     /// The engine actually in use (after `Auto` made its choice).
     pub fn engine_kind(&self) -> EngineKind {
         self.disks[0].engine.kind()

@@ -116,6 +116,13 @@ impl Router {
         Arc::new(Router { io, owners: Mutex::default() })
     }
 
+    /// The volumes this node owns now, by name (for metrics).
+    pub fn owned(&self) -> Vec<(String, Arc<Replicated>)> {
+        let state = self.io.latest.read().unwrap().clone();
+        let owners = self.owners.lock().unwrap();
+        owners.iter().filter_map(|(id, r)| Some((state.volume(*id)?.name.clone(), r.clone()))).collect()
+    }
+
     /// The route of `spec` now.
     pub fn route(&self, spec: &VolumeSpec) -> Route {
         let state = self.io.latest.read().unwrap().clone();

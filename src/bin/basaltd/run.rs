@@ -16,7 +16,7 @@
 use crate::LogReload;
 use crate::control::{self, Daemon};
 use anyhow::Context;
-use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector};
+use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector, ReplicationCollector};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
@@ -531,6 +531,8 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
         });
         let router = crate::replicas::Router::new(io);
+        let owned = router.clone();
+        metrics.register_collector(Box::new(ReplicationCollector(Box::new(move || owned.owned()))));
         let _ = daemon.router.set(router.clone());
         node.set_router(Arc::new(move |spec| router.route(spec)));
     }

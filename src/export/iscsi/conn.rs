@@ -223,7 +223,17 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, cancel: Cancella
     };
     let kind = if params.discovery { "discovery" } else { "normal" };
     let span = tracing::info_span!("session", tsih = params.tsih, initiator = %params.initiator_name, kind);
-    tracing::Instrument::instrument(full_feature(rd, wr, buf, params, shared, cancel, local), span).await;
+    // As NBD's: every line of a normal session names its volume (JSON logs
+    // carry it as a span field); a discovery session has none.
+    let volume = params.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).map(str::to_owned);
+    let run = full_feature(rd, wr, buf, params, shared, cancel, local);
+    match volume {
+        Some(v) => {
+            let vspan = tracing::info_span!(parent: &span, "volume", volume = %v);
+            tracing::Instrument::instrument(run, vspan).await
+        }
+        None => tracing::Instrument::instrument(run, span).await,
+    }
 }
 
 /// Runs the login phase; `Ok(None)` if the initiator went away quietly.
@@ -430,7 +440,8 @@ async fn full_feature(
     };
     let win = Arc::new(Window::new(p.exp_cmd_sn));
     let (tx, rx) = mpsc::channel::<Out>(64);
-    let writer = tokio::spawn(writer(wr, rx, codec, p.stat_sn, win.clone()));
+    let writer =
+        tokio::spawn(tracing::Instrument::in_current_span(writer(wr, rx, codec, p.stat_sn, win.clone())));
     let mut capacity_seen = 0;
     let lun = p.target_name.as_deref().and_then(|t| t.strip_prefix(IQN_PREFIX)).and_then(|name| {
         let vol = shared.node.volume(name)?;
@@ -801,7 +812,7 @@ impl Session {
         let mut cmd = cmd;
         let mut presented = 0u64;
         if let Command::Read { lba, blocks, fua } = cmd {
-            if let Err(sense) = scsi::check_range(lba, blocks as u64, lun.blocks()) {
+            if let Err(sense) = exec::in_range(lba, blocks as u64, lun.blocks()) {
                 drop(slot);
                 self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
                 return Ok(Flow::Continue);
@@ -1057,7 +1068,9 @@ impl Session {
         self.running.insert(itt, ctl.clone());
         let tx = self.tx.clone();
         let p = self.p.clone();
-        self.tasks.spawn(async move {
+        // The task logs in the connection's spans (a spawned task starts
+        // outside every span).
+        self.tasks.spawn(tracing::Instrument::in_current_span(async move {
             turn.wait().await;
             let result = match input {
                 Input::Data(data) => exec::execute(&lun, cmd, data).await,
@@ -1085,7 +1098,7 @@ impl Session {
             }
             let _ = turn.done_tx.send(true);
             itt
-        });
+        }));
     }
 
     async fn task_mgmt(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
@@ -1130,7 +1143,7 @@ impl Session {
         r.set_itt(pdu.itt());
         let tx = self.tx.clone();
         // The response follows the end of every aborted task; wait off the reader.
-        self.tasks.spawn(async move {
+        self.tasks.spawn(tracing::Instrument::in_current_span(async move {
             for v in victims {
                 *v.aborted.lock().await = true;
                 let mut done = v.done.clone();
@@ -1138,7 +1151,7 @@ impl Session {
             }
             let _ = tx.send(Out { pdus: vec![(r, true)], close: close_after, hold: None }).await;
             RESERVED_TAG
-        });
+        }));
         Ok(if close_after { Flow::Close } else { Flow::Continue })
     }
 

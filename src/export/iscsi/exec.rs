@@ -54,6 +54,14 @@ pub(crate) fn sense_of(e: &VolumeError, writing: bool) -> Sense {
 /// NOT READY, LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE (02/04/00).
 const OWNER_UNAVAILABLE: Sense = Sense::new(crate::proto::iscsi::scsi::key::NOT_READY, 0x04, 0x00);
 
+/// The range check of a command, logged when it refuses (the initiator
+/// sees LBA OUT OF RANGE; the log line names the session and volume).
+pub(crate) fn in_range(lba: u64, blocks: u64, capacity: u64) -> Result<(), Sense> {
+    scsi::check_range(lba, blocks, capacity).inspect_err(|_| {
+        tracing::info!(lba, blocks, capacity, "command refused: LBA out of range");
+    })
+}
+
 fn off(lba: u64) -> u64 {
     lba * BLOCK
 }
@@ -104,14 +112,14 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             Ok(scsi::report_opcodes(rctd, options, opcode, sa, alloc)?.into())
         }
         Command::Read { lba, blocks, .. } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             if blocks == 0 {
                 return Ok(Bytes::new());
             }
             read(lun, lba, blocks).await
         }
         Command::Write { lba, blocks, fua } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             if blocks == 0 {
                 return Ok(Bytes::new());
             }
@@ -119,7 +127,7 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             Ok(Bytes::new())
         }
         Command::WriteAndVerify { lba, blocks } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             if blocks == 0 {
                 return Ok(Bytes::new());
             }
@@ -128,12 +136,12 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             Ok(Bytes::new())
         }
         Command::SyncCache { lba, blocks } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             lun.vol.flush().await.map_err(wr_err)?;
             Ok(Bytes::new())
         }
         Command::WriteSame { lba, blocks, unmap, ndob } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             let len = blocks as u64 * BLOCK;
             if ndob || data.iter().all(|&b| b == 0) {
                 lun.vol.write_zeroes(off(lba), len, unmap, false).await.map_err(wr_err)?;
@@ -163,7 +171,7 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             Ok(Bytes::new())
         }
         Command::CompareAndWrite { lba, blocks, fua } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             if blocks == 0 {
                 return Ok(Bytes::new());
             }
@@ -179,7 +187,7 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             }
         }
         Command::Verify { lba, blocks, bytchk } => {
-            scsi::check_range(lba, blocks as u64, cap)?;
+            in_range(lba, blocks as u64, cap)?;
             if blocks == 0 {
                 return Ok(Bytes::new());
             }

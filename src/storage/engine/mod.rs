@@ -148,6 +148,12 @@ pub trait Engine: Send + Sync + fmt::Debug {
     /// request back until slots free up (backpressure through the completion).
     fn submit(&self, req: Request);
 
+    /// Ops submitted and not yet completed, for engines that count them
+    /// (the io_uring engine; metrics read it at scrape time).
+    fn queue_depth(&self) -> Option<u64> {
+        None
+    }
+
     // The namespace operations below default to the real filesystem (the
     // io_uring and psync engines share them); the mem engine overrides them.
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {

@@ -16,6 +16,11 @@
 //! When every slot is in flight, requests wait in a backlog that each reap
 //! drains into the freed slots: a full ring is backpressure, not an error.
 //!
+//! The engine's queue depth (ops submitted and not yet completed, backlog
+//! included, both rings) is one relaxed atomic: added to in `submit`, taken
+//! from where each request is completed. Metrics read it at scrape time;
+//! the hot path takes no lock for it.
+//!
 //! Every op owns its buffer and a clone of its file (see `Op`), and the
 //! in-flight table keeps the op until its completion arrives, so the memory
 //! and fd the kernel uses stay valid for exactly as long as it uses them;
@@ -50,7 +55,7 @@ use io_uring::{IoUring, opcode, squeue, types};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
@@ -90,10 +95,12 @@ struct Ring {
     /// Requests wait in the backlog for the submitter task (see
     /// [`UringEngine::submit`]).
     deferred: bool,
+    /// The engine's queue depth, shared by both rings.
+    depth: Arc<AtomicU64>,
 }
 
 impl Ring {
-    fn new(ring: IoUring) -> Ring {
+    fn new(ring: IoUring, depth: Arc<AtomicU64>) -> Ring {
         let cap = ring.params().sq_entries() as usize;
         Ring {
             ring,
@@ -103,6 +110,7 @@ impl Ring {
             inflight: 0,
             woken: false,
             deferred: false,
+            depth,
         }
     }
 
@@ -170,6 +178,7 @@ impl Drop for Ring {
         // The kernel may still write into buffers of ops in flight: wait
         // for them before the slots (and their buffers) are freed.
         let mut done = Vec::new();
+        let depth = self.depth.clone();
         while self.inflight > 0 {
             if let Err(e) = self.ring.submit_and_wait(1)
                 && !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN))
@@ -183,16 +192,21 @@ impl Drop for Ring {
             }
             self.pump(&mut done);
         }
-        for (req, res) in done.drain(..) {
-            req.complete(res);
-        }
+        finish(&mut done, &depth);
         for req in self.backlog.drain(..) {
+            depth.fetch_sub(1, Ordering::Relaxed);
             req.complete(Err(io::Error::other("io_uring engine stopped")));
         }
     }
 }
 
-fn finish(done: &mut Vec<(Request, io::Result<usize>)>) {
+/// Completes finished requests; they leave the queue depth first, so a
+/// caller woken by its completion sees it without them.
+fn finish(done: &mut Vec<(Request, io::Result<usize>)>, depth: &AtomicU64) {
+    if done.is_empty() {
+        return;
+    }
+    depth.fetch_sub(done.len() as u64, Ordering::Relaxed);
     for (req, res) in done.drain(..) {
         req.complete(res);
     }
@@ -200,6 +214,8 @@ fn finish(done: &mut Vec<(Request, io::Result<usize>)>) {
 
 struct Shared {
     ring: Mutex<Ring>,
+    /// The queue depth (the rings hold clones).
+    depth: Arc<AtomicU64>,
     stop: AtomicBool,
     /// Wakes the reaper to notice `stop`.
     stopping: Notify,
@@ -235,6 +251,7 @@ struct BulkShared {
     incoming: Mutex<(VecDeque<Request>, bool)>,
     /// Written to wake the thread; the thread keeps a read of it in its ring.
     efd: std::os::fd::OwnedFd,
+    depth: Arc<AtomicU64>,
 }
 
 /// The ring for large transfers (see the module docs).
@@ -250,7 +267,7 @@ impl std::fmt::Debug for BulkShared {
 }
 
 impl Bulk {
-    fn start(ring: IoUring) -> io::Result<Bulk> {
+    fn start(ring: IoUring, depth: Arc<AtomicU64>) -> io::Result<Bulk> {
         // Blocking on purpose: io_uring hands EAGAIN back for a read of an
         // O_NONBLOCK fd instead of waiting for it to become readable.
         // SAFETY: eventfd has no memory-safety preconditions.
@@ -260,11 +277,15 @@ impl Bulk {
         }
         // SAFETY: a fresh fd that nothing else owns.
         let efd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let shared = Arc::new(BulkShared { incoming: Mutex::new((VecDeque::new(), false)), efd });
+        let shared = Arc::new(BulkShared {
+            incoming: Mutex::new((VecDeque::new(), false)),
+            efd,
+            depth: depth.clone(),
+        });
         let s = shared.clone();
         std::thread::Builder::new()
             .name("basalt-uring-bulk".into())
-            .spawn(move || bulk_thread(Ring::new(ring), &s))?;
+            .spawn(move || bulk_thread(Ring::new(ring, depth), &s))?;
         Ok(Bulk { shared })
     }
 
@@ -273,6 +294,7 @@ impl Bulk {
             let mut q = self.shared.incoming.lock().unwrap();
             if q.1 {
                 drop(q);
+                self.shared.depth.fetch_sub(1, Ordering::Relaxed);
                 req.complete(Err(io::Error::other("io_uring engine stopped")));
                 return;
             }
@@ -326,7 +348,7 @@ fn bulk_thread(mut ring: Ring, shared: &BulkShared) {
         }
         ring.pump(&mut done);
         let woken = std::mem::take(&mut ring.woken);
-        finish(&mut done);
+        finish(&mut done, &shared.depth);
         if stop && ring.inflight == 0 && ring.backlog.is_empty() {
             return;
         }
@@ -361,9 +383,11 @@ impl UringEngine {
             .map_err(|_| io::Error::other("the io_uring engine needs a tokio runtime"))?;
         let ring = build_ring(entries)?;
         let raw = ring.as_raw_fd();
-        let bulk = Bulk::start(build_ring(BULK_ENTRIES)?)?;
+        let depth = Arc::new(AtomicU64::new(0));
+        let bulk = Bulk::start(build_ring(BULK_ENTRIES)?, depth.clone())?;
         let shared = Arc::new(Shared {
-            ring: Mutex::new(Ring::new(ring)),
+            ring: Mutex::new(Ring::new(ring, depth.clone())),
+            depth,
             stop: AtomicBool::new(false),
             stopping: Notify::new(),
             deferred: Notify::new(),
@@ -411,7 +435,7 @@ async fn reaper(afd: AsyncFd<RingFd>) {
                     // the readiness if a new event arrived meanwhile.)
                     guard.clear_ready();
                 }
-                finish(&mut done);
+                finish(&mut done, &shared.depth);
             }
             _ = shared.stopping.notified() => {}
         }
@@ -434,7 +458,7 @@ async fn submitter(shared: Arc<Shared>) {
             r.deferred = false;
             r.pump(&mut done);
         }
-        finish(&mut done);
+        finish(&mut done, &shared.depth);
     }
 }
 
@@ -509,12 +533,14 @@ impl Engine for UringEngine {
 
     fn submit(&self, req: Request) {
         if req.op.expected_len().is_some_and(|n| n >= BULK_MIN) {
+            self.shared.depth.fetch_add(1, Ordering::Relaxed);
             return self.bulk.submit(req);
         }
         if self.shared.stop.load(Ordering::SeqCst) {
             req.complete(Err(io::Error::other("io_uring engine stopped")));
             return;
         }
+        self.shared.depth.fetch_add(1, Ordering::Relaxed);
         let mut done = Vec::new();
         {
             let mut r = self.shared.ring.lock().unwrap();
@@ -534,13 +560,18 @@ impl Engine for UringEngine {
                 self.shared.deferred.notify_one();
             }
         }
-        finish(&mut done);
+        finish(&mut done, &self.shared.depth);
+    }
+
+    fn queue_depth(&self) -> Option<u64> {
+        Some(self.shared.depth.load(Ordering::Relaxed))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::engine::Completion;
 
     #[tokio::test]
     async fn misaligned_direct_write_is_a_clear_error() {
@@ -670,6 +701,54 @@ mod tests {
                 let c = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.unwrap().unwrap();
                 assert_eq!(c.result.unwrap(), 4096);
             }
+        });
+    }
+
+    /// The queue depth counts exactly the ops in flight on both rings: a
+    /// read of an empty pipe stays in the kernel until data comes (one pipe
+    /// per read, so each write completes the read we mean).
+    #[test]
+    fn queue_depth_counts_ops_in_flight() {
+        use crate::storage::engine::AlignedBuf;
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let e = UringEngine::new(8).unwrap();
+            assert_eq!(e.queue_depth(), Some(0));
+            let read = |n: usize| {
+                let mut fds = [0; 2];
+                // SAFETY: pipe(2) writes two fds into the array we own.
+                assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+                // SAFETY: fresh fds that nothing else owns.
+                let (rd, wr) =
+                    unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                let op =
+                    Op::Read { file: FileRef::Real(Arc::new(rd)), offset: 0, buf: AlignedBuf::zeroed(n) };
+                e.submit(Request { op, user_data: 0, reply });
+                (wr, rx)
+            };
+            let wait = |rx: tokio::sync::oneshot::Receiver<Completion>| async move {
+                tokio::time::timeout(std::time::Duration::from_secs(10), rx).await.unwrap().unwrap()
+            };
+            // Three small reads on the inline ring, one large on the bulk ring.
+            let small: Vec<_> = (0..3).map(|_| read(4096)).collect();
+            assert_eq!(e.queue_depth(), Some(3));
+            let (mut large_wr, large) = read(BULK_MIN);
+            assert_eq!(e.queue_depth(), Some(4));
+            for (i, (mut wr, rx)) in small.into_iter().enumerate() {
+                wr.write_all(&[7u8; 4096]).unwrap();
+                let c = wait(rx).await;
+                assert_eq!(c.result.unwrap(), 4096);
+                assert_eq!(e.queue_depth(), Some(3 - i as u64), "after {} small reads", i + 1);
+            }
+            // The large read ends short (a pipe read returns what is
+            // there): an error, but completed and counted out.
+            large_wr.write_all(&[7u8; 4096]).unwrap();
+            let c = wait(large).await;
+            assert!(c.result.is_err());
+            assert_eq!(e.queue_depth(), Some(0));
         });
     }
 
