@@ -34,6 +34,7 @@ fn every_message() -> Vec<Message> {
         Message::error(ErrorCode::Unsupported, "s"),
         Message::error(ErrorCode::Internal, "i"),
         Message::error(ErrorCode::ShuttingDown, "d"),
+        Message::error(ErrorCode::Forbidden, "e"),
         Message::Raft(pattern(300)),
         Message::Raft(Bytes::new()),
         Message::MetaRequest(pattern(5000)),
