@@ -34,17 +34,22 @@ fn hello(node: u64) -> Bytes {
 
 /// One whole frame off `s`, or `None` once the peer closed (EOF or reset).
 fn read_frame(s: &mut TcpStream) -> Option<Frame> {
+    try_read_frame(s).unwrap_or_else(|e| panic!("reading a frame: {e}"))
+}
+
+/// Like `read_frame`, with a timeout (HANG) as an error.
+fn try_read_frame(s: &mut TcpStream) -> std::io::Result<Option<Frame>> {
     let mut head = [0u8; HEADER_LEN];
     match s.read_exact(&mut head) {
         Ok(()) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return None,
-        Err(e) => panic!("reading a frame: {e}"),
+        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return Ok(None),
+        Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
     let mut buf = BytesMut::from(&head[..]);
     buf.resize(HEADER_LEN + len, 0);
-    s.read_exact(&mut buf[HEADER_LEN..]).expect("the rest of a frame");
-    Some(Decoder::default().decode(&mut buf).expect("the node sends valid frames").expect("a whole frame"))
+    s.read_exact(&mut buf[HEADER_LEN..])?;
+    Ok(Some(Decoder::default().decode(&mut buf).expect("the node sends valid frames").expect("a whole frame")))
 }
 
 /// Connects to `addr` as `node` and checks the HelloAck.
@@ -129,9 +134,11 @@ fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
                 // The node's answer: an Error about the connection, then the close.
                 let mut error = None;
                 if sent {
-                    match read_frame(&mut s) {
-                        Some(f) => error = Some(f),
-                        None => return (sent, None, true),
+                    match try_read_frame(&mut s) {
+                        Ok(Some(f)) => error = Some(f),
+                        Ok(None) => return (sent, None, true),
+                        // Nothing within HANG: never closed.
+                        Err(_) => return (sent, None, false),
                     }
                 }
                 (sent, error, closed(&mut s))
@@ -212,18 +219,35 @@ fn forged_raft_messages_are_refused_and_change_no_metadata() {
     let addr = c.nodes[0].peer;
     assert_eq!(names(&c), Vec::<String>::new());
 
+    // Answers come at once; a missing one shows after this wait, and the
+    // checks below say what was missing.
+    let answer_of = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        try_read_frame(s).ok().flatten()
+    };
     let mut s = connect(addr, x);
     let forged = Message::Raft(forged_propose(me, me, "forged"));
     s.write_all(&encode_to_bytes(7, FrameFlags::ONE_WAY, &forged).unwrap()).unwrap();
-    let answer = read_frame(&mut s);
+    let answer = answer_of(&mut s);
     let forged_closed = closed(&mut s);
 
     let mut s = connect(addr, x);
     let outsider = Message::Raft(forged_propose(x, me, "outsider"));
     s.write_all(&encode_to_bytes(8, FrameFlags::ONE_WAY, &outsider).unwrap()).unwrap();
-    let outsider_answer = read_frame(&mut s);
+    let outsider_answer = answer_of(&mut s);
     s.write_all(&encode_to_bytes(9, FrameFlags::NONE, &Message::Ping).unwrap()).unwrap();
-    let pong = read_frame(&mut s);
+    let pong = answer_of(&mut s);
+
+    // A write after the forged ones: had they been taken, they would be in
+    // the log before it.
+    let create = ["volume", "create", "", "--size", "1G", "--replicas", "1", "--min-replicas", "1"];
+    let named = |n| {
+        let mut a = create;
+        a[2] = n;
+        a
+    };
+    c.cli_json(0, &named("legit"));
+    assert_eq!(names(&c), ["legit"]);
 
     // An empty proposal, which raft-rs treats as fatal, even from a socket
     // that names itself as the member (nothing proves a Hello yet).
@@ -233,26 +257,24 @@ fn forged_raft_messages_are_refused_and_change_no_metadata() {
     (m.from, m.to) = (me, me);
     let empty = Message::Raft(Bytes::from(basalt::meta::encode_raft_message(&m)));
     s.write_all(&encode_to_bytes(10, FrameFlags::ONE_WAY, &empty).unwrap()).unwrap();
-    let empty_answer = read_frame(&mut s);
+    let empty_answer = answer_of(&mut s);
     let empty_closed = closed(&mut s);
-
-    // A write after the forged ones: had they been taken, they would be in
-    // the log before it.
-    c.cli_json(0, &["volume", "create", "legit", "--size", "1G", "--replicas", "1", "--min-replicas", "1"]);
-    assert_eq!(names(&c), ["legit"]);
+    // The metadata group still runs.
+    c.cli_json(0, &named("after"));
+    assert_eq!(names(&c), ["after", "legit"]);
 
     let f = answer.expect("an answer to the forged message");
     assert_eq!(f.request_id, 7, "{f:?}");
     assert!(
         matches!(&f.message, Message::Error(e) if e.code == ErrorCode::Forbidden
-            && e.message.contains(&format!("names node {me} as its sender")) && e.message.contains(&format!("named node {x}"))),
+            && e.message.contains(&format!("names node {} as its sender", NodeId(me))) && e.message.contains(&format!("named node {}", NodeId(x)))),
         "{f:?}"
     );
     assert!(forged_closed, "an impostor's connection is closed");
     let f = outsider_answer.expect("an answer to the outsider's message");
     assert!(
         matches!(&f.message, Message::Error(e) if e.code == ErrorCode::Forbidden
-            && e.message.contains(&format!("node {x} is not a member"))),
+            && e.message.contains(&format!("node {} is not a member", NodeId(x)))),
         "{f:?}"
     );
     assert_eq!(pong.map(|f| (f.request_id, f.message)), Some((9, Message::Pong)));
