@@ -42,14 +42,18 @@ fn try_read_frame(s: &mut TcpStream) -> std::io::Result<Option<Frame>> {
     let mut head = [0u8; HEADER_LEN];
     match s.read_exact(&mut head) {
         Ok(()) => {}
-        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => return Ok(None),
+        Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
+            return Ok(None);
+        }
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
     let mut buf = BytesMut::from(&head[..]);
     buf.resize(HEADER_LEN + len, 0);
     s.read_exact(&mut buf[HEADER_LEN..])?;
-    Ok(Some(Decoder::default().decode(&mut buf).expect("the node sends valid frames").expect("a whole frame")))
+    Ok(Some(
+        Decoder::default().decode(&mut buf).expect("the node sends valid frames").expect("a whole frame"),
+    ))
 }
 
 /// Connects to `addr` as `node` and checks the HelloAck.
@@ -107,9 +111,8 @@ const FRAME_TIMEOUT_MS: u64 = 1000;
 fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
     let mut c = Cluster::configure(1, 1, None);
     let mut cfg = std::fs::read_to_string(&c.nodes[0].config).unwrap();
-    cfg += &format!(
-        "[peer]\nassembly_budget = \"{ASSEMBLY_MIB}MiB\"\nframe_timeout_ms = {FRAME_TIMEOUT_MS}\n"
-    );
+    cfg +=
+        &format!("[peer]\nassembly_budget = \"{ASSEMBLY_MIB}MiB\"\nframe_timeout_ms = {FRAME_TIMEOUT_MS}\n");
     std::fs::write(&c.nodes[0].config, cfg).unwrap();
     c.spawn(0);
     c.wait_ready(0);
@@ -117,8 +120,8 @@ fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
     let before = status_kib(pid, "VmHWM:");
 
     // One valid 32 MiB Raft frame; each connection sends its first 24 MiB.
-    let frame = encode_to_bytes(1, FrameFlags::ONE_WAY, &Message::Raft(Bytes::from(vec![7u8; 32 << 20])))
-        .unwrap();
+    let frame =
+        encode_to_bytes(1, FrameFlags::ONE_WAY, &Message::Raft(Bytes::from(vec![7u8; 32 << 20]))).unwrap();
     let part = frame.slice(..HEADER_LEN + (24 << 20));
     let (started_tx, started) = std::sync::mpsc::channel();
     let threads: Vec<_> = (0..STALLED)
@@ -171,7 +174,11 @@ fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
         }
     }
     let log = c.log(0);
-    assert_eq!(log.matches("peer frame stalled; answering with an error and closing").count(), STALLED, "{log}");
+    assert_eq!(
+        log.matches("peer frame stalled; answering with an error and closing").count(),
+        STALLED,
+        "{log}"
+    );
     // Still serving after it all.
     ping(addr);
 }
@@ -187,7 +194,10 @@ fn forged_propose(from: u64, to: u64, name: &str) -> Bytes {
         stripe_width: 1,
         read_only: false,
     };
-    let p = Proposal { request: RequestId { origin: NodeId(from), seq: 1 << 40 }, command: Command::CreateVolume { spec } };
+    let p = Proposal {
+        request: RequestId { origin: NodeId(from), seq: 1 << 40 },
+        command: Command::CreateVolume { spec },
+    };
     let mut m = raft::eraftpb::Message::default();
     m.set_msg_type(MessageType::MsgPropose);
     m.from = from;
@@ -200,7 +210,8 @@ fn forged_propose(from: u64, to: u64, name: &str) -> Bytes {
 
 fn names(c: &Cluster) -> Vec<String> {
     let v = c.cli_json(0, &["volume", "list"]);
-    let mut n: Vec<String> = v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().into()).collect();
+    let mut n: Vec<String> =
+        v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().into()).collect();
     n.sort();
     n
 }
@@ -325,7 +336,8 @@ async fn shutdown_drops_a_handler_that_never_returns() {
     let server = PeerServer::bind("127.0.0.1:0".parse().unwrap(), cfg, handler).await.unwrap();
     let pool = PeerPool::new(ClientConfig::new(ClusterId(5), NodeId(2)));
     let addr = server.local_addr();
-    let req = tokio::spawn(async move { pool.request(addr, Message::MetaRequest(Bytes::from_static(b"x"))).await });
+    let req =
+        tokio::spawn(async move { pool.request(addr, Message::MetaRequest(Bytes::from_static(b"x"))).await });
     while server.stats().requests.load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

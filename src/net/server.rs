@@ -44,8 +44,8 @@ use super::budget::{ByteBudget, Gauge, Held};
 use super::wire::{self, Outgoing, ReadError, WriterCmd, WriterTx};
 use super::{PeerInfo, ServerConfig};
 use crate::proto::peer::{
-    DecodeError, Decoder, ErrorCode, Frame, FrameFlags, Hello, Message, ProtocolVersion, RefuseCode,
-    Refused, frame_len,
+    DecodeError, Decoder, ErrorCode, Frame, FrameFlags, Hello, Message, ProtocolVersion, RefuseCode, Refused,
+    frame_len,
 };
 use crate::types::NodeId;
 use bytes::{BufMut, BytesMut};
@@ -54,8 +54,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -227,7 +227,10 @@ impl PeerServer {
             "peer server shutdown: request handlers still running after the grace; dropping them");
         self.abort.cancel();
         if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
-            warn!(tasks = self.tracker.len(), "peer server shutdown: tasks still running after being dropped; leaving them");
+            warn!(
+                tasks = self.tracker.len(),
+                "peer server shutdown: tasks still running after being dropped; leaving them"
+            );
         }
     }
 }
@@ -312,7 +315,8 @@ async fn connection(sock: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePer
     if let Err(e) = serve(sock, addr, permit, &shared).await {
         // A bad frame and a frame timeout were logged where they were answered.
         match e {
-            ConnError::Read(ReadError::Decode(_) | ReadError::Truncated(_)) | ConnError::FrameTimeout { .. }
+            ConnError::Read(ReadError::Decode(_) | ReadError::Truncated(_))
+            | ConnError::FrameTimeout { .. }
             | ConnError::HandOffTimeout { .. } => {}
             ConnError::HelloTimeout(_) => warn!(error = %e, "peer connection closed"),
             _ => debug!(error = %super::error_chain(&e), "peer connection ended"),

@@ -34,7 +34,6 @@ fn every_message() -> Vec<Message> {
         Message::error(ErrorCode::Unsupported, "s"),
         Message::error(ErrorCode::Internal, "i"),
         Message::error(ErrorCode::ShuttingDown, "d"),
-        Message::error(ErrorCode::Forbidden, "e"),
         Message::Raft(pattern(300)),
         Message::Raft(Bytes::new()),
         Message::MetaRequest(pattern(5000)),
@@ -96,6 +95,8 @@ fn every_message() -> Vec<Message> {
         Message::ExtentCrcs(ExtentCrcs { target: target(), offset: 1 << 20, len: 256 << 20 }),
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: vec![0xdead_beef, 1, 2, 3] }),
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: Vec::new() }),
+        // Appended, so the indexes other tests use stay put.
+        Message::error(ErrorCode::Forbidden, "e"),
     ]
     .into_iter()
     .chain(every_volume_message())
