@@ -104,9 +104,9 @@ const FRAME_TIMEOUT_MS: u64 = 1000;
 /// such frames (32 MiB + header each) are read at once; the others wait,
 /// unread, until a deadline closes a holder.
 ///
-/// Bound on the node's VmHWM, from the config: its VmHWM before the attack
-/// + the assembly budget + two read chunks (64 KiB) per connection + 32 MiB
-/// for what the runtime, allocator and logging may add meanwhile.
+/// Bound on the node's VmHWM, from the config: its VmHWM before the attack,
+/// plus the assembly budget, plus two read chunks (64 KiB) per connection,
+/// plus 32 MiB for what the runtime, allocator and logging may add meanwhile.
 #[test]
 fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
     let mut c = Cluster::configure(1, 1, None);
@@ -202,8 +202,7 @@ fn forged_propose(from: u64, to: u64, name: &str) -> Bytes {
     m.set_msg_type(MessageType::MsgPropose);
     m.from = from;
     m.to = to;
-    let mut e = Entry::default();
-    e.data = encode_proposal(&p).into();
+    let e = Entry { data: encode_proposal(&p).into(), ..Default::default() };
     m.entries = vec![e].into();
     Bytes::from(basalt::meta::encode_raft_message(&m))
 }
