@@ -183,6 +183,35 @@ fn half_sent_frames_are_bounded_node_wide_and_closed_after_the_deadline() {
     ping(addr);
 }
 
+/// With `peer.max_handshaking = 4`, four sockets that never send a Hello
+/// hold every handshake slot: a fifth connection is closed at once with a
+/// log line; once one of the four goes, a peer connects and is served.
+#[test]
+fn connections_without_a_hello_are_bounded() {
+    let mut c = Cluster::configure(1, 1, None);
+    let mut cfg = std::fs::read_to_string(&c.nodes[0].config).unwrap();
+    cfg += "[peer]\nmax_handshaking = 4\n";
+    std::fs::write(&c.nodes[0].config, cfg).unwrap();
+    c.spawn(0);
+    c.wait_ready(0);
+    let addr = c.nodes[0].peer;
+    let mut silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // The node takes connections in order: once the fifth is closed, the
+    // four hold their slots (each has hello_timeout, 10 s, to speak).
+    let mut fifth = TcpStream::connect(addr).unwrap();
+    fifth.set_read_timeout(Some(HANG)).unwrap();
+    assert!(closed(&mut fifth), "a fifth connection without a Hello is closed");
+    // One silent socket goes; its slot comes back once the node sees it close.
+    let mut gone = silent.pop().unwrap();
+    gone.shutdown(std::net::Shutdown::Write).unwrap();
+    gone.set_read_timeout(Some(HANG)).unwrap();
+    assert!(closed(&mut gone));
+    ping(addr);
+    let log = c.log(0);
+    assert_eq!(log.matches("too many peer connections still in their handshake").count(), 1, "{log}");
+    drop(silent);
+}
+
 fn forged_propose(from: u64, to: u64, name: &str) -> Bytes {
     let spec = VolumeSpec {
         name: name.into(),

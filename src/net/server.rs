@@ -447,7 +447,7 @@ async fn read_loop(
             return Ok(());
         }
         let kind = frame.message.kind();
-        let cost = wire::receive_cost(frame_len(&frame.message)) + frame.message.reply_hint();
+        let cost = wire::receive_cost(frame_len(&frame.message)).saturating_add(frame.message.reply_hint());
         // Backpressure: wait for room before reading further. A large frame
         // holds assembly room meanwhile, so its deadline still runs: a peer
         // that never reads its replies must not keep that room forever.
