@@ -45,6 +45,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub raft: RaftConfig,
     pub liveness: LivenessConfig,
+    pub peer: PeerConfig,
 }
 
 /// iSCSI target settings. CHAP is off unless `chap_user` is set.
@@ -121,6 +122,25 @@ pub struct LivenessConfig {
     pub down_after_ms: u64,
 }
 
+/// Limits of the peer port against slow or hostile peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerConfig {
+    /// Memory for partly received peer frames over all connections.
+    pub assembly_budget: ByteSize,
+    /// A large frame must be complete (and handed on) this long after its
+    /// header, else its connection is closed.
+    pub frame_timeout_ms: u64,
+    /// Connections that have not finished their handshake, at most.
+    pub max_handshaking: usize,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig { assembly_budget: ByteSize(256 << 20), frame_timeout_ms: 30_000, max_handshaking: 64 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -139,6 +159,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             raft: RaftConfig::default(),
             liveness: LivenessConfig::default(),
+            peer: PeerConfig::default(),
         }
     }
 }
@@ -198,6 +219,12 @@ pub enum ConfigError {
     Capacity(ByteSize),
     #[error("payload_budget: must be at least 32MiB, the largest request (got {0})")]
     PayloadBudget(ByteSize),
+    #[error("peer.assembly_budget: must be at least 33MiB, the largest peer frame (got {0})")]
+    PeerAssemblyBudget(ByteSize),
+    #[error("peer.frame_timeout_ms: must be 100 to 3600000 (got {0})")]
+    PeerFrameTimeout(u64),
+    #[error("peer.max_handshaking: must be 1 to 65536 (got {0})")]
+    PeerMaxHandshaking(usize),
     #[error("listen.{field}: {addr} is unspecified; listen on an address the other nodes can reach")]
     Unspecified { field: &'static str, addr: SocketAddr },
     #[error("listen.{a} and listen.{b} are both {addr}")]
@@ -354,6 +381,15 @@ impl Config {
         let (down, hb) = (self.liveness.down_after_ms, self.liveness.heartbeat_ms);
         if down < hb.saturating_mul(3) {
             return Err(ConfigError::DownAfter { down, hb });
+        }
+        if self.peer.assembly_budget.0 < crate::proto::peer::MAX_FRAME as u64 {
+            return Err(ConfigError::PeerAssemblyBudget(self.peer.assembly_budget));
+        }
+        if !(100..=3_600_000).contains(&self.peer.frame_timeout_ms) {
+            return Err(ConfigError::PeerFrameTimeout(self.peer.frame_timeout_ms));
+        }
+        if !(1..=65536).contains(&self.peer.max_handshaking) {
+            return Err(ConfigError::PeerMaxHandshaking(self.peer.max_handshaking));
         }
         Ok(())
     }
@@ -512,6 +548,15 @@ mod tests {
     #[test]
     fn capacity() {
         assert_eq!(err(|c| c.capacity = Some(ByteSize(1 << 20))), ConfigError::Capacity(ByteSize(1 << 20)));
+    }
+
+    #[test]
+    fn peer_limits() {
+        let small = ByteSize(32 << 20);
+        assert_eq!(err(|c| c.peer.assembly_budget = small), ConfigError::PeerAssemblyBudget(small));
+        assert_eq!(err(|c| c.peer.frame_timeout_ms = 99), ConfigError::PeerFrameTimeout(99));
+        assert_eq!(err(|c| c.peer.frame_timeout_ms = 3_600_001), ConfigError::PeerFrameTimeout(3_600_001));
+        assert_eq!(err(|c| c.peer.max_handshaking = 0), ConfigError::PeerMaxHandshaking(0));
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod wire;
 
 pub use budget::Gauge;
 pub use client::{ClientStats, PeerClient, PeerPool, RequestClass, SendError};
-pub use server::{PeerHandler, PeerServer, ReplyFuture, ServerStats};
+pub use server::{PeerHandler, PeerServer, Refusal, ReplyFuture, ServerStats};
 
 use crate::proto::peer::{DecodeError, EncodeError, ErrorCode, MAX_FRAME, RefuseCode};
 use crate::types::{ClusterId, NodeId};
@@ -86,6 +86,22 @@ pub struct ServerConfig {
     pub connection_budget: usize,
     /// A connection must send its `Hello` within this time.
     pub hello_timeout: Duration,
+    /// Connections at most that have not finished their `Hello`; one more
+    /// is closed at once (with a log line) instead of being served.
+    pub max_handshaking: usize,
+    /// Bytes of partly received frames over every connection of the
+    /// server. A frame whose header declares more than a read chunk takes
+    /// its whole length from this before its payload is read; when it is
+    /// spent, connections with a large frame pending stop reading (the
+    /// per-connection budget does not bound the node: it is per connection).
+    pub assembly_budget: usize,
+    /// A frame whose payload is being read must be complete this long
+    /// after its room in `assembly_budget` was granted, else the
+    /// connection is answered with an error, logged and closed.
+    pub frame_timeout: Duration,
+    /// [`PeerServer::shutdown`] waits this long for request handlers to
+    /// finish, then drops the ones still running (with a log line).
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -96,6 +112,10 @@ impl ServerConfig {
             max_frame: MAX_FRAME,
             connection_budget: 128 << 20,
             hello_timeout: Duration::from_secs(10),
+            max_handshaking: 64,
+            assembly_budget: 256 << 20,
+            frame_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }

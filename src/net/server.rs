@@ -11,9 +11,30 @@
 //! its handler runs (its frame, the reply it may produce, a fixed overhead)
 //! and gives it back only when its reply is written. When the budget is
 //! spent the reader stops reading the socket: a peer that never reads its
-//! replies stalls itself, not the node. Worst case per connection: the
-//! budget, one frame being assembled (at most the frame cap) and a read
-//! chunk.
+//! replies stalls itself, not the node. A frame being assembled is bounded
+//! node-wide: once its header declares more than a read chunk, the frame
+//! takes its whole length from the server's assembly budget before a byte
+//! of its payload is read (waiting, without reading the socket, while the
+//! budget is spent), and gives it back once the decoded frame holds room in
+//! the connection's budget, or when the connection dies. It must then be
+//! complete within `frame_timeout`, else the connection is closed: a peer
+//! that sends half a frame and stalls holds the room for that long only.
+//! Worst case per connection beyond its budget: a frame waiting for that
+//! budget (counted in the assembly budget) and two read chunks; over the
+//! server: the assembly budget plus that slack per connection. Connections
+//! that have not sent their `Hello` are at most `max_handshaking` (more are
+//! closed on accept) and buffer at most a read chunk each.
+//!
+//! Identity: the `Hello` names the connecting node, and every message is
+//! offered to [`PeerHandler::admit`] first, which refuses one that names a
+//! different sender (a Raft message's `from`) or comes from a node that is
+//! not a member; the refusal is answered with `Error` (`Forbidden`) and
+//! logged. Nothing proves the `Hello` itself: a socket that knows the
+//! cluster id can still claim any node id. Mutual TLS on the peer port,
+//! binding a node id to a certificate, is a later issue.
+//!
+//! Shutdown: [`PeerServer::shutdown`] waits `shutdown_grace` for handlers
+//! still running, then drops them (logged), so it always returns.
 //!
 //! Hostile input: a frame that does not decode is answered with an `Error`
 //! (with its request id when the header was intact, else id 0), logged, and
@@ -23,18 +44,21 @@ use super::budget::{ByteBudget, Gauge, Held};
 use super::wire::{self, Outgoing, ReadError, WriterCmd, WriterTx};
 use super::{PeerInfo, ServerConfig};
 use crate::proto::peer::{
-    DecodeError, ErrorCode, Frame, FrameFlags, Hello, Message, ProtocolVersion, RefuseCode, Refused,
+    DecodeError, Decoder, ErrorCode, Frame, FrameFlags, Hello, Message, ProtocolVersion, RefuseCode, Refused,
     frame_len,
 };
-use bytes::BytesMut;
+use crate::types::NodeId;
+use bytes::{BufMut, BytesMut};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
@@ -54,6 +78,37 @@ pub trait PeerHandler: Send + Sync + 'static {
     /// Takes a one-way message (a Raft message). Must not block: queue it
     /// (and drop it when the queue is full; Raft retransmits).
     fn one_way(&self, peer: PeerInfo, message: Message);
+
+    /// Whether `peer` may send `message` (a request or a one-way message;
+    /// never `Hello` or `Ping`), before it reaches [`PeerHandler::request`]
+    /// or [`PeerHandler::one_way`]. A refused message is answered with
+    /// `Error` (`Forbidden`, even when it was one-way) and logged; any
+    /// refusal but [`Refusal::NotMember`] also closes the connection. Must
+    /// not block.
+    /// The default admits everything: for handlers whose messages name no
+    /// sender. This checks what a peer claims against its `Hello`, which
+    /// nothing authenticates yet (mutual TLS is a later issue).
+    fn admit(&self, peer: PeerInfo, message: &Message) -> Result<(), Refusal> {
+        let _ = (peer, message);
+        Ok(())
+    }
+}
+
+/// Why [`PeerHandler::admit`] refused a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The message names a sender other than the connection's `Hello`:
+    /// forged or confused, either way the connection is closed.
+    #[error("the message names node {claimed} as its sender, but this connection's Hello named node {hello}")]
+    Impostor { claimed: NodeId, hello: NodeId },
+    /// The connection's node is not a member of the cluster (as far as this
+    /// node knows) and the message is one only members may send.
+    #[error("node {node} is not a member of this cluster ({what} is for members only)")]
+    NotMember { node: NodeId, what: &'static str },
+    /// A message no honest peer sends (one the receiver's own code would
+    /// trip over): the connection is closed.
+    #[error("refused: {0}")]
+    Invalid(&'static str),
 }
 
 /// Counters of a server, over all its connections.
@@ -64,16 +119,38 @@ pub struct ServerStats {
     pub bad_frames: AtomicU64,
     pub requests: AtomicU64,
     pub one_way: AtomicU64,
+    /// Messages [`PeerHandler::admit`] refused.
+    pub forbidden: AtomicU64,
+    /// Connections closed because a frame's payload did not complete in time.
+    pub frame_timeouts: AtomicU64,
+    /// Connections closed on accept: too many were still in their handshake.
+    pub handshake_overflow: AtomicU64,
+    /// Request handlers dropped because shutdown's grace ran out.
+    pub handlers_aborted: AtomicU64,
     /// Bytes held by requests in flight over every connection, now and at most.
     pub held: Arc<Gauge>,
+    /// Bytes of the assembly budget held by partly received frames, now and
+    /// at most.
+    pub assembling: Arc<Gauge>,
 }
+
+/// Frames of at most this many bytes are read without room in the
+/// assembly budget: a read chunk per connection is allowed for anyway.
+const SMALL_FRAME: usize = wire::READ_CHUNK;
 
 struct Shared {
     cfg: ServerConfig,
     handler: Arc<dyn PeerHandler>,
     stats: Arc<ServerStats>,
     cancel: CancellationToken,
+    /// Cancelled when shutdown's grace runs out: handlers still running
+    /// are dropped.
+    abort: CancellationToken,
     tracker: TaskTracker,
+    /// Partly received frames, over every connection.
+    assembly: ByteBudget,
+    /// Permits for connections that have not finished their `Hello`.
+    handshakes: Arc<Semaphore>,
 }
 
 /// A running peer server. Dropping it stops accepting and closes every
@@ -83,7 +160,9 @@ pub struct PeerServer {
     addr: SocketAddr,
     stats: Arc<ServerStats>,
     cancel: CancellationToken,
+    abort: CancellationToken,
     tracker: TaskTracker,
+    grace: Duration,
 }
 
 impl PeerServer {
@@ -106,17 +185,22 @@ impl PeerServer {
         let addr = listener.local_addr()?;
         let stats = Arc::new(ServerStats::default());
         let cancel = CancellationToken::new();
+        let abort = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let grace = cfg.shutdown_grace;
         let shared = Arc::new(Shared {
+            assembly: ByteBudget::new(cfg.assembly_budget, stats.assembling.clone()),
+            handshakes: Arc::new(Semaphore::new(cfg.max_handshaking.max(1))),
             cfg,
             handler,
             stats: stats.clone(),
             cancel: cancel.clone(),
+            abort: abort.clone(),
             tracker: tracker.clone(),
         });
         info!(%addr, cluster = %shared.cfg.cluster.get(), node = %shared.cfg.node, "peer server listening");
         tracker.spawn(accept_loop(listener, shared));
-        Ok(PeerServer { addr, stats, cancel, tracker })
+        Ok(PeerServer { addr, stats, cancel, abort, tracker, grace })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -128,11 +212,26 @@ impl PeerServer {
     }
 
     /// Stops accepting, closes every connection, and waits for every task
-    /// (handlers of requests in flight included) to finish.
+    /// (handlers of requests in flight included) to finish, at most
+    /// `shutdown_grace`; then drops the handlers still running (their
+    /// replies go nowhere) and waits for that, again at most the grace.
+    /// Returns in at most twice the grace, whatever the handlers do, unless
+    /// one blocks its thread (a handler must not).
     pub async fn shutdown(self) {
         self.cancel.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_ok() {
+            return;
+        }
+        warn!(tasks = self.tracker.len(), grace = ?self.grace,
+            "peer server shutdown: request handlers still running after the grace; dropping them");
+        self.abort.cancel();
+        if tokio::time::timeout(self.grace, self.tracker.wait()).await.is_err() {
+            warn!(
+                tasks = self.tracker.len(),
+                "peer server shutdown: tasks still running after being dropped; leaving them"
+            );
+        }
     }
 }
 
@@ -151,8 +250,22 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((sock, addr)) => {
                 shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    // Every permit is held by a connection that has not sent
+                    // its Hello (each for at most hello_timeout): closing
+                    // this one bounds what a connect flood costs.
+                    let n = shared.stats.handshake_overflow.fetch_add(1, Ordering::Relaxed) + 1;
+                    let max = shared.cfg.max_handshaking;
+                    if n.is_power_of_two() {
+                        warn!(peer = %addr, closed = n, max, "too many peer connections still in their handshake; closing new ones (logged at powers of two)");
+                    } else {
+                        debug!(peer = %addr, closed = n, max, "too many peer connections still in their handshake; closed");
+                    }
+                    drop(sock);
+                    continue;
+                };
                 let span = tracing::info_span!("peer_conn", peer = %addr, node = tracing::field::Empty);
-                shared.tracker.spawn(connection(sock, addr, shared.clone()).instrument(span));
+                shared.tracker.spawn(connection(sock, addr, permit, shared.clone()).instrument(span));
             }
             Err(e) => {
                 // Out of fds and the like: keep the connections we have.
@@ -170,6 +283,15 @@ enum ConnError {
     Read(#[from] ReadError),
     #[error("no Hello within {0:?}")]
     HelloTimeout(std::time::Duration),
+    #[error(
+        "frame of {len} bytes not complete within {after:?} of its header ({received} bytes received); closing"
+    )]
+    FrameTimeout { len: usize, received: usize, after: Duration },
+    #[error(
+        "frame of {len} bytes found no room in the connection's budget within {after:?} of its header \
+         (are its replies read?); closing"
+    )]
+    HandOffTimeout { len: usize, after: Duration },
     #[error("writing to the peer failed")]
     Write(#[from] std::io::Error),
 }
@@ -189,18 +311,25 @@ async fn refuse(
     wr.shutdown().await
 }
 
-async fn connection(sock: TcpStream, addr: SocketAddr, shared: Arc<Shared>) {
-    if let Err(e) = serve(sock, addr, &shared).await {
-        // A bad frame was logged where it was answered.
+async fn connection(sock: TcpStream, addr: SocketAddr, permit: OwnedSemaphorePermit, shared: Arc<Shared>) {
+    if let Err(e) = serve(sock, addr, permit, &shared).await {
+        // A bad frame and a frame timeout were logged where they were answered.
         match e {
-            ConnError::Read(ReadError::Decode(_) | ReadError::Truncated(_)) => {}
+            ConnError::Read(ReadError::Decode(_) | ReadError::Truncated(_))
+            | ConnError::FrameTimeout { .. }
+            | ConnError::HandOffTimeout { .. } => {}
             ConnError::HelloTimeout(_) => warn!(error = %e, "peer connection closed"),
             _ => debug!(error = %super::error_chain(&e), "peer connection ended"),
         }
     }
 }
 
-async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Result<(), ConnError> {
+async fn serve(
+    sock: TcpStream,
+    addr: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shared: &Arc<Shared>,
+) -> Result<(), ConnError> {
     let _ = sock.set_nodelay(true);
     let (mut rd, mut wr) = sock.into_split();
     let dec = wire::decoder(shared.cfg.max_frame);
@@ -253,6 +382,7 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
     let ack =
         Message::HelloAck(Hello { version: ours, cluster: shared.cfg.cluster.get(), node: shared.cfg.node });
     wr.write_all(&crate::proto::peer::encode_to_bytes(0, FrameFlags::NONE, &ack).expect("fits")).await?;
+    drop(permit);
     debug!("peer connected");
 
     let peer = PeerInfo { node: hello.node, addr };
@@ -266,6 +396,15 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
             Some((e.request_id().unwrap_or(0), super::error_chain(e)))
         }
         Err(ConnError::Read(e @ ReadError::Truncated(_))) => Some((0, e.to_string())),
+        Err(e @ (ConnError::FrameTimeout { .. } | ConnError::HandOffTimeout { .. })) => {
+            shared.stats.frame_timeouts.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "peer frame stalled; answering with an error and closing");
+            let m = Message::error(ErrorCode::Malformed, e.to_string());
+            if let Ok(f) = Outgoing::encode(0, FrameFlags::NONE, &m, None) {
+                let _ = tx.send(WriterCmd::Frame(f));
+            }
+            None
+        }
         _ => None,
     };
     if let Some((id, why)) = bad {
@@ -281,9 +420,9 @@ async fn serve(sock: TcpStream, addr: SocketAddr, shared: &Arc<Shared>) -> Resul
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut OwnedReadHalf,
     mut buf: BytesMut,
-    dec: &crate::proto::peer::Decoder,
+    dec: &Decoder,
     peer: PeerInfo,
     tx: &WriterTx,
     budget: &ByteBudget,
@@ -291,11 +430,9 @@ async fn read_loop(
     shared: &Arc<Shared>,
 ) -> Result<(), ConnError> {
     loop {
-        let frame = tokio::select! {
-            _ = dead.cancelled() => return Ok(()),
-            r = wire::read_frame(rd, &mut buf, dec) => r?,
+        let Some((frame, assembling)) = read_assembled(rd, &mut buf, dec, dead, shared).await? else {
+            return Ok(());
         };
-        let Some(frame) = frame else { return Ok(()) };
         let one_way = frame.flags.one_way();
         let id = frame.request_id;
         if id == 0 && !one_way {
@@ -310,12 +447,27 @@ async fn read_loop(
             return Ok(());
         }
         let kind = frame.message.kind();
-        let cost = wire::receive_cost(frame_len(&frame.message)) + frame.message.reply_hint();
-        // Backpressure: wait for room before reading further.
+        let cost = wire::receive_cost(frame_len(&frame.message)).saturating_add(frame.message.reply_hint());
+        // Backpressure: wait for room before reading further. A large frame
+        // holds assembly room meanwhile, so its deadline still runs: a peer
+        // that never reads its replies must not keep that room forever.
+        let deadline = assembling.as_ref().and_then(|a| a.deadline);
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
         let held = tokio::select! {
             _ = dead.cancelled() => return Ok(()),
             h = budget.take(cost) => h,
+            _ = timer => {
+                let (len, after) = (frame_len(&frame.message), shared.cfg.frame_timeout);
+                return Err(ConnError::HandOffTimeout { len, after });
+            }
         };
+        // Handed on: the connection's budget counts the frame now.
+        drop(assembling);
         if kind.is_reply() || matches!(frame.message, Message::Hello(_)) {
             warn!(?kind, request = id, "peer sent a reply or a second Hello as a request");
             if !one_way {
@@ -329,21 +481,46 @@ async fn read_loop(
             if matches!(frame.message, Message::Ping) {
                 continue;
             }
-            shared.handler.one_way(peer, frame.message);
+        }
+        if !one_way {
+            shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if matches!(frame.message, Message::Ping) {
+                reply(tx, id, Message::Pong, held);
+                continue;
+            }
+        }
+        if let Err(refusal) = shared.handler.admit(peer, &frame.message) {
+            shared.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+            let close = !matches!(refusal, Refusal::NotMember { .. });
+            warn!(?kind, request = id, one_way, reason = %refusal, close, "peer message refused");
+            // Answered even when one-way: the sender broke a rule, not the network.
+            reply(tx, id, Message::error(ErrorCode::Forbidden, refusal.to_string()), held);
+            if close {
+                return Ok(());
+            }
             continue;
         }
-        shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if matches!(frame.message, Message::Ping) {
-            reply(tx, id, Message::Pong, held);
+        if one_way {
+            shared.handler.one_way(peer, frame.message);
             continue;
         }
         let fut = shared.handler.request(peer, frame.message);
         let tx = tx.clone();
         let budget = budget.clone();
+        let abort = shared.abort.clone();
+        let stats = shared.stats.clone();
         tx.busy().fetch_add(1, Ordering::Relaxed);
         shared.tracker.spawn(
             async move {
-                let answer = fut.await;
+                let answer = tokio::select! {
+                    a = fut => a,
+                    _ = abort.cancelled() => {
+                        stats.handlers_aborted.fetch_add(1, Ordering::Relaxed);
+                        debug!(request = id, "request handler dropped at shutdown");
+                        tx.busy().fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
                 tx.busy().fetch_sub(1, Ordering::Relaxed);
                 let mut held = held;
                 // A reply bigger than was reserved takes the difference
@@ -370,4 +547,72 @@ fn reply(tx: &WriterTx, id: u64, message: Message, held: Held) {
     };
     // The writer is gone only when the connection is: the reply has no one to go to.
     let _ = tx.send(WriterCmd::Frame(f));
+}
+
+/// Room a large frame holds in the assembly budget until it is handed on,
+/// and when it must have been.
+struct Assembling {
+    _room: Held,
+    /// `None` only for a timeout too large to add to now: no deadline.
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// The next frame off `rd`, like `wire::read_frame`, with the room it took
+/// in the assembly budget (none for a small frame); `Ok(None)` when the
+/// peer closed cleanly between frames or the connection is dying. A large
+/// frame takes its whole declared length before its payload is read and
+/// must then complete within `frame_timeout`. Reads ask for at most the
+/// rest of the frame or a read chunk, whichever is more, so bytes beyond
+/// what is counted stay under a read chunk.
+async fn read_assembled(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    dec: &Decoder,
+    dead: &CancellationToken,
+    shared: &Shared,
+) -> Result<Option<(Frame, Option<Assembling>)>, ConnError> {
+    let mut room: Option<Assembling> = None;
+    loop {
+        if let Some(f) = dec.decode(buf).map_err(ReadError::from)? {
+            return Ok(Some((f, room)));
+        }
+        // No frame yet, and no error: a header in `buf` has checked out
+        // (its length is within the cap).
+        let total = dec.frame_len(buf);
+        if let Some(len) = total
+            && len > SMALL_FRAME
+            && room.is_none()
+        {
+            // Backpressure: until there is room, this socket is not read.
+            let held = tokio::select! {
+                _ = dead.cancelled() => return Ok(None),
+                h = shared.assembly.take(len) => h,
+            };
+            let deadline = tokio::time::Instant::now().checked_add(shared.cfg.frame_timeout);
+            room = Some(Assembling { _room: held, deadline });
+        }
+        let deadline = room.as_ref().and_then(|a| a.deadline);
+        let rest = total.map_or(0, |t| t.saturating_sub(buf.len()));
+        let ask = rest.max(wire::READ_CHUNK);
+        buf.reserve(ask);
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut limited = (&mut *buf).limit(ask);
+        let read = tokio::select! {
+            _ = dead.cancelled() => return Ok(None),
+            _ = timer => None,
+            r = rd.read_buf(&mut limited) => Some(r),
+        };
+        let Some(read) = read else {
+            let after = shared.cfg.frame_timeout;
+            return Err(ConnError::FrameTimeout { len: total.unwrap_or(0), received: buf.len(), after });
+        };
+        if read.map_err(ReadError::from)? == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(ReadError::Truncated(buf.len()).into()) };
+        }
+    }
 }

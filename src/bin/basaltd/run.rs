@@ -19,7 +19,9 @@ use anyhow::Context;
 use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector, ReplicationCollector};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
-use basalt::net::{ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, ReplyFuture, ServerConfig};
+use basalt::net::{
+    ClientConfig, PeerHandler, PeerInfo, PeerPool, PeerServer, Refusal, ReplyFuture, ServerConfig,
+};
 use basalt::node::identity::Identity;
 use basalt::node::systemd::{Notifier, spawn_watchdog};
 use basalt::node::{Node, VolumeOptions, forward};
@@ -291,6 +293,56 @@ impl PeerHandler for Handler {
         })
     }
 
+    /// The sender a message names must be the node its connection's Hello
+    /// named, and Raft traffic and heartbeats must come from members. A
+    /// node that knows no Raft membership yet (fresh, waiting for the
+    /// leader's snapshot) takes Raft messages from anyone who names
+    /// themselves truthfully: it cannot tell members yet. The Hello is
+    /// unauthenticated; mutual TLS is a later issue.
+    fn admit(&self, peer: PeerInfo, message: &Message) -> Result<(), Refusal> {
+        let claimed = match message {
+            // One that does not decode names no one; one_way logs it.
+            Message::Raft(b) => match meta::decode_raft_message(b) {
+                Ok(m) => {
+                    use raft::eraftpb::MessageType as T;
+                    // raft-rs makes these itself and panics on some from a
+                    // peer (an empty MsgPropose is fatal); none travel.
+                    let local = matches!(
+                        m.get_msg_type(),
+                        T::MsgHup | T::MsgBeat | T::MsgUnreachable | T::MsgSnapStatus | T::MsgCheckQuorum
+                    );
+                    if local || (m.get_msg_type() == T::MsgPropose && m.entries.is_empty()) {
+                        return Err(Refusal::Invalid("a Raft message of a kind only the local node makes"));
+                    }
+                    Some((NodeId(m.from), "raft traffic"))
+                }
+                Err(_) => return Ok(()),
+            },
+            Message::MetaRequest(b) => match decode_wire::<ShellRequest>(b) {
+                Ok(ShellRequest::Meta(MetaRequest::Heartbeat(r))) => Some((r.spec.id, "a heartbeat")),
+                // A fresh node asks to join: it names itself, and is no member yet.
+                Ok(ShellRequest::Join(spec)) if spec.id != peer.node => {
+                    return Err(Refusal::Impostor { claimed: spec.id, hello: peer.node });
+                }
+                // An invitation names no sender; the daemon decides on it.
+                Ok(_) | Err(_) => None,
+            },
+            _ => None,
+        };
+        let Some((claimed, what)) = claimed else { return Ok(()) };
+        if claimed != peer.node {
+            return Err(Refusal::Impostor { claimed, hello: peer.node });
+        }
+        let Some(meta) = self.meta.get() else { return Ok(()) };
+        let status = meta.status();
+        let in_raft = status.voters.contains(&peer.node) || status.learners.contains(&peer.node);
+        let knows_none = status.voters.is_empty() && status.learners.is_empty();
+        if in_raft || knows_none || meta.subscribe().borrow().node(peer.node).is_some() {
+            return Ok(());
+        }
+        Err(Refusal::NotMember { node: peer.node, what })
+    }
+
     fn one_way(&self, peer: PeerInfo, message: Message) {
         match message {
             Message::Raft(b) => match (meta::decode_raft_message(&b), self.meta.get()) {
@@ -429,10 +481,15 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         replica: OnceLock::new(),
         node: node.clone(),
     });
-    let peer_server =
-        PeerServer::bind(cfg.listen.peer, ServerConfig::new(cluster_cell.clone(), me), handler.clone())
-            .await
-            .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
+    let server_cfg = ServerConfig {
+        assembly_budget: usize::try_from(cfg.peer.assembly_budget.0).unwrap_or(usize::MAX),
+        frame_timeout: Duration::from_millis(cfg.peer.frame_timeout_ms),
+        max_handshaking: cfg.peer.max_handshaking,
+        ..ServerConfig::new(cluster_cell.clone(), me)
+    };
+    let peer_server = PeerServer::bind(cfg.listen.peer, server_cfg, handler.clone())
+        .await
+        .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
 
     let store = RedbStore::open(&cfg.state_dir.join("meta.redb")).context("opening the metadata store")?;
     let fresh = !meta::LogStore::is_initialized(&store);

@@ -237,6 +237,10 @@ pub enum ErrorCode {
     Internal = 4,
     /// The node is shutting down.
     ShuttingDown = 5,
+    /// The sender may not send this: the message names a sender other
+    /// than the node its `Hello` named, or that node is not a member of
+    /// the cluster. (Added before any release spoke V1, so V1 carries it.)
+    Forbidden = 6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -530,6 +534,7 @@ impl ErrorCode {
             ErrorCode::Unsupported,
             ErrorCode::Internal,
             ErrorCode::ShuttingDown,
+            ErrorCode::Forbidden,
         ]
         .into_iter()
         .find(|c| *c as u16 == v)

@@ -95,6 +95,8 @@ fn every_message() -> Vec<Message> {
         Message::ExtentCrcs(ExtentCrcs { target: target(), offset: 1 << 20, len: 256 << 20 }),
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: vec![0xdead_beef, 1, 2, 3] }),
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: Vec::new() }),
+        // Appended, so the indexes other tests use stay put.
+        Message::error(ErrorCode::Forbidden, "e"),
     ]
     .into_iter()
     .chain(every_volume_message())
