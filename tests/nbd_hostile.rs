@@ -909,8 +909,8 @@ fn unaligned_requests_without_agreed_block_sizes_match_an_oracle() {
 /// Two connections of clients held to no block size write interleaved
 /// 50-byte runs (ten to a sector, alternating between the connections),
 /// many in flight at once: each partial sector is read-modify-written by
-/// both at the same time, and the sector lock must keep every one of
-/// those writes. Three rounds, each awaited before the next.
+/// both at the same time, and the store's exclusive range lock must keep
+/// every one of those writes. Three rounds, each awaited before the next.
 #[test]
 fn concurrent_unaligned_writes_from_two_connections_lose_nothing() {
     const RUN: u64 = 50;

@@ -44,7 +44,7 @@
 //! the one called `demo`).
 
 use super::readahead::{Hit, ReadAhead};
-use crate::node::volume::{MAX_PAYLOAD, MIN_BLOCK};
+use crate::node::volume::{MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::LongOp;
 use crate::proto::nbd::handshake::{self, Export, Negotiator, Next, Session};
@@ -54,12 +54,10 @@ use crate::proto::nbd::transmission::{
 };
 use crate::proto::nbd::{BlockSizes, CMD_BLOCK_STATUS, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE, Errno};
 use crate::storage::engine::AlignedBuf;
-use crate::storage::rangelock::RangeLock;
 use crate::types::ReadChunk;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use std::collections::HashMap;
 use std::future::Future;
 use std::io::IoSlice;
 use std::ops::Range;
@@ -275,7 +273,6 @@ async fn accept_loop<L: Listener>(
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let sectors = Arc::new(SectorLocks::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -284,7 +281,7 @@ async fn accept_loop<L: Listener>(
         match accepted {
             Ok((sock, peer)) => {
                 let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
-                let conn = connection(sock, node.clone(), cancel.clone(), sectors.clone());
+                let conn = connection(sock, node.clone(), cancel.clone());
                 tracker.spawn(conn.instrument(span));
             }
             Err(e) => {
@@ -327,15 +324,10 @@ enum Closed {
     Drained,
 }
 
-async fn connection<S: Stream>(
-    sock: S,
-    node: Arc<Node>,
-    cancel: CancellationToken,
-    sectors: Arc<SectorLocks>,
-) {
+async fn connection<S: Stream>(sock: S, node: Arc<Node>, cancel: CancellationToken) {
     let _open = node.open_connection(crate::node::Frontend::Nbd);
     sock.tune();
-    match run(sock, &node, &cancel, &sectors).await {
+    match run(sock, &node, &cancel).await {
         Ok(how) => debug!(?how, "connection closed"),
         Err(e) => {
             // The one log line for a connection that went wrong.
@@ -381,7 +373,6 @@ async fn run<S: Stream>(
     mut sock: S,
     node: &Arc<Node>,
     cancel: &CancellationToken,
-    sectors: &SectorLocks,
 ) -> Result<Closed, ConnError> {
     let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
     {
@@ -399,8 +390,7 @@ async fn run<S: Stream>(
     };
     tracing::Span::current().record("export", session.export.as_str());
     debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");
-    let sectors = (!session.sizes_agreed).then(|| sectors.of(&session.export));
-    let target = Target { volume, sectors };
+    let target = Target { volume, any_byte: !session.sizes_agreed };
     // Every line of the transmission phase names its volume (JSON logs
     // carry it as a span field).
     let span = tracing::info_span!("volume", volume = %session.export);
@@ -539,21 +529,26 @@ fn long_op(req: &Request) -> Option<LongOp> {
 /// Bytes of memory a request may hold until its reply is written, taken
 /// from both budgets before it runs: READ and WRITE data (lengths over the
 /// cap are refused before running, so they hold none; an unaligned one
-/// also holds its partial sectors), and the reply of a BLOCK_STATUS, which
+/// also holds its partial sectors, and a write the copy its store blocks
+/// are patched in), and the reply of a BLOCK_STATUS, which
 /// the server sizes (at most [`STATUS_CHARGE`]).
 fn payload_len(req: &Request) -> u64 {
     let len = req.len as u64;
     match req.kind {
-        CMD_READ | CMD_WRITE if len <= MAX_PAYLOAD => {
-            len + if unaligned::aligned(req.offset, len) { 0 } else { 2 * MIN_BLOCK }
-        }
+        CMD_READ | CMD_WRITE if len <= MAX_PAYLOAD && unaligned::aligned(req.offset, len) => len,
+        // The covering sectors, sliced without a copy.
+        CMD_READ if len <= MAX_PAYLOAD => len + 2 * MIN_BLOCK,
+        // The store patches the data into a copy of its whole blocks.
+        CMD_WRITE if len <= MAX_PAYLOAD => 2 * len + 2 * PREFERRED_BLOCK,
         CMD_BLOCK_STATUS => STATUS_CHARGE,
         _ => 0,
     }
 }
 
+/// Connection budget units: at most the whole budget, so any request can
+/// be admitted once the others are done.
 fn cost(req: &Request) -> u32 {
-    1 + (payload_len(req) / UNIT_BYTES) as u32
+    (1 + payload_len(req) / UNIT_BYTES).min(BUDGET_UNITS.into()) as u32
 }
 
 async fn transmission<S: Stream>(
@@ -869,24 +864,33 @@ async fn execute(
                 Reply::SimpleRead { handle, chunks }
             }
         }),
-        Command::Write { offset, data, fua } => match &target.sectors {
-            None => volume.write(offset, data, fua).await,
-            Some(locks) => unaligned::write(volume, locks, offset, data, fua).await,
+        Command::Write { offset, data, fua } if target.any_byte => {
+            volume.write_unaligned(offset, data, fua).await.map(|()| ok)
         }
-        .map(|()| ok),
+        Command::Write { offset, data, fua } => volume.write(offset, data, fua).await.map(|()| ok),
         Command::Flush => volume.flush().await.map(|()| ok),
         Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(ok),
-        Command::Trim { offset, len, fua } => match &target.sectors {
-            None => by_extent(volume, offset, len as u64, |at, n| volume.trim(at, n, fua)).await,
-            Some(locks) => unaligned::trim(volume, locks, offset, len as u64, fua).await,
-        }
-        .map(|()| ok),
-        Command::WriteZeroes { offset, len, deallocate, fua } => match &target.sectors {
-            None => {
-                by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua))
-                    .await
+        Command::Trim { offset, len, fua } => {
+            // A TRIM is advisory (the content of a trimmed range is
+            // unspecified until written): a client held to no block size
+            // has the whole sectors inside its range discarded.
+            let r = if target.any_byte {
+                unaligned::inner(offset, offset + len as u64)
+            } else {
+                offset..offset + len as u64
+            };
+            if r.start < r.end {
+                by_extent(volume, r.start, r.end - r.start, |at, n| volume.trim(at, n, fua)).await
+            } else {
+                Ok(())
             }
-            Some(locks) => unaligned::write_zeroes(volume, locks, offset, len as u64, deallocate, fua).await,
+            .map(|()| ok)
+        }
+        Command::WriteZeroes { offset, len, deallocate, fua } => if target.any_byte {
+            let zero = |at, n| volume.write_zeroes_unaligned(at, n, deallocate, fua);
+            by_extent(volume, offset, len as u64, zero).await
+        } else {
+            by_extent(volume, offset, len as u64, |at, n| volume.write_zeroes(at, n, deallocate, fua)).await
         }
         .map(|()| ok),
         // The store has no cache to warm; the range was checked.
@@ -966,46 +970,20 @@ async fn block_status(
 #[derive(Debug, Clone)]
 struct Target {
     volume: Arc<Volume>,
-    /// For a client held to no block size (see `Session::sizes_agreed`):
-    /// the volume's sector locks, which every write of such a client takes.
-    sectors: Option<Arc<RangeLock>>,
-}
-
-/// One [`RangeLock`] over the sectors of each volume, shared by the
-/// connections of clients held to no block size. Volumes are never
-/// removed while the server runs, so neither are their locks.
-#[derive(Debug, Default)]
-struct SectorLocks(std::sync::Mutex<HashMap<String, Arc<RangeLock>>>);
-
-impl SectorLocks {
-    fn of(&self, volume: &str) -> Arc<RangeLock> {
-        self.0.lock().unwrap().entry(volume.to_string()).or_default().clone()
-    }
+    /// A client held to no block size (see `Session::sizes_agreed`): its
+    /// requests may start and end at any byte.
+    any_byte: bool,
 }
 
 /// Requests at any byte offset and length, for clients that did not agree
 /// to the 512-byte minimum block size (NBD_OPT_EXPORT_NAME, or NBD_OPT_GO
 /// without NBD_INFO_BLOCK_SIZE: the spec's default minimum is then 1).
-/// The volume and the store take whole sectors, so:
-/// - a READ reads the sectors covering the range and hands back its bytes;
-/// - a WRITE or WRITE_ZEROES writes the whole sectors inside the range as
-///   usual, and a partial first or last sector by read-modify-write;
-/// - a TRIM (advisory: the spec lets the content of a trimmed range be
-///   anything until it is written) discards the whole sectors inside it.
-///
-/// Atomicity: a read-modify-write must not lose a write that lands on the
-/// same sector between its read and its write. Every write, zero and trim
-/// of such a client takes the volume's [`SectorLocks`] lock over the
-/// sectors it covers: exclusive when it read-modify-writes, shared when
-/// aligned (aligned ones need no order among themselves; the store orders
-/// them). So these clients' writes are atomic per sector among themselves,
-/// over any number of connections. Writes of clients that agreed to the
-/// block size, and of iSCSI, do not take this lock: one of them that
-/// overlaps a partial sector being read-modify-written at that moment is an
-/// overlapping concurrent write, and its bytes outside the unaligned write
-/// may be lost. Making that atomic too needs the RMW under the store's own
-/// range lock (`storage::Extent`'s `read_modify` already works at any byte
-/// offset; only its alignment check stops it).
+/// A READ reads the sectors covering the range and hands back its bytes; a
+/// WRITE or WRITE_ZEROES goes to the volume's `*_unaligned` calls, which
+/// read-modify-write the partial blocks under the store's exclusive range
+/// lock, so they are atomic against every other change of those blocks
+/// from any connection and any frontend (no lock here); a TRIM discards the
+/// whole sectors inside its range (see `execute`).
 mod unaligned {
     use super::*;
 
@@ -1023,26 +1001,8 @@ mod unaligned {
 
     /// The whole sectors inside `[offset, end)`, in bytes; empty (start >=
     /// end) when no sector lies wholly inside.
-    fn inner(offset: u64, end: u64) -> Range<u64> {
+    pub(super) fn inner(offset: u64, end: u64) -> Range<u64> {
         offset.div_ceil(SECTOR) * SECTOR..end / SECTOR * SECTOR
-    }
-
-    /// The partial sectors at the ends of `[offset, end)` (one if the range
-    /// lies within one sector).
-    fn edges(offset: u64, end: u64) -> Vec<u64> {
-        let mut v = Vec::with_capacity(2);
-        if !offset.is_multiple_of(SECTOR) {
-            v.push(offset / SECTOR * SECTOR);
-        }
-        if !end.is_multiple_of(SECTOR) && v.last() != Some(&(end / SECTOR * SECTOR)) {
-            v.push(end / SECTOR * SECTOR);
-        }
-        v
-    }
-
-    /// Sector numbers of a byte span, for the lock.
-    fn sectors(bytes: &Range<u64>) -> Range<u64> {
-        bytes.start / SECTOR..bytes.end.div_ceil(SECTOR)
     }
 
     pub(super) async fn read(volume: &Volume, offset: u64, len: u32) -> Result<Vec<ReadChunk>, VolumeError> {
@@ -1080,106 +1040,18 @@ mod unaligned {
         out
     }
 
-    pub(super) async fn write(
-        volume: &Volume,
-        locks: &RangeLock,
-        offset: u64,
-        data: Bytes,
-        fua: bool,
-    ) -> Result<(), VolumeError> {
-        let len = data.len() as u64;
-        if len == 0 {
-            return Ok(());
-        }
-        let end = offset + len;
-        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
-        let inner = inner(offset, end);
-        if inner.start < inner.end {
-            let part = data.slice((inner.start - offset) as usize..(inner.end - offset) as usize);
-            volume.write(inner.start, part, fua).await?;
-        }
-        for sector in edges(offset, end) {
-            patch(volume, sector, offset, Some(&data), len, fua).await?;
-        }
-        Ok(())
-    }
-
-    pub(super) async fn write_zeroes(
-        volume: &Volume,
-        locks: &RangeLock,
-        offset: u64,
-        len: u64,
-        deallocate: bool,
-        fua: bool,
-    ) -> Result<(), VolumeError> {
-        let end = offset + len;
-        let _held = locks.lock(sectors(&span(offset, len)), !aligned(offset, len)).await;
-        let inner = inner(offset, end);
-        if inner.start < inner.end {
-            let zero = |at, n| volume.write_zeroes(at, n, deallocate, fua);
-            by_extent(volume, inner.start, inner.end - inner.start, zero).await?;
-        }
-        for sector in edges(offset, end) {
-            patch(volume, sector, offset, None, len, fua).await?;
-        }
-        Ok(())
-    }
-
-    pub(super) async fn trim(
-        volume: &Volume,
-        locks: &RangeLock,
-        offset: u64,
-        len: u64,
-        fua: bool,
-    ) -> Result<(), VolumeError> {
-        let inner = inner(offset, offset + len);
-        if inner.start >= inner.end {
-            return Ok(());
-        }
-        let _held = locks.lock(sectors(&inner), false).await;
-        by_extent(volume, inner.start, inner.end - inner.start, |at, n| volume.trim(at, n, fua)).await
-    }
-
-    /// Read-modify-write of one sector: the bytes of a write of `len` at
-    /// `offset` that fall in `sector` (`data`, or zeros) laid over its old
-    /// contents. The caller holds the sector's lock exclusive.
-    async fn patch(
-        volume: &Volume,
-        sector: u64,
-        offset: u64,
-        data: Option<&Bytes>,
-        len: u64,
-        fua: bool,
-    ) -> Result<(), VolumeError> {
-        let old = volume.read(sector, SECTOR).await?;
-        let mut buf = BytesMut::from(&crate::types::flatten_chunks(&old)[..]);
-        let (from, to) = (offset.max(sector), (offset + len).min(sector + SECTOR));
-        let dst = &mut buf[(from - sector) as usize..(to - sector) as usize];
-        match data {
-            Some(d) => dst.copy_from_slice(&d[(from - offset) as usize..(to - offset) as usize]),
-            None => dst.fill(0),
-        }
-        volume.write(sector, buf.freeze(), fua).await
-    }
-
     #[cfg(test)]
     mod tests {
         use super::*;
 
         #[test]
-        fn spans_inner_sectors_and_edges() {
+        fn spans_and_inner_sectors() {
             assert_eq!(span(100, 1), 0..512);
             assert_eq!(span(511, 2), 0..1024);
             assert_eq!(span(512, 512), 512..1024);
             assert!(inner(100, 200).is_empty());
             assert_eq!(inner(100, 1100), 512..1024);
             assert_eq!(inner(512, 1024), 512..1024);
-            assert_eq!(edges(100, 200), vec![0]);
-            assert_eq!(edges(100, 1100), vec![0, 1024]);
-            assert_eq!(edges(512, 1100), vec![1024]);
-            assert_eq!(edges(100, 1024), vec![0]);
-            assert!(edges(512, 1024).is_empty());
-            assert_eq!(sectors(&(512..1536)), 1..3);
         }
 
         #[test]

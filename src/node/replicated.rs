@@ -678,6 +678,94 @@ impl Replicated {
     }
 }
 
+impl Replicated {
+    /// A write at any byte offset within one extent (`data` non-empty), for
+    /// clients held to no block size: the whole sectors it touches are held
+    /// exclusive (as COMPARE AND WRITE holds its range), the partial first
+    /// and last read from one member and patched, and the whole span
+    /// written to every member before the hold ends. It runs in a task of
+    /// its own: a caller that goes away must not leave the range held, or
+    /// the patch half sent.
+    pub async fn write_unaligned(
+        self: &Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<()> {
+        self.check_serving()?;
+        self.ensure(extent).await?;
+        let me = self.clone();
+        tokio::spawn(async move { me.patch(extent, offset, data, fua).await })
+            .await
+            .unwrap_or_else(|e| Err(unavailable(format!("an unaligned write's task failed: {e}"))))
+    }
+
+    async fn patch(self: &Arc<Self>, extent: ExtentIndex, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        const SECTOR: u64 = super::volume::MIN_BLOCK;
+        let end = offset + data.len() as u64;
+        let span = offset / SECTOR * SECTOR..end.div_ceil(SECTOR) * SECTOR;
+        let (op, epoch, members) = self.hold(extent, span.start, span.end - span.start).await?;
+        let mut buf = vec![0u8; (span.end - span.start) as usize];
+        let mut edges = vec![span.start];
+        if span.end - SECTOR != span.start {
+            edges.push(span.end - SECTOR);
+        }
+        let mut read = Ok(());
+        for at in edges {
+            let old = self.read_members(extent, epoch, &members, at, SECTOR).await;
+            match old {
+                Some(old) => {
+                    let i = (at - span.start) as usize;
+                    buf[i..i + SECTOR as usize].copy_from_slice(&old);
+                }
+                None => {
+                    read = Err(unavailable("no replica could serve the read of an unaligned write"));
+                    break;
+                }
+            }
+        }
+        let then = if read.is_ok() {
+            let i = (offset - span.start) as usize;
+            buf[i..i + data.len()].copy_from_slice(&data);
+            if let Some(s) = self.inner.lock().unwrap().slots.get_mut(&op) {
+                s.data = Some(Bytes::from(buf));
+            }
+            Then::Change { change: Change::Write { fua }, only: None }
+        } else {
+            Then::Release
+        };
+        let r = self.release(op, then).await.unwrap_or(Err(OpError::Metadata(extent)));
+        read?;
+        r.map_err(|e| VolumeError::Unavailable(e.to_string()))
+    }
+
+    /// `[offset, offset + len)` of the extent from the first of `members`
+    /// that serves it whole.
+    async fn read_members(
+        &self,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        members: &[NodeId],
+        offset: u64,
+        len: u64,
+    ) -> Option<Bytes> {
+        for node in members {
+            let msg = Message::ExtentRead(ExtentRead {
+                target: self.target(extent, epoch),
+                offset,
+                len: len as u32,
+            });
+            if let Ok(Message::ExtentReadReply(r)) = self.io.call(*node, msg).await
+                && r.data.len() as u64 == len
+            {
+                return Some(r.data);
+            }
+        }
+        None
+    }
+}
+
 /// The reconcile report of one replica's status reply.
 fn report_of(node: NodeId, s: &crate::proto::peer::ExtentState, extent_size: u64) -> Report {
     let size = u64::from(s.region_size);

@@ -561,7 +561,13 @@ impl Volume {
     }
 
     fn check_in(g: &Geometry, offset: u64, len: u64) -> Result<()> {
-        if !offset.is_multiple_of(MIN_BLOCK) || !len.is_multiple_of(MIN_BLOCK) {
+        Self::check_at(g, offset, len, MIN_BLOCK)
+    }
+
+    /// Bounds, and alignment to `granule` bytes ([`MIN_BLOCK`], or 1 for
+    /// the `*_unaligned` calls).
+    fn check_at(g: &Geometry, offset: u64, len: u64, granule: u64) -> Result<()> {
+        if !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
             return Err(VolumeError::Misaligned { offset, len });
         }
         match offset.checked_add(len) {
@@ -571,10 +577,14 @@ impl Volume {
     }
 
     fn check_write(&self, g: &Geometry, offset: u64, len: u64) -> Result<()> {
+        self.check_write_at(g, offset, len, MIN_BLOCK)
+    }
+
+    fn check_write_at(&self, g: &Geometry, offset: u64, len: u64, granule: u64) -> Result<()> {
         if self.spec.read_only {
             return Err(VolumeError::ReadOnly);
         }
-        Self::check_in(g, offset, len)
+        Self::check_at(g, offset, len, granule)
     }
 
     /// Reads `len` bytes at `offset`, as data and holes in address order.
@@ -618,23 +628,52 @@ impl Volume {
     }
 
     /// Writes `data` at `offset`. With `fua` the data is durable on return.
-    async fn write_io(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    /// `granule` is the alignment it is held to: [`MIN_BLOCK`], or 1 for a
+    /// write at any byte (see [`Volume::write_unaligned`]).
+    async fn write_io(&self, offset: u64, data: Bytes, fua: bool, granule: u64) -> Result<()> {
         let len = data.len() as u64;
         if len > MAX_PAYLOAD {
             return Err(VolumeError::TooLarge(len));
         }
         let g = self.geometry();
-        self.check_write(&g, offset, len)?;
+        self.check_write_at(&g, offset, len, granule)?;
         let _long = LongOp::for_transfer(len, fua);
         let change = Change(self.changes.clone());
+        let unaligned = !offset.is_multiple_of(MIN_BLOCK) || !len.is_multiple_of(MIN_BLOCK);
         match self.via().await? {
             None => {}
+            Some(Via::Owner(r)) if unaligned => {
+                // Only the first and the last piece can be partial (pieces
+                // end at stripe-unit boundaries, which are whole sectors):
+                // those are read-modify-written under the owner's
+                // exclusive hold, the rest go out as usual.
+                let (mut whole, mut partial) = (Vec::new(), Vec::new());
+                for p in self.spec.layout.split(offset, len) {
+                    let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
+                    if p.offset.is_multiple_of(MIN_BLOCK) && p.len.is_multiple_of(MIN_BLOCK) {
+                        whole.push((p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part)));
+                    } else {
+                        partial.push(r.write_unaligned(p.extent, p.offset, part, fua));
+                    }
+                }
+                let whole = async { if whole.is_empty() { Ok(()) } else { r.change(whole).await } };
+                let (a, b) = futures::future::join(whole, futures::future::join_all(partial)).await;
+                return a.and(b.into_iter().collect());
+            }
             Some(Via::Owner(r)) => {
                 let pieces = self.spec.layout.split(offset, len).into_iter().map(|p| {
                     let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
                     (p.extent, p.offset, p.len, ReplChange::Write { fua }, Some(part))
                 });
                 return r.change(pieces.collect()).await;
+            }
+            Some(Via::Forward(_)) if unaligned => {
+                // The read-modify-write must run where the range can be
+                // locked, on the owner, and the peer protocol carries only
+                // whole sectors.
+                tracing::warn!(volume = %self.spec.name, offset, len,
+                    "a write not aligned to {MIN_BLOCK} bytes is not forwarded to the volume's owner: refused");
+                return Err(VolumeError::Misaligned { offset, len });
             }
             Some(Via::Forward(f)) => {
                 let d = data.clone();
@@ -646,7 +685,7 @@ impl Volume {
                     .await?
                 {
                     Retry::Done(()) => Ok(()),
-                    Retry::Again => Box::pin(self.write_io(offset, data, fua)).await,
+                    Retry::Again => Box::pin(self.write_io(offset, data, fua, granule)).await,
                 };
             }
         }
@@ -656,7 +695,13 @@ impl Volume {
         for p in self.spec.layout.split(offset, len) {
             let ext = self.extent(&g, p.extent).await?.clone();
             let part = data.slice(p.range_offset as usize..(p.range_offset + p.len) as usize);
-            writes.push(async move { ext.write(p.offset, part, fua).await });
+            writes.push(async move {
+                if unaligned {
+                    ext.write_unaligned(p.offset, part, fua).await
+                } else {
+                    ext.write(p.offset, part, fua).await
+                }
+            });
         }
         RunToEnd::new(async move {
             let _change = change;
@@ -805,6 +850,41 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::write_zeroes_unaligned`]: the whole store blocks inside the
+    /// range are zeroed as usual, the partial ones at its ends get zeros
+    /// written by read-modify-write (see `write_io`). Split by the store's
+    /// block, not the sector, so each block is changed by one part only and
+    /// reads old or new if the caller goes away between parts.
+    async fn write_zeroes_unaligned_io(
+        &self,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<()> {
+        const BLOCK: u64 = crate::storage::format::BLOCK;
+        let g = self.geometry();
+        self.check_write_at(&g, offset, len, 1)?;
+        let end = offset + len;
+        let inner = offset.div_ceil(BLOCK) * BLOCK..end / BLOCK * BLOCK;
+        let zeros = |n: u64| Bytes::from(vec![0u8; n as usize]);
+        if inner.start >= inner.end {
+            // Within two blocks: one small write of zeros.
+            return if len == 0 { Ok(()) } else { self.write_io(offset, zeros(len), fua, 1).await };
+        }
+        // Each part is a change of its own, atomic per block, as NBD asks
+        // of a request; a failed part does not stop the others.
+        let mut first = Ok(());
+        for (at, n) in [(offset, inner.start - offset), (inner.end, end - inner.end)] {
+            if n > 0 {
+                let r = self.write_io(at, zeros(n), fua, 1).await;
+                first = first.and(r);
+            }
+        }
+        let r = self.write_zeroes_io(inner.start, inner.end - inner.start, deallocate, fua).await;
+        first.and(r)
+    }
+
     /// Discards the range; it reads back as zeros afterwards.
     async fn trim_io(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         let g = self.geometry();
@@ -910,8 +990,38 @@ impl Volume {
     /// Writes `data` at `offset`. With `fua` the data is durable on return.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let (t, len) = (self.metrics.start(), data.len() as u64);
-        let r = self.write_io(offset, data, fua).await;
+        let r = self.write_io(offset, data, fua, MIN_BLOCK).await;
         self.metrics.finish(Op::write, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// [`Volume::write`] at any byte offset and length, for clients held
+    /// to no block size (NBD without block size negotiation). Atomic per
+    /// block against every other change, from any connection and any
+    /// frontend: the partial blocks are read-modify-written under the
+    /// store's exclusive range lock (on a replicated volume, the owner's
+    /// exclusive hold), never under a frontend's lock. Through a node that
+    /// forwards to the owner a misaligned write is refused (`Misaligned`).
+    pub async fn write_unaligned(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let (t, len) = (self.metrics.start(), data.len() as u64);
+        let r = self.write_io(offset, data, fua, 1).await;
+        self.metrics.finish(Op::write, len, t, r.as_ref().err().map(VolumeError::kind));
+        r
+    }
+
+    /// [`Volume::write_zeroes`] at any byte offset and length (see
+    /// [`Volume::write_unaligned`]): the partial sectors at its ends are
+    /// written with zeros by read-modify-write.
+    pub async fn write_zeroes_unaligned(
+        &self,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let t = self.metrics.start();
+        let r = self.write_zeroes_unaligned_io(offset, len, deallocate, fua).await;
+        self.metrics.finish(Op::write_zeroes, len, t, r.as_ref().err().map(VolumeError::kind));
         r
     }
 

@@ -600,7 +600,13 @@ impl Extent {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if !offset.is_multiple_of(format::SECTOR) || !len.is_multiple_of(format::SECTOR) {
+        self.check_at(offset, len, format::SECTOR)
+    }
+
+    /// Bounds, and alignment to `granule` bytes (the sector, or 1 for
+    /// [`Extent::write_unaligned`]).
+    fn check_at(&self, offset: u64, len: u64, granule: u64) -> Result<()> {
+        if !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
             return Err(StoreError::Misaligned { offset, len });
         }
         if offset.checked_add(len).is_none_or(|end| end > self.geo.extent_size) {
@@ -915,6 +921,23 @@ impl Extent {
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
     pub async fn write(self: &Arc<Self>, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         self.check(offset, data.len() as u64)?;
+        self.write_checked(offset, data, fua).await
+    }
+
+    /// [`Extent::write`] at any byte offset and length (for NBD clients
+    /// held to no block size). The partial blocks at its ends are read,
+    /// patched and written back under the one exclusive range lock that
+    /// also covers its whole blocks, so no other write, zeroing, trim or
+    /// COMPARE AND WRITE of those blocks, from any connection or frontend,
+    /// comes between the read and the write; once its disk write is
+    /// submitted it runs to its end, so a dropped caller leaves every block
+    /// old or new.
+    pub async fn write_unaligned(self: &Arc<Self>, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.check_at(offset, data.len() as u64, 1)?;
+        self.write_checked(offset, data, fua).await
+    }
+
+    async fn write_checked(self: &Arc<Self>, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         if !data.is_empty() {
             self.write_range(offset, data).await?;
         }
