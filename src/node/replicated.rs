@@ -643,6 +643,23 @@ impl Replicated {
         fua: bool,
     ) -> Result<Option<u64>> {
         self.check_serving()?;
+        // A task of its own: a caller dropped between the hold and its
+        // release (a client gone, a timeout) would leave the range held and
+        // every later request to it waiting.
+        let me = self.clone();
+        tokio::spawn(async move { me.compare_and_write_held(extent, offset, compare, data, fua).await })
+            .await
+            .unwrap_or_else(|e| Err(unavailable(format!("the compare and write task failed: {e}"))))
+    }
+
+    async fn compare_and_write_held(
+        self: Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<Option<u64>> {
         self.ensure(extent).await?;
         let len = data.len() as u64;
         let (op, epoch, members) = self.hold(extent, offset, len).await?;
