@@ -223,8 +223,19 @@ impl Replicated {
                     let data = inner.slots.get(&op).and_then(|s| s.data.clone());
                     let msg = self.change_message(extent, epoch, offset, len, change, data);
                     let me = self.clone();
+                    let local = node == self.io.me();
                     later.push(Box::new(move || {
                         tokio::spawn(async move {
+                            if local {
+                                // This node's copy goes after the frames to the
+                                // others are queued: the local write is the
+                                // shorter leg, and its submission (a syscall and
+                                // the disk's doorbell) would delay the sends.
+                                // R=3 QD1 4 KiB writes, same session, 3 runs
+                                // each: 4,381-4,452 IOPS with, 3,533-4,648 without;
+                                // QD32 level at 61-64 against 68-69 µs of CPU.
+                                tokio::task::yield_now().await;
+                            }
                             let r = me.call_retrying(node, msg).await.map(|_| ());
                             me.step_all([Event::Reply { op, node, result: r }]);
                         });
