@@ -10,52 +10,9 @@
 mod common;
 
 use common::cluster::Cluster;
+use common::netns::Net;
 use serde_json::Value;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Net {
-    sw: String,
-    nodes: Vec<String>,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl Net {
-    fn new(n: usize) -> Net {
-        let tag = std::process::id();
-        let net = Net { sw: format!("bsl{tag}sw"), nodes: (0..n).map(|k| format!("bsl{tag}n{k}")).collect() };
-        ip(&["netns", "add", &net.sw]);
-        ip(&["-n", &net.sw, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &net.sw, "link", "set", "br0", "up"]);
-        for (k, ns) in net.nodes.iter().enumerate() {
-            let port = format!("sw{k}");
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &net.sw]);
-            ip(&["-n", &net.sw, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &net.sw, "link", "set", &port, "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("10.231.0.{}/24", k + 1), "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        net
-    }
-
-    fn link(&self, k: usize, up: bool) {
-        ip(&["-n", &self.sw, "link", "set", &format!("sw{k}"), if up { "up" } else { "down" }]);
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.nodes.iter().chain(std::iter::once(&self.sw)) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 fn names(v: &Value) -> Vec<String> {
     let mut n: Vec<String> =
@@ -69,11 +26,11 @@ fn partitioned_leader_commits_nothing_and_the_majority_carries_on() {
     if !common::require("ip") {
         return;
     }
-    let net = Net::new(3);
-    let ips: Vec<String> = (0..3).map(|k| format!("10.231.0.{}", k + 1)).collect();
+    let net = Net::new("bsl", 231, 3);
+    let ips: Vec<String> = (0..3).map(|k| net.addr(k)).collect();
     let mut c = Cluster::configure(3, 3, Some(ips));
-    for (k, ns) in net.nodes.iter().enumerate() {
-        c.nodes[k].wrap = vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()];
+    for k in 0..3 {
+        c.nodes[k].wrap = net.wrap(k);
     }
     for k in 0..3 {
         c.spawn(k);

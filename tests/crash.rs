@@ -6,47 +6,10 @@
 
 mod common;
 
+use common::oracle::{CHECKER, WORKLOAD, oracle};
 use common::{Daemon, require};
-use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// The workload: batches of 8 concurrent 4 KiB writes at random blocks,
-/// one FLUSH after each batch.
-/// Every sector of a write holds (block, generation, sector) so a torn
-/// write is recognisable sector by sector. It logs `W block gen` before each
-/// write is sent and `F n` after each FLUSH completes, fsyncing its log so
-/// the test sees exactly what was acknowledged.
-const WORKLOAD: &str = r#"
-import nbd, os, random, struct, sys
-uri, log_path, seed, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-rng = random.Random(seed)
-h = nbd.NBD()
-h.connect_uri(uri)
-log = open(log_path, "w", buffering=1)
-gen = 0
-def content(b, g):
-    return b"".join(struct.pack("<QQQ", b, g, s) + bytes(512 - 24) for s in range(8))
-flushes = 0
-while True:
-    # 8 writes in flight at once on distinct blocks, then one FLUSH.
-    batch = []
-    for b in rng.sample(range(blocks), 8):
-        gen += 1
-        batch.append((b, gen))
-        log.write(f"W {b} {gen}\n")
-    log.flush(); os.fsync(log.fileno())
-    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(content(b, g))), b * 4096) for b, g in batch]
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    for c in cookies:
-        assert h.aio_command_completed(c)  # raises if the write failed
-    for b, g in batch:
-        log.write(f"A {b} {g}\n")
-    h.flush()
-    flushes += 1
-    log.write(f"F {flushes}\n"); log.flush(); os.fsync(log.fileno())
-"#;
 
 #[test]
 fn kill9_during_writes_keeps_flushed_data_and_checksums() {
@@ -85,61 +48,13 @@ fn kill9_during_writes_keeps_flushed_data_and_checksums() {
     d.kill9();
     let _ = child.wait();
 
-    // Replay the log: `durable` = generation of each block as of the last
-    // completed FLUSH; `later` = generations sent after it (may or may not land).
-    let text = std::fs::read_to_string(&log).unwrap();
-    let mut acked: HashMap<u64, u64> = HashMap::new();
-    let mut durable: HashMap<u64, u64> = HashMap::new();
-    let mut sent_since_flush: Vec<(u64, u64)> = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        match f.as_slice() {
-            ["W", b, g] => sent_since_flush.push((b.parse().unwrap(), g.parse().unwrap())),
-            ["A", b, g] => {
-                acked.insert(b.parse().unwrap(), g.parse().unwrap());
-            }
-            ["F", _] => {
-                durable = acked.clone();
-                sent_since_flush.clear();
-            }
-            _ => {} // a torn last line
-        }
-    }
-    // Writes sent after the last flush but possibly acknowledged.
-    let mut maybe: HashMap<u64, Vec<u64>> = HashMap::new();
-    for (b, g) in &sent_since_flush {
-        maybe.entry(*b).or_default().push(*g);
-    }
+    // What the log implies for each block (see `common::oracle`).
+    let (want, sent_after) = oracle(&std::fs::read_to_string(&log).unwrap());
 
     d.restart();
-    let checker = r#"
-import nbd, struct, sys, json
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-want = json.load(open(sys.argv[2]))
-bad = []
-for b, (old, later) in want.items():
-    b = int(b)
-    data = h.pread(4096, b * 4096)
-    for s in range(8):
-        sec = data[s*512:(s+1)*512]
-        ok_vals = ([old] if old is not None else []) + later
-        if old is None and sec == bytes(512):
-            continue
-        bb, g, ss = struct.unpack("<QQQ", sec[:24])
-        if bb != b or ss != s or g not in ok_vals or sec[24:] != bytes(488):
-            bad.append((b, s, bb, g, ss, old, later))
-print(json.dumps({"checked": len(want), "bad": bad[:20], "nbad": len(bad)}))
-"#;
-    let mut want: HashMap<String, (Option<u64>, Vec<u64>)> = HashMap::new();
-    for (b, g) in &durable {
-        want.insert(b.to_string(), (Some(*g), maybe.get(b).cloned().unwrap_or_default()));
-    }
-    for (b, gs) in &maybe {
-        want.entry(b.to_string()).or_insert((None, gs.clone()));
-    }
     let want_path =
         common::write_file(dir.path(), "want.json", serde_json::to_string(&want).unwrap().as_bytes());
-    let check_path = common::write_file(dir.path(), "check.py", checker.as_bytes());
+    let check_path = common::write_file(dir.path(), "check.py", CHECKER.as_bytes());
     let out = common::run_ok(
         "/usr/bin/python3",
         &[check_path.to_str().unwrap(), &d.uri(), want_path.to_str().unwrap()],
@@ -147,8 +62,7 @@ print(json.dumps({"checked": len(want), "bad": bad[:20], "nbad": len(bad)}))
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!(
         "crash after {flushes} flushes; {} blocks checked, {} sent after the last flush",
-        report["checked"],
-        sent_since_flush.len()
+        report["checked"], sent_after
     );
     assert!(report["checked"].as_u64().unwrap() > 100, "{report}");
     assert_eq!(report["nbad"], 0, "blocks read back wrong after kill -9: {report}");

@@ -6,7 +6,6 @@ mod common;
 use common::cluster::Cluster;
 use common::{pattern, require, run, run_ok, scratch, write_file};
 use serde_json::Value;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -22,29 +21,6 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 
 fn uri(c: &Cluster, k: usize, name: &str) -> String {
     format!("nbd://{}/{name}", c.nodes[k].nbd)
-}
-
-/// Extent files of volume `id` under node `k`'s data directory.
-fn extent_files(c: &Cluster, k: usize, id: u64) -> Vec<String> {
-    fn walk(p: &Path, out: &mut Vec<String>) {
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else {
-                    out.push(p.file_name().unwrap().to_string_lossy().into_owned());
-                }
-            }
-        }
-    }
-    let mut all = Vec::new();
-    walk(&c.nodes[k].dir.join("data"), &mut all);
-    let prefix = format!("v{id}-");
-    let mut v: Vec<String> =
-        all.into_iter().filter(|n| n.starts_with(&prefix) && n.ends_with(".ext")).collect();
-    v.sort();
-    v
 }
 
 fn qemu_io(u: &str, cmds: &[String]) -> std::process::Output {
@@ -116,7 +92,7 @@ fn r3_writes_land_on_three_nodes_and_read_back() {
     // 0-7 hold data, and every node stores all eight (R=3 of 3 nodes).
     let want: Vec<String> = (0..8).map(|e| format!("v{id}-e{e}.ext")).collect();
     for k in 0..3 {
-        assert_eq!(extent_files(&c, k, id), want, "node {k}");
+        assert_eq!(c.extent_files(k, id), want, "node {k}");
     }
     let v = volume(&c, 0, "r3");
     for e in v["extents"].as_array().unwrap() {

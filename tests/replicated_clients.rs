@@ -41,22 +41,11 @@ fn node_ids(c: &Cluster) -> Vec<u64> {
 /// Extent indexes whose files (`v{id}-e{e}.ext`) are under node `k`'s data
 /// directory.
 fn extents_on_disk(c: &Cluster, k: usize, id: u64) -> BTreeSet<u64> {
-    fn walk(p: &Path, out: &mut Vec<String>) {
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    walk(&p, out);
-                } else {
-                    out.push(p.file_name().unwrap().to_string_lossy().into_owned());
-                }
-            }
-        }
-    }
-    let mut all = Vec::new();
-    walk(&c.nodes[k].dir.join("data"), &mut all);
     let prefix = format!("v{id}-e");
-    all.iter().filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".ext")?.parse().ok()).collect()
+    c.extent_files(k, id)
+        .iter()
+        .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".ext")?.parse().ok())
+        .collect()
 }
 
 fn create(c: &Cluster, name: &str, size: &str) -> Value {

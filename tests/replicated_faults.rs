@@ -12,6 +12,8 @@ use basalt::proto::peer::{
 use basalt::types::{ClusterId, Epoch, ExtentIndex, Generation, NodeId, VolumeId};
 use bytes::{Bytes, BytesMut};
 use common::cluster::Cluster;
+use common::netns::Net;
+use common::oracle::{CHECKER, WORKLOAD, oracle};
 use common::{require, run};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -256,99 +258,6 @@ fn kill9_of_a_replica_during_fio_verify() {
     let (code, report) = verify(&c, 1, "f");
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["mismatched"], 0, "{report}");
-}
-
-/// The write-log workload of tests/crash.rs: batches of 8 concurrent 4 KiB
-/// writes at random blocks, one FLUSH after each. Every sector names
-/// (block, generation, sector); the log says `W block gen` before a write
-/// is sent, `A block gen` once acknowledged, and `F n` after each FLUSH.
-const WORKLOAD: &str = r#"
-import nbd, os, random, struct, sys
-uri, log_path, seed, blocks = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-rng = random.Random(seed)
-h = nbd.NBD()
-h.connect_uri(uri)
-log = open(log_path, "w", buffering=1)
-gen = 0
-def content(b, g):
-    return b"".join(struct.pack("<QQQ", b, g, s) + bytes(512 - 24) for s in range(8))
-flushes = 0
-while True:
-    batch = []
-    for b in rng.sample(range(blocks), 8):
-        gen += 1
-        batch.append((b, gen))
-        log.write(f"W {b} {gen}\n")
-    log.flush(); os.fsync(log.fileno())
-    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(content(b, g))), b * 4096) for b, g in batch]
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    for c in cookies:
-        assert h.aio_command_completed(c)
-    for b, g in batch:
-        log.write(f"A {b} {g}\n")
-    h.flush()
-    flushes += 1
-    log.write(f"F {flushes}\n"); log.flush(); os.fsync(log.fileno())
-"#;
-
-/// Reads every block of the oracle: a block flushed must hold exactly its
-/// durable generation or one sent later; a block only sent later may also
-/// still be zeros.
-const CHECKER: &str = r#"
-import nbd, struct, sys, json
-h = nbd.NBD(); h.connect_uri(sys.argv[1])
-want = json.load(open(sys.argv[2]))
-bad = []
-for b, (old, later) in want.items():
-    b = int(b)
-    data = h.pread(4096, b * 4096)
-    for s in range(8):
-        sec = data[s*512:(s+1)*512]
-        ok_vals = ([old] if old is not None else []) + later
-        if old is None and sec == bytes(512):
-            continue
-        bb, g, ss = struct.unpack("<QQQ", sec[:24])
-        if bb != b or ss != s or g not in ok_vals or sec[24:] != bytes(488):
-            bad.append((b, s, bb, g, ss, old, later))
-print(json.dumps({"checked": len(want), "bad": bad[:20], "nbad": len(bad)}))
-"#;
-
-/// Block (as a JSON key) -> (durable generation, generations sent later).
-type Want = HashMap<String, (Option<u64>, Vec<u64>)>;
-
-/// The oracle from a workload log: block -> (generation durable at the
-/// last completed FLUSH, generations sent after it).
-fn oracle(log: &str) -> (Want, usize) {
-    let mut acked: HashMap<u64, u64> = HashMap::new();
-    let mut durable: HashMap<u64, u64> = HashMap::new();
-    let mut since: Vec<(u64, u64)> = Vec::new();
-    for line in log.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        match f.as_slice() {
-            ["W", b, g] => since.push((b.parse().unwrap(), g.parse().unwrap())),
-            ["A", b, g] => {
-                acked.insert(b.parse().unwrap(), g.parse().unwrap());
-            }
-            ["F", _] => {
-                durable = acked.clone();
-                since.clear();
-            }
-            _ => {} // a torn last line
-        }
-    }
-    let mut maybe: HashMap<u64, Vec<u64>> = HashMap::new();
-    for (b, g) in &since {
-        maybe.entry(*b).or_default().push(*g);
-    }
-    let mut want: Want = HashMap::new();
-    for (b, g) in &durable {
-        want.insert(b.to_string(), (Some(*g), maybe.get(b).cloned().unwrap_or_default()));
-    }
-    for (b, gs) in &maybe {
-        want.entry(b.to_string()).or_insert((None, gs.clone()));
-    }
-    (want, since.len())
 }
 
 /// kill -9 of all three nodes during a flushed write workload on R=3:
@@ -736,54 +645,6 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
 
 // --- network partition (namespaces, as in tests/cluster_partition.rs)
 
-struct Net {
-    sw: String,
-    nodes: Vec<String>,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl Net {
-    /// Node k at 10.232.0.(k+1) in a namespace of its own, all on one bridge.
-    fn new(n: usize) -> Net {
-        let tag = std::process::id();
-        let net = Net { sw: format!("bsf{tag}sw"), nodes: (0..n).map(|k| format!("bsf{tag}n{k}")).collect() };
-        ip(&["netns", "add", &net.sw]);
-        ip(&["-n", &net.sw, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &net.sw, "link", "set", "br0", "up"]);
-        for (k, ns) in net.nodes.iter().enumerate() {
-            let port = format!("sw{k}");
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &net.sw]);
-            ip(&["-n", &net.sw, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &net.sw, "link", "set", &port, "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("10.232.0.{}/24", k + 1), "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        net
-    }
-
-    fn link(&self, k: usize, up: bool) {
-        ip(&["-n", &self.sw, "link", "set", &format!("sw{k}"), if up { "up" } else { "down" }]);
-    }
-
-    fn wrap(&self, k: usize) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.nodes[k].clone()]
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.nodes.iter().chain(std::iter::once(&self.sw)) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
 /// One client connection kept open through the partition: writes block i
 /// (4 KiB, every 8 bytes = i + 1) one after another, logging `S i` before
 /// and `OK i` or `ERR i ERRNO-NAME` after each, until the stop file appears.
@@ -870,8 +731,8 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     if !require("ip") || !require("qemu-io") || !require("nbdsh") || !require("nbdcopy") {
         return;
     }
-    let net = Net::new(3);
-    let ips: Vec<String> = (0..3).map(|k| format!("10.232.0.{}", k + 1)).collect();
+    let net = Net::new("bsf", 232, 3);
+    let ips: Vec<String> = (0..3).map(|k| net.addr(k)).collect();
     let mut c = Cluster::configure(3, 3, Some(ips));
     for k in 0..3 {
         c.nodes[k].wrap = net.wrap(k);

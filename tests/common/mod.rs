@@ -5,6 +5,8 @@
 pub mod attach;
 pub mod cluster;
 pub mod compliance;
+pub mod netns;
+pub mod oracle;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
