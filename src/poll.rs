@@ -40,6 +40,19 @@
 //! One poller keeps one runtime worker awake; with `--workers` above one
 //! the others sleep as before.
 //!
+//! Where the client runs matters as much as polling. On this 2-vCPU VM,
+//! fio at QD1 against one node, server and fio pinned to each of the four
+//! placements in turn (2026-12-02): 4 KiB random writes took 123, 95, 143
+//! and 134 µs with polling and 160, 94, 212 and 189 µs without, qemu-nbd
+//! 149, 96, 219 and 188; reads 124, 84, 140, 126 with polling against 150,
+//! 114, 242, 185 without and qemu-nbd's 154, 97, 205, 183. Polling wins or
+//! ties in every placement. Unpinned, the scheduler picks the placement: a
+//! polling worker keeps its CPU busy, so the client always lands on the
+//! other one (135-145 µs), while a sleeping server and its client are
+//! sometimes put together on the CPU that takes the disk's interrupts (95
+//! µs) and sometimes not (160-220 µs), for qemu-nbd as for us. So compare
+//! placement by placement (`scripts/bench` with `PLACE=...`).
+//!
 //! It is process-wide state on purpose: it describes how the process's
 //! runtime threads wait, not any one node or volume. Without [`install`]
 //! (library use, in-process tests) `touch` is a load and a branch.
