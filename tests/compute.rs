@@ -7,10 +7,16 @@
 
 mod common;
 
+use basalt::admin::metrics::NodeCollector;
+use basalt::layout::Layout;
+use basalt::node::volume::Route;
+use basalt::node::{Node, VolumeError, VolumeOptions};
+use basalt::types::{NodeId, VolumeId};
 use common::cluster::Cluster;
 use common::{pattern, require, run, run_ok, scratch, stdout, write_file};
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 const MIB: usize = 1 << 20;
 const INI: &str = "iqn.2026-11.io.basalt.test:compute";
@@ -290,4 +296,42 @@ fn kill9_of_a_compute_owner_moves_the_volume_to_a_storage_node() {
     assert!(c.log(1).contains("took over a volume whose owner is down"), "{}", c.log(1));
     assert_eq!(c.extent_files(COMPUTE), BTreeSet::new());
     assert_no_panic(&c);
+}
+
+/// The library's compute node: no store, so no local route. A volume
+/// routed `Local` anyway (a router bug) fails its requests as unavailable
+/// after the route wait, never panics; flush, close, deleting a volume and
+/// the store gauges (zeros) all work without a store.
+#[tokio::test]
+async fn a_node_without_a_store_has_no_local_route() {
+    let node = Node::open_compute(NodeId(7), 1 << 20);
+    assert!(node.store().is_none());
+    assert_eq!(node.node_id(), NodeId(7));
+    let opts = VolumeOptions {
+        size: 8 << 20,
+        layout: Layout::new(4 << 20, 4 << 20, 1).unwrap(),
+        replicas: 3,
+        min_replicas: 2,
+        read_only: false,
+    };
+    let v = node.create_volume("c", opts).unwrap();
+    node.set_router(Arc::new(|_| Route::Local));
+    let (read, write, flush) =
+        tokio::join!(v.read(0, 4096), v.write(0, bytes::Bytes::from(vec![1u8; 4096]), false), v.flush());
+    for (what, e) in [("read", read.err()), ("write", write.err()), ("flush", flush.err())] {
+        match e {
+            Some(VolumeError::Unavailable(why)) => assert!(why.contains("stores no data"), "{what}: {why}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    node.flush_all().await.unwrap();
+    node.metrics().register_collector(Box::new(NodeCollector(node.clone())));
+    let text = node.metrics().encode();
+    for gauge in ["basalt_store_capacity_bytes 0", "basalt_store_used_bytes 0", "basalt_store_free_bytes 0"] {
+        assert!(text.lines().any(|l| l == gauge), "{gauge} in:\n{text}");
+    }
+    let gone = node.sync_catalog(&[], &BTreeSet::new(), VolumeId(2)).await.unwrap();
+    assert_eq!(gone, vec!["c".to_string()]);
+    assert!(node.volume("c").is_none() && node.catalog_specs().is_empty());
+    node.close().await.unwrap();
 }

@@ -978,7 +978,14 @@ impl Volume {
             None => {}
             // Allocation is not tracked across replicas yet: all data.
             Some(Via::Owner(_)) => return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]),
-            Some(Via::Forward(f)) => return f.block_status(offset, len).await,
+            // Retried like a read: right after the owner died, a client's
+            // first request is often this one (qemu-img maps the image).
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.block_status(offset, len).await }).await? {
+                    Retry::Done(r) => Ok(r),
+                    Retry::Again => Box::pin(self.block_status(offset, len)).await,
+                };
+            }
         }
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {
