@@ -454,10 +454,9 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     } else {
         let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
         let store_opts = StoreOptions { flush_barrier: cfg.flush_barrier, ..StoreOptions::default() };
-        let node = Node::open_as(store_cfg, store_opts, cfg.payload_budget.0, Some(ident.node_id))
+        Node::open_as(store_cfg, store_opts, cfg.payload_budget.0, Some(ident.node_id))
             .await
-            .context("opening the store")?;
-        node
+            .context("opening the store")?
     };
     // The volumes record into the node's registry; the collectors below
     // add what is read at scrape time.
