@@ -553,8 +553,8 @@ async fn dropped_unaligned_writes_leave_every_block_old_or_new() {
     v.flush().await.unwrap();
     // The mem node's catalog lives in memory: reopen the store alone.
     let key = ExtentKey { volume: v.spec().id, index: ExtentIndex(0) };
-    let opts = StoreOptions { mem_disk: Some(node.store().mem_disk()), ..opts };
-    node.store().crash(3).unwrap();
+    let opts = StoreOptions { mem_disk: Some(node.store().unwrap().mem_disk()), ..opts };
+    node.store().unwrap().crash(3).unwrap();
     drop(v);
     drop(node);
     let s = Store::open_with(cfg, opts).await.unwrap();

@@ -816,8 +816,12 @@ async fn volume_piece_failure(kind: EngineKind) {
     // one's (a read-modify-write: it reads first) is still in flight.
     v.write(MIB, old.slice(MIB as usize..), false).await.unwrap();
     let before = read_volume(&v, 0, 2 * MIB).await.unwrap();
-    let e1 =
-        node.store().extent(ExtentKey { volume: id, index: ExtentIndex(1) }, MIB, Epoch(1)).await.unwrap();
+    let e1 = node
+        .store()
+        .unwrap()
+        .extent(ExtentKey { volume: id, index: ExtentIndex(1) }, MIB, Epoch(1))
+        .await
+        .unwrap();
     disk.fail_next_change(e1.path(), libc::ENOSPC).unwrap();
     let r = v.write(512, new.slice(..(2 * MIB - 512) as usize), false).await;
     assert!(matches!(r, Err(VolumeError::NoSpace(_))), "{r:?}");
@@ -829,7 +833,7 @@ async fn volume_piece_failure(kind: EngineKind) {
     node.flush_all().await.unwrap();
     // Reopen the store (the mem node's catalog lives in memory).
     let mut opts = d.opts.clone();
-    opts.mem_disk = Some(node.store().mem_disk());
+    opts.mem_disk = Some(node.store().unwrap().mem_disk());
     drop(e1);
     drop(v);
     drop(node);
@@ -856,7 +860,7 @@ async fn discard_fresh_volume(kind: EngineKind) {
     v.flush().await.unwrap();
     for i in 0..8 {
         assert!(
-            !node.store().contains(ExtentKey { volume: id, index: ExtentIndex(i) }),
+            !node.store().unwrap().contains(ExtentKey { volume: id, index: ExtentIndex(i) }),
             "extent {i} created"
         );
     }
@@ -868,8 +872,8 @@ async fn discard_fresh_volume(kind: EngineKind) {
     // Over a written extent and never-written ones: only the written one changes.
     v.write(MIB, pattern(7, 8192).clone(), false).await.unwrap();
     v.trim(0, 8 * MIB, false).await.unwrap();
-    assert!(node.store().contains(ExtentKey { volume: id, index: ExtentIndex(1) }));
-    assert!(!node.store().contains(ExtentKey { volume: id, index: ExtentIndex(2) }));
+    assert!(node.store().unwrap().contains(ExtentKey { volume: id, index: ExtentIndex(1) }));
+    assert!(!node.store().unwrap().contains(ExtentKey { volume: id, index: ExtentIndex(2) }));
     assert_eq!(read_volume(&v, 0, 8 * MIB).await.unwrap(), vec![0u8; 8 * MIB as usize]);
 }
 

@@ -313,7 +313,9 @@ pub struct NodeCollector(pub Arc<crate::node::Node>);
 impl Collector for NodeCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
         let node = &self.0;
-        let dirs: Vec<&std::path::Path> = node.store().data_dirs().map(|(p, _)| p).collect();
+        // A node without a store (no data directories) reports zeros.
+        let dirs: Vec<&std::path::Path> =
+            node.store().map(|s| s.data_dirs().map(|(p, _)| p).collect()).unwrap_or_default();
         let (cap, used, free) = filesystems(&dirs);
         let b = Some(&Unit::Bytes);
         gauge(
@@ -327,7 +329,8 @@ impl Collector for NodeCollector {
         gauge(&mut e, "store_free", "Bytes free for basaltd on those filesystems", b, clamp(free))?;
         let depths: Vec<_> = node
             .store()
-            .queue_depths()
+            .into_iter()
+            .flat_map(|s| s.queue_depths())
             .map(|(dir, n)| ([("dir", dir.display().to_string())], clamp(n)))
             .collect();
         gauges(

@@ -258,9 +258,16 @@ pub struct VolumeOptions {
 }
 
 /// A running node: the store plus the open volumes.
+///
+/// A node without data directories (a compute host) has no store: it
+/// stores nothing and serves every volume through its replicas on other
+/// nodes (as their owner, or forwarding to the owner). That is decided
+/// here, once: [`Node::store`] is `None`, its volumes have no local route,
+/// and its catalog lives in memory like the mem engine's.
 #[derive(Debug)]
 pub struct Node {
-    store: Arc<Store>,
+    id: NodeId,
+    store: Option<Arc<Store>>,
     /// The directories holding catalog copies; none on the mem engine: its
     /// volumes, like its data, live in memory.
     catalog_dirs: Vec<PathBuf>,
@@ -402,7 +409,32 @@ impl Node {
             stored.catalog.next_id = stored.catalog.next_id.max(top);
             stored
         };
-        let node = Node {
+        let node = Node::assemble(store.node_id(), Some(store), catalog_dirs, catalog, payload_budget);
+        let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().catalog.volumes.values().cloned().collect();
+        for spec in specs {
+            node.volumes.lock().unwrap().insert(spec.name.clone(), node.new_volume(spec));
+        }
+        Ok(Arc::new(node))
+    }
+
+    /// A node that stores nothing (no data directories): node `id`, with a
+    /// client payload budget of `payload_budget` bytes. Its volumes are
+    /// served only through the routes the daemon sets ([`Node::set_router`]);
+    /// until then a request waits for one.
+    pub fn open_compute(id: NodeId, payload_budget: u64) -> Arc<Node> {
+        let catalog = Stored { seq: 0, catalog: Catalog::default() };
+        Arc::new(Node::assemble(id, None, Vec::new(), catalog, payload_budget))
+    }
+
+    fn assemble(
+        id: NodeId,
+        store: Option<Arc<Store>>,
+        catalog_dirs: Vec<PathBuf>,
+        catalog: Stored,
+        payload_budget: u64,
+    ) -> Node {
+        Node {
+            id,
             store,
             catalog_dirs,
             catalog: Mutex::new(catalog),
@@ -411,12 +443,7 @@ impl Node {
             metrics: Arc::new(crate::admin::metrics::Metrics::new()),
             connections: Arc::default(),
             router: RouterSlot::default(),
-        };
-        let specs: Vec<VolumeSpec> = node.catalog.lock().unwrap().catalog.volumes.values().cloned().collect();
-        for spec in specs {
-            node.volumes.lock().unwrap().insert(spec.name.clone(), node.new_volume(spec));
         }
-        Ok(Arc::new(node))
     }
 
     /// The registry this node's volumes record into (`/metrics`).
@@ -468,13 +495,15 @@ impl Node {
         &self.payload_budget
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// The local store; `None` on a node without data directories.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
     }
 
-    /// This node's id, from its data directories (see `storage::identity`).
+    /// This node's id: from its data directories (see `storage::identity`),
+    /// or as given to [`Node::open_compute`].
     pub fn node_id(&self) -> NodeId {
-        self.store.node_id()
+        self.id
     }
 
     /// The volume called `name`, if it exists.
@@ -530,15 +559,21 @@ impl Node {
         Ok(vol)
     }
 
-    /// Flushes every volume.
+    /// Flushes every volume's local replicas (nothing to do without a store).
     pub async fn flush_all(&self) -> Result<(), StoreError> {
-        self.store.flush_all().await
+        match &self.store {
+            Some(s) => s.flush_all().await,
+            None => Ok(()),
+        }
     }
 
     /// The last step of a clean shutdown: flushes every extent and marks it
     /// clean on disk, so the next start verifies every checksum it reads
     /// instead of forgiving blocks a crash may have torn.
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.store.close().await
+        match &self.store {
+            Some(s) => s.close().await,
+            None => Ok(()),
+        }
     }
 }

@@ -73,7 +73,11 @@ impl Node {
             local.iter().filter(|v| v.id < next_id && !known.contains(&v.id)).collect();
         let mut dropped = BTreeSet::new();
         for v in deleted {
-            let left = self.store.remove_volume(v.id).await?;
+            // Without a store there is nothing here to remove.
+            let left = match &self.store {
+                Some(s) => s.remove_volume(v.id).await?,
+                None => 0,
+            };
             if left == 0 {
                 dropped.insert(v.id);
             } else {

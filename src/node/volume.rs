@@ -169,7 +169,9 @@ pub struct Volume {
     /// `spec.size` is the size the volume was opened with; [`Volume::size`]
     /// is the current one.
     spec: VolumeSpec,
-    store: Arc<Store>,
+    /// The local store: `None` on a node without data directories, whose
+    /// volumes never take [`Route::Local`].
+    store: Option<Arc<Store>>,
     geometry: RwLock<Arc<Geometry>>,
     /// Counts finished changes of the data (writes, zeroes, trims, failed
     /// ones included): see [`Volume::changes`].
@@ -187,6 +189,10 @@ pub struct Volume {
     /// volume without a live owner for the nodes its clients reach).
     unserved: Mutex<Option<std::time::Instant>>,
 }
+
+/// Why a volume on a node without a store has no route yet: it is served
+/// only as its owner or through its owner, once the metadata says which.
+const NO_STORE: &str = "this node stores no data: waiting for the volume's owner to be known";
 
 /// How long a request waits for a volume without a route to get one (an
 /// owner taking over) before it fails.
@@ -291,9 +297,13 @@ where
 }
 
 impl Volume {
-    pub(crate) fn new(spec: VolumeSpec, store: Arc<Store>, metrics: VolumeMetrics) -> Arc<Volume> {
+    pub(crate) fn new(spec: VolumeSpec, store: Option<Arc<Store>>, metrics: VolumeMetrics) -> Arc<Volume> {
         let n = spec.layout.extent_count(spec.size) as usize;
         let geometry = Geometry { size: spec.size, extents: (0..n).map(|_| Cell::default()).collect() };
+        let route = match store {
+            Some(_) => Route::Local,
+            None => Route::Unavailable(NO_STORE.into()),
+        };
         Arc::new(Volume {
             geometry: RwLock::new(Arc::new(geometry)),
             spec,
@@ -303,7 +313,7 @@ impl Volume {
             resizes: AtomicU64::new(0),
             clients: Mutex::new(Clients::default()),
             resizing: Arc::new(tokio::sync::Mutex::new(())),
-            route: RwLock::new(Route::Local),
+            route: RwLock::new(route),
             rerouted: tokio::sync::Notify::new(),
             unserved: Mutex::new(None),
         })
@@ -390,6 +400,8 @@ impl Volume {
         let _change = Change(self.changes.clone());
         let keep = self.spec.layout.extent_count(size) as usize;
         let (store, spec) = (self.store.clone(), self.spec.clone());
+        // Only this node's own replicas are cleared here; a node without a
+        // store has none.
         // The clean-up runs in a task of its own that holds the resize
         // lock: a caller going away (an admin client hanging up) must not
         // cut a trim short, nor let another resize start under it.
@@ -407,7 +419,10 @@ impl Volume {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
-                let r = clear_past(&store, &spec, end).await;
+                let r = match &store {
+                    Some(store) => clear_past(store, &spec, end).await,
+                    None => Ok(()),
+                };
                 (one, r)
             })
         };
@@ -463,9 +478,10 @@ impl Volume {
 
     async fn extent<'g>(&self, g: &'g Geometry, index: ExtentIndex) -> Result<&'g Arc<Extent>> {
         let cell = Self::cell(g, index)?;
+        let store = self.local_store()?;
         cell.get_or_try_init(|| async {
             let key = ExtentKey { volume: self.spec.id, index };
-            self.store.extent(key, self.spec.layout.extent_size, Epoch(1)).await
+            store.extent(key, self.spec.layout.extent_size, Epoch(1)).await
         })
         .await
         .map_err(VolumeError::from)
@@ -482,7 +498,13 @@ impl Volume {
             return Ok(Some(e));
         }
         let key = ExtentKey { volume: self.spec.id, index };
-        if self.store.contains(key) { self.extent(g, index).await.map(Some) } else { Ok(None) }
+        if self.local_store()?.contains(key) { self.extent(g, index).await.map(Some) } else { Ok(None) }
+    }
+
+    /// The store the [`Route::Local`] paths use; `via` takes that route
+    /// only on a node that has one.
+    fn local_store(&self) -> Result<&Arc<Store>> {
+        self.store.as_ref().ok_or_else(|| VolumeError::Unavailable(NO_STORE.into()))
     }
 
     /// The cell of an extent of a range already checked against `g`.
@@ -504,7 +526,8 @@ impl Volume {
         loop {
             let changed = self.rerouted.notified();
             let why = match self.route() {
-                Route::Local => return Ok(None),
+                Route::Local if self.store.is_some() => return Ok(None),
+                Route::Local => NO_STORE.to_string(),
                 Route::Owner(r) => match r.fenced() {
                     None => return Ok(Some(Via::Owner(r))),
                     Some(g) => format!("this node's ownership was fenced by generation {g}"),
@@ -942,7 +965,7 @@ impl Volume {
         }
         let opened: Vec<Arc<Extent>> =
             self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();
-        self.store.flush_extents(opened).await?;
+        self.local_store()?.flush_extents(opened).await?;
         Ok(())
     }
 
@@ -955,7 +978,14 @@ impl Volume {
             None => {}
             // Allocation is not tracked across replicas yet: all data.
             Some(Via::Owner(_)) => return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]),
-            Some(Via::Forward(f)) => return f.block_status(offset, len).await,
+            // Retried like a read: right after the owner died, a client's
+            // first request is often this one (qemu-img maps the image).
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.block_status(offset, len).await }).await? {
+                    Retry::Done(r) => Ok(r),
+                    Retry::Again => Box::pin(self.block_status(offset, len)).await,
+                };
+            }
         }
         let mut out: Vec<MapExtent> = Vec::new();
         for p in self.spec.layout.split(offset, len) {

@@ -102,6 +102,70 @@ impl Cluster {
         std::fs::write(&self.nodes[k].config, out).unwrap();
     }
 
+    /// Makes node `k` a compute node: `data_dirs = []` (and no capacity to
+    /// offer), and an NBD unix socket at `nbd.sock` in its directory.
+    pub fn make_compute(&mut self, k: usize) {
+        let node = &self.nodes[k];
+        let text = std::fs::read_to_string(&node.config).unwrap();
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with("data_dirs") {
+                out += "data_dirs = []\n";
+            } else if !line.starts_with("capacity") {
+                out += line;
+                out += "\n";
+            }
+            if line == "[listen]" {
+                out += &format!("nbd_unix = \"{}\"\n", node.dir.join("nbd.sock").display());
+            }
+        }
+        std::fs::write(&node.config, out).unwrap();
+    }
+
+    /// Every extent replica file (`*.ext`) anywhere under node `k`'s
+    /// directory, by file name.
+    pub fn extent_files(&self, k: usize) -> std::collections::BTreeSet<String> {
+        fn walk(p: &std::path::Path, out: &mut std::collections::BTreeSet<String>) {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "ext") {
+                    out.insert(p.file_name().unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut out = std::collections::BTreeSet::new();
+        walk(&self.nodes[k].dir, &mut out);
+        out
+    }
+
+    /// The sum of the samples of metric `name` on node `k` whose labels
+    /// include every `key="value"` of `labels` (0 if none).
+    pub fn metric(&self, k: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.admin_get(k, "/metrics").unwrap_or_else(|| panic!("node {k}: no /metrics"));
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Node ids by index (`ids[k]` is `nodes[k]`'s), as node `via` lists them.
+    pub fn node_ids(&self, via: usize) -> Vec<u64> {
+        let s = self.cli_json(via, &["cluster", "status"]);
+        let listed = s["nodes"].as_array().unwrap();
+        self.nodes
+            .iter()
+            .map(|n| {
+                let admin = n.admin.to_string();
+                let j = listed.iter().find(|j| j["addresses"]["admin"].as_str() == Some(admin.as_str()));
+                j.unwrap_or_else(|| panic!("node {admin} not in {s}"))["id"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
     /// Starts `n` nodes and waits until every one is ready.
     pub fn start(n: usize, voters: u8) -> Cluster {
         let mut c = Cluster::configure(n, voters, None);

@@ -36,7 +36,8 @@ pub struct Daemon {
     meta: MetaNode,
     pool: Arc<PeerPool>,
     book: Arc<AddrBook>,
-    node: Option<Arc<Node>>,
+    /// The volumes served here; a compute node's [`Node`] has no store.
+    node: Arc<Node>,
     metrics: Arc<Metrics>,
     cluster: ClusterCell,
     phase: AtomicU8,
@@ -93,7 +94,7 @@ impl Daemon {
         meta: MetaNode,
         pool: Arc<PeerPool>,
         book: Arc<AddrBook>,
-        node: Option<Arc<Node>>,
+        node: Arc<Node>,
         metrics: Arc<Metrics>,
         cluster: ClusterCell,
     ) -> Daemon {
@@ -262,7 +263,7 @@ impl Daemon {
     /// Opens the volumes this node owns; closes the ones it no longer
     /// does; removes the replicas of deleted volumes.
     async fn sync_volumes(&self, state: &MetaState) {
-        let Some(node) = &self.node else { return };
+        let node = &self.node;
         let all: Vec<VolumeSpec> = state.volumes().map(node_spec).collect();
         // Every node serves every volume: as its owner, or by waiting for
         // (or taking) ownership when the owner is gone.
@@ -289,8 +290,8 @@ impl Daemon {
     /// volumes into a cluster it bootstraps (same ids, owned here); anything
     /// else unknown is refused.
     pub async fn adopt_local_volumes(&self) -> anyhow::Result<()> {
-        let Some(node) = &self.node else { return Ok(()) };
-        let mut local = node.catalog_specs();
+        // A compute node's catalog is in memory: nothing to adopt.
+        let mut local = self.node.catalog_specs();
         local.sort_by_key(|v| v.id);
         for v in local {
             // After every node restarted, the group may take a while to
@@ -424,13 +425,10 @@ impl Daemon {
             ApplyOutcome::VolumeCreated(id) => id,
             other => return Err(ControlError::Internal(format!("unexpected outcome {other:?}"))),
         };
-        // Until the replicated data path lands, a volume lives on its
-        // owner: this node if it stores data, else extent 0's first replica.
-        // Should this future be dropped or this node crash right here, the
-        // leader gives the volume an owner (`adopt_orphans`).
-        let st = self.state(true).await?;
-        let owner = owner_for(self, &st, id)
-            .ok_or_else(|| ControlError::Unavailable("no node with data directories is up".into()))?;
+        // The volume's first owner is the node that created it. Should this
+        // future be dropped or this node crash right here, the leader gives
+        // the volume an owner (`adopt_orphans`).
+        let owner = owner_for(self);
         let set = Command::SetOwner { volume: id, owner: Some(owner), expected: basalt::meta::Generation(0) };
         let outcome = match self.meta.propose(set).await {
             // The leader gave it an owner first.
@@ -448,7 +446,7 @@ impl Daemon {
         let state = self.state(false).await?;
         let v = Self::volume_by_name(&state, &name)?;
         let id = v.id;
-        let served = self.node.as_ref().and_then(|n| n.volume(&name)).filter(|vol| vol.spec().id == id);
+        let served = self.node.volume(&name).filter(|vol| vol.spec().id == id);
         // A shrink is checked against the clients where they connect: the
         // owner (today the only node serving the volume).
         let _hold = match (&served, v.owner) {
@@ -648,14 +646,11 @@ impl Control for Daemon {
     }
 }
 
-/// The node a volume without an owner goes to: this node if it stores
-/// data, else extent 0's first replica that is up.
-fn owner_for(d: &Daemon, state: &MetaState, volume: VolumeId) -> Option<NodeId> {
-    if d.node.is_some() {
-        return Some(d.me);
-    }
-    let (_, replicas) = state.replicas(volume, ExtentIndex(0)).ok()?;
-    replicas.into_iter().find(|n| state.node(*n).is_some_and(|r| r.state == NodeState::Up))
+/// The node a volume without an owner goes to: this one. Every node can
+/// own a volume (one without data directories serves it from replicas on
+/// the others), and the node that creates or adopts it is as good as any.
+fn owner_for(d: &Daemon) -> NodeId {
+    d.me
 }
 
 /// On the leader: a volume left without an owner (its creator crashed, or
@@ -677,7 +672,7 @@ fn adopt_orphans(d: &Arc<Daemon>, state: &MetaState) {
         .filter(|v| now.duration_since(*seen.entry(v.id).or_insert(now)) >= Duration::from_secs(5))
         .collect();
     for v in due {
-        let Some(owner) = owner_for(d, state, v.id) else { continue };
+        let owner = owner_for(d);
         let (d, id, expected) = (d.clone(), v.id, v.generation);
         tokio::spawn(async move {
             let r = d.meta.propose(Command::SetOwner { volume: id, owner: Some(owner), expected }).await;
@@ -698,7 +693,7 @@ fn adopt_orphans(d: &Arc<Daemon>, state: &MetaState) {
 /// an acknowledged heartbeat, so the old owner has stopped by now; the
 /// replicas refuse its generation from the new owner's first request on.
 fn take_over(d: &Arc<Daemon>, state: &MetaState) {
-    let Some(node) = &d.node else { return };
+    let node = &d.node;
     if d.router.get().is_none() {
         return;
     }
@@ -743,9 +738,7 @@ pub async fn follow_metadata(d: Arc<Daemon>, cancel: CancellationToken) {
                 *r.io.latest.write().unwrap() = s.clone();
             }
             d.sync_volumes(&s).await;
-            if let Some(node) = &d.node {
-                node.reroute();
-            }
+            d.node.reroute();
             take_over(&d, &s);
             adopt_orphans(&d, &s);
         }

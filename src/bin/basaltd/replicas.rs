@@ -28,8 +28,9 @@ pub struct DaemonIo {
     pub me: NodeId,
     pub pool: Arc<PeerPool>,
     pub book: Arc<AddrBook>,
-    /// This node's replica service, called in process.
-    pub local: LocalReplica,
+    /// This node's replica service, called in process; `None` on a node
+    /// without data directories, which placement never names a replica.
+    pub local: Option<LocalReplica>,
     pub meta: MetaNode,
     /// The metadata as last applied here.
     pub latest: Arc<RwLock<Arc<MetaState>>>,
@@ -58,7 +59,12 @@ impl ClusterIo for DaemonIo {
 
     fn call(&self, node: NodeId, request: Message) -> BoxFuture<Result<Message, CallError>> {
         if node == self.me {
-            let r = (self.local)(self.me, request);
+            let Some(local) = &self.local else {
+                // Only a replica set recorded by hand could name this node.
+                tracing::warn!(kind = ?request.kind(), "an extent request for this node, which stores no data");
+                return Box::pin(async { Err(CallError::Unreachable) });
+            };
+            let r = local(self.me, request);
             return Box::pin(async move { Ok(r.await) });
         }
         let Some(addr) = self.book.get(node) else {

@@ -16,7 +16,7 @@
 use crate::LogReload;
 use crate::control::{self, Daemon};
 use anyhow::Context;
-use basalt::admin::metrics::{Metrics, NodeCollector, PeerCollector, RaftCollector, ReplicationCollector};
+use basalt::admin::metrics::{NodeCollector, PeerCollector, RaftCollector, ReplicationCollector};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{
@@ -183,7 +183,7 @@ struct Handler {
     /// Answers extent requests once the store is open and the node routed.
     replica: OnceLock<Arc<basalt::node::replica::ReplicaService>>,
     /// Serves the volume requests other nodes forward to this one.
-    node: Option<Arc<Node>>,
+    node: Arc<Node>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -200,7 +200,7 @@ fn error_reply(code: ErrorCode, message: impl Into<String>) -> Message {
 /// `generation`; else `NotOwner` with the generation this node knows.
 fn owned_volume(
     meta: Option<&MetaNode>,
-    node: Option<&Node>,
+    node: &Node,
     id: basalt::types::VolumeId,
     generation: basalt::types::Generation,
 ) -> Result<Arc<basalt::node::Volume>, basalt::node::VolumeError> {
@@ -212,7 +212,7 @@ fn owned_volume(
     let Some(v) = record.filter(|v| v.owner == Some(meta.id()) && known == generation) else {
         return Err(VolumeError::NotOwner { generation: known });
     };
-    node.and_then(|n| n.volume(&v.name))
+    node.volume(&v.name)
         .filter(|vol| vol.spec().id == id)
         .ok_or_else(|| VolumeError::Unavailable(format!("volume {id} is not open on this node yet")))
 }
@@ -220,7 +220,7 @@ fn owned_volume(
 impl PeerHandler for Handler {
     fn request(&self, peer: PeerInfo, request: Message) -> ReplyFuture {
         if request.kind().is_volume_request() {
-            let (meta, node) = (self.meta.get(), self.node.as_deref());
+            let (meta, node) = (self.meta.get(), &*self.node);
             return Box::pin(forward::serve(&|id, g| owned_volume(meta, node, id, g), request));
         }
         let daemon = self.daemon.get().cloned();
@@ -449,22 +449,19 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     spawn_watchdog(notifier.clone());
     notifier.status("opening the store");
     let node = if cfg.data_dirs.is_empty() {
-        tracing::info!("no data directories: a compute node (stores nothing)");
-        None
+        tracing::info!("no data directories: a compute node (stores nothing, owns and serves volumes)");
+        Node::open_compute(me, cfg.payload_budget.0)
     } else {
         let store_cfg = StoreConfig { data_dirs: cfg.data_dirs.clone(), engine: cfg.engine };
         let store_opts = StoreOptions { flush_barrier: cfg.flush_barrier, ..StoreOptions::default() };
-        let node = Node::open_as(store_cfg, store_opts, cfg.payload_budget.0, Some(ident.node_id))
+        Node::open_as(store_cfg, store_opts, cfg.payload_budget.0, Some(ident.node_id))
             .await
-            .context("opening the store")?;
-        Some(node)
+            .context("opening the store")?
     };
     // The volumes record into the node's registry; the collectors below
     // add what is read at scrape time.
-    let metrics = node.as_ref().map_or_else(|| Arc::new(Metrics::new()), |n| n.metrics().clone());
-    if let Some(n) = &node {
-        metrics.register_collector(Box::new(NodeCollector(n.clone())));
-    }
+    let metrics = node.metrics().clone();
+    metrics.register_collector(Box::new(NodeCollector(node.clone())));
 
     // The peer protocol: a node that belongs to no cluster yet says so
     // with cluster id 0, which members accept only for joining.
@@ -556,43 +553,50 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     tracing::info!(cluster = %cluster, "member of the metadata group");
 
     // The replicated data path: this node owns volumes and serves them
-    // from their replicas (its own through the replica service in process).
-    if let Some(node) = &node {
-        let latest = Arc::new(std::sync::RwLock::new(meta.subscribe().borrow().clone()));
-        let fences =
-            basalt::node::fence::Fences::open(&cfg.state_dir.join("fences")).context("opening the fences")?;
-        let view = latest.clone();
-        let layout_of: basalt::node::replica::LayoutOf =
-            Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
-        // A fresh state dir has no mark and nothing to distrust.
-        let crashed = take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")? && !fresh;
-        if crashed {
-            tracing::warn!(
-                "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
-            );
+    // from their replicas (its own, if it stores data, through the replica
+    // service in process). A compute node has no replica service: its
+    // volumes' replicas are all on other nodes.
+    let latest = Arc::new(std::sync::RwLock::new(meta.subscribe().borrow().clone()));
+    let local = match node.store() {
+        Some(store) => {
+            let fences = basalt::node::fence::Fences::open(&cfg.state_dir.join("fences"))
+                .context("opening the fences")?;
+            let view = latest.clone();
+            let layout_of: basalt::node::replica::LayoutOf =
+                Arc::new(move |v| view.read().unwrap().volume(v).map(|r| r.layout));
+            // A fresh state dir has no mark and nothing to distrust.
+            let crashed =
+                take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")? && !fresh;
+            if crashed {
+                tracing::warn!(
+                    "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
+                );
+            }
+            let service =
+                basalt::node::replica::ReplicaService::after(store.clone(), fences, layout_of, crashed);
+            let _ = handler.replica.set(service.clone());
+            let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
+                let s = service.clone();
+                Box::pin(async move { s.handle(from, m).await })
+            });
+            Some(local)
         }
-        let service =
-            basalt::node::replica::ReplicaService::after(node.store().clone(), fences, layout_of, crashed);
-        let _ = handler.replica.set(service.clone());
-        let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
-            let s = service.clone();
-            Box::pin(async move { s.handle(from, m).await })
-        });
-        let io = Arc::new(crate::replicas::DaemonIo {
-            me,
-            pool: pool.clone(),
-            book: book.clone(),
-            local,
-            meta: meta.clone(),
-            latest,
-            lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
-        });
-        let router = crate::replicas::Router::new(io);
-        let owned = router.clone();
-        metrics.register_collector(Box::new(ReplicationCollector(Box::new(move || owned.owned()))));
-        let _ = daemon.router.set(router.clone());
-        node.set_router(Arc::new(move |spec| router.route(spec)));
-    }
+        None => None,
+    };
+    let io = Arc::new(crate::replicas::DaemonIo {
+        me,
+        pool: pool.clone(),
+        book: book.clone(),
+        local,
+        meta: meta.clone(),
+        latest,
+        lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
+    });
+    let router = crate::replicas::Router::new(io);
+    let owned = router.clone();
+    metrics.register_collector(Box::new(ReplicationCollector(Box::new(move || owned.owned()))));
+    let _ = daemon.router.set(router.clone());
+    node.set_router(Arc::new(move |spec| router.route(spec)));
 
     // Keep the address book and the served volumes in step with the metadata.
     let tracker = TaskTracker::new();
@@ -606,43 +610,38 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let mut nbd_addr = None;
     let mut nbd_unix = None;
     let mut iscsi_addr = None;
-    if let Some(node) = &node {
-        if let Some(a) = cfg.listen.nbd {
-            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.nbd {a}"))?;
-            nbd_addr = Some(l.local_addr()?);
-            servers.spawn(
-                basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone())
-                    .in_current_span(),
-            );
-        }
-        if let Some(path) = &cfg.listen.nbd_unix {
-            let sock = basalt::export::nbd::UnixSocket::bind(path).context("listen.nbd_unix")?;
-            nbd_unix = Some(sock.path().to_path_buf());
-            servers.spawn(
-                basalt::export::nbd::serve_unix(sock, node.clone(), cancel.clone(), tracker.clone())
-                    .in_current_span(),
-            );
-        }
-        if let Some(a) = cfg.listen.iscsi {
-            let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.iscsi {a}"))?;
-            iscsi_addr = Some(l.local_addr()?);
-            let chap = opts.iscsi_chap.clone().or_else(|| {
-                let i = &cfg.iscsi;
-                Some(basalt::proto::iscsi::login::ChapConfig {
-                    user: i.chap_user.clone()?,
-                    secret: i.chap_secret.clone()?,
-                    mutual: i.chap_mutual_user.clone().zip(i.chap_mutual_secret.clone()),
-                })
-            });
-            let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
-            icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
-            servers.spawn(
-                basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg)
-                    .in_current_span(),
-            );
-        }
-    } else if cfg.listen.nbd.is_some() || cfg.listen.nbd_unix.is_some() || cfg.listen.iscsi.is_some() {
-        tracing::warn!("no data directories: NBD and iSCSI stay off until the replicated data path lands");
+    if let Some(a) = cfg.listen.nbd {
+        let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.nbd {a}"))?;
+        nbd_addr = Some(l.local_addr()?);
+        servers.spawn(
+            basalt::export::nbd::serve(l, node.clone(), cancel.clone(), tracker.clone()).in_current_span(),
+        );
+    }
+    if let Some(path) = &cfg.listen.nbd_unix {
+        let sock = basalt::export::nbd::UnixSocket::bind(path).context("listen.nbd_unix")?;
+        nbd_unix = Some(sock.path().to_path_buf());
+        servers.spawn(
+            basalt::export::nbd::serve_unix(sock, node.clone(), cancel.clone(), tracker.clone())
+                .in_current_span(),
+        );
+    }
+    if let Some(a) = cfg.listen.iscsi {
+        let l = tokio::net::TcpListener::bind(a).await.with_context(|| format!("listen.iscsi {a}"))?;
+        iscsi_addr = Some(l.local_addr()?);
+        let chap = opts.iscsi_chap.clone().or_else(|| {
+            let i = &cfg.iscsi;
+            Some(basalt::proto::iscsi::login::ChapConfig {
+                user: i.chap_user.clone()?,
+                secret: i.chap_secret.clone()?,
+                mutual: i.chap_mutual_user.clone().zip(i.chap_mutual_secret.clone()),
+            })
+        });
+        let icfg = basalt::export::iscsi::IscsiConfig { chap, ..Default::default() };
+        icfg.validate().map_err(|e| anyhow::anyhow!("iSCSI config: {e}"))?;
+        servers.spawn(
+            basalt::export::iscsi::serve(l, node.clone(), cancel.clone(), tracker.clone(), icfg)
+                .in_current_span(),
+        );
     }
     daemon.set_ready();
     notifier.notify("READY=1");
@@ -681,8 +680,9 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         tracing::warn!("connections did not drain in 30 s; flushing anyway");
     }
     notifier.status("flushing");
-    if let Some(node) = &node {
-        node.close().await.context("final flush")?;
+    node.close().await.context("final flush")?;
+    // The mark speaks for the replicas of this node's store (a compute node has none).
+    if node.store().is_some() {
         set_clean_mark(&cfg.state_dir).context("recording the clean shutdown")?;
     }
     admin_cancel.cancel();
