@@ -197,8 +197,7 @@ fn a_compute_node_owns_and_serves_volumes_and_stores_nothing() {
     // them (R=3 of three), the compute node none, nor a data directory.
     let written: BTreeSet<String> = (0..12).map(|e| format!("v{id}-e{e}.ext")).collect();
     for k in 0..3 {
-        let mine: BTreeSet<String> =
-            c.extent_files(k).into_iter().filter(|f| f.starts_with(&format!("v{id}-"))).collect();
+        let mine: BTreeSet<String> = c.volume_extent_files(k, id).into_iter().collect();
         assert_eq!(mine, written, "node {k}");
     }
     assert_eq!(c.extent_files(COMPUTE), BTreeSet::new(), "the compute node stores nothing");

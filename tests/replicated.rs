@@ -92,7 +92,7 @@ fn r3_writes_land_on_three_nodes_and_read_back() {
     // 0-7 hold data, and every node stores all eight (R=3 of 3 nodes).
     let want: Vec<String> = (0..8).map(|e| format!("v{id}-e{e}.ext")).collect();
     for k in 0..3 {
-        assert_eq!(c.extent_files(k, id), want, "node {k}");
+        assert_eq!(c.volume_extent_files(k, id), want, "node {k}");
     }
     let v = volume(&c, 0, "r3");
     for e in v["extents"].as_array().unwrap() {

@@ -42,7 +42,7 @@ fn node_ids(c: &Cluster) -> Vec<u64> {
 /// directory.
 fn extents_on_disk(c: &Cluster, k: usize, id: u64) -> BTreeSet<u64> {
     let prefix = format!("v{id}-e");
-    c.extent_files(k, id)
+    c.volume_extent_files(k, id)
         .iter()
         .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".ext")?.parse().ok())
         .collect()

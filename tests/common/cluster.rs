@@ -227,28 +227,11 @@ impl Cluster {
         }
     }
 
-    /// Names of volume `id`'s extent files (`v{id}-e{N}.ext`) under node
-    /// `k`'s data directories, sorted.
-    pub fn extent_files(&self, k: usize, id: u64) -> Vec<String> {
-        fn walk(p: &std::path::Path, out: &mut Vec<String>) {
-            if let Ok(rd) = std::fs::read_dir(p) {
-                for e in rd.flatten() {
-                    let p = e.path();
-                    if p.is_dir() {
-                        walk(&p, out);
-                    } else {
-                        out.push(p.file_name().unwrap().to_string_lossy().into_owned());
-                    }
-                }
-            }
-        }
-        let mut all = Vec::new();
-        walk(&self.nodes[k].dir.join("data"), &mut all);
+    /// Names of volume `id`'s extent files (`v{id}-e{N}.ext`) on node `k`,
+    /// sorted.
+    pub fn volume_extent_files(&self, k: usize, id: u64) -> Vec<String> {
         let prefix = format!("v{id}-e");
-        let mut v: Vec<String> =
-            all.into_iter().filter(|n| n.starts_with(&prefix) && n.ends_with(".ext")).collect();
-        v.sort();
-        v
+        self.extent_files(k).into_iter().filter(|n| n.starts_with(&prefix)).collect()
     }
 
     pub fn log(&self, k: usize) -> String {
