@@ -43,8 +43,6 @@ const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
 
-const EINVAL: u32 = 22;
-
 /// A minimal NBD client over one TCP connection, simple replies only.
 struct Raw {
     s: TcpStream,
@@ -366,8 +364,16 @@ fn tagged(writer: u8, round: u64, sector: u64, len: usize) -> Vec<u8> {
 /// every other byte from this round's whole-sector write. A
 /// read-modify-write that read the sector before the whole-sector write
 /// and wrote it back after (a lock only unaligned clients take) leaves the
-/// previous round's bytes there.
-fn rmw_against_whole_sector_writes(addr: SocketAddr, export: &str, sectors: u64, rounds: u64) {
+/// previous round's bytes there. The whole-sector client connects to
+/// `addr`, the other to `part_addr` (a node that forwards to the owner of
+/// a replicated volume, say).
+fn rmw_against_whole_sector_writes(
+    addr: SocketAddr,
+    part_addr: SocketAddr,
+    export: &str,
+    sectors: u64,
+    rounds: u64,
+) {
     let (lo, hi) = (100usize, 300usize);
     let seed = Raw::by_go(addr, export, true);
     let first: Vec<(u64, Vec<u8>)> = (0..sectors).map(|s| (s * 512, tagged(9, 0, s, 512))).collect();
@@ -377,7 +383,7 @@ fn rmw_against_whole_sector_writes(addr: SocketAddr, export: &str, sectors: u64,
         let part: Vec<(u64, Vec<u8>)> =
             (0..sectors).map(|s| (s * 512 + lo as u64, tagged(1, round, s, hi - lo))).collect();
         let a = Raw::by_go(addr, export, true);
-        let b = Raw::by_export_name(addr, export);
+        let b = Raw::by_export_name(part_addr, export);
         let wa = std::thread::spawn(move || a.pipelined_writes(&whole));
         let wb = std::thread::spawn(move || b.pipelined_writes(&part));
         wa.join().unwrap();
@@ -410,7 +416,7 @@ fn rmw_against_whole_sector_writes(addr: SocketAddr, export: &str, sectors: u64,
 #[test]
 fn unaligned_rmw_is_atomic_against_another_clients_whole_sector_writes() {
     let d = Daemon::start("64M", &[]);
-    rmw_against_whole_sector_writes(local(&d), "demo", 2048, 6);
+    rmw_against_whole_sector_writes(local(&d), local(&d), "demo", 2048, 6);
 }
 
 /// The same against iSCSI: an initiator writes every sector of a region
@@ -566,18 +572,17 @@ async fn dropped_unaligned_writes_leave_every_block_old_or_new() {
 /// the partial sectors are read-modify-written under the owner's exclusive
 /// hold, so the whole-sector writes of another client survive; `basalt
 /// volume verify` finds the replicas equal. Through a node that forwards
-/// to the owner, unaligned reads are served and unaligned writes are
-/// refused with EINVAL (the peer protocol carries whole sectors), while
-/// aligned ones still work.
+/// to the owner, unaligned reads are served and unaligned writes go to the
+/// owner as they are (ANY_BYTE), aligned ones as before.
 #[test]
-fn replicated_volume_rmw_through_the_owner_and_einval_through_a_forwarder() {
+fn replicated_volume_rmw_through_the_owner_and_a_forwarder() {
     let c = Cluster::start(3, 3);
     c.wait_leader(0, None);
     let v =
         c.cli_json(0, &["volume", "create", "u", "--size", "16M", "--replicas", "3", "--extent-size", "4M"]);
     assert!(v["id"].as_u64().is_some(), "{v}");
     let owner = c.nodes[0].nbd;
-    rmw_against_whole_sector_writes(owner, "u", 512, 3);
+    rmw_against_whole_sector_writes(owner, owner, "u", 512, 3);
     // Unaligned writes across an extent boundary, read back.
     let mut o = Raw::by_export_name(owner, "u");
     let data = pattern(5, 10_001);
@@ -589,13 +594,99 @@ fn replicated_volume_rmw_through_the_owner_and_einval_through_a_forwarder() {
     want[4_999 - 11..4_999 + 11].fill(0);
     let mut f = Raw::by_export_name(c.nodes[1].nbd, "u");
     assert!(f.read(4, (4 << 20) - 4_999, 10_001) == want, "read through the forwarder");
-    let before = o.read(5, 7, 3);
-    f.request(CMD_WRITE, 5, 7, 3, b"abc");
-    assert_eq!(f.reply(), (EINVAL, 5), "an unaligned write through a forwarder");
-    assert!(o.read(8, 7, 3) == before, "the refused write changed nothing");
+    let mut around = o.read(5, 0, 16);
+    f.write(5, 7, b"abc");
+    around[7..10].copy_from_slice(b"abc");
+    assert!(o.read(8, 0, 16) == around, "an unaligned write through a forwarder");
     f.write(6, 8 << 20, &[0x5a; 512]);
     assert!(o.read(7, (8 << 20) - 1, 514) == [&[0u8][..], &[0x5a; 512], &[0]].concat());
     let out = c.cli(0, &["--json", "volume", "verify", "u"]);
     assert_eq!(out.status.code(), Some(0), "verify: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(c.log(1).contains("is not forwarded to the volume's owner"), "the refusal is logged");
+}
+
+/// Unaligned writes from clients of nodes that are NOT the owner of an R=3
+/// volume (issue 13): forwarded with their byte offsets (ANY_BYTE), read-
+/// modify-written on the owner under its exclusive hold, so they are
+/// atomic against another client's whole-sector writes through the owner
+/// exactly as when the client reaches the owner directly. Then byte runs
+/// of two forwarding clients and whole sectors of a client of the owner
+/// share every 4 KiB block of a region across an extent boundary, all in
+/// flight at once; a WRITE_ZEROES with unaligned edges and a write at odd
+/// bytes go through a forwarder. Every node reads the region back equal to
+/// a shadow buffer, through a client held to no block size (at odd
+/// offsets) and one that agreed to 512-byte blocks, and the replicas verify
+/// equal. Before ANY_BYTE, the forwarders refused every such write with
+/// EINVAL.
+#[test]
+fn replicated_unaligned_writes_through_forwarding_nodes_match_a_shadow() {
+    const BLOCKS: u64 = 64;
+    const RUN: u64 = 37;
+    let c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let v =
+        c.cli_json(0, &["volume", "create", "w", "--size", "16M", "--replicas", "3", "--extent-size", "4M"]);
+    assert!(v["id"].as_u64().is_some(), "{v}");
+    let owner = c.nodes[0].nbd;
+    let (f1, f2) = (c.nodes[1].nbd, c.nodes[2].nbd);
+    // The first client makes node 0 the owner; nodes 1 and 2 forward to it.
+    Raw::by_go(owner, "w", true).write(0, 4 << 20, &[0u8; 512]);
+    rmw_against_whole_sector_writes(owner, f1, "w", 256, 3);
+
+    // Around the extent boundary at 4 MiB, clear of the region above.
+    let base: u64 = (4 << 20) - BLOCKS / 2 * 4096;
+    let mut want = vec![0u8; (BLOCKS * 4096) as usize];
+    let mut plans: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); 3];
+    for b in 0..BLOCKS {
+        let block = b * 4096;
+        for k in 0..2048 / RUN {
+            let at = block + 3 + k * RUN;
+            let data = pattern(at, RUN as usize);
+            want[at as usize..(at + RUN) as usize].copy_from_slice(&data);
+            plans[(k % 2) as usize].push((base + at, data));
+        }
+        for s in 4..8 {
+            let at = block + s * 512;
+            let data = pattern(at + 1, 512);
+            want[at as usize..(at + 512) as usize].copy_from_slice(&data);
+            plans[2].push((base + at, data));
+        }
+    }
+    let writers: Vec<_> = plans
+        .into_iter()
+        .enumerate()
+        .map(|(who, plan)| {
+            let c = match who {
+                0 => Raw::by_export_name(f1, "w"),
+                1 => Raw::by_export_name(f2, "w"),
+                _ => Raw::by_go(owner, "w", true),
+            };
+            std::thread::spawn(move || c.pipelined_writes(&plan))
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut f = Raw::by_export_name(f2, "w");
+    // Zeroes with unaligned edges, across the extent boundary.
+    let (zat, zlen) = (10 * 4096 + 77, 30 * 4096 + 1001);
+    f.ok(CMD_WRITE_ZEROES, 1, base + zat, zlen as u32, &[]);
+    want[zat as usize..(zat + zlen) as usize].fill(0);
+    // Odd bytes across the boundary, and one byte.
+    let (wat, data) = (BLOCKS / 2 * 4096 - 4_999, pattern(5, 10_001));
+    f.write(2, base + wat, &data);
+    want[wat as usize..wat as usize + data.len()].copy_from_slice(&data);
+    f.write(3, base + 1, b"x");
+    want[1] = b'x';
+    f.flush();
+    let n = want.len() as u32;
+    for (k, node) in c.nodes.iter().enumerate() {
+        let got = Raw::by_go(node.nbd, "w", true).read(1, base, n);
+        let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "node {k} (512-byte client): first differing byte");
+        let got = Raw::by_export_name(node.nbd, "w").read(2, base + 5, n - 12);
+        let bad = got.iter().zip(&want[5..]).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "node {k} (any-byte client at +5): first differing byte");
+    }
+    let out = c.cli(0, &["--json", "volume", "verify", "w"]);
+    assert_eq!(out.status.code(), Some(0), "verify: {}", String::from_utf8_lossy(&out.stdout));
 }

@@ -514,3 +514,68 @@ async fn a_dropped_write_lands_before_a_newer_owner_or_not_at_all() {
         }
     }
 }
+
+/// `ExtentMap` answers the block table: never created is one hole (and
+/// creates nothing), written blocks data, zeroed blocks allocated zeros,
+/// trimmed and deallocated ones holes; a prefix range is cut at its ends.
+/// Hostile ranges get the exact error; a stale generation or epoch too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extent_maps_follow_the_block_table_and_refuse_hostile_ranges() {
+    use basalt::proto::peer::ExtentMap;
+    use basalt::types::{BlockState, MapExtent};
+    const ZEROED: BlockState = BlockState { allocated: true, zero: true };
+    let run = |len: u64, state: BlockState| MapExtent { len, state };
+    for kind in ENGINES {
+        let r = Replica::new(kind).await;
+        let t = at(0, 1, 1);
+        let map =
+            |t: ExtentTarget, offset: u64, len: u64| Message::ExtentMap(ExtentMap { target: t, offset, len });
+        assert_eq!(
+            r.ask(map(t, 0, EXTENT)).await,
+            Message::ExtentMapReply(vec![run(EXTENT, BlockState::HOLE)])
+        );
+        assert!(r.store.extent_keys().is_empty(), "a map created the extent");
+        assert_eq!(r.write(t, 8192, pattern(1, 3 * 4096)).await, Message::ExtentOk);
+        let z = |offset, len, deallocate| {
+            Message::ExtentWriteZeroes(ExtentWriteZeroes { target: t, offset, len, deallocate, fua: false })
+        };
+        assert_eq!(r.ask(z(65536, 8192, false)).await, Message::ExtentOk);
+        assert_eq!(r.ask(z(12288, 4096, true)).await, Message::ExtentOk);
+        let trim = Message::ExtentTrim(ExtentTrim { target: t, offset: 16384, len: 4096, fua: false });
+        assert_eq!(r.ask(trim).await, Message::ExtentOk);
+        assert_eq!(
+            r.ask(map(t, 0, 128 << 10)).await,
+            Message::ExtentMapReply(vec![
+                run(8192, BlockState::HOLE),
+                run(4096, BlockState::DATA),
+                // Deallocated zeroes, a trim, never written: one hole.
+                run(65536 - 12288, BlockState::HOLE),
+                run(8192, ZEROED),
+                run((128 << 10) - 73728, BlockState::HOLE),
+            ])
+        );
+        // Sector-aligned edges inside blocks.
+        assert_eq!(
+            r.ask(map(t, 8192 + 512, 1024)).await,
+            Message::ExtentMapReply(vec![run(1024, BlockState::DATA)])
+        );
+        let cases = [
+            (map(t, 0, 0), ExtentError::OutOfRange),
+            (map(t, EXTENT - 512, 1024), ExtentError::OutOfRange),
+            (map(t, EXTENT, 512), ExtentError::OutOfRange),
+            (map(t, u64::MAX - 511, 1024), ExtentError::OutOfRange),
+            (map(t, 100, 512), ExtentError::Misaligned),
+            (map(t, 512, 100), ExtentError::Misaligned),
+            (map(ExtentTarget { volume: VolumeId(99), ..t }, 0, 512), ExtentError::NotFound),
+            (map(at(u64::MAX, 1, 1), 0, 512), ExtentError::NotFound),
+        ];
+        for (m, want) in cases {
+            assert_eq!(err(r.ask(m.clone()).await), want, "{kind:?}: {m:?}");
+        }
+        // A newer owner seen: the old one's map is refused, as its reads are.
+        assert!(matches!(r.ask(map(at(0, 1, 5), 0, 512)).await, Message::ExtentMapReply(_)));
+        assert!(matches!(err(r.ask(map(t, 0, 512)).await), ExtentError::StaleGeneration { .. }));
+        assert_eq!(r.write(at(0, 3, 5), 0, pattern(2, 512)).await, Message::ExtentOk);
+        assert!(matches!(err(r.ask(map(at(0, 2, 5), 0, 512)).await), ExtentError::StaleEpoch { .. }));
+    }
+}

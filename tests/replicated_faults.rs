@@ -514,6 +514,7 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
             target: VolumeTarget { volume, generation },
             offset: 0,
             fua: false,
+            any_byte: false,
             data: data.clone(),
         })
     };

@@ -954,12 +954,19 @@ async fn block_status(
     let mut at = span.start;
     'windows: while at < span.end {
         let n = (span.end - at).min(STATUS_WINDOW);
-        for mut m in volume.block_status(at, n).await? {
+        let map = volume.block_status(at, n).await?;
+        // A replicated volume's map may cover a prefix of the window: the
+        // reply then ends there (the spec lets it describe less).
+        let covered: u64 = map.iter().map(|m| m.len).sum();
+        for mut m in map {
             let cut = skip.min(m.len);
             (m.len, skip) = (m.len - cut, skip - cut);
             if m.len > 0 && !b.push(&m) {
                 break 'windows;
             }
+        }
+        if covered < n {
+            break;
         }
         at += n;
     }

@@ -84,7 +84,8 @@ impl RequestClass {
             | Message::ExtentTrim(_)
             | Message::ExtentFlush(_)
             | Message::ExtentStatus(_)
-            | Message::ExtentCrcs(_) => RequestClass::Extent,
+            | Message::ExtentCrcs(_)
+            | Message::ExtentMap(_) => RequestClass::Extent,
             Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)

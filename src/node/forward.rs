@@ -29,7 +29,7 @@
 //! (`Volume`'s run-to-end pieces): the range reads as the old or the new
 //! data, never a mix decided by the drop.
 
-use super::volume::{MAX_PAYLOAD, Result, Volume, VolumeError};
+use super::volume::{MAX_PAYLOAD, MIN_BLOCK, Result, Volume, VolumeError};
 use crate::net::{PeerClient, PeerError};
 use crate::proto::peer::{
     ErrorCode, MAX_DATA, MAX_MAP_EXTENTS, MAX_READ_RUNS, Message, VolumeBlockStatus, VolumeCawReply,
@@ -135,16 +135,41 @@ impl Forwarder {
 
     /// Writes `data` at `offset`. With `fua` the data is durable on return.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_any(offset, data, fua, false).await
+    }
+
+    /// [`Volume::write_unaligned`] on the owner: `offset` and the length
+    /// may be any byte, and the owner read-modify-writes the partial
+    /// sectors under its own exclusive hold, so the write is atomic
+    /// against every other writer there, as for a client of the owner's.
+    pub async fn write_unaligned(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_any(offset, data, fua, true).await
+    }
+
+    async fn write_any(&self, offset: u64, data: Bytes, fua: bool, any_byte: bool) -> Result<()> {
         let len = data.len() as u64;
         if len > MAX_PAYLOAD || len > MAX_DATA as u64 {
             return Err(VolumeError::TooLarge(len));
         }
-        self.ok(Message::VolumeWrite(VolumeWrite { target: self.target, offset, fua, data })).await
+        self.ok(Message::VolumeWrite(VolumeWrite { target: self.target, offset, fua, any_byte, data })).await
     }
 
     /// Makes the range read as zeros (see [`Volume::write_zeroes`]).
     pub async fn write_zeroes(&self, offset: u64, len: u64, deallocate: bool, fua: bool) -> Result<()> {
-        let m = VolumeWriteZeroes { target: self.target, offset, len, deallocate, fua };
+        let m = VolumeWriteZeroes { target: self.target, offset, len, deallocate, fua, any_byte: false };
+        self.ok(Message::VolumeWriteZeroes(m)).await
+    }
+
+    /// [`Volume::write_zeroes_unaligned`] on the owner (see
+    /// [`Forwarder::write_unaligned`]).
+    pub async fn write_zeroes_unaligned(
+        &self,
+        offset: u64,
+        len: u64,
+        deallocate: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let m = VolumeWriteZeroes { target: self.target, offset, len, deallocate, fua, any_byte: true };
         self.ok(Message::VolumeWriteZeroes(m)).await
     }
 
@@ -176,6 +201,14 @@ impl Forwarder {
                 let covered = extents.iter().try_fold(0u64, |sum, e| sum.checked_add(e.len));
                 if covered.is_none_or(|c| c > len) {
                     return Err(self.bad_reply(format!("answered a map of {len} bytes with more")));
+                }
+                // A frontend's reply must describe some of the range, in
+                // whole sectors (the range is).
+                let sectors = extents.iter().all(|e| e.len > 0 && e.len.is_multiple_of(MIN_BLOCK));
+                if len > 0 && (covered == Some(0) || !sectors) {
+                    return Err(
+                        self.bad_reply(format!("answered a map of {len} bytes with a run of no sectors"))
+                    );
                 }
                 Ok(extents)
             }
@@ -265,8 +298,18 @@ async fn run(v: &Volume, request: Message) -> Result<Message> {
             }
             Message::VolumeReadReply(VolumeReadReply { chunks })
         }
+        // The volume checks the range (checked arithmetic, against its
+        // size) as for a client of its own, and `OutOfRange` goes back.
+        Message::VolumeWrite(w) if w.any_byte => {
+            v.write_unaligned(w.offset, w.data, w.fua).await?;
+            Message::VolumeOk
+        }
         Message::VolumeWrite(w) => {
             v.write(w.offset, w.data, w.fua).await?;
+            Message::VolumeOk
+        }
+        Message::VolumeWriteZeroes(z) if z.any_byte => {
+            v.write_zeroes_unaligned(z.offset, z.len, z.deallocate, z.fua).await?;
             Message::VolumeOk
         }
         Message::VolumeWriteZeroes(z) => {

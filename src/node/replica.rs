@@ -28,8 +28,10 @@
 //!   not checked here, since this node's view of it lags a resize.
 //! - `ExtentWrite` creates the extent on first write (thin); nothing else
 //!   does. A read of an extent never written returns zeros, `ExtentCrcs`
-//!   the crc of zero blocks, `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush`
-//!   succeed without creating it.
+//!   the crc of zero blocks, `ExtentMap` one hole,
+//!   `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush` succeed without
+//!   creating it. `ExtentMap` answers the store's block table (data,
+//!   zeroed, hole per 4 KiB block; a lost block is data).
 //! - `ExtentFlush` makes every write this replica acknowledged for the
 //!   extent durable. The owner's flush number is not stored: the status
 //!   reports the replica's own count, and reconciliation goes by the dirty
@@ -45,13 +47,13 @@
 use super::fence::{FenceError, FenceGuard, Fences};
 use crate::layout::Layout;
 use crate::proto::peer::{
-    BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentReadReply, ExtentState, ExtentTarget,
-    MAX_DATA, Message,
+    BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentMap, ExtentReadReply, ExtentState,
+    ExtentTarget, MAX_DATA, MAX_MAP_EXTENTS, Message,
 };
 use crate::storage::extent::{RunToEnd, zero_block_crc};
 use crate::storage::format::BLOCK;
 use crate::storage::{Extent, Store, StoreError};
-use crate::types::{Epoch, ExtentKey, NodeId, ReadChunk, VolumeId, flatten_chunks};
+use crate::types::{BlockState, Epoch, ExtentKey, MapExtent, NodeId, ReadChunk, VolumeId, flatten_chunks};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -168,6 +170,7 @@ pub fn target_of(m: &Message) -> Option<ExtentTarget> {
         Message::ExtentFlush(f) => f.target,
         Message::ExtentStatus(t) => *t,
         Message::ExtentCrcs(c) => c.target,
+        Message::ExtentMap(m) => m.target,
         _ => return None,
     })
 }
@@ -354,6 +357,19 @@ impl ReplicaService {
                     None => vec![zero_block_crc(); (len / BLOCK) as usize],
                 };
                 Ok(Message::ExtentCrcsReply(BlockCrcs { block_size: BLOCK as u32, crcs }))
+            }
+            Message::ExtentMap(ExtentMap { offset, len, .. }) => {
+                // Admitted as a read: an owner fenced by a newer generation
+                // learns nothing more of the extent, and a suspect replica
+                // (above) answers nothing it might have lost.
+                check_range(size, offset, len, 512)?;
+                let mut map = match self.extent(key, size, t.epoch, false, true).await? {
+                    Some(ext) => ext.map(offset, len).map_err(Refusal::store)?,
+                    None => vec![MapExtent { len, state: BlockState::HOLE }],
+                };
+                // A prefix of the range, as the protocol allows.
+                map.truncate(MAX_MAP_EXTENTS);
+                Ok(Message::ExtentMapReply(map))
             }
             other => Err(Refusal::new(ExtentError::NotFound, format!("{:?} is not served", other.kind()))),
         }

@@ -19,11 +19,12 @@
 use super::volume::{Result, VolumeError};
 use crate::layout::Layout;
 use crate::proto::peer::{
-    ExtentError, ExtentFlush, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Message,
+    ExtentError, ExtentFlush, ExtentMap, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite,
+    ExtentWriteZeroes, Message,
 };
 use crate::replication::reconcile::{self, Report};
 use crate::replication::{Action, Change, Event, Failure, OpError, OpId, Owner, Then};
-use crate::types::{Epoch, ExtentIndex, Generation, NodeId, ReadChunk, VolumeId};
+use crate::types::{BlockState, Epoch, ExtentIndex, Generation, MapExtent, NodeId, ReadChunk, VolumeId};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::future::Future;
@@ -558,6 +559,48 @@ impl Replicated {
         Err(VolumeError::Unavailable(format!("no replica of extent {extent} could serve the read")))
     }
 
+    /// Allocation map of `[offset, offset + len)` of the extent (`len`
+    /// non-zero), from one member as a read would pick it: runs in order
+    /// covering a prefix of the range, never empty.
+    ///
+    /// A run is reported as reading zeros only from a member the owner
+    /// reads from: reconciled (before this owner's first request), in the
+    /// committed set, not failed. Every change reaches every such member
+    /// before it is acknowledged, so their contents are the same and one
+    /// member's zeros are everyone's; a removed (stale) copy is never asked.
+    /// When in doubt the range is data: no member answered, or an answer
+    /// that does not fit the request (refused, logged).
+    pub async fn block_status(
+        self: &Arc<Self>,
+        extent: ExtentIndex,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<MapExtent>> {
+        self.check_serving()?;
+        self.ensure(extent).await?;
+        let (epoch, members) = self.read_order(extent)?;
+        for node in members {
+            let msg = Message::ExtentMap(ExtentMap { target: self.target(extent, epoch), offset, len });
+            match self.io.call(node, msg).await {
+                Ok(Message::ExtentMapReply(map)) => match checked_map(map, len) {
+                    Some(map) => return Ok(map),
+                    None => tracing::warn!(volume = %self.volume, %extent, %node, offset, len,
+                        "a replica's allocation map does not fit the range asked: trying another"),
+                },
+                Ok(Message::ExtentErr(e)) if matches!(e.error, ExtentError::StaleGeneration { .. }) => {
+                    return Err(unavailable(format!("fenced: {}", e.message)));
+                }
+                other => {
+                    tracing::debug!(volume = %self.volume, %extent, %node, reply = ?other.as_ref().map(|m| m.kind()),
+                        "a replica did not answer an allocation map: trying another");
+                }
+            }
+        }
+        tracing::info!(volume = %self.volume, %extent, offset, len,
+            "no replica answered an allocation map: the range is reported as data");
+        Ok(vec![MapExtent { len, state: BlockState::DATA }])
+    }
+
     /// Members in read order: this node first, then the others rotated.
     fn read_order(&self, extent: ExtentIndex) -> Result<(Epoch, Vec<NodeId>)> {
         let (epoch, mut members) = self
@@ -792,6 +835,15 @@ impl Replicated {
         }
         None
     }
+}
+
+/// A replica's map of a `len`-byte range if it is one: non-empty runs of
+/// whole sectors, in all no longer than the range.
+fn checked_map(map: Vec<MapExtent>, len: u64) -> Option<Vec<MapExtent>> {
+    let sector = super::volume::MIN_BLOCK;
+    let whole = map.iter().all(|m| m.len > 0 && m.len.is_multiple_of(sector));
+    let covered = map.iter().try_fold(0u64, |sum, m| sum.checked_add(m.len))?;
+    (whole && covered > 0 && covered <= len).then_some(map)
 }
 
 /// The reconcile report of one replica's status reply.

@@ -40,6 +40,7 @@ use super::replicated::Replicated;
 use crate::admin::metrics::{Op, VolumeMetrics};
 use crate::layout::Layout;
 use crate::poll::LongOp;
+use crate::proto::peer::MAX_MAP_EXTENTS;
 use crate::replication::Change as ReplChange;
 use crate::storage::extent::{RunToEnd, WriteHold};
 use crate::storage::{Extent, Store, StoreError};
@@ -690,20 +691,21 @@ impl Volume {
                 });
                 return r.change(pieces.collect()).await;
             }
-            Some(Via::Forward(_)) if unaligned => {
-                // The read-modify-write must run where the range can be
-                // locked, on the owner, and the peer protocol carries only
-                // whole sectors.
-                tracing::warn!(volume = %self.spec.name, offset, len,
-                    "a write not aligned to {MIN_BLOCK} bytes is not forwarded to the volume's owner: refused");
-                return Err(VolumeError::Misaligned { offset, len });
-            }
             Some(Via::Forward(f)) => {
+                // An unaligned write's read-modify-write runs where the
+                // range can be held, on the owner: it gets the bytes as
+                // they are (`Forwarder::write_unaligned`).
                 let d = data.clone();
                 return match self
                     .forwarded(f, |f| {
                         let d = d.clone();
-                        async move { f.write(offset, d, fua).await }
+                        async move {
+                            if unaligned {
+                                f.write_unaligned(offset, d, fua).await
+                            } else {
+                                f.write(offset, d, fua).await
+                            }
+                        }
                     })
                     .await?
                 {
@@ -888,6 +890,19 @@ impl Volume {
         const BLOCK: u64 = crate::storage::format::BLOCK;
         let g = self.geometry();
         self.check_write_at(&g, offset, len, 1)?;
+        if let Some(Via::Forward(f)) = self.via().await? {
+            // As one request: the owner splits it and read-modify-writes
+            // the partial sectors under its own hold.
+            let _long = LongOp::for_transfer(len, fua);
+            let _change = Change(self.changes.clone());
+            let op = |f: Arc<Forwarder>| async move {
+                f.write_zeroes_unaligned(offset, len, deallocate, fua).await
+            };
+            return match self.forwarded(f, op).await? {
+                Retry::Done(()) => Ok(()),
+                Retry::Again => Box::pin(self.write_zeroes_unaligned_io(offset, len, deallocate, fua)).await,
+            };
+        }
         let end = offset + len;
         let inner = offset.div_ceil(BLOCK) * BLOCK..end / BLOCK * BLOCK;
         let zeros = |n: u64| Bytes::from(vec![0u8; n as usize]);
@@ -969,15 +984,35 @@ impl Volume {
         Ok(())
     }
 
-    /// Allocation map of the range, covering it in order. Extents never
-    /// opened are holes without touching the store.
+    /// Allocation map of the range, in order. Extents never opened are
+    /// holes without touching the store. On a replicated volume (and
+    /// through a forwarding node) it may cover a prefix of the range only,
+    /// never none of a non-empty one: at most [`MAX_MAP_EXTENTS`] runs, and
+    /// a replica's map of one extent may stop short (the frontends ask
+    /// again from where it ends, as NBD and SCSI let them).
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         let g = self.geometry();
         Self::check_in(&g, offset, len)?;
         match self.via().await? {
             None => {}
-            // Allocation is not tracked across replicas yet: all data.
-            Some(Via::Owner(_)) => return Ok(vec![MapExtent { len, state: crate::types::BlockState::DATA }]),
+            Some(Via::Owner(r)) => {
+                let mut out: Vec<MapExtent> = Vec::new();
+                for p in self.spec.layout.split(offset, len) {
+                    let parts = r.block_status(p.extent, p.offset, p.len).await?;
+                    let covered: u64 = parts.iter().map(|m| m.len).sum();
+                    for m in parts {
+                        match out.last_mut() {
+                            Some(last) if last.state == m.state => last.len += m.len,
+                            _ => out.push(m),
+                        }
+                    }
+                    if covered < p.len || out.len() >= MAX_MAP_EXTENTS {
+                        out.truncate(MAX_MAP_EXTENTS);
+                        break;
+                    }
+                }
+                return Ok(out);
+            }
             // Retried like a read: right after the owner died, a client's
             // first request is often this one (qemu-img maps the image).
             Some(Via::Forward(f)) => {
@@ -1031,7 +1066,7 @@ impl Volume {
     /// frontend: the partial blocks are read-modify-written under the
     /// store's exclusive range lock (on a replicated volume, the owner's
     /// exclusive hold), never under a frontend's lock. Through a node that
-    /// forwards to the owner a misaligned write is refused (`Misaligned`).
+    /// forwards to the owner, the owner does the read-modify-write.
     pub async fn write_unaligned(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let (t, len) = (self.metrics.start(), data.len() as u64);
         let r = self.write_io(offset, data, fua, 1).await;

@@ -234,7 +234,8 @@ impl PeerHandler for Handler {
                 | Message::ExtentTrim(_)
                 | Message::ExtentFlush(_)
                 | Message::ExtentStatus(_)
-                | Message::ExtentCrcs(_)) => match replica {
+                | Message::ExtentCrcs(_)
+                | Message::ExtentMap(_)) => match replica {
                     Some(r) => {
                         // The metadata's owner generation is a floor too: a
                         // volume served from the local store directly (the

@@ -30,6 +30,9 @@
 //! ExtentErr           code u16, current u64 (epoch or generation), text
 //! ExtentCrcs          target, offset u64, len u64
 //! ExtentCrcsReply     block size u32, count u32, count x crc32c u32
+//! ExtentMap           target, offset u64, len u64
+//! ExtentMapReply      count u32 (at most MAX_MAP_EXTENTS), count x
+//!                     (len u64, flags u32 (ALLOCATED, ZERO))
 //! ```
 //!
 //! Volume-level requests (forwarded by a node that does not own the volume
@@ -38,8 +41,9 @@
 //! ```text
 //! vtarget             volume u64, generation u64
 //! VolumeRead          vtarget, offset u64, len u32
-//! VolumeWrite         vtarget, offset u64, flags u32 (FUA), data
-//! VolumeWriteZeroes   vtarget, offset u64, len u64, flags u32 (FUA, DEALLOCATE)
+//! VolumeWrite         vtarget, offset u64, flags u32 (FUA, ANY_BYTE), data
+//! VolumeWriteZeroes   vtarget, offset u64, len u64, flags u32 (FUA,
+//!                     DEALLOCATE, ANY_BYTE)
 //! VolumeTrim          vtarget, offset u64, len u64, flags u32 (FUA)
 //! VolumeFlush         vtarget
 //! VolumeBlockStatus   vtarget, offset u64, len u64
@@ -55,6 +59,15 @@
 //! VolumeErr           code u16, a u64, b u64, c u64 (per code, 0 where
 //!                     unused), text
 //! ```
+//!
+//! ANY_BYTE (bit 1 of a VolumeWrite's flags, bit 2 of a VolumeWriteZeroes')
+//! says the request comes from a client held to no block size: the owner
+//! runs it as `Volume::write_unaligned` / `write_zeroes_unaligned` (a
+//! read-modify-write of the partial sectors under its exclusive hold), so
+//! the offset and length may be any byte. Without it they must be whole
+//! sectors, as for a client of the owner's own. ANY_BYTE, `ExtentMap` and
+//! `ExtentMapReply` were added before any release spoke V1, so V1 carries
+//! them (as it does `ErrorCode::Forbidden`).
 
 use super::frame::{MAX_DATA, ProtocolVersion};
 use crate::types::{
@@ -91,6 +104,8 @@ pub enum Kind {
     ExtentErr = 41,
     ExtentCrcs = 42,
     ExtentCrcsReply = 43,
+    ExtentMap = 44,
+    ExtentMapReply = 45,
     // --- volume-level forwarding (64..=75) ---
     VolumeRead = 64,
     VolumeWrite = 65,
@@ -108,7 +123,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 33] = [
+    pub const ALL: [Kind; 35] = [
         Kind::Hello,
         Kind::HelloAck,
         Kind::Refused,
@@ -130,6 +145,8 @@ impl Kind {
         Kind::ExtentErr,
         Kind::ExtentCrcs,
         Kind::ExtentCrcsReply,
+        Kind::ExtentMap,
+        Kind::ExtentMapReply,
         // --- volume-level forwarding ---
         Kind::VolumeRead,
         Kind::VolumeWrite,
@@ -164,6 +181,7 @@ impl Kind {
                 | Kind::ExtentOk
                 | Kind::ExtentErr
                 | Kind::ExtentCrcsReply
+                | Kind::ExtentMapReply
                 // --- volume-level forwarding ---
                 | Kind::VolumeReadReply
                 | Kind::VolumeMapReply
@@ -371,6 +389,18 @@ pub const MAX_CRC_COUNT: usize = 1 << 20;
 /// at most 31,744).
 pub const MAX_DIRTY_REGIONS: usize = 1 << 16;
 
+/// Asks a replica for the allocation map of a range of its extent (the
+/// owner's answer to BLOCK_STATUS and GET LBA STATUS on a replicated
+/// volume). Answered with an `ExtentMapReply` of at most
+/// [`MAX_MAP_EXTENTS`] runs covering a prefix of the range; an extent the
+/// replica never created is one hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentMap {
+    pub target: ExtentTarget,
+    pub offset: u64,
+    pub len: u64,
+}
+
 /// Why a replica did not apply a data request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentError {
@@ -425,6 +455,9 @@ pub enum Message {
     ExtentErr(ExtentErr),
     ExtentCrcs(ExtentCrcs),
     ExtentCrcsReply(BlockCrcs),
+    ExtentMap(ExtentMap),
+    /// Runs in order from the request's offset, at most [`MAX_MAP_EXTENTS`].
+    ExtentMapReply(Vec<MapExtent>),
     // --- volume-level forwarding ---
     VolumeRead(VolumeRead),
     VolumeWrite(VolumeWrite),
@@ -445,6 +478,9 @@ const TARGET_LEN: usize = 32;
 const WRITE_FUA: u32 = 1;
 const ZEROES_FUA: u32 = 1;
 const ZEROES_DEALLOCATE: u32 = 2;
+/// Volume-level only (see the module docs).
+const WRITE_ANY_BYTE: u32 = 2;
+const ZEROES_ANY_BYTE: u32 = 4;
 const TRIM_FUA: u32 = 1;
 const READ_REPLY_CRCS: u32 = 1;
 const STATUS_EXISTS: u32 = 1;
@@ -565,6 +601,8 @@ impl Message {
             Message::ExtentErr(_) => Kind::ExtentErr,
             Message::ExtentCrcs(_) => Kind::ExtentCrcs,
             Message::ExtentCrcsReply(_) => Kind::ExtentCrcsReply,
+            Message::ExtentMap(_) => Kind::ExtentMap,
+            Message::ExtentMapReply(_) => Kind::ExtentMapReply,
             // --- volume-level forwarding ---
             Message::VolumeRead(_) => Kind::VolumeRead,
             Message::VolumeWrite(_) => Kind::VolumeWrite,
@@ -631,6 +669,8 @@ impl Message {
             Message::ExtentErr(e) => 2 + 8 + text_len(&e.message),
             Message::ExtentCrcs(_) => TARGET_LEN + 8 + 8,
             Message::ExtentCrcsReply(c) => 4 + 4 + 4 * c.crcs.len(),
+            Message::ExtentMap(_) => TARGET_LEN + 8 + 8,
+            Message::ExtentMapReply(m) => 4 + MAP_EXTENT_LEN * m.len(),
             m @ (Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)
@@ -661,11 +701,9 @@ impl Message {
                 (c.len.div_ceil(u64::from(MIN_CRC_BLOCK)).min(MAX_CRC_COUNT as u64) * 4) as usize
             }
             Message::ExtentStatus(_) => 4 * MAX_DIRTY_REGIONS,
+            Message::ExtentMap(m) => map_reply_hint(m.len),
             Message::VolumeRead(r) => r.len as usize,
-            Message::VolumeBlockStatus(b) => {
-                let most = (b.len / MIN_MAP_LEN).min(MAX_MAP_EXTENTS as u64) as usize;
-                4 + most * MAP_EXTENT_LEN
-            }
+            Message::VolumeBlockStatus(b) => map_reply_hint(b.len),
             _ => 0,
         }
     }
@@ -758,6 +796,12 @@ impl Message {
                     out.put_u32_le(*crc);
                 }
             }
+            Message::ExtentMap(m) => {
+                put_target(out, &m.target);
+                out.put_u64_le(m.offset);
+                out.put_u64_le(m.len);
+            }
+            Message::ExtentMapReply(m) => put_map(out, m),
             m @ (Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)
@@ -957,6 +1001,14 @@ impl Message {
                 }
                 Message::ExtentCrcsReply(BlockCrcs { block_size, crcs: f.crcs(count)? })
             }
+            Kind::ExtentMap => {
+                let target = f.target()?;
+                let offset = f.u64("offset")?;
+                let len = f.u64("len")?;
+                check_range(offset, len)?;
+                Message::ExtentMap(ExtentMap { target, offset, len })
+            }
+            Kind::ExtentMapReply => Message::ExtentMapReply(f.map()?),
             Kind::ExtentErr => {
                 let code = f.u16("code")?;
                 let current = f.u64("current")?;
@@ -1165,6 +1217,9 @@ pub struct VolumeWrite {
     pub target: VolumeTarget,
     pub offset: u64,
     pub fua: bool,
+    /// From a client held to no block size: `offset` and the data's length
+    /// may be any byte (the owner read-modify-writes the partial sectors).
+    pub any_byte: bool,
     pub data: Bytes,
 }
 
@@ -1175,6 +1230,9 @@ pub struct VolumeWriteZeroes {
     pub len: u64,
     pub deallocate: bool,
     pub fua: bool,
+    /// As [`VolumeWrite::any_byte`]: the partial sectors at the ends get
+    /// zeros by read-modify-write on the owner.
+    pub any_byte: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1334,7 +1392,7 @@ fn encode_volume_fields(m: &Message, out: &mut BytesMut) {
         Message::VolumeWrite(w) => {
             put_vtarget(out, &w.target);
             out.put_u64_le(w.offset);
-            out.put_u32_le(flag(w.fua, WRITE_FUA));
+            out.put_u32_le(flag(w.fua, WRITE_FUA) | flag(w.any_byte, WRITE_ANY_BYTE));
         }
         Message::VolumeCompareAndWrite(c) => {
             put_vtarget(out, &c.target);
@@ -1345,7 +1403,11 @@ fn encode_volume_fields(m: &Message, out: &mut BytesMut) {
             put_vtarget(out, &z.target);
             out.put_u64_le(z.offset);
             out.put_u64_le(z.len);
-            out.put_u32_le(flag(z.fua, ZEROES_FUA) | flag(z.deallocate, ZEROES_DEALLOCATE));
+            out.put_u32_le(
+                flag(z.fua, ZEROES_FUA)
+                    | flag(z.deallocate, ZEROES_DEALLOCATE)
+                    | flag(z.any_byte, ZEROES_ANY_BYTE),
+            );
         }
         Message::VolumeTrim(t) => {
             put_vtarget(out, &t.target);
@@ -1365,13 +1427,7 @@ fn encode_volume_fields(m: &Message, out: &mut BytesMut) {
                 out.put_u32_le(run_of(c));
             }
         }
-        Message::VolumeMapReply(r) => {
-            out.put_u32_le(r.extents.len() as u32);
-            for e in &r.extents {
-                out.put_u64_le(e.len);
-                out.put_u32_le(flag(e.state.allocated, MAP_ALLOCATED) | flag(e.state.zero, MAP_ZERO));
-            }
-        }
+        Message::VolumeMapReply(r) => put_map(out, &r.extents),
         Message::VolumeCawReply(c) => {
             out.put_u32_le(flag(c.miscompare.is_some(), CAW_MISCOMPARE));
             out.put_u64_le(c.miscompare.unwrap_or(0));
@@ -1423,11 +1479,14 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
         Kind::VolumeWrite | Kind::VolumeCompareAndWrite => {
             let target = f.vtarget()?;
             let offset = f.u64("offset")?;
-            let fua = f.flags("flags", WRITE_FUA)? & WRITE_FUA != 0;
+            // COMPARE AND WRITE comes from SCSI, always whole blocks.
+            let known = if kind == Kind::VolumeWrite { WRITE_FUA | WRITE_ANY_BYTE } else { WRITE_FUA };
+            let flags = f.flags("flags", known)?;
+            let (fua, any_byte) = (flags & WRITE_FUA != 0, flags & WRITE_ANY_BYTE != 0);
             let data = f.rest(payload);
             check_data_len(data.len())?;
             if kind == Kind::VolumeWrite {
-                Message::VolumeWrite(VolumeWrite { target, offset, fua, data })
+                Message::VolumeWrite(VolumeWrite { target, offset, fua, any_byte, data })
             } else {
                 Message::VolumeCompareAndWrite(VolumeCompareAndWrite { target, offset, fua, buf: data })
             }
@@ -1436,13 +1495,14 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
             let target = f.vtarget()?;
             let offset = f.u64("offset")?;
             let len = f.u64("len")?;
-            let flags = f.flags("flags", ZEROES_FUA | ZEROES_DEALLOCATE)?;
+            let flags = f.flags("flags", ZEROES_FUA | ZEROES_DEALLOCATE | ZEROES_ANY_BYTE)?;
             Message::VolumeWriteZeroes(VolumeWriteZeroes {
                 target,
                 offset,
                 len,
                 deallocate: flags & ZEROES_DEALLOCATE != 0,
                 fua: flags & ZEROES_FUA != 0,
+                any_byte: flags & ZEROES_ANY_BYTE != 0,
             })
         }
         Kind::VolumeTrim => {
@@ -1516,27 +1576,7 @@ fn decode_volume(kind: Kind, f: &mut Fields<'_>, payload: &Bytes) -> Result<Mess
                 .collect();
             Message::VolumeReadReply(VolumeReadReply { chunks })
         }
-        Kind::VolumeMapReply => {
-            let raw = f.u32("extent count")?;
-            if raw as usize > MAX_MAP_EXTENTS {
-                return Err(BodyError::InvalidField {
-                    field: "extent count",
-                    value: raw.into(),
-                    why: "over the cap on map extents",
-                });
-            }
-            let count = need_items(f, "extents", raw, MAP_EXTENT_LEN)?;
-            let mut extents = Vec::with_capacity(count);
-            for _ in 0..count {
-                let len = f.u64("extent len")?;
-                let flags = f.flags("extent flags", MAP_ALLOCATED | MAP_ZERO)?;
-                extents.push(MapExtent {
-                    len,
-                    state: BlockState { allocated: flags & MAP_ALLOCATED != 0, zero: flags & MAP_ZERO != 0 },
-                });
-            }
-            Message::VolumeMapReply(VolumeMapReply { extents })
-        }
+        Kind::VolumeMapReply => Message::VolumeMapReply(VolumeMapReply { extents: f.map()? }),
         Kind::VolumeCawReply => {
             let flags = f.flags("flags", CAW_MISCOMPARE)?;
             let offset = f.u64("offset")?;
@@ -1604,5 +1644,43 @@ impl Fields<'_> {
             generation: Generation(self.u64("generation")?),
         })
     }
+
+    /// A map (`VolumeMapReply`, `ExtentMapReply`): its count checked
+    /// against the cap and the body before anything is allocated.
+    fn map(&mut self) -> Result<Vec<MapExtent>, BodyError> {
+        let raw = self.u32("extent count")?;
+        if raw as usize > MAX_MAP_EXTENTS {
+            return Err(BodyError::InvalidField {
+                field: "extent count",
+                value: raw.into(),
+                why: "over the cap on map extents",
+            });
+        }
+        let count = need_items(self, "extents", raw, MAP_EXTENT_LEN)?;
+        let mut extents = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = self.u64("extent len")?;
+            let flags = self.flags("extent flags", MAP_ALLOCATED | MAP_ZERO)?;
+            extents.push(MapExtent {
+                len,
+                state: BlockState { allocated: flags & MAP_ALLOCATED != 0, zero: flags & MAP_ZERO != 0 },
+            });
+        }
+        Ok(extents)
+    }
+}
+
+fn put_map(out: &mut BytesMut, extents: &[MapExtent]) {
+    out.put_u32_le(extents.len() as u32);
+    for e in extents {
+        out.put_u64_le(e.len);
+        out.put_u32_le(flag(e.state.allocated, MAP_ALLOCATED) | flag(e.state.zero, MAP_ZERO));
+    }
+}
+
+/// Room for the largest map a range of `len` bytes can have.
+fn map_reply_hint(len: u64) -> usize {
+    let most = (len / MIN_MAP_LEN).min(MAX_MAP_EXTENTS as u64) as usize;
+    4 + most * MAP_EXTENT_LEN
 }
 // --- end of volume-level forwarding ----------------------------------------

@@ -97,6 +97,16 @@ fn every_message() -> Vec<Message> {
         Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: Vec::new() }),
         // Appended, so the indexes other tests use stay put.
         Message::error(ErrorCode::Forbidden, "e"),
+        Message::ExtentMap(ExtentMap { target: target(), offset: 4096, len: 64 << 20 }),
+        Message::ExtentMapReply(vec![
+            crate::types::MapExtent { len: 8192, state: crate::types::BlockState::DATA },
+            crate::types::MapExtent { len: 1 << 20, state: crate::types::BlockState::HOLE },
+            crate::types::MapExtent {
+                len: 4096,
+                state: crate::types::BlockState { allocated: true, zero: true },
+            },
+        ]),
+        Message::ExtentMapReply(Vec::new()),
     ]
     .into_iter()
     .chain(every_volume_message())
@@ -539,6 +549,7 @@ fn reply_kinds_are_marked_as_replies() {
             Kind::ExtentFlush,
             Kind::ExtentStatus,
             Kind::ExtentCrcs,
+            Kind::ExtentMap,
             Kind::VolumeRead,
             Kind::VolumeWrite,
             Kind::VolumeWriteZeroes,
@@ -664,14 +675,41 @@ fn every_volume_message() -> Vec<Message> {
     let t = vtarget();
     vec![
         Message::VolumeRead(VolumeRead { target: t, offset: 4096, len: 1 << 20 }),
-        Message::VolumeWrite(VolumeWrite { target: t, offset: 1 << 30, fua: true, data: pattern(64 << 10) }),
-        Message::VolumeWrite(VolumeWrite { target: t, offset: 0, fua: false, data: pattern(512) }),
+        Message::VolumeWrite(VolumeWrite {
+            target: t,
+            offset: 1 << 30,
+            fua: true,
+            any_byte: false,
+            data: pattern(64 << 10),
+        }),
+        Message::VolumeWrite(VolumeWrite {
+            target: t,
+            offset: 0,
+            fua: false,
+            any_byte: false,
+            data: pattern(512),
+        }),
+        Message::VolumeWrite(VolumeWrite {
+            target: t,
+            offset: 7,
+            fua: true,
+            any_byte: true,
+            data: pattern(3),
+        }),
+        Message::VolumeWrite(VolumeWrite {
+            target: t,
+            offset: 511,
+            fua: false,
+            any_byte: true,
+            data: pattern(2),
+        }),
         Message::VolumeWriteZeroes(VolumeWriteZeroes {
             target: t,
             offset: 8192,
             len: 1 << 40,
             deallocate: true,
             fua: false,
+            any_byte: false,
         }),
         Message::VolumeWriteZeroes(VolumeWriteZeroes {
             target: t,
@@ -679,6 +717,15 @@ fn every_volume_message() -> Vec<Message> {
             len: 512,
             deallocate: false,
             fua: true,
+            any_byte: false,
+        }),
+        Message::VolumeWriteZeroes(VolumeWriteZeroes {
+            target: t,
+            offset: 4095,
+            len: 4099,
+            deallocate: true,
+            fua: true,
+            any_byte: true,
         }),
         Message::VolumeTrim(VolumeTrim { target: t, offset: 4096, len: 4096, fua: true }),
         Message::VolumeFlush(t),
@@ -895,10 +942,26 @@ fn volume_requests_with_hostile_lengths_and_flags() {
     let t = vtarget();
     let r = Message::VolumeRead(VolumeRead { target: t, offset: 0, len: MAX_DATA as u32 + 1 });
     assert_eq!(invalid_field(body(Kind::VolumeRead, &body_of(&r))), "len");
-    let w = Message::VolumeWrite(VolumeWrite { target: t, offset: 0, fua: false, data: pattern(2) });
+    let w = Message::VolumeWrite(VolumeWrite {
+        target: t,
+        offset: 0,
+        fua: false,
+        any_byte: false,
+        data: pattern(2),
+    });
     let mut b = body_of(&w);
-    put_u32(&mut b, 24, 2);
+    put_u32(&mut b, 24, 4);
     assert_eq!(invalid_field(body(Kind::VolumeWrite, &b)), "flags");
+    // ANY_BYTE is a VolumeWrite's only: COMPARE AND WRITE is whole blocks.
+    let c = Message::VolumeCompareAndWrite(VolumeCompareAndWrite {
+        target: t,
+        offset: 0,
+        fua: false,
+        buf: pattern(1024),
+    });
+    let mut b = body_of(&c);
+    put_u32(&mut b, 24, 2);
+    assert_eq!(invalid_field(body(Kind::VolumeCompareAndWrite, &b)), "flags");
     let c = Message::VolumeCompareAndWrite(VolumeCompareAndWrite {
         target: t,
         offset: 0,
@@ -906,9 +969,9 @@ fn volume_requests_with_hostile_lengths_and_flags() {
         buf: Bytes::from(vec![0; MAX_DATA + 1]),
     });
     assert_eq!(invalid_field(body(Kind::VolumeCompareAndWrite, &body_of(&c))), "data");
-    let z = VolumeWriteZeroes { target: t, offset: 0, len: 2, deallocate: false, fua: false };
+    let z = VolumeWriteZeroes { target: t, offset: 0, len: 2, deallocate: false, fua: false, any_byte: true };
     let mut b = body_of(&Message::VolumeWriteZeroes(z));
-    put_u32(&mut b, 32, 4);
+    put_u32(&mut b, 32, 8);
     assert_eq!(invalid_field(body(Kind::VolumeWriteZeroes, &b)), "flags");
     let tr = VolumeTrim { target: t, offset: 0, len: 2, fua: false };
     let mut b = body_of(&Message::VolumeTrim(tr));
@@ -924,7 +987,13 @@ fn volume_ranges_that_overflow_are_the_volumes_to_refuse() {
     let t = vtarget();
     for m in [
         Message::VolumeRead(VolumeRead { target: t, offset: u64::MAX, len: 1 }),
-        Message::VolumeWrite(VolumeWrite { target: t, offset: u64::MAX - 1, fua: false, data: pattern(2) }),
+        Message::VolumeWrite(VolumeWrite {
+            target: t,
+            offset: u64::MAX - 1,
+            fua: false,
+            any_byte: true,
+            data: pattern(3),
+        }),
         Message::VolumeTrim(VolumeTrim { target: t, offset: 2, len: u64::MAX, fua: false }),
         Message::VolumeWriteZeroes(VolumeWriteZeroes {
             target: t,
@@ -932,6 +1001,15 @@ fn volume_ranges_that_overflow_are_the_volumes_to_refuse() {
             len: 2,
             deallocate: true,
             fua: false,
+            any_byte: false,
+        }),
+        Message::VolumeWriteZeroes(VolumeWriteZeroes {
+            target: t,
+            offset: 3,
+            len: u64::MAX,
+            deallocate: false,
+            fua: true,
+            any_byte: true,
         }),
         Message::VolumeBlockStatus(VolumeBlockStatus { target: t, offset: u64::MAX, len: 1 }),
     ] {
@@ -948,3 +1026,38 @@ fn a_volume_read_hints_its_reply_and_a_block_status_its_map() {
     assert_eq!(s.reply_hint(), 4 + MAX_MAP_EXTENTS * 12);
 }
 // --- end of volume-level forwarding ------------------------------------------
+
+// --- extent allocation maps --------------------------------------------------
+
+#[test]
+fn extent_map_request_range_that_overflows() {
+    let m = Message::ExtentMap(ExtentMap { target: target(), offset: u64::MAX - 511, len: 1024 });
+    assert_eq!(invalid_field(body(Kind::ExtentMap, &body_of(&m))), "len");
+}
+
+/// A hostile replica's map reply: a count over the cap, or larger than the
+/// body, is refused before anything is allocated for it; unknown flags too.
+#[test]
+fn extent_map_reply_hostile_counts_and_flags() {
+    let b = (MAX_MAP_EXTENTS as u32 + 1).to_le_bytes();
+    assert_eq!(invalid_field(body(Kind::ExtentMapReply, &b)), "extent count");
+    let b = u32::MAX.to_le_bytes();
+    assert_eq!(invalid_field(body(Kind::ExtentMapReply, &b)), "extent count");
+    let b = (MAX_MAP_EXTENTS as u32).to_le_bytes();
+    assert_eq!(
+        body_error(body(Kind::ExtentMapReply, &b)),
+        BodyError::Truncated { field: "extents", need: MAX_MAP_EXTENTS * 12, have: 0 }
+    );
+    let mut b = 1u32.to_le_bytes().to_vec();
+    b.extend_from_slice(&4096u64.to_le_bytes());
+    b.extend_from_slice(&8u32.to_le_bytes());
+    assert_eq!(invalid_field(body(Kind::ExtentMapReply, &b)), "extent flags");
+}
+
+#[test]
+fn an_extent_map_hints_its_reply() {
+    let m = Message::ExtentMap(ExtentMap { target: target(), offset: 0, len: 64 << 10 });
+    assert_eq!(m.reply_hint(), 4 + 128 * 12);
+    let m = Message::ExtentMap(ExtentMap { target: target(), offset: 0, len: 1 << 40 });
+    assert_eq!(m.reply_hint(), 4 + MAX_MAP_EXTENTS * 12);
+}
