@@ -509,3 +509,131 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// A hostile peer's every trick on the peer port of a real `basaltd run`
+/// moves its `basalt_peer_server_*` counter by exactly one per trick (two
+/// silent sockets time out: two), scraped and parsed by prometheus_client.
+#[test]
+fn hostile_peers_move_the_peer_server_counters_exactly() {
+    use basalt::proto::peer::{FrameFlags, HEADER_LEN, Hello, Message, ProtocolVersion, encode_to_bytes};
+    use basalt::types::{ClusterId, NodeId};
+    use bytes::Bytes;
+    use raft::eraftpb::MessageType;
+    use std::net::TcpStream;
+    if !require_parser() {
+        return;
+    }
+    let mut c = Cluster::configure(1, 1, None);
+    let mut cfg = std::fs::read_to_string(&c.nodes[0].config).unwrap();
+    cfg += "[peer]\nmax_handshaking = 2\nframe_timeout_ms = 1000\n";
+    std::fs::write(&c.nodes[0].config, cfg).unwrap();
+    c.spawn(0);
+    c.wait_ready(0);
+    let (peer, admin) = (c.nodes[0].peer, c.nodes[0].admin);
+    let me = c.cli_json(0, &["cluster", "status"])["nodes"][0]["id"].as_u64().unwrap();
+    let x = me ^ 0x5a5a_5a5a;
+    let hello = |cluster: u128, node: u64| {
+        let h = Hello { version: ProtocolVersion::CURRENT, cluster: ClusterId(cluster), node: NodeId(node) };
+        encode_to_bytes(0, FrameFlags::NONE, &Message::Hello(h)).unwrap()
+    };
+    let raft = |t: MessageType, from: u64| {
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(t);
+        (m.from, m.to) = (from, me);
+        let msg = Message::Raft(Bytes::from(basalt::meta::encode_raft_message(&m)));
+        encode_to_bytes(7, FrameFlags::ONE_WAY, &msg).unwrap()
+    };
+    let open = |first: &[u8]| {
+        let mut s = TcpStream::connect(peer).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        s.write_all(first).unwrap();
+        s
+    };
+    // Reads what the node sends until it closes the connection.
+    let until_closed = |s: &mut TcpStream| {
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("the node did not close the connection: {e}"),
+            }
+        }
+    };
+    // Reads one whole frame (the HelloAck, say).
+    let frame = |s: &mut TcpStream| {
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let len = u32::from_le_bytes(head[12..16].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len];
+        s.read_exact(&mut rest).unwrap();
+    };
+    let (_, before) = scrape_at(admin);
+
+    // Impostor: Hello as x, then Raft from the node itself. Closed.
+    let mut s = open(&hello(0, x));
+    frame(&mut s);
+    s.write_all(&raft(MessageType::MsgHeartbeat, me)).unwrap();
+    until_closed(&mut s);
+    // Not a member: Raft from x as x. Refused; the connection stays.
+    let mut outsider = open(&hello(0, x));
+    frame(&mut outsider);
+    outsider.write_all(&raft(MessageType::MsgHeartbeat, x)).unwrap();
+    frame(&mut outsider);
+    drop(outsider);
+    // A Raft message only the local node makes. Closed.
+    let mut s = open(&hello(0, x));
+    frame(&mut s);
+    s.write_all(&raft(MessageType::MsgBeat, x)).unwrap();
+    until_closed(&mut s);
+    // Hellos refused: another cluster; a Ping first; a corrupted frame.
+    until_closed(&mut open(&hello(0x0bad_c1a5, x)));
+    until_closed(&mut open(&encode_to_bytes(1, FrameFlags::NONE, &Message::Ping).unwrap()));
+    let mut bad = hello(0, x).to_vec();
+    *bad.last_mut().unwrap() ^= 0xff;
+    until_closed(&mut open(&bad));
+    // A 1 MiB frame sent in part, then silence: closed after frame_timeout.
+    let big =
+        encode_to_bytes(9, FrameFlags::ONE_WAY, &Message::Raft(Bytes::from(vec![7u8; 1 << 20]))).unwrap();
+    let mut s = open(&hello(0, x));
+    frame(&mut s);
+    s.write_all(&big[..HEADER_LEN + (100 << 10)]).unwrap();
+    until_closed(&mut s);
+    // Two sockets that never say Hello hold both handshake slots: a third
+    // is closed at once; the two are closed at hello_timeout.
+    let mut silent: Vec<TcpStream> = (0..2).map(|_| open(&[])).collect();
+    // The node takes connections in order: once the third is closed, the
+    // two hold their slots.
+    until_closed(&mut open(&[]));
+    for s in &mut silent {
+        until_closed(s);
+    }
+
+    let (fams, after) = scrape_at(admin);
+    let delta = |key: &str| get(&after, key) - before.get(key).copied().unwrap_or(0.0);
+    let refused =
+        |why: &str| delta(&format!("basalt_peer_server_connections_refused_total{{reason=\"{why}\"}}"));
+    let forbidden =
+        |why: &str| delta(&format!("basalt_peer_server_messages_refused_total{{reason=\"{why}\"}}"));
+    assert_eq!(
+        [
+            refused("handshake_limit"),
+            refused("hello_timeout"),
+            refused("wrong_cluster"),
+            refused("expected_hello"),
+            refused("malformed"),
+            refused("version_mismatch")
+        ],
+        [1.0, 2.0, 1.0, 1.0, 1.0, 0.0]
+    );
+    assert_eq!([forbidden("impostor"), forbidden("not_member"), forbidden("invalid")], [1.0, 1.0, 1.0]);
+    assert_eq!(delta("basalt_peer_server_bad_frames_total{}"), 1.0, "the corrupted Hello");
+    assert_eq!(delta("basalt_peer_server_frame_timeouts_total{}"), 1.0);
+    assert!(delta("basalt_peer_server_connections_accepted_total{}") >= 10.0);
+    assert!(get(&after, "basalt_peer_server_assembling_peak_bytes{}") >= f64::from(1u32 << 20));
+    assert_eq!(get(&after, "basalt_peer_server_assembling_bytes{}"), 0.0, "given back");
+    for name in ["basalt_peer_server_connections_refused", "basalt_peer_server_messages_refused"] {
+        assert_eq!(fams.get(name).map(String::as_str), Some("counter"), "{name}");
+    }
+}

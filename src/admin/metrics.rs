@@ -520,6 +520,85 @@ impl Collector for PeerCollector {
     }
 }
 
+/// The peer port's own counters ([`crate::net::ServerStats`]): what
+/// connecting peers did, hostile or not, read at scrape time.
+#[derive(Debug)]
+pub struct PeerServerCollector(pub Arc<crate::net::ServerStats>);
+
+impl Collector for PeerServerCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let s = &*self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut e,
+            "peer_server_connections_accepted",
+            "Connections accepted on the peer port",
+            get(&s.accepted),
+        )?;
+        let mut m = e.encode_descriptor(
+            "peer_server_connections_refused",
+            "Peer connections closed before their Hello was taken, by why",
+            None,
+            MetricType::Counter,
+        )?;
+        let early =
+            [("handshake_limit", get(&s.handshake_overflow)), ("hello_timeout", get(&s.hello_timeouts))];
+        for (why, v) in early.into_iter().chain(s.refused_by()) {
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", why)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "peer_server_messages",
+            "Messages received from peers, by kind (request: answered; one_way: not)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, v) in [("request", get(&s.requests)), ("one_way", get(&s.one_way))] {
+            ConstCounter::new(v).encode(m.encode_family(&[("kind", kind)])?)?;
+        }
+        let mut m = e.encode_descriptor(
+            "peer_server_messages_refused",
+            "Peer messages refused with Forbidden, by why (impostor: a sender other than the Hello's; \
+             not_member: a member-only message from a non-member; invalid: one no honest peer sends)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (why, v) in s.forbidden_by() {
+            ConstCounter::new(v).encode(m.encode_family(&[("reason", why)])?)?;
+        }
+        counter(
+            &mut e,
+            "peer_server_bad_frames",
+            "Frames from peers that did not decode (the connection is closed)",
+            get(&s.bad_frames),
+        )?;
+        counter(
+            &mut e,
+            "peer_server_frame_timeouts",
+            "Peer connections closed because a frame did not complete, or found no room, within frame_timeout",
+            get(&s.frame_timeouts),
+        )?;
+        counter(
+            &mut e,
+            "peer_server_handlers_aborted",
+            "Peer request handlers dropped because shutdown's grace ran out",
+            get(&s.handlers_aborted),
+        )?;
+        for (name, help, g) in [
+            ("peer_server_held", "Bytes held by peer requests in flight over every connection", &s.held),
+            (
+                "peer_server_assembling",
+                "Bytes of the assembly budget held by partly received frames",
+                &s.assembling,
+            ),
+        ] {
+            gauge(&mut e, name, help, Some(&Unit::Bytes), clamp(g.now()))?;
+            let peak = format!("{name}_peak");
+            gauge(&mut e, &peak, &format!("{help}, at most so far"), Some(&Unit::Bytes), clamp(g.peak()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The volumes this node owns on the replicated data path: name and owner.
 pub type OwnedVolumes =
     Box<dyn Fn() -> Vec<(String, Arc<crate::node::replicated::Replicated>)> + Send + Sync>;

@@ -9,6 +9,7 @@
 //! connection stops reading new requests, answers those in flight, and
 //! closes; the daemon then waits for the tracker and flushes.
 
+pub(crate) mod flood;
 pub mod iscsi;
 pub mod nbd;
 pub mod readahead;

@@ -44,6 +44,7 @@
 //! the one called `demo`).
 
 use super::readahead::{Hit, ReadAhead};
+use crate::export::flood::{LineBudget, held_back};
 use crate::node::volume::{MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK};
 use crate::node::{Node, PayloadBudget, Volume, VolumeError};
 use crate::poll::LongOp;
@@ -327,7 +328,13 @@ enum Closed {
 async fn connection<S: Stream>(sock: S, node: Arc<Node>, cancel: CancellationToken) {
     let _open = node.open_connection(crate::node::Frontend::Nbd);
     sock.tune();
-    match run(sock, &node, &cancel).await {
+    let lines = Arc::new(LineBudget::default());
+    let ended = run(sock, &node, &cancel, &lines).await;
+    let held = lines.take_suppressed();
+    if held > 0 {
+        info!(suppressed = held, "error lines held back by this connection's flood guard");
+    }
+    match ended {
         Ok(how) => debug!(?how, "connection closed"),
         Err(e) => {
             // The one log line for a connection that went wrong.
@@ -373,9 +380,10 @@ async fn run<S: Stream>(
     mut sock: S,
     node: &Arc<Node>,
     cancel: &CancellationToken,
+    lines: &Arc<LineBudget>,
 ) -> Result<Closed, ConnError> {
-    let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, negotiate(&mut sock, node, cancel)).await
-    {
+    let handshake = negotiate(&mut sock, node, cancel, lines);
+    let (session, buf) = match tokio::time::timeout(HANDSHAKE_LIMIT, handshake).await {
         Err(_) => return Err(ConnError::HandshakeTimeout(HANDSHAKE_LIMIT)),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(Err(closed))) => return Ok(closed),
@@ -390,7 +398,7 @@ async fn run<S: Stream>(
     };
     tracing::Span::current().record("export", session.export.as_str());
     debug!(structured = session.structured, meta = ?session.meta_context, sizes_agreed = session.sizes_agreed, "transmission");
-    let target = Target { volume, any_byte: !session.sizes_agreed };
+    let target = Target { volume, any_byte: !session.sizes_agreed, lines: lines.clone() };
     // Every line of the transmission phase names its volume (JSON logs
     // carry it as a span field).
     let span = tracing::info_span!("volume", volume = %session.export);
@@ -403,6 +411,7 @@ async fn negotiate<S: Stream>(
     sock: &mut S,
     node: &Arc<Node>,
     cancel: &CancellationToken,
+    lines: &LineBudget,
 ) -> Result<Result<(Session, BytesMut), Closed>, ConnError> {
     sock.write_all(&handshake::greeting()).await?;
     // Small on purpose: an idle half-open connection should cost little.
@@ -432,6 +441,13 @@ async fn negotiate<S: Stream>(
         };
         out.clear();
         let next = neg.option(option, &data, &exports(node), &mut out);
+        if let Some((reply, message)) = handshake::refusal(&out) {
+            // The client's mistake (or a feature we lack): info, once.
+            match lines.admit().map(held_back) {
+                Some(suppressed) => info!(option, reply, why = message, suppressed, "option refused"),
+                None => debug!(option, reply, why = message, "option refused (flood guard)"),
+            }
+        }
         sock.write_all(&out).await?;
         match next {
             Next::Continue => {}
@@ -800,7 +816,10 @@ fn dispatch(
             }));
         }
         Err(errno) => {
-            info!(handle, kind, offset, len, ?errno, "request refused");
+            match target.lines.admit().map(held_back) {
+                Some(suppressed) => info!(handle, kind, offset, len, ?errno, suppressed, "request refused"),
+                None => debug!(handle, kind, offset, len, ?errno, "request refused (flood guard)"),
+            }
             count_refused(&target.volume, kind, offset, len);
             let msg = format!("{errno:?}: command {kind} at {offset}+{len}");
             out.push(error_reply(handle, errno, session.structured, msg), permit);
@@ -904,10 +923,13 @@ async fn execute(
         Ok(r) => r,
         Err(e) => {
             let errno = errno_of(&e, writes);
-            if errno == Errno::Io {
-                warn!(handle, error = %e, cause = ?std::error::Error::source(&e).map(|s| s.to_string()), "I/O error");
-            } else {
-                info!(handle, error = %e, "request failed");
+            let error = crate::units::error_chain(&e);
+            match target.lines.admit().map(held_back) {
+                Some(suppressed) if errno == Errno::Io => {
+                    warn!(handle, ?errno, error, suppressed, "I/O error")
+                }
+                Some(suppressed) => info!(handle, ?errno, error, suppressed, "request failed"),
+                None => debug!(handle, ?errno, error, "request failed (flood guard)"),
             }
             error_reply(handle, errno, structured, e.to_string())
         }
@@ -980,6 +1002,8 @@ struct Target {
     /// A client held to no block size (see `Session::sizes_agreed`): its
     /// requests may start and end at any byte.
     any_byte: bool,
+    /// The flood guard on the connection's error lines (`export::flood`).
+    lines: Arc<LineBudget>,
 }
 
 /// Requests at any byte offset and length, for clients that did not agree

@@ -111,16 +111,24 @@ pub enum Refusal {
     Invalid(&'static str),
 }
 
-/// Counters of a server, over all its connections.
+/// Counters of a server, over all its connections (exported by
+/// `admin::metrics::PeerServerCollector`).
 #[derive(Debug, Default)]
 pub struct ServerStats {
     pub accepted: AtomicU64,
+    /// Connections refused at their Hello, over every code.
     pub refused: AtomicU64,
+    /// The same by code, in [`REFUSE_CODES`] order.
+    refused_by: [AtomicU64; 4],
+    /// Connections closed because no Hello came within `hello_timeout`.
+    pub hello_timeouts: AtomicU64,
     pub bad_frames: AtomicU64,
     pub requests: AtomicU64,
     pub one_way: AtomicU64,
     /// Messages [`PeerHandler::admit`] refused.
     pub forbidden: AtomicU64,
+    /// The same by kind of refusal, in [`ServerStats::forbidden_by`] order.
+    forbidden_by: [AtomicU64; 3],
     /// Connections closed because a frame's payload did not complete in time.
     pub frame_timeouts: AtomicU64,
     /// Connections closed on accept: too many were still in their handshake.
@@ -132,6 +140,45 @@ pub struct ServerStats {
     /// Bytes of the assembly budget held by partly received frames, now and
     /// at most.
     pub assembling: Arc<Gauge>,
+}
+
+/// The codes a Hello is refused with, each with its metric label.
+pub const REFUSE_CODES: [(RefuseCode, &str); 4] = [
+    (RefuseCode::VersionMismatch, "version_mismatch"),
+    (RefuseCode::WrongCluster, "wrong_cluster"),
+    (RefuseCode::ExpectedHello, "expected_hello"),
+    (RefuseCode::Malformed, "malformed"),
+];
+
+impl ServerStats {
+    /// Hello refusals by code: (label, count) in [`REFUSE_CODES`] order.
+    pub fn refused_by(&self) -> [(&'static str, u64); 4] {
+        std::array::from_fn(|i| (REFUSE_CODES[i].1, self.refused_by[i].load(Ordering::Relaxed)))
+    }
+
+    /// Messages refused by [`PeerHandler::admit`], by kind of [`Refusal`]:
+    /// (label, count).
+    pub fn forbidden_by(&self) -> [(&'static str, u64); 3] {
+        let labels = ["impostor", "not_member", "invalid"];
+        std::array::from_fn(|i| (labels[i], self.forbidden_by[i].load(Ordering::Relaxed)))
+    }
+
+    fn count_refused(&self, code: RefuseCode) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = REFUSE_CODES.iter().position(|(c, _)| *c == code) {
+            self.refused_by[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn count_forbidden(&self, r: &Refusal) {
+        self.forbidden.fetch_add(1, Ordering::Relaxed);
+        let i = match r {
+            Refusal::Impostor { .. } => 0,
+            Refusal::NotMember { .. } => 1,
+            Refusal::Invalid(_) => 2,
+        };
+        self.forbidden_by[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Frames of at most this many bytes are read without room in the
@@ -209,6 +256,11 @@ impl PeerServer {
 
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// The counters, to read at scrape time (`admin::metrics`).
+    pub fn shared_stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
     }
 
     /// Stops accepting, closes every connection, and waits for every task
@@ -302,7 +354,7 @@ async fn refuse(
     code: RefuseCode,
     message: String,
 ) -> std::io::Result<()> {
-    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+    shared.stats.count_refused(code);
     warn!(?code, reason = %message, "peer connection refused");
     let msg = Message::Refused(Refused { code, message });
     let bytes =
@@ -342,7 +394,10 @@ async fn serve(
         r = tokio::time::timeout(shared.cfg.hello_timeout, wire::read_frame(&mut rd, &mut buf, &small)) => r,
     };
     let hello = match hello {
-        Err(_) => return Err(ConnError::HelloTimeout(shared.cfg.hello_timeout)),
+        Err(_) => {
+            shared.stats.hello_timeouts.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnError::HelloTimeout(shared.cfg.hello_timeout));
+        }
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(ReadError::Decode(DecodeError::VersionMismatch { theirs, .. }))) => {
             let why = format!(
@@ -490,7 +545,7 @@ async fn read_loop(
             }
         }
         if let Err(refusal) = shared.handler.admit(peer, &frame.message) {
-            shared.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+            shared.stats.count_forbidden(&refusal);
             let close = !matches!(refusal, Refusal::NotMember { .. });
             warn!(?kind, request = id, one_way, reason = %refusal, close, "peer message refused");
             // Answered even when one-way: the sender broke a rule, not the network.

@@ -16,7 +16,9 @@
 use crate::LogReload;
 use crate::control::{self, Daemon};
 use anyhow::Context;
-use basalt::admin::metrics::{NodeCollector, PeerCollector, RaftCollector, ReplicationCollector};
+use basalt::admin::metrics::{
+    NodeCollector, PeerCollector, PeerServerCollector, RaftCollector, ReplicationCollector,
+};
 use basalt::config::Config;
 use basalt::meta::{self, MetaNode, MetaRequest, MetaResponse, NodeReport, RedbStore, Startup};
 use basalt::net::{
@@ -488,6 +490,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     let peer_server = PeerServer::bind(cfg.listen.peer, server_cfg, handler.clone())
         .await
         .with_context(|| format!("listen.peer {}", cfg.listen.peer))?;
+    metrics.register_collector(Box::new(PeerServerCollector(peer_server.shared_stats())));
 
     let store = RedbStore::open(&cfg.state_dir.join("meta.redb")).context("opening the metadata store")?;
     let fresh = !meta::LogStore::is_initialized(&store);

@@ -6,8 +6,9 @@
 //! owns the socket's write half and stamps StatSN/ExpCmdSN/MaxCmdSN on every
 //! PDU in the order it sends them, so StatSN is always sequential on the wire.
 
-use super::exec::{self, Lun};
+use super::exec::{self, Lun, Refusal, Why};
 use super::{IQN_PREFIX, Shared, target_iqn};
+use crate::export::flood::{LineBudget, held_back};
 use crate::export::readahead::{Hit, ReadAhead};
 use crate::node::volume::MAX_PAYLOAD;
 use crate::proto::iscsi::login::{CMD_WINDOW, Login, SessionParams, Step, TargetLimits};
@@ -334,6 +335,7 @@ async fn writer(
 struct PendingWrite {
     lun: Arc<Lun>,
     cmd: Command,
+    opcode: u8,
     edtl: u32,
     lun_field: u64,
     data: BytesMut,
@@ -414,6 +416,8 @@ struct Session {
     /// The volume's resize count this I_T nexus was last told of (at login,
     /// or by the UNIT ATTENTION CAPACITY DATA HAS CHANGED).
     capacity_seen: u64,
+    /// The flood guard on this connection's error lines (`export::flood`).
+    lines: Arc<LineBudget>,
 }
 
 /// What to do after handling a PDU.
@@ -479,6 +483,7 @@ async fn full_feature(
         dropped: 0,
         received_ahead: Vec::new(),
         capacity_seen,
+        lines: Arc::new(LineBudget::default()),
     };
     let nop_interval = shared.cfg.nop_interval;
     let mut last_rx = Instant::now();
@@ -555,6 +560,10 @@ async fn full_feature(
     // still waiting for Data-Out are dropped (never acknowledged).
     s.pending.clear();
     while s.tasks.join_next().await.is_some() {}
+    let held = s.lines.take_suppressed();
+    if held > 0 {
+        tracing::info!(suppressed = held, "error lines held back by this connection's flood guard");
+    }
     let _ = s.tx.send(Out { pdus: Vec::new(), close: true, hold: None }).await;
     drop(s);
     if let Ok(Err(e)) = writer.await {
@@ -577,11 +586,24 @@ impl Session {
         t
     }
 
+    /// The PDUs answering a command (see [`Response::pdus`]).
+    fn answer(&self, r: Response, data: Bytes, why: Why) -> Out {
+        r.pdus(data, &self.p, &self.lines, why)
+    }
+
     async fn send(&self, o: Out) -> Result<(), ConnError> {
         self.tx.send(o).await.map_err(|_| ConnError::Protocol("writer gone".into()))
     }
 
-    async fn reject(&self, reason: RejectReason, pdu: &Pdu) -> Result<(), ConnError> {
+    /// Sends a Reject for `pdu` and logs it once, with `why`. (A Reject
+    /// sent just before the connection closes is not logged here: the
+    /// connection's closing line says why.)
+    async fn reject(&self, reason: RejectReason, pdu: &Pdu, why: &str) -> Result<(), ConnError> {
+        let (itt, opcode) = (pdu.itt(), Hex(pdu.raw_opcode()));
+        match self.lines.admit().map(held_back) {
+            Some(suppressed) => tracing::info!(itt, %opcode, ?reason, why, suppressed, "PDU rejected"),
+            None => tracing::debug!(itt, %opcode, ?reason, why, "PDU rejected (flood guard)"),
+        }
         self.send(Out::one(reject(reason, &pdu.bhs), true)).await
     }
 
@@ -630,14 +652,22 @@ impl Session {
             return true;
         }
         self.dropped += 1;
-        tracing::warn!(
-            cmd_sn,
-            exp_cmd_sn = sn.exp,
-            max_cmd_sn = sn.max,
-            opcode = pdu.raw_opcode(),
-            dropped = self.dropped,
-            "CmdSN outside the window: dropped"
-        );
+        let opcode = Hex(pdu.raw_opcode());
+        let (exp_cmd_sn, max_cmd_sn, dropped) = (sn.exp, sn.max, self.dropped);
+        match self.lines.admit().map(held_back) {
+            Some(suppressed) => tracing::warn!(
+                cmd_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                %opcode,
+                dropped,
+                suppressed,
+                "CmdSN outside the window: dropped"
+            ),
+            None => {
+                tracing::debug!(cmd_sn, exp_cmd_sn, %opcode, dropped, "CmdSN outside the window: dropped")
+            }
+        }
         false
     }
 
@@ -655,7 +685,7 @@ impl Session {
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
         crate::poll::touch();
         let Some(op) = pdu.opcode() else {
-            self.reject(RejectReason::CommandNotSupported, &pdu).await?;
+            self.reject(RejectReason::CommandNotSupported, &pdu, "unknown opcode").await?;
             return Ok(Flow::Continue);
         };
         match op {
@@ -667,16 +697,15 @@ impl Session {
             Opcode::LogoutRequest => self.logout(pdu).await,
             Opcode::LoginRequest => {
                 // A login on a connection already in full feature phase.
-                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                self.send(Out::one(reject(RejectReason::ProtocolError, &pdu.bhs), true)).await?;
                 Err(ConnError::Protocol("login request in full feature phase".into()))
             }
             Opcode::Snack => {
-                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                self.reject(RejectReason::ProtocolError, &pdu, "SNACK needs error recovery level 1").await?;
                 Ok(Flow::Continue)
             }
             _ => {
-                // A target opcode from the initiator.
-                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                self.reject(RejectReason::ProtocolError, &pdu, "a target opcode from the initiator").await?;
                 Ok(Flow::Continue)
             }
         }
@@ -691,7 +720,7 @@ impl Session {
             return Ok(Flow::Continue);
         }
         if pdu.word20() != RESERVED_TAG {
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            self.reject(RejectReason::ProtocolError, &pdu, "NOP-Out with both an ITT and a TTT").await?;
             return Ok(Flow::Continue);
         }
         let mut r = Pdu::new(Opcode::NopIn);
@@ -706,11 +735,11 @@ impl Session {
 
     async fn scsi_command(&mut self, pdu: Pdu) -> Result<Flow, ConnError> {
         if self.p.discovery {
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            self.reject(RejectReason::ProtocolError, &pdu, "SCSI command in a discovery session").await?;
             return Ok(Flow::Continue);
         }
         if pdu.immediate() && self.win.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
-            self.reject(RejectReason::ImmediateCommandReject, &pdu).await?;
+            self.reject(RejectReason::ImmediateCommandReject, &pdu, "too many immediate commands").await?;
             return Ok(Flow::Continue);
         }
         let Some(slot) = self.admit(&pdu) else {
@@ -721,7 +750,7 @@ impl Session {
         let itt = pdu.itt();
         if self.pending.contains_key(&itt) || self.running.contains_key(&itt) {
             drop(slot);
-            self.reject(RejectReason::TaskInProgress, &pdu).await?;
+            self.reject(RejectReason::TaskInProgress, &pdu, "ITT of a task in progress").await?;
             return Ok(Flow::Continue);
         }
         let flags = pdu.flags();
@@ -730,20 +759,27 @@ impl Session {
         let lun_field = pdu.lun();
         let cdb: [u8; 16] = pdu.bhs[32..48].try_into().unwrap();
         let imm = pdu.data.clone();
-        let respond = |st: Status| Response { itt, lun_field, edtl, read_f, presented: 0, status: st };
+        let opcode = cdb[0];
+        let respond =
+            |st: Status| Response { itt, opcode, lun_field, edtl, read_f, presented: 0, status: st };
         if imm.len() as u64 > edtl as u64
             || imm.len() as u32 > self.p.first_burst
             || (!imm.is_empty() && !write_f)
         {
             drop(slot);
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            self.send(Out::one(reject(RejectReason::ProtocolError, &pdu.bhs), true)).await?;
             return Err(ConnError::Protocol(format!("immediate data of {} bytes, EDTL {edtl}", imm.len())));
         }
         if !pdu.ahs.is_empty() || flags & 0x80 == 0 {
             // Extended CDBs are not supported; F=0 means unsolicited Data-Out follows, which InitialR2T=Yes forbids.
             let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, Residual::None));
             drop(slot);
-            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            let why = Why::said(if flags & 0x80 == 0 {
+                "unsolicited Data-Out (F=0)"
+            } else {
+                "extended CDB (AHS)"
+            });
+            self.send(self.answer(r, Bytes::new(), why)).await?;
             return Ok(Flow::Continue);
         }
         let lun = self.lun.clone().expect("normal session has a LUN");
@@ -751,7 +787,8 @@ impl Session {
             Ok(c) => c,
             Err(sense) => {
                 drop(slot);
-                self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
+                let r = respond(Status::Check(sense, Residual::None));
+                self.send(self.answer(r, Bytes::new(), Why::NONE)).await?;
                 return Ok(Flow::Continue);
             }
         };
@@ -764,13 +801,14 @@ impl Session {
                 *b = 0x7f;
             }
             drop(slot);
-            self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
+            self.send(self.answer(respond(Status::Good(Residual::None)), Bytes::from(d), Why::NONE)).await?;
             return Ok(Flow::Continue);
         }
         if lun_field != 0 && !matches!(cmd, Command::ReportLuns { .. }) {
             let r = respond(Status::Check(Sense::LUN_NOT_SUPPORTED, Residual::None));
             drop(slot);
-            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            self.send(self.answer(r, Bytes::new(), Why::said(format!("LUN field {lun_field:#018x}"))))
+                .await?;
             return Ok(Flow::Continue);
         }
         // SPC-4 5.14: after a resize every I_T nexus gets one UNIT
@@ -781,20 +819,26 @@ impl Session {
             && !matches!(cmd, Command::Inquiry { .. } | Command::ReportLuns { .. })
         {
             self.capacity_seen = resizes;
-            tracing::info!(blocks = lun.blocks(), "capacity changed: UNIT ATTENTION");
+            // Logged here for REQUEST SENSE, which reports it as GOOD
+            // data; a CHECK CONDITION logs its own line below.
+            if matches!(cmd, Command::RequestSense { .. }) {
+                tracing::info!(blocks = lun.blocks(), "capacity changed: UNIT ATTENTION as sense data");
+            }
             let r = match cmd {
                 Command::RequestSense { desc, alloc } => {
                     let s = exec::CAPACITY_DATA_HAS_CHANGED;
                     let mut d = if desc { s.descriptor() } else { s.fixed() };
                     d.truncate(alloc as usize);
                     drop(slot);
-                    self.send(respond(Status::Good(Residual::None)).pdus(Bytes::from(d), &self.p)).await?;
+                    self.send(self.answer(respond(Status::Good(Residual::None)), Bytes::from(d), Why::NONE))
+                        .await?;
                     return Ok(Flow::Continue);
                 }
                 _ => respond(Status::Check(exec::CAPACITY_DATA_HAS_CHANGED, Residual::None)),
             };
             drop(slot);
-            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            let why = Why { capacity: Some(lun.blocks()), ..Why::NONE };
+            self.send(self.answer(r, Bytes::new(), why)).await?;
             return Ok(Flow::Continue);
         }
         let attr = pdu.task_attr();
@@ -803,7 +847,8 @@ impl Session {
             // so a command that claims to run in one is refused (SAM-5).
             let r = respond(Status::Check(Sense::INVALID_MESSAGE_ERROR, Residual::None));
             drop(slot);
-            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            self.send(self.answer(r, Bytes::new(), Why::said("ACA task attribute without an ACA condition")))
+                .await?;
             return Ok(Flow::Continue);
         }
         // A READ presents its CDB's length (SPDTL) but sends at most the
@@ -812,9 +857,10 @@ impl Session {
         let mut cmd = cmd;
         let mut presented = 0u64;
         if let Command::Read { lba, blocks, fua } = cmd {
-            if let Err(sense) = exec::in_range(lba, blocks as u64, lun.blocks()) {
+            if let Err(Refusal { sense, why }) = exec::in_range(lba, blocks as u64, lun.blocks()) {
                 drop(slot);
-                self.send(respond(Status::Check(sense, Residual::None)).pdus(Bytes::new(), &self.p)).await?;
+                self.send(self.answer(respond(Status::Check(sense, Residual::None)), Bytes::new(), why))
+                    .await?;
                 return Ok(Flow::Continue);
             }
             presented = blocks as u64 * BLOCK;
@@ -837,10 +883,10 @@ impl Session {
             n => match self.shared.node.payload_budget().try_take(n) {
                 Some(r) => Some(r),
                 None => {
-                    tracing::debug!(itt, bytes = n, "node payload budget spent: TASK SET FULL");
                     let r = respond(Status::Busy(status::TASK_SET_FULL));
                     drop(slot);
-                    self.send(r.pdus(Bytes::new(), &self.p)).await?;
+                    let why = Why::said(format!("node payload budget spent ({n} bytes asked)"));
+                    self.send(self.answer(r, Bytes::new(), why)).await?;
                     return Ok(Flow::Continue);
                 }
             },
@@ -867,7 +913,8 @@ impl Session {
                     None => {
                         let r = respond(Status::Check(Sense::INVALID_FIELD_IN_CDB, residual));
                         drop(slot);
-                        self.send(r.pdus(Bytes::new(), &self.p)).await?;
+                        let why = Why::said(format!("EDTL {edtl_out} cannot carry the CDB's {spdtl} bytes"));
+                        self.send(self.answer(r, Bytes::new(), why)).await?;
                         return Ok(Flow::Continue);
                     }
                 }
@@ -893,6 +940,7 @@ impl Session {
             let mut pw = PendingWrite {
                 lun,
                 cmd,
+                opcode,
                 edtl,
                 lun_field,
                 data,
@@ -1009,16 +1057,17 @@ impl Session {
         if let Some((sense, why)) = problem {
             // The task ends here, unacknowledged and unwritten; later
             // Data-Out for it is discarded. The connection stays up.
-            tracing::warn!(itt, %why, "Data-Out sequence error: task terminated");
             let r = Response {
                 itt,
+                opcode: pw.opcode,
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
                 presented: 0,
                 status: Status::Check(sense, Residual::None),
             };
-            self.send(r.pdus(Bytes::new(), &self.p)).await?;
+            let why = Why::said(format!("Data-Out sequence error, task terminated: {why}"));
+            self.send(self.answer(r, Bytes::new(), why)).await?;
             return Ok(Flow::Continue);
         }
         pw.next_data_sn = pw.next_data_sn.wrapping_add(1);
@@ -1027,6 +1076,7 @@ impl Session {
         if at == pw.want {
             let respond = Response {
                 itt,
+                opcode: pw.opcode,
                 lun_field: pw.lun_field,
                 edtl: pw.edtl,
                 read_f: false,
@@ -1068,6 +1118,7 @@ impl Session {
         self.running.insert(itt, ctl.clone());
         let tx = self.tx.clone();
         let p = self.p.clone();
+        let lines = self.lines.clone();
         // The task logs in the connection's spans (a spawned task starts
         // outside every span).
         self.tasks.spawn(tracing::Instrument::in_current_span(async move {
@@ -1077,15 +1128,19 @@ impl Session {
                 Input::ReadAhead(hit) => exec::read_ahead(&lun, hit).await,
             };
             let mut out = match result {
-                Ok(d) => resp.pdus(d, &p),
-                Err(sense) => {
+                Ok(d) => resp.pdus(d, &p, &lines, Why::NONE),
+                Err(Refusal { sense, why }) => {
                     let res = match resp.status {
                         Status::Good(r) | Status::Check(_, r) => r,
                         Status::Busy(_) => Residual::None,
                     };
                     // Nothing was sent: the residual is of the EDTL, as before any data.
-                    Response { status: Status::Check(sense, res), presented: 0, ..resp }
-                        .pdus(Bytes::new(), &p)
+                    Response { status: Status::Check(sense, res), presented: 0, ..resp }.pdus(
+                        Bytes::new(),
+                        &p,
+                        &lines,
+                        why,
+                    )
                 }
             };
             out.hold = room;
@@ -1137,7 +1192,19 @@ impl Session {
             8 => 4, // TASK REASSIGN: needs ERL 2
             _ => 255,
         };
-        tracing::info!(function, rtt, response, "task management");
+        if response == 0 {
+            tracing::info!(function, rtt, response, "task management");
+        } else {
+            // RFC 7143 11.6.1: 1 task does not exist, 2 LUN does not exist,
+            // 4 task reassign not supported, 5 function not supported,
+            // 255 function rejected.
+            match self.lines.admit().map(held_back) {
+                Some(suppressed) => {
+                    tracing::info!(function, rtt, ref_cmd_sn, response, suppressed, "task management refused")
+                }
+                None => tracing::debug!(function, rtt, response, "task management refused (flood guard)"),
+            }
+        }
         let mut r = Pdu::new(Opcode::TaskMgmtResponse);
         r.bhs[2] = response;
         r.set_itt(pdu.itt());
@@ -1193,14 +1260,13 @@ impl Session {
         r.set_u32(20, RESERVED_TAG);
         if pdu.flags() & 0x40 != 0 {
             // Continued text requests are not needed for SendTargets; refuse them.
-            self.reject(RejectReason::ProtocolError, &pdu).await?;
+            self.reject(RejectReason::ProtocolError, &pdu, "continued text request").await?;
             return Ok(Flow::Continue);
         }
         let pairs = match text::parse(&pdu.data) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(error = %e, "bad text request");
-                self.reject(RejectReason::ProtocolError, &pdu).await?;
+                self.reject(RejectReason::ProtocolError, &pdu, &format!("bad text request: {e}")).await?;
                 return Ok(Flow::Continue);
             }
         };
@@ -1287,6 +1353,8 @@ enum Status {
 #[derive(Debug, Clone, Copy)]
 struct Response {
     itt: u32,
+    /// The CDB's operation code, for the log line of a refusal.
+    opcode: u8,
     lun_field: u64,
     edtl: u32,
     read_f: bool,
@@ -1296,10 +1364,66 @@ struct Response {
     status: Status,
 }
 
+/// An operation code or sense code as SCSI documents write it.
+struct Hex(u8);
+
+impl std::fmt::Display for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#04x}", self.0)
+    }
+}
+
+/// One line for a refused or failed command, at `$level`.
+macro_rules! refusal_line {
+    ($level:ident, $msg:literal, $r:expr, $status:expr, $sense:expr, $why:expr, $suppressed:expr) => {
+        tracing::$level!(
+            itt = $r.itt,
+            opcode = %Hex($r.opcode),
+            status = $status,
+            sense_key = $sense.map(|s: Sense| scsi::key::name(s.key)),
+            asc = $sense.map(|s: Sense| tracing::field::display(Hex(s.asc))),
+            ascq = $sense.map(|s: Sense| tracing::field::display(Hex(s.ascq))),
+            lba = $why.lba,
+            blocks = $why.blocks,
+            capacity = $why.capacity,
+            error = $why.error.as_deref(),
+            suppressed = $suppressed,
+            $msg
+        )
+    };
+}
+
 impl Response {
+    /// The log line of a command not answered GOOD: warn if the volume
+    /// failed it, info if the initiator asked for something refused
+    /// (libiscsi's compliance suite does that by the thousand), debug once
+    /// the connection's flood guard holds lines back.
+    fn log(&self, lines: &LineBudget, why: Why) {
+        let (status, sense) = match self.status {
+            Status::Good(_) => return,
+            Status::Check(s, _) => ("CHECK CONDITION", Some(s)),
+            Status::Busy(status::TASK_SET_FULL) => ("TASK SET FULL", None),
+            Status::Busy(_) => ("BUSY", None),
+        };
+        match lines.admit().map(held_back) {
+            Some(suppressed) if why.failed => {
+                refusal_line!(warn, "command failed", self, status, sense, why, suppressed)
+            }
+            Some(suppressed) => refusal_line!(info, "command refused", self, status, sense, why, suppressed),
+            None => {
+                refusal_line!(debug, "command refused (flood guard)", self, status, sense, why, None::<u64>)
+            }
+        }
+    }
+
     /// Builds the Data-In PDUs and/or SCSI Response for `data` (the Data-In
     /// payload the command produced, before EDTL truncation).
-    fn pdus(&self, data: Bytes, p: &SessionParams) -> Out {
+    ///
+    /// This is the one place a CHECK CONDITION, BUSY or TASK SET FULL is
+    /// built, so it is where each is logged, once, with `why` (through the
+    /// connection's flood guard, `lines`).
+    fn pdus(&self, data: Bytes, p: &SessionParams, lines: &LineBudget, why: Why) -> Out {
+        self.log(lines, why);
         let mut out = Vec::new();
         let spdtl = (data.len() as u64).max(self.presented);
         let edtl = if self.read_f || spdtl > 0 { self.edtl as u64 } else { 0 };

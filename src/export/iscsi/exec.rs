@@ -54,11 +54,54 @@ pub(crate) fn sense_of(e: &VolumeError, writing: bool) -> Sense {
 /// NOT READY, LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE (02/04/00).
 const OWNER_UNAVAILABLE: Sense = Sense::new(crate::proto::iscsi::scsi::key::NOT_READY, 0x04, 0x00);
 
-/// The range check of a command, logged when it refuses (the initiator
-/// sees LBA OUT OF RANGE; the log line names the session and volume).
-pub(crate) fn in_range(lba: u64, blocks: u64, capacity: u64) -> Result<(), Sense> {
-    scsi::check_range(lba, blocks, capacity).inspect_err(|_| {
-        tracing::info!(lba, blocks, capacity, "command refused: LBA out of range");
+/// Why a command ends in CHECK CONDITION, beyond its sense data: the
+/// fields of its one log line (see `conn::Response::pdus`, where it is
+/// logged). Nothing here logs.
+#[derive(Debug, Default)]
+pub(crate) struct Why {
+    pub lba: Option<u64>,
+    pub blocks: Option<u64>,
+    pub capacity: Option<u64>,
+    /// The error behind it, with its causes.
+    pub error: Option<String>,
+    /// The volume failed the command (a warn line); otherwise the
+    /// initiator asked for something we refuse (an info line).
+    pub failed: bool,
+}
+
+impl Why {
+    pub const NONE: Why = Why { lba: None, blocks: None, capacity: None, error: None, failed: false };
+
+    pub fn said(error: impl Into<String>) -> Why {
+        Why { error: Some(error.into()), ..Why::NONE }
+    }
+}
+
+/// A command's CHECK CONDITION and why.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub sense: Sense,
+    pub why: Why,
+}
+
+impl From<Sense> for Refusal {
+    fn from(sense: Sense) -> Refusal {
+        Refusal { sense, why: Why::NONE }
+    }
+}
+
+/// The volume failed a command: its sense, and the error for the log line.
+fn failed(e: &VolumeError, writing: bool) -> Refusal {
+    let why = Why { error: Some(crate::units::error_chain(e)), failed: true, ..Why::NONE };
+    Refusal { sense: sense_of(e, writing), why }
+}
+
+/// The range check of a command (the initiator sees LBA OUT OF RANGE; the
+/// log line names the range and the capacity).
+pub(crate) fn in_range(lba: u64, blocks: u64, capacity: u64) -> Result<(), Refusal> {
+    scsi::check_range(lba, blocks, capacity).map_err(|sense| Refusal {
+        sense,
+        why: Why { lba: Some(lba), blocks: Some(blocks), capacity: Some(capacity), ..Why::NONE },
     })
 }
 
@@ -66,26 +109,19 @@ fn off(lba: u64) -> u64 {
     lba * BLOCK
 }
 
-async fn read(lun: &Lun, lba: u64, blocks: u32) -> Result<Bytes, Sense> {
-    let chunks = lun.vol.read(off(lba), blocks as u64 * BLOCK).await.map_err(|e| {
-        tracing::warn!(error = %e, lba, blocks, "read failed");
-        sense_of(&e, false)
-    })?;
+async fn read(lun: &Lun, lba: u64, blocks: u32) -> Result<Bytes, Refusal> {
+    let chunks = lun.vol.read(off(lba), blocks as u64 * BLOCK).await.map_err(|e| failed(&e, false))?;
     Ok(flatten_chunks(&chunks))
 }
 
 /// A READ (range already checked) answered from read-ahead.
-pub(crate) async fn read_ahead(lun: &Lun, hit: Hit) -> Result<Bytes, Sense> {
-    let chunks = hit.read(&lun.vol).await.map_err(|e| {
-        tracing::warn!(error = %e, "read failed");
-        sense_of(&e, false)
-    })?;
+pub(crate) async fn read_ahead(lun: &Lun, hit: Hit) -> Result<Bytes, Refusal> {
+    let chunks = hit.read(&lun.vol).await.map_err(|e| failed(&e, false))?;
     Ok(flatten_chunks(&chunks))
 }
 
-fn wr_err(e: VolumeError) -> Sense {
-    tracing::warn!(error = %e, "write failed");
-    sense_of(&e, true)
+fn wr_err(e: VolumeError) -> Refusal {
+    failed(&e, true)
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
@@ -93,10 +129,10 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 /// Runs `cmd` with its Data-Out payload; returns the Data-In payload.
-pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Bytes, Sense> {
+pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Bytes, Refusal> {
     let cap = lun.blocks();
     if cmd.writes() && lun.info.read_only {
-        return Err(Sense::WRITE_PROTECTED);
+        return Err(Sense::WRITE_PROTECTED.into());
     }
     match cmd {
         Command::TestUnitReady | Command::NoOp => Ok(Bytes::new()),
@@ -179,10 +215,13 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
             // frontend: the volume compares and writes under the store's
             // exclusive range lock.
             if data.len() != 2 * blocks as usize * BLOCK as usize {
-                return Err(Sense::INVALID_FIELD_IN_CDB);
+                return Err(Refusal {
+                    sense: Sense::INVALID_FIELD_IN_CDB,
+                    why: Why::said(format!("{} bytes of Data-Out for {blocks} blocks", data.len())),
+                });
             }
             match lun.vol.compare_and_write(off(lba), data, fua).await.map_err(wr_err)? {
-                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at)),
+                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at).into()),
                 None => Ok(Bytes::new()),
             }
         }
@@ -201,18 +240,18 @@ pub(crate) async fn execute(lun: &Lun, cmd: Command, data: Bytes) -> Result<Byte
                 _ => None,
             };
             match mismatch {
-                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u64)),
+                Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u64).into()),
                 None => Ok(Bytes::new()),
             }
         }
         Command::GetLbaStatus { lba, alloc } => {
             if lba >= cap {
-                return Err(Sense::LBA_OUT_OF_RANGE);
+                let why = Why { lba: Some(lba), capacity: Some(cap), ..Why::NONE };
+                return Err(Refusal { sense: Sense::LBA_OUT_OF_RANGE, why });
             }
             // Bounded look-ahead; the initiator asks again from where we stop.
             let blocks = (cap - lba).min((1u64 << 30) / BLOCK);
-            let map =
-                lun.vol.block_status(off(lba), blocks * BLOCK).await.map_err(|e| sense_of(&e, false))?;
+            let map = lun.vol.block_status(off(lba), blocks * BLOCK).await.map_err(|e| failed(&e, false))?;
             let max_descs = ((alloc as usize).saturating_sub(8) / 16).max(1);
             let mut descs = Vec::new();
             let mut at = lba;

@@ -43,6 +43,22 @@ pub mod key {
     pub const DATA_PROTECT: u8 = 0x7;
     pub const ABORTED_COMMAND: u8 = 0xb;
     pub const MISCOMPARE: u8 = 0xe;
+
+    /// The sense key's name in SPC-4, for log lines.
+    pub fn name(key: u8) -> &'static str {
+        match key {
+            NO_SENSE => "NO SENSE",
+            NOT_READY => "NOT READY",
+            MEDIUM_ERROR => "MEDIUM ERROR",
+            HARDWARE_ERROR => "HARDWARE ERROR",
+            ILLEGAL_REQUEST => "ILLEGAL REQUEST",
+            UNIT_ATTENTION => "UNIT ATTENTION",
+            DATA_PROTECT => "DATA PROTECT",
+            ABORTED_COMMAND => "ABORTED COMMAND",
+            MISCOMPARE => "MISCOMPARE",
+            _ => "OTHER",
+        }
+    }
 }
 
 /// Sense data: key, additional sense code and qualifier, and the optional

@@ -146,6 +146,29 @@ fn put_error(out: &mut BytesMut, option: u32, kind: u32, msg: &str) {
     put_reply(out, option, kind, msg.as_bytes());
 }
 
+/// The error an option's reply carries, if `reply` (the bytes
+/// [`Negotiator::option`] appended for one option) is an error reply: its
+/// type's name and its message, for the server's log line. An error reply
+/// is always the only reply to its option.
+pub fn refusal(reply: &[u8]) -> Option<(&'static str, &str)> {
+    if reply.len() < 20 || u64::from_be_bytes(reply[..8].try_into().unwrap()) != OPT_REPLY_MAGIC {
+        return None;
+    }
+    let kind = u32::from_be_bytes(reply[12..16].try_into().unwrap());
+    let name = match kind {
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY",
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID",
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+        REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        k if k & (1 << 31) != 0 => "NBD_REP_ERR_*",
+        _ => return None,
+    };
+    let len = u32::from_be_bytes(reply[16..20].try_into().unwrap()) as usize;
+    let msg = reply.get(20..20usize.saturating_add(len)).and_then(|m| std::str::from_utf8(m).ok());
+    Some((name, msg.unwrap_or("")))
+}
+
 /// Reads a `u32` length and that many bytes of UTF-8 from `data`.
 fn take_string<'a>(data: &mut &'a [u8]) -> Option<&'a str> {
     if data.len() < 4 {
@@ -368,6 +391,22 @@ impl Negotiator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error reply is named with its message; a good one is not an error.
+    #[test]
+    fn refusal_reads_error_replies_only() {
+        let mut neg = Negotiator::new(BlockSizes::default());
+        let mut out = BytesMut::new();
+        neg.option(OPT_STARTTLS, &[], &[], &mut out);
+        assert_eq!(refusal(&out), Some(("NBD_REP_ERR_UNSUP", "TLS is not supported by this server")));
+        out.clear();
+        neg.option(OPT_LIST, &[], &[], &mut out);
+        assert_eq!(refusal(&out), None);
+        out.clear();
+        neg.option(OPT_INFO, &[0, 0], &[], &mut out);
+        assert_eq!(refusal(&out), Some(("NBD_REP_ERR_INVALID", "malformed NBD_OPT_INFO/GO data")));
+        assert_eq!(refusal(&out[..19]), None);
+    }
 
     fn exports() -> Vec<Export> {
         vec![
