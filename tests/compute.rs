@@ -334,3 +334,44 @@ async fn a_node_without_a_store_has_no_local_route() {
     assert!(node.volume("c").is_none() && node.catalog_specs().is_empty());
     node.close().await.unwrap();
 }
+
+/// The data-moving libiscsi suites through a compute node that owns the
+/// volume: every read, write, WRITE SAME, UNMAP and COMPARE AND WRITE goes
+/// from the compute node to the three storage nodes.
+#[test]
+fn iscsi_data_suites_pass_through_a_compute_owner() {
+    if !require("iscsi-test-cu") {
+        return;
+    }
+    let c = start();
+    let v = create(&c, COMPUTE, "cu");
+    let ids = c.node_ids(0);
+    assert_eq!(v["owner"]["node"].as_u64(), Some(ids[COMPUTE]), "{v}");
+    let url = format!("iscsi://{}/iqn.2026-11.io.basalt:cu/0", c.nodes[COMPUTE].iscsi);
+    let suites = ["Read10", "Read16", "Write10", "Write16", "WriteSame16", "Unmap", "CompareAndWrite"];
+    let mut bad = Vec::new();
+    let mut ran = 0;
+    for s in suites {
+        let r = common::compliance::run_suite(&url, &format!("SCSI.{s}"));
+        eprintln!("{:<24} ran {:>3} failed {:?}", r.suite, r.ran, r.failed);
+        ran += r.ran;
+        if !r.failed.is_empty() {
+            bad.push(format!("{}: {:?}", r.suite, r.failed));
+        }
+    }
+    assert_eq!(ran, 40, "these seven suites have 40 tests in libiscsi 1.19");
+    assert!(bad.is_empty(), "through the compute node: {bad:?}\n{}", node_logs(&c));
+    // The data went to the storage nodes, none to the compute node.
+    assert_eq!(c.extent_files(COMPUTE), BTreeSet::new());
+    let stored: usize = (0..3).map(|k| c.volume_extent_files(k, v["id"].as_u64().unwrap()).len()).sum();
+    assert!(stored >= 3, "the suites' writes are on the storage nodes ({stored} extent files)");
+    let out = c.cli(COMPUTE, &["--json", "volume", "verify", "cu"]);
+    let verify: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{verify}");
+    assert_eq!(
+        (verify["mismatched"].as_u64(), verify["incomplete"].as_u64()),
+        (Some(0), Some(0)),
+        "{verify}"
+    );
+    assert_no_panic(&c);
+}
