@@ -264,9 +264,15 @@ fn kill9_of_a_compute_owner_moves_the_volume_to_a_storage_node() {
     let img = pattern(0xC0, 24 * MIB);
     let src = write_file(s.path(), "src.img", &img);
     // qemu-img convert flushes before it exits.
-    run_ok(
+    let out = run(
         "qemu-img",
         &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &uri(&c, COMPUTE, "k")],
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node_logs(&c)
     );
     let cmds: Vec<String> =
         (24..32).map(|i| format!("write -P {} {} 1M", 0x80 + i, i * MIB)).chain(["flush".into()]).collect();
