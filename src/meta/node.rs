@@ -137,8 +137,9 @@ struct Shared {
     state: watch::Receiver<Arc<MetaState>>,
     status: watch::Receiver<MetaStatus>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// When the leader last acknowledged this node's heartbeat.
-    last_ack: Arc<Mutex<Option<Instant>>>,
+    /// When the leader last acknowledged this node's heartbeat (a watch,
+    /// so an owner waiting for its first lease wakes at the ack).
+    last_ack: Arc<watch::Sender<Option<Instant>>>,
     /// Commands proposed through [`MetaNode::propose`] (for metrics).
     proposals: std::sync::atomic::AtomicU64,
 }
@@ -219,7 +220,7 @@ impl MetaNode {
         let (tx, rx) = mpsc::channel(4096);
         let (state_tx, state_rx) = watch::channel(Arc::clone(core.state()));
         let (status_tx, status_rx) = watch::channel(core.status());
-        let last_ack = Arc::new(Mutex::new(None));
+        let last_ack = Arc::new(watch::Sender::new(None));
         let shared = Arc::new(Shared {
             id,
             tx,
@@ -337,7 +338,13 @@ impl MetaNode {
     /// minus a safety margin, before the leader may commit it as down;
     /// that rule belongs to the owner, this is its clock.
     pub fn last_liveness_ack(&self) -> Option<Instant> {
-        *self.shared.last_ack.lock().unwrap()
+        *self.shared.last_ack.borrow()
+    }
+
+    /// Every change of [`MetaNode::last_liveness_ack`], for a caller that
+    /// waits for the next acknowledgement.
+    pub fn liveness_acks(&self) -> watch::Receiver<Option<Instant>> {
+        self.shared.last_ack.subscribe()
     }
 
     /// A Raft message from a peer. Never waits: when the node is this far
@@ -410,7 +417,7 @@ struct Runner<S: LogStore> {
     reads: HashMap<u64, PendingRead>,
     next_read: u64,
     heartbeat_in_flight: Arc<AtomicBool>,
-    last_ack: Arc<Mutex<Option<Instant>>>,
+    last_ack: Arc<watch::Sender<Option<Instant>>>,
 }
 
 impl<S: LogStore + Send + 'static> Runner<S> {
@@ -574,7 +581,7 @@ impl<S: LogStore + Send + 'static> Runner<S> {
         match self.core.leader() {
             Some(l) if l == me => {
                 self.core.on_heartbeat(self.report.clone());
-                *self.last_ack.lock().unwrap() = Some(Instant::now());
+                self.last_ack.send_replace(Some(Instant::now()));
             }
             Some(l) => {
                 if self.heartbeat_in_flight.swap(true, Ordering::AcqRel) {
@@ -588,7 +595,9 @@ impl<S: LogStore + Send + 'static> Runner<S> {
                     match fut.await {
                         // The lease runs from when the heartbeat left, not
                         // from when the answer came back.
-                        Ok(MetaResponse::HeartbeatAck) => *last_ack.lock().unwrap() = Some(sent),
+                        Ok(MetaResponse::HeartbeatAck) => {
+                            last_ack.send_replace(Some(sent));
+                        }
                         Ok(MetaResponse::NotLeader { leader }) => {
                             tracing::debug!(asked = %l, ?leader, "heartbeat reached a node that no longer leads")
                         }

@@ -16,7 +16,7 @@
 //! Never: decides ordering or acknowledgement itself (the core does), or
 //! reads a replica outside the committed set less its failed members.
 
-use super::volume::{Result, VolumeError};
+use super::volume::{ROUTE_WAIT, Result, VolumeError};
 use crate::layout::Layout;
 use crate::proto::peer::{
     ExtentError, ExtentFlush, ExtentMap, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite,
@@ -62,8 +62,12 @@ pub trait ClusterIo: Send + Sync + 'static {
         replicas: Vec<NodeId>,
     ) -> BoxFuture<std::result::Result<(), String>>;
     /// False once this node may no longer presume itself live (its
-    /// liveness lease ran out): it must not serve.
+    /// liveness lease ran out), and before its first heartbeat after a
+    /// start or a join was acknowledged: it must not serve.
     fn lease_valid(&self) -> bool;
+    /// Resolves with true once the lease is valid (at once if it is now),
+    /// or with false at `deadline`.
+    fn lease_wait(&self, deadline: tokio::time::Instant) -> BoxFuture<bool>;
 }
 
 /// Counters of one replicated volume (exported as metrics).
@@ -170,18 +174,33 @@ impl Replicated {
         ExtentTarget { volume: self.volume, extent, epoch, generation: self.generation }
     }
 
-    fn check_serving(&self) -> Result<()> {
-        if let Some(g) = self.fenced() {
-            return Err(VolumeError::Unavailable(format!(
-                "this node no longer owns the volume (generation {g})"
-            )));
+    fn check_owner(&self) -> Result<()> {
+        match self.fenced() {
+            Some(g) => {
+                Err(VolumeError::Unavailable(format!("this node no longer owns the volume (generation {g})")))
+            }
+            None => Ok(()),
         }
-        if !self.io.lease_valid() {
+    }
+
+    /// Whether this node may serve now. Without a valid lease (a node that
+    /// just started or joined and whose first heartbeat is not yet
+    /// acknowledged, or one cut off from the leader) the request waits up
+    /// to [`ROUTE_WAIT`] for the lease, as a request without a route waits
+    /// for one, instead of failing a client that came a moment early.
+    /// Waiting holds nothing, so dropping it is safe.
+    async fn check_serving(&self) -> Result<()> {
+        self.check_owner()?;
+        if self.io.lease_valid() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+        if !self.io.lease_wait(deadline).await {
             return Err(unavailable(
                 "this node's liveness lease ran out: it cannot serve until it renews it",
             ));
         }
-        Ok(())
+        self.check_owner()
     }
 
     /// Steps the core under its lock and carries out what it asks.
@@ -470,7 +489,7 @@ impl Replicated {
         self: &Arc<Self>,
         pieces: Vec<(ExtentIndex, u64, u64, Change, Option<Bytes>)>,
     ) -> Result<()> {
-        self.check_serving()?;
+        self.check_serving().await?;
         for p in &pieces {
             self.ensure(p.0).await?;
         }
@@ -502,7 +521,7 @@ impl Replicated {
     /// Every change acknowledged before this call is durable on every
     /// member of its extent's set.
     pub async fn flush(self: &Arc<Self>) -> Result<()> {
-        self.check_serving()?;
+        self.check_serving().await?;
         let (tx, rx) = oneshot::channel();
         let op =
             Self::new_op(&mut self.inner.lock().unwrap(), Slot { done: Some(tx), grant: None, data: None });
@@ -522,7 +541,7 @@ impl Replicated {
         offset: u64,
         len: u64,
     ) -> Result<Vec<ReadChunk>> {
-        self.check_serving()?;
+        self.check_serving().await?;
         self.ensure(extent).await?;
         let (epoch, members) = self.read_order(extent)?;
         let mut bad = Vec::new();
@@ -576,7 +595,7 @@ impl Replicated {
         offset: u64,
         len: u64,
     ) -> Result<Vec<MapExtent>> {
-        self.check_serving()?;
+        self.check_serving().await?;
         self.ensure(extent).await?;
         let (epoch, members) = self.read_order(extent)?;
         for node in members {
@@ -696,7 +715,7 @@ impl Replicated {
         data: Bytes,
         fua: bool,
     ) -> Result<Option<u64>> {
-        self.check_serving()?;
+        self.check_serving().await?;
         // A task of its own: a caller dropped between the hold and its
         // release (a client gone, a timeout) would leave the range held and
         // every later request to it waiting.
@@ -764,7 +783,7 @@ impl Replicated {
         data: Bytes,
         fua: bool,
     ) -> Result<()> {
-        self.check_serving()?;
+        self.check_serving().await?;
         self.ensure(extent).await?;
         let me = self.clone();
         tokio::spawn(async move { me.patch(extent, offset, data, fua).await })

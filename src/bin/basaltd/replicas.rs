@@ -103,6 +103,22 @@ impl ClusterIo for DaemonIo {
     fn lease_valid(&self) -> bool {
         self.meta.last_liveness_ack().is_some_and(|t| t.elapsed() < self.lease)
     }
+
+    fn lease_wait(&self, deadline: tokio::time::Instant) -> BoxFuture<bool> {
+        let mut acks = self.meta.liveness_acks();
+        let lease = self.lease;
+        Box::pin(async move {
+            loop {
+                if acks.borrow_and_update().is_some_and(|t| t.elapsed() < lease) {
+                    return true;
+                }
+                match tokio::time::timeout_at(deadline, acks.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => return false,
+                }
+            }
+        })
+    }
 }
 
 /// Which route each volume takes from this node, from the metadata.
