@@ -9,6 +9,7 @@ use basalt::net::{
 };
 use basalt::node::fence::Fences;
 use basalt::node::replica::ReplicaService;
+use basalt::node::suspect::Suspects;
 use basalt::proto::peer::{
     BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentFlush, ExtentRead, ExtentReadReply,
     ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Message,
@@ -72,6 +73,31 @@ impl Replica {
         let layout = Layout::contiguous(EXTENT).unwrap();
         let svc =
             ReplicaService::new(store.clone(), fences, Arc::new(move |v| (v == VOLUME).then_some(layout)));
+        (store, svc)
+    }
+
+    /// A start as the daemon does it: the record of suspect replicas read
+    /// from the state dir, and after a crash every dirty replica added.
+    async fn start_as_daemon(
+        kind: EngineKind,
+        dir: &Path,
+        crashed: bool,
+    ) -> (Arc<Store>, Arc<ReplicaService>) {
+        let cfg = StoreConfig { data_dirs: vec![dir.join("data")], engine: kind };
+        let opts = StoreOptions { region_size: REGION, clean_after_flushes: 1, ..Default::default() };
+        let store = Store::open_with(cfg, opts).await.unwrap();
+        let fences = Fences::open(&dir.join("state/fences")).unwrap();
+        let suspects = Suspects::open(&dir.join("state"), &store).unwrap();
+        if crashed {
+            suspects.record_crash(&store).unwrap();
+        }
+        let layout = Layout::contiguous(EXTENT).unwrap();
+        let svc = ReplicaService::with_suspects(
+            store.clone(),
+            fences,
+            Arc::new(move |v| (v == VOLUME).then_some(layout)),
+            suspects,
+        );
         (store, svc)
     }
 
@@ -577,5 +603,96 @@ async fn extent_maps_follow_the_block_table_and_refuse_hostile_ranges() {
         assert!(matches!(err(r.ask(map(t, 0, 512)).await), ExtentError::StaleGeneration { .. }));
         assert_eq!(r.write(at(0, 3, 5), 0, pattern(2, 512)).await, Message::ExtentOk);
         assert!(matches!(err(r.ask(map(at(0, 2, 5), 0, 512)).await), ExtentError::StaleEpoch { .. }));
+    }
+}
+
+/// A replica that crashed (its store dropped without a flush, as kill -9
+/// leaves it) lost its unflushed writes: recovery keeps only what the
+/// on-disk block table covers. It must stay suspect, refusing reads and
+/// writes, until an owner's status request reconciles it, and that
+/// suspicion must survive a clean shutdown in between, which clears every
+/// dirty bit. The status reports the regions the crash left dirty. A
+/// damaged record makes every region of every replica suspect.
+#[tokio::test]
+async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts() {
+    for kind in ENGINES {
+        let dir =
+            tempfile::Builder::new().prefix("replica-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let t = at(0, 1, 1);
+        let region = u64::from(REGION);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        // Extent 1 written and cleanly shut down: not suspect after the crash.
+        let t1 = at(1, 1, 1);
+        let kept = pattern(8, 4096);
+        let w1 = ExtentWrite { target: t1, offset: 0, fua: true, data: kept.clone() };
+        assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w1)).await, Message::ExtentOk);
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        let w = ExtentWrite { target: t, offset: 3 * region, fua: false, data: pattern(9, 8192) };
+        assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w)).await, Message::ExtentOk, "{kind:?}");
+        drop(svc);
+        drop(store); // the crash: no flush, no close
+
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), true).await;
+        let read = |svc: Arc<ReplicaService>, t: ExtentTarget| async move {
+            svc.handle(OWNER, Message::ExtentRead(ExtentRead { target: t, offset: 3 * region, len: 8192 }))
+                .await
+        };
+        assert_eq!(
+            err(read(svc.clone(), t).await),
+            ExtentError::Io,
+            "{kind:?}: a suspect replica serves nothing"
+        );
+        let w2 = ExtentWrite { target: t, offset: 0, fua: false, data: pattern(10, 4096) };
+        assert_eq!(err(svc.handle(OWNER, Message::ExtentWrite(w2)).await), ExtentError::Io, "{kind:?}");
+        match svc.handle(OWNER, Message::ExtentRead(ExtentRead { target: t1, offset: 0, len: 4096 })).await {
+            Message::ExtentReadReply(r) => assert_eq!(r.data, kept, "{kind:?}"),
+            other => panic!("{kind:?}: the clean extent serves: {other:?}"),
+        }
+        // A clean shutdown and start: the dirty bits are gone, the
+        // suspicion is not.
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        assert_eq!(
+            err(read(svc.clone(), t).await),
+            ExtentError::Io,
+            "{kind:?}: suspect after a clean restart"
+        );
+        let s = match svc.handle(OWNER, Message::ExtentStatus(t)).await {
+            Message::ExtentStatusReply(s) => s,
+            other => panic!("{kind:?}: status: {other:?}"),
+        };
+        assert_eq!(s.dirty_regions, vec![3], "{kind:?}: the region the crash left dirty");
+        // Reconciliation has begun: the replica serves (the lost write
+        // reads as zeros here until the owner copies the region back).
+        match read(svc.clone(), t).await {
+            Message::ExtentReadReply(r) => assert_eq!(r.data, zeros(8192), "{kind:?}"),
+            other => panic!("{kind:?}: read after status: {other:?}"),
+        }
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        assert!(
+            matches!(read(svc.clone(), t).await, Message::ExtentReadReply(_)),
+            "{kind:?}: the record is gone"
+        );
+        assert!(!dir.path().join("state").join(basalt::node::suspect::FILE).exists(), "{kind:?}");
+
+        // A damaged record: every replica suspect, in every region.
+        store.close().await.unwrap();
+        drop(svc);
+        std::fs::write(dir.path().join("state").join(basalt::node::suspect::FILE), b"{\"version\": 1, \"ext")
+            .unwrap();
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        assert_eq!(err(read(svc.clone(), t1).await), ExtentError::Io, "{kind:?}");
+        let s = match svc.handle(OWNER, Message::ExtentStatus(t1)).await {
+            Message::ExtentStatusReply(s) => s,
+            other => panic!("{kind:?}: status: {other:?}"),
+        };
+        let all: Vec<u32> = (0..(EXTENT / region) as u32).collect();
+        assert_eq!(s.dirty_regions, all, "{kind:?}");
+        store.close().await.unwrap();
     }
 }

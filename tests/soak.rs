@@ -4,10 +4,13 @@
 //! the same 4 KiB block at the same time, which is exactly what the store's
 //! read-modify-write and block range lock must serialize. fio verifies every
 //! block it wrote (crc32c), then again from a fresh connection after the
-//! daemon restarted.
+//! daemon restarted. The same on an R=3 volume of a three-node cluster,
+//! through a node that forwards to the owner, and after a kill -9 of a
+//! replica and a restart of every node.
 
 mod common;
 
+use common::cluster::Cluster;
 use common::{Daemon, require, run, stdout};
 
 fn fio(uri: &str, extra: &[&str]) -> serde_json::Value {
@@ -62,4 +65,76 @@ fn mixed_size_sub_block_writes_verify_before_and_after_restart() {
     let log = d.log_text();
     assert!(!log.contains("checksum mismatch") && !log.contains("panicked"), "{log}");
     assert_eq!(d.terminate(), Some(0));
+}
+
+/// The mixed workload on R=3 through a forwarding node: verified as
+/// written; a replica node killed (-9) and the data verified again through
+/// the owner; every node stopped and started, verified through each node;
+/// `volume verify` clean once the killed node is back.
+#[test]
+fn mixed_size_sub_block_writes_on_r3_verify_through_every_node_and_a_replica_kill() {
+    if !require("fio") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let v = c.cli_json(
+        0,
+        &[
+            "volume",
+            "create",
+            "m",
+            "--size",
+            "128M",
+            "--replicas",
+            "3",
+            "--min-replicas",
+            "2",
+            "--extent-size",
+            "8M",
+        ],
+    );
+    assert!(v["owner"]["node"].is_u64(), "{v}");
+    let uri = |c: &Cluster, k: usize| format!("nbd://{}/m", c.nodes[k].nbd);
+    let check = |j: &serde_json::Value, wrote: bool| {
+        let jobs = j["jobs"].as_array().unwrap();
+        assert_eq!(jobs.len(), 4);
+        for job in jobs {
+            assert_eq!(job["error"], 0, "{job}");
+            if wrote {
+                assert_eq!(job["write"]["io_bytes"].as_u64().unwrap(), 24 << 20, "{job}");
+            }
+            assert_eq!(job["read"]["io_bytes"].as_u64().unwrap(), 24 << 20, "{job}");
+        }
+    };
+    check(&fio(&uri(&c, 1), &["--do_verify=1"]), true);
+    let verify = |c: &Cluster, what: &str| {
+        let out = c.cli(1, &["--json", "volume", "verify", "m"]);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(0), "{what}: {r}");
+        assert_eq!((r["mismatched"].as_u64(), r["incomplete"].as_u64()), (Some(0), Some(0)), "{what}: {r}");
+    };
+    verify(&c, "as written");
+    // A replica (not the owner) gone: reads fail over where they must.
+    c.kill9(2);
+    check(&fio(&uri(&c, 0), &["--verify_only"]), false);
+    c.spawn(2);
+    c.wait_ready(2);
+    for k in 0..3 {
+        assert_eq!(c.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", c.log(k));
+    }
+    for k in 0..3 {
+        c.spawn(k);
+    }
+    for k in 0..3 {
+        c.wait_ready(k);
+    }
+    for k in 0..3 {
+        check(&fio(&uri(&c, k), &["--verify_only"]), false);
+    }
+    verify(&c, "after the kill and the restarts");
+    for k in 0..3 {
+        let log = c.log(k);
+        assert!(!log.contains("checksum mismatch") && !log.contains("panicked"), "node {k}:\n{log}");
+    }
 }

@@ -28,6 +28,7 @@ pub mod forward;
 pub mod identity;
 pub mod replica;
 pub mod replicated;
+pub mod suspect;
 mod sync;
 pub mod systemd;
 pub mod volume;

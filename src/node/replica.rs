@@ -45,6 +45,7 @@
 //! (an old owner may flood its replicas with stale requests).
 
 use super::fence::{FenceError, FenceGuard, Fences};
+use super::suspect::Suspects;
 use crate::layout::Layout;
 use crate::proto::peer::{
     BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentMap, ExtentReadReply, ExtentState,
@@ -74,17 +75,11 @@ struct Slot {
     ext: Option<Arc<Extent>>,
     /// The highest epoch seen for the extent (from its header and requests).
     epoch: Epoch,
-    /// Found dirty at its first open after a crash: it may have lost writes
-    /// it acknowledged and never flushed, which its owner counts as applied
-    /// here. Refused (but for status and crcs) until a new owner's status
-    /// request begins reconciling it; a running owner that sends it more
-    /// sees an error and takes it out of the set.
-    suspect: bool,
 }
 
 impl Default for Slot {
     fn default() -> Self {
-        Slot { ext: None, epoch: Epoch(0), suspect: false }
+        Slot { ext: None, epoch: Epoch(0) }
     }
 }
 
@@ -150,8 +145,11 @@ pub struct ReplicaService {
     extents: Mutex<HashMap<ExtentKey, Slot>>,
     throttle: Throttle,
     refused: AtomicU64,
-    /// The node did not shut down cleanly last time (see [`ReplicaService::new`]).
-    crashed: bool,
+    /// Replicas that may have lost acknowledged writes in a crash, refused
+    /// (but for status and crcs) until an owner's status request begins
+    /// reconciling them; a running owner that sends one more sees an error
+    /// and takes it out of the set.
+    suspects: Suspects,
 }
 
 impl std::fmt::Debug for ReplicaService {
@@ -210,20 +208,19 @@ impl ReplicaService {
     /// metadata (None: the volume is unknown here, e.g. deleted or not yet
     /// synced).
     pub fn new(store: Arc<Store>, fences: Fences, layout_of: LayoutOf) -> Arc<ReplicaService> {
-        Self::after(store, fences, layout_of, false)
+        Self::with_suspects(store, fences, layout_of, Suspects::in_memory())
     }
 
-    /// [`ReplicaService::new`] for a node that `crashed` (did not shut
-    /// down cleanly): every extent found dirty at its first open is
-    /// suspect until reconciled (see `Slot::suspect`).
-    pub fn after(
+    /// [`ReplicaService::new`] with the node's record of the replicas that
+    /// await reconciliation after a crash (see [`Suspects`]).
+    pub fn with_suspects(
         store: Arc<Store>,
         fences: Fences,
         layout_of: LayoutOf,
-        crashed: bool,
+        suspects: Suspects,
     ) -> Arc<ReplicaService> {
         Arc::new(ReplicaService {
-            crashed,
+            suspects,
             store,
             fences,
             layout_of,
@@ -281,8 +278,8 @@ impl ReplicaService {
         let key = ExtentKey { volume: t.volume, index: t.extent };
         let read_only = matches!(request, Message::ExtentCrcs(_));
         let guard = self.fences.admit(t.volume, t.generation, !read_only).await.map_err(Refusal::fence)?;
-        if self.crashed {
-            self.check_suspect(key, size, &request).await?;
+        if !self.suspects.is_empty() {
+            self.check_suspect(key, &request)?;
         }
         match request {
             Message::ExtentWrite(w) => {
@@ -337,10 +334,30 @@ impl ReplicaService {
             Message::ExtentStatus(_) => {
                 let generation = guard.current();
                 let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
+                    // Absent: the owner copies it whole, so no record is left to keep.
+                    self.suspects.take(key, 0, &mut Vec::new()).map_err(|e| {
+                        Refusal::new(
+                            ExtentError::Io,
+                            format!("cannot record that extent {key} is being reconciled: {e}"),
+                        )
+                    })?;
                     let epoch = self.known_epoch(key).max(t.epoch);
                     return Ok(Message::ExtentStatusReply(ExtentState::absent(generation, epoch)));
                 };
-                let dirty_regions = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
+                let mut dirty_regions: Vec<u32> = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
+                let nregions =
+                    u32::try_from(ext.size().div_ceil(u64::from(ext.region_size()))).unwrap_or(u32::MAX);
+                match self.suspects.take(key, nregions, &mut dirty_regions) {
+                    Ok(true) => tracing::info!(%key, regions = dirty_regions.len(),
+                        "a replica that crashed with unflushed writes is being reconciled"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Err(Refusal::new(
+                            ExtentError::Io,
+                            format!("cannot record that extent {key} is being reconciled: {e}"),
+                        ));
+                    }
+                }
                 Ok(Message::ExtentStatusReply(ExtentState {
                     exists: true,
                     flush_number: ext.flush_counter().await,
@@ -375,41 +392,18 @@ impl ReplicaService {
         }
     }
 
-    /// After a crash: refuses data requests for an extent that was dirty
-    /// when first opened, until a status request (a new owner reconciling)
-    /// clears it.
-    async fn check_suspect(&self, key: ExtentKey, size: u64, request: &Message) -> Answer<()> {
-        let first_open = self.extents.lock().unwrap().get(&key).is_none_or(|s| s.ext.is_none());
-        if first_open && self.store.contains(key) {
-            // Opened here once, before anything can write into it.
-            if let Ok(e) = self.store.extent(key, size, Epoch(0)).await {
-                let dirty = !e.dirty_regions().is_empty();
-                let mut m = self.extents.lock().unwrap();
-                let slot = m.entry(key).or_default();
-                if slot.ext.is_none() {
-                    slot.suspect = dirty;
-                    if dirty {
-                        tracing::warn!(%key, "replica was dirty after a crash: refused until its owner reconciles it");
-                    }
-                }
-            }
-        }
-        let mut m = self.extents.lock().unwrap();
-        let Some(slot) = m.get_mut(&key) else { return Ok(()) };
+    /// Refuses data requests for a replica that awaits reconciliation.
+    fn check_suspect(&self, key: ExtentKey, request: &Message) -> Answer<()> {
         match request {
-            Message::ExtentStatus(_) => slot.suspect = false,
-            Message::ExtentCrcs(_) => {}
-            _ if slot.suspect => {
-                return Err(Refusal::new(
-                    ExtentError::Io,
-                    format!(
-                        "extent {key} may have lost unflushed writes in a crash; it waits for reconciliation"
-                    ),
-                ));
-            }
-            _ => {}
+            Message::ExtentStatus(_) | Message::ExtentCrcs(_) => Ok(()),
+            _ if self.suspects.contains(key) => Err(Refusal::new(
+                ExtentError::Io,
+                format!(
+                    "extent {key} may have lost unflushed writes in a crash; it waits for reconciliation"
+                ),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The highest epoch known for `key` without opening it.

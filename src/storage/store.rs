@@ -436,6 +436,11 @@ impl Store {
         self.unavailable.contains_key(&key) || self.extents.lock().unwrap().contains_key(&key)
     }
 
+    /// Every open replica (every one on disk but the unavailable ones).
+    pub fn opened(&self) -> Vec<Arc<Extent>> {
+        self.extents.lock().unwrap().values().cloned().collect()
+    }
+
     /// Every replica on disk, the unavailable ones included.
     pub fn extent_keys(&self) -> Vec<ExtentKey> {
         let mut keys: Vec<ExtentKey> = self.extents.lock().unwrap().keys().copied().collect();

@@ -571,13 +571,25 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
             // A fresh state dir has no mark and nothing to distrust.
             let crashed =
                 take_clean_mark(&cfg.state_dir).context("reading the clean-shutdown mark")? && !fresh;
+            let suspects = basalt::node::suspect::Suspects::open(&cfg.state_dir, store)
+                .context("reading the record of replicas awaiting reconciliation")?;
             if crashed {
+                let n = suspects.record_crash(store).context("recording the replicas dirty after a crash")?;
                 tracing::warn!(
-                    "the last run did not shut down cleanly: replicas dirty at their first open wait for reconciliation"
+                    suspect = n,
+                    "the last run did not shut down cleanly: replicas that were dirty wait for their owner to reconcile them"
+                );
+            } else if !suspects.is_empty() {
+                tracing::warn!(
+                    "replicas dirty after an earlier crash still wait for their owner to reconcile them"
                 );
             }
-            let service =
-                basalt::node::replica::ReplicaService::after(store.clone(), fences, layout_of, crashed);
+            let service = basalt::node::replica::ReplicaService::with_suspects(
+                store.clone(),
+                fences,
+                layout_of,
+                suspects,
+            );
             let _ = handler.replica.set(service.clone());
             let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
                 let s = service.clone();
