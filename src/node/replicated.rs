@@ -235,7 +235,7 @@ impl Replicated {
                                 // R=3 QD1 4 KiB writes, same session, 3 runs
                                 // each: 4,381-4,452 IOPS with, 3,533-4,648 without;
                                 // QD32 level at 61-64 against 68-69 µs of CPU.
-                                tokio::task::yield_now().await;
+                                crate::poll::yield_to_ready().await;
                             }
                             let r = me.call_retrying(node, msg).await.map(|_| ());
                             me.step_all([Event::Reply { op, node, result: r }]);
