@@ -28,7 +28,8 @@
 //!
 //! Polling pays only for short waits. While a long operation is in flight
 //! (a FLUSH, a FUA write, or a transfer of [`LONG_BYTES`] or more, each a
-//! millisecond or so of disk time) the poller sleeps: there is nothing to
+//! millisecond or so of disk time; and a replicated volume's change while
+//! its owner waits for the replicas, whose processes need the CPU) the poller sleeps: there is nothing to
 //! catch soon, and on a small machine the CPU it would burn is the one the
 //! kernel needs to finish that operation (the fdatasync worker, the direct
 //! I/O completion work). NBD holds the mark from the request until its
