@@ -28,7 +28,8 @@
 //!
 //! Polling pays only for short waits. While a long operation is in flight
 //! (a FLUSH, a FUA write, or a transfer of [`LONG_BYTES`] or more, each a
-//! millisecond or so of disk time) the poller sleeps: there is nothing to
+//! millisecond or so of disk time; and a replicated volume's change while
+//! its owner waits for the replicas, whose processes need the CPU) the poller sleeps: there is nothing to
 //! catch soon, and on a small machine the CPU it would burn is the one the
 //! kernel needs to finish that operation (the fdatasync worker, the direct
 //! I/O completion work). NBD holds the mark from the request until its
@@ -189,6 +190,37 @@ impl Poller {
                 window = next_window(window, slept, self.max_ns);
             }
         }
+    }
+}
+
+/// Lets the tasks that are ready now run before the caller goes on: the
+/// caller goes to the back of its worker's run queue, once.
+///
+/// Unlike `tokio::task::yield_now`, which defers the caller until the
+/// worker has polled its I/O driver (an `epoll_wait` with a zero timeout
+/// each time the run queue drains), this costs no system call. It is for
+/// batching: a writer that lets the other tasks queue their frames first,
+/// a submitter that lets them queue their disk requests. Those tasks were
+/// woken already; what the driver would add is whatever became ready in the
+/// meantime, which the next pass takes.
+pub async fn yield_to_ready() {
+    YieldToReady(false).await
+}
+
+struct YieldToReady(bool);
+
+impl std::future::Future for YieldToReady {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        // Woken while running: the scheduler puts the task at the back of
+        // the local run queue (tokio treats a self-wake as a yield).
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 

@@ -631,7 +631,7 @@ async fn transmission<S: Stream>(
             // theirs, so they share this write. On a replicated volume the
             // replies complete one at a time, as the replicas' answers come
             // in; this cut the owner's writev per 4 KiB write at QD32.
-            tokio::task::yield_now().await;
+            crate::poll::yield_to_ready().await;
             while out.len() < MAX_BATCH {
                 match inflight.next().now_or_never() {
                     Some(Some((reply, permit))) => out.push(reply, permit),

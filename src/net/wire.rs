@@ -131,7 +131,7 @@ pub(crate) async fn writer(
         // (a `writev` per 4 KiB write on each replica at QD32). Alone (queue
         // depth 1) the frame goes out at once.
         if busy.load(Ordering::Relaxed) > floor {
-            tokio::task::yield_now().await;
+            crate::poll::yield_to_ready().await;
         }
         let mut close = false;
         let (mut bytes, mut iov) = (0, 0);

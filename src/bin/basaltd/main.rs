@@ -188,7 +188,12 @@ fn main() -> anyhow::Result<()> {
         basalt::poll::install(std::time::Duration::from_micros(cli.idle_poll_us));
     }
     match cli.cmd {
-        Cmd::Demo(args) => rt.block_on(demo(*args)),
+        Cmd::Demo(args) => {
+            // The nodes of a multi-node demo wait the way this process was told to.
+            let mut node_args = vec![format!("--idle-poll-us={}", cli.idle_poll_us)];
+            node_args.extend(cli.workers.map(|w| format!("--workers={w}")));
+            rt.block_on(demo(*args, node_args))
+        }
         Cmd::Run { config } => {
             let cfg = load_config(&config)?;
             let opts = run::RunOptions {
@@ -210,7 +215,7 @@ fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+async fn demo(args: DemoArgs, node_args: Vec<String>) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 9 {
         anyhow::bail!("--nodes {}: from 1 to 9", args.nodes);
     }
@@ -289,5 +294,5 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         stripe_width: Some(layout.stripe_width),
         read_only: args.read_only,
     };
-    supervise::run(&root, args.nodes as usize, &base, &unix, Vec::new(), volume).await
+    supervise::run(&root, args.nodes as usize, &base, &unix, node_args, volume).await
 }

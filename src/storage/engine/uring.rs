@@ -452,7 +452,7 @@ async fn submitter(shared: Arc<Shared>) {
             return;
         }
         shared.deferred.notified().await;
-        tokio::task::yield_now().await;
+        crate::poll::yield_to_ready().await;
         {
             let mut r = shared.ring.lock().unwrap();
             r.deferred = false;
