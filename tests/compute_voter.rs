@@ -30,15 +30,16 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Four initial members, one of them the compute node. Its election
-/// timeout is three times the others' so a storage node usually wins the
-/// first election (the test needs a storage leader to kill).
+/// timeout is longer than the others' (35 ticks against 20; liveness
+/// needs more than 35 ticks) so a storage node usually wins the first
+/// election (the test needs a storage leader to kill).
 fn start() -> Cluster {
     let mut c = Cluster::configure(4, 5, None);
     c.make_compute(COMPUTE);
     let cfg = &c.nodes[COMPUTE].config;
     let text = std::fs::read_to_string(cfg).unwrap();
     assert!(text.contains("election_ticks = 20\n"), "{text}");
-    std::fs::write(cfg, text.replace("election_ticks = 20\n", "election_ticks = 60\n")).unwrap();
+    std::fs::write(cfg, text.replace("election_ticks = 20\n", "election_ticks = 35\n")).unwrap();
     for k in 0..4 {
         c.spawn(k);
     }
