@@ -124,7 +124,9 @@ fn a_compute_node_bootstraps_as_a_voter_stores_nothing_and_keeps_the_quorum() {
     // storage node.
     let mut want = vec![0u8; 32 * MIB];
     let mut cmds: Vec<String> = Vec::new();
-    for &(p, off, len) in &[(0x31u8, 0, 3 * MIB), (0x32, 5 * MIB - 512, 2 * MIB + 1024), (0x33, 31 * MIB, MIB)] {
+    for &(p, off, len) in
+        &[(0x31u8, 0, 3 * MIB), (0x32, 5 * MIB - 512, 2 * MIB + 1024), (0x33, 31 * MIB, MIB)]
+    {
         cmds.push(format!("write -P {p} {off} {len}"));
         want[off..off + len].fill(p);
     }
@@ -162,30 +164,40 @@ fn a_compute_node_bootstraps_as_a_voter_stores_nothing_and_keeps_the_quorum() {
             && node_json(&c.cli_json(COMPUTE, &["cluster", "status"]), dead)["state"] == "down"
     });
     // ...and takes metadata writes through the compute node and a storage
-    // node: R=2 volumes land on the two live storage nodes only.
-    let live: BTreeSet<u64> = storage.iter().copied().filter(|&n| n != dead).collect();
+    // node. R=3 would be refused (two storage nodes are up); R=2 volumes
+    // are placed on storage nodes only, never the compute node (the down
+    // node may be chosen: liveness is not in the placement map,
+    // docs/design.md; a down replica is the data path's business).
     let other = (0..3).find(|&k| k != leader).unwrap();
     for (k, name) in [(COMPUTE, "after-c"), (other, "after-s")] {
         let v = c.cli_json(
             k,
             &["volume", "create", name, "--size", "16M", "--replicas", "2", "--extent-size", "4M"],
         );
-        assert_eq!(placed(&v), live, "{name}: {v}");
+        let p = placed(&v);
+        assert!(p.is_subset(&storage) && p.len() >= 2, "{name}: {v}");
     }
     let list = c.cli_json(COMPUTE, &["volume", "list"]);
     let mut names: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["after-c", "after-s", "cv"]);
 
-    // Data still moves: write through the compute node (it owns after-c),
-    // read back through the live storage node.
+    // Data still moves: written through the compute node (it owns after-c)
+    // (R=2, min 1; the dead node may hold one replica of an extent), read
+    // back through a live storage node; the written extent's set holds
+    // live storage nodes only.
     let after = format!("nbd://{}/after-c", c.nodes[COMPUTE].nbd);
     qemu_io(&after, &["write -P 0x44 1M 2M".into(), "flush".into()]);
     let text = qemu_io(
         &format!("nbd://{}/after-c", c.nodes[other].nbd),
-        &["read -P 0x44 1M 2M".into(), "read -P 0 0 1M".into()],
+        &["read -P 0x44 1M 2M".into(), "read -P 0 0 1M".into(), "read -P 0 3M 13M".into()],
     );
     assert!(text.contains("read 2097152/2097152"), "{text}");
+    let v = c.cli_json(COMPUTE, &["volume", "show", "after-c"]);
+    let e0: BTreeSet<u64> =
+        v["extents"][0]["replicas"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let live: BTreeSet<u64> = storage.iter().copied().filter(|&n| n != dead).collect();
+    assert!(!e0.is_empty() && e0.is_subset(&live), "{v}");
     assert_eq!(c.extent_files(COMPUTE), BTreeSet::new(), "still nothing on the compute node");
     for k in 0..4 {
         if k != leader {
