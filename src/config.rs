@@ -247,6 +247,11 @@ pub enum ConfigError {
     SnapshotEntries(u64),
     #[error("liveness.down_after_ms: must be at least 3x liveness.heartbeat_ms ({down} < 3 * {hb})")]
     DownAfter { down: u64, hb: u64 },
+    #[error(
+        "liveness.down_after_ms: must be longer than an election timeout, raft.tick_ms * raft.election_ticks \
+         ({down} ms is not above {tick} ms * {election}); a node would be committed down before a new leader could be elected"
+    )]
+    DownAfterElection { down: u64, tick: u64, election: usize },
     #[error("liveness.heartbeat_ms: must be at least 10 (got {0})")]
     HeartbeatMs(u64),
 }
@@ -381,6 +386,13 @@ impl Config {
         let (down, hb) = (self.liveness.down_after_ms, self.liveness.heartbeat_ms);
         if down < hb.saturating_mul(3) {
             return Err(ConfigError::DownAfter { down, hb });
+        }
+        // The meta group counts liveness in whole ticks and needs more of
+        // them than an election takes (a leader change must not look like
+        // every node falling silent).
+        let (tick, election) = (self.raft.tick_ms, self.raft.election_ticks);
+        if down / tick <= election as u64 {
+            return Err(ConfigError::DownAfterElection { down, tick, election });
         }
         if self.peer.assembly_budget.0 < crate::proto::peer::MAX_FRAME as u64 {
             return Err(ConfigError::PeerAssemblyBudget(self.peer.assembly_budget));
@@ -623,5 +635,25 @@ mod tests {
     fn liveness() {
         assert_eq!(err(|c| c.liveness.heartbeat_ms = 1), ConfigError::HeartbeatMs(1));
         assert_eq!(err(|c| c.liveness.down_after_ms = 1000), ConfigError::DownAfter { down: 1000, hb: 500 });
+        // Not longer than an election timeout (100 ms * 10 ticks): the meta
+        // group refused it at start, naming no config field (before).
+        let e = err(|c| {
+            c.liveness.heartbeat_ms = 100;
+            c.liveness.down_after_ms = 1000;
+        });
+        assert_eq!(e, ConfigError::DownAfterElection { down: 1000, tick: 100, election: 10 });
+        assert!(e.to_string().starts_with("liveness.down_after_ms: "), "{e}");
+        assert_eq!(
+            err(|c| {
+                c.raft.election_ticks = 60;
+                c.raft.tick_ms = 50;
+                c.liveness.down_after_ms = 3000;
+            }),
+            ConfigError::DownAfterElection { down: 3000, tick: 50, election: 60 }
+        );
+        let mut ok = base();
+        ok.liveness.heartbeat_ms = 100;
+        ok.liveness.down_after_ms = 1100;
+        assert_eq!(ok.validate(), Ok(()), "11 ticks of 100 ms: above 10");
     }
 }

@@ -247,6 +247,7 @@ fn check_config_prints_the_effective_file_or_names_the_bad_field() {
         ("[cluster]\nvoters = 4\n", "cluster.voters"),
         ("zone = \"a b\"\n", "zone"),
         ("[raft]\nheartbeat_ticks = 50\n", "raft.heartbeat_ticks"),
+        ("[raft]\nelection_ticks = 60\n", "liveness.down_after_ms"),
         ("nonsense = 1\n", "unknown field"),
     ] {
         let bad = t.path().join("bad.toml");
