@@ -34,16 +34,21 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// needs more than 35 ticks) so a storage node usually wins the first
 /// election (the test needs a storage leader to kill).
 fn start() -> Cluster {
-    let mut c = Cluster::configure(4, 5, None);
-    c.make_compute(COMPUTE);
-    let cfg = &c.nodes[COMPUTE].config;
+    start_with(4, 5, COMPUTE)
+}
+
+/// `n` initial members, node `compute` the compute node.
+fn start_with(n: usize, voters: u8, compute: usize) -> Cluster {
+    let mut c = Cluster::configure(n, voters, None);
+    c.make_compute(compute);
+    let cfg = &c.nodes[compute].config;
     let text = std::fs::read_to_string(cfg).unwrap();
     assert!(text.contains("election_ticks = 20\n"), "{text}");
     std::fs::write(cfg, text.replace("election_ticks = 20\n", "election_ticks = 35\n")).unwrap();
-    for k in 0..4 {
+    for k in 0..n {
         c.spawn(k);
     }
-    for k in 0..4 {
+    for k in 0..n {
         c.wait_ready(k);
     }
     c
@@ -204,4 +209,76 @@ fn a_compute_node_bootstraps_as_a_voter_stores_nothing_and_keeps_the_quorum() {
             assert!(!c.log(k).contains("panicked"), "node {k} panicked:\n{}", c.log(k));
         }
     }
+}
+
+/// Two storage nodes and the compute node bootstrap (three voters). After
+/// kill -9 of the storage node that leads, the two left are a majority
+/// only if the compute node's vote counts: metadata writes go on, through
+/// either survivor; volumes are placed on storage nodes only.
+#[test]
+fn the_compute_nodes_vote_makes_the_majority_after_the_storage_leader_dies() {
+    const C: usize = 2;
+    let mut c = start_with(3, 3, C);
+    let mut leader = c.wait_leader(0, None);
+    if leader == C {
+        c.kill9(C);
+        leader = c.wait_leader(0, Some(C));
+        c.spawn(C);
+        c.wait_ready(C);
+    }
+    let ids = c.node_ids(C);
+    let storage: BTreeSet<u64> = ids[..2].iter().copied().collect();
+    let s = c.cli_json(C, &["cluster", "status"]);
+    for &id in &ids {
+        assert_eq!(node_json(&s, id)["role"], "voter", "{s}");
+    }
+    let v = c
+        .cli_json(C, &["volume", "create", "two", "--size", "16M", "--replicas", "2", "--extent-size", "4M"]);
+    assert_eq!(placed(&v), storage, "{v}");
+
+    let term0 = s["term"].as_u64().unwrap();
+    c.kill9(leader);
+    let other = 1 - leader;
+    let new = c.wait_leader(C, Some(leader));
+    assert!(new == other || new == C, "{new}");
+    let s = c.cli_json(other, &["cluster", "status"]);
+    assert!(s["term"].as_u64().unwrap() > term0, "{s}");
+    // The dead node is committed down (a write that needs both votes)...
+    let dead = ids[leader];
+    wait_for("the killed leader to be committed down", || {
+        c.cli(C, &["--json", "cluster", "status"]).status.success()
+            && node_json(&c.cli_json(C, &["cluster", "status"]), dead)["state"] == "down"
+    });
+    // ...then writes through both survivors: R=2 is refused with one
+    // storage node up, R=1 lands on a storage node.
+    let out = c.cli(C, &["volume", "create", "r2", "--size", "16M", "--replicas", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the cluster has 1"), "{out:?}");
+    for (k, name) in [(C, "one-c"), (other, "one-s")] {
+        let v = c.cli_json(
+            k,
+            &["volume", "create", name, "--size", "16M", "--replicas", "1", "--extent-size", "4M"],
+        );
+        let p = placed(&v);
+        assert!(!p.is_empty() && p.is_subset(&storage), "{name}: {v}");
+    }
+    let out = c.cli(other, &["volume", "delete", "one-c"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for k in [C, other] {
+        let list = c.cli_json(k, &["volume", "list"]);
+        let mut names: Vec<&str> =
+            list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["one-s", "two"], "node {k}");
+    }
+    // The killed leader returns and catches up.
+    c.spawn(leader);
+    c.wait_ready(leader);
+    wait_for("the old leader to catch up", || {
+        let o = c.cli(leader, &["--json", "--stale", "volume", "list"]);
+        o.status.success()
+            && serde_json::from_slice::<Value>(&o.stdout)
+                .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 2))
+    });
+    assert_eq!(c.extent_files(C), BTreeSet::new());
 }
