@@ -7,19 +7,19 @@
 mod common;
 
 use common::attach::Attached;
-use common::{Daemon, require, run_ok};
-use std::path::Path;
+use common::{Daemon, run_ok};
 
 #[test]
 fn ext4_on_a_volume_survives_fsck_remount_and_restart() {
-    for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3", "nbdcopy", "debugfs"] {
-        if !require(t) {
-            return;
-        }
-    }
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/fuse and loop devices are needed");
-        eprintln!("SKIPPING: no /dev/fuse or loop devices");
+    if !common::attach::usable(&[
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "fusermount3",
+        "nbdcopy",
+        "debugfs",
+    ]) {
         return;
     }
     let mut d = Daemon::start("512M", &[]);

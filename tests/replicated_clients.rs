@@ -69,17 +69,6 @@ fn create(c: &Cluster, name: &str, size: &str) -> Value {
     )
 }
 
-/// `basalt volume verify NAME` through node `k`: exit 0, every extent's
-/// replicas compared and equal.
-fn assert_verify_clean(c: &Cluster, k: usize, name: &str) {
-    let out = c.cli(k, &["--json", "volume", "verify", name]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("verify: not JSON ({e}): {}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr))
-    });
-    assert_eq!(out.status.code(), Some(0), "verify {name}: {v}");
-    assert_eq!((v["mismatched"].as_u64(), v["incomplete"].as_u64()), (Some(0), Some(0)), "{v}");
-}
-
 fn node_logs(c: &Cluster) -> String {
     (0..c.nodes.len()).map(|k| format!("--- node {k} log ---\n{}\n", c.log(k))).collect()
 }
@@ -227,7 +216,7 @@ fn write_through_the_owner_read_through_the_others(n: usize) {
         "{owner}"
     );
 
-    assert_verify_clean(&c, 1, "rc");
+    c.assert_verify_clean(1, "rc");
 
     // Extents 0-23 were written (64 KiB units over sets of four 4 MiB
     // extents: 96 MiB touched), 24-31 never. Each written one is on
@@ -326,7 +315,7 @@ fn iscsi_compliance_suites_pass_on_r3_through_the_owner_and_a_forwarding_node() 
         (Some(ids[0]), &v["owner"]["generation"]),
         "{owner}"
     );
-    assert_verify_clean(&c, 2, "cu");
+    c.assert_verify_clean(2, "cu");
     assert_no_panic(&c);
 }
 
@@ -346,14 +335,16 @@ fn mount_and_compare(a: &Attached, src: &Path) {
 /// the owner and (as an image copied out) through a forwarding node.
 #[test]
 fn ext4_on_r3_survives_fsck_remount_and_a_restart_of_every_node() {
-    for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3", "fstrim", "qemu-img", "nbdcopy"] {
-        if !require(t) {
-            return;
-        }
-    }
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/fuse and loop devices are needed");
-        eprintln!("SKIPPING: no /dev/fuse or loop devices");
+    if !common::attach::usable(&[
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "fusermount3",
+        "fstrim",
+        "qemu-img",
+        "nbdcopy",
+    ]) {
         return;
     }
     let mut c = Cluster::start(3, 3);
@@ -378,7 +369,7 @@ fn ext4_on_r3_survives_fsck_remount_and_a_restart_of_every_node() {
         run_ok("e2fsck", &["-fn", a.dev()]);
         mount_and_compare(&a, &src);
     }
-    assert_verify_clean(&c, 1, "fs");
+    c.assert_verify_clean(1, "fs");
 
     for k in 0..3 {
         assert_eq!(c.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", c.log(k));
@@ -400,7 +391,7 @@ fn ext4_on_r3_survives_fsck_remount_and_a_restart_of_every_node() {
     run_ok("nbdcopy", &["--connections=4", &uri(&c, 1, "fs"), img.to_str().unwrap()]);
     run_ok("e2fsck", &["-fn", img.to_str().unwrap()]);
     run_ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap(), &uri(&c, 0, "fs")]);
-    assert_verify_clean(&c, 2, "fs");
+    c.assert_verify_clean(2, "fs");
     assert_no_panic(&c);
 }
 
@@ -446,6 +437,6 @@ fn every_node_restarted_at_once_comes_back_ready_five_times() {
             qemu_io(&c, k, &read);
         }
     }
-    assert_verify_clean(&c, 1, "rs");
+    c.assert_verify_clean(1, "rs");
     assert_no_panic(&c);
 }

@@ -9,7 +9,7 @@ mod common;
 
 use common::attach::Attached;
 use common::cluster::Cluster;
-use common::{pattern, require, run_ok, scratch, stdout, write_file};
+use common::{pattern, run_ok, scratch, write_file};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -25,18 +25,6 @@ fn node_logs(c: &Cluster) -> String {
     (0..c.nodes.len()).map(|k| format!("--- node {k} log ---\n{}\n", c.log(k))).collect()
 }
 
-/// `volume verify` through node `k`: exit 0, no mismatch, nothing left
-/// uncompared.
-fn assert_verify_clean(c: &Cluster, k: usize, name: &str) -> Value {
-    let out = c.cli(k, &["--json", "volume", "verify", name]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("verify: not JSON ({e}): {}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr))
-    });
-    assert_eq!(out.status.code(), Some(0), "verify {name}: {v}");
-    assert_eq!((v["mismatched"].as_u64(), v["incomplete"].as_u64()), (Some(0), Some(0)), "{v}");
-    v
-}
-
 /// Mounts, compares `f0..n` with `src`, unmounts.
 fn mount_and_compare(a: &Attached, src: &Path, n: usize) {
     run_ok("mount", &[a.dev(), a.mnt_str()]);
@@ -48,14 +36,7 @@ fn mount_and_compare(a: &Attached, src: &Path, n: usize) {
 
 #[test]
 fn ext4_through_a_forwarding_node_survives_kill9_of_the_owner_mid_write() {
-    for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3", "dd"] {
-        if !require(t) {
-            return;
-        }
-    }
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/fuse and loop devices are needed");
-        eprintln!("SKIPPING: no /dev/fuse or loop devices");
+    if !common::attach::usable(&["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3", "dd"]) {
         return;
     }
     let mut c = Cluster::start(3, 3);
@@ -162,7 +143,7 @@ fn ext4_through_a_forwarding_node_survives_kill9_of_the_owner_mid_write() {
         run_ok("e2fsck", &["-fn", a.dev()]);
         mount_and_compare(&a, &src, 4);
     }
-    assert_verify_clean(&c, 2, "fs");
+    c.assert_verify_clean(2, "fs");
     for k in 0..3 {
         let log = c.log(k);
         assert!(!log.contains("panicked"), "node {k} panicked:\n{log}");

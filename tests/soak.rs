@@ -108,13 +108,7 @@ fn mixed_size_sub_block_writes_on_r3_verify_through_every_node_and_a_replica_kil
         }
     };
     check(&fio(&uri(&c, 1), &["--do_verify=1"]), true);
-    let verify = |c: &Cluster, what: &str| {
-        let out = c.cli(1, &["--json", "volume", "verify", "m"]);
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(out.status.code(), Some(0), "{what}: {r}");
-        assert_eq!((r["mismatched"].as_u64(), r["incomplete"].as_u64()), (Some(0), Some(0)), "{what}: {r}");
-    };
-    verify(&c, "as written");
+    c.assert_verify_clean(1, "m");
     // A replica (not the owner) gone: reads fail over where they must.
     c.kill9(2);
     check(&fio(&uri(&c, 0), &["--verify_only"]), false);
@@ -132,7 +126,7 @@ fn mixed_size_sub_block_writes_on_r3_verify_through_every_node_and_a_replica_kil
     for k in 0..3 {
         check(&fio(&uri(&c, k), &["--verify_only"]), false);
     }
-    verify(&c, "after the kill and the restarts");
+    c.assert_verify_clean(1, "m");
     for k in 0..3 {
         let log = c.log(k);
         assert!(!log.contains("checksum mismatch") && !log.contains("panicked"), "node {k}:\n{log}");

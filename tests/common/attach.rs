@@ -3,10 +3,24 @@
 //! Dropping it unmounts, detaches and stops nbdfuse.
 #![allow(dead_code)]
 
-use super::{run, run_ok};
+use super::{require, run, run_ok};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
+
+/// True when `tools` and the devices an attachment needs (/dev/fuse, loop
+/// devices) are here; a missing one fails under CI=true (see `require`).
+pub fn usable(tools: &[&str]) -> bool {
+    if !tools.iter().all(|t| require(t)) {
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/fuse and loop devices are needed");
+        eprintln!("SKIPPING: no /dev/fuse or loop devices");
+        return false;
+    }
+    true
+}
 
 pub struct Attached {
     fuse: Child,

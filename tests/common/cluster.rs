@@ -274,6 +274,22 @@ impl Cluster {
     }
 
     /// Runs `basalt --json ...` against node `k`, expecting success.
+    /// `basalt --json volume verify NAME` through node `k`: exit 0, no
+    /// mismatch, nothing left uncompared. Returns the report.
+    pub fn assert_verify_clean(&self, k: usize, name: &str) -> serde_json::Value {
+        let out = self.cli(k, &["--json", "volume", "verify", name]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "verify: not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_eq!(out.status.code(), Some(0), "verify {name}: {v}");
+        assert_eq!((v["mismatched"].as_u64(), v["incomplete"].as_u64()), (Some(0), Some(0)), "{v}");
+        v
+    }
+
     pub fn cli_json(&self, k: usize, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
