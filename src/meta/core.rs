@@ -789,4 +789,91 @@ mod tests {
         let idx: Vec<u64> = applied.iter().map(|a| a.index).collect();
         assert_eq!(idx, (2..2 + idx.len() as u64).collect::<Vec<_>>());
     }
+
+    /// Liveness is per node and heard outside the log: with 100,000
+    /// volumes, many liveness timeouts of heartbeats and ticks append not
+    /// one entry; a node falling silent costs one.
+    #[test]
+    fn liveness_grows_the_log_with_changes_not_with_time_or_volumes() {
+        use crate::meta::state::{NodeAddrs, VolumeSpec};
+        let mut s = crate::meta::MemStore::new();
+        bootstrap_store(&mut s, &[NodeId(1)]).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut cfg = CoreConfig::new(NodeId(1));
+        cfg.snapshot_interval = 50_000;
+        let liveness = cfg.liveness_ticks;
+        let mut c =
+            MetaCore::open(cfg, s, Box::new(crate::meta::state::ConservativeReplicaCheck), &logger).unwrap();
+        c.set_bootstrap_candidate(ClusterId(7), "big".into());
+        let report = NodeReport {
+            spec: NodeSpec {
+                id: NodeId(1),
+                addrs: NodeAddrs {
+                    peer: "127.0.0.1:7400".into(),
+                    nbd: "127.0.0.1:10809".into(),
+                    iscsi: "127.0.0.1:3260".into(),
+                    admin: "127.0.0.1:7480".into(),
+                },
+                zone: "z".into(),
+                capacity: 1 << 50,
+                has_data: true,
+                pid: 1,
+            },
+            used: 0,
+        };
+        let drain = |c: &mut MetaCore<crate::meta::MemStore>| {
+            while c.has_ready() {
+                c.handle_ready().unwrap();
+            }
+        };
+        for _ in 0..100 {
+            c.on_heartbeat(report.clone());
+            c.tick();
+            drain(&mut c);
+        }
+        assert!(c.state().node(NodeId(1)).is_some(), "registered");
+        for batch in 0..100 {
+            for i in 0..1000 {
+                let spec = VolumeSpec {
+                    name: format!("v{}", batch * 1000 + i),
+                    size: 1 << 30,
+                    replicas: 1,
+                    min_replicas: 1,
+                    extent_size: 64 << 20,
+                    stripe_unit: 64 << 20,
+                    stripe_width: 1,
+                    read_only: false,
+                };
+                let request = c.next_request();
+                c.propose(&Proposal { request, command: Command::CreateVolume { spec } }).unwrap();
+            }
+            drain(&mut c);
+        }
+        assert_eq!(c.state().volume_count(), 100_000);
+        let last = c.status().log_last;
+        assert_eq!(c.status().commit_index, last);
+        // Ten liveness timeouts of heartbeats: nothing.
+        for _ in 0..10 * liveness {
+            c.on_heartbeat(report.clone());
+            c.tick();
+            drain(&mut c);
+        }
+        assert_eq!(c.status().log_last, last, "time with 100,000 volumes appended entries");
+        // A second member falls silent: one entry (it is down), then
+        // nothing more however long it stays silent.
+        let mut other = report.spec.clone();
+        other.id = NodeId(2);
+        let request = c.next_request();
+        c.propose(&Proposal { request, command: Command::AddNode { spec: other } }).unwrap();
+        drain(&mut c);
+        let added = c.status().log_last;
+        assert_eq!(added, last + 1);
+        for _ in 0..10 * liveness {
+            c.on_heartbeat(report.clone());
+            c.tick();
+            drain(&mut c);
+        }
+        assert_eq!(c.state().node(NodeId(2)).map(|n| n.state), Some(NodeState::Down));
+        assert_eq!(c.status().log_last, added + 1, "one entry for the change");
+    }
 }
