@@ -371,15 +371,7 @@ fn ext4_on_r3_survives_fsck_remount_and_a_restart_of_every_node() {
     }
     c.assert_verify_clean(1, "fs");
 
-    for k in 0..3 {
-        assert_eq!(c.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", c.log(k));
-    }
-    for k in 0..3 {
-        c.spawn(k);
-    }
-    for k in 0..3 {
-        c.wait_ready(k);
-    }
+    c.restart_all();
     c.wait_leader(0, None);
     {
         let a = Attached::new(&uri(&c, 0, "fs"), dir.path());

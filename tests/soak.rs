@@ -114,15 +114,7 @@ fn mixed_size_sub_block_writes_on_r3_verify_through_every_node_and_a_replica_kil
     check(&fio(&uri(&c, 0), &["--verify_only"]), false);
     c.spawn(2);
     c.wait_ready(2);
-    for k in 0..3 {
-        assert_eq!(c.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", c.log(k));
-    }
-    for k in 0..3 {
-        c.spawn(k);
-    }
-    for k in 0..3 {
-        c.wait_ready(k);
-    }
+    c.restart_all();
     for k in 0..3 {
         check(&fio(&uri(&c, k), &["--verify_only"]), false);
     }

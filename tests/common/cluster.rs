@@ -218,6 +218,21 @@ impl Cluster {
         panic!("node {k} not ready in 60 s; log:\n{}", self.log(k));
     }
 
+    /// Every node stopped with SIGTERM (each must exit 0), then all started
+    /// again and waited for until ready.
+    pub fn restart_all(&mut self) {
+        let n = self.nodes.len();
+        for k in 0..n {
+            assert_eq!(self.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", self.log(k));
+        }
+        for k in 0..n {
+            self.spawn(k);
+        }
+        for k in 0..n {
+            self.wait_ready(k);
+        }
+    }
+
     /// A raw GET on node `k`'s admin API: the body on 200, else `None`.
     pub fn admin_get(&self, k: usize, path: &str) -> Option<String> {
         let url = format!("http://{}{path}", self.nodes[k].admin);
