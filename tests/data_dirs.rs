@@ -407,3 +407,39 @@ async fn node_id_from_the_control_plane_stamps_new_dirs() {
     }
     assert_eq!(open(None).await.unwrap().node_id(), NodeId(77));
 }
+
+/// A first-version directory whose volume ids cannot carry over (its first
+/// volume was deleted, so the one left is id 2 and a new cluster's first id
+/// is 1) is refused with what to do, and nothing of it is lost: the start
+/// fails the same way again, and the catalog still records the volume.
+#[test]
+fn first_version_dir_whose_ids_cannot_carry_over_is_refused_and_kept() {
+    let mut d = Daemon::start("8M", &["--extent-size=1MiB"]);
+    assert_eq!(d.terminate(), Some(0));
+    let cat = json(&d.data.join("catalog-a.json"));
+    let mut spec = cat["volumes"]["demo"].clone();
+    assert_eq!(spec["id"], 1, "{cat}");
+    spec["id"] = 2.into();
+    let legacy = serde_json::json!({ "next_id": 3, "volumes": { "demo": spec } });
+    for f in ["catalog-a.json", "catalog-b.json", "basalt-dir.json", "basalt-dir.json.bak"] {
+        std::fs::remove_file(d.data.join(f)).unwrap();
+    }
+    for f in ext_files(&d.data) {
+        std::fs::remove_file(d.data.join(f)).unwrap();
+    }
+    std::fs::remove_dir_all(d.data.join("state")).unwrap();
+    std::fs::write(d.data.join("volumes.json"), serde_json::to_vec_pretty(&legacy).unwrap()).unwrap();
+    for attempt in 0..2 {
+        let (code, err) = refused(&[&d.data]);
+        assert_eq!(code, Some(1), "attempt {attempt}: {err}");
+        assert!(
+            err.contains(
+                "local volume \"demo\" (v2) is not in the cluster's metadata and cannot keep its id"
+            ) && err.contains("move its data directory away"),
+            "attempt {attempt}: {err}"
+        );
+        let now = json(&d.data.join("catalog-a.json"));
+        assert_eq!(now["volumes"], legacy["volumes"], "attempt {attempt}");
+        assert_eq!(now["next_id"], 3, "attempt {attempt}");
+    }
+}

@@ -336,7 +336,9 @@ mod v1 {
             applied: old.applied,
             maps: Maps::default(),
         };
-        if let Ok(map) = PlacementMap::new(s.candidates()) {
+        // The volumes that exist keep the sets they had: placement then
+        // ignored liveness. New ones get a map without the down nodes.
+        if let Ok(map) = PlacementMap::new(s.candidates_with(true)) {
             s.maps = Maps::starting_with(FIRST_MAP, map);
         }
         let version = s.maps.latest().0;
@@ -359,6 +361,9 @@ mod v1 {
                 (id, r)
             })
             .collect();
+        if s.maps.recount(s.volumes.values().map(|v| (v.id, v.map_version))).is_ok() {
+            s.refresh_map();
+        }
         s
     }
 }
@@ -503,6 +508,11 @@ pub enum Rejection {
     ExtentPastEnd { volume: VolumeId, extent: ExtentIndex },
     #[error("placement map versions are exhausted")]
     MapVersionsExhausted,
+    #[error(
+        "{need} replicas need {need} nodes with data that are up; placement has {eligible}: \
+         bring nodes back up or add some, or ask for fewer replicas"
+    )]
+    TooFewNodes { need: u32, eligible: u32 },
 }
 
 /// Why [`Rejection::NodeHoldsReplicas`] was given.
@@ -819,11 +829,19 @@ impl MetaState {
     }
 
     /// The placement candidates the node records give now: nodes with data
-    /// directories, weighted by capacity, whatever their liveness.
+    /// directories that are up, weighted by capacity. Only new volumes use
+    /// the map made of them, so a node going down moves nothing that
+    /// exists; it only stops being chosen.
     fn candidates(&self) -> Vec<MapNode> {
+        self.candidates_with(false)
+    }
+
+    /// The candidates, down nodes too if `down` (placement before the maps
+    /// existed ignored liveness).
+    fn candidates_with(&self, down: bool) -> Vec<MapNode> {
         self.nodes
             .values()
-            .filter(|n| n.spec.has_data && n.spec.capacity > 0)
+            .filter(|n| n.spec.has_data && n.spec.capacity > 0 && (down || n.state == NodeState::Up))
             .map(|n| MapNode { id: n.spec.id, zone: n.spec.zone.clone(), weight: n.spec.capacity })
             .collect()
     }
@@ -952,6 +970,9 @@ impl MetaState {
                 let n = self.nodes.get_mut(node).ok_or(Rejection::NodeNotFound(*node))?;
                 let changed = n.state != *state;
                 n.state = *state;
+                // Never refused for want of a map version (liveness must
+                // commit): at u64::MAX the latest map just stays as it is.
+                self.refresh_map();
                 Ok(ApplyOutcome::NodeStateSet { node: *node, state: *state, changed })
             }
             Command::RemoveNode { node } => {
@@ -990,6 +1011,11 @@ impl MetaState {
                 let layout = check_volume_spec(spec).map_err(Rejection::InvalidVolume)?;
                 if self.names.contains_key(&spec.name) {
                     return Err(Rejection::VolumeNameExists(spec.name.clone()));
+                }
+                // A volume its map cannot place could never be written.
+                let eligible = self.maps.latest().1.nodes().len() as u32;
+                if eligible < spec.replicas {
+                    return Err(Rejection::TooFewNodes { need: spec.replicas, eligible });
                 }
                 let id = VolumeId(self.next_volume_id);
                 self.next_volume_id =
@@ -1454,21 +1480,61 @@ mod tests {
     }
 
     #[test]
-    fn a_node_going_down_changes_no_replica_set() {
+    fn a_node_going_down_changes_no_replica_set_and_is_never_chosen_for_a_new_volume() {
         let (mut l, v) = six_nodes_and_a_volume();
         let before = all_sets(&l.s, v);
         assert!(before.iter().all(|(e, r)| *e == BASE_EPOCH && r.len() == 3), "{before:?}");
-        let versions = l.s.maps().len();
         let victim = before[0].1[0];
         l.run(Command::SetNodeState { node: victim, state: NodeState::Down }).unwrap();
-        assert_eq!(all_sets(&l.s, v), before);
-        assert_eq!(l.s.maps().len(), versions);
-        // A volume created while it is down is still placed over it: down
-        // is the data path's business, not placement's.
+        assert_eq!(all_sets(&l.s, v), before, "a down node moved an existing extent");
+        assert!(l.s.maps().get(l.s.volume(v).unwrap().map_version).unwrap().contains(victim));
+        assert!(!l.s.maps().latest().1.contains(victim));
+        // A volume created while it is down is placed without it.
         let w = l.create("w");
-        assert_eq!(l.s.volume(w).unwrap().map_version, l.s.volume(v).unwrap().map_version);
+        assert!(l.s.volume(w).unwrap().map_version > l.s.volume(v).unwrap().map_version);
+        let sets_w = all_sets(&l.s, w);
+        assert!(sets_w.iter().all(|(_, r)| r.len() == 3 && !r.contains(&victim)), "{sets_w:?}");
+        // Back up: chosen again by volumes created from then on; neither
+        // earlier volume moves.
         l.run(Command::SetNodeState { node: victim, state: NodeState::Up }).unwrap();
         assert_eq!(all_sets(&l.s, v), before);
+        assert_eq!(all_sets(&l.s, w), sets_w);
+        let x = l.create("x");
+        assert!(all_sets(&l.s, x).iter().any(|(_, r)| r.contains(&victim)));
+        // Flapping with no volume created keeps no extra map: one unused
+        // latest at most.
+        l.run(Command::SetNodeState { node: victim, state: NodeState::Down }).unwrap();
+        l.run(Command::SetNodeState { node: victim, state: NodeState::Up }).unwrap();
+        let kept = l.s.maps().len();
+        assert_eq!(kept, 4, "the maps of v, w and x, and the latest");
+        for _ in 0..10 {
+            l.run(Command::SetNodeState { node: victim, state: NodeState::Down }).unwrap();
+            l.run(Command::SetNodeState { node: victim, state: NodeState::Up }).unwrap();
+        }
+        assert_eq!(l.s.maps().len(), kept);
+        self_check(&l.s);
+    }
+
+    #[test]
+    fn a_volume_placement_cannot_place_is_refused() {
+        // Three data nodes, two of them down: R=3 and R=2 are refused, R=1
+        // lands on the one that is up.
+        let mut l = Log::booted();
+        let up = NodeId(1);
+        for n in [2, 3] {
+            l.run(Command::SetNodeState { node: NodeId(n), state: NodeState::Down }).unwrap();
+        }
+        for replicas in [3, 2] {
+            let spec = VolumeSpec { replicas, min_replicas: 1, ..vol("r") };
+            assert_eq!(
+                l.run(Command::CreateVolume { spec }),
+                Err(Rejection::TooFewNodes { need: replicas, eligible: 1 })
+            );
+        }
+        assert!(l.s.volume_by_name("r").is_none(), "a refused create left a name behind");
+        let spec = VolumeSpec { replicas: 1, min_replicas: 1, ..vol("r") };
+        let Ok(ApplyOutcome::VolumeCreated(id)) = l.run(Command::CreateVolume { spec }) else { panic!() };
+        assert!(all_sets(&l.s, id).iter().all(|(_, r)| r == &[up]));
         self_check(&l.s);
     }
 
@@ -1568,24 +1634,6 @@ mod tests {
             l.s.replicas(v, ExtentIndex(16)),
             Err(ReplicasError::ExtentOutOfRange { volume: v, extent: ExtentIndex(16), extents: 16 })
         );
-        // A volume created before there were enough candidates stays
-        // unplaceable on its map (until a rebalance moves it).
-        let mut l = Log::new();
-        l.run(Command::Bootstrap { cluster: ClusterId(7), name: "c".into() }).unwrap();
-        l.run(Command::AddNode { spec: spec(1, true) }).unwrap();
-        let w = l.create("w");
-        let version = l.s.volume(w).unwrap().map_version;
-        for i in 2..=3 {
-            l.run(Command::AddNode { spec: spec(i, true) }).unwrap();
-        }
-        assert_eq!(
-            l.s.replicas(w, ExtentIndex(0)),
-            Err(ReplicasError::Placement {
-                volume: w,
-                version,
-                source: PlacementError::NotEnoughNodes { need: 3, eligible: 1 }
-            })
-        );
     }
 
     #[test]
@@ -1654,10 +1702,17 @@ mod tests {
         assert_eq!(s.applied_index(), 11);
         assert_eq!(s.node(NodeId(2)).unwrap().state, NodeState::Down);
         assert_eq!(s.role(NodeId(4)), Some(Role::Learner));
-        // One map: every node with data, the down one included.
+        // The volumes' map: every node with data, the down one included, as
+        // placement was then; the latest, for new volumes, leaves it out.
         let kept: Vec<_> = s.maps().iter().map(|(v, m, n)| (v, m.nodes().to_vec(), n)).collect();
         let node = |id: u64, zone: &str| MapNode { id: NodeId(id), zone: zone.into(), weight: id << 40 };
-        assert_eq!(kept, [(FIRST_MAP, vec![node(1, "z1"), node(2, "z2"), node(3, "z0")], 2)]);
+        assert_eq!(
+            kept,
+            [
+                (FIRST_MAP, vec![node(1, "z1"), node(2, "z2"), node(3, "z0")], 2),
+                (MapVersion(2), vec![node(1, "z1"), node(3, "z0")], 0)
+            ]
+        );
         let a = s.volume_by_name("a").unwrap();
         assert_eq!(
             (a.id, a.map_version, a.owner, a.generation),

@@ -71,7 +71,7 @@ fn meta_error(e: MetaError) -> ControlError {
                  (\"allow_shrink\": true)"
             )),
             Rejection::ExtentPastEnd { .. } => ControlError::Conflict(msg),
-            Rejection::ResizeSize(_) => ControlError::Invalid(msg),
+            Rejection::ResizeSize(_) | Rejection::TooFewNodes { .. } => ControlError::Invalid(msg),
             Rejection::VolumeNotFound(_) | Rejection::NodeNotFound(_) => ControlError::NotFound(msg),
             Rejection::InvalidVolume(_) | Rejection::InvalidNode(_) | Rejection::InvalidReplicas(_) => {
                 ControlError::Invalid(msg)
