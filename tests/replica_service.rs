@@ -611,8 +611,10 @@ async fn extent_maps_follow_the_block_table_and_refuse_hostile_ranges() {
 /// on-disk block table covers. It must stay suspect, refusing reads and
 /// writes, until an owner's status request reconciles it, and that
 /// suspicion must survive a clean shutdown in between, which clears every
-/// dirty bit. The status reports the regions the crash left dirty. A
-/// damaged record makes every region of every replica suspect.
+/// dirty bit. The status reports the regions the crash left dirty, and
+/// keeps reporting them (across clean restarts) until a flush shows an
+/// owner finished; a crash before that makes it refuse again. A damaged
+/// record makes every region of every replica suspect.
 #[tokio::test]
 async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts() {
     for kind in ENGINES {
@@ -671,14 +673,43 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
             Message::ExtentReadReply(r) => assert_eq!(r.data, zeros(8192), "{kind:?}"),
             other => panic!("{kind:?}: read after status: {other:?}"),
         }
+        // The owner dies before its copies; this node restarts cleanly
+        // (its dirty bits cleared again). The record is still there for the
+        // next owner's status, and the replica still serves.
         store.close().await.unwrap();
         drop(svc);
         let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
         assert!(
             matches!(read(svc.clone(), t).await, Message::ExtentReadReply(_)),
-            "{kind:?}: the record is gone"
+            "{kind:?}: a taken record serves after a clean restart"
         );
+        let status = |svc: Arc<ReplicaService>| async move {
+            match svc.handle(OWNER, Message::ExtentStatus(t)).await {
+                Message::ExtentStatusReply(s) => s.dirty_regions,
+                other => panic!("status: {other:?}"),
+            }
+        };
+        assert_eq!(status(svc.clone()).await, vec![3], "{kind:?}: the next owner is told again");
+        // A crash now (reconciliation unfinished): it refuses again.
+        drop(svc);
+        drop(store);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), true).await;
+        assert_eq!(err(read(svc.clone(), t).await), ExtentError::Io, "{kind:?}: refuses after a crash");
+        assert_eq!(status(svc.clone()).await, vec![3], "{kind:?}");
+        // The owner copies region 3 back and flushes: reconciled, the record goes.
+        let back = ExtentWrite { target: t, offset: 3 * region, fua: false, data: pattern(9, 8192) };
+        assert_eq!(svc.handle(OWNER, Message::ExtentWrite(back)).await, Message::ExtentOk, "{kind:?}");
+        let flush = ExtentFlush { target: t, flush_number: 1 };
+        assert_eq!(svc.handle(OWNER, Message::ExtentFlush(flush)).await, Message::ExtentOk, "{kind:?}");
         assert!(!dir.path().join("state").join(basalt::node::suspect::FILE).exists(), "{kind:?}");
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        match read(svc.clone(), t).await {
+            Message::ExtentReadReply(r) => assert_eq!(r.data, pattern(9, 8192), "{kind:?}"),
+            other => panic!("{kind:?}: read after reconciliation: {other:?}"),
+        }
+        assert_eq!(status(svc.clone()).await, Vec::<u32>::new(), "{kind:?}: nothing left to reconcile");
 
         // A damaged record: every replica suspect, in every region.
         store.close().await.unwrap();

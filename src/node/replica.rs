@@ -328,6 +328,9 @@ impl ReplicaService {
                 if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
                     let store = self.store.clone();
                     run_held(guard, async move { store.flush_extents([ext]).await }).await?;
+                    if !self.suspects.is_empty() {
+                        self.suspects.flushed(key);
+                    }
                 }
                 Ok(Message::ExtentOk)
             }
@@ -335,7 +338,7 @@ impl ReplicaService {
                 let generation = guard.current();
                 let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
                     // Absent: the owner copies it whole, so no record is left to keep.
-                    self.suspects.take(key, 0, &mut Vec::new()).map_err(|e| {
+                    self.suspects.forget(key).map_err(|e| {
                         Refusal::new(
                             ExtentError::Io,
                             format!("cannot record that extent {key} is being reconciled: {e}"),
@@ -396,7 +399,7 @@ impl ReplicaService {
     fn check_suspect(&self, key: ExtentKey, request: &Message) -> Answer<()> {
         match request {
             Message::ExtentStatus(_) | Message::ExtentCrcs(_) => Ok(()),
-            _ if self.suspects.contains(key) => Err(Refusal::new(
+            _ if self.suspects.refuses(key) => Err(Refusal::new(
                 ExtentError::Io,
                 format!(
                     "extent {key} may have lost unflushed writes in a crash; it waits for reconciliation"

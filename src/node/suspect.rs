@@ -20,11 +20,17 @@
 //! answers no data request (the replica service refuses it) until a status
 //! request, the first step of an owner's reconciliation, takes its record:
 //! the status reports the recorded regions with the current dirty ones,
-//! so the owner copies every region that may differ. The record goes
-//! (durably) before the status is answered. Must never: forget a record
-//! it could not write (the request fails instead), or read a damaged file
-//! as "nothing suspect" (every extent in the store becomes suspect with
-//! all its regions, and the error is logged).
+//! so the owner copies every region that may differ. A taken record stays
+//! (durably marked taken before the status is answered) and is reported by
+//! every later status, until a flush of the extent succeeds: an owner
+//! flushes an extent only once it has reconciled it, so an owner that dies
+//! between the status and its copies leaves the record for the next one,
+//! even across a clean restart of this node (whose shutdown clears the
+//! dirty bits the status also reports). A crash makes every taken record
+//! refuse again. Must never: forget a record it could not write (the
+//! request fails instead), or read a damaged file as "nothing suspect"
+//! (every extent in the store becomes suspect with all its regions, and
+//! the error is logged).
 
 use crate::storage::{Store, write_atomically};
 use crate::types::ExtentKey;
@@ -51,6 +57,9 @@ struct Record {
     all: bool,
     /// Region indexes (the extent's own region size).
     regions: Vec<u32>,
+    /// A reconciling owner has asked for it; data requests are served.
+    #[serde(default)]
+    taken: bool,
 }
 
 /// The suspect extents of one node (see the module docs).
@@ -62,8 +71,14 @@ pub struct Suspects {
 }
 
 #[derive(Debug, Clone)]
-enum Suspicion {
-    Regions(BTreeSet<u32>),
+struct Suspicion {
+    regions: Regions,
+    taken: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Regions {
+    Some(BTreeSet<u32>),
     /// The record was unreadable: every region.
     All,
 }
@@ -84,12 +99,9 @@ impl Suspects {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
                 Ok(d) if d.version == 1 => {
                     for r in d.extents {
-                        let s = if r.all {
-                            Suspicion::All
-                        } else {
-                            Suspicion::Regions(r.regions.into_iter().collect())
-                        };
-                        map.insert(r.key, s);
+                        let regions =
+                            if r.all { Regions::All } else { Regions::Some(r.regions.into_iter().collect()) };
+                        map.insert(r.key, Suspicion { regions, taken: r.taken });
                     }
                 }
                 other => {
@@ -100,7 +112,7 @@ impl Suspects {
                     tracing::error!(path = %path.display(), error = %why,
                         "the record of extents awaiting reconciliation is unreadable: every replica here waits for its owner to reconcile it");
                     for key in store.extent_keys() {
-                        map.insert(key, Suspicion::All);
+                        map.insert(key, Suspicion { regions: Regions::All, taken: false });
                     }
                 }
             },
@@ -108,7 +120,7 @@ impl Suspects {
             Err(e) => return Err(e),
         }
         let s = Suspects { path: Some(path), map: Mutex::default() };
-        if map.values().any(|v| matches!(v, Suspicion::All)) {
+        if map.values().any(|v| matches!(v.regions, Regions::All)) {
             s.persist(&map)?;
         }
         *s.map.lock().unwrap() = map;
@@ -116,22 +128,29 @@ impl Suspects {
     }
 
     /// After a crash, before serving: records every replica of `store`
-    /// with dirty regions, durably. Returns how many are suspect now.
+    /// with dirty regions, durably, and makes every taken record refuse
+    /// again (what reconciliation copied here may be lost with the rest).
+    /// Returns how many are suspect now.
     pub fn record_crash(&self, store: &Store) -> io::Result<usize> {
         let mut map = self.map.lock().unwrap();
-        let mut added = 0;
+        let mut changed = false;
+        for s in map.values_mut() {
+            changed |= std::mem::replace(&mut s.taken, false);
+        }
         for ext in store.opened() {
             let dirty: BTreeSet<u32> = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
             if dirty.is_empty() {
                 continue;
             }
-            added += 1;
-            match map.entry(ext.key()).or_insert_with(|| Suspicion::Regions(BTreeSet::new())) {
-                Suspicion::Regions(r) => r.extend(dirty),
-                Suspicion::All => {}
+            changed = true;
+            let s = map
+                .entry(ext.key())
+                .or_insert_with(|| Suspicion { regions: Regions::Some(BTreeSet::new()), taken: false });
+            if let Regions::Some(r) = &mut s.regions {
+                r.extend(dirty);
             }
         }
-        if added > 0 {
+        if changed {
             self.persist(&map)?;
         }
         Ok(map.len())
@@ -141,28 +160,65 @@ impl Suspects {
         self.map.lock().unwrap().is_empty()
     }
 
+    /// True while `key` must refuse data requests: recorded, not taken.
+    pub fn refuses(&self, key: ExtentKey) -> bool {
+        self.map.lock().unwrap().get(&key).is_some_and(|s| !s.taken)
+    }
+
+    /// True while `key` has a record, taken or not.
     pub fn contains(&self, key: ExtentKey) -> bool {
         self.map.lock().unwrap().contains_key(&key)
     }
 
-    /// Ends the suspicion of `key` for a reconciling owner: adds its
-    /// recorded regions to `dirty` (of an extent with `nregions` regions),
-    /// and removes the record durably; false if it was not suspect. On a
-    /// write error the record stays and the caller must fail the request.
+    /// For a reconciling owner's status: adds the recorded regions of `key`
+    /// to `dirty` (of an extent with `nregions` regions) and marks the
+    /// record taken, durably; false if it has none. On a write error
+    /// nothing changes and the caller must fail the request.
     pub fn take(&self, key: ExtentKey, nregions: u32, dirty: &mut Vec<u32>) -> io::Result<bool> {
         let mut map = self.map.lock().unwrap();
-        let Some(s) = map.remove(&key) else { return Ok(false) };
+        let Some(s) = map.get_mut(&key) else { return Ok(false) };
+        let regions = s.regions.clone();
+        if !s.taken {
+            s.taken = true;
+            if let Err(e) = self.persist(&map) {
+                map.get_mut(&key).expect("looked up above").taken = false;
+                return Err(e);
+            }
+        }
+        let mut merged: BTreeSet<u32> = dirty.iter().copied().collect();
+        match regions {
+            Regions::Some(r) => merged.extend(r.into_iter().filter(|&r| r < nregions)),
+            Regions::All => merged.extend(0..nregions),
+        }
+        *dirty = merged.into_iter().collect();
+        Ok(true)
+    }
+
+    /// The extent does not exist here: the owner copies it whole, so its
+    /// record (if any) goes, durably.
+    pub fn forget(&self, key: ExtentKey) -> io::Result<()> {
+        let mut map = self.map.lock().unwrap();
+        let Some(s) = map.remove(&key) else { return Ok(()) };
         if let Err(e) = self.persist(&map) {
             map.insert(key, s);
             return Err(e);
         }
-        let mut merged: BTreeSet<u32> = dirty.iter().copied().collect();
-        match s {
-            Suspicion::Regions(r) => merged.extend(r.into_iter().filter(|&r| r < nregions)),
-            Suspicion::All => merged.extend(0..nregions),
+        Ok(())
+    }
+
+    /// A flush of `key` succeeded: an owner had reconciled it, so a taken
+    /// record goes. One that cannot be removed stays (the next owner copies
+    /// those regions again, which costs time, not data); the error is logged.
+    pub fn flushed(&self, key: ExtentKey) {
+        let mut map = self.map.lock().unwrap();
+        if !map.get(&key).is_some_and(|s| s.taken) {
+            return;
         }
-        *dirty = merged.into_iter().collect();
-        Ok(true)
+        let s = map.remove(&key).expect("looked up above");
+        if let Err(e) = self.persist(&map) {
+            tracing::warn!(%key, error = %e, "cannot remove a reconciled extent's record; it stays");
+            map.insert(key, s);
+        }
     }
 
     fn persist(&self, map: &BTreeMap<ExtentKey, Suspicion>) -> io::Result<()> {
@@ -178,11 +234,11 @@ impl Suspects {
             version: 1,
             extents: map
                 .iter()
-                .map(|(k, s)| match s {
-                    Suspicion::Regions(r) => {
-                        Record { key: *k, all: false, regions: r.iter().copied().collect() }
+                .map(|(k, s)| match &s.regions {
+                    Regions::Some(r) => {
+                        Record { key: *k, all: false, regions: r.iter().copied().collect(), taken: s.taken }
                     }
-                    Suspicion::All => Record { key: *k, all: true, regions: Vec::new() },
+                    Regions::All => Record { key: *k, all: true, regions: Vec::new(), taken: s.taken },
                 })
                 .collect(),
         };
