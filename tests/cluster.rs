@@ -576,3 +576,84 @@ fn volume_show_reports_each_extents_replica_set_epoch_and_state() {
     let degraded_row = ["2".to_string(), "2".into(), "degraded".into(), ids.join(",")];
     assert!(has_row(&text, &degraded_row), "{degraded_row:?} in\n{text}");
 }
+
+/// Placement never chooses a down node for a new volume, and leaves the
+/// older volumes' sets alone. Five nodes, two killed and committed down
+/// (three voters of five stay): a new R=3 volume has every extent on the
+/// three that are up, healthy, and takes writes at once; the older
+/// volume's sets are unchanged. An R=4 create is refused with what to do
+/// (exit 1), and the default gives R=3 on the three that are up.
+#[test]
+fn a_new_volume_is_never_placed_on_a_down_node() {
+    if !common::require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(5, 5);
+    let leader = c.wait_leader(0, None);
+    let ids = c.node_ids(leader);
+    let sets = |c: &Cluster, name: &str| -> Vec<Vec<u64>> {
+        let v = c.cli_json(leader, &["volume", "show", name]);
+        v["extents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["state"], "healthy", "{v}");
+                e["replicas"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
+            })
+            .collect()
+    };
+    let old_args = ["volume", "create", "old", "--size", "64M", "--extent-size", "4M", "--replicas", "3"];
+    c.cli_json(leader, &old_args);
+    let old = sets(&c, "old");
+    let victims: Vec<usize> = (0..5).filter(|&k| k != leader).take(2).collect();
+    let down: Vec<u64> = victims.iter().map(|&k| ids[k]).collect();
+    assert!(
+        old.iter().any(|s| s.iter().any(|n| down.contains(n))),
+        "the victims hold none of old's 16 extents: {old:?}"
+    );
+    let state_of = |c: &Cluster, id: u64| {
+        let s = c.cli_json(leader, &["cluster", "status"]);
+        s["nodes"].as_array().unwrap().iter().find(|n| n["id"].as_u64() == Some(id)).unwrap()["state"].clone()
+    };
+    for &k in &victims {
+        c.kill9(k);
+    }
+    for &id in &down {
+        wait_for("the victims to be committed down", || state_of(&c, id) == "down");
+    }
+
+    let new_args = ["volume", "create", "new", "--size", "64M", "--extent-size", "4M", "--replicas", "3"];
+    c.cli_json(leader, &new_args);
+    let new = sets(&c, "new");
+    assert_eq!(new.len(), 16);
+    for s in &new {
+        assert_eq!(s.len(), 3, "{new:?}");
+        assert!(!s.iter().any(|n| down.contains(n)), "a new extent on a down node: {new:?}");
+    }
+    assert_eq!(sets(&c, "old"), old, "the old volume's sets moved");
+    // Written whole through the volume: no replica fails, so no set changes.
+    let uri = format!("nbd://{}/new", c.nodes[leader].nbd);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x5a 0 64M", "-c", "flush", "-c", "read -P 0x5a 0 64M"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "{uri}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sets(&c, "new"), new, "a write took a replica out of a new extent");
+
+    // Four replicas cannot be placed on the three that are up.
+    let out = c.cli(leader, &["volume", "create", "r4", "--size", "16M", "--replicas", "4"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("4 replicas need 4 nodes") && err.contains("has 3"), "{err}");
+    let r = c.cli_json(leader, &["volume", "create", "dflt", "--size", "16M", "--extent-size", "4M"]);
+    assert_eq!(r["replicas"], 3, "{r}");
+    for s in sets(&c, "dflt") {
+        assert!(!s.iter().any(|n| down.contains(n)), "dflt on a down node: {s:?}");
+    }
+}
