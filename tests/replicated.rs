@@ -229,3 +229,52 @@ fn an_owner_serves_a_client_that_comes_before_its_first_lease() {
     assert_eq!(volume(&c, 1, "l")["owner"], before);
     assert!(!c.log(0).contains("lease ran out"), "a request failed for want of a lease:\n{}", c.log(0));
 }
+
+/// Deleting an R=3 volume removes its extents from every node, one that
+/// was down at the delete too (when it returns), and a new volume of the
+/// same name is a new volume: it reads zeros, never the old bytes.
+#[test]
+fn a_deleted_volume_leaves_nothing_on_any_node_and_its_name_starts_empty() {
+    if !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    let leader = c.wait_leader(0, None);
+    let args = ["volume", "create", "gone", "--size", "16M", "--extent-size", "4M", "--replicas", "3"];
+    let old = c.cli_json(leader, &args)["id"].as_u64().unwrap();
+    assert_ok(&qemu_io(&uri(&c, leader, "gone"), &["write -P 0xa5 0 16M".into(), "flush".into()]), "write");
+    for k in 0..3 {
+        assert_eq!(c.volume_extent_files(k, old).len(), 4, "node {k}");
+    }
+    let away = (leader + 1) % 3;
+    let via = (leader + 2) % 3;
+    c.kill9(away);
+    let out = c.cli(via, &["volume", "delete", "gone"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for k in [leader, via] {
+        wait_for(&format!("node {k} to remove the deleted extents"), 30, || {
+            c.volume_extent_files(k, old).is_empty()
+        });
+    }
+    assert_eq!(c.volume_extent_files(away, old).len(), 4, "the down node still has its copy");
+    // Same name, new volume: zeros through both nodes that are up.
+    let args = ["volume", "create", "gone", "--size", "16M", "--extent-size", "4M", "--replicas", "2"];
+    let new = c.cli_json(via, &args)["id"].as_u64().unwrap();
+    assert!(new > old, "ids are never reused: {new} after {old}");
+    for k in [leader, via] {
+        assert_ok(&qemu_io(&uri(&c, k, "gone"), &["read -P 0 0 16M".into()]), "new volume reads zeros");
+    }
+    // The node that missed the delete removes its copy when it returns,
+    // and serves the new volume as zeros.
+    c.spawn(away);
+    c.wait_ready(away);
+    wait_for("the returning node to remove the deleted extents", 30, || {
+        c.volume_extent_files(away, old).is_empty()
+    });
+    assert_ok(
+        &qemu_io(&uri(&c, away, "gone"), &["read -P 0 0 16M".into()]),
+        "zeros through the returning node",
+    );
+    let log = c.log(away);
+    assert!(!log.contains("keeps unreadable replicas"), "{log}");
+}
