@@ -657,3 +657,43 @@ fn a_new_volume_is_never_placed_on_a_down_node() {
         assert!(!s.iter().any(|n| down.contains(n)), "dflt on a down node: {s:?}");
     }
 }
+
+/// A demo killed with SIGKILL (or by the OOM killer) cannot stop its
+/// nodes itself: they get SIGTERM from the kernel and shut down cleanly
+/// rather than live on with their ports and data directories (before:
+/// they did, reparented to init). The next demo finds the data.
+#[test]
+fn nodes_of_a_killed_demo_shut_down_cleanly() {
+    if !common::require("qemu-io") {
+        return;
+    }
+    let mut d = common::Daemon::start_demo_defaults("16M", &["--extent-size=4MiB"]);
+    let admin = format!("127.0.0.1:{}", d.admin_port);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .args(["--admin", &admin, "--json", "cluster", "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pids: Vec<i32> =
+        s["nodes"].as_array().unwrap().iter().map(|n| n["pid"].as_i64().unwrap() as i32).collect();
+    assert_eq!(pids.len(), 3, "{s}");
+    let (tcp, _) = owner_uris(&d.printed());
+    common::run_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 0 16M", &tcp]);
+    d.kill9();
+    // Gone, or a zombie nobody reaps yet: either way no longer running.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    wait_for("every node of the killed demo to exit", || pids.iter().all(|&p| !running(p)));
+    for k in 1..=3 {
+        let node = d.data.join(format!("node{k}"));
+        let log = std::fs::read_to_string(node.join("basaltd.log")).unwrap();
+        assert!(log.contains("SIGTERM: draining"), "node {k}: {log}");
+        assert!(node.join("state").join("clean-shutdown").exists(), "node {k} did not shut down cleanly");
+    }
+    d.restart();
+    let (tcp, _) = owner_uris(&d.printed());
+    common::run_ok("qemu-io", &["-f", "raw", "-c", "read -P 0x3c 0 16M", &tcp]);
+}

@@ -114,21 +114,47 @@ pub async fn run(
             .append(true)
             .open(node.dir.join("basaltd.log"))
             .context("opening a node log")?;
-        let child = Command::new(&exe)
-            .args(&extra_args)
+        let mut cmd = Command::new(&exe);
+        cmd.args(&extra_args)
             .arg("run")
             .arg("--config")
             .arg(&cfg_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting node {}", node.index + 1))?;
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("starting node {}", node.index + 1))?;
         children.push(Some(child));
     }
     let result = serve(&nodes, &mut children, volume).await;
     stop(&mut children);
     result
+}
+
+/// A node gets SIGTERM (and shuts down cleanly) when the demo dies, even
+/// by SIGKILL or the OOM killer, which give the demo no chance to stop it:
+/// without this its nodes lived on, holding their ports and data
+/// directories. The signal comes when the thread that spawned the node
+/// exits; that is the thread driving the demo (`block_on` in main), which
+/// lives as long as the demo does.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only prctl(2) and getppid(2), which are async-signal-safe; it touches
+    // no memory the parent's other threads could have left inconsistent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The demo died before the prctl: nobody would send the signal.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the demo exited while starting its nodes"));
+            }
+            Ok(())
+        });
+    }
 }
 
 async fn serve(
