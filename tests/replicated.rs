@@ -278,3 +278,67 @@ fn a_deleted_volume_leaves_nothing_on_any_node_and_its_name_starts_empty() {
     let log = c.log(away);
     assert!(!log.contains("keeps unreadable replicas"), "{log}");
 }
+
+/// kill -9 of every node, then each started again.
+fn crash_all(c: &mut Cluster) {
+    for k in 0..c.nodes.len() {
+        c.kill9(k);
+    }
+    for k in 0..c.nodes.len() {
+        c.spawn(k);
+    }
+    for k in 0..c.nodes.len() {
+        c.wait_ready(k);
+    }
+}
+
+/// Multi-conn across nodes: a FLUSH through any node makes durable every
+/// write acknowledged before it on any connection through any node. Writes
+/// into fresh blocks through the owner and through a forwarding node, one
+/// FLUSH through the third node, then kill -9 of every node: both read back
+/// through every node. The same writes with no FLUSH are lost to the same
+/// crash (recovery keeps what a flush made durable), which is what makes
+/// the first half able to fail.
+#[test]
+fn a_flush_through_one_node_covers_writes_acknowledged_through_the_others() {
+    if !require("nbdsh") || !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let args = ["volume", "create", "mc", "--size", "16M", "--extent-size", "4M", "--replicas", "3"];
+    let v = c.cli_json(0, &args);
+    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let (a, b, cn) = (uri(&c, 0, "mc"), uri(&c, 1, "mc"), uri(&c, 2, "mc"));
+    let script = |flush: bool| {
+        format!(
+            r#"
+import nbd
+hb = nbd.NBD(); hb.connect_uri("{b}")
+hc = nbd.NBD(); hc.connect_uri("{cn}")
+assert h.can_multi_conn() and hb.can_multi_conn() and hc.can_multi_conn()
+h.pwrite(b'\x41' * 1048576, {off_a})
+hc.pwrite(b'\x43' * 1048576, {off_c})
+if {flush}:
+    hb.flush()
+print("acked")
+"#,
+            off_a = if flush { 0 } else { 8 << 20 },
+            off_c = if flush { 5 << 20 } else { 13 << 20 },
+            flush = if flush { "True" } else { "False" },
+        )
+    };
+    // Without a flush: lost to the crash.
+    assert_eq!(common::nbdsh(&a, &script(false)).trim(), "acked");
+    crash_all(&mut c);
+    let out = qemu_io(&a, &["read -P 0 8M 1M".into(), "read -P 0 13M 1M".into()]);
+    assert_ok(&out, "unflushed writes into fresh blocks are gone after kill -9 of every node");
+    // With a flush through the third node: kept, on every node.
+    assert_eq!(common::nbdsh(&a, &script(true)).trim(), "acked");
+    crash_all(&mut c);
+    for k in 0..3 {
+        let out = qemu_io(&uri(&c, k, "mc"), &["read -P 0x41 0 1M".into(), "read -P 0x43 5M 1M".into()]);
+        assert_ok(&out, &format!("flushed writes through node {k}"));
+    }
+    c.assert_verify_clean(1, "mc");
+}
