@@ -328,8 +328,8 @@ impl ReplicaService {
                 if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
                     let store = self.store.clone();
                     run_held(guard, async move { store.flush_extents([ext]).await }).await?;
-                    if !self.suspects.is_empty() {
-                        self.suspects.flushed(key);
+                    if !self.suspects.is_empty() && self.suspects.is_taken(key) {
+                        self.suspects.off_runtime(move |s| s.flushed(key)).await;
                     }
                 }
                 Ok(Message::ExtentOk)
@@ -338,19 +338,34 @@ impl ReplicaService {
                 let generation = guard.current();
                 let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
                     // Absent: the owner copies it whole, so no record is left to keep.
-                    self.suspects.forget(key).map_err(|e| {
-                        Refusal::new(
-                            ExtentError::Io,
-                            format!("cannot record that extent {key} is being reconciled: {e}"),
-                        )
-                    })?;
+                    if self.suspects.contains(key) {
+                        self.suspects.off_runtime(move |s| s.forget(key)).await.map_err(|e| {
+                            Refusal::new(
+                                ExtentError::Io,
+                                format!("cannot record that extent {key} is being reconciled: {e}"),
+                            )
+                        })?;
+                    }
                     let epoch = self.known_epoch(key).max(t.epoch);
                     return Ok(Message::ExtentStatusReply(ExtentState::absent(generation, epoch)));
                 };
                 let mut dirty_regions: Vec<u32> = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
                 let nregions =
                     u32::try_from(ext.size().div_ceil(u64::from(ext.region_size()))).unwrap_or(u32::MAX);
-                match self.suspects.take(key, nregions, &mut dirty_regions) {
+                let taken = if self.suspects.contains(key) {
+                    let mut dirty = std::mem::take(&mut dirty_regions);
+                    let r = self
+                        .suspects
+                        .off_runtime(move |s| s.take(key, nregions, &mut dirty).map(|t| (t, dirty)))
+                        .await;
+                    r.map(|(t, dirty)| {
+                        dirty_regions = dirty;
+                        t
+                    })
+                } else {
+                    Ok(false)
+                };
+                match taken {
                     Ok(true) => tracing::info!(%key, regions = dirty_regions.len(),
                         "a replica that crashed with unflushed writes is being reconciled"),
                     Ok(false) => {}

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The file's name in the state directory.
 pub const FILE: &str = "suspect-extents.json";
@@ -62,12 +62,13 @@ struct Record {
     taken: bool,
 }
 
-/// The suspect extents of one node (see the module docs).
-#[derive(Debug)]
+/// The suspect extents of one node (see the module docs). Clones share
+/// one record.
+#[derive(Debug, Clone)]
 pub struct Suspects {
     /// `None`: in memory only (tests and the mem engine).
     path: Option<PathBuf>,
-    map: Mutex<BTreeMap<ExtentKey, Suspicion>>,
+    map: Arc<Mutex<BTreeMap<ExtentKey, Suspicion>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,7 +87,7 @@ enum Regions {
 impl Suspects {
     /// None, and nothing kept on disk.
     pub fn in_memory() -> Suspects {
-        Suspects { path: None, map: Mutex::default() }
+        Suspects { path: None, map: Arc::default() }
     }
 
     /// Loads `state_dir/suspect-extents.json` (none yet: nothing suspect).
@@ -119,7 +120,7 @@ impl Suspects {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let s = Suspects { path: Some(path), map: Mutex::default() };
+        let s = Suspects { path: Some(path), map: Arc::default() };
         if map.values().any(|v| matches!(v.regions, Regions::All)) {
             s.persist(&map)?;
         }
@@ -154,6 +155,26 @@ impl Suspects {
             self.persist(&map)?;
         }
         Ok(map.len())
+    }
+
+    /// Runs `f` where its writes and fsyncs of the record cannot stall the
+    /// runtime: on a blocking thread when the record is on disk. Dropping
+    /// the future leaves `f` to finish there, so the record and the file
+    /// never part.
+    pub async fn off_runtime<T: Send + 'static>(&self, f: impl FnOnce(&Suspects) -> T + Send + 'static) -> T {
+        if self.path.is_none() {
+            return f(self);
+        }
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(t) => t,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// True when `key` has a taken record, one a flush would remove.
+    pub fn is_taken(&self, key: ExtentKey) -> bool {
+        self.map.lock().unwrap().get(&key).is_some_and(|s| s.taken)
     }
 
     pub fn is_empty(&self) -> bool {
