@@ -394,7 +394,6 @@ impl Model {
     }
 }
 
-
 impl Model {
     /// The sectors a replayed log left in doubt, with what each could read
     /// as: taken before the check, to tell afterwards which way they went.
