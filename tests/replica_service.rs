@@ -611,7 +611,9 @@ async fn extent_maps_follow_the_block_table_and_refuse_hostile_ranges() {
 /// on-disk block table covers. It must stay suspect, refusing reads and
 /// writes, until an owner's status request reconciles it, and that
 /// suspicion must survive a clean shutdown in between, which clears every
-/// dirty bit. The status reports the regions the crash left dirty. A
+/// dirty bit. The status reports the regions the crash left dirty and lets
+/// the replica serve; the record goes only at the owner's flush that ends
+/// its copy, so a clean restart before it finds the record again. A
 /// damaged record makes every region of every replica suspect.
 #[tokio::test]
 async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts() {
@@ -671,6 +673,25 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
             Message::ExtentReadReply(r) => assert_eq!(r.data, zeros(8192), "{kind:?}"),
             other => panic!("{kind:?}: read after status: {other:?}"),
         }
+        // Stopped (cleanly) before the owner's copy ended with a flush: the
+        // record stays, and the next status reports its region again.
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        assert_eq!(
+            err(read(svc.clone(), t).await),
+            ExtentError::Io,
+            "{kind:?}: suspect after a clean restart that cut a reconciliation short"
+        );
+        let s = match svc.handle(OWNER, Message::ExtentStatus(t)).await {
+            Message::ExtentStatusReply(s) => s,
+            other => panic!("{kind:?}: status: {other:?}"),
+        };
+        assert_eq!(s.dirty_regions, vec![3], "{kind:?}: the record's region, once more");
+        // The owner's flush at the end of its copy ends the record.
+        let flush = Message::ExtentFlush(ExtentFlush { target: t, flush_number: 0 });
+        assert_eq!(svc.handle(OWNER, flush).await, Message::ExtentOk, "{kind:?}");
+        assert!(!dir.path().join("state").join(basalt::node::suspect::FILE).exists(), "{kind:?}");
         store.close().await.unwrap();
         drop(svc);
         let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
@@ -678,7 +699,6 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
             matches!(read(svc.clone(), t).await, Message::ExtentReadReply(_)),
             "{kind:?}: the record is gone"
         );
-        assert!(!dir.path().join("state").join(basalt::node::suspect::FILE).exists(), "{kind:?}");
 
         // A damaged record: every replica suspect, in every region.
         store.close().await.unwrap();

@@ -35,7 +35,8 @@
 //! - `ExtentFlush` makes every write this replica acknowledged for the
 //!   extent durable. The owner's flush number is not stored: the status
 //!   reports the replica's own count, and reconciliation goes by the dirty
-//!   regions, which cover every unflushed write.
+//!   regions, which cover every unflushed write. A flush also ends the
+//!   crash record of a replica a status released (`suspect`).
 //! - A change of data that has begun runs to its end even if the caller
 //!   goes away, holding the volume's fence until then, so a newer owner is
 //!   never admitted while an older owner's write is still landing.
@@ -329,34 +330,30 @@ impl ReplicaService {
                     let store = self.store.clone();
                     run_held(guard, async move { store.flush_extents([ext]).await }).await?;
                 }
+                // An owner flushes a released replica only once it has
+                // copied everything to it (see `Suspects`).
+                match self.suspects.settle(key) {
+                    Ok(true) => tracing::info!(%key, "a replica that crashed is reconciled: its record goes"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%key, error = %e,
+                        "cannot remove the record of a reconciled replica: the next owner copies its regions again"),
+                }
                 Ok(Message::ExtentOk)
             }
             Message::ExtentStatus(_) => {
                 let generation = guard.current();
                 let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
-                    // Absent: the owner copies it whole, so no record is left to keep.
-                    self.suspects.take(key, 0, &mut Vec::new()).map_err(|e| {
-                        Refusal::new(
-                            ExtentError::Io,
-                            format!("cannot record that extent {key} is being reconciled: {e}"),
-                        )
-                    })?;
+                    // Absent: the owner copies it whole (and then flushes it).
+                    self.suspects.release(key, 0, &mut Vec::new());
                     let epoch = self.known_epoch(key).max(t.epoch);
                     return Ok(Message::ExtentStatusReply(ExtentState::absent(generation, epoch)));
                 };
                 let mut dirty_regions: Vec<u32> = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
                 let nregions =
                     u32::try_from(ext.size().div_ceil(u64::from(ext.region_size()))).unwrap_or(u32::MAX);
-                match self.suspects.take(key, nregions, &mut dirty_regions) {
-                    Ok(true) => tracing::info!(%key, regions = dirty_regions.len(),
-                        "a replica that crashed with unflushed writes is being reconciled"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        return Err(Refusal::new(
-                            ExtentError::Io,
-                            format!("cannot record that extent {key} is being reconciled: {e}"),
-                        ));
-                    }
+                if self.suspects.release(key, nregions, &mut dirty_regions) {
+                    tracing::info!(%key, regions = dirty_regions.len(),
+                        "a replica that crashed with unflushed writes is being reconciled");
                 }
                 Ok(Message::ExtentStatusReply(ExtentState {
                     exists: true,
@@ -396,7 +393,7 @@ impl ReplicaService {
     fn check_suspect(&self, key: ExtentKey, request: &Message) -> Answer<()> {
         match request {
             Message::ExtentStatus(_) | Message::ExtentCrcs(_) => Ok(()),
-            _ if self.suspects.contains(key) => Err(Refusal::new(
+            _ if self.suspects.refuses(key) => Err(Refusal::new(
                 ExtentError::Io,
                 format!(
                     "extent {key} may have lost unflushed writes in a crash; it waits for reconciliation"
