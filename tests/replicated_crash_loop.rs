@@ -205,19 +205,20 @@ fn wait_connectable(run: &Run, c: &Cluster, k: usize, what: &str) {
 /// what the model allows there.
 fn differences(model: &Model, (a, x): (usize, &[u8]), (b, y): (usize, &[u8])) -> String {
     let show = |s: u64, bytes: &[u8]| decode(s, bytes).map_or_else(|e| e, |v| v.to_string());
-    let sectors = x.chunks(SECTOR as usize).zip(y.chunks(SECTOR as usize)).enumerate();
-    let differing: Vec<(usize, (&[u8], &[u8]))> = sectors.filter(|(_, (p, q))| p != q).collect();
+    let sector = |d: &[u8], s: u64| d[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize].to_vec();
+    let differing: Vec<u64> =
+        (0..x.len() as u64 / SECTOR).filter(|&s| sector(x, s) != sector(y, s)).collect();
     let mut out = format!("{} sectors differ; the first ones:\n", differing.len());
-    for (s, (p, q)) in differing.into_iter().take(20) {
-        let s = s as u64;
+    for s in differing.into_iter().take(20) {
+        let (p, q) = (sector(x, s), sector(y, s));
         let allowed = &model.sectors[s as usize];
         let doubt: Vec<String> = allowed.in_doubt.iter().map(ToString::to_string).collect();
         out += &format!(
             "  sector {s} (extent {}, block {}): node {a} read {}, node {b} read {}; allowed {} (durable) or [{}]\n    ops on it: {}\n",
             s * SECTOR / EXTENT_SIZE,
             s * SECTOR % EXTENT_SIZE / 4096,
-            show(s, p),
-            show(s, q),
+            show(s, &p),
+            show(s, &q),
             allowed.durable,
             doubt.join(", "),
             model.history(s),
