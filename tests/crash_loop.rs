@@ -54,7 +54,8 @@
 mod common;
 
 use common::sector_oracle::{
-    self, DUMP, Model, SECTOR, Value, WORKLOAD, decode, reap, sector_bytes, spawn_logged, wait_flushes,
+    self, DUMP, FOCUS_FLUSHES, Model, SECTOR, UNFOCUSED_FLUSHES, Value, WORKLOAD, decode, reap, sector_bytes,
+    spawn_logged, wait_flushes,
 };
 use common::{Daemon, require};
 use rand::rngs::StdRng;
@@ -65,20 +66,15 @@ use std::time::{Duration, Instant};
 const VOLUME_SIZE: u64 = 64 << 20;
 const EXTENT_SIZE: u64 = 8 << 20;
 const CYCLES: usize = 10;
-/// The cycle whose workload, after [`UNFOCUSED_FLUSHES`] flushes, stays
-/// within [`FOCUS`] for [`FOCUS_FLUSHES`] more: long enough for the regions
-/// of extents 0 and 1 outside it to idle through the daemon's hysteresis
-/// and be marked clean, table pages deferred in the first phase included.
-/// So the following crashes find clean regions (never re-checked by
-/// recovery) next to dirty ones, and later cycles write into clean regions
-/// again.
+/// The cycle whose workload is focused (`sector_oracle::focus`): after
+/// [`UNFOCUSED_FLUSHES`] flushes it stays within the last MiB of extent 0
+/// and the first of extent 1 for [`FOCUS_FLUSHES`] more, long enough for
+/// the regions of extents 0 and 1 outside it to idle through the daemon's
+/// hysteresis and be marked clean, table pages deferred in the first phase
+/// included. So the following crashes find clean regions (never re-checked
+/// by recovery) next to dirty ones, and later cycles write into clean
+/// regions again.
 const FOCUS_CYCLE: usize = 4;
-const UNFOCUSED_FLUSHES: usize = 100;
-/// The last MiB of extent 0 and the first of extent 1, in sectors.
-const FOCUS: (u64, u64) = ((EXTENT_SIZE - (1 << 20)) / SECTOR, (2 << 20) / SECTOR);
-/// More than `storage::extent::DEFAULT_CLEAN_AFTER_FLUSHES` (1024), as not
-/// every FLUSH reaches both extents.
-const FOCUS_FLUSHES: usize = 1600;
 /// The fewest FLUSHes a cycle's workload must complete before its crash.
 const MIN_FLUSHES: usize = 20;
 
@@ -200,7 +196,7 @@ fn repeated_kill9_under_mixed_io_keeps_every_sector_consistent() {
         let mut target = rng.gen_range(40..=300);
         let mut deadline = Instant::now() + Duration::from_secs(15);
         if cycle == FOCUS_CYCLE {
-            workload.arg(format!("{} {} {UNFOCUSED_FLUSHES}", FOCUS.0, FOCUS.1));
+            workload.arg(sector_oracle::focus(EXTENT_SIZE));
             target = UNFOCUSED_FLUSHES + FOCUS_FLUSHES;
             deadline += Duration::from_secs(30);
         }

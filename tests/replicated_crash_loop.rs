@@ -28,13 +28,15 @@
 //! workload runs, and then the cycle ends with every node killed as the
 //! others do. The cycles after it run on the degraded sets.
 //!
-//! Two cycles ([`RECONCILE_CRASH_CYCLES`]) restart every node cleanly
-//! after the crash, before anything is read, and kill them all again while
-//! the first read has the owner reconcile: a clean shutdown clears the
-//! dirty bits, so only the replicas' crash records say where they may
-//! differ. A second test does that on purpose and deterministically: one
-//! block made to differ between the replicas, and the kill right after the
-//! owner has asked every replica for its status.
+//! One cycle ([`FOCUS_CYCLE`]) runs long within 2 MiB, so that the other
+//! regions of its two extents go clean on every replica, as in
+//! tests/crash_loop.rs. Two cycles ([`RECONCILE_CRASH_CYCLES`]) restart
+//! every node cleanly after the crash, before anything is read, and kill
+//! them all again while the first read has the owner reconcile: a clean
+//! shutdown clears the dirty bits, so only the replicas' crash records say
+//! where they may differ. A second test does that on purpose and
+//! deterministically: one block made to differ between the replicas, and
+//! the kill right after the owner has asked every replica for its status.
 //!
 //! What kill -9 cannot show: whatever the kernel accepted survives the
 //! process (see tests/crash_loop.rs and the mem-engine model of
@@ -50,7 +52,8 @@ mod common;
 use common::cluster::Cluster;
 use common::require;
 use common::sector_oracle::{
-    self, DUMP, Model, Replay, SECTOR, WORKLOAD, decode, reap, spawn_logged, wait_flushes,
+    self, DUMP, FOCUS_FLUSHES, Model, Replay, SECTOR, UNFOCUSED_FLUSHES, WORKLOAD, decode, reap,
+    spawn_logged, wait_flushes,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -70,6 +73,11 @@ const LONE_CYCLE: usize = 4;
 /// then, while the first read of the volume has the owner reconcile the
 /// extents, kill -9 of every node again (see the test).
 const RECONCILE_CRASH_CYCLES: [usize; 2] = [1, 3];
+/// The cycle whose workload is focused (`sector_oracle::focus`): long
+/// enough for the regions of extents 0 and 1 outside its focus to be
+/// marked clean on every replica, so that later crashes find clean regions
+/// next to dirty ones and later workloads write into clean regions again.
+const FOCUS_CYCLE: usize = 2;
 /// The fewest FLUSHes a workload must complete before its crash.
 const MIN_FLUSHES: usize = 10;
 
@@ -241,7 +249,14 @@ struct Workload {
     child: Child,
 }
 
-fn start_workload(run: &Run, c: &Cluster, k: usize, phase: u64, hot: &[(u64, u64)]) -> Workload {
+fn start_workload(
+    run: &Run,
+    c: &Cluster,
+    k: usize,
+    phase: u64,
+    hot: &[(u64, u64)],
+    focused: bool,
+) -> Workload {
     let log = run.dir.join(format!("workload-{phase}.log"));
     let err = run.dir.join(format!("workload-{phase}.err"));
     let mut cmd = sector_oracle::workload(
@@ -253,6 +268,9 @@ fn start_workload(run: &Run, c: &Cluster, k: usize, phase: u64, hot: &[(u64, u64
         EXTENT_SIZE / SECTOR,
         hot,
     );
+    if focused {
+        cmd.arg(sector_oracle::focus(EXTENT_SIZE));
+    }
     let child = spawn_logged(&mut cmd, &err);
     Workload { log, err, child }
 }
@@ -346,7 +364,7 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
         let via = if cycle == LONE_CYCLE { owner } else { pick };
         let mut what = format!("cycle {cycle} (owner node {owner}, workload through node {via})");
         eprintln!("seed {seed}, {what}: starting");
-        let mut w = start_workload(&run, &c, via, phase, &hot);
+        let mut w = start_workload(&run, &c, via, phase, &hot, cycle == FOCUS_CYCLE);
         phase += 1;
         if cycle == LONE_CYCLE {
             // The owner alone first; its client loses its server, and a
@@ -370,7 +388,7 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
                 first.flushes
             );
             eprintln!("seed {seed}, {what}");
-            w = start_workload(&run, &c, next, phase, &hot);
+            w = start_workload(&run, &c, next, phase, &hot, false);
             phase += 1;
             // The takeover: the old owner must be marked down first.
             wait_flushes(&mut w.child, &w.log, MIN_FLUSHES, Instant::now() + Duration::from_secs(60));
@@ -379,6 +397,9 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
             c.wait_ready(owner);
             let more = sector_oracle::flushes_in(&w.log) + rng.gen_range(10..=60);
             wait_flushes(&mut w.child, &w.log, more, Instant::now() + Duration::from_secs(20));
+        } else if cycle == FOCUS_CYCLE {
+            let target = UNFOCUSED_FLUSHES + FOCUS_FLUSHES + rng.gen_range(0..=50);
+            wait_flushes(&mut w.child, &w.log, target, Instant::now() + Duration::from_secs(120));
         } else {
             let target = rng.gen_range(MIN_FLUSHES * 2..=150);
             wait_flushes(&mut w.child, &w.log, target, Instant::now() + Duration::from_secs(20));

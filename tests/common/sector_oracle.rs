@@ -444,6 +444,21 @@ pub fn workload(
     c
 }
 
+/// FLUSHes a focused workload ([`focus`]) runs everywhere first.
+pub const UNFOCUSED_FLUSHES: usize = 100;
+/// FLUSHes a focused workload runs within its focus after that: more than
+/// `storage::extent::DEFAULT_CLEAN_AFTER_FLUSHES` (1024), as not every
+/// FLUSH reaches both extents of it.
+pub const FOCUS_FLUSHES: usize = 1600;
+
+/// The focus argument of [`workload`] for extents of `extent_size` bytes:
+/// after [`UNFOCUSED_FLUSHES`] flushes, only the last MiB of extent 0 and
+/// the first of extent 1, so that the regions of extents 0 and 1 outside
+/// it idle long enough to be marked clean.
+pub fn focus(extent_size: u64) -> String {
+    format!("{} {} {UNFOCUSED_FLUSHES}", (extent_size - (1 << 20)) / SECTOR, (2 << 20) / SECTOR)
+}
+
 /// Spawns `cmd` with stdout discarded and stderr to `err`.
 pub fn spawn_logged(cmd: &mut Command, err: &Path) -> Child {
     cmd.stdout(Stdio::null()).stderr(std::fs::File::create(err).unwrap()).spawn().unwrap()
