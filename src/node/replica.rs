@@ -35,7 +35,8 @@
 //! - `ExtentFlush` makes every write this replica acknowledged for the
 //!   extent durable. The owner's flush number is not stored: the status
 //!   reports the replica's own count, and reconciliation goes by the dirty
-//!   regions, which cover every unflushed write.
+//!   regions, which cover every unflushed write. A flush also ends the
+//!   crash record of a replica a status took (`suspect`).
 //! - A change of data that has begun runs to its end even if the caller
 //!   goes away, holding the volume's fence until then, so a newer owner is
 //!   never admitted while an older owner's write is still landing.

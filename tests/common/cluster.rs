@@ -264,6 +264,22 @@ impl Cluster {
         }
     }
 
+    /// kill -9 of the nodes `order`, every signal sent before any is
+    /// waited for, so that no node outlives another long enough to act on
+    /// its death (degrade a replica set, take over a volume).
+    pub fn kill9_all(&mut self, order: &[usize]) {
+        let mut killed = Vec::new();
+        for &k in order {
+            if let Some(mut c) = self.nodes[k].child.take() {
+                let _ = c.kill();
+                killed.push(c);
+            }
+        }
+        for mut c in killed {
+            let _ = c.wait();
+        }
+    }
+
     /// SIGTERM and wait; the exit code.
     pub fn terminate(&mut self, k: usize) -> Option<i32> {
         let mut c = self.nodes[k].child.take()?;

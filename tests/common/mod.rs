@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod compliance;
 pub mod netns;
 pub mod oracle;
+pub mod sector_oracle;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
