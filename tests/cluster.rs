@@ -650,7 +650,10 @@ fn a_new_volume_is_never_placed_on_a_down_node() {
     let out = c.cli(leader, &["volume", "create", "r4", "--size", "16M", "--replicas", "4"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("4 replicas need 4 nodes") && err.contains("has 3"), "{err}");
+    assert!(
+        err.contains("4 replicas need 4 nodes") && err.contains("has 3") && err.contains("--replicas"),
+        "{err}"
+    );
     let r = c.cli_json(leader, &["volume", "create", "dflt", "--size", "16M", "--extent-size", "4M"]);
     assert_eq!(r["replicas"], 3, "{r}");
     for s in sets(&c, "dflt") {

@@ -408,7 +408,8 @@ impl Daemon {
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         if replicas > data_nodes {
             return Err(ControlError::Invalid(format!(
-                "{replicas} replicas need {replicas} nodes with data directories that are up; the cluster has {data_nodes}"
+                "{replicas} replicas need {replicas} nodes with data directories that are up; the cluster has \
+                 {data_nodes}: bring nodes back up or add some, or ask for fewer (--replicas)"
             )));
         }
         let spec = MetaVolumeSpec {
