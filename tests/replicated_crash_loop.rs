@@ -23,10 +23,12 @@
 //! killed alone leaves the replica sets it was in (degraded, stale until a
 //! resync that does not exist), and a second lone kill would leave fewer
 //! than `min_replicas`. So one cycle only ([`LONE_CYCLE`]) kills the owner
-//! alone: its client reconnects through another node, which takes the
-//! volume over and reconciles; the old owner starts again while that
-//! workload runs, and then the cycle ends with every node killed as the
-//! others do. The cycles after it run on the degraded sets.
+//! alone: a client of the owner reconnects through another node, which
+//! takes the volume over and reconciles; a client of a forwarding node
+//! goes on through it, or reconnects if a request failed; the old owner
+//! starts again while that workload runs, and then the cycle ends with
+//! every node killed as the others do. The cycles after it run on the
+//! degraded sets.
 //!
 //! One cycle ([`FOCUS_CYCLE`]) runs long within 2 MiB, so that the other
 //! regions of its two extents go clean on every replica, as in
@@ -357,18 +359,13 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
     for cycle in 0..CYCLES {
         let cycle_start = Instant::now();
         let owner = owner(&c, VOLUME);
-        // The lone kill's first client goes through the owner, so that
-        // nothing it sent outlives the owner's death (a forwarding node
-        // would try its requests once more on the new route, at any time).
-        let pick = rng.gen_range(0..c.nodes.len());
-        let via = if cycle == LONE_CYCLE { owner } else { pick };
+        let via = rng.gen_range(0..c.nodes.len());
         let mut what = format!("cycle {cycle} (owner node {owner}, workload through node {via})");
         eprintln!("seed {seed}, {what}: starting");
         let mut w = start_workload(&run, &c, via, phase, &hot, cycle == FOCUS_CYCLE);
         phase += 1;
         if cycle == LONE_CYCLE {
-            // The owner alone first; its client loses its server, and a
-            // new one goes through another node.
+            // The owner alone first.
             wait_flushes(
                 &mut w.child,
                 &w.log,
@@ -378,20 +375,48 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..25)));
             w.expect_running(&run, &c, &what);
             c.kill9(owner);
-            let first = w.replay(&run, &c, &mut model, &what);
-            hot = first.after_flush;
-            let others: Vec<usize> = (0..c.nodes.len()).filter(|&k| k != owner).collect();
-            let next = *others.choose(&mut rng).unwrap();
-            what = format!(
-                "cycle {cycle} (owner node {owner} killed alone after {} flushes through node {via}, \
-                 then the workload through node {next})",
-                first.flushes
-            );
-            eprintln!("seed {seed}, {what}");
-            w = start_workload(&run, &c, next, phase, &hot, false);
-            phase += 1;
-            // The takeover: the old owner must be marked down first.
-            wait_flushes(&mut w.child, &w.log, MIN_FLUSHES, Instant::now() + Duration::from_secs(60));
+            let before = sector_oracle::flushes_in(&w.log);
+            if via == owner {
+                reap(&mut w.child); // its server is gone
+            } else {
+                // A client of a forwarding node may ride the takeover (a
+                // forwarded write is tried once more on the new route) or
+                // see an error (a FLUSH is not tried again); either way it
+                // has nothing in flight once it fails.
+                wait_flushes(
+                    &mut w.child,
+                    &w.log,
+                    before + MIN_FLUSHES,
+                    Instant::now() + Duration::from_secs(60),
+                );
+            }
+            if w.child.try_wait().unwrap().is_some() {
+                let err = std::fs::read_to_string(&w.err).unwrap_or_default();
+                let first = w.replay(&run, &c, &mut model, &what);
+                hot = first.after_flush;
+                let others: Vec<usize> = (0..c.nodes.len()).filter(|&k| k != owner).collect();
+                let next = *others.choose(&mut rng).unwrap();
+                what = format!(
+                    "cycle {cycle} (owner node {owner} killed alone after {before} flushes through node {via}, \
+                     whose client stopped ({}), then the workload through node {next})",
+                    err.lines().last().unwrap_or("no error")
+                );
+                eprintln!("seed {seed}, {what}");
+                w = start_workload(&run, &c, next, phase, &hot, false);
+                phase += 1;
+                // The takeover: the old owner must be marked down first.
+                wait_flushes(&mut w.child, &w.log, MIN_FLUSHES, Instant::now() + Duration::from_secs(60));
+            } else {
+                let after = sector_oracle::flushes_in(&w.log) - before;
+                if after < MIN_FLUSHES {
+                    run.fail(&c, &what, format!("{after} flushes in 60 s after the owner's death"));
+                }
+                what = format!(
+                    "cycle {cycle} (owner node {owner} killed alone after {before} flushes; the client through \
+                     node {via} went on)"
+                );
+                eprintln!("seed {seed}, {what}");
+            }
             w.expect_running(&run, &c, &what);
             c.spawn(owner);
             c.wait_ready(owner);
