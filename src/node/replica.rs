@@ -353,29 +353,18 @@ impl ReplicaService {
                 let mut dirty_regions: Vec<u32> = ext.dirty_regions().into_iter().map(|r| r as u32).collect();
                 let nregions =
                     u32::try_from(ext.size().div_ceil(u64::from(ext.region_size()))).unwrap_or(u32::MAX);
-                let taken = if self.suspects.contains(key) {
-                    let mut dirty = std::mem::take(&mut dirty_regions);
-                    let r = self
-                        .suspects
-                        .off_runtime(move |s| s.take(key, nregions, &mut dirty).map(|t| (t, dirty)))
-                        .await;
-                    r.map(|(t, dirty)| {
-                        dirty_regions = dirty;
-                        t
-                    })
-                } else {
-                    Ok(false)
-                };
-                match taken {
-                    Ok(true) => tracing::info!(%key, regions = dirty_regions.len(),
-                        "a replica that crashed with unflushed writes is being reconciled"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        return Err(Refusal::new(
+                if self.suspects.contains(key) {
+                    let mut dirty = dirty_regions;
+                    let taken =
+                        self.suspects.off_runtime(move |s| s.take(key, nregions, &mut dirty).map(|_| dirty));
+                    dirty_regions = taken.await.map_err(|e| {
+                        Refusal::new(
                             ExtentError::Io,
                             format!("cannot record that extent {key} is being reconciled: {e}"),
-                        ));
-                    }
+                        )
+                    })?;
+                    tracing::info!(%key, regions = dirty_regions.len(),
+                        "a replica that crashed with unflushed writes is being reconciled");
                 }
                 Ok(Message::ExtentStatusReply(ExtentState {
                     exists: true,
