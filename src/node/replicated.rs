@@ -68,6 +68,9 @@ pub trait ClusterIo: Send + Sync + 'static {
     /// Resolves with true once the lease is valid (at once if it is now),
     /// or with false at `deadline`.
     fn lease_wait(&self, deadline: tokio::time::Instant) -> BoxFuture<bool>;
+    /// Whether the metadata as applied here names this node the owner of
+    /// `volume` at `generation`.
+    fn owns(&self, volume: VolumeId, generation: Generation) -> bool;
 }
 
 /// Counters of one replicated volume (exported as metrics).
@@ -189,18 +192,30 @@ impl Replicated {
     /// to [`ROUTE_WAIT`] for the lease, as a request without a route waits
     /// for one, instead of failing a client that came a moment early.
     /// Waiting holds nothing, so dropping it is safe.
+    ///
+    /// A valid lease also means this node's metadata is current (the lease
+    /// comes back after a lapse only once it has caught up with the
+    /// leader), so the owner record checked here is the one that counts:
+    /// an old owner healed from a partition learns of its successor before
+    /// it may serve, and never reads its stale copy to a client.
     async fn check_serving(&self) -> Result<()> {
         self.check_owner()?;
-        if self.io.lease_valid() {
-            return Ok(());
+        if !self.io.lease_valid() {
+            let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
+            if !self.io.lease_wait(deadline).await {
+                return Err(unavailable(
+                    "this node's liveness lease ran out: it cannot serve until it renews it",
+                ));
+            }
+            self.check_owner()?;
         }
-        let deadline = tokio::time::Instant::now() + ROUTE_WAIT;
-        if !self.io.lease_wait(deadline).await {
-            return Err(unavailable(
-                "this node's liveness lease ran out: it cannot serve until it renews it",
-            ));
+        if !self.io.owns(self.volume, self.generation) {
+            return Err(unavailable(format!(
+                "this node no longer owns the volume (it had generation {})",
+                self.generation
+            )));
         }
-        self.check_owner()
+        Ok(())
     }
 
     /// Steps the core under its lock and carries out what it asks.

@@ -4,8 +4,8 @@
 //! ones, keeps its liveness lease; and which route each volume takes.
 
 use crate::run::AddrBook;
-use basalt::meta::MetaNode;
 use basalt::meta::state::{Command, MetaState, NodeState};
+use basalt::meta::{Consistency, MetaNode};
 use basalt::net::{PeerError, PeerPool};
 use basalt::node::VolumeSpec;
 use basalt::node::forward::Forwarder;
@@ -16,6 +16,8 @@ use basalt::types::{Epoch, ExtentIndex, Generation, NodeId, VolumeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// A request to a replica that takes longer than this counts as failed:
 /// the replica leaves the extent's set.
@@ -34,10 +36,67 @@ pub struct DaemonIo {
     pub meta: MetaNode,
     /// The metadata as last applied here.
     pub latest: Arc<RwLock<Arc<MetaState>>>,
-    /// How long after its last acknowledged heartbeat this node may still
-    /// serve: half the time after which the leader marks it down, so it
-    /// stops well before another node may take its volumes.
-    pub lease: Duration,
+    /// The same, at once (the daemon's copy above follows it a moment later).
+    pub state: watch::Receiver<Arc<MetaState>>,
+    /// This node's liveness lease.
+    pub lease: Lease,
+}
+
+/// This node's liveness lease as the data path may trust it. It runs from
+/// the last acknowledged heartbeat for `length` (half the time after which
+/// the leader marks a node down, so it stops well before another node may
+/// take its volumes); after a lapse, or at the first acknowledgement, it
+/// is valid again only once a linearizable read has brought this node's
+/// metadata up to the leader's. Before that rule, an owner cut off by a
+/// partition regained its lease with the first heartbeat after the heal,
+/// before it had applied the takeover it missed, and served one read of
+/// its stale copy (`replicated_faults::partitioned_owner_is_fenced_*`:
+/// "R zero" after the new owner's write).
+pub struct Lease {
+    confirmed: watch::Receiver<Option<Instant>>,
+    length: Duration,
+}
+
+impl Lease {
+    /// Follows `meta`'s acknowledgements from now on (in a task).
+    pub fn start(meta: MetaNode, length: Duration) -> Lease {
+        let (tx, confirmed) = watch::channel(None::<Instant>);
+        let mut acks = meta.liveness_acks();
+        tokio::spawn(async move {
+            loop {
+                let ack = *acks.borrow_and_update();
+                if let Some(t) = ack {
+                    // Continuous: acknowledged before the last trusted one ran out.
+                    let continuous = tx.borrow().is_some_and(|c| t.saturating_duration_since(c) < length);
+                    if continuous {
+                        tx.send_replace(Some(t));
+                    } else {
+                        match meta.read(Consistency::Linearizable).await {
+                            // Current as of after `t`: whatever the leader had
+                            // committed when it acknowledged is applied here.
+                            Ok(_) => {
+                                tx.send_replace(Some(t));
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %basalt::units::error_chain(&e),
+                                    "lease not renewed: the metadata could not be read from the leader");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                if acks.changed().await.is_err() || tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Lease { confirmed, length }
+    }
+
+    fn valid(&self) -> bool {
+        self.confirmed.borrow().is_some_and(|t| t.elapsed() < self.length)
+    }
 }
 
 /// The committed replica set of an extent: the recorded exception, else
@@ -101,12 +160,19 @@ impl ClusterIo for DaemonIo {
     }
 
     fn lease_valid(&self) -> bool {
-        self.meta.last_liveness_ack().is_some_and(|t| t.elapsed() < self.lease)
+        self.lease.valid()
+    }
+
+    fn owns(&self, volume: VolumeId, generation: Generation) -> bool {
+        self.state
+            .borrow()
+            .volume(volume)
+            .is_some_and(|v| v.owner == Some(self.me) && v.generation.0 == generation.0)
     }
 
     fn lease_wait(&self, deadline: tokio::time::Instant) -> BoxFuture<bool> {
-        let mut acks = self.meta.liveness_acks();
-        let lease = self.lease;
+        let mut acks = self.lease.confirmed.clone();
+        let lease = self.lease.length;
         Box::pin(async move {
             loop {
                 if acks.borrow_and_update().is_some_and(|t| t.elapsed() < lease) {

@@ -606,7 +606,11 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
         local,
         meta: meta.clone(),
         latest,
-        lease: Duration::from_millis(cfg.liveness.down_after_ms / 2),
+        state: meta.subscribe(),
+        lease: crate::replicas::Lease::start(
+            meta.clone(),
+            Duration::from_millis(cfg.liveness.down_after_ms / 2),
+        ),
     });
     let router = crate::replicas::Router::new(io);
     let owned = router.clone();
