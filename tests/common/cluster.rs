@@ -215,7 +215,19 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("node {k} not ready in 60 s; log:\n{}", self.log(k));
+        let others: String = (0..self.nodes.len())
+            .filter(|&j| j != k)
+            .map(|j| {
+                let log = self.log(j);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                format!(
+                    "\n--- node {j}, last {} lines ---\n{}",
+                    tail.len(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!("node {k} not ready in 60 s; log:\n{}{others}", self.log(k));
     }
 
     /// Every node stopped with SIGTERM (each must exit 0), then all started
