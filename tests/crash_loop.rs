@@ -169,7 +169,7 @@ fn repeated_kill9_under_mixed_io_keeps_every_sector_consistent() {
         return;
     }
     let started = Instant::now();
-    let seed: u64 = std::env::var("BASALT_CRASH_SEED").ok().map_or(1, |s| s.parse().unwrap());
+    let seed = sector_oracle::seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
     let run =
         Run { seed, dir: tempfile::Builder::new().prefix("basalt-crash-loop-").tempdir().unwrap().keep() };

@@ -322,7 +322,7 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
         return;
     }
     let started = Instant::now();
-    let seed: u64 = std::env::var("BASALT_CRASH_SEED").ok().map_or(1, |s| s.parse().unwrap());
+    let seed = sector_oracle::seed_from_env();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut c = Cluster::start(3, 3);
     let mut run = Run {

@@ -488,3 +488,8 @@ pub fn reap(child: &mut Child) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The workload seed of a crash loop: `BASALT_CRASH_SEED`, else 1.
+pub fn seed_from_env() -> u64 {
+    std::env::var("BASALT_CRASH_SEED").ok().map_or(1, |s| s.parse().expect("BASALT_CRASH_SEED is a number"))
+}
