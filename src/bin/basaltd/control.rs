@@ -134,8 +134,9 @@ impl Daemon {
                 if let Some(a) = parse_addr(&spec.addrs.peer) {
                     self.book.insert(id, a);
                 }
+                let answer = self.membership_answer().await?;
                 tracing::info!(node = %id, peer = %spec.addrs.peer, "node joined as a learner");
-                Ok(self.membership_answer().await)
+                Ok(answer)
             }
             ShellRequest::Invite { cluster, members } => {
                 let cluster = ClusterId(cluster);
@@ -162,13 +163,29 @@ impl Daemon {
         }
     }
 
-    async fn membership_answer(&self) -> ShellResponse {
-        let state = self.meta.read(Consistency::Stale).await.ok();
-        let members = state
-            .as_ref()
-            .map(|s| s.nodes().map(|n| (n.spec.id, n.spec.addrs.peer.clone())).collect())
-            .unwrap_or_default();
-        ShellResponse::Joined { cluster: self.cluster.get().0, members }
+    /// What a joiner needs to hear the cluster: its id and every member's
+    /// peer address, the leader's above all. The joiner answers Raft only
+    /// to addresses it knows, so an answer without the leader's leaves it
+    /// hearing heartbeats it cannot acknowledge, and the leader never
+    /// sends it a snapshot. A node still starting (its own state not yet
+    /// caught up, its cluster id not yet known) has no such answer: it
+    /// says so, and the joiner asks again.
+    async fn membership_answer(&self) -> Result<ShellResponse, String> {
+        let chain = |e: MetaError| basalt::units::error_chain(&e);
+        let state = self.meta.read(Consistency::Linearizable).await.map_err(chain)?;
+        let Some(cluster) = state.cluster() else {
+            return Err("this node is still starting (it knows no cluster id yet)".into());
+        };
+        let members: Vec<(NodeId, String)> =
+            state.nodes().map(|n| (n.spec.id, n.spec.addrs.peer.clone())).collect();
+        if let Some(leader) = self.meta.status().leader
+            && !members.iter().any(|(id, _)| *id == leader)
+        {
+            return Err(format!(
+                "this node is still starting (the leader, node {leader}, is not registered yet)"
+            ));
+        }
+        Ok(ShellResponse::Joined { cluster: cluster.id.0, members })
     }
 
     /// A fresh node with `cluster.join`: asks a member to add it, retrying
@@ -177,6 +194,12 @@ impl Daemon {
         let spec = crate::run::node_spec_of(&self.cfg, self.me);
         loop {
             match shell_request(&self.pool, addr, &ShellRequest::Join(spec.clone())).await {
+                // An answer without a cluster id or members (an older
+                // member that was still starting) would leave this node
+                // unable to answer the leader: ask again.
+                Ok(ShellResponse::Joined { cluster, members }) if cluster == 0 || members.is_empty() => {
+                    tracing::warn!(through = %addr, "the member is still starting; retrying the join");
+                }
                 Ok(ShellResponse::Joined { cluster, members }) => {
                     let cluster = ClusterId(cluster);
                     for (id, a) in members {
