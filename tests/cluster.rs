@@ -331,11 +331,20 @@ fn volume_show_watch_refreshes_until_interrupted() {
     let c = Cluster::start(1, 1);
     c.wait_leader(0, None);
     c.cli_json(0, &["volume", "create", "w", "--size", "16M", "--extent-size", "16M"]);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
-        .args(["--admin", &c.nodes[0].admin.to_string(), "--json", "volume", "show", "w", "--watch"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"));
+    cmd.args(["--admin", &c.nodes[0].admin.to_string(), "--json", "volume", "show", "w", "--watch"])
+        .stdout(std::process::Stdio::piped());
+    // Ctrl-C as a terminal delivers it. A suite started in the background
+    // by a non-interactive shell inherits SIGINT ignored, and so would the
+    // watch: it then outlived the signal, filled the pipe and hung the test.
+    // SAFETY: signal(2) between fork and exec touches only this process.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     // Two refreshes, each one JSON document on a line of its own.
     for _ in 0..2 {
