@@ -243,6 +243,7 @@ impl MetaNode {
             next_read: 0,
             heartbeat_in_flight: Arc::new(AtomicBool::new(false)),
             last_ack,
+            last_rejected_registration: None,
         };
         let span = tracing::info_span!("meta", node = %id);
         let task = tokio::spawn(tracing::Instrument::instrument(runner.run(), span));
@@ -418,9 +419,31 @@ struct Runner<S: LogStore> {
     next_read: u64,
     heartbeat_in_flight: Arc<AtomicBool>,
     last_ack: Arc<watch::Sender<Option<Instant>>>,
+    /// The last refused registration warned about (see `duty_rejected`).
+    last_rejected_registration: Option<String>,
 }
 
 impl<S: LogStore + Send + 'static> Runner<S> {
+    /// A leader duty of this node's (a command nobody waits for) that the
+    /// state machine refused. A refused registration leaves a node out of
+    /// the cluster for good while the leader retries it each second, so it
+    /// is a warning, once per distinct reason; other duties lose benign
+    /// races (a state another node changed first), at debug.
+    fn duty_rejected(&mut self, data: &[u8], why: &Rejection) {
+        let Some(p) = crate::meta::state::decode_proposal(data) else { return };
+        match &p.command {
+            Command::AddNode { spec } | Command::UpdateNode { spec } => {
+                let text = format!("{}: {why}", spec.id);
+                if self.last_rejected_registration.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(node = %spec.id, reason = %why, capacity = spec.capacity, has_data = spec.has_data,
+                        "the metadata refused a node's registration: it cannot join the cluster until its report changes");
+                    self.last_rejected_registration = Some(text);
+                }
+            }
+            other => tracing::debug!(command = ?other, reason = %why, "a leader duty was refused"),
+        }
+    }
+
     fn retry_every(&self) -> Duration {
         self.cfg.tick * self.cfg.core.election_ticks as u32
     }
@@ -654,6 +677,10 @@ impl<S: LogStore + Send + 'static> Runner<S> {
                 && let Some(p) = self.pending.remove(&req)
             {
                 let _ = p.reply.send(a.outcome.map_err(MetaError::Rejected));
+            } else if let (Some(req), Err(why)) = (a.request, &a.outcome)
+                && req.origin == self.cfg.core.id
+            {
+                self.duty_rejected(&a.data, why);
             }
         }
         for (ctx, index) in out.reads {

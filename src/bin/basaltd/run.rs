@@ -375,6 +375,11 @@ pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
         capacity: if has_data {
             cfg.capacity.map_or_else(
                 || {
+                    if cfg.engine == basalt::storage::EngineKind::Mem {
+                        // Extents live in this process's memory, not in the
+                        // data directories (which it may never create).
+                        return physical_memory();
+                    }
                     let dirs: Vec<&std::path::Path> = cfg.data_dirs.iter().map(|d| d.as_path()).collect();
                     basalt::admin::metrics::filesystems(&dirs).0
                 },
@@ -386,6 +391,13 @@ pub fn node_spec_of(cfg: &Config, id: NodeId) -> meta::state::NodeSpec {
         has_data,
         pid: std::process::id(),
     }
+}
+
+/// The machine's memory in bytes (0 if it cannot be read).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf(3) only reads configuration values.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    u64::try_from(pages).unwrap_or(0).saturating_mul(u64::try_from(page).unwrap_or(0))
 }
 
 /// Asks each initial member for its node id (the peer handshake carries
@@ -514,6 +526,14 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     mcfg.request_timeout = (mcfg.tick * (cfg.raft.election_ticks as u32) * 4).max(Duration::from_secs(5));
     let transport = Arc::new(PeerTransport { pool: pool.clone(), book: book.clone() });
     let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
+    if report.spec.has_data && report.spec.capacity == 0 {
+        // The metadata refuses such a node: it would wait forever to join.
+        anyhow::bail!(
+            "cannot tell the capacity of the data directories {:?} (statvfs failed or reports 0 bytes): \
+             set `capacity` in the configuration",
+            cfg.data_dirs
+        );
+    }
     let meta =
         MetaNode::start(mcfg, store, transport, report, startup).context("starting the metadata group")?;
     let _ = handler.meta.set(meta.clone());
