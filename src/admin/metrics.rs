@@ -513,7 +513,11 @@ impl Collector for PeerCollector {
             None,
             MetricType::Counter,
         )?;
-        for (why, v) in [("unreachable", &s.dropped_unreachable), ("budget_full", &s.dropped_full)] {
+        for (why, v) in [
+            ("unreachable", &s.dropped_unreachable),
+            ("budget_full", &s.dropped_full),
+            ("no_address", &s.dropped_no_address),
+        ] {
             ConstCounter::new(get(v)).encode(m.encode_family(&[("reason", why)])?)?;
         }
         Ok(())

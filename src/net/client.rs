@@ -52,6 +52,9 @@ pub struct ClientStats {
     pub dropped_unreachable: AtomicU64,
     /// One-way messages dropped: the peer's budget was full.
     pub dropped_full: AtomicU64,
+    /// One-way messages dropped by a sender that knew no address for the
+    /// node (counted by the sender: the pool never saw them).
+    pub dropped_no_address: AtomicU64,
     /// Bytes held by requests in flight, now and at most.
     pub held: Arc<Gauge>,
 }

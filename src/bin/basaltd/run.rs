@@ -35,8 +35,9 @@ use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -88,14 +89,65 @@ impl AddrBook {
 struct PeerTransport {
     pool: Arc<PeerPool>,
     book: Arc<AddrBook>,
+    /// Nodes this node has Raft messages for but no address, since when.
+    unknown: Mutex<HashMap<NodeId, Unknown>>,
+}
+
+#[derive(Debug)]
+struct Unknown {
+    since: Instant,
+    warned: Option<Instant>,
+    dropped: u64,
+}
+
+/// A node's address may be missing for a moment (a joiner learns the
+/// others' from the state it is catching up with); past this, Raft to it is
+/// stuck, which stalls a join or a catch-up: a warning, and again every
+/// [`UNKNOWN_WARN_EVERY`] while it lasts.
+const UNKNOWN_WARN_AFTER: Duration = Duration::from_secs(5);
+const UNKNOWN_WARN_EVERY: Duration = Duration::from_secs(30);
+
+impl PeerTransport {
+    fn new(pool: Arc<PeerPool>, book: Arc<AddrBook>) -> PeerTransport {
+        PeerTransport { pool, book, unknown: Mutex::default() }
+    }
+
+    fn no_address(&self, to: NodeId) {
+        self.pool.stats().dropped_no_address.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut m = self.unknown.lock().unwrap();
+        let u = m.entry(to).or_insert(Unknown { since: now, warned: None, dropped: 0 });
+        u.dropped += 1;
+        let due = match u.warned {
+            None => now.duration_since(u.since) >= UNKNOWN_WARN_AFTER,
+            Some(w) => now.duration_since(w) >= UNKNOWN_WARN_EVERY,
+        };
+        if due {
+            tracing::warn!(%to, dropped = u.dropped, for_s = now.duration_since(u.since).as_secs(),
+                "raft messages to a node are dropped: no address is known for it here (is it in the node registry?)");
+            u.warned = Some(now);
+            u.dropped = 0;
+        } else {
+            tracing::debug!(%to, "raft message dropped: no address known for the node yet");
+        }
+    }
 }
 
 impl meta::MetaTransport for PeerTransport {
     fn send(&self, to: NodeId, msg: raft::eraftpb::Message) {
         let Some(addr) = self.book.get(to) else {
-            tracing::debug!(%to, "raft message dropped: no address known for the node yet");
+            self.no_address(to);
             return;
         };
+        {
+            let mut m = self.unknown.lock().unwrap();
+            if !m.is_empty()
+                && let Some(u) = m.remove(&to)
+                && u.warned.is_some()
+            {
+                tracing::info!(%to, %addr, "the node's address is known again: raft messages to it flow");
+            }
+        }
         let bytes = Bytes::from(meta::encode_raft_message(&msg));
         if let Err(e) = self.pool.send(addr, Message::Raft(bytes)) {
             tracing::debug!(%to, error = %e, "raft message dropped");
@@ -524,7 +576,7 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
     mcfg.core.liveness_ticks = (cfg.liveness.down_after_ms / cfg.raft.tick_ms).max(1);
     mcfg.heartbeat_interval = Duration::from_millis(cfg.liveness.heartbeat_ms);
     mcfg.request_timeout = (mcfg.tick * (cfg.raft.election_ticks as u32) * 4).max(Duration::from_secs(5));
-    let transport = Arc::new(PeerTransport { pool: pool.clone(), book: book.clone() });
+    let transport = Arc::new(PeerTransport::new(pool.clone(), book.clone()));
     let report = NodeReport { spec: node_spec_of(&cfg, me), used: 0 };
     if report.spec.has_data && report.spec.capacity == 0 {
         // The metadata refuses such a node: it would wait forever to join.
@@ -820,4 +872,39 @@ fn print_demo(
         println!("  iscsiadm -m discovery -t st -p {a}");
     }
     println!("admin: basalt --admin {admin} cluster status");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt::meta::MetaTransport;
+    use basalt::net::ClientConfig;
+
+    fn heartbeat(to: u64) -> raft::eraftpb::Message {
+        let mut m = raft::eraftpb::Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+        m.to = to;
+        m.from = 1;
+        m
+    }
+
+    /// A Raft message for a node without a known address is dropped and
+    /// counted (the `no_address` reason of the dropped-messages metric);
+    /// one with an address is handed to the pool, not counted there.
+    #[tokio::test]
+    async fn raft_messages_to_a_node_without_an_address_are_counted() {
+        let pool = Arc::new(PeerPool::new(ClientConfig::new(ClusterId(1), NodeId(1))));
+        let book = Arc::new(AddrBook::default());
+        let t = PeerTransport::new(pool.clone(), book.clone());
+        let dropped = || pool.stats().dropped_no_address.load(Ordering::Relaxed);
+        t.send(NodeId(7), heartbeat(7));
+        t.send(NodeId(7), heartbeat(7));
+        assert_eq!(dropped(), 2);
+        assert_eq!(t.unknown.lock().unwrap()[&NodeId(7)].dropped, 2);
+        // Known now (nothing listens there: the pool counts it as unreachable).
+        book.insert(NodeId(7), "127.0.0.1:9".parse().unwrap());
+        t.send(NodeId(7), heartbeat(7));
+        assert_eq!(dropped(), 2, "sent with an address: not a no-address drop");
+        assert!(t.unknown.lock().unwrap().is_empty(), "the node left the unknown list");
+    }
 }
