@@ -421,10 +421,23 @@ fn server_dying_mid_import_reports_how_far_it_got() {
     assert_eq!(total, size);
     // Six 1 MiB WRITEs got through the proxy; no more can be acknowledged.
     assert!(done <= 6 * MIB && first <= done && first % MIB == 0, "{e}");
-    // The claim holds: the volume has the image below `first`.
+    // None was flushed, and the server died: what it acknowledged may be
+    // lost (DESIGN.md, crash consistency: an unflushed write reads back as
+    // the old or the new data). The message says so rather than claim
+    // the data is on the volume. (Usually the kill comes before any reply
+    // got through and `first` is 0; under load some do, and then the
+    // restarted volume has held either version of them.)
+    assert!(e.contains("acknowledged but not flushed: a crash of the server may have lost it"), "{e}");
     d.restart();
     let vol = volume_bytes(&d, dir.path());
-    assert!(vol[..first as usize] == src[..first as usize], "volume below {first} differs from the image");
+    // Every 4 KiB block of the volume reads as the image's or as the old
+    // content (zeros): never a mix, never other bytes.
+    let block = 4096;
+    for (i, (v, s)) in vol.chunks(block).zip(src.chunks(block)).enumerate() {
+        assert!(v == s || v.iter().all(|&b| b == 0), "block {i} is neither the image's nor zeros");
+    }
+    let written = vol.chunks(block).zip(src.chunks(block)).filter(|(v, s)| v == s).count() as u64;
+    assert!(written * block as u64 <= 6 * MIB, "at most the six WRITEs that reached the server landed");
 }
 
 #[test]

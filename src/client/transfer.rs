@@ -205,12 +205,17 @@ impl Failure {
         let p = self.position?;
         Some(match self.direction {
             Direction::Import => format!(
-                "imported {} of {} bytes; first offset not written: {} (everything before it is on the volume{}); \
-                 run the import again to complete it",
+                "imported {} of {} bytes; first offset not written: {} ({}); run the import again to complete it",
                 p.done,
                 p.total,
                 p.first_unwritten,
-                if self.flushed { ", flushed" } else { ", not flushed" }
+                if self.flushed {
+                    "everything before it is on the volume, flushed"
+                } else {
+                    // The server acknowledged it, but a crash of the server
+                    // may take back what was not flushed (read as the old data).
+                    "everything before it was acknowledged but not flushed: a crash of the server may have lost it"
+                }
             ),
             Direction::Export => format!(
                 "exported {} of {} bytes; first offset not written: {}; {} is incomplete",
