@@ -392,6 +392,14 @@ fn r3_peer_latency_counts_every_replica_request() {
     };
     let (fams, before) = scrape_at(admin);
     assert_eq!(fams["basalt_peer_request_duration_seconds"], "histogram");
+    assert_eq!(fams["basalt_replica_request_duration_seconds"], "histogram");
+    // The replica service's own times, on every node (node 0's own replica too).
+    let served = |s: &Samples, op: &str| {
+        s.get(&format!("basalt_replica_request_duration_seconds_count{{op=\"{op}\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let served_before: Vec<Samples> = (0..3).map(|k| scrape_at(c.nodes[k].admin).1).collect();
     const N: u64 = 25;
     // N writes inside extent 0, then N reads (served by node 0's own
     // replica first: no peer request), then one read past the end.
@@ -447,6 +455,15 @@ fn r3_peer_latency_counts_every_replica_request() {
                 "peer {p}"
             );
         }
+    }
+    // Each member served exactly the N writes; the reads, node 0's replica alone.
+    for (k, b) in served_before.iter().enumerate() {
+        let (_, a) = scrape_at(c.nodes[k].admin);
+        assert_eq!(served(&a, "write") - served(b, "write"), N as f64, "node {k}: writes served");
+        let reads = if k == 0 { N as f64 } else { 0.0 };
+        assert_eq!(served(&a, "read") - served(b, "read"), reads, "node {k}: reads served");
+        let inf = "basalt_replica_request_duration_seconds_bucket{le=\"+Inf\",op=\"write\"}";
+        assert_eq!(get(&a, inf), served(&a, "write"), "node {k}: +Inf holds every write");
     }
     let vol = "{volume=\"r3\"}";
     for name in ["read_failovers", "repairs", "degraded", "reconciled_bytes"] {

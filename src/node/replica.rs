@@ -151,11 +151,26 @@ pub struct ReplicaService {
     /// reconciling them; a running owner that sends one more sees an error
     /// and takes it out of the set.
     suspects: Suspects,
+    /// Service time per request, once the daemon hands its metrics over.
+    timing: std::sync::OnceLock<crate::admin::metrics::ReplicaMetrics>,
 }
 
 impl std::fmt::Debug for ReplicaService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReplicaService").field("refused", &self.refused).finish_non_exhaustive()
+    }
+}
+
+/// The `op` label of a replica request's service time.
+fn replica_op(m: &Message) -> crate::admin::metrics::ReplicaOp {
+    use crate::admin::metrics::ReplicaOp;
+    match m {
+        Message::ExtentRead(_) => ReplicaOp::read,
+        Message::ExtentWrite(_) => ReplicaOp::write,
+        Message::ExtentFlush(_) => ReplicaOp::flush,
+        Message::ExtentTrim(_) => ReplicaOp::trim,
+        Message::ExtentWriteZeroes(_) => ReplicaOp::write_zeroes,
+        _ => ReplicaOp::other,
     }
 }
 
@@ -228,7 +243,14 @@ impl ReplicaService {
             extents: Mutex::new(HashMap::new()),
             throttle: Throttle::default(),
             refused: AtomicU64::new(0),
+            timing: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records each request's service time into `m` from now on (once;
+    /// later calls do nothing).
+    pub fn record_timing(&self, m: crate::admin::metrics::ReplicaMetrics) {
+        let _ = self.timing.set(m);
     }
 
     /// Requests refused so far (every [`ExtentErr`] answered).
@@ -248,6 +270,16 @@ impl ReplicaService {
             tracing::warn!(peer = %from, ?kind, "not an extent request; refused");
             return Message::error(ErrorCode::Unsupported, format!("{kind:?} is not an extent request"));
         };
+        let timed = self.timing.get().map(|m| (m, replica_op(&request), Instant::now()));
+        let answer = self.answer(from, target, request).await;
+        if let Some((m, op, start)) = timed {
+            m.record(op, start);
+        }
+        answer
+    }
+
+    async fn answer(&self, from: NodeId, target: ExtentTarget, request: Message) -> Message {
+        let kind = request.kind();
         match self.serve(target, request).await {
             Ok(reply) => reply,
             Err(r) => {

@@ -662,6 +662,9 @@ async fn run_node(cfg: Config, opts: RunOptions, mut ident: Identity) -> anyhow:
                 layout_of,
                 suspects,
             );
+            if let Some(m) = metrics.replica() {
+                service.record_timing(m);
+            }
             let _ = handler.replica.set(service.clone());
             let local: crate::replicas::LocalReplica = Arc::new(move |from, m| {
                 let s = service.clone();
