@@ -362,6 +362,17 @@ fn volume_show_watch_refreshes_until_interrupted() {
     assert!(!status.success(), "interrupted, not finished: {status}");
 }
 
+/// `basalt --json ARGS` against a demo's first node; panics unless it succeeds.
+fn demo_cli_json(admin_port: u16, args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
+        .args(["--admin", &format!("127.0.0.1:{admin_port}"), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "basalt {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The URIs the demo printed under the node it names as the volume's
 /// owner: (nbd://..., nbd+unix://...).
 fn owner_uris(lines: &[String]) -> (String, String) {
@@ -400,16 +411,8 @@ fn demo_defaults_to_three_nodes_and_three_replicas_and_keeps_data_across_restart
             "node {k} has its own files"
         );
     }
-    let admin = format!("127.0.0.1:{}", d.admin_port);
-    let basalt = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
-            .args(["--admin", &admin, "--json"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let admin_port = d.admin_port;
+    let basalt = |args: &[&str]| demo_cli_json(admin_port, args);
     let s = basalt(&["cluster", "status"]);
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3, "{s}");
     let v = basalt(&["volume", "show", "demo"]);
@@ -460,13 +463,7 @@ fn a_demo_on_the_mem_engine_comes_up_and_serves() {
         return;
     }
     let d = common::Daemon::start_demo_defaults("32M", &["--extent-size=8MiB", "--engine=mem"]);
-    let admin = format!("127.0.0.1:{}", d.admin_port);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
-        .args(["--admin", &admin, "--json", "node", "list"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = demo_cli_json(d.admin_port, &["node", "list"]);
     let nodes = nodes.as_array().expect("a node list");
     assert_eq!(nodes.len(), 3, "{nodes:?}");
     for n in nodes {
@@ -714,13 +711,7 @@ fn nodes_of_a_killed_demo_shut_down_cleanly() {
         return;
     }
     let mut d = common::Daemon::start_demo_defaults("16M", &["--extent-size=4MiB"]);
-    let admin = format!("127.0.0.1:{}", d.admin_port);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_basalt"))
-        .args(["--admin", &admin, "--json", "cluster", "status"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = demo_cli_json(d.admin_port, &["cluster", "status"]);
     let pids: Vec<i32> =
         s["nodes"].as_array().unwrap().iter().map(|n| n["pid"].as_i64().unwrap() as i32).collect();
     assert_eq!(pids.len(), 3, "{s}");
