@@ -329,6 +329,12 @@ impl<S: LogStore> MetaCore<S> {
         }
     }
 
+    /// Whether `req` was made by this run of the node (not one replayed
+    /// from the log of an earlier run).
+    pub fn is_own_request(&self, req: RequestId) -> bool {
+        req.origin == self.cfg.id && req.seq >> 32 == self.incarnation
+    }
+
     /// A fresh request id: unique across restarts, because the store's
     /// incarnation grows at every open.
     pub fn next_request(&mut self) -> RequestId {
@@ -758,6 +764,26 @@ mod tests {
         let st = MetaState::decode_snapshot(&s.latest_snapshot().data).unwrap();
         assert_eq!(st.members().voters.len(), 2);
         assert_eq!(st.applied_index(), 1);
+    }
+
+    /// Requests of this run are its own; those of an earlier run (replayed
+    /// from the log after a restart) or of another node are not.
+    #[test]
+    fn own_requests_are_those_of_this_run() {
+        let mut s = crate::meta::MemStore::new();
+        bootstrap_store(&mut s, &[NodeId(1)]).unwrap();
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let check = || Box::new(crate::meta::state::ConservativeReplicaCheck);
+        let mut c = MetaCore::open(CoreConfig::new(NodeId(1)), s, check(), &logger).unwrap();
+        let old = c.next_request();
+        assert!(c.is_own_request(old));
+        assert!(!c.is_own_request(RequestId { origin: NodeId(2), seq: old.seq }), "another node's");
+        let mut store = c.store().clone();
+        store.reopen();
+        let mut c = MetaCore::open(CoreConfig::new(NodeId(1)), store, check(), &logger).unwrap();
+        let new = c.next_request();
+        assert!(c.is_own_request(new));
+        assert!(!c.is_own_request(old), "a request of the run before the restart");
     }
 
     #[test]

@@ -424,8 +424,8 @@ struct Runner<S: LogStore> {
 }
 
 impl<S: LogStore + Send + 'static> Runner<S> {
-    /// A leader duty of this node's (a command nobody waits for) that the
-    /// state machine refused. A refused registration leaves a node out of
+    /// A leader duty this run of the node proposed (a command nobody waits
+    /// for) that the state machine refused. A refused registration leaves a node out of
     /// the cluster for good while the leader retries it each second, so it
     /// is a warning, once per distinct reason; other duties lose benign
     /// races (a state another node changed first), at debug.
@@ -678,7 +678,8 @@ impl<S: LogStore + Send + 'static> Runner<S> {
             {
                 let _ = p.reply.send(a.outcome.map_err(MetaError::Rejected));
             } else if let (Some(req), Err(why)) = (a.request, &a.outcome)
-                && req.origin == self.cfg.core.id
+                // Not one replayed at a restart: that refusal is old news.
+                && self.core.is_own_request(req)
             {
                 self.duty_rejected(&a.data, why);
             }
