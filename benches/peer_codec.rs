@@ -16,7 +16,13 @@ fn write(len: usize) -> Message {
         epoch: Epoch(3),
         generation: Generation(4),
     };
-    Message::ExtentWrite(ExtentWrite { target, offset: 0, fua: false, data: Bytes::from(vec![0xa5; len]) })
+    Message::ExtentWrite(ExtentWrite {
+        target,
+        offset: 0,
+        fua: false,
+        copy: false,
+        data: Bytes::from(vec![0xa5; len]),
+    })
 }
 
 fn wire(messages: &[Message]) -> BytesMut {

@@ -71,7 +71,7 @@ async fn main() {
     let request = move |i: usize| {
         let offset = (i * bs) as u64;
         if write {
-            Message::ExtentWrite(ExtentWrite { target, offset, fua: false, data: data.clone() })
+            Message::ExtentWrite(ExtentWrite { target, offset, fua: false, copy: false, data: data.clone() })
         } else {
             Message::ExtentRead(ExtentRead { target, offset, len: bs as u32 })
         }

@@ -210,7 +210,13 @@ async fn many_concurrent_requests_round_trip_with_the_right_answers() {
                 }
                 1 => {
                     let data = pattern(i, 512 << (i % 7));
-                    let w = ExtentWrite { target: target(i), offset: i, fua: i % 8 == 1, data: data.clone() };
+                    let w = ExtentWrite {
+                        target: target(i),
+                        offset: i,
+                        fua: i % 8 == 1,
+                        copy: false,
+                        data: data.clone(),
+                    };
                     let r = c.request(Message::ExtentWrite(w)).await.unwrap();
                     let want = ExtentState {
                         flush_number: crc32c::crc32c(&data) as u64 + (i << 32),
@@ -331,6 +337,7 @@ async fn a_request_waits_for_budget_instead_of_growing_memory() {
             target: ExtentTarget { volume, ..target(1) },
             offset: 0,
             fua: false,
+            copy: false,
             data: data.clone(),
         };
         tokio::spawn(async move { c.request(Message::ExtentWrite(w)).await })
@@ -668,7 +675,7 @@ async fn hostile(bytes: Vec<u8>, half_close: bool) {
 }
 
 fn good_write(id: u64) -> Vec<u8> {
-    let w = ExtentWrite { target: target(1), offset: 0, fua: false, data: pattern(1, 1000) };
+    let w = ExtentWrite { target: target(1), offset: 0, fua: false, copy: false, data: pattern(1, 1000) };
     encode_to_bytes(id, FrameFlags::NONE, &Message::ExtentWrite(w)).unwrap().to_vec()
 }
 

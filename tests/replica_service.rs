@@ -114,7 +114,7 @@ impl Replica {
     }
 
     async fn write(&self, t: ExtentTarget, offset: u64, data: Bytes) -> Message {
-        self.ask(Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, data })).await
+        self.ask(Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, copy: false, data })).await
     }
 
     async fn read(&self, t: ExtentTarget, offset: u64, len: u32) -> Bytes {
@@ -178,7 +178,8 @@ async fn write_read_zeroes_trim_and_flush_are_byte_exact() {
         want[40 << 10..48 << 10].fill(0);
         r.flush(t).await;
         assert_eq!(r.read(t, 0, 128 << 10).await, Bytes::from(want.clone()));
-        let fua = ExtentWrite { target: t, offset: EXTENT - 4096, fua: true, data: pattern(3, 4096) };
+        let fua =
+            ExtentWrite { target: t, offset: EXTENT - 4096, fua: true, copy: false, data: pattern(3, 4096) };
         assert_eq!(r.ask(Message::ExtentWrite(fua)).await, Message::ExtentOk);
         assert_eq!(r.read(t, EXTENT - 4096, 4096).await, pattern(3, 4096));
         // A never-written extent reads as zeros and is not created by it,
@@ -231,8 +232,13 @@ async fn the_same_through_a_peer_server_over_tcp() {
         let writes = (0..32u64).map(|i| {
             let c = c.clone();
             async move {
-                let w =
-                    ExtentWrite { target: t, offset: i * 65536, fua: i % 5 == 0, data: pattern(i, 65536) };
+                let w = ExtentWrite {
+                    target: t,
+                    offset: i * 65536,
+                    fua: i % 5 == 0,
+                    copy: false,
+                    data: pattern(i, 65536),
+                };
                 c.request(Message::ExtentWrite(w)).await.unwrap()
             }
         });
@@ -249,7 +255,8 @@ async fn the_same_through_a_peer_server_over_tcp() {
         let expect: Vec<u32> = want[..8192].chunks(4096).map(crc32c::crc32c).collect();
         assert_eq!(crcs.unwrap(), Message::ExtentCrcsReply(BlockCrcs { block_size: 4096, crcs: expect }));
         // A stale generation over the wire: the exact error.
-        let old = ExtentWrite { target: at(1, 2, 2), offset: 0, fua: false, data: pattern(9, 4096) };
+        let old =
+            ExtentWrite { target: at(1, 2, 2), offset: 0, fua: false, copy: false, data: pattern(9, 4096) };
         let reply = c.request(Message::ExtentWrite(old)).await.unwrap();
         assert_eq!(err(reply), ExtentError::StaleGeneration { current: Generation(3) });
         // Not an extent request.
@@ -423,7 +430,13 @@ async fn hostile_requests_get_the_exact_error() {
         let r = Replica::new(kind).await;
         let t = at(0, 1, 1);
         let write = |offset: u64, len: usize| {
-            Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, data: pattern(1, len) })
+            Message::ExtentWrite(ExtentWrite {
+                target: t,
+                offset,
+                fua: false,
+                copy: false,
+                data: pattern(1, len),
+            })
         };
         let read = |offset: u64, len: u32| Message::ExtentRead(ExtentRead { target: t, offset, len });
         let zeroes = |offset: u64, len: u64| {
@@ -464,6 +477,7 @@ async fn hostile_requests_get_the_exact_error() {
                     target: ExtentTarget { volume: VolumeId(99), ..t },
                     offset: 0,
                     fua: false,
+                    copy: false,
                     data: pattern(1, 512),
                 }),
                 ExtentError::NotFound,
@@ -629,12 +643,13 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
         // Extent 1 written and cleanly shut down: not suspect after the crash.
         let t1 = at(1, 1, 1);
         let kept = pattern(8, 4096);
-        let w1 = ExtentWrite { target: t1, offset: 0, fua: true, data: kept.clone() };
+        let w1 = ExtentWrite { target: t1, offset: 0, fua: true, copy: false, data: kept.clone() };
         assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w1)).await, Message::ExtentOk);
         store.close().await.unwrap();
         drop(svc);
         let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
-        let w = ExtentWrite { target: t, offset: 3 * region, fua: false, data: pattern(9, 8192) };
+        let w =
+            ExtentWrite { target: t, offset: 3 * region, fua: false, copy: false, data: pattern(9, 8192) };
         assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w)).await, Message::ExtentOk, "{kind:?}");
         drop(svc);
         drop(store); // the crash: no flush, no close
@@ -649,7 +664,7 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
             ExtentError::Io,
             "{kind:?}: a suspect replica serves nothing"
         );
-        let w2 = ExtentWrite { target: t, offset: 0, fua: false, data: pattern(10, 4096) };
+        let w2 = ExtentWrite { target: t, offset: 0, fua: false, copy: false, data: pattern(10, 4096) };
         assert_eq!(err(svc.handle(OWNER, Message::ExtentWrite(w2)).await), ExtentError::Io, "{kind:?}");
         match svc.handle(OWNER, Message::ExtentRead(ExtentRead { target: t1, offset: 0, len: 4096 })).await {
             Message::ExtentReadReply(r) => assert_eq!(r.data, kept, "{kind:?}"),
@@ -700,7 +715,8 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
         assert_eq!(err(read(svc.clone(), t).await), ExtentError::Io, "{kind:?}: refuses after a crash");
         assert_eq!(status(svc.clone()).await, vec![3], "{kind:?}");
         // The owner copies region 3 back and flushes: reconciled, the record goes.
-        let back = ExtentWrite { target: t, offset: 3 * region, fua: false, data: pattern(9, 8192) };
+        let back =
+            ExtentWrite { target: t, offset: 3 * region, fua: false, copy: false, data: pattern(9, 8192) };
         assert_eq!(svc.handle(OWNER, Message::ExtentWrite(back)).await, Message::ExtentOk, "{kind:?}");
         let flush = ExtentFlush { target: t, flush_number: 1 };
         assert_eq!(svc.handle(OWNER, Message::ExtentFlush(flush)).await, Message::ExtentOk, "{kind:?}");
@@ -727,6 +743,97 @@ async fn a_crashed_replica_stays_suspect_until_reconciled_across_clean_restarts(
         };
         let all: Vec<u32> = (0..(EXTENT / region) as u32).collect();
         assert_eq!(s.dirty_regions, all, "{kind:?}");
+        store.close().await.unwrap();
+    }
+}
+
+/// Reconciliation's whole-extent copy, cut short: the pieces that arrived
+/// (COPY writes) leave the extent marked incomplete, so the replica reports
+/// it absent (the next owner copies it whole again, and never takes it as
+/// the source) and refuses to read it, across a crash and a clean restart.
+/// The last piece (COPY with FUA) completes it. A COPY piece for an extent
+/// the replica holds complete is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_copy_cut_short_reports_the_extent_absent_until_its_last_piece() {
+    const PIECE: u64 = 1 << 20;
+    for kind in ENGINES {
+        let dir =
+            tempfile::Builder::new().prefix("replica-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let t = at(2, 1, 1);
+        let piece = |svc: Arc<ReplicaService>, i: u64, fua: bool| async move {
+            let w = ExtentWrite {
+                target: t,
+                offset: i * PIECE,
+                fua,
+                copy: true,
+                data: pattern(i, PIECE as usize),
+            };
+            svc.handle(OWNER, Message::ExtentWrite(w)).await
+        };
+        let status = |svc: Arc<ReplicaService>| async move {
+            match svc.handle(OWNER, Message::ExtentStatus(t)).await {
+                Message::ExtentStatusReply(s) => s,
+                other => panic!("status: {other:?}"),
+            }
+        };
+        let read = |svc: Arc<ReplicaService>| async move {
+            svc.handle(OWNER, Message::ExtentRead(ExtentRead { target: t, offset: 0, len: PIECE as u32 }))
+                .await
+        };
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        for i in 0..2 {
+            assert_eq!(piece(svc.clone(), i, false).await, Message::ExtentOk, "{kind:?}");
+        }
+        assert!(!status(svc.clone()).await.exists, "{kind:?}: an incomplete copy reports itself absent");
+        assert_eq!(err(read(svc.clone()).await), ExtentError::Io, "{kind:?}: and serves no read");
+
+        // The owner dies, then this node crashes: still incomplete.
+        drop(svc);
+        drop(store);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), true).await;
+        assert!(!status(svc.clone()).await.exists, "{kind:?}: absent after a crash");
+        assert_eq!(err(read(svc.clone()).await), ExtentError::Io, "{kind:?}");
+        // And after a clean restart, which clears the dirty bits.
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        let s = status(svc.clone()).await;
+        assert!(!s.exists && s.dirty_regions.is_empty(), "{kind:?}: absent after a clean restart: {s:?}");
+
+        // The next owner copies it whole: the last piece completes it.
+        let n = EXTENT / PIECE;
+        for i in 0..n {
+            assert_eq!(piece(svc.clone(), i, i + 1 == n).await, Message::ExtentOk, "{kind:?} piece {i}");
+        }
+        assert!(status(svc.clone()).await.exists, "{kind:?}: complete");
+        // Complete survives a crash, with every piece durable.
+        drop(svc);
+        drop(store);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), true).await;
+        assert!(status(svc.clone()).await.exists, "{kind:?}: complete after a crash");
+        for i in 0..n {
+            let r = ExtentRead { target: t, offset: i * PIECE, len: PIECE as u32 };
+            match svc.handle(OWNER, Message::ExtentRead(r)).await {
+                Message::ExtentReadReply(r) => {
+                    assert!(r.data == pattern(i, PIECE as usize), "{kind:?}: piece {i} reads back")
+                }
+                other => panic!("{kind:?}: read of piece {i}: {other:?}"),
+            }
+        }
+        // A whole copy over a complete replica is refused, and changes nothing.
+        assert_eq!(err(piece(svc.clone(), 0, false).await), ExtentError::Io, "{kind:?}");
+        match read(svc.clone()).await {
+            Message::ExtentReadReply(r) => assert!(r.data == pattern(0, PIECE as usize), "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        // An ordinary first write creates a complete extent as before.
+        let t3 = at(3, 1, 1);
+        let w = ExtentWrite { target: t3, offset: 0, fua: false, copy: false, data: pattern(5, 4096) };
+        assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w)).await, Message::ExtentOk, "{kind:?}");
+        match svc.handle(OWNER, Message::ExtentStatus(t3)).await {
+            Message::ExtentStatusReply(s) => assert!(s.exists, "{kind:?}"),
+            other => panic!("{kind:?}: {other:?}"),
+        }
         store.close().await.unwrap();
     }
 }

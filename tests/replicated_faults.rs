@@ -470,7 +470,7 @@ fn hostile_peers_get_errors_and_the_node_keeps_serving() {
         generation,
     };
     let write = |t: ExtentTarget, offset: u64, data: Bytes| {
-        Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, data })
+        Message::ExtentWrite(ExtentWrite { target: t, offset, fua: false, copy: false, data })
     };
     let data = Bytes::from(vec![0xee; 4096]);
 
@@ -856,7 +856,7 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
     )
     .unwrap()
     .to_vec();
-    let w = ExtentWrite { target: t, offset: 0, fua: true, data: Bytes::from(vec![0x99; 4096]) };
+    let w = ExtentWrite { target: t, offset: 0, fua: true, copy: false, data: Bytes::from(vec![0x99; 4096]) };
     frames.extend_from_slice(&encode_to_bytes(9, FrameFlags::NONE, &Message::ExtentWrite(w)).unwrap());
     for k in (0..3).filter(|&k| k != a) {
         let o = run_in(
@@ -961,7 +961,7 @@ fn stale_generation_write_to_an_r1_volume_is_refused() {
         generation: Generation(generation.0 - 1),
     };
     let mut r = RawPeer::hello(c.nodes[0].peer, cluster);
-    let w = ExtentWrite { target: t, offset: 0, fua: true, data: Bytes::from(vec![0xee; 4096]) };
+    let w = ExtentWrite { target: t, offset: 0, fua: true, copy: false, data: Bytes::from(vec![0xee; 4096]) };
     let reply = r.request(1, &Message::ExtentWrite(w));
     let data = qemu_io_in(&[], &u, &["read -P 5 0 64k".into()]);
     assert_eq!(

@@ -229,11 +229,34 @@ struct Node {
 
 #[derive(Debug, Clone)]
 enum Req {
-    Change { op: OpId, extent: ExtentIndex, epoch: Epoch, first: usize, count: usize, change: Change },
-    Flush { extent: ExtentIndex, epoch: Epoch },
-    Status { extent: ExtentIndex, epoch: Epoch },
-    Read { extent: ExtentIndex, epoch: Epoch },
-    Copy { extent: ExtentIndex, epoch: Epoch, ranges: Vec<(u64, u64)>, data: Vec<u64> },
+    Change {
+        op: OpId,
+        extent: ExtentIndex,
+        epoch: Epoch,
+        first: usize,
+        count: usize,
+        change: Change,
+    },
+    Flush {
+        extent: ExtentIndex,
+        epoch: Epoch,
+    },
+    Status {
+        extent: ExtentIndex,
+        epoch: Epoch,
+    },
+    Read {
+        extent: ExtentIndex,
+        epoch: Epoch,
+    },
+    /// `whole`: reconcile's whole-extent copy (`reconcile::Copy::whole`).
+    Copy {
+        extent: ExtentIndex,
+        epoch: Epoch,
+        ranges: Vec<(u64, u64)>,
+        whole: bool,
+        data: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -263,7 +286,7 @@ enum Waiter {
 #[derive(Debug, Clone)]
 enum TakeStep {
     Status,
-    Read { target: NodeId, ranges: Vec<(u64, u64)> },
+    Read { target: NodeId, ranges: Vec<(u64, u64)>, whole: bool },
     Copy,
     Flush,
 }
@@ -681,8 +704,16 @@ impl Sim {
                 Resp::Ok
             }
             Req::Read { .. } => Resp::Data(disk.read()),
-            Req::Copy { ranges, data, .. } => {
-                disk.filled |= ranges[..] == [(0, EXTENT_SIZE)];
+            Req::Copy { ranges, whole, data, .. } => {
+                if *whole && disk.exists && !disk.incomplete {
+                    // As `ReplicaService`: a whole copy over a complete
+                    // replica is refused.
+                    return Resp::Err(Failure::Io);
+                }
+                // A whole copy to a replica without the extent creates it
+                // marked incomplete, as the real replica does.
+                disk.incomplete |= *whole;
+                disk.filled |= *whole;
                 for &(o, l) in ranges {
                     let (first, count) = ((o / BS) as usize, (l / BS) as usize);
                     disk.write(first, &data[first..first + count], false);
@@ -989,14 +1020,14 @@ impl Sim {
                     let w = Waiter::Take {
                         extent,
                         attempt,
-                        step: TakeStep::Read { target: c.target, ranges: c.ranges.clone() },
+                        step: TakeStep::Read { target: c.target, ranges: c.ranges.clone(), whole: c.whole },
                     };
                     self.send(ix, c.source, Req::Read { extent, epoch }, w);
                 }
             }
-            (TakeStep::Read { target, ranges }, Resp::Data(data)) => {
+            (TakeStep::Read { target, ranges, whole }, Resp::Data(data)) => {
                 let w = Waiter::Take { extent, attempt, step: TakeStep::Copy };
-                self.send(ix, target, Req::Copy { extent, epoch, ranges, data }, w);
+                self.send(ix, target, Req::Copy { extent, epoch, ranges, whole, data }, w);
             }
             (TakeStep::Copy, Resp::Ok) => {
                 let t = self.take(ix, extent);

@@ -71,7 +71,7 @@ fn verify_reports_matching_replicas_the_block_that_differs_and_a_node_that_is_do
     let pool = PeerPool::new(ClientConfig::new(cluster, NodeId(0xfeed)));
     let write = |node: u64, extent: u64, epoch: u64, offset: u64, data: Bytes| {
         let target = ExtentTarget { volume, extent: ExtentIndex(extent), epoch: Epoch(epoch), generation };
-        let req = Message::ExtentWrite(ExtentWrite { target, offset, fua: true, data });
+        let req = Message::ExtentWrite(ExtentWrite { target, offset, fua: true, copy: false, data });
         let reply = rt.block_on(pool.request(peers[&node], req)).unwrap();
         assert_eq!(reply, Message::ExtentOk, "write to node {node}, extent {extent}");
     };

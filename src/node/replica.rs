@@ -27,7 +27,11 @@
 //!   metadata allows (`NotFound` past it); the volume's current size is
 //!   not checked here, since this node's view of it lags a resize.
 //! - `ExtentWrite` creates the extent on first write (thin); nothing else
-//!   does. A read of an extent never written returns zeros, `ExtentCrcs`
+//!   does. A COPY piece (reconciliation's whole-extent copy) creates it
+//!   marked incomplete; such a replica answers `ExtentStatus` as absent and
+//!   `ExtentRead` with `Io` until the last piece (COPY with FUA) has made
+//!   the copy durable and cleared the mark, and a COPY piece for a complete
+//!   extent is refused (`Io`). A read of an extent never written returns zeros, `ExtentCrcs`
 //!   the crc of zero blocks, `ExtentMap` one hole,
 //!   `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush` succeed without
 //!   creating it. `ExtentMap` answers the store's block table (data,
@@ -317,21 +321,47 @@ impl ReplicaService {
         match request {
             Message::ExtentWrite(w) => {
                 check_range(size, w.offset, w.data.len() as u64, 512)?;
+                let create = if w.copy { Create::Incomplete } else { Create::Yes };
                 let ext = self
-                    .extent(key, size, t.epoch, true, true)
+                    .extent(key, size, t.epoch, create, true)
                     .await?
                     .ok_or_else(|| Refusal::new(ExtentError::Io, format!("extent {key} was not created")))?;
-                run_held(guard, async move { ext.write(w.offset, w.data, w.fua).await }).await?;
+                if w.copy && !ext.is_incomplete() {
+                    // The owner copies whole only to a replica that reported
+                    // it absent: a complete one here is not what it thinks,
+                    // and a copy over it would leave no mark if cut short.
+                    return Err(Refusal::new(
+                        ExtentError::Io,
+                        format!("a whole-extent copy to extent {key}, which this replica holds complete"),
+                    ));
+                }
+                // The copy's last piece: its FUA makes every piece durable,
+                // then the mark goes.
+                let completes = w.copy && w.fua;
+                run_held(guard, async move {
+                    ext.write(w.offset, w.data, w.fua).await?;
+                    if completes {
+                        ext.complete().await?;
+                    }
+                    Ok(())
+                })
+                .await?;
                 Ok(Message::ExtentOk)
             }
             Message::ExtentRead(r) => {
                 check_range(size, r.offset, r.len.into(), 512)?;
-                let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
+                let Some(ext) = self.extent(key, size, t.epoch, Create::No, true).await? else {
                     return Ok(Message::ExtentReadReply(ExtentReadReply {
                         crcs: None,
                         data: Bytes::from_static(&ZEROS[..r.len as usize]),
                     }));
                 };
+                if ext.is_incomplete() {
+                    return Err(Refusal::new(
+                        ExtentError::Io,
+                        format!("extent {key} is an incomplete copy: it waits for reconciliation"),
+                    ));
+                }
                 let chunks = ext.read(r.offset, r.len).await.map_err(Refusal::store)?;
                 drop(guard);
                 Ok(Message::ExtentReadReply(ExtentReadReply {
@@ -341,7 +371,7 @@ impl ReplicaService {
             }
             Message::ExtentWriteZeroes(z) => {
                 check_range(size, z.offset, z.len, 512)?;
-                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                if let Some(ext) = self.extent(key, size, t.epoch, Create::No, true).await? {
                     run_held(
                         guard,
                         async move { ext.write_zeroes(z.offset, z.len, z.deallocate, z.fua).await },
@@ -352,13 +382,13 @@ impl ReplicaService {
             }
             Message::ExtentTrim(tr) => {
                 check_range(size, tr.offset, tr.len, 512)?;
-                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                if let Some(ext) = self.extent(key, size, t.epoch, Create::No, true).await? {
                     run_held(guard, async move { ext.trim(tr.offset, tr.len, tr.fua).await }).await?;
                 }
                 Ok(Message::ExtentOk)
             }
             Message::ExtentFlush(_) => {
-                if let Some(ext) = self.extent(key, size, t.epoch, false, true).await? {
+                if let Some(ext) = self.extent(key, size, t.epoch, Create::No, true).await? {
                     let store = self.store.clone();
                     run_held(guard, async move { store.flush_extents([ext]).await }).await?;
                     if !self.suspects.is_empty() && self.suspects.is_taken(key) {
@@ -369,7 +399,10 @@ impl ReplicaService {
             }
             Message::ExtentStatus(_) => {
                 let generation = guard.current();
-                let Some(ext) = self.extent(key, size, t.epoch, false, true).await? else {
+                // An incomplete copy reports itself absent: the owner copies
+                // it whole again and never takes it as the source.
+                let found = self.extent(key, size, t.epoch, Create::No, true).await?;
+                let Some(ext) = found.filter(|e| !e.is_incomplete()) else {
                     // Absent: the owner copies it whole, so no record is left to keep.
                     if self.suspects.contains(key) {
                         self.suspects.off_runtime(move |s| s.forget(key)).await.map_err(|e| {
@@ -409,7 +442,7 @@ impl ReplicaService {
             }
             Message::ExtentCrcs(ExtentCrcs { offset, len, .. }) => {
                 check_range(size, offset, len, BLOCK)?;
-                let crcs = match self.extent(key, size, t.epoch, false, false).await? {
+                let crcs = match self.extent(key, size, t.epoch, Create::No, false).await? {
                     Some(ext) => ext.block_crcs(offset, len).map_err(Refusal::store)?,
                     None => vec![zero_block_crc(); (len / BLOCK) as usize],
                 };
@@ -420,7 +453,7 @@ impl ReplicaService {
                 // learns nothing more of the extent, and a suspect replica
                 // (above) answers nothing it might have lost.
                 check_range(size, offset, len, 512)?;
-                let mut map = match self.extent(key, size, t.epoch, false, true).await? {
+                let mut map = match self.extent(key, size, t.epoch, Create::No, true).await? {
                     Some(ext) => ext.map(offset, len).map_err(Refusal::store)?,
                     None => vec![MapExtent { len, state: BlockState::HOLE }],
                 };
@@ -459,9 +492,10 @@ impl ReplicaService {
         key: ExtentKey,
         size: u64,
         epoch: Epoch,
-        create: bool,
+        create: Create,
         raise: bool,
     ) -> Answer<Option<Arc<Extent>>> {
+        let (create, incomplete) = (create != Create::No, create == Create::Incomplete);
         let cached = {
             let mut m = self.extents.lock().unwrap();
             let slot = m.entry(key).or_default();
@@ -484,7 +518,12 @@ impl ReplicaService {
                 // Epoch 0 for one that exists: the check below decides
                 // whether this request's epoch is recorded.
                 let first = if create { epoch } else { Epoch(0) };
-                let e = self.store.extent(key, size, first).await.map_err(Refusal::store)?;
+                let e = if incomplete {
+                    self.store.extent_for_copy(key, size, first).await
+                } else {
+                    self.store.extent(key, size, first).await
+                };
+                let e = e.map_err(Refusal::store)?;
                 let on_disk = e.epoch().await;
                 let mut m = self.extents.lock().unwrap();
                 let slot = m.entry(key).or_default();
@@ -510,6 +549,15 @@ impl ReplicaService {
         }
         Ok(ext)
     }
+}
+
+/// Whether a request may create the extent it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    No,
+    Yes,
+    /// Marked incomplete: the first piece of a whole-extent copy.
+    Incomplete,
 }
 
 fn stale_epoch(key: ExtentKey, asked: Epoch, current: Epoch) -> Refusal {

@@ -352,9 +352,13 @@ impl Replicated {
     ) -> Message {
         let target = self.target(extent, epoch);
         match change {
-            Change::Write { fua } => {
-                Message::ExtentWrite(ExtentWrite { target, offset, fua, data: data.unwrap_or_default() })
-            }
+            Change::Write { fua } => Message::ExtentWrite(ExtentWrite {
+                target,
+                offset,
+                fua,
+                copy: false,
+                data: data.unwrap_or_default(),
+            }),
             Change::WriteZeroes { deallocate, fua } => {
                 Message::ExtentWriteZeroes(ExtentWriteZeroes { target, offset, len, deallocate, fua })
             }
@@ -468,6 +472,7 @@ impl Replicated {
     ) -> std::result::Result<(), Failure> {
         const CHUNK: u64 = 1 << 20;
         let target = self.target(extent, epoch);
+        let end = c.ranges.last().map_or(0, |&(o, l)| o + l);
         for &(start, len) in &c.ranges {
             let mut at = start;
             while at < start + len {
@@ -477,14 +482,23 @@ impl Replicated {
                     Message::ExtentReadReply(r) => r.data,
                     _ => return Err(Failure::Io),
                 };
-                let write = Message::ExtentWrite(ExtentWrite { target, offset: at, fua: false, data });
+                // A whole copy's pieces are COPY writes, the last with FUA:
+                // the target keeps the extent marked incomplete (absent to
+                // the next reconciliation) until that one has made them all
+                // durable.
+                let last = at + n == end;
+                let fua = c.whole && last;
+                let write =
+                    Message::ExtentWrite(ExtentWrite { target, offset: at, fua, copy: c.whole, data });
                 self.call_retrying(c.target, write).await?;
                 self.stats.reconciled_bytes.fetch_add(n, Ordering::Relaxed);
                 at += n;
             }
         }
-        let flush = Message::ExtentFlush(ExtentFlush { target, flush_number: 0 });
-        self.call_retrying(c.target, flush).await?;
+        if !c.whole {
+            let flush = Message::ExtentFlush(ExtentFlush { target, flush_number: 0 });
+            self.call_retrying(c.target, flush).await?;
+        }
         tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
             ranges = c.ranges.len(), "reconciled a replica");
         Ok(())

@@ -9,7 +9,12 @@
 //! others, makes them identical and keeps every flushed write (Crucible
 //! reconciles at activation the same way, by flush number and dirty bit).
 //! A member whose extent does not exist while another's does lost its copy
-//! (or never made one before a crash): it receives the whole extent.
+//! (or never made one before a crash): it receives the whole extent. That
+//! copy is marked incomplete on the target until it is durable, and an
+//! incomplete copy reports itself absent: a crash midway leaves a replica
+//! that gets the whole extent again and is never taken as the source (its
+//! dirty regions cover only the pieces that arrived, so reporting it as
+//! existing would copy too little to it, or its holes to the others).
 
 use crate::types::NodeId;
 
@@ -30,6 +35,10 @@ pub struct Copy {
     pub target: NodeId,
     /// Sorted, disjoint (offset, len) ranges.
     pub ranges: Vec<(u64, u64)>,
+    /// The target does not hold the extent (or holds an incomplete copy):
+    /// it receives all of it, as a whole-extent copy that it marks
+    /// incomplete until the copy is durable.
+    pub whole: bool,
 }
 
 /// The copies that make the reported replicas identical. `prefer` is the
@@ -53,7 +62,7 @@ pub fn plan(reports: &[Report], extent_size: u64, prefer: Option<NodeId>) -> Vec
         }
         let ranges = if r.exists { dirty.clone() } else { vec![(0, extent_size)] };
         if !ranges.is_empty() {
-            out.push(Copy { source, target: r.node, ranges });
+            out.push(Copy { source, target: r.node, ranges, whole: !r.exists });
         }
     }
     out
@@ -94,8 +103,8 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                Copy { source: NodeId(1), target: NodeId(3), ranges: want.clone() },
-                Copy { source: NodeId(1), target: NodeId(2), ranges: want },
+                Copy { source: NodeId(1), target: NodeId(3), ranges: want.clone(), whole: false },
+                Copy { source: NodeId(1), target: NodeId(2), ranges: want, whole: false },
             ]
         );
     }
@@ -103,14 +112,27 @@ mod tests {
     #[test]
     fn a_member_without_the_extent_gets_all_of_it() {
         let p = plan(&[r(1, false, &[]), r(2, true, &[])], 64, Some(NodeId(1)));
-        assert_eq!(p, vec![Copy { source: NodeId(2), target: NodeId(1), ranges: vec![(0, 64)] }]);
+        assert_eq!(
+            p,
+            vec![Copy { source: NodeId(2), target: NodeId(1), ranges: vec![(0, 64)], whole: true }]
+        );
         assert!(plan(&[r(1, false, &[]), r(2, false, &[])], 64, None).is_empty());
+        // Every region dirty is still a copy of ranges to a member that
+        // holds the extent, not a whole copy that marks it incomplete.
+        let p = plan(&[r(1, true, &[(0, 64)]), r(2, true, &[])], 64, Some(NodeId(1)));
+        assert_eq!(
+            p,
+            vec![Copy { source: NodeId(1), target: NodeId(2), ranges: vec![(0, 64)], whole: false }]
+        );
     }
 
     #[test]
     fn clean_replicas_need_nothing_and_ranges_are_clipped() {
         assert!(plan(&[r(1, true, &[]), r(2, true, &[])], 64, None).is_empty());
         let p = plan(&[r(1, true, &[(60, u64::MAX)]), r(2, true, &[])], 64, Some(NodeId(2)));
-        assert_eq!(p, vec![Copy { source: NodeId(2), target: NodeId(1), ranges: vec![(60, 4)] }]);
+        assert_eq!(
+            p,
+            vec![Copy { source: NodeId(2), target: NodeId(1), ranges: vec![(60, 4)], whole: false }]
+        );
     }
 }

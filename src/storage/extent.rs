@@ -122,6 +122,10 @@ pub struct Extent {
     flushes_started: AtomicU64,
     /// Flush intervals a region must stay unwritten before its bit clears.
     clean_after: AtomicU64,
+    /// Mirrors `Meta::incomplete` for readers that take no lock; cleared
+    /// only after a header without the mark is durable, so it never says
+    /// complete while the disk may say otherwise.
+    incomplete: AtomicBool,
 }
 
 /// Default for [`Extent`]'s region hysteresis (`StoreOptions::clean_after_flushes`).
@@ -177,6 +181,8 @@ struct Meta {
     generation: u64,
     epoch: Epoch,
     flush_counter: u64,
+    /// The header's INCOMPLETE flag, carried by every header written.
+    incomplete: bool,
     /// Slot of the last header known to be on stable storage.
     durable_slot: u64,
     /// Slot written since the last fdatasync, if any.
@@ -348,6 +354,7 @@ impl Extent {
                 generation: header.generation,
                 epoch: header.epoch,
                 flush_counter: header.flush_counter,
+                incomplete: header.incomplete,
                 durable_slot,
                 pending_slot: None,
                 flushed_ok: 0,
@@ -359,11 +366,16 @@ impl Extent {
             next_tag: AtomicU64::new(0),
             flushes_started: AtomicU64::new(0),
             clean_after: AtomicU64::new(DEFAULT_CLEAN_AFTER_FLUSHES),
+            incomplete: AtomicBool::new(header.incomplete),
         }
     }
 
     /// Creates a new, empty replica file at `path` (via a temporary name, so a
-    /// crash never leaves a `.ext` file without a durable header).
+    /// crash never leaves a `.ext` file without a durable header), marked
+    /// incomplete if `incomplete` (the first write of a whole-extent copy:
+    /// the mark is in the header the rename publishes, so no crash leaves
+    /// the file looking like a complete, empty replica).
+    #[allow(clippy::too_many_arguments)] // the store's one call site names them all
     pub(crate) async fn create(
         engine: Arc<dyn Engine>,
         dir: &Path,
@@ -371,6 +383,7 @@ impl Extent {
         size: u64,
         epoch: Epoch,
         region_size: u32,
+        incomplete: bool,
         closed: Arc<AtomicBool>,
     ) -> Result<Extent> {
         let geo = Geometry::new(size, region_size).map_err(|e| StoreError::BadSize {
@@ -392,6 +405,7 @@ impl Extent {
             flush_counter: 0,
             geometry: geo,
             dirty: vec![false; geo.nregions as usize],
+            incomplete,
         };
         let ext = Extent::new(key, geo, path.clone(), engine.clone(), file, &header, 0, Vec::new(), closed);
         let made = async {
@@ -765,6 +779,39 @@ impl Extent {
         }
     }
 
+    /// A whole-extent copy to this replica has begun and not completed
+    /// durably (the header's INCOMPLETE flag).
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete.load(Ordering::Acquire)
+    }
+
+    /// Clears the INCOMPLETE mark, durably before it returns. Call it only
+    /// once every write of the copy is durable (after a flush). The mark is
+    /// set only by [`Extent::create`]: nothing turns a complete replica
+    /// back into an incomplete one. Dropped midway, the header on disk may
+    /// carry either value (both are safe, the data being durable); this
+    /// replica reports itself incomplete until a call succeeds.
+    pub async fn complete(&self) -> Result<()> {
+        if !self.is_incomplete() {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock().await;
+        self.settle(&mut meta).await;
+        meta.incomplete = false;
+        let bits = self.regions.lock().unwrap().want.clone();
+        self.write_header(&mut meta, bits.clone()).await?;
+        self.sync().await?;
+        meta.durable_slot = meta.pending_slot.take().expect("just written");
+        let mut r = self.regions.lock().unwrap();
+        for (d, b) in r.durable.iter_mut().zip(&bits) {
+            *d |= *b;
+        }
+        drop(r);
+        self.incomplete.store(false, Ordering::Release);
+        tracing::info!(extent = %self.key, "a whole-extent copy to this replica completed");
+        Ok(())
+    }
+
     /// Writes a header with `dirty` into the slot not known durable.
     async fn write_header(&self, meta: &mut Meta, dirty: Vec<bool>) -> Result<()> {
         let flush_counter = meta.flush_counter;
@@ -784,6 +831,7 @@ impl Extent {
             flush_counter,
             geometry: self.geo,
             dirty,
+            incomplete: meta.incomplete,
         };
         let mut buf = AlignedBuf::zeroed(HEADER_SIZE);
         h.encode(buf.as_mut_slice());

@@ -33,7 +33,10 @@
 //! 72   8   table offset (8192)
 //! 80   8   data offset (as computed above; stored so a reader can cross-check)
 //! 88   4   number of regions = ceil(extent_size / region size)
-//! 92   36  reserved, zero
+//! 92   4   flags: bit 0 INCOMPLETE (a whole-extent copy to this replica
+//!          has begun and not yet completed durably: the replica must not
+//!          be read or taken as a reconciliation source); other bits zero
+//! 96   32  reserved, zero
 //! 128  3968 dirty-region bitmap: bit r (byte r/8, bit r%8, LSB first) set means
 //!          region r may hold writes that were not flushed; bits past the
 //!          number of regions are zero
@@ -107,6 +110,10 @@ pub const DATA_ALIGN: u64 = 1 << 20;
 pub const BITMAP_OFFSET: usize = 128;
 pub const MAX_REGIONS: u64 = ((HEADER_SIZE - BITMAP_OFFSET) * 8) as u64;
 pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
+/// Header flag: the replica is an incomplete copy (see the layout above).
+/// Added within format version 2: a binary from before it refuses such a
+/// header as reserved-not-zero, which keeps it from serving the copy.
+pub const FLAG_INCOMPLETE: u32 = 1;
 
 const CRC_FIELD: std::ops::Range<usize> = 12..16;
 
@@ -225,6 +232,8 @@ pub struct Header {
     pub geometry: Geometry,
     /// Dirty-region bits, one per region (`geometry.nregions` long).
     pub dirty: Vec<bool>,
+    /// A whole-extent copy to this replica has not completed.
+    pub incomplete: bool,
 }
 
 fn le_u32(b: &[u8], at: usize) -> u32 {
@@ -261,6 +270,8 @@ impl Header {
         out[72..80].copy_from_slice(&TABLE_OFFSET.to_le_bytes());
         out[80..88].copy_from_slice(&g.data_offset.to_le_bytes());
         out[88..92].copy_from_slice(&(g.nregions as u32).to_le_bytes());
+        let flags = if self.incomplete { FLAG_INCOMPLETE } else { 0 };
+        out[92..96].copy_from_slice(&flags.to_le_bytes());
         for (r, _) in self.dirty.iter().enumerate().filter(|(_, d)| **d) {
             out[BITMAP_OFFSET + r / 8] |= 1 << (r % 8);
         }
@@ -302,7 +313,8 @@ impl Header {
         if nregions as u64 != geometry.nregions {
             return Err(FormatError::BadRegionCount { stored: nregions, expected: geometry.nregions });
         }
-        if b[92..BITMAP_OFFSET].iter().any(|&x| x != 0) {
+        let flags = le_u32(b, 92);
+        if flags & !FLAG_INCOMPLETE != 0 || b[96..BITMAP_OFFSET].iter().any(|&x| x != 0) {
             return Err(FormatError::ReservedNotZero);
         }
         let bit = |r: usize| b[BITMAP_OFFSET + r / 8] & (1 << (r % 8)) != 0;
@@ -316,6 +328,7 @@ impl Header {
             flush_counter: le_u64(b, 48),
             geometry,
             dirty: (0..geometry.nregions as usize).map(bit).collect(),
+            incomplete: flags & FLAG_INCOMPLETE != 0,
         })
     }
 }
@@ -495,6 +508,7 @@ mod tests {
             flush_counter: 99,
             geometry,
             dirty,
+            incomplete: false,
         }
     }
 
@@ -641,6 +655,22 @@ mod tests {
         b[100] = 1;
         recrc(&mut b);
         assert_eq!(Header::decode(&b), Err(FormatError::ReservedNotZero));
+        // An unknown flag bit is reserved too.
+        let mut b = encoded();
+        b[92] = 0b10;
+        recrc(&mut b);
+        assert_eq!(Header::decode(&b), Err(FormatError::ReservedNotZero));
+    }
+
+    #[test]
+    fn header_incomplete_flag_round_trips() {
+        let h = Header { incomplete: true, ..header() };
+        let mut b = vec![0u8; HEADER_SIZE];
+        h.encode(&mut b);
+        assert_eq!(u32::from_le_bytes(b[92..96].try_into().unwrap()), FLAG_INCOMPLETE);
+        assert_eq!(Header::decode(&b), Ok(h));
+        // And clear by default: a header of before the flag decodes as complete.
+        assert!(!Header::decode(&encoded()).unwrap().incomplete);
     }
 
     #[test]

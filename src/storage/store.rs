@@ -510,6 +510,22 @@ impl Store {
     /// The replica of extent `key`, created empty (all holes) with `size`
     /// bytes if it does not exist yet.
     pub async fn extent(&self, key: ExtentKey, size: u64, epoch: Epoch) -> Result<Arc<Extent>> {
+        self.extent_or_create(key, size, epoch, false).await
+    }
+
+    /// [`Store::extent`], but one it creates is marked incomplete (the
+    /// target of a whole-extent copy; see [`Extent::complete`]).
+    pub async fn extent_for_copy(&self, key: ExtentKey, size: u64, epoch: Epoch) -> Result<Arc<Extent>> {
+        self.extent_or_create(key, size, epoch, true).await
+    }
+
+    async fn extent_or_create(
+        &self,
+        key: ExtentKey,
+        size: u64,
+        epoch: Epoch,
+        incomplete: bool,
+    ) -> Result<Arc<Extent>> {
         if let Some(e) = self.lookup(key, size)? {
             e.observe_epoch(epoch).await;
             return Ok(e);
@@ -530,6 +546,7 @@ impl Store {
             size,
             epoch,
             self.opts.region_size,
+            incomplete,
             self.closed.clone(),
         )
         .await?;

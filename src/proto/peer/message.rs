@@ -15,7 +15,7 @@
 //! Raft                a protobuf-encoded raft-rs Message, opaque here
 //! MetaRequest/-Resp.  opaque bytes the metadata layer defines
 //! target              volume u64, extent u64, epoch u64, generation u64
-//! ExtentWrite         target, offset u64, flags u32 (FUA), data
+//! ExtentWrite         target, offset u64, flags u32 (FUA, COPY), data
 //! ExtentRead          target, offset u64, len u32
 //! ExtentReadReply     flags u32 (CRCS), [block size u32, count u32,
 //!                     count x crc32c u32], data
@@ -59,6 +59,16 @@
 //! VolumeErr           code u16, a u64, b u64, c u64 (per code, 0 where
 //!                     unused), text
 //! ```
+//!
+//! COPY (bit 1 of an ExtentWrite's flags) marks a piece of a whole-extent
+//! copy at reconciliation, sent to a replica that reported it does not hold
+//! the extent. The first piece creates the extent marked incomplete; the
+//! replica then reports it absent and serves no read of it, until a COPY
+//! piece with FUA (the last) has made the whole copy durable and cleared
+//! the mark. A COPY piece for an extent the replica holds complete is
+//! refused (`Io`). So a copy cut short by a crash is never taken for a
+//! replica, nor as the source of the next reconciliation. COPY was added
+//! before any release spoke V1, so V1 carries it.
 //!
 //! ANY_BYTE (bit 1 of a VolumeWrite's flags, bit 2 of a VolumeWriteZeroes')
 //! says the request comes from a client held to no block size: the owner
@@ -273,6 +283,8 @@ pub struct ExtentWrite {
     pub offset: u64,
     /// Durable on the replica before it answers.
     pub fua: bool,
+    /// A piece of a whole-extent copy (see the module docs).
+    pub copy: bool,
     pub data: Bytes,
 }
 
@@ -476,6 +488,7 @@ pub enum Message {
 
 const TARGET_LEN: usize = 32;
 const WRITE_FUA: u32 = 1;
+const WRITE_COPY: u32 = 2;
 const ZEROES_FUA: u32 = 1;
 const ZEROES_DEALLOCATE: u32 = 2;
 /// Volume-level only (see the module docs).
@@ -733,7 +746,7 @@ impl Message {
             Message::ExtentWrite(w) => {
                 put_target(out, &w.target);
                 out.put_u64_le(w.offset);
-                out.put_u32_le(flag(w.fua, WRITE_FUA));
+                out.put_u32_le(flag(w.fua, WRITE_FUA) | flag(w.copy, WRITE_COPY));
             }
             Message::ExtentRead(r) => {
                 put_target(out, &r.target);
@@ -859,11 +872,12 @@ impl Message {
             Kind::ExtentWrite => {
                 let target = f.target()?;
                 let offset = f.u64("offset")?;
-                let flags = f.flags("flags", WRITE_FUA)?;
+                let flags = f.flags("flags", WRITE_FUA | WRITE_COPY)?;
                 let data = f.rest(&payload);
                 check_data_len(data.len())?;
                 check_range(offset, data.len() as u64)?;
-                Message::ExtentWrite(ExtentWrite { target, offset, fua: flags & WRITE_FUA != 0, data })
+                let (fua, copy) = (flags & WRITE_FUA != 0, flags & WRITE_COPY != 0);
+                Message::ExtentWrite(ExtentWrite { target, offset, fua, copy, data })
             }
             Kind::ExtentRead => {
                 let target = f.target()?;

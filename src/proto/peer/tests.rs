@@ -42,9 +42,16 @@ fn every_message() -> Vec<Message> {
             target: target(),
             offset: 1 << 20,
             fua: true,
+            copy: true,
             data: pattern(64 << 10),
         }),
-        Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(512) }),
+        Message::ExtentWrite(ExtentWrite {
+            target: target(),
+            offset: 0,
+            fua: false,
+            copy: false,
+            data: pattern(512),
+        }),
         Message::ExtentRead(ExtentRead { target: target(), offset: 4096, len: 1 << 20 }),
         Message::ExtentReadReply(ExtentReadReply {
             crcs: Some(BlockCrcs { block_size: 4096, crcs: vec![1, 2, 3] }),
@@ -191,7 +198,13 @@ fn a_batch_of_frames_decodes_in_order_and_segments_match_the_whole() {
 
 #[test]
 fn every_prefix_of_a_frame_is_not_yet_a_frame() {
-    let m = Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(100) });
+    let m = Message::ExtentWrite(ExtentWrite {
+        target: target(),
+        offset: 0,
+        fua: false,
+        copy: false,
+        data: pattern(100),
+    });
     let bytes = encode_to_bytes(5, FrameFlags::NONE, &m).unwrap();
     let dec = Decoder::default();
     for n in 0..bytes.len() {
@@ -217,8 +230,13 @@ fn the_header_layout_is_what_the_docs_say() {
 
 #[test]
 fn large_payloads_share_the_receive_buffer() {
-    let m =
-        Message::ExtentWrite(ExtentWrite { target: target(), offset: 0, fua: false, data: pattern(1 << 20) });
+    let m = Message::ExtentWrite(ExtentWrite {
+        target: target(),
+        offset: 0,
+        fua: false,
+        copy: false,
+        data: pattern(1 << 20),
+    });
     let bytes = encode_to_bytes(5, FrameFlags::NONE, &m).unwrap();
     let mut buf = BytesMut::from(&bytes[..]);
     let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
@@ -325,6 +343,7 @@ fn encoding_over_the_cap_is_refused_and_appends_nothing() {
         target: target(),
         offset: 0,
         fua: false,
+        copy: false,
         data: Bytes::from(vec![0; MAX_FRAME]),
     });
     let mut fb = FrameBuf::new();
@@ -381,8 +400,13 @@ fn put_u32(b: &mut [u8], at: usize, v: u32) {
 #[test]
 fn unknown_write_flags() {
     let mut b = body_of(&every_message()[17]);
-    put_u32(&mut b, 40, 2);
+    // Bits 0 (FUA) and 1 (COPY) are defined; the next is not.
+    put_u32(&mut b, 40, 4);
     assert_eq!(invalid_field(body(Kind::ExtentWrite, &b)), "flags");
+    put_u32(&mut b, 40, 3);
+    let Ok(Some(f)) = decode_one(body(Kind::ExtentWrite, &b)) else { panic!("FUA | COPY decodes") };
+    let Message::ExtentWrite(w) = f.message else { panic!("a write") };
+    assert!(w.fua && w.copy);
 }
 
 #[test]
@@ -391,6 +415,7 @@ fn write_data_over_the_largest_payload() {
         target: target(),
         offset: 0,
         fua: false,
+        copy: false,
         data: Bytes::from(vec![0; MAX_DATA + 1]),
     });
     assert_eq!(invalid_field(body(Kind::ExtentWrite, &body_of(&m))), "data");
@@ -402,6 +427,7 @@ fn write_offset_plus_len_overflows() {
         target: target(),
         offset: u64::MAX - 10,
         fua: false,
+        copy: false,
         data: pattern(11),
     });
     assert_eq!(invalid_field(body(Kind::ExtentWrite, &body_of(&m))), "len");
