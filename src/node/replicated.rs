@@ -472,8 +472,9 @@ impl Replicated {
     ) -> std::result::Result<(), Failure> {
         const CHUNK: u64 = 1 << 20;
         let target = self.target(extent, epoch);
-        let end = c.ranges.last().map_or(0, |&(o, l)| o + l);
-        for &(start, len) in &c.ranges {
+        let ranges = if c.whole { self.whole_copy_ranges(c, target).await? } else { c.ranges.clone() };
+        let end = ranges.last().map_or(0, |&(o, l)| o + l);
+        for &(start, len) in &ranges {
             let mut at = start;
             while at < start + len {
                 let n = CHUNK.min(start + len - at);
@@ -502,6 +503,46 @@ impl Replicated {
         tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
             ranges = c.ranges.len(), "reconciled a replica");
         Ok(())
+    }
+
+    /// What a whole copy sends: the runs of the source's extent that may
+    /// hold data (its allocation map; holes and known zeros read as zeros
+    /// on the target too), so the target stays as thin as the source and a
+    /// takeover does not wait for the copy of a mostly empty extent. An
+    /// empty source still sends its first block: the COPY with FUA that
+    /// completes the target. The target is trimmed whole first, since an
+    /// incomplete copy from an earlier attempt may hold data where this
+    /// source has none (a trim of an extent it does not hold is nothing).
+    async fn whole_copy_ranges(
+        &self,
+        c: &reconcile::Copy,
+        target: ExtentTarget,
+    ) -> std::result::Result<Vec<(u64, u64)>, Failure> {
+        let size = self.layout.extent_size;
+        let trim = Message::ExtentTrim(ExtentTrim { target, offset: 0, len: size, fua: false });
+        self.call_retrying(c.target, trim).await?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        while at < size {
+            let msg = Message::ExtentMap(ExtentMap { target, offset: at, len: size - at });
+            let map = match self.call_retrying(c.source, msg).await? {
+                Message::ExtentMapReply(map) => checked_map(map, size - at).ok_or(Failure::Io)?,
+                _ => return Err(Failure::Io),
+            };
+            for m in map {
+                if !m.state.zero {
+                    match runs.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += m.len,
+                        _ => runs.push((at, m.len)),
+                    }
+                }
+                at += m.len;
+            }
+        }
+        if runs.is_empty() {
+            runs.push((0, crate::storage::format::BLOCK.min(size)));
+        }
+        Ok(runs)
     }
 
     fn new_op(inner: &mut Inner, slot: Slot) -> OpId {
