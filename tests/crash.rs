@@ -45,6 +45,13 @@ fn kill9_during_writes_keeps_flushed_data_and_checksums() {
         "workload made too little progress ({flushes} flushes): {}",
         std::fs::read_to_string(dir.path().join("workload.err")).unwrap_or_default()
     );
+    // A workload that stopped (a failed write ends it) would leave the kill
+    // to land on an idle server, with nothing in flight to be lost.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the workload stopped before the crash: {}",
+        std::fs::read_to_string(dir.path().join("workload.err")).unwrap_or_default()
+    );
     d.kill9();
     let _ = child.wait();
 

@@ -374,6 +374,17 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
             );
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..25)));
             w.expect_running(&run, &c, &what);
+            // The wait above gives up after 20 s: a kill after fewer flushes
+            // would test the takeover of a volume hardly written.
+            let flushed = sector_oracle::flushes_in(&w.log);
+            if flushed < MIN_FLUSHES {
+                run.fail(
+                    &c,
+                    &what,
+                    format!("too little progress before the owner's kill ({flushed} flushes)"),
+                );
+            }
+            let owner_id = c.node_ids(via)[owner];
             c.kill9(owner);
             let before = sector_oracle::flushes_in(&w.log);
             if via == owner {
@@ -406,6 +417,20 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
                 phase += 1;
                 // The takeover: the old owner must be marked down first.
                 wait_flushes(&mut w.child, &w.log, MIN_FLUSHES, Instant::now() + Duration::from_secs(60));
+                // Respawning the old owner before the new workload got going
+                // would let it take its volume back without any takeover.
+                let flushed = sector_oracle::flushes_in(&w.log);
+                if flushed < MIN_FLUSHES {
+                    run.fail(
+                        &c,
+                        &what,
+                        format!("{flushed} flushes in 60 s through node {next} after the owner's death"),
+                    );
+                }
+                let v = c.cli_json(next, &["volume", "show", VOLUME]);
+                if v["owner"]["node"].as_u64() == Some(owner_id) {
+                    run.fail(&c, &what, format!("the dead owner still owns the volume: {v}"));
+                }
             } else {
                 let after = sector_oracle::flushes_in(&w.log) - before;
                 if after < MIN_FLUSHES {
@@ -444,7 +469,13 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
             // left in doubt stay), and then killed in the middle of the
             // reconciliation the first read starts. Nothing is written, so
             // the model stays as it is.
+            let from: Vec<usize> = (0..c.nodes.len()).map(|k| c.log(k).len()).collect();
             c.restart_all();
+            // Whether any replica was dirty at the crash (each node that
+            // keeps such a record says so when it starts): only then is
+            // there a reconciliation to interrupt.
+            let dirty = (0..c.nodes.len())
+                .any(|k| count_since(&c, k, from[k], "still wait for their owner to reconcile them") > 0);
             let k = rng.gen_range(0..c.nodes.len());
             wait_connectable(&run, &c, k, &what);
             let dump = run.dir.join("interrupted.img");
@@ -455,11 +486,26 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(Duration::from_millis(rng.gen_range(50..700)));
+            // The kill must come once the reconciliation has started, not
+            // before the first read reached the owner: wait for a replica
+            // to be asked its status, then kill at a random point of the
+            // reconciliation of that extent or of the ones read after it.
+            if dirty {
+                let line = "a replica that crashed with unflushed writes is being reconciled";
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while (0..c.nodes.len()).all(|j| count_since(&c, j, from[j], line) == 0) {
+                    if Instant::now() > deadline {
+                        run.fail(&c, &what, "no reconciliation started in 60 s of reading".to_string());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..650)));
             let order = kill_all(&mut c, &mut rng);
             reap(&mut reader);
             what += &format!(
-                ", restarted cleanly, killed again in the order {order:?} while reading through node {k}"
+                ", restarted cleanly, killed again in the order {order:?} while reading through node {k}{}",
+                if dirty { " and reconciling" } else { " (no replica was dirty: nothing to reconcile)" }
             );
             start_all(&mut c);
         }

@@ -210,6 +210,11 @@ fn kill9_of_a_replica_during_fio_verify() {
         .spawn()
         .expect("spawn fio");
     std::thread::sleep(Duration::from_secs(4));
+    // fio running is not enough: its writes must have reached the owner, or
+    // the kill lands before any extent was written through three replicas.
+    wait_for("fio's writes to complete on the owner", 60, || {
+        c.metric(0, "basalt_volume_write_bytes_total", &[("volume", "f")]) > 0.0
+    });
     assert!(fio.try_wait().unwrap().is_none(), "fio ended before the kill: make the workload longer");
     c.kill9(2);
     let out = fio.wait_with_output().unwrap();
@@ -298,6 +303,13 @@ fn kill9_of_every_node_keeps_every_flushed_write() {
     assert!(
         flushes >= 10,
         "workload made too little progress ({flushes} flushes): {}",
+        std::fs::read_to_string(s.path().join("workload.err")).unwrap_or_default()
+    );
+    // A workload that stopped (a failed write ends it) would leave the kill
+    // to land on idle nodes, with nothing in flight to be lost.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the workload stopped before the kill: {}",
         std::fs::read_to_string(s.path().join("workload.err")).unwrap_or_default()
     );
     for k in 0..3 {
@@ -823,6 +835,20 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
                 .is_ok_and(|v| v["owner"]["node"].as_u64() == Some(b_id))
     });
     std::thread::sleep(Duration::from_secs(3));
+    // The stale-read check below is worth something only if reads through
+    // the old owner succeeded after the new owner's write: had they all
+    // failed, or the writer ended, it would pass with nothing checked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_log()[new_written_at..].lines().any(|l| l == "R new") {
+        assert!(
+            Instant::now() < deadline,
+            "no read through the old owner returned the new owner's data after the heal \
+             (writer ended: {}):\n{}",
+            writer.try_wait().unwrap().is_some(),
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::fs::write(&stop, b"").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while writer.try_wait().unwrap().is_none() && Instant::now() < deadline {
@@ -836,6 +862,7 @@ fn partitioned_owner_is_fenced_and_the_majority_takes_over() {
         wlog[new_written_at..].lines().filter(|l| *l == "R zero" || *l == "R other").collect();
     let fresh = wlog[new_written_at..].lines().filter(|l| *l == "R new").count();
     eprintln!("reads through the old owner after the new owner wrote: {fresh} new, {} stale", stale.len());
+    assert!(fresh > 0, "no read through the old owner returned the new owner's data:\n{wlog}");
     assert!(stale.is_empty(), "the old owner served data older than the new owner's write:\n{wlog}");
     // The replicas refuse a write of the old generation, sent from a's
     // namespace as the old owner would send it.

@@ -83,9 +83,21 @@ fn iscsi_writes_through_a_forwarding_node_survive_kill9_of_the_owner() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Let some writes land, then kill the owner.
+    // Let some writes land, then kill the owner. Node 1 counts a write once
+    // the owner has completed it, so the kill comes after 8 MiB of the run
+    // were written (a fixed sleep would also pass with none).
     let start = Instant::now();
-    std::thread::sleep(Duration::from_millis(200));
+    let landed = || c.metric(1, "basalt_volume_write_bytes_total", &[("volume", "isf")]);
+    while landed() < (8 * MIB) as f64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60) && run.try_wait().unwrap().is_none(),
+            "8 MiB of writes did not complete through node 1 before the owner was to be killed \
+             ({} bytes, run ended: {})",
+            landed(),
+            run.try_wait().unwrap().is_some()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(run.try_wait().unwrap().is_none(), "the run ended before the owner was killed");
     c.kill9(0);
     let out = run.wait_with_output().unwrap();
