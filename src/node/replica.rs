@@ -31,8 +31,8 @@
 //!   marked incomplete; such a replica answers `ExtentStatus` as absent and
 //!   `ExtentRead` with `Io` until the last piece (COPY with FUA) has made
 //!   the copy durable and cleared the mark, and a COPY piece for a complete
-//!   extent is refused (`Io`). A read of an extent never written returns zeros, `ExtentCrcs`
-//!   the crc of zero blocks, `ExtentMap` one hole,
+//!   extent is refused (`Io`). A read of an extent never written returns
+//!   zeros, `ExtentCrcs` the crc of zero blocks, `ExtentMap` one hole,
 //!   `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush` succeed without
 //!   creating it. `ExtentMap` answers the store's block table (data,
 //!   zeroed, hole per 4 KiB block; a lost block is data).
