@@ -501,7 +501,7 @@ impl Replicated {
             self.call_retrying(c.target, flush).await?;
         }
         tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
-            ranges = c.ranges.len(), "reconciled a replica");
+            ranges = ranges.len(), whole = c.whole, "reconciled a replica");
         Ok(())
     }
 
