@@ -343,6 +343,18 @@ print("acked")
     c.assert_verify_clean(1, "mc");
 }
 
+/// The path of the file `name` anywhere under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        let hit = if p.is_dir() { find_file(&p, name) } else { (p.file_name()? == name).then_some(p) };
+        if hit.is_some() {
+            return hit;
+        }
+    }
+    None
+}
+
 /// A replica that lost its copy of an extent (its file deleted while the
 /// node was down) gets the extent whole from the next owner, as thin as
 /// the source: only the runs that hold data are sent, so the takeover
@@ -379,17 +391,7 @@ fn a_lost_extent_is_copied_whole_and_thin_at_takeover() {
     assert!(c.extent_files(2).contains(&name), "node 2 holds extent 0");
     // Node 2 loses extent 0 while it is down.
     assert_eq!(c.terminate(2), Some(0), "node 2 on SIGTERM:\n{}", c.log(2));
-    fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
-            let p = e.path();
-            let hit = if p.is_dir() { find(&p, name) } else { (p.file_name()? == name).then_some(p) };
-            if hit.is_some() {
-                return hit;
-            }
-        }
-        None
-    }
-    let path = find(&c.nodes[2].dir, &name).expect("node 2's file of extent 0");
+    let path = find_file(&c.nodes[2].dir, &name).expect("node 2's file of extent 0");
     std::fs::remove_file(&path).unwrap();
     c.spawn(2);
     c.wait_ready(2);
@@ -404,7 +406,7 @@ fn a_lost_extent_is_copied_whole_and_thin_at_takeover() {
         "read -P 51 17M 64k",
     ];
     assert_ok(&qemu_io(&uri(&c, 1, "thin"), &reads.map(String::from)), "reads through node 1");
-    let path = find(&c.nodes[2].dir, &name).expect("extent 0 copied back to node 2");
+    let path = find_file(&c.nodes[2].dir, &name).expect("extent 0 copied back to node 2");
     let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
     // 128 KiB of data and the 1 MiB the header and block table reserve;
     // a copy of every byte would allocate 17 MiB.
@@ -418,4 +420,73 @@ fn a_lost_extent_is_copied_whole_and_thin_at_takeover() {
     assert_eq!(copied, f64::from((128 << 10) + (1 << 20)), "bytes reconciled");
     assert!(c.log(1).contains("reconciled a replica"), "node 1 logs the copies");
     c.assert_verify_clean(1, "thin");
+}
+
+/// A whole-extent copy cut by the death of the owner that makes it is
+/// copied whole again, never taken for a replica. Node 2 lost its file of
+/// a full 64 MiB extent; the owner (node 0) dies; node 1 takes over and
+/// starts copying the extent to node 2, and is killed as soon as node 2's
+/// file appears. Node 0 comes back, and a client reads through node 2,
+/// which takes over: its own partial copy reports itself absent, so it
+/// gets the extent whole from node 0 and every byte reads back. (Before
+/// the incomplete mark node 2 took its partial copy for a replica holding
+/// the extent, and, as the new owner, for the source of the dirty regions
+/// it copied to node 0: the holes of the copy over flushed data.)
+#[test]
+fn a_copy_cut_by_the_owners_death_is_copied_whole_again() {
+    if !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let args = [
+        "volume",
+        "create",
+        "cut",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+        "--extent-size",
+        "64M",
+        "--stripe-width",
+        "1",
+    ];
+    let v = c.cli_json(0, &args);
+    let id = v["id"].as_u64().unwrap();
+    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let writes = ["write -P 5 0 32M", "write -P 6 32M 32M", "flush"];
+    assert_ok(&qemu_io(&uri(&c, 0, "cut"), &writes.map(String::from)), "writes through the owner");
+    let name = format!("v{id}-e0.ext");
+    assert_eq!(c.terminate(2), Some(0), "node 2 on SIGTERM:\n{}", c.log(2));
+    std::fs::remove_file(find_file(&c.nodes[2].dir, &name).expect("node 2's file")).unwrap();
+    c.spawn(2);
+    c.wait_ready(2);
+    c.kill9(0);
+    // A read through node 1 makes it the owner; its reconciliation copies
+    // the extent to node 2, 1 MiB at a time.
+    let mut reader = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64M", &uri(&c, 1, "cut")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("node 2's copy of extent 0 to begin", 60, || find_file(&c.nodes[2].dir, &name).is_some());
+    c.kill9(1);
+    let _ = reader.kill();
+    let _ = reader.wait();
+    let completed = "a whole-extent copy to this replica completed";
+    // Else this test checks nothing: the first copy never completed.
+    assert!(!c.log(2).contains(completed), "the copy was not cut:\n{}", c.log(2));
+    c.spawn(0);
+    c.wait_ready(0);
+    let reads = ["read -P 5 0 32M", "read -P 6 32M 32M"];
+    assert_ok(&qemu_io(&uri(&c, 2, "cut"), &reads.map(String::from)), "reads through node 2");
+    let log = c.log(2);
+    let copies: Vec<&str> = log.lines().filter(|l| l.contains("reconciled a replica")).collect();
+    assert!(
+        log.matches(completed).count() == 1 && copies.iter().any(|l| l.contains("whole=true")),
+        "node 2 got the extent whole once, after the cut: {copies:?}"
+    );
+    c.assert_verify_clean(2, "cut");
 }
