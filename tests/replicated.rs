@@ -490,3 +490,65 @@ fn a_copy_cut_by_the_owners_death_is_copied_whole_again() {
     );
     c.assert_verify_clean(2, "cut");
 }
+
+/// Reconciliation whose source cannot be read: the source leaves the set,
+/// not the replica it was copying to. Node 1 was stopped cleanly (its
+/// dirty bits cleared) and a data block of its copy rotted on disk; node
+/// 2 crashed (its region stays dirty); the owner dies and a client reads
+/// through node 1. Node 1 prefers its own copy as the source of node 2's
+/// dirty region, fails its checksum, leaves the set, and node 2's copy
+/// serves every byte. (Before, node 2 was blamed and removed, and the
+/// read of the rotten block failed with EIO: the one good copy was
+/// dropped.)
+#[test]
+fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
+    if !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let args = [
+        "volume",
+        "create",
+        "rot",
+        "--size",
+        "16M",
+        "--replicas",
+        "3",
+        "--extent-size",
+        "16M",
+        "--stripe-width",
+        "1",
+    ];
+    let v = c.cli_json(0, &args);
+    let id = v["id"].as_u64().unwrap();
+    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    assert_ok(&qemu_io(&uri(&c, 0, "rot"), &["write -P 9 0 1M".into(), "flush".into()]), "writes");
+    let node2 = c.cli_json(2, &["cluster", "status"])["this_node"].clone();
+    let name = format!("v{id}-e0.ext");
+    assert_eq!(c.terminate(1), Some(0), "node 1 on SIGTERM:\n{}", c.log(1));
+    // Block 0's data starts at 1 MiB in a 16 MiB extent's file (headers,
+    // then the block table, rounded up to 1 MiB).
+    {
+        use std::os::unix::fs::FileExt;
+        let path = find_file(&c.nodes[1].dir, &name).expect("node 1's file");
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, (1 << 20) + 100).unwrap();
+        assert_eq!(b[0], 9, "the pattern's byte where the data should be");
+        f.write_all_at(&[b[0] ^ 0x40], (1 << 20) + 100).unwrap();
+        f.sync_all().unwrap();
+    }
+    c.spawn(1);
+    c.wait_ready(1);
+    c.kill9(2);
+    c.spawn(2);
+    c.wait_ready(2);
+    c.kill9(0);
+    assert_ok(&qemu_io(&uri(&c, 1, "rot"), &["read -P 9 0 1M".into()]), "reads through node 1");
+    assert!(c.log(1).contains("could not read its source"), "node 1 logs its bad source");
+    let v = volume(&c, 1, "rot");
+    let e = &v["extents"][0];
+    assert_eq!(e["replicas"], serde_json::json!([node2]), "only node 2's copy is left: {v}");
+    assert_eq!(e["state"], "degraded", "{v}");
+}

@@ -408,36 +408,56 @@ impl Replicated {
             unavailable(format!("extent {extent} of {} is not in the metadata", self.volume))
         })?;
         let size = self.layout.extent_size;
-        let mut reports = Vec::new();
-        let mut gone = Vec::new();
-        for &node in &set {
-            let msg = Message::ExtentStatus(self.target(extent, epoch));
-            match self.call_retrying(node, msg).await {
-                Ok(Message::ExtentStatusReply(s)) => reports.push(report_of(node, &s, size)),
-                Ok(other) => {
-                    tracing::warn!(volume = %self.volume, %extent, %node, reply = ?other.kind(), "odd status reply");
-                    gone.push(node);
-                }
-                Err(Failure::StaleGeneration(g)) => {
-                    return Err(VolumeError::Unavailable(format!(
-                        "a newer owner (generation {g}) took the volume"
-                    )));
-                }
-                Err(f) => {
-                    tracing::warn!(volume = %self.volume, %extent, %node, failure = ?f,
+        let mut gone: Vec<NodeId> = Vec::new();
+        // Statuses, plan, copies; again from fresh statuses of the others
+        // when a source could not be read (a bad block there, or it went
+        // away): the source leaves, not the replica it was copying to.
+        let plan = loop {
+            let mut reports = Vec::new();
+            let ask: Vec<NodeId> = set.iter().copied().filter(|n| !gone.contains(n)).collect();
+            for node in ask {
+                let msg = Message::ExtentStatus(self.target(extent, epoch));
+                match self.call_retrying(node, msg).await {
+                    Ok(Message::ExtentStatusReply(s)) => reports.push(report_of(node, &s, size)),
+                    Ok(other) => {
+                        tracing::warn!(volume = %self.volume, %extent, %node, reply = ?other.kind(), "odd status reply");
+                        gone.push(node);
+                    }
+                    Err(Failure::StaleGeneration(g)) => {
+                        return Err(VolumeError::Unavailable(format!(
+                            "a newer owner (generation {g}) took the volume"
+                        )));
+                    }
+                    Err(f) => {
+                        tracing::warn!(volume = %self.volume, %extent, %node, failure = ?f,
                         "replica unreachable at takeover: it leaves the set");
-                    gone.push(node);
+                        gone.push(node);
+                    }
                 }
             }
-        }
-        let plan = reconcile::plan(&reports, size, Some(self.io.me()));
-        for copy in &plan {
-            if let Err(f) = self.copy(extent, epoch, copy).await {
-                tracing::warn!(volume = %self.volume, %extent, target = %copy.target, failure = ?f,
-                    "reconciliation could not write a replica: it leaves the set");
-                gone.push(copy.target);
+            let plan = reconcile::plan(&reports, size, Some(self.io.me()));
+            let mut bad_source = None;
+            for copy in &plan {
+                match self.copy(extent, epoch, copy).await {
+                    Ok(()) => {}
+                    Err((node, f)) if node == copy.source => {
+                        tracing::warn!(volume = %self.volume, %extent, source = %node, failure = ?f,
+                        "reconciliation could not read its source: it leaves the set, and the others report again");
+                        bad_source = Some(node);
+                        break;
+                    }
+                    Err((node, f)) => {
+                        tracing::warn!(volume = %self.volume, %extent, target = %node, failure = ?f,
+                        "reconciliation could not write a replica: it leaves the set");
+                        gone.push(node);
+                    }
+                }
             }
-        }
+            match bad_source {
+                Some(node) => gone.push(node),
+                None => break plan,
+            }
+        };
         // The source's version is now everyone's: make it durable there too
         // (a crash of the source must not take back what the others keep).
         let sources: std::collections::BTreeSet<NodeId> = plan.iter().map(|c| c.source).collect();
@@ -469,19 +489,21 @@ impl Replicated {
         extent: ExtentIndex,
         epoch: Epoch,
         c: &reconcile::Copy,
-    ) -> std::result::Result<(), Failure> {
+    ) -> std::result::Result<(), (NodeId, Failure)> {
         const CHUNK: u64 = 1 << 20;
         let target = self.target(extent, epoch);
         let ranges = if c.whole { self.whole_copy_ranges(c, target).await? } else { c.ranges.clone() };
+        let from_source = |f| (c.source, f);
+        let to_target = |f| (c.target, f);
         let end = ranges.last().map_or(0, |&(o, l)| o + l);
         for &(start, len) in &ranges {
             let mut at = start;
             while at < start + len {
                 let n = CHUNK.min(start + len - at);
                 let read = Message::ExtentRead(ExtentRead { target, offset: at, len: n as u32 });
-                let data = match self.call_retrying(c.source, read).await? {
+                let data = match self.call_retrying(c.source, read).await.map_err(from_source)? {
                     Message::ExtentReadReply(r) => r.data,
-                    _ => return Err(Failure::Io),
+                    _ => return Err((c.source, Failure::Io)),
                 };
                 // A whole copy's pieces are COPY writes, the last with FUA:
                 // the target keeps the extent marked incomplete (absent to
@@ -491,14 +513,14 @@ impl Replicated {
                 let fua = c.whole && last;
                 let write =
                     Message::ExtentWrite(ExtentWrite { target, offset: at, fua, copy: c.whole, data });
-                self.call_retrying(c.target, write).await?;
+                self.call_retrying(c.target, write).await.map_err(to_target)?;
                 self.stats.reconciled_bytes.fetch_add(n, Ordering::Relaxed);
                 at += n;
             }
         }
         if !c.whole {
             let flush = Message::ExtentFlush(ExtentFlush { target, flush_number: 0 });
-            self.call_retrying(c.target, flush).await?;
+            self.call_retrying(c.target, flush).await.map_err(to_target)?;
         }
         tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
             ranges = ranges.len(), whole = c.whole, "reconciled a replica");
@@ -517,17 +539,17 @@ impl Replicated {
         &self,
         c: &reconcile::Copy,
         target: ExtentTarget,
-    ) -> std::result::Result<Vec<(u64, u64)>, Failure> {
+    ) -> std::result::Result<Vec<(u64, u64)>, (NodeId, Failure)> {
         let size = self.layout.extent_size;
         let trim = Message::ExtentTrim(ExtentTrim { target, offset: 0, len: size, fua: false });
-        self.call_retrying(c.target, trim).await?;
+        self.call_retrying(c.target, trim).await.map_err(|f| (c.target, f))?;
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut at = 0;
         while at < size {
             let msg = Message::ExtentMap(ExtentMap { target, offset: at, len: size - at });
-            let map = match self.call_retrying(c.source, msg).await? {
-                Message::ExtentMapReply(map) => checked_map(map, size - at).ok_or(Failure::Io)?,
-                _ => return Err(Failure::Io),
+            let map = match self.call_retrying(c.source, msg).await.map_err(|f| (c.source, f))? {
+                Message::ExtentMapReply(map) => checked_map(map, size - at).ok_or((c.source, Failure::Io))?,
+                _ => return Err((c.source, Failure::Io)),
             };
             for m in map {
                 if !m.state.zero {
