@@ -343,6 +343,37 @@ print("acked")
     c.assert_verify_clean(1, "mc");
 }
 
+/// Creates volume `name` through node 0 with three replicas and stripe
+/// width 1 (volume offsets map straight to extents), checks node 0 owns
+/// it, and returns its id.
+fn one_volume_on_node0(c: &Cluster, name: &str, size: &str, extent_size: &str) -> u64 {
+    let args = [
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--replicas",
+        "3",
+        "--extent-size",
+        extent_size,
+        "--stripe-width",
+        "1",
+    ];
+    let v = c.cli_json(0, &args);
+    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+/// Node `k` stops cleanly, loses its file `name` (an extent replica), and
+/// starts again.
+fn lose_file_while_down(c: &mut Cluster, k: usize, name: &str) {
+    assert_eq!(c.terminate(k), Some(0), "node {k} on SIGTERM:\n{}", c.log(k));
+    std::fs::remove_file(find_file(&c.nodes[k].dir, name).expect("the node's file")).unwrap();
+    c.spawn(k);
+    c.wait_ready(k);
+}
+
 /// The path of the file `name` anywhere under `dir`.
 fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
@@ -369,32 +400,13 @@ fn a_lost_extent_is_copied_whole_and_thin_at_takeover() {
     }
     let mut c = Cluster::start(3, 3);
     c.wait_leader(0, None);
-    let args = [
-        "volume",
-        "create",
-        "thin",
-        "--size",
-        "32M",
-        "--replicas",
-        "3",
-        "--extent-size",
-        "16M",
-        "--stripe-width",
-        "1",
-    ];
-    let v = c.cli_json(0, &args);
-    let id = v["id"].as_u64().unwrap();
-    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let id = one_volume_on_node0(&c, "thin", "32M", "16M");
     let writes = ["write -P 17 0 64k", "write -P 34 9M 64k", "write -P 51 17M 64k", "flush"];
     assert_ok(&qemu_io(&uri(&c, 0, "thin"), &writes.map(String::from)), "writes through the owner");
     let name = format!("v{id}-e0.ext");
     assert!(c.extent_files(2).contains(&name), "node 2 holds extent 0");
     // Node 2 loses extent 0 while it is down.
-    assert_eq!(c.terminate(2), Some(0), "node 2 on SIGTERM:\n{}", c.log(2));
-    let path = find_file(&c.nodes[2].dir, &name).expect("node 2's file of extent 0");
-    std::fs::remove_file(&path).unwrap();
-    c.spawn(2);
-    c.wait_ready(2);
+    lose_file_while_down(&mut c, 2, &name);
     // The owner dies; a client reading through node 1 makes it the owner,
     // which reconciles each extent before it serves it.
     c.kill9(0);
@@ -439,29 +451,11 @@ fn a_copy_cut_by_the_owners_death_is_copied_whole_again() {
     }
     let mut c = Cluster::start(3, 3);
     c.wait_leader(0, None);
-    let args = [
-        "volume",
-        "create",
-        "cut",
-        "--size",
-        "64M",
-        "--replicas",
-        "3",
-        "--extent-size",
-        "64M",
-        "--stripe-width",
-        "1",
-    ];
-    let v = c.cli_json(0, &args);
-    let id = v["id"].as_u64().unwrap();
-    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let id = one_volume_on_node0(&c, "cut", "64M", "64M");
     let writes = ["write -P 5 0 32M", "write -P 6 32M 32M", "flush"];
     assert_ok(&qemu_io(&uri(&c, 0, "cut"), &writes.map(String::from)), "writes through the owner");
     let name = format!("v{id}-e0.ext");
-    assert_eq!(c.terminate(2), Some(0), "node 2 on SIGTERM:\n{}", c.log(2));
-    std::fs::remove_file(find_file(&c.nodes[2].dir, &name).expect("node 2's file")).unwrap();
-    c.spawn(2);
-    c.wait_ready(2);
+    lose_file_while_down(&mut c, 2, &name);
     c.kill9(0);
     // A read through node 1 makes it the owner; its reconciliation copies
     // the extent to node 2, 1 MiB at a time.
@@ -507,22 +501,7 @@ fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
     }
     let mut c = Cluster::start(3, 3);
     c.wait_leader(0, None);
-    let args = [
-        "volume",
-        "create",
-        "rot",
-        "--size",
-        "16M",
-        "--replicas",
-        "3",
-        "--extent-size",
-        "16M",
-        "--stripe-width",
-        "1",
-    ];
-    let v = c.cli_json(0, &args);
-    let id = v["id"].as_u64().unwrap();
-    assert_eq!(v["owner"]["node"], c.cli_json(0, &["cluster", "status"])["this_node"], "{v}");
+    let id = one_volume_on_node0(&c, "rot", "16M", "16M");
     assert_ok(&qemu_io(&uri(&c, 0, "rot"), &["write -P 9 0 1M".into(), "flush".into()]), "writes");
     let node2 = c.cli_json(2, &["cluster", "status"])["this_node"].clone();
     let name = format!("v{id}-e0.ext");
