@@ -60,7 +60,7 @@ use common::sector_oracle::{
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,15 @@ impl Run {
             errors += &format!("--- node {k}\n{}\n", first.join("\n"));
         }
         panic!("seed {}, {what}: {msg}\nfirst errors of each node:\n{errors}", self.seed);
+    }
+
+    /// Fails the test unless the workload logging to `log` has flushed at
+    /// least `MIN_FLUSHES` times (`why` says what the shortfall means).
+    fn require_flushes(&self, c: &Cluster, what: &str, log: &Path, why: impl FnOnce(usize) -> String) {
+        let flushed = sector_oracle::flushes_in(log);
+        if flushed < MIN_FLUSHES {
+            self.fail(c, what, why(flushed));
+        }
     }
 
     /// Reads the whole volume through node `k` into `dump-k.img`, with
@@ -376,14 +385,9 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
             w.expect_running(&run, &c, &what);
             // The wait above gives up after 20 s: a kill after fewer flushes
             // would test the takeover of a volume hardly written.
-            let flushed = sector_oracle::flushes_in(&w.log);
-            if flushed < MIN_FLUSHES {
-                run.fail(
-                    &c,
-                    &what,
-                    format!("too little progress before the owner's kill ({flushed} flushes)"),
-                );
-            }
+            run.require_flushes(&c, &what, &w.log, |n| {
+                format!("too little progress before the owner's kill ({n} flushes)")
+            });
             let owner_id = c.node_ids(via)[owner];
             c.kill9(owner);
             let before = sector_oracle::flushes_in(&w.log);
@@ -419,14 +423,9 @@ fn kill9_of_every_node_again_and_again_under_mixed_io_keeps_every_sector_consist
                 wait_flushes(&mut w.child, &w.log, MIN_FLUSHES, Instant::now() + Duration::from_secs(60));
                 // Respawning the old owner before the new workload got going
                 // would let it take its volume back without any takeover.
-                let flushed = sector_oracle::flushes_in(&w.log);
-                if flushed < MIN_FLUSHES {
-                    run.fail(
-                        &c,
-                        &what,
-                        format!("{flushed} flushes in 60 s through node {next} after the owner's death"),
-                    );
-                }
+                run.require_flushes(&c, &what, &w.log, |n| {
+                    format!("{n} flushes in 60 s through node {next} after the owner's death")
+                });
                 let v = c.cli_json(next, &["volume", "show", VOLUME]);
                 if v["owner"]["node"].as_u64() == Some(owner_id) {
                     run.fail(&c, &what, format!("the dead owner still owns the volume: {v}"));
