@@ -12,7 +12,7 @@ use basalt::node::replica::ReplicaService;
 use basalt::node::suspect::Suspects;
 use basalt::proto::peer::{
     BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentFlush, ExtentRead, ExtentReadReply,
-    ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, Message,
+    ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes, ExtentsDirty, Message,
 };
 use basalt::storage::{EngineKind, Store, StoreConfig, StoreOptions};
 use basalt::types::{ClusterId, Epoch, ExtentIndex, ExtentKey, Generation, NodeId, VolumeId};
@@ -835,5 +835,78 @@ async fn a_whole_copy_cut_short_reports_the_extent_absent_until_its_last_piece()
             other => panic!("{kind:?}: {other:?}"),
         }
         store.close().await.unwrap();
+    }
+}
+
+/// The listing a new owner's first FLUSH asks every node for: the extents
+/// of the volume this replica holds with a dirty region, from an index on,
+/// and those with a crash record (whose dirty bits a clean restart
+/// cleared). It passes the fence as a status does: a stale generation is
+/// refused, a newer one persisted (so the old owner's next write is
+/// refused, after a restart too), and an unknown volume is `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_extents_a_new_owner_must_flush_are_listed() {
+    let ask = |g: u64, from: u64| {
+        Message::ExtentsDirty(ExtentsDirty {
+            volume: VOLUME,
+            generation: Generation(g),
+            from: ExtentIndex(from),
+        })
+    };
+    let list = |m: Message| match m {
+        Message::ExtentsDirtyReply(d) => {
+            assert!(!d.more);
+            d.extents.iter().map(|e| e.0).collect::<Vec<u64>>()
+        }
+        other => panic!("dirty extents: {other:?}"),
+    };
+    for kind in ENGINES {
+        let mut r = Replica::new(kind).await;
+        assert_eq!(list(r.ask(ask(1, 0)).await), Vec::<u64>::new(), "{kind:?}: nothing written");
+        for (i, e) in [7u64, 0, 3].into_iter().enumerate() {
+            assert_eq!(r.write(at(e, 1, 1), 4096, pattern(i as u64, 4096)).await, Message::ExtentOk);
+        }
+        assert_eq!(list(r.ask(ask(1, 0)).await), vec![0, 3, 7], "{kind:?}");
+        assert_eq!(list(r.ask(ask(1, 3)).await), vec![3, 7], "{kind:?}: from 3 on");
+        // A flush makes the writes durable; the bits clear at a later one
+        // (see `dirty_regions_follow_the_extents_activity_log`), so the
+        // extent is still listed: a superset is all the owner needs.
+        r.flush(at(3, 1, 1)).await;
+        assert_eq!(list(r.ask(ask(1, 0)).await), vec![0, 3, 7], "{kind:?}");
+        // A newer owner asks: its generation is persisted first.
+        assert_eq!(list(r.ask(ask(2, 0)).await), vec![0, 3, 7], "{kind:?}");
+        let old = r.write(at(0, 1, 1), 0, pattern(9, 4096)).await;
+        assert_eq!(err(old), ExtentError::StaleGeneration { current: Generation(2) }, "{kind:?}");
+        r.reopen().await;
+        let stale = r.ask(ask(1, 0)).await;
+        assert_eq!(err(stale), ExtentError::StaleGeneration { current: Generation(2) }, "{kind:?}");
+        assert_eq!(list(r.ask(ask(2, 0)).await), Vec::<u64>::new(), "{kind:?}: a clean shutdown flushed all");
+        let other = r.svc.handle(
+            OWNER,
+            Message::ExtentsDirty(ExtentsDirty {
+                volume: VolumeId(99),
+                generation: Generation(9),
+                from: ExtentIndex(0),
+            }),
+        );
+        assert_eq!(err(other.await), ExtentError::NotFound, "{kind:?}");
+
+        // A crash with extent 5 unflushed, then a clean restart (which
+        // clears its dirty bits): its crash record keeps it listed.
+        let dir =
+            tempfile::Builder::new().prefix("replica-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        let w =
+            ExtentWrite { target: at(5, 1, 1), offset: 0, fua: false, copy: false, data: pattern(5, 8192) };
+        assert_eq!(svc.handle(OWNER, Message::ExtentWrite(w)).await, Message::ExtentOk);
+        drop(svc);
+        drop(store); // the crash
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), true).await;
+        assert_eq!(list(svc.handle(OWNER, ask(1, 0)).await), vec![5], "{kind:?}: after the crash");
+        store.close().await.unwrap();
+        drop(svc);
+        let (store, svc) = Replica::start_as_daemon(kind, dir.path(), false).await;
+        assert!(store.opened().iter().all(|e| !e.is_dirty()), "{kind:?}: the clean restart cleared the bits");
+        assert_eq!(list(svc.handle(OWNER, ask(1, 0)).await), vec![5], "{kind:?}: by its crash record");
     }
 }

@@ -531,3 +531,67 @@ fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
     assert_eq!(e["replicas"], serde_json::json!([node2]), "only node 2's copy is left: {v}");
     assert_eq!(e["state"], "degraded", "{v}");
 }
+
+/// A FLUSH through a new owner covers the writes its predecessor
+/// acknowledged and never flushed (invariant 2 holds across an owner
+/// change). Node 0 owns the volume and acknowledges a 1 MiB write into
+/// fresh blocks of extent 2, with no flush; it dies. A client flushes
+/// through node 1, which takes the volume over without touching extent 2
+/// for any request, and the flush succeeds. Then kill -9 of every node:
+/// the write must read back. (Before, the new owner's flush covered only
+/// the extents it had served itself, and the write was lost to the crash,
+/// as an unflushed one is: recovery keeps what a flush made durable.)
+#[test]
+fn a_flush_through_a_new_owner_covers_what_the_old_one_acknowledged() {
+    if !require("nbdsh") || !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    one_volume_on_node0(&c, "inh", "16M", "4M");
+    let write = "h.pwrite(b'\\x51' * 1048576, 8 << 20)\nprint('acked')";
+    assert_eq!(common::nbdsh(&uri(&c, 0, "inh"), write).trim(), "acked");
+    c.kill9(0);
+    // The read makes node 1 the owner (it serves extent 0 only); then the flush.
+    let flush = "assert h.pread(4096, 0) == bytes(4096)\nh.flush()\nprint('flushed')";
+    assert_eq!(common::nbdsh(&uri(&c, 1, "inh"), flush).trim(), "flushed");
+    let v = volume(&c, 1, "inh");
+    assert_eq!(v["owner"]["node"], c.cli_json(1, &["cluster", "status"])["this_node"], "{v}");
+    crash_all(&mut c);
+    for k in 0..3 {
+        let out = qemu_io(&uri(&c, k, "inh"), &["read -P 0x51 8M 1M".into(), "read -P 0 12M 4M".into()]);
+        assert_ok(
+            &out,
+            &format!("the old owner's write, flushed through the new one, read through node {k}"),
+        );
+    }
+    c.assert_verify_clean(1, "inh");
+}
+
+/// A FLUSH sent through a forwarding node just after the owner died is
+/// not failed: it goes again through the new route (this node, once it
+/// took the volume over), whose first FLUSH covers what the dead owner
+/// acknowledged. Before, it answered EIO ("the owner went away"), and a
+/// client's fsync failed although nothing was lost.
+#[test]
+fn a_flush_through_a_forwarder_survives_the_owners_death() {
+    if !require("nbdsh") || !require("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    one_volume_on_node0(&c, "fwf", "16M", "4M");
+    // Node 1 forwards: a read through it before the owner dies.
+    let first = "assert h.pread(4096, 0) == bytes(4096)\nprint('read')";
+    assert_eq!(common::nbdsh(&uri(&c, 1, "fwf"), first).trim(), "read");
+    let write = "h.pwrite(b'\\x52' * 65536, 5 << 20)\nprint('acked')";
+    assert_eq!(common::nbdsh(&uri(&c, 0, "fwf"), write).trim(), "acked");
+    c.kill9(0);
+    assert_eq!(common::nbdsh(&uri(&c, 1, "fwf"), "h.flush()\nprint('flushed')").trim(), "flushed");
+    crash_all(&mut c);
+    for k in 0..3 {
+        let out = qemu_io(&uri(&c, k, "fwf"), &["read -P 0x52 5M 64k".into()]);
+        assert_ok(&out, &format!("the write flushed through the forwarder, read through node {k}"));
+    }
+    c.assert_verify_clean(1, "fwf");
+}

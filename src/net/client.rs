@@ -88,7 +88,8 @@ impl RequestClass {
             | Message::ExtentFlush(_)
             | Message::ExtentStatus(_)
             | Message::ExtentCrcs(_)
-            | Message::ExtentMap(_) => RequestClass::Extent,
+            | Message::ExtentMap(_)
+            | Message::ExtentsDirty(_) => RequestClass::Extent,
             Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)

@@ -36,6 +36,12 @@
 //!   `ExtentWriteZeroes`/`ExtentTrim`/`ExtentFlush` succeed without
 //!   creating it. `ExtentMap` answers the store's block table (data,
 //!   zeroed, hole per 4 KiB block; a lost block is data).
+//! - `ExtentsDirty` (a new owner's first FLUSH) lists the extents of the
+//!   volume this replica holds that may carry a write no flush covered:
+//!   any dirty region, or a crash record awaiting reconciliation. It is
+//!   admitted as a status is (a newer generation is persisted, after an
+//!   older owner's writes still landing), so nothing an older owner
+//!   acknowledged can slip in after the list.
 //! - `ExtentFlush` makes every write this replica acknowledged for the
 //!   extent durable. The owner's flush number is not stored: the status
 //!   reports the replica's own count, and reconciliation goes by the dirty
@@ -53,8 +59,8 @@ use super::fence::{FenceError, FenceGuard, Fences};
 use super::suspect::Suspects;
 use crate::layout::Layout;
 use crate::proto::peer::{
-    BlockCrcs, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentMap, ExtentReadReply, ExtentState,
-    ExtentTarget, MAX_DATA, MAX_MAP_EXTENTS, Message,
+    BlockCrcs, DirtyExtents, ErrorCode, ExtentCrcs, ExtentErr, ExtentError, ExtentMap, ExtentReadReply,
+    ExtentState, ExtentTarget, ExtentsDirty, MAX_DATA, MAX_DIRTY_EXTENTS, MAX_MAP_EXTENTS, Message,
 };
 use crate::storage::extent::{RunToEnd, zero_block_crc};
 use crate::storage::format::BLOCK;
@@ -193,6 +199,14 @@ pub fn target_of(m: &Message) -> Option<ExtentTarget> {
     })
 }
 
+/// The (volume, owner generation) a replica request carries.
+pub fn generation_of(m: &Message) -> Option<(crate::types::VolumeId, crate::types::Generation)> {
+    match m {
+        Message::ExtentsDirty(q) => Some((q.volume, q.generation)),
+        m => target_of(m).map(|t| (t.volume, t.generation)),
+    }
+}
+
 /// Checks `[offset, offset+len)` against an extent of `size` bytes and the alignment.
 fn check_range(size: u64, offset: u64, len: u64, align: u64) -> Answer<()> {
     let out = |why: &str| Refusal::new(ExtentError::OutOfRange, format!("range {offset}+{len}: {why}"));
@@ -270,6 +284,17 @@ impl ReplicaService {
     /// `Unsupported`). Never panics.
     pub async fn handle(&self, from: NodeId, request: Message) -> Message {
         let kind = request.kind();
+        if let Message::ExtentsDirty(q) = request {
+            return match self.dirty_extents(q).await {
+                Ok(d) => Message::ExtentsDirtyReply(d),
+                Err(r) => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %from, volume = %q.volume, error = ?r.error, message = %r.message,
+                        "dirty extent listing refused");
+                    Message::ExtentErr(ExtentErr { error: r.error, message: r.message })
+                }
+            };
+        }
         let Some(target) = target_of(&request) else {
             tracing::warn!(peer = %from, ?kind, "not an extent request; refused");
             return Message::error(ErrorCode::Unsupported, format!("{kind:?} is not an extent request"));
@@ -463,6 +488,28 @@ impl ReplicaService {
             }
             other => Err(Refusal::new(ExtentError::NotFound, format!("{:?} is not served", other.kind()))),
         }
+    }
+
+    /// The extents of the volume held here that may carry a write no flush
+    /// covered, from `q.from` on (see the module docs).
+    async fn dirty_extents(&self, q: ExtentsDirty) -> Answer<DirtyExtents> {
+        if (self.layout_of)(q.volume).is_none() {
+            return Err(Refusal::new(
+                ExtentError::NotFound,
+                format!("volume {} is not known on this node", q.volume),
+            ));
+        }
+        let _guard = self.fences.admit(q.volume, q.generation, true).await.map_err(Refusal::fence)?;
+        let mut dirty: std::collections::BTreeSet<crate::types::ExtentIndex> = self
+            .store
+            .opened()
+            .iter()
+            .filter(|e| e.key().volume == q.volume && e.key().index >= q.from && e.is_dirty())
+            .map(|e| e.key().index)
+            .collect();
+        dirty.extend(self.suspects.of_volume(q.volume).into_iter().filter(|i| *i >= q.from));
+        let more = dirty.len() > MAX_DIRTY_EXTENTS;
+        Ok(DirtyExtents { extents: dirty.into_iter().take(MAX_DIRTY_EXTENTS).collect(), more })
     }
 
     /// Refuses data requests for a replica that awaits reconciliation.

@@ -5,7 +5,9 @@
 //! metadata proposals, completing callers), reads (one replica, the next on
 //! a checksum or I/O error, and a repair of the bad copy), and
 //! reconciliation of each extent before its first request in this owner's
-//! lifetime (`replication::reconcile`).
+//! lifetime (`replication::reconcile`), and, before this owner's first
+//! FLUSH, the reconciliation of every extent a predecessor may have left
+//! unflushed, so that FLUSH covers what the predecessor acknowledged too.
 //!
 //! Cancel safety: once a request is submitted to the core, its replica
 //! requests run in tasks of their own; a caller that goes away only drops
@@ -20,7 +22,7 @@ use super::volume::{ROUTE_WAIT, Result, VolumeError};
 use crate::layout::Layout;
 use crate::proto::peer::{
     ExtentError, ExtentFlush, ExtentMap, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite,
-    ExtentWriteZeroes, Message,
+    ExtentWriteZeroes, ExtentsDirty, Message,
 };
 use crate::replication::reconcile::{self, Report};
 use crate::replication::{Action, Change, Event, Failure, OpError, OpId, Owner, Then};
@@ -71,6 +73,9 @@ pub trait ClusterIo: Send + Sync + 'static {
     /// Whether the metadata as applied here names this node the owner of
     /// `volume` at `generation`.
     fn owns(&self, volume: VolumeId, generation: Generation) -> bool;
+    /// The nodes that may hold replicas and are not known to be down (the
+    /// metadata's nodes marked up), this node included if it is one.
+    fn data_nodes(&self) -> Vec<NodeId>;
 }
 
 /// Counters of one replicated volume (exported as metrics).
@@ -108,6 +113,9 @@ pub struct Replicated {
     inner: Mutex<Inner>,
     /// Extents reconciled (and installed in the core) by this owner.
     ready: Mutex<HashMap<ExtentIndex, Arc<OnceCell<()>>>>,
+    /// Set once the extents a predecessor may have left unflushed are
+    /// reconciled and marked for this owner's FLUSH (see [`Self::inherit`]).
+    inherited: Arc<OnceCell<()>>,
     reads: AtomicU64,
     pub stats: ReplicationStats,
 }
@@ -159,6 +167,7 @@ impl Replicated {
                 slots: HashMap::new(),
             }),
             ready: Mutex::default(),
+            inherited: Arc::default(),
             reads: AtomicU64::new(0),
             stats: ReplicationStats::default(),
         })
@@ -409,6 +418,9 @@ impl Replicated {
         })?;
         let size = self.layout.extent_size;
         let mut gone: Vec<NodeId> = Vec::new();
+        // Some member may hold changes no flush covered (a predecessor's,
+        // or copies made below): this owner's next FLUSH must reach them.
+        let mut unflushed = false;
         // Statuses, plan, copies; again from fresh statuses of the others
         // when a source could not be read (a bad block there, or it went
         // away): the source leaves, not the replica it was copying to.
@@ -435,6 +447,7 @@ impl Replicated {
                     }
                 }
             }
+            unflushed |= reports.iter().any(|r| !r.dirty.is_empty());
             let plan = reconcile::plan(&reports, size, Some(self.io.me()));
             let mut bad_source = None;
             for copy in &plan {
@@ -481,7 +494,87 @@ impl Replicated {
             (epoch, set) = (next, keep);
         }
         self.step_all([Event::View { extent, epoch, replicas: set }]);
+        if unflushed {
+            self.step_all([Event::Unflushed { extent }]);
+        }
         Ok(())
+    }
+
+    /// Once per owner, before its first FLUSH completes: asks every data
+    /// node which extents of the volume it holds that may carry a write no
+    /// flush covered, then reconciles each (marking it for the next FLUSH
+    /// round). An older owner may have acknowledged writes there and died
+    /// before any FLUSH; without this, a FLUSH through this owner would
+    /// succeed while they stayed unflushed on every replica, and a crash of
+    /// every node would lose them (invariant 2: a FLUSH covers every write
+    /// acknowledged before it, through any node). A node that cannot be
+    /// asked is passed over: every acknowledged write is on each member of
+    /// its set, so the ones that answer hold it, and the one that did not
+    /// is reconciled before it serves that extent again (its crash record,
+    /// or the status the next reconciliation asks of it). Runs in a task of
+    /// its own (a dropped FLUSH does not stop it half way); a failure
+    /// fails the FLUSH, and the next one tries again.
+    async fn inherit(self: &Arc<Self>) -> Result<()> {
+        let me = self.clone();
+        self.inherited
+            .get_or_try_init(|| async move {
+                tokio::spawn(async move { me.inherit_now().await })
+                    .await
+                    .map_err(|e| unavailable(format!("the takeover's flush task failed: {e}")))?
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn inherit_now(self: Arc<Self>) -> Result<()> {
+        let nodes = self.io.data_nodes();
+        let lists = futures::future::join_all(nodes.iter().map(|&n| self.dirty_on(n))).await;
+        let mut dirty = std::collections::BTreeSet::new();
+        for (node, list) in nodes.iter().zip(lists) {
+            match list {
+                Ok(l) => dirty.extend(l),
+                Err(Failure::StaleGeneration(g)) => {
+                    return Err(unavailable(format!("a newer owner (generation {g}) took the volume")));
+                }
+                Err(f) => tracing::warn!(volume = %self.volume, %node, failure = ?f,
+                    "cannot ask a node for the extents it may hold unflushed; passed over"),
+            }
+        }
+        let known: Vec<ExtentIndex> =
+            dirty.into_iter().filter(|&e| self.io.view(self.volume, e).is_some()).collect();
+        if !known.is_empty() {
+            tracing::info!(volume = %self.volume, extents = known.len(),
+                "reconciling the extents an earlier owner may have left unflushed, for this owner's first flush");
+        }
+        for extent in known {
+            self.ensure(extent).await?;
+            self.step_all([Event::Unflushed { extent }]);
+        }
+        Ok(())
+    }
+
+    /// The extents of the volume `node` lists as maybe unflushed.
+    async fn dirty_on(&self, node: NodeId) -> std::result::Result<Vec<ExtentIndex>, Failure> {
+        let mut out = Vec::new();
+        let mut from = ExtentIndex(0);
+        loop {
+            let q = ExtentsDirty { volume: self.volume, generation: self.generation, from };
+            match self.call_retrying(node, Message::ExtentsDirty(q)).await? {
+                Message::ExtentsDirtyReply(d) => {
+                    // Increasing (the decoder checks); ones before `from` are ignored.
+                    let last = d.extents.last().copied();
+                    out.extend(d.extents.into_iter().filter(|e| *e >= from));
+                    match last {
+                        Some(l) if d.more && l >= from && l.0 < u64::MAX => from = ExtentIndex(l.0 + 1),
+                        _ => return Ok(out),
+                    }
+                }
+                other => {
+                    tracing::warn!(volume = %self.volume, %node, reply = ?other.kind(), "odd dirty-extent reply");
+                    return Err(Failure::Io);
+                }
+            }
+        }
     }
 
     async fn copy(
@@ -622,6 +715,7 @@ impl Replicated {
     /// member of its extent's set.
     pub async fn flush(self: &Arc<Self>) -> Result<()> {
         self.check_serving().await?;
+        self.inherit().await?;
         let (tx, rx) = oneshot::channel();
         let op =
             Self::new_op(&mut self.inner.lock().unwrap(), Slot { done: Some(tx), grant: None, data: None });

@@ -186,6 +186,11 @@ impl Suspects {
         self.map.lock().unwrap().get(&key).is_some_and(|s| !s.taken)
     }
 
+    /// The extents of `volume` with a record, taken or not.
+    pub fn of_volume(&self, volume: crate::types::VolumeId) -> Vec<crate::types::ExtentIndex> {
+        self.map.lock().unwrap().keys().filter(|k| k.volume == volume).map(|k| k.index).collect()
+    }
+
     /// True while `key` has a record, taken or not.
     pub fn contains(&self, key: ExtentKey) -> bool {
         self.map.lock().unwrap().contains_key(&key)

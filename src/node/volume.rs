@@ -974,9 +974,16 @@ impl Volume {
         match self.via().await? {
             None => {}
             Some(Via::Owner(r)) => return r.flush().await,
-            // A FLUSH through another route cannot cover writes the old
-            // owner acknowledged and did not flush: not retried.
-            Some(Via::Forward(f)) => return f.flush().await,
+            // Once more through the new route if the owner went away: a new
+            // owner's first FLUSH reconciles and flushes what its
+            // predecessor may have left unflushed (`Replicated::flush`), so
+            // it covers every write acknowledged before this one.
+            Some(Via::Forward(f)) => {
+                return match self.forwarded(f, |f| async move { f.flush().await }).await? {
+                    Retry::Done(()) => Ok(()),
+                    Retry::Again => Box::pin(self.flush_io()).await,
+                };
+            }
         }
         let opened: Vec<Arc<Extent>> =
             self.geometry().extents.iter().filter_map(|c| c.get()).cloned().collect();

@@ -91,6 +91,11 @@ pub enum Event {
     Committed { extent: ExtentIndex, epoch: Epoch, replicas: Vec<NodeId> },
     /// A proposed replica set could not be committed.
     CommitFailed { extent: ExtentIndex, epoch: Epoch },
+    /// The installed extent's members may hold changes no flush covered
+    /// that this owner did not make (a predecessor's, found at takeover):
+    /// the next FLUSH round flushes it on every member, as if this owner
+    /// had just acknowledged a change there.
+    Unflushed { extent: ExtentIndex },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +296,14 @@ impl Owner {
             }
             Event::Committed { extent, epoch, replicas } => self.view_event(extent, epoch, replicas, out),
             Event::CommitFailed { extent, epoch } => self.commit_failed(extent, epoch, out),
+            Event::Unflushed { extent } => {
+                if let Some(ext) = self.extents.get_mut(&extent) {
+                    ext.dirty = true;
+                    // A FLUSH arriving now must not join a round that began
+                    // before this extent needed one.
+                    self.acked_in_round = true;
+                }
+            }
         }
     }
 
@@ -979,6 +992,46 @@ mod tests {
             o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
         }
         assert_eq!(completes(&out), vec![(OpId(3), Ok(())), (OpId(4), Ok(()))]);
+    }
+
+    /// A predecessor's unflushed changes found at takeover: the next FLUSH
+    /// flushes the extent on every member although this owner changed
+    /// nothing there, and a FLUSH that comes while a round that began
+    /// before the mark is running does not join it.
+    #[test]
+    fn an_extent_marked_unflushed_is_flushed_by_the_next_round() {
+        let (mut o, mut out) = owner3();
+        o.step(Event::Unflushed { extent: E }, &mut out);
+        assert!(out.is_empty(), "the mark sends nothing by itself");
+        o.step(Event::Flush { op: OpId(1) }, &mut out);
+        let sent = |out: &[Action], round: u64| {
+            out.iter()
+                .filter(|a| matches!(a, Action::SendFlush { round: r, extent: E, .. } if *r == round))
+                .count()
+        };
+        assert_eq!(sent(&out, 1), 3, "{out:?}");
+        assert!(completes(&out).is_empty());
+        out.clear();
+        // Round 1 runs; the extent is marked again (another takeover step
+        // found more), and a FLUSH comes: it waits for round 2.
+        o.step(Event::Unflushed { extent: E }, &mut out);
+        o.step(Event::Flush { op: OpId(2) }, &mut out);
+        for n in 1..=3 {
+            o.step(Event::FlushReply { round: 1, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        assert_eq!(completes(&out), vec![(OpId(1), Ok(()))], "{out:?}");
+        assert_eq!(sent(&out, 2), 3, "{out:?}");
+        out.clear();
+        for n in 1..=3 {
+            o.step(Event::FlushReply { round: 2, extent: E, node: NodeId(n), result: Ok(()) }, &mut out);
+        }
+        assert_eq!(completes(&out), vec![(OpId(2), Ok(()))]);
+        // An extent not installed is not marked (it is reconciled, and
+        // marked, when it is).
+        out.clear();
+        o.step(Event::Unflushed { extent: ExtentIndex(99) }, &mut out);
+        o.step(Event::Flush { op: OpId(3) }, &mut out);
+        assert_eq!(completes(&out), vec![(OpId(3), Ok(()))]);
     }
 
     #[test]

@@ -1331,6 +1331,11 @@ impl Extent {
         r.durable.iter().enumerate().filter(|(_, d)| **d).map(|(i, _)| i as u64).collect()
     }
 
+    /// Whether any region is dirty (see [`Extent::dirty_regions`]).
+    pub fn is_dirty(&self) -> bool {
+        self.regions.lock().unwrap().durable.iter().any(|d| *d)
+    }
+
     /// The stored crc32c of every 4 KiB block of `[offset, offset+len)`
     /// (both multiples of 4 KiB), from the block table without reading the
     /// data. A block without data (a hole, zeroed or trimmed) reports the

@@ -170,6 +170,11 @@ impl ClusterIo for DaemonIo {
             .is_some_and(|v| v.owner == Some(self.me) && v.generation.0 == generation.0)
     }
 
+    fn data_nodes(&self) -> Vec<NodeId> {
+        let state = self.latest.read().unwrap().clone();
+        state.nodes().filter(|n| n.spec.has_data && n.state == NodeState::Up).map(|n| n.spec.id).collect()
+    }
+
     fn lease_wait(&self, deadline: tokio::time::Instant) -> BoxFuture<bool> {
         let mut acks = self.lease.confirmed.clone();
         let lease = self.lease.length;

@@ -289,26 +289,24 @@ impl PeerHandler for Handler {
                 | Message::ExtentFlush(_)
                 | Message::ExtentStatus(_)
                 | Message::ExtentCrcs(_)
-                | Message::ExtentMap(_)) => match replica {
+                | Message::ExtentMap(_)
+                | Message::ExtentsDirty(_)) => match replica {
                     Some(r) => {
                         // The metadata's owner generation is a floor too: a
                         // volume served from the local store directly (the
                         // single-node slice) never raises the replica's fence.
-                        let floor = basalt::node::replica::target_of(&m).and_then(|t| {
-                            let v = meta.as_ref()?.subscribe().borrow().volume(t.volume)?.generation.0;
-                            (t.generation.0 < v).then_some((t, v))
+                        let floor = basalt::node::replica::generation_of(&m).and_then(|(volume, g)| {
+                            let v = meta.as_ref()?.subscribe().borrow().volume(volume)?.generation.0;
+                            (g.0 < v).then_some((volume, g, v))
                         });
-                        if let Some((t, current)) = floor {
-                            tracing::warn!(peer = %peer.addr, node = %peer.node, volume = %t.volume,
-                                asked = t.generation.0, current, "extent request refused: its owner generation is older than the metadata's");
+                        if let Some((volume, g, current)) = floor {
+                            tracing::warn!(peer = %peer.addr, node = %peer.node, %volume,
+                                asked = g.0, current, "extent request refused: its owner generation is older than the metadata's");
                             return Message::ExtentErr(basalt::proto::peer::ExtentErr {
                                 error: basalt::proto::peer::ExtentError::StaleGeneration {
                                     current: basalt::types::Generation(current),
                                 },
-                                message: format!(
-                                    "owner generation {} is older than {current}",
-                                    t.generation.0
-                                ),
+                                message: format!("owner generation {} is older than {current}", g.0),
                             });
                         }
                         r.handle(peer.node, m).await

@@ -33,6 +33,10 @@
 //! ExtentMap           target, offset u64, len u64
 //! ExtentMapReply      count u32 (at most MAX_MAP_EXTENTS), count x
 //!                     (len u64, flags u32 (ALLOCATED, ZERO))
+//! ExtentsDirty        volume u64, generation u64, from extent u64
+//! ExtentsDirtyReply   flags u32 (MORE), count u32 (at most
+//!                     MAX_DIRTY_EXTENTS), count x extent u64 (strictly
+//!                     increasing, each at least the request's from)
 //! ```
 //!
 //! Volume-level requests (forwarded by a node that does not own the volume
@@ -78,6 +82,14 @@
 //! sectors, as for a client of the owner's own. ANY_BYTE, `ExtentMap` and
 //! `ExtentMapReply` were added before any release spoke V1, so V1 carries
 //! them (as it does `ErrorCode::Forbidden`).
+//!
+//! `ExtentsDirty` asks a replica which extents of a volume it holds that
+//! may carry a write no flush covered (dirty regions, or a crash record
+//! awaiting reconciliation), from one extent index on: a new owner's first
+//! FLUSH reconciles and flushes those, so it covers what its predecessors
+//! acknowledged. It passes the volume's fence as a status request does (a
+//! newer generation is persisted first, and waits for an older owner's
+//! writes still landing). Added before any release spoke V1, with its reply.
 
 use super::frame::{MAX_DATA, ProtocolVersion};
 use crate::types::{
@@ -116,6 +128,8 @@ pub enum Kind {
     ExtentCrcsReply = 43,
     ExtentMap = 44,
     ExtentMapReply = 45,
+    ExtentsDirty = 46,
+    ExtentsDirtyReply = 47,
     // --- volume-level forwarding (64..=75) ---
     VolumeRead = 64,
     VolumeWrite = 65,
@@ -133,7 +147,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 35] = [
+    pub const ALL: [Kind; 37] = [
         Kind::Hello,
         Kind::HelloAck,
         Kind::Refused,
@@ -157,6 +171,8 @@ impl Kind {
         Kind::ExtentCrcsReply,
         Kind::ExtentMap,
         Kind::ExtentMapReply,
+        Kind::ExtentsDirty,
+        Kind::ExtentsDirtyReply,
         // --- volume-level forwarding ---
         Kind::VolumeRead,
         Kind::VolumeWrite,
@@ -192,6 +208,7 @@ impl Kind {
                 | Kind::ExtentErr
                 | Kind::ExtentCrcsReply
                 | Kind::ExtentMapReply
+                | Kind::ExtentsDirtyReply
                 // --- volume-level forwarding ---
                 | Kind::VolumeReadReply
                 | Kind::VolumeMapReply
@@ -413,6 +430,29 @@ pub struct ExtentMap {
     pub len: u64,
 }
 
+/// Asks a replica for the extents of `volume` it holds that may carry a
+/// write no flush covered, in index order from `from` (see the module
+/// docs). Answered with an `ExtentsDirtyReply`, or an `ExtentErr`
+/// (`StaleGeneration`, `NotFound` for a volume the node does not know).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentsDirty {
+    pub volume: VolumeId,
+    pub generation: Generation,
+    pub from: ExtentIndex,
+}
+
+/// Most extents one [`DirtyExtents`] lists; `more` says to ask again from
+/// after the last.
+pub const MAX_DIRTY_EXTENTS: usize = 1 << 14;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyExtents {
+    /// Strictly increasing, at most [`MAX_DIRTY_EXTENTS`].
+    pub extents: Vec<ExtentIndex>,
+    /// The list stopped at the cap: more may follow the last one.
+    pub more: bool,
+}
+
 /// Why a replica did not apply a data request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentError {
@@ -470,6 +510,8 @@ pub enum Message {
     ExtentMap(ExtentMap),
     /// Runs in order from the request's offset, at most [`MAX_MAP_EXTENTS`].
     ExtentMapReply(Vec<MapExtent>),
+    ExtentsDirty(ExtentsDirty),
+    ExtentsDirtyReply(DirtyExtents),
     // --- volume-level forwarding ---
     VolumeRead(VolumeRead),
     VolumeWrite(VolumeWrite),
@@ -497,6 +539,7 @@ const ZEROES_ANY_BYTE: u32 = 4;
 const TRIM_FUA: u32 = 1;
 const READ_REPLY_CRCS: u32 = 1;
 const STATUS_EXISTS: u32 = 1;
+const DIRTY_MORE: u32 = 1;
 const MIN_REGION: u32 = 4096;
 const MIN_CRC_BLOCK: u32 = 512;
 
@@ -616,6 +659,8 @@ impl Message {
             Message::ExtentCrcsReply(_) => Kind::ExtentCrcsReply,
             Message::ExtentMap(_) => Kind::ExtentMap,
             Message::ExtentMapReply(_) => Kind::ExtentMapReply,
+            Message::ExtentsDirty(_) => Kind::ExtentsDirty,
+            Message::ExtentsDirtyReply(_) => Kind::ExtentsDirtyReply,
             // --- volume-level forwarding ---
             Message::VolumeRead(_) => Kind::VolumeRead,
             Message::VolumeWrite(_) => Kind::VolumeWrite,
@@ -684,6 +729,8 @@ impl Message {
             Message::ExtentCrcsReply(c) => 4 + 4 + 4 * c.crcs.len(),
             Message::ExtentMap(_) => TARGET_LEN + 8 + 8,
             Message::ExtentMapReply(m) => 4 + MAP_EXTENT_LEN * m.len(),
+            Message::ExtentsDirty(_) => 8 + 8 + 8,
+            Message::ExtentsDirtyReply(d) => 4 + 4 + 8 * d.extents.len(),
             m @ (Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)
@@ -714,6 +761,7 @@ impl Message {
                 (c.len.div_ceil(u64::from(MIN_CRC_BLOCK)).min(MAX_CRC_COUNT as u64) * 4) as usize
             }
             Message::ExtentStatus(_) => 4 * MAX_DIRTY_REGIONS,
+            Message::ExtentsDirty(_) => 8 * MAX_DIRTY_EXTENTS,
             Message::ExtentMap(m) => map_reply_hint(m.len),
             Message::VolumeRead(r) => r.len as usize,
             Message::VolumeBlockStatus(b) => map_reply_hint(b.len),
@@ -815,6 +863,18 @@ impl Message {
                 out.put_u64_le(m.len);
             }
             Message::ExtentMapReply(m) => put_map(out, m),
+            Message::ExtentsDirty(q) => {
+                out.put_u64_le(q.volume.0);
+                out.put_u64_le(q.generation.0);
+                out.put_u64_le(q.from.0);
+            }
+            Message::ExtentsDirtyReply(d) => {
+                out.put_u32_le(flag(d.more, DIRTY_MORE));
+                out.put_u32_le(d.extents.len() as u32);
+                for e in &d.extents {
+                    out.put_u64_le(e.0);
+                }
+            }
             m @ (Message::VolumeRead(_)
             | Message::VolumeWrite(_)
             | Message::VolumeWriteZeroes(_)
@@ -1023,6 +1083,36 @@ impl Message {
                 Message::ExtentMap(ExtentMap { target, offset, len })
             }
             Kind::ExtentMapReply => Message::ExtentMapReply(f.map()?),
+            Kind::ExtentsDirty => Message::ExtentsDirty(ExtentsDirty {
+                volume: VolumeId(f.u64("volume")?),
+                generation: Generation(f.u64("generation")?),
+                from: ExtentIndex(f.u64("from")?),
+            }),
+            Kind::ExtentsDirtyReply => {
+                let more = f.flags("flags", DIRTY_MORE)? & DIRTY_MORE != 0;
+                let count = f.u32("extent count")? as usize;
+                if count > MAX_DIRTY_EXTENTS {
+                    return Err(BodyError::InvalidField {
+                        field: "extent count",
+                        value: count as u64,
+                        why: "over the most extents a reply lists",
+                    });
+                }
+                f.need("extents", count * 8)?;
+                let mut extents: Vec<ExtentIndex> = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let e = f.u64("extents")?;
+                    if extents.last().is_some_and(|last| e <= last.0) {
+                        return Err(BodyError::InvalidField {
+                            field: "extents",
+                            value: e,
+                            why: "extent indexes must be strictly increasing",
+                        });
+                    }
+                    extents.push(ExtentIndex(e));
+                }
+                Message::ExtentsDirtyReply(DirtyExtents { extents, more })
+            }
             Kind::ExtentErr => {
                 let code = f.u16("code")?;
                 let current = f.u64("current")?;

@@ -30,9 +30,10 @@ pub use frame::{
     ProtocolVersion, encode_to_bytes, frame_len,
 };
 pub use message::{
-    BlockCrcs, BodyError, ErrorCode, ErrorReply, ExtentCrcs, ExtentErr, ExtentError, ExtentFlush, ExtentMap,
-    ExtentRead, ExtentReadReply, ExtentState, ExtentTarget, ExtentTrim, ExtentWrite, ExtentWriteZeroes,
-    Hello, Kind, MAX_CRC_COUNT, MAX_CRCS_RANGE, MAX_DIRTY_REGIONS, MAX_TEXT, Message, RefuseCode, Refused,
+    BlockCrcs, BodyError, DirtyExtents, ErrorCode, ErrorReply, ExtentCrcs, ExtentErr, ExtentError,
+    ExtentFlush, ExtentMap, ExtentRead, ExtentReadReply, ExtentState, ExtentTarget, ExtentTrim, ExtentWrite,
+    ExtentWriteZeroes, ExtentsDirty, Hello, Kind, MAX_CRC_COUNT, MAX_CRCS_RANGE, MAX_DIRTY_EXTENTS,
+    MAX_DIRTY_REGIONS, MAX_TEXT, Message, RefuseCode, Refused,
 };
 // Volume-level forwarding.
 pub use message::{

@@ -114,6 +114,20 @@ fn every_message() -> Vec<Message> {
             },
         ]),
         Message::ExtentMapReply(Vec::new()),
+        Message::ExtentsDirty(ExtentsDirty {
+            volume: crate::types::VolumeId(7),
+            generation: crate::types::Generation(3),
+            from: crate::types::ExtentIndex(0),
+        }),
+        Message::ExtentsDirtyReply(DirtyExtents {
+            extents: vec![
+                crate::types::ExtentIndex(0),
+                crate::types::ExtentIndex(9),
+                crate::types::ExtentIndex(1 << 40),
+            ],
+            more: false,
+        }),
+        Message::ExtentsDirtyReply(DirtyExtents { extents: Vec::new(), more: true }),
     ]
     .into_iter()
     .chain(every_volume_message())
@@ -576,6 +590,7 @@ fn reply_kinds_are_marked_as_replies() {
             Kind::ExtentStatus,
             Kind::ExtentCrcs,
             Kind::ExtentMap,
+            Kind::ExtentsDirty,
             Kind::VolumeRead,
             Kind::VolumeWrite,
             Kind::VolumeWriteZeroes,
@@ -1086,4 +1101,51 @@ fn an_extent_map_hints_its_reply() {
     assert_eq!(m.reply_hint(), 4 + 128 * 12);
     let m = Message::ExtentMap(ExtentMap { target: target(), offset: 0, len: 1 << 40 });
     assert_eq!(m.reply_hint(), 4 + MAX_MAP_EXTENTS * 12);
+}
+
+// --- dirty extent listings ---------------------------------------------------
+
+/// A hostile replica's dirty-extent listing: a count over the cap or past
+/// the body is refused before anything is allocated for it; indexes out
+/// of order, and unknown flags, too.
+#[test]
+fn dirty_extents_reply_hostile_counts_order_and_flags() {
+    let with = |flags: u32, count: u32, extents: &[u64]| {
+        let mut b = flags.to_le_bytes().to_vec();
+        b.extend_from_slice(&count.to_le_bytes());
+        for e in extents {
+            b.extend_from_slice(&e.to_le_bytes());
+        }
+        b
+    };
+    let over = MAX_DIRTY_EXTENTS as u32 + 1;
+    assert_eq!(invalid_field(body(Kind::ExtentsDirtyReply, &with(0, over, &[]))), "extent count");
+    assert_eq!(invalid_field(body(Kind::ExtentsDirtyReply, &with(0, u32::MAX, &[]))), "extent count");
+    assert_eq!(
+        body_error(body(Kind::ExtentsDirtyReply, &with(0, MAX_DIRTY_EXTENTS as u32, &[]))),
+        BodyError::Truncated { field: "extents", need: MAX_DIRTY_EXTENTS * 8, have: 0 }
+    );
+    assert_eq!(invalid_field(body(Kind::ExtentsDirtyReply, &with(0, 2, &[5, 5]))), "extents");
+    assert_eq!(invalid_field(body(Kind::ExtentsDirtyReply, &with(0, 2, &[6, 5]))), "extents");
+    assert_eq!(invalid_field(body(Kind::ExtentsDirtyReply, &with(2, 0, &[]))), "flags");
+    let ok = Message::decode(Kind::ExtentsDirtyReply, Bytes::from(with(1, 2, &[5, 6]))).unwrap();
+    let want = DirtyExtents {
+        extents: vec![crate::types::ExtentIndex(5), crate::types::ExtentIndex(6)],
+        more: true,
+    };
+    assert_eq!(ok, Message::ExtentsDirtyReply(want));
+}
+
+#[test]
+fn a_dirty_extents_request_reserves_room_for_its_longest_reply() {
+    let q = Message::ExtentsDirty(ExtentsDirty {
+        volume: crate::types::VolumeId(1),
+        generation: crate::types::Generation(1),
+        from: crate::types::ExtentIndex(0),
+    });
+    let longest = Message::ExtentsDirtyReply(DirtyExtents {
+        extents: (0..MAX_DIRTY_EXTENTS as u64).map(crate::types::ExtentIndex).collect(),
+        more: true,
+    });
+    assert!(q.reply_hint() + 8 >= longest.body_len(), "{} {}", q.reply_hint(), longest.body_len());
 }
