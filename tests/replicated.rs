@@ -465,7 +465,14 @@ fn a_copy_cut_by_the_owners_death_is_copied_whole_again() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("node 2's copy of extent 0 to begin", 60, || find_file(&c.nodes[2].dir, &name).is_some());
+    // Polled every millisecond: the copy of 64 MiB of data takes about a
+    // tenth of a second here, so a 200 ms poll let it finish before the
+    // kill (seen once in a full run; the check below caught it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while find_file(&c.nodes[2].dir, &name).is_none() {
+        assert!(Instant::now() < deadline, "node 2's copy of extent 0 did not begin in 60 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     c.kill9(1);
     let _ = reader.kill();
     let _ = reader.wait();

@@ -43,11 +43,14 @@
 //!   (read from the source, write to each target), flushes the copies'
 //!   sources and the targets of whole copies (the real one's last piece
 //!   carries FUA), marks every extent some member reported dirty for
-//!   its next FLUSH round (`Event::Unflushed`), and then serves, as the
-//!   daemon's owner does. A failed step restarts the extent's
-//!   reconciliation. (Until the daemon's first FLUSH after a takeover
-//!   covered a predecessor's writes, this simulator flushed every member
-//!   here, more than the daemon did, which hid that gap.)
+//!   its next FLUSH round (`Event::Unflushed`), and then serves. That is
+//!   what reconciliation must make durable; the daemon also flushes the
+//!   targets of range copies, which this simulator leaves to the FLUSH
+//!   rounds so that the marks are what keeps the oracle below. A failed
+//!   step restarts the extent's reconciliation. (It used to flush every
+//!   member here and count only an owner's own acknowledgements for a
+//!   FLUSH, so the daemon's gap, lazy reconciliation that left a dead
+//!   owner's writes unflushed under a new owner's FLUSH, could not show.)
 //!   Before it, a degraded set may get a fresh, empty member by a commit (a
 //!   stand-in for rebuild, a later issue): reconcile copies it the whole
 //!   extent, and until that copy is flushed the member reports that it does
@@ -1102,11 +1105,11 @@ impl Sim {
         self.owners[ix].take.get_mut(&extent).expect("extent")
     }
 
-    /// As `Replicated::reconcile`: the copies' sources are flushed (the
-    /// version the others now hold must not be taken back by a crash of
-    /// the source), and whole copies end durable; the members that took
-    /// range copies or had nothing to take are left to this owner's FLUSH
-    /// rounds (see `serve`).
+    /// The copies' sources are flushed (the version the others now hold
+    /// must not be taken back by a crash of the source), and whole copies
+    /// end durable; the members that took range copies (which the daemon
+    /// flushes here too) or had nothing to take are left to this owner's
+    /// FLUSH rounds (see `serve` and the module docs).
     fn take_flush(&mut self, ix: usize, extent: ExtentIndex) {
         let t = self.owners[ix].take.get_mut(&extent).expect("extent");
         t.phase = Phase::Flush;
@@ -1534,11 +1537,10 @@ fn finds_a_skipped_reconcile() {
 }
 
 /// A new owner whose FLUSH covers only the changes it acknowledged itself,
-/// not an earlier owner's still unflushed on some member: the bug
-/// `replicated::a_flush_through_a_new_owner_covers_what_the_old_one_acknowledged`
-/// found end to end (this simulator then flushed every member at takeover,
-/// more than the daemon did, and its oracle counted only an owner's own
-/// acknowledgements, so it could not see it).
+/// not an earlier owner's still unflushed on some member: the class of
+/// bug `replicated::a_flush_through_a_new_owner_covers_what_the_old_one_acknowledged`
+/// found end to end (there through lazy reconciliation, which this
+/// simulator does not model: it reconciles every extent at takeover).
 #[test]
 fn finds_a_new_owner_that_leaves_a_predecessors_writes_unflushed() {
     finds(sim_plant(|p| p.no_inherit = true), 300);
