@@ -428,8 +428,9 @@ fn a_lost_extent_is_copied_whole_and_thin_at_takeover() {
     );
     let copied = c.metric(1, "basalt_replication_reconciled_bytes_total", &[("volume", "thin")]);
     // Extent 0: its two data runs to node 2. Extent 1: its one dirty 1 MiB
-    // region to node 2 (node 0 is gone, so no copy goes there).
-    assert_eq!(copied, f64::from((128 << 10) + (1 << 20)), "bytes reconciled");
+    // region, the same on node 2 block for block (their crcs say so), so
+    // none of it moves (node 0 is gone, so no copy goes there).
+    assert_eq!(copied, f64::from(128 << 10), "bytes reconciled");
     assert!(c.log(1).contains("reconciled a replica"), "node 1 logs the copies");
     c.assert_verify_clean(1, "thin");
 }
@@ -493,14 +494,16 @@ fn a_copy_cut_by_the_owners_death_is_copied_whole_again() {
 }
 
 /// Reconciliation whose source cannot be read: the source leaves the set,
-/// not the replica it was copying to. Node 1 was stopped cleanly (its
-/// dirty bits cleared) and a data block of its copy rotted on disk; node
-/// 2 crashed (its region stays dirty); the owner dies and a client reads
-/// through node 1. Node 1 prefers its own copy as the source of node 2's
-/// dirty region, fails its checksum, leaves the set, and node 2's copy
-/// serves every byte. (Before, node 2 was blamed and removed, and the
-/// read of the rotten block failed with EIO: the one good copy was
-/// dropped.)
+/// not the replica it was copying to. A block of node 1's copy rotted on
+/// disk, and it is the one block in which node 2 differs: node 2 lost an
+/// unflushed write into it to a kill -9, which node 1 kept (its clean stop
+/// flushed). The owner dies and a client reads through node 1, which
+/// prefers its own copy as the source of node 2's dirty region, finds the
+/// block different by the two crc tables, fails its checksum reading it,
+/// leaves the set, and node 2's copy serves every byte (the lost write
+/// reads as the zeros it replaced, as an unflushed write may). (Before,
+/// node 2 was blamed and removed, and the read of the rotten block failed
+/// with EIO: the one good copy was dropped.)
 #[test]
 fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
     if !require("qemu-io") {
@@ -509,20 +512,25 @@ fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
     let mut c = Cluster::start(3, 3);
     c.wait_leader(0, None);
     let id = one_volume_on_node0(&c, "rot", "16M", "16M");
-    assert_ok(&qemu_io(&uri(&c, 0, "rot"), &["write -P 9 0 1M".into(), "flush".into()]), "writes");
+    assert_ok(&qemu_io(&uri(&c, 0, "rot"), &["write -P 9 0 512k".into(), "flush".into()]), "writes");
+    // Acknowledged on every node, flushed nowhere (nbdsh sends no FLUSH;
+    // qemu-io flushes as it closes): a fresh block.
+    let unflushed = "h.pwrite(bytes([0x0b]) * 4096, 512 << 10)\nprint('acked')";
+    assert_eq!(common::nbdsh(&uri(&c, 0, "rot"), unflushed).trim(), "acked");
     let node2 = c.cli_json(2, &["cluster", "status"])["this_node"].clone();
     let name = format!("v{id}-e0.ext");
     assert_eq!(c.terminate(1), Some(0), "node 1 on SIGTERM:\n{}", c.log(1));
-    // Block 0's data starts at 1 MiB in a 16 MiB extent's file (headers,
-    // then the block table, rounded up to 1 MiB).
+    // Block data starts at 1 MiB in a 16 MiB extent's file (headers, then
+    // the block table, rounded up to 1 MiB).
     {
         use std::os::unix::fs::FileExt;
         let path = find_file(&c.nodes[1].dir, &name).expect("node 1's file");
         let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let at = (1 << 20) + (512 << 10) + 100;
         let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, (1 << 20) + 100).unwrap();
-        assert_eq!(b[0], 9, "the pattern's byte where the data should be");
-        f.write_all_at(&[b[0] ^ 0x40], (1 << 20) + 100).unwrap();
+        f.read_exact_at(&mut b, at).unwrap();
+        assert_eq!(b[0], 0x0b, "the unflushed write's byte where its data should be");
+        f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
         f.sync_all().unwrap();
     }
     c.spawn(1);
@@ -531,7 +539,8 @@ fn a_source_that_cannot_be_read_leaves_the_set_not_its_target() {
     c.spawn(2);
     c.wait_ready(2);
     c.kill9(0);
-    assert_ok(&qemu_io(&uri(&c, 1, "rot"), &["read -P 9 0 1M".into()]), "reads through node 1");
+    let reads = ["read -P 9 0 512k", "read -P 0 512k 4k"];
+    assert_ok(&qemu_io(&uri(&c, 1, "rot"), &reads.map(String::from)), "reads through node 1");
     assert!(c.log(1).contains("could not read its source"), "node 1 logs its bad source");
     let v = volume(&c, 1, "rot");
     let e = &v["extents"][0];

@@ -21,8 +21,8 @@
 use super::volume::{ROUTE_WAIT, Result, VolumeError};
 use crate::layout::Layout;
 use crate::proto::peer::{
-    ExtentError, ExtentFlush, ExtentMap, ExtentRead, ExtentTarget, ExtentTrim, ExtentWrite,
-    ExtentWriteZeroes, ExtentsDirty, Message,
+    BlockCrcs, ExtentCrcs, ExtentError, ExtentFlush, ExtentMap, ExtentRead, ExtentTarget, ExtentTrim,
+    ExtentWrite, ExtentWriteZeroes, ExtentsDirty, Message,
 };
 use crate::replication::reconcile::{self, Report};
 use crate::replication::{Action, Change, Event, Failure, OpError, OpId, Owner, Then};
@@ -585,7 +585,11 @@ impl Replicated {
     ) -> std::result::Result<(), (NodeId, Failure)> {
         const CHUNK: u64 = 1 << 20;
         let target = self.target(extent, epoch);
-        let ranges = if c.whole { self.whole_copy_ranges(c, target).await? } else { c.ranges.clone() };
+        let ranges = if c.whole {
+            self.whole_copy_ranges(c, target).await?
+        } else {
+            self.differing(c, target).await?
+        };
         let from_source = |f| (c.source, f);
         let to_target = |f| (c.target, f);
         let end = ranges.last().map_or(0, |&(o, l)| o + l);
@@ -618,6 +622,64 @@ impl Replicated {
         tracing::info!(volume = %self.volume, %extent, from = %c.source, to = %c.target,
             ranges = ranges.len(), whole = c.whole, "reconciled a replica");
         Ok(())
+    }
+
+    /// What a copy of dirty regions sends: the blocks of `c.ranges` whose
+    /// crc32c differs between the source and the target (from both block
+    /// tables, 4 bytes per 4 KiB block, no data read). After an owner dies
+    /// most dirty regions are the same on every member (what it
+    /// acknowledged is on all of them; only what was in flight may
+    /// differ), and a region's dirty bit stays set for many flushes after
+    /// its last write, so copying every dirty region moved mostly identical
+    /// data: a new owner's first FLUSH after 10 s of 4 KiB random writes to
+    /// a 4 GiB volume copied all 4 GiB and took 8.3 s. A range that is not
+    /// whole blocks, or whose crcs one side cannot give (a rotten table
+    /// entry), is sent whole, as before. The target is flushed after the
+    /// copies either way (`copy`), so what it already held is durable too.
+    async fn differing(
+        &self,
+        c: &reconcile::Copy,
+        target: ExtentTarget,
+    ) -> std::result::Result<Vec<(u64, u64)>, (NodeId, Failure)> {
+        const BLOCK: u64 = crate::storage::format::BLOCK;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |o: u64, l: u64| match out.last_mut() {
+            Some(last) if last.0 + last.1 == o => last.1 += l,
+            _ => out.push((o, l)),
+        };
+        for &(start, len) in &c.ranges {
+            if !start.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) || len == 0 {
+                push(start, len);
+                continue;
+            }
+            let ask = |node: NodeId| {
+                let msg = Message::ExtentCrcs(ExtentCrcs { target, offset: start, len });
+                async move {
+                    match self.call_retrying(node, msg).await {
+                        Ok(Message::ExtentCrcsReply(BlockCrcs { block_size, crcs }))
+                            if u64::from(block_size) == BLOCK && crcs.len() as u64 == len / BLOCK =>
+                        {
+                            Ok(Some(crcs))
+                        }
+                        // A rotten table entry, or an odd answer: the range goes whole.
+                        Ok(_) | Err(Failure::Io) => Ok(None),
+                        Err(f) => Err((node, f)),
+                    }
+                }
+            };
+            let (theirs, ours) = futures::future::join(ask(c.source), ask(c.target)).await;
+            match (theirs?, ours?) {
+                (Some(a), Some(b)) => {
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        if x != y {
+                            push(start + i as u64 * BLOCK, BLOCK);
+                        }
+                    }
+                }
+                _ => push(start, len),
+            }
+        }
+        Ok(out)
     }
 
     /// What a whole copy sends: the runs of the source's extent that may
