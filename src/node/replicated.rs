@@ -546,9 +546,15 @@ impl Replicated {
             tracing::info!(volume = %self.volume, extents = known.len(),
                 "reconciling the extents an earlier owner may have left unflushed, for this owner's first flush");
         }
-        for extent in known {
-            self.ensure(extent).await?;
-            self.step_all([Event::Unflushed { extent }]);
+        // Eight at a time: each is a few round trips (statuses, crcs, a
+        // flush), and a large volume may list thousands.
+        use futures::StreamExt;
+        let me = &self;
+        let mut done = futures::stream::iter(known)
+            .map(|extent| async move { me.ensure(extent).await.map(|()| extent) })
+            .buffer_unordered(8);
+        while let Some(r) = done.next().await {
+            self.step_all([Event::Unflushed { extent: r? }]);
         }
         Ok(())
     }
