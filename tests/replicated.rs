@@ -611,3 +611,53 @@ fn a_flush_through_a_forwarder_survives_the_owners_death() {
     }
     c.assert_verify_clean(1, "fwf");
 }
+
+/// A rotten block on the replica a read goes to first (the owner's own) is
+/// served from another member, byte-exact, and rewritten there from the
+/// good copy: the log says both, the failover and repair counters move,
+/// the file on disk holds the pattern again, a second read is served
+/// locally without a failover, and `volume verify` is clean.
+#[test]
+fn a_rotten_block_is_read_from_another_replica_and_repaired() {
+    if !require("qemu-io") {
+        return;
+    }
+    let c = Cluster::start(3, 3);
+    c.wait_leader(0, None);
+    let id = one_volume_on_node0(&c, "heal", "16M", "16M");
+    assert_ok(&qemu_io(&uri(&c, 0, "heal"), &["write -P 7 0 1M".into(), "flush".into()]), "writes");
+    // Block 0's data starts at 1 MiB in a 16 MiB extent's file (headers,
+    // then the block table, rounded up to 1 MiB). Reads are O_DIRECT, so
+    // the flipped byte on disk is what the owner's next read sees.
+    let path = find_file(&c.nodes[0].dir, &format!("v{id}-e0.ext")).expect("node 0's file");
+    let byte_at = |path: &std::path::Path| {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 1];
+        std::fs::File::open(path).unwrap().read_exact_at(&mut b, (1 << 20) + 100).unwrap();
+        b[0]
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[7 ^ 0x40], (1 << 20) + 100).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_eq!(byte_at(&path), 7 ^ 0x40);
+    let metric = |name: &str| c.metric(0, name, &[("volume", "heal")]);
+    assert_eq!(metric("basalt_replication_read_failovers_total"), 0.0);
+    assert_ok(&qemu_io(&uri(&c, 0, "heal"), &["read -P 7 0 1M".into()]), "the read through the owner");
+    assert!(
+        c.log(0).contains("a replica failed a read: reading another and repairing this one"),
+        "{}",
+        c.log(0)
+    );
+    assert_eq!(metric("basalt_replication_read_failovers_total"), 1.0, "one read went to another member");
+    wait_for("the repair", 10, || metric("basalt_replication_repairs_total") == 1.0);
+    assert!(c.log(0).contains("repaired a bad copy"), "{}", c.log(0));
+    assert_eq!(byte_at(&path), 7, "the owner's copy holds the pattern again");
+    assert_ok(&qemu_io(&uri(&c, 0, "heal"), &["read -P 7 0 1M".into()]), "the read after the repair");
+    assert_eq!(metric("basalt_replication_read_failovers_total"), 1.0, "served locally now");
+    let v = volume(&c, 0, "heal");
+    assert_eq!(v["extents"][0]["state"], "healthy", "a repaired member stays in the set: {v}");
+    c.assert_verify_clean(0, "heal");
+}
