@@ -515,6 +515,10 @@ impl Replicated {
     /// its own (a dropped FLUSH does not stop it half way); a failure
     /// fails the FLUSH, and the next one tries again.
     async fn inherit(self: &Arc<Self>) -> Result<()> {
+        // Every FLUSH passes here: once done, a load and nothing more.
+        if self.inherited.initialized() {
+            return Ok(());
+        }
         let me = self.clone();
         self.inherited
             .get_or_try_init(|| async move {
