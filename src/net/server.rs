@@ -559,17 +559,22 @@ async fn read_loop(
             shared.handler.one_way(peer, frame.message);
             continue;
         }
+        // A replica request is not instrumented with the connection's span:
+        // entering a span on every poll of every request cost a replica 3%
+        // of its CPU per write (EnvFilter's scope tracking). The replica
+        // service names the peer's node and address in its own log lines;
+        // every other request keeps the span.
+        let span = match super::client::RequestClass::of(&frame.message) {
+            super::client::RequestClass::Extent => tracing::Span::none(),
+            _ => tracing::Span::current(),
+        };
         let fut = shared.handler.request(peer, frame.message);
         let tx = tx.clone();
         let budget = budget.clone();
         let abort = shared.abort.clone();
         let stats = shared.stats.clone();
         tx.busy().fetch_add(1, Ordering::Relaxed);
-        // Not instrumented with the connection's span: entering a span on
-        // every poll of every request cost a replica 3% of its CPU per write
-        // (EnvFilter's scope tracking), and the handlers name the peer in
-        // their own log lines.
-        shared.tracker.spawn(async move {
+        let task = async move {
             let answer = tokio::select! {
                 a = fut => a,
                 _ = abort.cancelled() => {
@@ -588,7 +593,8 @@ async fn read_loop(
                 held.merge(budget.force(need - held.bytes()));
             }
             reply(&tx, id, answer, held);
-        });
+        };
+        shared.tracker.spawn(task.instrument(span));
     }
 }
 

@@ -283,6 +283,13 @@ impl ReplicaService {
     /// Answers one extent request (any other kind: `Message::Error`
     /// `Unsupported`). Never panics.
     pub async fn handle(&self, from: NodeId, request: Message) -> Message {
+        self.handle_from(Requester { node: from, addr: None }, request).await
+    }
+
+    /// [`ReplicaService::handle`] for a request that came over the peer
+    /// protocol: its log lines name the connection's address too (the peer
+    /// server does not enter a span per request: see `net::server`).
+    pub async fn handle_from(&self, from: Requester, request: Message) -> Message {
         let kind = request.kind();
         if let Message::ExtentsDirty(q) = request {
             return match self.dirty_extents(q).await {
@@ -307,7 +314,7 @@ impl ReplicaService {
         answer
     }
 
-    async fn answer(&self, from: NodeId, target: ExtentTarget, request: Message) -> Message {
+    async fn answer(&self, from: Requester, target: ExtentTarget, request: Message) -> Message {
         let kind = request.kind();
         match self.serve(target, request).await {
             Ok(reply) => reply,
@@ -595,6 +602,23 @@ impl ReplicaService {
             e.observe_epoch(epoch).await;
         }
         Ok(ext)
+    }
+}
+
+/// Who asked: a node, and the address of its connection when it came over
+/// the network. Displays as `n7@127.0.0.1:4000` (or `n7`).
+#[derive(Debug, Clone, Copy)]
+pub struct Requester {
+    pub node: NodeId,
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl std::fmt::Display for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(a) => write!(f, "{}@{a}", self.node),
+            None => write!(f, "{}", self.node),
+        }
     }
 }
 

@@ -309,7 +309,11 @@ impl PeerHandler for Handler {
                                 message: format!("owner generation {} is older than {current}", g.0),
                             });
                         }
-                        r.handle(peer.node, m).await
+                        r.handle_from(
+                            basalt::node::replica::Requester { node: peer.node, addr: Some(peer.addr) },
+                            m,
+                        )
+                        .await
                     }
                     None => error_reply(
                         ErrorCode::ShuttingDown,
