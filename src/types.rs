@@ -130,3 +130,56 @@ impl fmt::Display for ClusterId {
         write!(f, "{:032x}", self.0)
     }
 }
+
+/// A hasher for maps keyed by ids this node hands out itself (op ids,
+/// request ids): a multiply and a rotate per word instead of SipHash, which
+/// showed at 1-2% of an owner's CPU per replicated write. Not for keys a
+/// peer or client picks: those keep the default, DoS-resistant hasher.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// `HashMap<K, V, IdHash>`: see [`IdHasher`].
+pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
+#[cfg(test)]
+mod id_hash_tests {
+    use super::IdHasher;
+    use std::hash::{Hash, Hasher};
+
+    fn hash(v: impl Hash) -> u64 {
+        let mut h = IdHasher::default();
+        v.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn neighbouring_ids_hash_apart_and_in_every_bucket_bit() {
+        let hashes: std::collections::HashSet<u64> = (0u64..10_000).map(hash).collect();
+        assert_eq!(hashes.len(), 10_000);
+        // hashbrown takes the top 7 bits as a tag and the low bits as the
+        // bucket: sequential ids must spread over both.
+        let tags: std::collections::HashSet<u64> = (0u64..10_000).map(|i| hash(i) >> 57).collect();
+        assert_eq!(tags.len(), 128);
+        let low: std::collections::HashSet<u64> = (0u64..10_000).map(|i| hash(i) & 1023).collect();
+        assert!(low.len() > 900, "{} of 1024 low buckets", low.len());
+        assert_ne!(hash(b"ab"), hash(b"ba"));
+    }
+}

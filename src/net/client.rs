@@ -125,7 +125,7 @@ type ReplyTx = oneshot::Sender<Result<Message, PeerError>>;
 
 #[derive(Default)]
 struct InflightMap {
-    map: HashMap<u64, ReplyTx>,
+    map: HashMap<u64, ReplyTx, crate::types::IdHash>,
     /// Set when the connection is gone; nothing registers after that.
     closed: bool,
 }

@@ -214,7 +214,7 @@ pub struct Owner {
     min_replicas: usize,
     extents: HashMap<ExtentIndex, Ext>,
     /// Which extent holds each unfinished range request.
-    index: HashMap<OpId, ExtentIndex>,
+    index: HashMap<OpId, ExtentIndex, crate::types::IdHash>,
     round: Option<Round>,
     rounds: u64,
     /// FLUSHes for the round after the current one.
@@ -232,7 +232,7 @@ impl Owner {
             planted: Planted::default(),
             min_replicas: min_replicas.max(1),
             extents: HashMap::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             round: None,
             rounds: 0,
             next_flushes: Vec::new(),
