@@ -466,7 +466,23 @@ async fn submitter(shared: Arc<Shared>) {
 /// seccomp policy without them makes `Auto` fall back now rather than fail
 /// later.
 fn build_ring(entries: u32) -> io::Result<IoUring> {
-    let ring = IoUring::builder().build(entries)?;
+    // COOP_TASKRUN: a completion's task work waits for the submitting
+    // thread's next trip into the kernel instead of an interrupt (an IPI,
+    // on a VM a trip through the hypervisor) that forces it in. The thread
+    // that submits is the one that reaps, and it enters the kernel at every
+    // submit and every reactor turn, so nothing waits longer than it would
+    // for the reaper anyway. Kernels before 5.19 refuse the flag.
+    // Measured (2026-12-07, interleaved A/B): R=3 demo, 4 KiB random
+    // writes QD32, 66.4-70.1 against 69.6-73.4 µs of CPU per write over the
+    // three nodes, 3 of 3 runs, IOPS +2.5%; QD1 level (mean 227 against
+    // 230 µs over 4 runs). One node, server and fio pinned apart: QD1
+    // reads 57.9 against 62.4 µs, writes 62.9 against 68.7 µs (medians of
+    // 5); QD32 reads and writes +2%.
+    let ring = match IoUring::builder().setup_coop_taskrun().build(entries) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder().build(entries)?,
+        Err(e) => return Err(e),
+    };
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE] {
